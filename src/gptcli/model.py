@@ -1,0 +1,309 @@
+"""GPT-1 and GPT-2 in one model, chosen by configuration.
+
+GPT-2 (Radford et al. 2019): pre-LN blocks and a final LayerNorm `ln_f`.
+GPT-1 (Radford et al. 2018): post-LN blocks (LayerNorm after each residual add) and no `ln_f`.
+Parameter names are GPT-2's (`wte`, `wpe`, `h.N.ln_1`, `attn.c_attn`, ...), so Hugging Face weights map
+onto this model by name plus a documented list of transposes (see hf.py).
+
+Shapes: B batch, T query positions, S key positions (T plus what a KV cache holds), H heads,
+D head dimension, C = n_embd, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+# --- embeddings -----------------------------------------------------------------------------------------
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for RoPE (Su et al. 2021) at integer `positions` (B, T) → each (B, 1, T, D/2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    return angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, T, D/2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head vector of x (B, H, T, D)."""
+    first, second = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
+    rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    return rotated.to(x.dtype)
+
+
+# --- attention ----------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions, filled left to right.
+
+    `length` counts the positions already cached; GPT.forward appends the new ones and advances it.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) after what is cached; return all keys and values so far (B, H, S, D)."""
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (e.g. when some samples have finished)."""
+        self.keys = self.keys[:, index]
+        self.values = self.values[:, index]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention through scaled_dot_product_attention (flash/memory-efficient when it can)."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.n_head, self.head_dim, self.layer = config.n_head, config.head_dim, layer
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], rope: Optional[tuple],
+                cache: Optional[KVCache]) -> torch.Tensor:
+        """x (B, T, C) → (B, T, C). `mask` is None (plain causal) or bool (B|1, 1, T, S), True = may attend."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.append(self.layer, k, v)  # (B, H, S, D)
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# --- MLP and block ------------------------------------------------------------------------------------------
+
+
+def activation_module(name: str) -> nn.Module:
+    # "gelu_new" is GPT-2's tanh approximation of GELU (Hendrycks & Gimpel 2016).
+    return {"gelu_new": nn.GELU(approximate="tanh"), "gelu": nn.GELU(), "relu": nn.ReLU(), "silu": nn.SiLU()}[name]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.act = activation_module(config.activation)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) → (B, T, C)."""
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """One transformer block; `norm_position` puts the LayerNorms before (GPT-2) or after (GPT-1) the add."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, rope: Optional[tuple] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """x (B, T, C) → (B, T, C)."""
+        if self.pre_norm:  # GPT-2: x + f(LN(x))
+            x = x + self.attn(self.ln_1(x), mask, rope, cache)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, mask, rope, cache))  # GPT-1: LN(x + f(x))
+        return self.ln_2(x + self.mlp(x))
+
+
+# --- masks --------------------------------------------------------------------------------------------------
+
+
+def attention_mask_for(config: ModelConfig, q_positions: torch.Tensor, key_length: int,
+                       padding: Optional[torch.Tensor] = None, custom: Optional[torch.Tensor] = None,
+                       pattern: Optional[str] = None) -> Optional[torch.Tensor]:
+    """The boolean mask (B|1, 1, T, S) for SDPA, True where a query may attend a key; None = plain causal.
+
+    q_positions: absolute key index of each query (T,) (cache offset included).
+    padding: (B, S) with 1 for real tokens, 0 for padding; becomes (B, 1, 1, S), keeping the key axis.
+    custom: any bool (T, S), (B, T, S) or (B, 1, T, S) mask; it replaces the pattern.
+    A query row left with no key (a padding position before any real token) may attend itself, so
+    its output is finite instead of the NaN a softmax over nothing gives.
+    """
+    pattern = pattern or config.attention
+    T = q_positions.numel()
+    plain_causal = pattern == "causal" and padding is None and custom is None
+    if plain_causal and (key_length == T or T == 1):
+        return None  # is_causal (prefill from empty) or one new token that sees the whole cache
+    keys = torch.arange(key_length, device=q_positions.device)
+    if custom is not None:
+        mask = custom.to(torch.bool)
+        mask = mask.view(1, 1, *mask.shape) if mask.dim() == 2 else mask
+        mask = mask[:, None] if mask.dim() == 3 else mask  # (B|1, 1, T, S)
+    else:
+        delta = q_positions[:, None] - keys[None, :]  # (T, S): how far back each key is
+        if pattern == "causal":
+            mask = delta >= 0
+        elif pattern == "bidirectional":
+            mask = torch.ones_like(delta, dtype=torch.bool)
+        else:  # sliding_window: causal, and at most `sliding_window` keys including itself
+            mask = (delta >= 0) & (delta < config.sliding_window)
+        mask = mask[None, None]  # (1, 1, T, S)
+    if padding is not None:
+        mask = mask & padding.to(torch.bool)[:, None, None, :]  # (B, 1, T, S)
+    itself = (q_positions[:, None] == keys[None, :])[None, None]  # (1, 1, T, S)
+    empty_row = ~mask.any(dim=-1, keepdim=True)  # (B|1, 1, T, 1)
+    return mask | (empty_row & itself)
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
+        if config.final_norm:
+            self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        else:
+            self.ln_f = None
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, init_std) weights, zero biases, unit LayerNorms, and residual projections
+        (attn.c_proj, mlp.c_proj) scaled by 1/sqrt(2*n_layer) (Radford et al. 2019, section 2.3)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def new_kv_cache(self, batch: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> KVCache:
+        weight = self.wte.weight
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_head, max_len or c.block_size, c.head_dim, weight.device,
+                       dtype or weight.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+                attention_mask: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                attention: Optional[str] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Token ids → next-token logits, and the mean cross-entropy when targets are given.
+
+        idx: (B, T) token ids. targets: (B, T) ids to predict, -100 where nothing is scored.
+        attention_mask: (B, S) 1 = real token, 0 = padding (S = cached + T positions).
+        attn_mask: a custom bool mask (T, S), (B, T, S) or (B, 1, T, S), True = may attend.
+        position_ids: (B, T) positions (default: cache offset + 0..T-1). kv_cache: a KVCache to extend.
+        attention: override config.attention ("causal", "bidirectional", "sliding_window") for this call.
+        Returns (logits (B, T, vocab_size), loss or None).
+        """
+        B, T = idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > (kv_cache.max_len if kv_cache is not None else self.config.block_size) or (
+                self.wpe is not None and past + T > self.config.block_size):
+            raise ValueError(f"sequence of {past + T} positions exceeds the context of {self.config.block_size}")
+        q_positions = torch.arange(past, past + T, device=idx.device)
+        if position_ids is None:
+            position_ids = q_positions[None].expand(B, T)  # (B, T)
+        mask = attention_mask_for(self.config, q_positions, past + T, attention_mask, attn_mask, attention)
+
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)  # (B, T, C)
+        else:
+            rope = rotary_tables(position_ids, self.config.head_dim, self.config.rope_base)
+        x = self.drop(x)
+        for block in self.h:
+            if self.activation_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(block, x, mask, rope, None, use_reentrant=False)
+            else:
+                x = block(x, mask, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, padded V)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # (B, T, V): padding rows are never predicted
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+
+# --- counting -----------------------------------------------------------------------------------------------
+
+
+def build_model(config: ModelConfig, device: Optional[torch.device | str] = None) -> GPT:
+    """A freshly initialised GPT; `device="meta"` builds the shapes without allocating weights."""
+    with torch.device(device or "cpu"):
+        return GPT(config)
+
+
+def parameter_components(model: GPT) -> dict[str, int]:
+    """Parameter counts per component, tied head counted once, vocabulary padding left out."""
+    c = model.config
+    padding_rows = (c.padded_vocab_size - c.vocab_size) * c.n_embd
+
+    def numel(module: Optional[nn.Module]) -> int:
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    blocks = model.h
+    components = {
+        "wte (token embedding)": model.wte.weight.numel() - padding_rows,
+        "wpe (position embedding)": numel(model.wpe),
+        "attention (all blocks)": sum(numel(b.attn) for b in blocks),
+        "mlp (all blocks)": sum(numel(b.mlp) for b in blocks),
+        "layernorms (all blocks)": sum(numel(b.ln_1) + numel(b.ln_2) for b in blocks),
+        "ln_f (final norm)": numel(model.ln_f),
+        "lm_head": 0 if c.tie_embeddings else model.lm_head.weight.numel() - padding_rows,
+    }
+    return components
+
+
+def count_parameters(model: GPT) -> int:
+    return sum(parameter_components(model).values())
