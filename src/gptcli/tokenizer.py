@@ -1,0 +1,203 @@
+"""Tokenizers: GPT-2's byte-level BPE through tiktoken, and GPT-1's BPE (openai_bpe.py).
+
+The GPT-2 vocabulary comes from one of three sources, tried in this order:
+  1. a local vocabulary (`[data] vocab_dir`): a directory holding `encoder.json` + `vocab.bpe`
+     (OpenAI's names) or `vocab.json` + `merges.txt` (Hugging Face's names), or a `.tiktoken` file;
+  2. tiktoken's own `gpt2` encoding: its cache (TIKTOKEN_CACHE_DIR) or a download when online.
+Every source yields the same ranks; the fingerprint (name + hash of the ranks) proves it, and goes into
+every shard, manifest and model dir.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import GptError
+
+ENDOFTEXT = "<|endoftext|>"
+GPT2_EOT_ID = 50256
+GPT2_VOCAB_SIZE = 50257
+TOKENIZER_FILE = "tokenizer.gptcli.json"  # the description a model dir carries
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, as used by encoder.json/vocab.bpe:
+    printable Latin-1 bytes map to themselves, the other 68 bytes to chr(256 + n) in byte order."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def ranks_from_encoder_json(encoder: dict[str, int]) -> dict[bytes, int]:
+    """encoder.json / vocab.json (token string → id) → tiktoken's mergeable ranks (token bytes → id)."""
+    to_byte = {char: b for b, char in bytes_to_unicode().items()}
+    ranks = {}
+    for token, rank in encoder.items():
+        if token == ENDOFTEXT:
+            continue
+        ranks[bytes(to_byte[c] for c in token)] = rank
+    return ranks
+
+
+def read_tiktoken_file(path: Path) -> dict[bytes, int]:
+    """A `.tiktoken` file: one `base64(token bytes) rank` per line."""
+    ranks = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        except ValueError:
+            raise GptError(f"{path} line {number} is not `base64-token rank`: not a .tiktoken file.") from None
+    return ranks
+
+
+def write_tiktoken_file(path: Path, ranks: dict[bytes, int]) -> None:
+    lines = (base64.b64encode(token) + b" " + str(rank).encode() for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def ranks_fingerprint(name: str, ranks: dict[bytes, int], special: dict[str, int]) -> str:
+    digest = hashlib.sha256()
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        digest.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
+    digest.update(json.dumps(special, sort_keys=True).encode())
+    return f"{name}:{digest.hexdigest()[:16]}"
+
+
+@dataclass
+class Tokenizer:
+    """Encode and decode text; the same interface for GPT-2 (tiktoken) and GPT-1 (openai_bpe)."""
+
+    name: str
+    backend: Any  # tiktoken.Encoding, or openai_bpe.OpenAIGPTBPE
+    vocab_size: int
+    eot_id: Optional[int]  # end-of-text token that marks document ends; None when the vocabulary has none
+    fingerprint: str
+    source: str  # where the vocabulary was read from, for messages
+
+    def encode(self, text: str) -> list[int]:
+        """Text → ids; special-token text such as "<|endoftext|>" in the input is encoded as plain text."""
+        return self.backend.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.backend.encode_ordinary_batch(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids))
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.backend.decode_bytes(list(ids))
+
+    def save(self, directory: Path) -> None:
+        """Write what loading this tokenizer offline needs into a model dir."""
+        directory = Path(directory)
+        if self.name == "gpt2":
+            write_tiktoken_file(directory / "gpt2.tiktoken", self.backend._mergeable_ranks)
+            files = ["gpt2.tiktoken"]
+        else:
+            files = self.backend.save(directory)
+        description = {"name": self.name, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
+                       "eot_id": self.eot_id, "files": files}
+        (directory / TOKENIZER_FILE).write_text(json.dumps(description, indent=2) + "\n")
+
+
+def gpt2_encoding(ranks: dict[bytes, int]):
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex
+
+    encoding = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={ENDOFTEXT: GPT2_EOT_ID})
+    return encoding
+
+
+def _gpt2_ranks_from_local(path: Path) -> dict[bytes, int]:
+    if path.is_file():
+        if path.suffix != ".tiktoken":
+            raise GptError(f"Vocabulary file {path} is not a .tiktoken file.")
+        return read_tiktoken_file(path)
+    if not path.is_dir():
+        raise GptError(f"Vocabulary {path} does not exist.")
+    for encoder_name, merges_name in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
+        encoder_path, merges_path = path / encoder_name, path / merges_name
+        if encoder_path.is_file() and merges_path.is_file():
+            try:
+                encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                raise GptError(f"{encoder_path} is not valid JSON.") from None
+            ranks = ranks_from_encoder_json(encoder)
+            merges = [line for line in merges_path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+            if len(merges) != len(ranks) - 256:
+                raise GptError(f"{merges_path} has {len(merges)} merges but {encoder_path} implies "
+                               f"{len(ranks) - 256}: the two files do not belong together.")
+            return ranks
+    tiktoken_files = sorted(path.glob("*.tiktoken"))
+    if tiktoken_files:
+        return read_tiktoken_file(tiktoken_files[0])
+    raise GptError(f"Vocabulary dir {path} holds neither encoder.json+vocab.bpe, vocab.json+merges.txt "
+                   "nor a .tiktoken file.")
+
+
+def _gpt2_ranks_from_tiktoken() -> dict[bytes, int]:
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")._mergeable_ranks
+    except Exception as error:  # tiktoken raises requests/OSError/ValueError variants when offline
+        raise GptError(
+            "Could not load the GPT-2 vocabulary: no local vocabulary was given and tiktoken could not "
+            f"read or download its 'gpt2' files ({type(error).__name__}); set TIKTOKEN_CACHE_DIR to a tiktoken "
+            "cache, or set [data] vocab_dir (--vocab-dir) to a dir with encoder.json+vocab.bpe or "
+            "vocab.json+merges.txt, or to a .tiktoken file."
+        ) from None
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(name: str = "gpt2", vocab_dir: Optional[str] = None) -> Tokenizer:
+    """The tokenizer `name` ("gpt2" or "openai-gpt"), from `vocab_dir` when given."""
+    if name == "openai-gpt":
+        from .openai_bpe import load_openai_gpt_tokenizer
+
+        return load_openai_gpt_tokenizer(vocab_dir)
+    if name != "gpt2":
+        raise GptError(f'Unknown tokenizer "{name}" (known: gpt2, openai-gpt).')
+    if vocab_dir:
+        ranks, source = _gpt2_ranks_from_local(Path(vocab_dir)), str(vocab_dir)
+    else:
+        ranks, source = _gpt2_ranks_from_tiktoken(), "tiktoken"
+    if len(ranks) != GPT2_VOCAB_SIZE - 1:
+        raise GptError(f"The vocabulary from {source} has {len(ranks)} tokens, not GPT-2's {GPT2_VOCAB_SIZE - 1} "
+                       "(plus end-of-text).")
+    encoding = gpt2_encoding(ranks)
+    return Tokenizer(name="gpt2", backend=encoding, vocab_size=GPT2_VOCAB_SIZE, eot_id=GPT2_EOT_ID,
+                     fingerprint=ranks_fingerprint("gpt2", ranks, {ENDOFTEXT: GPT2_EOT_ID}), source=source)
+
+
+def load_from_model_dir(directory: Path) -> Tokenizer:
+    """The tokenizer a model dir describes (written by Tokenizer.save)."""
+    directory = Path(directory)
+    description_path = directory / TOKENIZER_FILE
+    if not description_path.is_file():
+        raise GptError(f"{directory} has no {TOKENIZER_FILE}: it is not a gptcli model dir.")
+    description = json.loads(description_path.read_text())
+    name = description["name"]
+    if name == "gpt2":
+        tokenizer = load_tokenizer("gpt2", str(directory / description["files"][0]))
+    else:
+        tokenizer = load_tokenizer(name, str(directory))
+    if tokenizer.fingerprint != description["fingerprint"]:
+        raise GptError(f"The tokenizer files in {directory} do not match its {TOKENIZER_FILE} fingerprint.")
+    return tokenizer
