@@ -164,15 +164,21 @@ def family_of(config: dict, config_path: Path) -> str:
                    '(GPT2LMHeadModel layouts) and "openai-gpt" (GPT-1).')
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
 class HFWeights:
     """The tensors of one or more weights files by name: shapes up front, data only when asked for.
 
-    safetensors files are memory-mapped and read one tensor at a time, so a conversion holds the
-    converted model plus at most one source tensor, not two full copies."""
+    safetensors are read one tensor at a time with plain reads into fresh memory, not through a memory
+    map, so converting holds the converted model plus one source tensor: one copy of the weights, not
+    two (a map's touched pages would stay resident until the file closes)."""
 
     def __init__(self, paths: list[Path]):
         self.shapes: dict[str, tuple] = {}
-        self._sources: dict[str, object] = {}  # name -> open safetensors file, or the loaded tensor
+        self._sources: dict[str, object] = {}  # name -> (path, dtype, offset, bytes), or a loaded tensor
         for path in paths:
             if path.suffix == ".safetensors":
                 self._add_safetensors(path)
@@ -180,15 +186,19 @@ class HFWeights:
                 self._add_pickle(path)
 
     def _add_safetensors(self, path: Path) -> None:
-        from safetensors import safe_open
-
+        """Layout (safetensors' spec): u64 little-endian header length, JSON header, then the data."""
         try:
-            handle = safe_open(str(path), framework="pt")
-            for name in handle.keys():
-                self.shapes[name] = tuple(handle.get_slice(name).get_shape())
-                self._sources[name] = handle
-        except Exception as error:
-            raise GptError(f"Cannot read {path} as safetensors: {error}.") from None
+            with open(path, "rb") as file:
+                header_length = int.from_bytes(file.read(8), "little")
+                header = json.loads(file.read(header_length))
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = entry["data_offsets"]
+                self.shapes[name] = tuple(entry["shape"])
+                self._sources[name] = (path, SAFETENSORS_DTYPES[entry["dtype"]], 8 + header_length + begin, end - begin)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise GptError(f"Cannot read {path} as safetensors: {type(error).__name__}: {error}.") from None
 
     def _add_pickle(self, path: Path) -> None:
         try:  # weights_only: a .bin is a pickle, and only tensors may come out of it
@@ -199,9 +209,39 @@ class HFWeights:
             self.shapes[name] = tuple(tensor.shape)
             self._sources[name] = tensor
 
-    def load(self, name: str) -> torch.Tensor:
+    def load(self, name: str, transpose: bool = False) -> torch.Tensor:
+        """The tensor `name`; a 2-D one transposed into a fresh contiguous tensor when asked."""
         source = self._sources.pop(name)
-        return source if isinstance(source, torch.Tensor) else source.get_tensor(name)
+        if isinstance(source, torch.Tensor):
+            return source.t().contiguous() if transpose else source
+        path, dtype, offset, size = source
+        shape = self.shapes[name]
+        with open(path, "rb") as file:
+            file.seek(offset)
+            if not transpose:
+                tensor = torch.empty(shape, dtype=dtype)
+                self._read_into(file, tensor, path, name)
+                return tensor
+            return self._read_transposed(file, shape, dtype, path, name)
+
+    def _read_transposed(self, file, shape: tuple, dtype: torch.dtype, path: Path, name: str) -> torch.Tensor:
+        """Read (rows, cols) a block of rows at a time into its (cols, rows) transpose. Reading the whole
+        source first and freeing it after would leave freed blocks that glibc keeps, ~0.4x the model."""
+        rows, cols = shape
+        result = torch.empty((cols, rows), dtype=dtype)
+        block_rows = max(1, (16 << 20) // max(1, cols * result.element_size()))  # ~16 MiB per read
+        block = torch.empty((min(block_rows, rows), cols), dtype=dtype)
+        for start in range(0, rows, block_rows):
+            part = block[: min(block_rows, rows - start)]  # (r, cols)
+            self._read_into(file, part, path, name)
+            result[:, start:start + part.shape[0]] = part.t()  # (cols, r)
+        return result
+
+    @staticmethod
+    def _read_into(file, tensor: torch.Tensor, path: Path, name: str) -> None:
+        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        if file.readinto(view) != len(view):
+            raise GptError(f"{path} ends inside tensor {name}: the file is truncated.")
 
 
 # --- config.json → [model] ------------------------------------------------------------------------------
@@ -325,8 +365,7 @@ def convert_weights(source: HFSource, config: ModelConfig):
     plan = plan_conversion(weights, model_shapes, source.family, where)
     state = {}
     for name, hf_name in plan.items():
-        tensor = weights.load(hf_name)
-        state[name] = tensor.t().contiguous() if is_transposed(name) else tensor  # Conv1D (in, out) → (out, in)
+        state[name] = weights.load(hf_name, transpose=is_transposed(name))  # Conv1D (in, out) → (out, in)
     check_head(state, config, where)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]
@@ -408,7 +447,7 @@ def reference_model(source: HFSource):
     # A weights file under another name: transformers builds the model, the file is read as-is.
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(source.directory)))
     weights = HFWeights(source.weights)
-    state = {name: weights.load(name).float() for name in list(weights.shapes)}
+    state = {name: weights.load(name).float() for name in list(weights.shapes)}  # HF names, HF layout
     model.load_state_dict(state, strict=False)
     return model.float().eval()
 
