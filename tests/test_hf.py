@@ -80,7 +80,7 @@ def text_batch(lines: list[str], encode, vocab_size: int, length: int) -> torch.
 
 
 def assert_same_logits(model_dir: Path, hf_dir: Path, batch: torch.Tensor) -> float:
-    reference = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).float().eval()
     ours = load_model_dir(model_dir, dtype=torch.float32).model
     with torch.no_grad():
         difference = (ours(batch)[0] - reference(batch).logits).abs().max().item()

@@ -24,9 +24,9 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -176,7 +176,10 @@ class HFWeights:
     map, so converting holds the converted model plus one source tensor: one copy of the weights, not
     two (a map's touched pages would stay resident until the file closes)."""
 
+    BLOCK_BYTES = 16 << 20  # rows read per step when transposing; one buffer reused for every tensor
+
     def __init__(self, paths: list[Path]):
+        self._block: Optional[torch.Tensor] = None
         self.shapes: dict[str, tuple] = {}
         self._sources: dict[str, object] = {}  # name -> (path, dtype, offset, bytes), or a loaded tensor
         for path in paths:
@@ -229,8 +232,10 @@ class HFWeights:
         source first and freeing it after would leave freed blocks that glibc keeps, ~0.4x the model."""
         rows, cols = shape
         result = torch.empty((cols, rows), dtype=dtype)
-        block_rows = max(1, (16 << 20) // max(1, cols * result.element_size()))  # ~16 MiB per read
-        block = torch.empty((min(block_rows, rows), cols), dtype=dtype)
+        block_rows = max(1, self.BLOCK_BYTES // max(1, cols * result.element_size()))
+        if self._block is None or self._block.numel() < block_rows * cols * result.element_size():
+            self._block = torch.empty(block_rows * cols * result.element_size(), dtype=torch.uint8)
+        block = self._block[: block_rows * cols * result.element_size()].view(dtype).view(block_rows, cols)
         for start in range(0, rows, block_rows):
             part = block[: min(block_rows, rows - start)]  # (r, cols)
             self._read_into(file, part, path, name)
@@ -443,12 +448,14 @@ def reference_model(source: HFSource):
     transformers_logging.disable_progress_bar()
     standard = len(source.weights) == 1 and source.weights[0].name in WEIGHT_FILES
     if standard:
-        return AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(source.directory)).float().eval()
     # A weights file under another name: transformers builds the model, the file is read as-is.
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(source.directory)))
     weights = HFWeights(source.weights)
     state = {name: weights.load(name).float() for name in list(weights.shapes)}  # HF names, HF layout
-    model.load_state_dict(state, strict=False)
+    if not any(name.startswith(BODY_PREFIX) for name in state):  # saved from GPT2Model: no `transformer.`
+        state = {(name if name == "lm_head.weight" else BODY_PREFIX + name): t for name, t in state.items()}
+    model.load_state_dict(state, strict=False)  # strict=False: old files also hold the mask buffers
     return model.float().eval()
 
 
@@ -479,7 +486,6 @@ class LoadReport:
     tokenizer: str
     tokenizer_note: str
     max_abs_diff: Optional[float] = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def matches(self) -> Optional[bool]:
