@@ -266,7 +266,8 @@ def test_hub_id_offline_says_so_and_suggests_a_local_dir(tmp_path):
     result = run_gpt("load-hf", "gpt2-medium", "--out", tmp_path / "model", env=env)
     assert_user_error(result, "Could not download gpt2-medium", "cannot reach the Hugging Face Hub",
                       "pass the local dir instead")
-    assert_user_error(run_gpt("load-hf", "./no/such/dir", "--out", tmp_path / "m"), "does not exist")
+    with pytest.raises(GptError, match="does not exist"):
+        hf.load_hf("./no/such/dir", tmp_path / "m")
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2", "openai-gpt"])

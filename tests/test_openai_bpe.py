@@ -65,8 +65,8 @@ def vocab_dir(tmp_path_factory, request) -> Path:
     shakespeare = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "tinyshakespeare.txt"
     if not shakespeare.is_file():
         pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
-    text = shakespeare.read_text()[:200_000]
-    vocab, merges = train_bpe(text + "\n".join(EXTRA_TEXT).replace("🙂", ""), merges_wanted=400)
+    text = shakespeare.read_text()[:100_000]
+    vocab, merges = train_bpe(text + "\n".join(EXTRA_TEXT).replace("🙂", ""), merges_wanted=300)
     vocab["<unk>"] = len(vocab)
     return write_vocabulary(tmp_path_factory.mktemp("openai_vocab"), vocab, merges)
 

@@ -160,6 +160,9 @@ def family_of(config: dict, config_path: Path) -> str:
     model_type = config.get("model_type")
     if model_type in ("gpt2", "openai-gpt"):
         return model_type
+    if model_type is None:
+        raise GptError(f"{config_path} has no model_type, so it is not a Hugging Face config (a gptcli model "
+                       "dir needs no conversion: pass it to --checkpoint).")
     raise GptError(f'{config_path} describes model_type "{model_type}"; gptcli loads "gpt2" '
                    '(GPT2LMHeadModel layouts) and "openai-gpt" (GPT-1).')
 
