@@ -297,3 +297,18 @@ def test_unsupported_hf_options_are_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(GptError, match='model_type "llama"'):
         hf.resolve_source(str(tmp_path))
+
+
+def test_sharded_safetensors_with_an_index(tmp_path, text_lines):
+    source = save_random_gpt2(tmp_path / "hf", tokenizer_files=False, **GPT2_SHAPES["distilgpt2-like"])
+    tensors = load_file(source / "model.safetensors")
+    (source / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(source / file), metadata={"format": "pt"})
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (source / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    report = hf.load_hf(str(source), tmp_path / "model", verify=True)
+    assert len(report.weights) == 2 and report.max_abs_diff < TOLERANCE

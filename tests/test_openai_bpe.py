@@ -16,7 +16,7 @@ from gptcli.tokenizer import load_from_model_dir
 EXTRA_TEXT = [
     "Café déjà vu: naïve coöperation — “quoted” text… and $5.00 / 10% off!",
     "Tabs\tand\nnewlines\r\n and   runs of spaces; CJK 東京 too; emoji 🙂 is unknown.",
-    "don't won't can't I'm o'er e'en 'tis — ALL CAPS and MiXeD CaSe.",
+    "don't won't can't I'm o'er e'en 'tis — ALL CAPS and MiXeD CaSe; Greek ΟΔΟΣ ends in a capital sigma.",
 ]
 
 

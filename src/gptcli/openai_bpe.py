@@ -47,20 +47,33 @@ def _is_punctuation(char: str) -> bool:
     return unicodedata.category(char).startswith("P")
 
 
+def normalize_char(char: str) -> Optional[str]:
+    """What one character becomes: None (control characters are dropped), " " for whitespace, a spaced
+    CJK ideograph, or its NFD decomposition without combining marks (accents), lower-cased."""
+    if char in "\x00\ufffd" or _is_control(char):
+        return None
+    if char.isspace():
+        return " "
+    if _is_cjk(char):
+        return f" {char} "
+    # Character by character, as transformers' normalizer does (so a word-final "Σ" becomes "σ", not "ς").
+    return "".join(c.lower() for c in unicodedata.normalize("NFD", char) if unicodedata.category(c) != "Mn")
+
+
+class _NormalizedChars(dict):
+    """code point → normalize_char, filled on first sight; str.translate then runs at C speed."""
+
+    def __missing__(self, code: int) -> Optional[str]:
+        value = self[code] = normalize_char(chr(code))
+        return value
+
+
+_NORMALIZED = _NormalizedChars()
+
+
 def normalize(text: str) -> str:
     """Drop control characters, map whitespace to spaces, space out CJK, strip accents, lower-case."""
-    kept = []
-    for char in text:
-        if char in "\x00\ufffd" or _is_control(char):
-            continue
-        if char.isspace():
-            kept.append(" ")
-        elif _is_cjk(char):
-            kept.append(f" {char} ")
-        else:
-            kept.append(char)
-    decomposed = unicodedata.normalize("NFD", "".join(kept))
-    return "".join(c for c in decomposed if unicodedata.category(c) != "Mn").lower()
+    return text.translate(_NORMALIZED)
 
 
 def pre_tokenize(text: str) -> list[str]:
