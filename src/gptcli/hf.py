@@ -338,7 +338,7 @@ def plan_conversion(weights: HFWeights, model_shapes: dict[str, tuple], family: 
         if name is None:
             continue
         if name not in model_shapes:
-            if family == "openai-gpt" and hf_name == "position_ids":  # an old non-persistent buffer
+            if family == "openai-gpt" and name == "position_ids":  # an old non-persistent buffer
                 continue
             unexpected.append(hf_name)
         elif hf_shape(name, model_shapes[name]) != shape:
@@ -347,10 +347,15 @@ def plan_conversion(weights: HFWeights, model_shapes: dict[str, tuple], family: 
             plan[name] = hf_name
     missing = [hf_name_of(n, family, prefix) for n in model_shapes if n not in plan and n != "lm_head.weight"]
     if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(items)}" for label, items in
+        parts = [f"{label}: {listing(items)}" for label, items in
                  (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
         raise GptError(f"{where} does not fit its config.json ({family}): {'; '.join(parts)}.")
     return plan
+
+
+def listing(items: list[str], most: int = 12) -> str:
+    shown = ", ".join(items[:most])
+    return shown if len(items) <= most else f"{shown} and {len(items) - most} more"
 
 
 def hf_name_of(name: str, family: str, prefix: str = BODY_PREFIX) -> str:
