@@ -136,6 +136,51 @@ def show_parameter_report(report) -> None:
     out.print(memory)
 
 
+# --- gpt load-hf / gpt export-hf --------------------------------------------------------------------------
+
+
+@app.command("load-hf")
+def load_hf_command(
+    source: Annotated[str, typer.Argument(help="A Hugging Face model dir, a weights file with config.json beside it, or a hub id such as gpt2-medium.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model dir to write.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Also compare logits with transformers on real text; fail above 1e-4.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing model dir at --out.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert GPT-2 (any size, distilgpt2) or GPT-1 weights from Hugging Face into a gptcli model dir."""
+    from .hf import load_hf
+
+    report = load_hf(source, out_dir, verify=verify, force=force)
+    if as_json:
+        return emit_json(report.to_json())
+    reference = ""
+    if report.reference is not None:
+        mark = "[green]✓[/green]" if report.matches else "[red]✗[/red]"
+        reference = f" (reference {report.reference:,} for {report.preset} {mark})"
+    out.print(f"{report.family} from {report.source}: {report.parameters:,} parameters{reference}, {report.dtype}")
+    out.print(f"tokenizer: {report.tokenizer_note}", highlight=False)
+    if report.max_abs_diff is not None:
+        out.print(f"verify: max |logit difference| vs transformers = {report.max_abs_diff:.3g} "
+                  f"(tolerance {report.to_json()['tolerance']:g}) [green]✓[/green]")
+    out.print(f"Wrote {report.out}")
+
+
+@app.command("export-hf")
+def export_hf_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A gptcli model dir, or a run dir (its consolidated model).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Hugging Face dir to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing dir at --out.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a model as a Hugging Face dir (config.json, model.safetensors, tokenizer files) for from_pretrained."""
+    from .hf import export_hf
+
+    report = export_hf(checkpoint, out_dir, force=force)
+    if as_json:
+        return emit_json(report.to_json())
+    out.print(f"Wrote {report.out} ({report.family}, {report.tensors} tensors): {', '.join(report.files)}")
+
+
 # --- entry point ----------------------------------------------------------------------------------------------
 
 

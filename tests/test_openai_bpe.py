@@ -1,0 +1,115 @@
+"""GPT-1's BPE against transformers' OpenAIGPTTokenizer, on a vocabulary this test trains itself."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from gptcli.errors import GptError
+from gptcli.openai_bpe import load_openai_gpt_tokenizer
+from gptcli.tokenizer import load_from_model_dir
+
+EXTRA_TEXT = [
+    "Café déjà vu: naïve coöperation — “quoted” text… and $5.00 / 10% off!",
+    "Tabs\tand\nnewlines\r\n and   runs of spaces; CJK 東京 too; emoji 🙂 is unknown.",
+    "don't won't can't I'm o'er e'en 'tis — ALL CAPS and MiXeD CaSe; Greek ΟΔΟΣ ends in a capital sigma.",
+]
+
+
+def train_bpe(text: str, merges_wanted: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A plain BPE trainer (Sennrich et al. 2016) over lower-cased words split from punctuation, with
+    `</w>` on each word's last symbol: the same recipe that made openai-gpt's 40,000 merges."""
+    words = collections.Counter(re.findall(r"\w+|[^\w\s]", text.lower()))
+    splits = {word: list(word[:-1]) + [word[-1] + "</w>"] for word in words}
+    base = sorted({symbol for symbols in splits.values() for symbol in symbols})
+    merges = []
+    for _ in range(merges_wanted):
+        pairs = collections.Counter()
+        for word, symbols in splits.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += words[word]
+        if not pairs:
+            break
+        best = max(pairs, key=lambda pair: (pairs[pair], pair))
+        merges.append(best)
+        for word, symbols in splits.items():
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            splits[word] = merged
+    vocab = {symbol: index for index, symbol in enumerate(base)}
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    return vocab, merges
+
+
+def write_vocabulary(directory: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                          encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vocab_dir(tmp_path_factory, request) -> Path:
+    shakespeare = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "tinyshakespeare.txt"
+    if not shakespeare.is_file():
+        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
+    text = shakespeare.read_text()[:100_000]
+    vocab, merges = train_bpe(text + "\n".join(EXTRA_TEXT).replace("🙂", ""), merges_wanted=300)
+    vocab["<unk>"] = len(vocab)
+    return write_vocabulary(tmp_path_factory.mktemp("openai_vocab"), vocab, merges)
+
+
+def test_ids_equal_transformers_on_shakespeare_and_edge_cases(vocab_dir):
+    from transformers import OpenAIGPTTokenizer
+
+    reference = OpenAIGPTTokenizer.from_pretrained(str(vocab_dir))
+    ours = load_openai_gpt_tokenizer(vocab_dir)
+    shakespeare = (Path(__file__).resolve().parents[1].parent / "shared/corpora/tinyshakespeare.txt").read_text()
+    lines = [line for line in shakespeare[300_000:340_000].splitlines() if line.strip()] + EXTRA_TEXT
+    expected = reference(lines, add_special_tokens=False)["input_ids"]
+    assert ours.encode_batch(lines) == expected
+    assert sum(map(len, expected)) > 5000  # the comparison covered a real amount of text
+    assert ours.eot_id is None and ours.name == "openai-gpt"
+    assert ours.backend.unknown_symbols > 0  # the emoji became <unk>, as in transformers
+    sample = "To be, or not to be: that is the question."
+    assert ours.decode(ours.encode(sample)) == reference.decode(reference(sample)["input_ids"])
+
+
+def test_symbols_outside_the_vocabulary_are_skipped_without_unk(tmp_path):
+    vocab, merges = train_bpe("the cat sat on the mat", merges_wanted=5)
+    tokenizer = load_openai_gpt_tokenizer(write_vocabulary(tmp_path, vocab, merges))
+    assert tokenizer.decode(tokenizer.encode("The cat zzz sat")) == "the cat sat"
+    assert tokenizer.backend.unknown_symbols == 3
+
+
+def test_save_round_trip_keeps_the_fingerprint(vocab_dir, tmp_path):
+    tokenizer = load_openai_gpt_tokenizer(vocab_dir)
+    tokenizer.save(tmp_path)
+    again = load_from_model_dir(tmp_path)
+    assert again.fingerprint == tokenizer.fingerprint
+    assert again.encode("Hath the king's grace?") == tokenizer.encode("Hath the king's grace?")
+    assert tokenizer.fingerprint.startswith("openai-gpt:") and len(tokenizer.fingerprint) == len("openai-gpt:") + 16
+
+
+def test_mismatched_or_missing_files_are_clear_errors(vocab_dir, tmp_path):
+    with pytest.raises(GptError, match="needs a vocabulary dir"):
+        load_openai_gpt_tokenizer(None)
+    with pytest.raises(GptError, match="vocab.json and merges.txt"):
+        load_openai_gpt_tokenizer(tmp_path)
+    vocab = json.loads((vocab_dir / "vocab.json").read_text())
+    (tmp_path / "vocab.json").write_text(json.dumps({k: v for k, v in list(vocab.items())[:50]}))
+    (tmp_path / "merges.txt").write_text((vocab_dir / "merges.txt").read_text())
+    with pytest.raises(GptError, match="do not belong together"):
+        load_openai_gpt_tokenizer(tmp_path)
