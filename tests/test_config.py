@@ -127,3 +127,10 @@ def test_architecture_fingerprint_ignores_training_only_keys():
     b = project_from_dict({"model": {"preset": "nano", "dropout": 0.1}}).model
     c = project_from_dict({"model": {"preset": "nano", "n_layer": 3}}).model
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_null_optional_keys_read_as_unset():
+    """Model dirs store the [model] section as JSON, where an unset preset is null."""
+    assert project_from_dict({"model": {"preset": None, "n_layer": 2}}).model.preset is None
+    with pytest.raises(ConfigError, match="model.n_layer must be an integer, not None"):
+        project_from_dict({"model": {"n_layer": None}})

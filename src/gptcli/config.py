@@ -295,6 +295,8 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
     """Check one value against its annotation; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
+        if value is None:  # an unset optional key (TOML cannot say null, JSON model configs can)
+            return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
         return _coerce(where, value, inner)
     expected = origin or tp

@@ -91,7 +91,6 @@ def read_model_config(path: Path) -> ModelConfig:
         values = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, ValueError) as error:
         raise GptError(f"Cannot read {path / CONFIG_FILE}: {error}.") from None
-    values = {key: value for key, value in values.items() if value is not None}  # "preset": null = no preset
     try:
         return project_from_dict({"model": values}).model
     except ConfigError as error:
