@@ -91,6 +91,8 @@ def read_model_config(path: Path) -> ModelConfig:
         values = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, ValueError) as error:
         raise GptError(f"Cannot read {path / CONFIG_FILE}: {error}.") from None
+    # Unset optional keys (e.g. preset) are written as null; TOML has no null, so the schema wants them absent.
+    values = {key: value for key, value in values.items() if value is not None}
     try:
         return project_from_dict({"model": values}).model
     except ConfigError as error:
