@@ -24,15 +24,18 @@ from hf_twin import hf_gpt2, twin_of  # noqa: E402
 from gptcli.generate import SamplingOptions, generate_ids  # noqa: E402
 
 
-def best_of(repeats: int, run) -> tuple[float, list[int]]:
-    times, result = [], None
+def best_times(repeats: int, runs: dict) -> tuple[dict, dict]:
+    """Fastest of `repeats` timings of each run, taken in turns so that load on the machine hits all alike."""
+    times = {name: [] for name in runs}
+    results = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times), result
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results[name] = run()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}, results
 
 
 def main() -> None:
@@ -40,10 +43,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings steady on a busy machine)")
+    parser.add_argument("--lookahead", type=int, default=4, help="draft tokens for the prompt-lookup run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
     # GPT-2 124M shape: 50257 tokens, 1024 positions, 12 layers, 12 heads, 768 wide.
     hf = hf_gpt2(seed=0, vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768).to(args.device)
     ours = twin_of(hf.cpu()).to(args.device)
@@ -63,14 +68,24 @@ def main() -> None:
         with torch.inference_mode():
             return generate_ids(ours, [prompt], options, eot_id=None)[0][0]
 
+    lookahead = SamplingOptions(max_new_tokens=new, temperature=0, lookahead=args.lookahead)
+
+    def run_lookahead():
+        with torch.inference_mode():
+            return generate_ids(ours, [prompt], lookahead, eot_id=None)[0][0]
+
     run_hf(), run_ours()  # warm-up
-    hf_seconds, hf_tokens = best_of(args.repeats, run_hf)
-    our_seconds, our_tokens = best_of(args.repeats, run_ours)
+    seconds, tokens = best_times(args.repeats, {"hf": run_hf, "ours": run_ours, "lookahead": run_lookahead})
+    hf_seconds, our_seconds, lookahead_seconds = seconds["hf"], seconds["ours"], seconds["lookahead"]
+    hf_tokens, our_tokens, lookahead_tokens = tokens["hf"], tokens["ours"], tokens["lookahead"]
     report = {
         "device": args.device, "threads": torch.get_num_threads(), "new_tokens": new, "prompt_tokens": len(prompt),
-        "same_tokens": hf_tokens == our_tokens,
+        "same_tokens": hf_tokens == our_tokens == lookahead_tokens,
+        "distinct_generated_tokens": len(set(our_tokens)),
         "transformers_tokens_per_s": round(new / hf_seconds, 2), "gptcli_tokens_per_s": round(new / our_seconds, 2),
         "speedup": round(hf_seconds / our_seconds, 3),
+        f"gptcli_lookahead{args.lookahead}_tokens_per_s": round(new / lookahead_seconds, 2),
+        "speedup_lookahead": round(hf_seconds / lookahead_seconds, 3),
     }
     print(json.dumps(report, indent=2))
 

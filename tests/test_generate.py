@@ -43,14 +43,38 @@ def run(model, prompts, **options):
         return generate_ids(model, prompts, SamplingOptions(**options), eot_id=None)[0]
 
 
+@pytest.mark.parametrize("lookahead", [0, 4])
 @pytest.mark.parametrize("prompt", [[5, 17, 42, 99, 3], [7]])
-def test_greedy_equals_transformers_generate(pair, prompt):
+def test_greedy_equals_transformers_generate(pair, prompt, lookahead):
     hf, ours = pair
     ids = torch.tensor([prompt])
     with torch.no_grad():
         reference = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, min_new_tokens=40,
                                 do_sample=False, pad_token_id=0)
-    assert run(ours, [prompt], max_new_tokens=40, **GREEDY)[0] == reference[0, len(prompt):].tolist()
+    ours_ids = run(ours, [prompt], max_new_tokens=40, lookahead=lookahead, **GREEDY)[0]
+    assert ours_ids == reference[0, len(prompt):].tolist()
+
+
+def test_lookahead_keeps_the_greedy_output(pair):
+    """Prompt-lookup drafts change the speed, not the tokens: past the context, at end-of-text, at a stop."""
+    from gptcli.generate import draft_tokens
+
+    assert draft_tokens([1, 2, 3, 4, 2, 3], 4) == [4, 2, 3, 4]  # after the earlier "2 3" came "4"
+    assert draft_tokens([5, 5, 5], 3) == [5, 5, 5] and draft_tokens([1, 2, 3], 2) == []
+    _, model = pair
+    prompt = [9, 8, 7, 9, 8, 7, 9, 8]
+    plain = run(model, [prompt], max_new_tokens=150, **GREEDY)[0]  # 158 > 64 positions: slides
+    assert run(model, [prompt], max_new_tokens=150, lookahead=6, **GREEDY)[0] == plain
+    for eot in (plain[3], plain[-1]):
+        options = SamplingOptions(max_new_tokens=150, lookahead=6, **GREEDY)
+        with torch.inference_mode():
+            ids, reasons = generate_ids(model, [prompt], options, eot_id=eot)
+        assert ids[0] == plain[:plain.index(eot)] and reasons == ["eot"]
+    with torch.inference_mode():
+        stopped = []
+        ids, reasons = generate_ids(model, [prompt], SamplingOptions(max_new_tokens=150, lookahead=6, **GREEDY),
+                                    on_token=lambda row, token: stopped.append(token) or len(stopped) == 7)
+    assert ids[0] == plain[:7] and reasons == ["stop"]
 
 
 def test_cached_logits_equal_full_forward(pair):

@@ -195,6 +195,8 @@ def generate_command(
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", min=1, help="Samples per prompt.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed (default: [generate] seed, else project.seed).")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop a sample at this string (repeatable).")] = None,
+    lookahead: Annotated[Optional[int], typer.Option(
+        min=0, help="Greedy, one sample: verify this many prompt-lookup draft tokens per pass (same output).")] = None,
     device: DeviceOpt = "auto",
     bf16: Bf16Opt = False,
     as_json: JsonOpt = False,
@@ -217,7 +219,8 @@ def generate_command(
         top_k=defaults.top_k if top_k is None else top_k, top_p=defaults.top_p if top_p is None else top_p,
         num_samples=num_samples or defaults.num_samples,
         seed=seed if seed is not None else (defaults.seed if defaults.seed is not None else config.project.seed),
-        stop=tuple(stop if stop is not None else defaults.stop))
+        stop=tuple(stop if stop is not None else defaults.stop),
+        lookahead=defaults.lookahead if lookahead is None else lookahead)
     target = resolve_device(device)
     loaded = load_model_for(checkpoint, config, target)
     stream = not as_json and len(texts) == 1 and options.num_samples == 1

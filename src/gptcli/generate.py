@@ -37,8 +37,11 @@ class SamplingOptions:
     num_samples: int = 1
     seed: Optional[int] = None  # None = a fresh random seed
     stop: tuple[str, ...] = ()
+    lookahead: int = 0  # greedy, one row: verify up to this many prompt-lookup draft tokens per pass
 
     def __post_init__(self):
+        if self.lookahead < 0:
+            raise GptError("lookahead must be 0 or more.")
         if self.max_new_tokens < 1 or self.num_samples < 1:
             raise GptError("max_new_tokens and num_samples must be at least 1.")
         if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
@@ -150,17 +153,32 @@ class BatchState:
 
     def advance(self, new: torch.Tensor) -> torch.Tensor:
         """Append `new` (B,) and return the logits (B, V) that follow it."""
-        self.tokens = torch.cat([self.tokens, new[:, None]], dim=1)  # (B, L + 1)
-        if self.mask is not None:
-            self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.size(0), 1))], dim=1)
         if self.cache.length >= self.cache.max_len:
+            self.append(new[:, None])
             keep = max(1, int(self.block_size * SLIDE_KEEP))
             return self.prefill(self.tokens.size(1) - keep)
-        mask = self.mask[:, self.start:] if self.mask is not None else None  # (B, cached + 1)
-        positions = mask.sum(dim=1, keepdim=True) - 1 if mask is not None else None  # (B, 1)
-        hidden = self.model.hidden_states(new[:, None], attention_mask=mask, position_ids=positions,
-                                          kv_cache=self.cache)
-        return self.model.head(hidden[:, -1])  # (B, V)
+        return self.advance_many(new[:, None])[:, -1]
+
+    def advance_many(self, new: torch.Tensor) -> torch.Tensor:
+        """Append `new` (B, m), which must fit in the cache; return the logits (B, m, V) after each."""
+        m = new.size(1)
+        self.append(new)
+        mask = self.mask[:, self.start:] if self.mask is not None else None  # (B, cached + m)
+        positions = positions_from_mask(mask)[:, -m:] if mask is not None else None  # (B, m)
+        hidden = self.model.hidden_states(new, attention_mask=mask, position_ids=positions, kv_cache=self.cache)
+        return self.model.head(hidden)  # (B, m, V)
+
+    def append(self, new: torch.Tensor) -> None:
+        self.tokens = torch.cat([self.tokens, new], dim=1)  # (B, L + m)
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(new.shape)], dim=1)
+
+    def rollback(self, count: int) -> None:
+        """Forget the last `count` tokens (rejected draft tokens); their cache entries get overwritten."""
+        if count:
+            self.tokens = self.tokens[:, :-count]
+            self.mask = self.mask[:, :-count] if self.mask is not None else None
+            self.cache.length -= count
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Drop finished rows so later steps compute only the live ones."""
@@ -176,6 +194,8 @@ def generate_ids(model: GPT, prompts: list[list[int]], options: SamplingOptions,
     on_token(row, id) is called for each new id (end-of-text excepted) and returns True when that row
     should stop (a stop string). Returns (generated ids per row, finish reason per row).
     """
+    if options.lookahead > 0 and options.temperature == 0 and len(prompts) == 1:
+        return generate_with_lookahead(model, prompts[0], options, eot_id, on_token)
     device = model.wte.weight.device
     generator = make_generator(device, options.seed) if options.temperature > 0 else None
     pad_id = eot_id if eot_id is not None else 0
@@ -209,6 +229,71 @@ def generate_ids(model: GPT, prompts: list[list[int]], options: SamplingOptions,
             logits, new = logits[index], new[index]
         logits = state.advance(new)
     return outputs, reasons
+
+
+# --- greedy decoding with prompt-lookup drafts -----------------------------------------------------------
+#
+# Decoding one token reads every weight once (about 500 MB for GPT-2 124M in fp32), so on a CPU a step
+# costs what memory bandwidth allows whatever the code around it does. Prompt lookup (Saxena 2023) feeds
+# a guess of the next few tokens along with the newest one: the guess is what followed the latest earlier
+# occurrence of the text's last n-gram. One forward pass then checks the whole guess; the greedy choices
+# that agree with it are kept, so the output is the greedy output, several tokens per weight read when
+# the text repeats itself (as greedy text does).
+
+LOOKUP_NGRAM = 3  # longest n-gram matched; shorter ones are tried when it finds nothing
+
+
+def draft_tokens(sequence: list[int], size: int) -> list[int]:
+    """Up to `size` tokens that followed the latest earlier occurrence of the sequence's last n-gram.
+
+    A match close to the end continues into the draft itself, so a loop of period p is drafted whole."""
+    for n in range(min(LOOKUP_NGRAM, len(sequence) - 1), 0, -1):
+        tail = sequence[-n:]
+        for start in range(len(sequence) - n - 1, -1, -1):
+            if sequence[start:start + n] == tail:
+                extended = list(sequence)
+                for offset in range(size):
+                    extended.append(extended[start + n + offset])
+                return extended[len(sequence):]
+    return []
+
+
+def generate_with_lookahead(model: GPT, prompt: list[int], options: SamplingOptions, eot_id: Optional[int],
+                            on_token: Optional[Callable[[int, int], bool]]) -> tuple[list[list[int]], list[str]]:
+    """Greedy decoding of one prompt, verifying prompt-lookup drafts; same result as generate_ids."""
+    device = model.wte.weight.device
+    tokens, _ = left_pad([prompt], 0, device)
+    state = BatchState(model, tokens, None, options.max_new_tokens)
+    sequence, output = list(prompt), []
+    pending = state.prefill(0)[0].argmax().item()  # the greedy token not yet emitted
+
+    def emit(token: int) -> Optional[str]:
+        if token == eot_id:
+            return "eot"
+        output.append(token)
+        sequence.append(token)
+        if on_token is not None and on_token(0, token):
+            return "stop"
+        return "length" if len(output) == options.max_new_tokens else None
+
+    while (reason := emit(pending)) is None:
+        room = min(options.lookahead, options.max_new_tokens - len(output) - 1,
+                   state.cache.max_len - state.cache.length - 1)
+        draft = draft_tokens(sequence, room) if room > 0 else []
+        if not draft:
+            pending = state.advance(torch.tensor([pending], device=device))[0].argmax().item()
+            continue
+        fed = torch.tensor([[pending, *draft]], device=device)  # (1, 1 + k)
+        choices = state.advance_many(fed)[0].argmax(dim=-1).tolist()  # greedy token after each fed one
+        accepted = 0
+        while accepted < len(draft) and choices[accepted] == draft[accepted]:
+            accepted += 1
+        state.rollback(len(draft) - accepted)
+        for token in draft[:accepted]:
+            if (reason := emit(token)) is not None:
+                return [output], [reason]
+        pending = choices[accepted]
+    return [output], [reason]
 
 
 # --- text in, text out ------------------------------------------------------------------------------------
