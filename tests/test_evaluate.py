@@ -167,3 +167,18 @@ def test_cli_bad_input(model_dir, tmp_path):
     assert_user_error(run_gpt("eval", "--checkpoint", model_dir, *text, "--stride", "65"), "stride 65", "context of 64")
     assert_user_error(run_gpt("eval", "--checkpoint", model_dir, *text, "--stride", "-1"), "stride must be positive")
     assert_user_error(run_gpt("eval", "--checkpoint", model_dir, cwd=tmp_path), "data", "does not exist")
+
+
+def test_cli_dataset_equals_the_joined_text(model_dir, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    records = ["First record of the set, with a few words.", "Second record: more words to score here.",
+               "Third and last record."]
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": records})}).save_to_disk(str(tmp_path / "ds"))
+    (tmp_path / "joined.txt").write_text("\n\n".join(records))
+    by_dataset = run_gpt("eval", "--checkpoint", model_dir, "--dataset", tmp_path / "ds", "--json")
+    assert by_dataset.returncode == 0, by_dataset.stderr
+    by_text = run_gpt("eval", "--checkpoint", model_dir, "--text", tmp_path / "joined.txt", "--json")
+    assert json.loads(by_dataset.stdout)["perplexity"] == json.loads(by_text.stdout)["perplexity"]
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    assert_user_error(run_gpt("eval", "--checkpoint", model_dir, "--dataset", "no-such/dataset-here", env=offline),
+                      "Cannot load dataset no-such/dataset-here")

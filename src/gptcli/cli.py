@@ -252,6 +252,9 @@ def eval_command(
     checkpoint: CheckpointOpt = None,
     overrides: SetOpt = None,
     text: Annotated[Optional[Path], typer.Option(help="Score this UTF-8 text file instead of the shards.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Score a Hugging Face dataset: NAME or NAME:CONFIG on the Hub, or a save_to_disk dir.")] = None,
+    dataset_split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
     split: Annotated[Optional[str], typer.Option(help="Shards to score: val or train (default: [eval] split).")] = None,
     stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride in tokens; 0 = the full context.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per forward pass.")] = None,
@@ -261,20 +264,26 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and bits per byte of a model on the project's val shards or a text file."""
-    from .evaluate import evaluate_sequences, resolve_stride, scored_count, shard_sequences, text_tokens
+    from .evaluate import (dataset_tokens, evaluate_sequences, resolve_stride, scored_count, shard_sequences,
+                           text_tokens)
 
     config = load(project, overrides)
     settings = config.eval
     if split is not None and split not in ("val", "train"):
         raise typer.BadParameter(f"{split!r} is not val or train", param_hint="--split")
-    text = text if text is not None else (Path(settings.text) if settings.text else None)
+    if text is not None and dataset is not None:
+        raise typer.BadParameter("give --text or --dataset, not both", param_hint="--dataset")
+    text = text if text is not None or dataset is not None else (Path(settings.text) if settings.text else None)
     stride = settings.stride if stride is None else stride
     max_tokens = settings.max_tokens if max_tokens is None else max_tokens
     target = resolve_device(device)
     loaded = load_model_for(checkpoint, config, target)
     context = loaded.config.block_size
     stride = resolve_stride(stride, context)
-    if text is not None:
+    if dataset is not None:
+        tokens = dataset_tokens(dataset, dataset_split, config.data.text_column, loaded.tokenizer, max_tokens)
+        sequences, source = [tokens], f"{dataset} ({dataset_split})"
+    elif text is not None:
         sequences, source = [text_tokens(text, loaded.tokenizer, max_tokens)], str(text)
     else:
         split = split or settings.split

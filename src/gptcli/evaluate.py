@@ -233,12 +233,37 @@ def text_tokens(path: Path | str, tokenizer, max_tokens: int = 0) -> np.ndarray:
         raise GptError(f"{path} is not UTF-8 text.") from None
     except OSError as error:
         raise GptError(f"Cannot read {path}: {error.strerror}.") from None
+    return tokenize_for_scoring(text, tokenizer, max_tokens, f"Text file {path}")
+
+
+def tokenize_for_scoring(text: str, tokenizer, max_tokens: int, what: str) -> np.ndarray:
     if not text.strip():
-        raise GptError(f"Text file {path} is empty: there is nothing to score.")
+        raise GptError(f"{what} is empty: there is nothing to score.")
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     if len(ids) < 2:
-        raise GptError(f"Text file {path} holds {len(ids)} token; scoring needs at least 2.")
+        raise GptError(f"{what} holds {len(ids)} token; scoring needs at least 2.")
     return ids[: max_tokens + 1] if max_tokens > 0 else ids
+
+
+def dataset_tokens(name: str, split: str, column: str, tokenizer, max_tokens: int = 0) -> np.ndarray:
+    """A Hugging Face dataset ("name" or "name:config" on the Hub, or a dir written by save_to_disk):
+    the `column` of every record, joined by blank lines as the transformers guide does for wikitext."""
+    try:
+        import datasets
+
+        if Path(name).is_dir():
+            data = datasets.load_from_disk(name)
+            data = data[split] if isinstance(data, datasets.DatasetDict) else data
+        else:
+            repo, _, config = name.partition(":")
+            data = datasets.load_dataset(repo, config or None, split=split)
+    except Exception as error:  # offline, unknown name, unknown split: datasets raises many kinds
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GptError(f"Cannot load dataset {name} (split {split}): {reason}") from None
+    if column not in data.column_names:
+        raise GptError(f"Dataset {name} has no column {column!r} (it has {', '.join(data.column_names)}); "
+                       "set [data] text_column.")
+    return tokenize_for_scoring("\n\n".join(data[column]), tokenizer, max_tokens, f"Dataset {name} ({split})")
 
 
 def shard_sequences(data_dir: Path | str, split: str, tokenizer, max_tokens: int = 0) -> list[np.ndarray]:
