@@ -182,3 +182,13 @@ def test_cli_dataset_equals_the_joined_text(model_dir, tmp_path):
     offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     assert_user_error(run_gpt("eval", "--checkpoint", model_dir, "--dataset", "no-such/dataset-here", env=offline),
                       "Cannot load dataset no-such/dataset-here")
+
+
+@pytest.mark.gpu
+def test_cuda_eval_matches_cpu(pair, tokenizer, text):
+    ids = np.array(tokenizer.encode(text))
+    cpu = evaluate_sequences(pair[1], tokenizer, [ids], source="t", stride=32)
+    cuda = evaluate_sequences(twin_of(pair[0]).cuda(), tokenizer, [ids], source="t", stride=32)
+    assert cuda.loss == pytest.approx(cpu.loss, rel=1e-4) and cuda.tokens == cpu.tokens
+    bf16 = evaluate_sequences(twin_of(pair[0]).cuda(), tokenizer, [ids], source="t", stride=32, bf16=True)
+    assert bf16.loss == pytest.approx(cpu.loss, rel=2e-2)

@@ -257,3 +257,14 @@ def test_cli_bad_input(model_dir, tmp_path):
     assert_user_error(run_gpt("generate", "-", "--checkpoint", model_dir, input="  \n"), "stdin", "empty")
     assert_user_error(run_gpt("generate", "Hi", "--checkpoint", model_dir, "--top-p", "1.5"), "top-p")
     assert_user_error(run_gpt("generate", "Hi", "--checkpoint", tmp_path), "neither a gptcli model dir")
+
+
+@pytest.mark.gpu
+def test_cuda_greedy_matches_cpu(pair):
+    _, model = pair
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    cpu = run(model, prompts, max_new_tokens=20, **GREEDY)
+    cuda_model = twin_of(pair[0]).cuda()
+    assert run(cuda_model, prompts, max_new_tokens=20, **GREEDY) == cpu
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert len(run(cuda_model, prompts, max_new_tokens=20, temperature=0.8, seed=1)[0]) == 20

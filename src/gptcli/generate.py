@@ -128,6 +128,13 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=-1) - 1).clamp(min=0)
 
 
+def compute_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on (the cache then holds bf16 keys), else None (the weights' dtype)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 class BatchState:
     """The token matrix, its padding mask and the KV cache of a batch being generated.
 
@@ -146,7 +153,7 @@ class BatchState:
         self.start = start
         window = self.tokens[:, start:]  # (B, T)
         mask = self.mask[:, start:] if self.mask is not None else None
-        self.cache = self.model.new_kv_cache(window.size(0), self.cache_len)
+        self.cache = self.model.new_kv_cache(window.size(0), self.cache_len, dtype=compute_dtype(window.device))
         positions = positions_from_mask(mask) if mask is not None else None
         hidden = self.model.hidden_states(window, attention_mask=mask, position_ids=positions, kv_cache=self.cache)
         return self.model.head(hidden[:, -1])  # (B, V): only the last position is needed
