@@ -1,7 +1,8 @@
 """Generation speed: gptcli's KV-cache sampler vs transformers' `generate`, same weights, same process.
 
-A random GPT-2 124M (the `gpt2` shape), greedy decoding, batch 1, a short prompt. Both produce the same
-tokens (checked), so tokens/s compare like for like.
+A random GPT-2 124M (the `gpt2` shape), greedy decoding, batch 1, a short prompt: plain, and with
+prompt-lookup drafts (--lookahead); then a left-padded batch of four prompts. Each pair produces the
+same tokens (checked), so tokens/s compare like for like.
 
     python bench/generate.py [--new-tokens 128] [--repeats 3] [--device cpu] [--threads N]
 """
@@ -74,8 +75,25 @@ def main() -> None:
         with torch.inference_mode():
             return generate_ids(ours, [prompt], lookahead, eot_id=None)[0][0]
 
+    # A batch of four prompts of different lengths, left-padded on both sides.
+    batch = [prompt, prompt[:3], prompt[2:9], prompt[5:]]
+    width = max(len(p) for p in batch)
+    padded = torch.tensor([[50256] * (width - len(p)) + p for p in batch], device=args.device)
+    padding_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
+
+    def run_hf_batch():
+        with torch.inference_mode():
+            out = hf.generate(padded, attention_mask=padding_mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=50256)
+        return out[:, width:].tolist()
+
+    def run_ours_batch():
+        with torch.inference_mode():
+            return generate_ids(ours, batch, options, eot_id=None)[0]
+
     run_hf(), run_ours()  # warm-up
-    seconds, tokens = best_times(args.repeats, {"hf": run_hf, "ours": run_ours, "lookahead": run_lookahead})
+    seconds, tokens = best_times(args.repeats, {"hf": run_hf, "ours": run_ours, "lookahead": run_lookahead,
+                                                "hf_batch": run_hf_batch, "ours_batch": run_ours_batch})
     hf_seconds, our_seconds, lookahead_seconds = seconds["hf"], seconds["ours"], seconds["lookahead"]
     hf_tokens, our_tokens, lookahead_tokens = tokens["hf"], tokens["ours"], tokens["lookahead"]
     report = {
@@ -86,6 +104,10 @@ def main() -> None:
         "speedup": round(hf_seconds / our_seconds, 3),
         f"gptcli_lookahead{args.lookahead}_tokens_per_s": round(new / lookahead_seconds, 2),
         "speedup_lookahead": round(hf_seconds / lookahead_seconds, 3),
+        "batch4_same_tokens": tokens["hf_batch"] == tokens["ours_batch"],
+        "batch4_transformers_tokens_per_s": round(4 * new / seconds["hf_batch"], 2),
+        "batch4_gptcli_tokens_per_s": round(4 * new / seconds["ours_batch"], 2),
+        "batch4_speedup": round(seconds["hf_batch"] / seconds["ours_batch"], 3),
     }
     print(json.dumps(report, indent=2))
 
