@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from hf_twin import hf_gpt2, twin_of  # noqa: E402
+from hf_twin import hf_gpt2, twin_of
 
-from gptcli.evaluate import evaluate_sequences, plan_windows  # noqa: E402
-from gptcli.tokenizer import load_tokenizer  # noqa: E402
+from gptcli.evaluate import evaluate_sequences, plan_windows
+from gptcli.tokenizer import load_tokenizer
 
 SHARED = ROOT.parent / "shared"
 CORPUS = SHARED / "corpora" / "tinyshakespeare.txt"

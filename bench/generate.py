@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hf_twin import hf_gpt2, twin_of  # noqa: E402
+from hf_twin import hf_gpt2, twin_of
 
-from gptcli.generate import SamplingOptions, generate_ids  # noqa: E402
+from gptcli.generate import SamplingOptions, generate_ids
 
 
 def best_times(repeats: int, runs: dict) -> tuple[dict, dict]:

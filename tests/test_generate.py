@@ -143,7 +143,7 @@ def test_top_k_one_equals_greedy(pair):
 
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-    kept = lambda filtered: torch.isfinite(filtered)[0].tolist()  # noqa: E731
+    kept = lambda filtered: torch.isfinite(filtered)[0].tolist()
     assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False, False]
     # Nucleus: 0.5 + 0.2 = 0.7 < 0.75, so the third token (0.15) is needed; the fourth is not.
     assert kept(filter_logits(logits, top_p=0.75)) == [True, True, True, False, False]

@@ -164,7 +164,13 @@ def load_model_for(checkpoint: Optional[Path], config, device):
     """--checkpoint, else the project's run dir (whose consolidated model is RUN/model)."""
     from .modeldir import load_model_dir
 
-    return load_model_dir(checkpoint if checkpoint is not None else Path(config.project.out_dir), device=device)
+    if checkpoint is None:
+        run_dir = Path(config.project.out_dir)
+        if not run_dir.exists():
+            raise GptError(f"No --checkpoint given and the project's run dir {run_dir} does not exist; pass "
+                           "--checkpoint MODEL_DIR (a model dir or a run dir) or train the project first.")
+        checkpoint = run_dir
+    return load_model_dir(checkpoint, device=device)
 
 
 def read_prompts(prompts: Optional[list[str]], default: str) -> list[str]:
@@ -183,7 +189,7 @@ def read_prompts(prompts: Optional[list[str]], default: str) -> list[str]:
 @app.command("generate")
 def generate_command(
     prompts: Annotated[Optional[list[str]], typer.Argument(
-        help="Text to continue; several prompts run as one batch; '-' reads stdin. Default: [generate] prompt.",
+        help="Text to continue; several prompts run as one batch; '-' reads stdin. Default: \\[generate] prompt.",
         show_default=False)] = None,
     project: ProjectOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -192,8 +198,10 @@ def generate_command(
     temperature: Annotated[Optional[float], typer.Option(min=0.0, help="Softmax temperature; 0 = greedy.")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=0, help="Keep the k most likely tokens; 0 = all.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass in (0, 1]; 1 = off.")] = None,
-    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", min=1, help="Samples per prompt.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling seed (default: [generate] seed, else project.seed).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(
+        "--num-samples", "-n", min=1, help="Samples per prompt.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Sampling seed (default: \\[generate] seed, else project.seed).")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop a sample at this string (repeatable).")] = None,
     lookahead: Annotated[Optional[int], typer.Option(
         min=0, help="Greedy, one sample: verify this many prompt-lookup draft tokens per pass (same output).")] = None,
@@ -255,8 +263,10 @@ def eval_command(
     dataset: Annotated[Optional[str], typer.Option(
         help="Score a Hugging Face dataset: NAME or NAME:CONFIG on the Hub, or a save_to_disk dir.")] = None,
     dataset_split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
-    split: Annotated[Optional[str], typer.Option(help="Shards to score: val or train (default: [eval] split).")] = None,
-    stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride in tokens; 0 = the full context.")] = None,
+    split: Annotated[Optional[str], typer.Option(
+        help="Shards to score: val or train (default: \\[eval] split).")] = None,
+    stride: Annotated[Optional[int], typer.Option(
+        help="Sliding-window stride in tokens; 0 = the full context.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per forward pass.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(min=0, help="Score at most this many tokens; 0 = all.")] = None,
     device: DeviceOpt = "auto",
@@ -264,8 +274,14 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and bits per byte of a model on the project's val shards or a text file."""
-    from .evaluate import (dataset_tokens, evaluate_sequences, resolve_stride, scored_count, shard_sequences,
-                           text_tokens)
+    from .evaluate import (
+        dataset_tokens,
+        evaluate_sequences,
+        resolve_stride,
+        scored_count,
+        shard_sequences,
+        text_tokens,
+    )
 
     config = load(project, overrides)
     settings = config.eval

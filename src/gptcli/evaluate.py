@@ -172,7 +172,8 @@ def window_batches(windows: list[Window], batch_size: int) -> Iterator[list[Wind
 
 
 def score_sequence(model: GPT, tokens: np.ndarray, totals: Totals, stride: int, batch_size: int,
-                   byte_count: Callable[[np.ndarray], int], autocast, progress: Optional[Callable[[int], None]]) -> None:
+                   byte_count: Callable[[np.ndarray], int], autocast,
+                   progress: Optional[Callable[[int], None]]) -> None:
     """Add one sequence of ids (1-D array) to `totals`, window by window."""
     device = model.wte.weight.device
     for batch in window_batches(plan_windows(len(tokens), model.config.block_size, stride), batch_size):

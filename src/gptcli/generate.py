@@ -13,7 +13,7 @@ into a fresh cache and generation goes on (a prompt longer than the context is c
 from __future__ import annotations
 
 import codecs
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -110,7 +110,8 @@ def make_generator(device: torch.device, seed: Optional[int]) -> torch.Generator
 # --- the batch as it grows --------------------------------------------------------------------------------
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def left_pad(prompts: list[list[int]], pad_id: int,
+             device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Prompts → tokens (B, L) padded on the left, and the padding mask (B, L) (None when nothing is padded)."""
     length = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), length), pad_id, dtype=torch.long)
