@@ -12,13 +12,14 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def hf_gpt2(seed: int = 0, vocab_size: int = 500, block_size: int = 64, n_layer: int = 2, n_head: int = 4,
-            n_embd: int = 64):
-    """A seeded random GPT2LMHeadModel (eval mode, SDPA attention, fp32)."""
+            n_embd: int = 64, initializer_range: float = 0.02):
+    """A seeded random GPT2LMHeadModel (eval mode, SDPA attention, fp32). A wider initializer_range gives
+    peaked logits, so greedy text varies instead of repeating one token (a sharper parity test)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_layer=n_layer, n_head=n_head,
-                        n_embd=n_embd, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        n_embd=n_embd, initializer_range=initializer_range, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
     model = GPT2LMHeadModel(config)
     return model.eval()

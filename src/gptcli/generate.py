@@ -6,8 +6,10 @@ the cache. Left padding keeps the newest token of every row in the same column; 
 the pad keys and the position ids restart at 0 at each row's first real token, so a row of a batch sees
 exactly what it would see alone.
 
-When a row reaches the end of the context the window slides: the newest 3/4 of the context is prefilled
-into a fresh cache and generation goes on (a prompt longer than the context is cropped from the left first).
+When the batch reaches the end of the context the window slides: the newest 3/4 of the context is
+prefilled into a fresh cache and generation goes on (a prompt longer than the context is cropped from the
+left first). The batch slides when its longest row is full, so from then on a shorter row may see less
+context than it would alone.
 """
 
 from __future__ import annotations
