@@ -180,6 +180,214 @@ def export_hf_command(
         return emit_json(report.to_json())
     out.print(f"Wrote {report.out} ({report.family}, {report.tensors} tensors): {', '.join(report.files)}")
 
+# --- gpt generate / gpt eval -------------------------------------------------------------------------------
+
+CheckpointOpt = Annotated[
+    Optional[Path],
+    typer.Option("--checkpoint", "-c", help="Model dir or run dir (default: the project's out_dir, i.e. RUN/model)."),
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+Bf16Opt = Annotated[bool, typer.Option("--bf16", help="bf16 autocast (fast on GPU; fp32 is the default).")]
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise typer.BadParameter(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)", param_hint="--device")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GptError(f"--device {name} asks for CUDA, but no CUDA device is available here.")
+    return device
+
+
+def load_model_for(checkpoint: Optional[Path], config, device):
+    """--checkpoint, else the project's run dir (whose consolidated model is RUN/model)."""
+    from .modeldir import load_model_dir
+
+    if checkpoint is None:
+        run_dir = Path(config.project.out_dir)
+        if not run_dir.exists():
+            raise GptError(f"No --checkpoint given and the project's run dir {run_dir} does not exist; pass "
+                           "--checkpoint MODEL_DIR (a model dir or a run dir) or train the project first.")
+        checkpoint = run_dir
+    return load_model_dir(checkpoint, device=device)
+
+
+def read_prompts(prompts: Optional[list[str]], default: str) -> list[str]:
+    """The prompts as given ("-" = stdin); the [generate] prompt when none is given."""
+    prompts = prompts or [default]
+    if prompts.count("-") > 1:
+        raise typer.BadParameter("stdin can be read once; give '-' at most once", param_hint="PROMPT")
+    texts = [sys.stdin.read().removesuffix("\n") if p == "-" else p for p in prompts]
+    for index, text in enumerate(texts):
+        if not text.strip():
+            where = "from stdin" if prompts[index] == "-" else f"number {index + 1}"
+            raise GptError(f"The prompt {where} is empty; give some text to continue.")
+    return texts
+
+
+@app.command("generate")
+def generate_command(
+    prompts: Annotated[Optional[list[str]], typer.Argument(
+        help="Text to continue; several prompts run as one batch; '-' reads stdin. Default: \\[generate] prompt.",
+        show_default=False)] = None,
+    project: ProjectOpt = None,
+    checkpoint: CheckpointOpt = None,
+    overrides: SetOpt = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Tokens to generate per sample.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=0.0, help="Softmax temperature; 0 = greedy.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(min=0, help="Keep the k most likely tokens; 0 = all.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass in (0, 1]; 1 = off.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(
+        "--num-samples", "-n", min=1, help="Samples per prompt.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Sampling seed (default: \\[generate] seed, else project.seed).")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop a sample at this string (repeatable).")] = None,
+    lookahead: Annotated[Optional[int], typer.Option(
+        min=0, help="Greedy, one sample: verify this many prompt-lookup draft tokens per pass (same output).")] = None,
+    device: DeviceOpt = "auto",
+    bf16: Bf16Opt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue prompts with a trained model: top-k / top-p / temperature sampling or greedy, with a KV cache."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from .generate import SamplingOptions, generate
+
+    config = load(project, overrides)
+    defaults = config.generate
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise typer.BadParameter(f"{top_p} is not in (0, 1]", param_hint="--top-p")
+    texts = read_prompts(prompts, defaults.prompt)
+    options = SamplingOptions(
+        max_new_tokens=max_new_tokens or defaults.max_new_tokens,
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_k=defaults.top_k if top_k is None else top_k, top_p=defaults.top_p if top_p is None else top_p,
+        num_samples=num_samples or defaults.num_samples,
+        seed=seed if seed is not None else (defaults.seed if defaults.seed is not None else config.project.seed),
+        stop=tuple(stop if stop is not None else defaults.stop),
+        lookahead=defaults.lookahead if lookahead is None else lookahead)
+    target = resolve_device(device)
+    loaded = load_model_for(checkpoint, config, target)
+    stream = not as_json and len(texts) == 1 and options.num_samples == 1
+
+    def write(row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if stream:
+        sys.stdout.write(texts[0])
+        sys.stdout.flush()
+    autocast = torch.autocast(target.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with autocast:
+        samples = generate(loaded.model, loaded.tokenizer, texts, options, on_text=write if stream else None,
+                           on_notice=lambda message: err.print(f"note: {message}", highlight=False))
+    if as_json:
+        return emit_json({"samples": [s.to_json() for s in samples]})
+    if stream:
+        sys.stdout.write("\n")
+        return
+    for number, sample in enumerate(samples):
+        out.rule(f"prompt {sample.prompt_index + 1}, sample {number % options.num_samples + 1}", style="dim")
+        out.print(sample.prompt + sample.text, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("eval")
+def eval_command(
+    project: ProjectOpt = None,
+    checkpoint: CheckpointOpt = None,
+    overrides: SetOpt = None,
+    text: Annotated[Optional[Path], typer.Option(help="Score this UTF-8 text file instead of the shards.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Score a Hugging Face dataset: NAME or NAME:CONFIG on the Hub, or a save_to_disk dir.")] = None,
+    dataset_split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
+    split: Annotated[Optional[str], typer.Option(
+        help="Shards to score: val or train (default: \\[eval] split).")] = None,
+    stride: Annotated[Optional[int], typer.Option(
+        help="Sliding-window stride in tokens; 0 = the full context.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per forward pass.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(min=0, help="Score at most this many tokens; 0 = all.")] = None,
+    device: DeviceOpt = "auto",
+    bf16: Bf16Opt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Loss, perplexity and bits per byte of a model on the project's val shards or a text file."""
+    from .evaluate import (
+        dataset_tokens,
+        evaluate_sequences,
+        resolve_stride,
+        scored_count,
+        shard_sequences,
+        text_tokens,
+    )
+
+    config = load(project, overrides)
+    settings = config.eval
+    if split is not None and split not in ("val", "train"):
+        raise typer.BadParameter(f"{split!r} is not val or train", param_hint="--split")
+    if text is not None and dataset is not None:
+        raise typer.BadParameter("give --text or --dataset, not both", param_hint="--dataset")
+    text = text if text is not None or dataset is not None else (Path(settings.text) if settings.text else None)
+    stride = settings.stride if stride is None else stride
+    max_tokens = settings.max_tokens if max_tokens is None else max_tokens
+    target = resolve_device(device)
+    loaded = load_model_for(checkpoint, config, target)
+    context = loaded.config.block_size
+    stride = resolve_stride(stride, context)
+    if dataset is not None:
+        tokens = dataset_tokens(dataset, dataset_split, config.data.text_column, loaded.tokenizer, max_tokens)
+        sequences, source = [tokens], f"{dataset} ({dataset_split})"
+    elif text is not None:
+        sequences, source = [text_tokens(text, loaded.tokenizer, max_tokens)], str(text)
+    else:
+        split = split or settings.split
+        sequences = shard_sequences(config.data.dir, split, loaded.tokenizer, max_tokens)
+        source = f"{config.data.dir} ({split})"
+    total = scored_count((len(s) for s in sequences), context, stride)
+    with eval_progress(total, quiet=False) as advance:
+        result = evaluate_sequences(loaded.model, loaded.tokenizer, sequences, source=source, stride=stride,
+                                    batch_size=batch_size or settings.batch_size, bf16=bf16, progress=advance)
+    if as_json:
+        return emit_json(result.to_json())
+    show_eval_result(result)
+
+
+def eval_progress(total: int, quiet: bool):
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    @contextmanager
+    def bar():
+        columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=True, disable=quiet) as progress:
+            task = progress.add_task("eval", total=total)
+            yield lambda done: progress.advance(task, done)
+
+    return bar()
+
+
+def show_eval_result(result) -> None:
+    table = Table(title=f"eval: {result.source}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("loss (nats/token)", f"{result.loss:.4f}")
+    table.add_row("perplexity", f"{result.perplexity:.3f}")
+    table.add_row("bits per byte", f"{result.bits_per_byte:.4f}")
+    table.add_row("scored tokens", f"{result.tokens:,}")
+    table.add_row("bytes", f"{result.bytes:,}")
+    table.add_row("windows (context, stride)", f"{result.windows:,} ({result.context}, {result.stride})")
+    table.add_row("perplexity, transformers guide weighting", f"{result.hf_perplexity:.3f}")
+    table.add_row("tokens/s", f"{result.tokens / result.seconds:,.0f}" if result.seconds else "—")
+    out.print(table)
+
 
 # --- entry point ----------------------------------------------------------------------------------------------
 

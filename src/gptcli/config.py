@@ -241,8 +241,12 @@ class GenerateConfig:
     num_samples: int = doc("Samples per prompt.", 1)
     seed: Optional[int] = doc("Seed for sampling; unset means project.seed.", None)
     stop: list = doc("Stop a sample when it produces any of these strings (end-of-text always stops).", factory=list)
+    lookahead: int = doc("Greedy, one prompt, one sample: verify up to this many tokens guessed from earlier "
+                         "text per forward pass (prompt lookup); same output, faster on repetitive text; 0 = off.", 0)
 
     def __post_init__(self):
+        if self.lookahead < 0:
+            raise ConfigError("generate.lookahead must be 0 or more.")
         if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise ConfigError("generate.temperature and generate.top_k must be 0 or more, generate.top_p in (0, 1].")
         if self.max_new_tokens < 1 or self.num_samples < 1:

@@ -1,0 +1,291 @@
+"""Loss, perplexity and bits per byte with a sliding window.
+
+A sequence longer than the context is scored window by window, as in the transformers guide "Perplexity
+of fixed-length models": windows of `context` tokens start every `stride` tokens; the first window scores
+all of its targets, each later one only the targets the previous window had not reached, so every token is
+scored once, with the most context the window allows. With stride = context the windows do not overlap
+and the first token of each window is not scored (it has no context inside its window).
+
+Two averages come out:
+- `loss`: the exact mean negative log-likelihood per scored token (total nats / scored tokens);
+  `perplexity` = exp(loss). This is the number gptcli reports as loss.
+- `hf_loss`: the guide's number, which weights each window's mean loss by (scored labels - 1) — one less
+  than it scored for every window after the first when windows overlap. Kept to compare with published
+  figures; it equals `loss` when stride = context.
+
+Bits per byte = total nats / UTF-8 bytes of the scored tokens / ln 2, which does not depend on the
+tokenizer, so models with different vocabularies compare.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import GptError
+from .model import GPT
+
+# Rows of hidden states projected to the vocabulary at once: 1024 × 50257 fp32 logits = 206 MB.
+HEAD_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens [begin, end) of a sequence; the model scores the last `scored` tokens of it."""
+
+    begin: int
+    end: int
+    scored: int
+    labels: int  # targets the transformers recipe counts for this window (its trg_len)
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+
+def plan_windows(num_tokens: int, context: int, stride: int) -> list[Window]:
+    """The sliding windows of the transformers recipe over a sequence of `num_tokens` ids."""
+    windows, previous_end = [], 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + context, num_tokens)
+        labels = end - previous_end  # targets not scored by an earlier window
+        # The first position of a window has nothing to predict it from inside the window.
+        scored = min(labels, end - begin - 1)
+        if scored > 0:
+            windows.append(Window(begin, end, scored, labels))
+        previous_end = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+@dataclass
+class Totals:
+    """Running sums; float64 so that millions of tokens add up without drift."""
+
+    nats: float = 0.0
+    tokens: int = 0
+    bytes: int = 0
+    windows: int = 0
+    hf_weighted_nats: float = 0.0  # Σ window mean loss × (labels - 1), the transformers recipe
+    hf_weight: int = 0
+
+    def add_window(self, window: Window, nats: float, num_bytes: int) -> None:
+        self.nats += nats
+        self.tokens += window.scored
+        self.bytes += num_bytes
+        self.windows += 1
+        self.hf_weighted_nats += nats / window.scored * (window.labels - 1)
+        self.hf_weight += window.labels - 1
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+    bytes: int
+    hf_loss: float
+    hf_perplexity: float
+    windows: int
+    context: int
+    stride: int
+    source: str
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
+                "tokens": self.tokens, "bytes": self.bytes, "hf_loss": self.hf_loss,
+                "hf_perplexity": self.hf_perplexity, "windows": self.windows, "context": self.context,
+                "stride": self.stride, "source": self.source, "seconds": round(self.seconds, 3),
+                "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds > 0 else None,
+                **self.extra}
+
+
+def result_from(totals: Totals, context: int, stride: int, source: str, seconds: float) -> EvalResult:
+    if totals.tokens == 0:
+        raise GptError(f"{source} has no token to score: it needs at least 2 tokens.")
+    loss = totals.nats / totals.tokens
+    hf_loss = totals.hf_weighted_nats / totals.hf_weight if totals.hf_weight else loss
+    bits_per_byte = totals.nats / totals.bytes / math.log(2) if totals.bytes else float("nan")
+    return EvalResult(loss=loss, perplexity=math.exp(loss), bits_per_byte=bits_per_byte, tokens=totals.tokens,
+                      bytes=totals.bytes, hf_loss=hf_loss, hf_perplexity=math.exp(hf_loss), windows=totals.windows,
+                      context=context, stride=stride, source=source, seconds=seconds)
+
+
+# --- scoring ---------------------------------------------------------------------------------------------
+
+
+def resolve_stride(stride: int, context: int) -> int:
+    """0 means the full context; anything outside 1..context is a user error."""
+    if stride == 0:
+        return context
+    if stride < 0:
+        raise GptError(f"The stride must be positive (or 0 for the full context), not {stride}.")
+    if stride > context:
+        raise GptError(f"The stride {stride} is longer than the model's context of {context} tokens; "
+                       "tokens between windows would never be scored.")
+    return stride
+
+
+def window_nats(model: GPT, batch: torch.Tensor, windows: list[Window]) -> list[float]:
+    """Summed negative log-likelihood of each window's scored targets.
+
+    batch: (B, T) token ids of B windows of equal length T. Only the hidden states that predict a scored
+    target are projected to the vocabulary, a chunk at a time, so memory stays at HEAD_CHUNK × V logits.
+    """
+    hidden = model.hidden_states(batch)  # (B, T, C)
+    T = batch.size(1)
+    inputs, targets = [], []
+    for row, window in enumerate(windows):
+        first = T - window.scored  # first scored target; predicted by the position before it
+        inputs.append(hidden[row, first - 1: T - 1])  # (scored, C)
+        targets.append(batch[row, first:])  # (scored,)
+    inputs, targets = torch.cat(inputs), torch.cat(targets)  # (N, C), (N,)
+    nll = torch.empty(targets.numel(), dtype=torch.float64, device=batch.device)
+    for start in range(0, targets.numel(), HEAD_CHUNK):
+        logits = model.head(inputs[start:start + HEAD_CHUNK]).float()  # (chunk, V)
+        nll[start:start + HEAD_CHUNK] = F.cross_entropy(logits, targets[start:start + HEAD_CHUNK], reduction="none")
+    return [part.sum().item() for part in nll.split([w.scored for w in windows])]
+
+
+def window_batches(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:
+    """Consecutive windows of equal length, at most batch_size at a time (only the last window is shorter)."""
+    batch: list[Window] = []
+    for window in windows:
+        if batch and (len(batch) == batch_size or window.length != batch[0].length):
+            yield batch
+            batch = []
+        batch.append(window)
+    if batch:
+        yield batch
+
+
+def score_sequence(model: GPT, tokens: np.ndarray, totals: Totals, stride: int, batch_size: int,
+                   byte_count: Callable[[np.ndarray], int], autocast,
+                   progress: Optional[Callable[[int], None]]) -> None:
+    """Add one sequence of ids (1-D array) to `totals`, window by window."""
+    device = model.wte.weight.device
+    for batch in window_batches(plan_windows(len(tokens), model.config.block_size, stride), batch_size):
+        ids = np.stack([np.asarray(tokens[w.begin:w.end], dtype=np.int64) for w in batch])  # (B, T)
+        with autocast:
+            nats = window_nats(model, torch.from_numpy(ids).to(device), batch)
+        for window, window_sum in zip(batch, nats):
+            totals.add_window(window, window_sum, byte_count(tokens[window.end - window.scored:window.end]))
+        if progress is not None:
+            progress(sum(w.scored for w in batch))
+
+
+def evaluate_sequences(model: GPT, tokenizer, sequences: Iterable[np.ndarray], *, source: str, stride: int = 0,
+                       batch_size: int = 8, bf16: bool = False,
+                       progress: Optional[Callable[[int], None]] = None) -> EvalResult:
+    """Score token sequences (each a 1-D array of ids; windows never cross from one to the next)."""
+    context = model.config.block_size
+    stride = resolve_stride(stride, context)
+    device_type = model.wte.weight.device.type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    totals = Totals()
+
+    def byte_count(ids: np.ndarray) -> int:
+        return len(tokenizer.decode_bytes(np.asarray(ids).tolist()))
+
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for tokens in sequences:
+                score_sequence(model, tokens, totals, stride, batch_size, byte_count, autocast, progress)
+    finally:
+        model.train(was_training)
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    return result_from(totals, context, stride, source, time.perf_counter() - start)
+
+
+# --- where the tokens come from --------------------------------------------------------------------------
+
+
+def scored_count(lengths: Iterable[int], context: int, stride: int) -> int:
+    """How many tokens sequences of these lengths will score (for a progress bar's total)."""
+    return sum(w.scored for n in lengths for w in plan_windows(n, context, stride))
+
+
+def text_tokens(path: Path | str, tokenizer, max_tokens: int = 0) -> np.ndarray:
+    """A UTF-8 text file → its ids (the first max_tokens + 1 when max_tokens > 0)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GptError(f"Text file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise GptError(f"{path} is a directory; --text takes one UTF-8 text file.") from None
+    except UnicodeDecodeError:
+        raise GptError(f"{path} is not UTF-8 text.") from None
+    except OSError as error:
+        raise GptError(f"Cannot read {path}: {error.strerror}.") from None
+    return tokenize_for_scoring(text, tokenizer, max_tokens, f"Text file {path}")
+
+
+def tokenize_for_scoring(text: str, tokenizer, max_tokens: int, what: str) -> np.ndarray:
+    if not text.strip():
+        raise GptError(f"{what} is empty: there is nothing to score.")
+    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    if len(ids) < 2:
+        raise GptError(f"{what} holds {len(ids)} token; scoring needs at least 2.")
+    return ids[: max_tokens + 1] if max_tokens > 0 else ids
+
+
+def dataset_tokens(name: str, split: str, column: str, tokenizer, max_tokens: int = 0) -> np.ndarray:
+    """A Hugging Face dataset ("name" or "name:config" on the Hub, or a dir written by save_to_disk):
+    the `column` of every record, joined by blank lines as the transformers guide does for wikitext."""
+    try:
+        import datasets
+
+        if Path(name).is_dir():
+            data = datasets.load_from_disk(name)
+            data = data[split] if isinstance(data, datasets.DatasetDict) else data
+        else:
+            repo, _, config = name.partition(":")
+            data = datasets.load_dataset(repo, config or None, split=split)
+    except Exception as error:  # offline, unknown name, unknown split: datasets raises many kinds
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GptError(f"Cannot load dataset {name} (split {split}): {reason}") from None
+    if column not in data.column_names:
+        raise GptError(f"Dataset {name} has no column {column!r} (it has {', '.join(data.column_names)}); "
+                       "set [data] text_column.")
+    return tokenize_for_scoring("\n\n".join(data[column]), tokenizer, max_tokens, f"Dataset {name} ({split})")
+
+
+def shard_sequences(data_dir: Path | str, split: str, tokenizer, max_tokens: int = 0) -> list[np.ndarray]:
+    """The memory-mapped shards of one split, each one sequence, cut so at most max_tokens are scored."""
+    from .data.shards import open_prepared
+
+    prepared = open_prepared(data_dir)
+    if prepared.fingerprint != tokenizer.fingerprint:
+        raise GptError(f"The shards in {data_dir} were made with tokenizer {prepared.fingerprint}, but the model "
+                       f"uses {tokenizer.fingerprint}; prepare the data with the model's tokenizer.")
+    shards = prepared.splits.get(split, [])
+    if not any(s.num_tokens for s in shards):
+        raise GptError(f"{data_dir} has no {split} tokens to score (see [data] val_fraction, or use --split train).")
+    sequences, budget = [], max_tokens
+    for shard in shards:
+        tokens = shard.tokens
+        if max_tokens > 0:
+            if budget <= 0:
+                break
+            tokens = tokens[: budget + 1]
+            budget -= len(tokens) - 1
+        if len(tokens) >= 2:
+            sequences.append(tokens)
+    return sequences
