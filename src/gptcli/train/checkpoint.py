@@ -177,9 +177,14 @@ def full_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     master copies (deepspeed.utils.zero_to_fp32); stage 0 keeps the whole module in one file."""
     root = checkpoints_dir(run_dir)
     if any((root / tag).glob("*optim_states.pt")) and any((root / tag).glob("zero_pp_rank_*")):
+        import contextlib
+        import io
+
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        chatter = io.StringIO()  # the merge narrates every file it reads; keep the run's output readable
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     else:
         state = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     return {name: tensor.float() for name, tensor in state.items()}

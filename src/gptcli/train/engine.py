@@ -180,9 +180,10 @@ def initialize(project: Project, model: torch.nn.Module, layout: BatchLayout, pr
 def launch(argv: list[str], nproc: int, hostfile: Optional[str]) -> int:
     """Run `gpt train ARGV` on `nproc` ranks (or the hosts of `hostfile`); returns the exit code.
 
-    With CUDA (or a hostfile) this is DeepSpeed's launcher, `deepspeed --num_gpus N -m gptcli train ...`.
-    On a CPU-only machine DeepSpeed's launcher counts NUMA nodes as devices, so N local ranks are started
-    here instead, torchrun-style: RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT per process, the CPU
+    With CUDA (or a hostfile) this is DeepSpeed's launcher, `deepspeed --num_gpus N --no_local_rank
+    --module gptcli train ...` (ranks read LOCAL_RANK from the environment, so no --local_rank argument).
+    On a CPU-only machine N local ranks are started here instead (DeepSpeed's launcher would need
+    DS_ACCELERATOR=cpu and counts NUMA nodes as devices), torchrun-style: RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT per process, the CPU
     cores split between them, SIGTERM/SIGINT forwarded to every rank, and the others stopped if one dies.
     """
     if hostfile or torch.cuda.is_available():
@@ -190,7 +191,7 @@ def launch(argv: list[str], nproc: int, hostfile: Optional[str]) -> int:
         if runner is None:
             raise GptError("The `deepspeed` launcher is not on PATH; install deepspeed in this environment.")
         where = ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(nproc)]
-        return subprocess.call([runner, *where, "-m", "gptcli", "train", *argv])
+        return subprocess.call([runner, *where, "--no_local_rank", "--module", "gptcli", "train", *argv])
     return launch_local_cpu(argv, nproc)
 
 

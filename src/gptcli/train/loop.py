@@ -337,26 +337,43 @@ def evaluate(run: Run) -> float:
 
 def print_sample(run: Run) -> None:
     """A sample from train.sample_prompt, seeded by the step so it does not disturb the training RNG."""
+    module = sampling_model(run)  # every rank takes part under ZeRO-3; the others get None
+    if module is None:
+        return
+    try:
+        from ..generate import sample_text
+    except ImportError:
+        print("(sampling is unavailable: gptcli.generate is missing)", file=sys.stderr)
+        return
+    train = run.project.train
+    was_training = module.training
+    module.eval()
+    with torch.random.fork_rng(devices=[module.wte.weight.device] if run.device == "cuda" else []), torch.no_grad():
+        text = sample_text(module, run.tokenizer, train.sample_prompt, train.sample_tokens,
+                           temperature=0.8, top_k=50, top_p=1.0, seed=run.project.project.seed + run.step)
+    module.train(was_training)
+    print(f"--- sample at step {run.step} ---\n{train.sample_prompt}{text}\n---", flush=True)
+
+
+def sampling_model(run: Run):
+    """Rank 0's model to sample from. Under ZeRO-3 the engine's module fetches its weights in collective
+    hooks that rank 0 cannot run alone, so all ranks gather the weights and rank 0 copies them into a
+    plain model; otherwise the engine's module itself."""
+    if not zero3(run):
+        return run.engine.module if run.rank == 0 else None
     import deepspeed
 
-    train = run.project.train
-    params = list(run.engine.module.parameters()) if zero3(run) else []
-    with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):
+    from ..model import build_model
+
+    module = run.engine.module
+    names = [name for name, _ in module.named_parameters()]
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
         if run.rank != 0:
-            return
-        try:
-            from ..generate import sample_text
-        except ImportError:
-            print("(sampling is unavailable: gptcli.generate is missing)", file=sys.stderr)
-            return
-        module = run.engine.module
-        was_training = module.training
-        module.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            text = sample_text(module, run.tokenizer, train.sample_prompt, train.sample_tokens,
-                               temperature=0.8, top_k=50, top_p=1.0, seed=run.project.project.seed + run.step)
-        module.train(was_training)
-        print(f"--- sample at step {run.step} ---\n{train.sample_prompt}{text}\n---", flush=True)
+            return None
+        weights = {name: p.detach().clone() for name, p in zip(names, module.parameters())}
+    plain = build_model(run.project.model, device=run.engine.device)
+    plain.load_state_dict(weights, strict=False)  # the tied lm_head follows wte
+    return plain
 
 
 def save(run: Run) -> None:
@@ -417,6 +434,8 @@ class Display:
 
         self.run = run
         self.console = Console(stderr=True)
+        if not self.console.is_terminal:
+            self.console = Console(stderr=True, width=200)  # one line per step in logs, not wrapped at 80
         self.live = None
         self.started = time.perf_counter()
         self.first_step = run.step
