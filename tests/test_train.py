@@ -150,7 +150,7 @@ def test_a_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path
 
     result = train(project_file(tmp_path, shards), fault="nan@7")
     assert result.returncode == 4
-    assert_user_error(result, "step 7", "not finite" if "not finite" in result.stderr else "nan", "step_00000006")
+    assert_user_error(result, "step 7", "before the optimizer step", "the loss is nan", "step_00000006")
     run = tmp_path / "run"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert not (run / "checkpoints" / "step_00000007").exists()
@@ -167,7 +167,7 @@ def test_overfit_batch_drives_the_loss_to_zero_and_shows_tokens(tmp_path, shards
     project.write_text(text.replace("zero_stage = 2", "zero_stage = 0"))
     result = train(project, "--overfit-batch")
     assert result.returncode == 0, result.stderr[-3000:]
-    final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    final = json.loads((tmp_path / "run" / "overfit-batch" / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["loss"] < 0.1
     assert "input" in result.stdout and "target" in result.stdout and "predicted" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
@@ -181,3 +181,10 @@ def test_bad_batch_settings_are_one_sentence(tmp_path, shards):
     assert_user_error(result, "train.global_batch_tokens", "not a multiple")
     result = train(project, "--resume", "sometimes")
     assert result.returncode == 2
+
+
+def test_gpt_plot_draws_a_run_and_refuses_an_empty_dir(tmp_path, reference):
+    result = run_gpt("plot", reference, "--out", tmp_path / "curve.png")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert_user_error(run_gpt("plot", tmp_path), "no steps to plot")

@@ -155,9 +155,14 @@ def make_optimizer(model: torch.nn.Module, project: Project, device: str):
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     if device == "cuda":
-        from deepspeed.ops.adam import FusedAdam
+        try:
+            from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+            return FusedAdam(groups, adam_w_mode=True, **kwargs)
+        except Exception as error:  # the op is built on first use and needs the CUDA toolkit
+            print(f"note: DeepSpeed's FusedAdam is unavailable ({type(error).__name__}); using torch's fused AdamW.",
+                  file=sys.stderr)
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, foreach=False, **kwargs)
 
 

@@ -13,7 +13,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -107,7 +107,6 @@ class Run:
     writer: Optional[MetricsWriter] = None
     flops_per_token: int = 0
     peak: Optional[float] = None
-    history: list = field(default_factory=list)
 
 
 def train(project: Project, options: TrainOptions) -> TrainResult:
@@ -129,7 +128,7 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
     import deepspeed
     import deepspeed.comm as dist
 
-    from ..data.loader import BatchLoader, check_compatible
+    from ..data.loader import check_compatible
     from ..data.shards import open_prepared
     from ..model import build_model
     from ..tokenizer import load_tokenizer
@@ -142,12 +141,7 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
     check_compatible(data, tokenizer.fingerprint, project.model.vocab_size)
     layout = batch_layout(project, world)
     seed = project.project.seed
-    loader = BatchLoader(data, "train", layout.micro_batch_size, layout.seq_len, rank=rank, world_size=world,
-                         seed=seed, shuffle=project.train.shuffle)
-    val_loader = None
-    if project.train.eval_every and data.num_tokens("val") > 0 and not options.overfit_batch:
-        val_loader = BatchLoader(data, "val", layout.micro_batch_size, layout.seq_len, rank=rank, world_size=world,
-                                 seed=seed, shuffle=False)
+    loader, val_loader = make_loaders(project, data, layout, rank, options.overfit_batch)
     seed_everything(seed)  # the same initial weights on every rank
     model = build_model(project.model, device="cuda" if device == "cuda" else "cpu")
     model.activation_checkpointing = project.train.activation_checkpointing
@@ -158,13 +152,19 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
     if project.train.compile:
         engine.compile()
     run_dir = Path(project.project.out_dir)
+    if options.overfit_batch:
+        run_dir = run_dir / "overfit-batch"  # its metrics must not mix with the run's own
     run = Run(project=project, engine=engine, layout=layout, loader=loader, val_loader=val_loader,
               tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device,
               faults=Faults(os.environ.get("GPTCLI_FAULT", ""), rank))
-    run.flops_per_token = model_flops_per_token(model, project.model, layout.seq_len)
+    # counted on a meta copy: under ZeRO-3 the engine's own parameters are partitioned away
+    run.flops_per_token = model_flops_per_token(build_model(project.model, device="meta"), project.model,
+                                                layout.seq_len)
     run.peak = peak_flops(device)
     if options.overfit_batch:
         run.fixed_batch = loader.next_batch()
+        if rank == 0:
+            truncate_metrics(run_dir, 0)
     else:
         resume_or_start(run, options.resume)
     if rank == 0:
@@ -173,6 +173,23 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
         run.writer = MetricsWriter(run_dir, project.train.tensorboard)
     dist.barrier()
     return run
+
+
+def make_loaders(project: Project, data, layout: BatchLayout, rank: int, overfit: bool):
+    """The train loader (seeded order) and the val loader (file order), or None without val shards."""
+    from ..data.loader import BatchLoader
+
+    seed, world = project.project.seed, layout.world_size
+    loader = BatchLoader(data, "train", layout.micro_batch_size, layout.seq_len, rank=rank, world_size=world,
+                         seed=seed, shuffle=project.train.shuffle)
+    if not project.train.eval_every or overfit:
+        return loader, None
+    if data.num_tokens("val") == 0:
+        if rank == 0:
+            print(f"note: {data.directory} has no val shards; evaluation is off.", file=sys.stderr)
+        return loader, None
+    return loader, BatchLoader(data, "val", layout.micro_batch_size, layout.seq_len, rank=rank, world_size=world,
+                               seed=seed, shuffle=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -220,8 +237,7 @@ def loop(run: Run, stop: StopRequest, options: TrainOptions) -> TrainResult:
         grad_norm = float(grad_norm) if grad_norm is not None else None
         run.step += 1
         run.tokens += run.layout.tokens_per_step
-        if overflowed(run, grad_norm):
-            run.skipped_steps += 1
+        check_overflow(run, grad_norm)
         run.elapsed += time.perf_counter() - started
         record = step_record(run, loss, lr, grad_norm, time.perf_counter() - started)
         if should(train.eval_every, run) and run.val_loader is not None:
@@ -293,21 +309,22 @@ def train_step(run: Run, lr: float, stop: StopRequest) -> tuple[float, int]:
     return loss_value, int(stop.signum or (signal.SIGTERM if signum_sum else 0))
 
 
-def diverged(run: Run, step: int, what: str) -> GptError:
+def diverged(run: Run, step: int, what: str, before_step: bool = True) -> GptError:
     tag = checkpoint.read_latest(run.run_dir) if run.rank == 0 else None
     kept = f"; the last checkpoint ({tag}) is untouched" if tag else "; no checkpoint was written"
-    return GptError(f"Training stopped at step {step} before the optimizer step: {what}{kept}.",
-                    exit_code=DIVERGED_EXIT_CODE)
+    when = "before the optimizer step" if before_step else "without saving"
+    return GptError(f"Training stopped at step {step} {when}: {what}{kept}.", exit_code=DIVERGED_EXIT_CODE)
 
 
-def overflowed(run: Run, grad_norm: Optional[float]) -> bool:
-    """fp16: the loss scaler skipped this step. fp32/bf16: a non-finite gradient norm is fatal (ZeRO's
-    optimizer has already refused the update; stage 0 would not, so the run stops before the next one)."""
-    if grad_norm is None or math.isfinite(grad_norm):
-        return False
+def check_overflow(run: Run, grad_norm: Optional[float]) -> None:
+    """fp16: the loss scaler skipped an overflowing step; DeepSpeed counts them (and checkpoints the
+    count). fp32/bf16: a non-finite gradient norm is fatal. ZeRO 1-3 have already refused that update;
+    stage 0 has applied it, so the run stops and no later checkpoint can hold the damaged weights."""
     if run.engine.fp16_enabled():
-        return True
-    raise diverged(run, run.step, f"the gradient norm is {grad_norm}")
+        run.skipped_steps = int(run.engine.skipped_steps)
+        return
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        raise diverged(run, run.step, f"the gradient norm is {grad_norm}", before_step=False)
 
 
 def step_record(run: Run, loss: float, lr: float, grad_norm: Optional[float], seconds: float) -> dict:
