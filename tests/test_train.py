@@ -188,3 +188,17 @@ def test_gpt_plot_draws_a_run_and_refuses_an_empty_dir(tmp_path, reference):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert_user_error(run_gpt("plot", tmp_path), "no steps to plot")
+
+
+def test_zero3_kill_9_and_resume_is_exact_too(tmp_path, shards):
+    """ZeRO-3 partitions the weights themselves; resume must restore them and the optimizer exactly."""
+    zero3 = "zero_stage = 3"
+    whole = project_file(tmp_path, shards, "whole")
+    whole.write_text(whole.read_text().replace("zero_stage = 2", zero3))
+    assert train(whole).returncode == 0
+    project = project_file(tmp_path, shards, "killed")
+    project.write_text(project.read_text().replace("zero_stage = 2", zero3))
+    assert train(project, fault="kill@5").returncode in (-9, 137)
+    resumed = train(project)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
