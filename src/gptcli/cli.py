@@ -388,6 +388,52 @@ def show_eval_result(result) -> None:
     table.add_row("tokens/s", f"{result.tokens / result.seconds:,.0f}" if result.seconds else "—")
     out.print(table)
 
+# --- gpt train / gpt plot ----------------------------------------------------------------------------------
+
+
+@app.command("train")
+def train_command(
+    project: ProjectOpt = None,
+    overrides: SetOpt = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks on this machine (GPUs; CPU processes without CUDA).")] = 1,
+    hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile: train on several machines.")] = None,
+    resume: Annotated[str, typer.Option("--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start over.")] = "auto",
+    overfit_batch: Annotated[bool, typer.Option("--overfit-batch", help="Train on one batch over and over (sanity check: loss → ~0).")] = False,
+    consolidate: Annotated[bool, typer.Option("--consolidate", help="Only write RUN/model from the latest checkpoint, then exit.")] = False,
+) -> None:
+    """Pretrain with DeepSpeed ZeRO: checkpoints, exact resume, metrics, a consolidated model at the end.
+
+    Exit codes: 0 done; 1 a user error; 4 a non-finite loss or gradient norm stopped the run before the
+    optimizer step; 128 + N stopped by signal N after saving (143 SIGTERM, 130 SIGINT)."""
+    from .train.loop import TrainOptions, consolidate_only, train
+
+    if resume not in ("auto", "required", "never"):
+        raise typer.BadParameter('must be "auto", "required" or "never".', param_hint="--resume")
+    config = load(project, overrides)
+    if consolidate:
+        err.print(f"Wrote {consolidate_only(config)}")
+        return
+    if (nproc > 1 or hostfile is not None) and "RANK" not in os.environ:
+        from .train.engine import launch
+
+        argv = [*(["--project", str(project)] if project else []), *[f"--set={o}" for o in overrides or []],
+                "--resume", resume, *(["--overfit-batch"] if overfit_batch else [])]
+        raise typer.Exit(launch(argv, nproc, str(hostfile) if hostfile else None))
+    result = train(config, TrainOptions(resume=resume, overfit_batch=overfit_batch))
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+@app.command("plot")
+def plot_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (holds metrics.jsonl).")],
+    output: Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default RUN_DIR/loss.png).")] = None,
+) -> None:
+    """Draw the loss curve of a run, finished or in progress, into a PNG."""
+    from .train.metrics import plot_losses
+
+    err.print(f"Wrote {plot_losses(run_dir, output)}")
+
 
 # --- entry point ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,138 @@
+"""Deterministic, resumable batches over prepared shards.
+
+A split is cut into windows of seq_len + 1 tokens that start every seq_len tokens inside one shard, so a
+window never crosses a shard's end (shards hold unrelated text and the last tokens of one shard do not
+precede the first of the next). Window i of a shard covers tokens [i·T, i·T + T + 1): inputs are its
+first T tokens and targets its last T, so every token of a shard is predicted once per epoch.
+
+Each epoch visits every window once, in a seeded permutation (or in order). The global batch of a micro
+step is the next `micro_batch_size × world_size` windows of that order; rank r takes its own contiguous
+slice, so ranks never see the same window. The leftover windows at the end of an epoch (fewer than one
+global batch) are skipped. The whole position is `(epoch, position)`; the order of an epoch is a pure
+function of (seed, epoch), so saving those two numbers restores exactly the batches a run would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import GptError
+from .shards import PreparedData
+
+
+@dataclass
+class Cursor:
+    """Where a loader stands: the epoch, and how many windows of its order have been handed out."""
+
+    epoch: int = 0
+    position: int = 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Cursor":
+        return cls(epoch=int(values["epoch"]), position=int(values["position"]))
+
+
+def check_compatible(data: PreparedData, fingerprint: Optional[str], model_vocab_size: int) -> None:
+    """Refuse shards made by another tokenizer, or with ids the model's embedding cannot hold."""
+    if fingerprint is not None and data.fingerprint != fingerprint:
+        raise GptError(f"The shards in {data.directory} were made with tokenizer {data.fingerprint}, but this "
+                       f"project's tokenizer is {fingerprint}; prepare the data again with the same [data] tokenizer.")
+    if data.vocab_size > model_vocab_size:
+        raise GptError(f"The shards in {data.directory} use a vocabulary of {data.vocab_size:,} ids, more than "
+                       f"model.vocab_size = {model_vocab_size:,}.")
+
+
+class BatchLoader:
+    """(B, T+1) windows of one split for one data-parallel rank; `next_batch()` → (inputs, targets)."""
+
+    def __init__(self, data: PreparedData, split: str, micro_batch_size: int, seq_len: int, *, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        self.shards = data.splits.get(split, [])
+        self.split, self.batch, self.seq_len = split, micro_batch_size, seq_len
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        # Windows per shard: a window needs T + 1 tokens; starts are 0, T, 2T, ...
+        counts = np.array([max(s.num_tokens - 1, 0) // seq_len for s in self.shards], dtype=np.int64)
+        self.shard_starts = np.concatenate([[0], np.cumsum(counts)])  # window index where each shard begins
+        self.num_windows = int(self.shard_starts[-1])
+        self.global_batch = micro_batch_size * world_size
+        if self.num_windows < self.global_batch:
+            have = sum(s.num_tokens for s in self.shards)
+            raise GptError(f'The "{split}" split of {data.directory} has {have:,} tokens: fewer than one batch of '
+                           f"{self.global_batch} sequences × {seq_len + 1} tokens over {world_size} rank(s).")
+        self.cursor = Cursor()
+        self._order_epoch: Optional[int] = None
+        self._order: Optional[np.ndarray] = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_windows // self.global_batch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The window visiting order of `epoch`: a permutation seeded by (seed, epoch), or 0..N-1."""
+        if self._order_epoch != epoch:
+            if self.shuffle:
+                rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+                self._order = rng.permutation(self.num_windows)
+            else:
+                self._order = np.arange(self.num_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def window(self, index: int) -> np.ndarray:
+        """Global window `index` → its T+1 token ids."""
+        shard = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
+        start = (index - int(self.shard_starts[shard])) * self.seq_len
+        return self.shards[shard].tokens[start: start + self.seq_len + 1]
+
+    def next_windows(self) -> np.ndarray:
+        """This rank's next micro batch of window indices; advances the cursor by one global batch."""
+        if self.cursor.position + self.global_batch > self.num_windows:
+            self.cursor = Cursor(epoch=self.cursor.epoch + 1, position=0)
+        begin = self.cursor.position + self.rank * self.batch
+        chosen = self.order(self.cursor.epoch)[begin: begin + self.batch]
+        self.cursor = Cursor(self.cursor.epoch, self.cursor.position + self.global_batch)
+        return chosen
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs (B, T), targets (B, T)) as int64 CPU tensors."""
+        windows = np.stack([self.window(int(i)) for i in self.next_windows()]).astype(np.int64)  # (B, T+1)
+        tokens = torch.from_numpy(windows)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def state_dict(self) -> dict:
+        where = self.locate(self.cursor)
+        return {**self.cursor.to_dict(), **where, "seed": self.seed, "shuffle": self.shuffle,
+                "num_windows": self.num_windows, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved cursor; the data and batch layout must be the ones it was saved with."""
+        for key in ("num_windows", "global_batch", "seed", "shuffle"):
+            if key in state and state[key] != getattr(self, key):
+                raise GptError(f"Cannot resume the data order: {key} was {state[key]} in the checkpoint but is "
+                               f"{getattr(self, key)} now (the shards, batch size, seq_len or ranks changed).")
+        self.cursor = Cursor.from_dict(state)
+
+    def locate(self, cursor: Cursor) -> dict:
+        """The shard and token offset of the next window this rank reads (for people reading the cursor)."""
+        position = cursor.position + self.rank * self.batch
+        if position >= self.num_windows:
+            return {"shard": None, "offset": None}
+        index = int(self.order(cursor.epoch)[position])
+        shard = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
+        return {"shard": self.shards[shard].path.name, "offset": (index - int(self.shard_starts[shard])) * self.seq_len}
+
+    def sequential_batches(self, count: int):
+        """The first `count` micro batches of this rank's slice in file order (evaluation: always the same)."""
+        per_rank = self.num_windows // self.world_size
+        mine = np.arange(self.rank * per_rank, (self.rank + 1) * per_rank)
+        for b in range(min(count, len(mine) // self.batch)):
+            indices = mine[b * self.batch: (b + 1) * self.batch]
+            tokens = torch.from_numpy(np.stack([self.window(int(i)) for i in indices]).astype(np.int64))
+            yield tokens[:, :-1], tokens[:, 1:]

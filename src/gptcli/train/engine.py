@@ -1,0 +1,245 @@
+"""The DeepSpeed engine built from the project, on GPUs or on the CPU, and the multi-process launcher.
+
+On a machine without CUDA the same code runs on DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, gloo
+collectives), so a laptop and CI exercise the path a GPU cluster runs. A single process started without a
+launcher gets the torch.distributed variables of a one-rank world (otherwise DeepSpeed looks for MPI).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import Project
+from ..errors import GptError
+
+
+@dataclass
+class BatchLayout:
+    """How one optimizer step is made of sequences."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    seq_len: int
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.sequences_per_step * self.seq_len
+
+
+def device_type(project: Project) -> str:
+    wanted = project.train.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise GptError('train.device is "cuda" but no CUDA device is visible to PyTorch.')
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return wanted
+
+
+def prepare_environment(device: str) -> None:
+    """Environment DeepSpeed reads at import and init: the accelerator, and a one-rank world by default."""
+    if device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def resolve_precision(project: Project, device: str) -> str:
+    precision = project.train.precision
+    if precision == "auto":
+        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise GptError('train.precision "fp16" needs a GPU; use "fp32" (or "bf16") on the CPU.')
+    return precision
+
+
+def resolve_seq_len(project: Project) -> int:
+    seq_len = project.train.seq_len or project.model.block_size
+    if seq_len > project.model.block_size and project.model.position == "learned":
+        raise GptError(f"train.seq_len ({seq_len}) exceeds model.block_size ({project.model.block_size}).")
+    return seq_len
+
+
+def batch_layout(project: Project, world_size: int) -> BatchLayout:
+    """micro × accumulation × ranks; with train.global_batch_tokens the accumulation is derived from it."""
+    train, seq_len = project.train, resolve_seq_len(project)
+    accum = train.grad_accum_steps
+    if train.global_batch_tokens:
+        per_micro_step = train.micro_batch_size * seq_len * world_size
+        if train.global_batch_tokens % per_micro_step:
+            raise GptError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
+                           f"micro_batch_size × seq_len × ranks = {train.micro_batch_size} × {seq_len} × "
+                           f"{world_size} = {per_micro_step:,}.")
+        accum = train.global_batch_tokens // per_micro_step
+    return BatchLayout(train.micro_batch_size, accum, world_size, seq_len)
+
+
+def deepspeed_config(project: Project, layout: BatchLayout, precision: str) -> dict:
+    """The DeepSpeed config from [deepspeed] and [train]; [deepspeed] config is merged over it last."""
+    ds = project.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer and ds.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum_steps,
+        "train_batch_size": layout.sequences_per_step,
+        "gradient_clipping": project.train.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,  # our own logging; DeepSpeed's would interleave with it
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        # Dynamic loss scaling from 2^16 (DeepSpeed's default recipe): overflowing steps are skipped.
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
+    return merge(config, ds.config)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Nested dict merge: `override` wins, tables are merged key by key."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the 2-D weight matrices (attention, MLP, wte = the tied lm_head) only; biases,
+    LayerNorm gains and the position embedding wpe are not decayed (as GPT-2 reproductions do: decay
+    shrinks what multiplies activations, not offsets, scales or a position lookup)."""
+    decay, no_decay, seen = [], [], set()
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad or id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        (decay if parameter.dim() >= 2 and not name.startswith("wpe.") else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, project: Project, device: str):
+    """AdamW: DeepSpeed's fused Adam on a GPU, its CPU Adam when the optimizer state is offloaded, and
+    torch's single-tensor AdamW on the CPU (deterministic element by element, so fp32 resume is exact)."""
+    train = project.train
+    groups = parameter_groups(model, train.weight_decay)
+    kwargs = dict(lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
+    if project.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if device == "cuda":
+        try:
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kwargs)
+        except Exception as error:  # the op is built on first use and needs the CUDA toolkit
+            print(f"note: DeepSpeed's FusedAdam is unavailable ({type(error).__name__}); using torch's fused AdamW.",
+                  file=sys.stderr)
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, foreach=False, **kwargs)
+
+
+def initialize(project: Project, model: torch.nn.Module, layout: BatchLayout, precision: str, device: str):
+    """deepspeed.initialize over the model; returns the engine."""
+    import deepspeed
+
+    config = deepspeed_config(project, layout, precision)
+    optimizer = make_optimizer(model, project, device)
+    try:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    except (AssertionError, ValueError) as error:
+        raise GptError(f"DeepSpeed refused the configuration: {error}") from None
+    return engine
+
+
+# --- the launcher --------------------------------------------------------------------------------------------
+
+
+def launch(argv: list[str], nproc: int, hostfile: Optional[str]) -> int:
+    """Run `gpt train ARGV` on `nproc` ranks (or the hosts of `hostfile`); returns the exit code.
+
+    With CUDA (or a hostfile) this is DeepSpeed's launcher, `deepspeed --num_gpus N --no_local_rank
+    --module gptcli train ...` (ranks read LOCAL_RANK from the environment, so no --local_rank argument).
+    On a CPU-only machine N local ranks are started here instead (DeepSpeed's launcher would need
+    DS_ACCELERATOR=cpu and counts NUMA nodes as devices), torchrun-style: RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT per process, the CPU
+    cores split between them, SIGTERM/SIGINT forwarded to every rank, and the others stopped if one dies.
+    """
+    if hostfile or torch.cuda.is_available():
+        runner = shutil.which("deepspeed")
+        if runner is None:
+            raise GptError("The `deepspeed` launcher is not on PATH; install deepspeed in this environment.")
+        where = ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(nproc)]
+        return subprocess.call([runner, *where, "--no_local_rank", "--module", "gptcli", "train", *argv])
+    return launch_local_cpu(argv, nproc)
+
+
+def launch_local_cpu(argv: list[str], nproc: int) -> int:
+    port = str(free_port())
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    children = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu")
+        children.append(subprocess.Popen([sys.executable, "-m", "gptcli", "train", *argv], env=env))
+
+    def forward(signum, frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return wait_all(children)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def wait_all(children: list[subprocess.Popen]) -> int:
+    """Wait for every rank; when one fails the rest would block in a collective, so they are killed."""
+    import time
+
+    code = 0
+    while any(child.poll() is None for child in children):
+        failed = [c for c in children if c.returncode not in (None, 0)]
+        if failed:
+            code = code or exit_code_of(failed[0].returncode)
+            time.sleep(2.0)  # a failing rank's peers may be finishing the same error on their own
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+        time.sleep(0.1)
+    codes = [exit_code_of(child.returncode) for child in children]
+    return code or next((c for c in codes if c != 0), 0)
+
+
+def exit_code_of(returncode: int) -> int:
+    """A child killed by a signal reports -signum; a shell reports that as 128 + signum."""
+    return 128 - returncode if returncode < 0 else returncode

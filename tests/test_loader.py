@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+
+from gptcli.data.loader import BatchLoader, check_compatible
+from gptcli.data.shards import ShardWriter, open_prepared, write_manifest
+from gptcli.errors import GptError
+
+FINGERPRINT = "test:0123456789abcdef"
+
+
+def write_shards(directory, sizes, vocab_size=1000, fingerprint=FINGERPRINT):
+    """Shards whose token i of shard s is (s * 100_000 + i) % vocab... kept unique by a uint32 vocab."""
+    records = []
+    for number, size in enumerate(sizes):
+        with ShardWriter(directory / f"train_{number}.bin", vocab_size, fingerprint) as writer:
+            writer.write(np.arange(size, dtype=np.int64) + number * 100_000)
+            record = writer.close()
+        records.append({"file": record.file, "split": "train", "tokens": record.tokens, "sha256": record.sha256})
+    write_manifest(directory, {"shards": records, "tokenizer": {"name": "test", "fingerprint": fingerprint,
+                                                                "vocab_size": vocab_size, "eot_id": None}})
+    return open_prepared(directory)
+
+
+@pytest.fixture
+def data(tmp_path):
+    # ids are shard * 100_000 + position, so a window shows where it came from; vocab 2^20 needs uint32
+    return write_shards(tmp_path, [1000, 333, 517], vocab_size=2**20)
+
+
+def test_windows_never_cross_a_shard_end_and_targets_shift_by_one(data):
+    loader = BatchLoader(data, "train", 4, 16, seed=1)
+    seen = 0
+    for _ in range(loader.batches_per_epoch):
+        inputs, targets = loader.next_batch()
+        assert inputs.shape == targets.shape == (4, 16) and inputs.dtype == torch.int64
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])
+        shard = targets // 100_000
+        assert torch.all(shard == (inputs[:, :1] // 100_000))  # one shard per window
+        assert torch.all(targets - inputs == 1)  # consecutive positions: nothing skipped, nothing crossed
+        assert torch.all(inputs[:, 0] % 100_000 % 16 == 0)  # windows start every seq_len tokens
+        seen += 4
+    # windows per shard: (n - 1) // 16 → 62 + 20 + 32 = 114, of which whole batches of 4: 112
+    assert loader.num_windows == 114 and seen == 112
+
+
+def test_an_epoch_visits_every_window_once_in_a_seeded_order(data):
+    def starts(seed, shuffle=True):
+        loader = BatchLoader(data, "train", 2, 16, seed=seed, shuffle=shuffle)
+        return [tuple(loader.next_batch()[0][:, 0].tolist()) for _ in range(loader.batches_per_epoch)]
+
+    first = [s for batch in starts(7) for s in batch]
+    assert len(set(first)) == len(first) == 114
+    assert starts(7) == starts(7) and starts(7) != starts(8)
+    ordered = [s for batch in starts(7, shuffle=False) for s in batch]
+    assert ordered == sorted(ordered)
+
+
+def test_resume_from_a_saved_cursor_gives_identical_batches(data):
+    reference = BatchLoader(data, "train", 4, 16, seed=3)
+    expected = [reference.next_batch()[0] for _ in range(70)]  # crosses into the second epoch
+    first = BatchLoader(data, "train", 4, 16, seed=3)
+    for _ in range(40):
+        first.next_batch()
+    state = first.state_dict()
+    assert state["epoch"] == 1 and state["shard"].startswith("train_")
+    resumed = BatchLoader(data, "train", 4, 16, seed=3)
+    resumed.load_state_dict(state)
+    for step in range(40, 70):
+        assert torch.equal(resumed.next_batch()[0], expected[step])
+
+
+def test_ranks_see_disjoint_windows_that_together_make_the_global_batch(data):
+    single = BatchLoader(data, "train", 6, 16, seed=5)
+    ranks = [BatchLoader(data, "train", 3, 16, rank=r, world_size=2, seed=5) for r in range(2)]
+    for _ in range(single.batches_per_epoch):
+        together = torch.cat([loader.next_batch()[0] for loader in ranks])
+        starts = together[:, 0].tolist()
+        assert len(set(starts)) == len(starts)
+        assert torch.equal(together, single.next_batch()[0])
+
+
+def test_resume_with_a_different_layout_is_refused(data):
+    state = BatchLoader(data, "train", 4, 16, seed=3).state_dict()
+    other = BatchLoader(data, "train", 2, 16, seed=3)
+    with pytest.raises(GptError, match="global_batch"):
+        other.load_state_dict(state)
+
+
+def test_a_split_shorter_than_one_batch_is_refused(tmp_path):
+    data = write_shards(tmp_path, [100], vocab_size=2**20)
+    with pytest.raises(GptError, match="fewer than one batch"):
+        BatchLoader(data, "train", 8, 16)
+    with pytest.raises(GptError, match='"val" split'):
+        BatchLoader(data, "val", 1, 16)
+
+
+def test_shards_of_another_tokenizer_or_a_larger_vocab_are_refused(tmp_path):
+    data = write_shards(tmp_path, [100], vocab_size=50257)
+    with pytest.raises(GptError, match="tokenizer"):
+        check_compatible(data, "gpt2:ffffffffffffffff", 50257)
+    with pytest.raises(GptError, match="model.vocab_size"):
+        check_compatible(data, FINGERPRINT, 50000)
+    check_compatible(data, FINGERPRINT, 50304)
+
+
+def test_sequential_eval_batches_are_the_same_every_time_and_split_by_rank(data):
+    loader = BatchLoader(data, "train", 2, 16, seed=5)
+    a = [x for x, _ in loader.sequential_batches(3)]
+    b = [x for x, _ in loader.sequential_batches(3)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == 3
+    r0 = BatchLoader(data, "train", 2, 16, rank=0, world_size=2)
+    r1 = BatchLoader(data, "train", 2, 16, rank=1, world_size=2)
+    s0 = {t for x, _ in r0.sequential_batches(100) for t in x[:, 0].tolist()}
+    s1 = {t for x, _ in r1.sequential_batches(100) for t in x[:, 0].tolist()}
+    assert s0 and s1 and not s0 & s1
