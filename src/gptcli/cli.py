@@ -136,6 +136,111 @@ def show_parameter_report(report) -> None:
     out.print(memory)
 
 
+# --- gpt prepare ----------------------------------------------------------------------------------------------
+
+
+@app.command("prepare")
+def prepare_command(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        help="Text files, directories, globs, .jsonl (.gz too), a saved `datasets` dir, or hf:NAME[/CONFIG].",
+        show_default=False)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output dir (default: [data] dir).")] = None,
+    project: ProjectOpt = None,
+    overrides: SetOpt = None,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        min=0.0, max=0.999999, help="Fraction of documents held out for val (default: [data] val_fraction).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        min=0, help="Tokenizer processes; 0 = one per core (default: [data] workers).")] = None,
+    text_column: Annotated[Optional[str], typer.Option(
+        help="Field with the text in .jsonl records and datasets (default: [data] text_column).")] = None,
+    separator: Annotated[Optional[str], typer.Option(
+        help="Documents inside a text file: none (one per file), blank-line or line (default: [data] separator).")
+    ] = None,
+    shard_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="Tokens per shard file (default: [data] shard_tokens).")] = None,
+    vocab_dir: Annotated[Optional[str], typer.Option(
+        help="Local vocabulary: dir with encoder.json+vocab.bpe or vocab.json+merges.txt, or a .tiktoken file.")
+    ] = None,
+    replace_invalid_utf8: Annotated[bool, typer.Option(
+        "--replace-invalid-utf8", help="Read invalid UTF-8 bytes as U+FFFD and count them (default: refuse).")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing prepared dir.")] = False,
+    verify: Annotated[Optional[Path], typer.Option(
+        "--verify", help="Check a prepared dir (headers, sizes, checksums, token ids) instead of preparing.",
+        show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Tokenize a corpus into verified token shards: parallel, constant memory, never half-written."""
+    from .data import prepare as preparing
+
+    if verify is not None:
+        if inputs:
+            raise typer.BadParameter("give either INPUT... or --verify DIR, not both.")
+        report = preparing.verify_prepared(verify)
+        return emit_json(report) if as_json else show_verify_report(report)
+    settings = {"val_fraction": val_fraction, "workers": workers, "text_column": text_column,
+                "separator": separator, "shard_tokens": shard_tokens, "vocab_dir": vocab_dir}
+    extra = [f"data.{key}={json.dumps(value)}" for key, value in settings.items() if value is not None]
+    config = load(project, (overrides or []) + extra)
+    options = preparing.PrepareOptions(
+        inputs=list(inputs or []), out=out_dir or Path(config.data.dir), tokenizer=config.data.tokenizer,
+        vocab_dir=config.data.vocab_dir, separator=config.data.separator, text_column=config.data.text_column,
+        val_fraction=config.data.val_fraction, seed=config.project.seed, shard_tokens=config.data.shard_tokens,
+        workers=config.data.workers, force=force, replace_invalid_utf8=replace_invalid_utf8)
+    with prepare_progress() as on_progress:
+        summary = preparing.prepare(options, on_progress)
+    for warning in summary.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    if as_json:
+        return emit_json(summary.to_json())
+    show_prepare_summary(summary)
+
+
+class prepare_progress:
+    """A progress bar on stderr (bytes, documents, tokens/s, ETA); a callback for the work to call."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.started = None
+        self.bar = Progress(TextColumn("tokenizing"), BarColumn(), DownloadColumn(),
+                            TextColumn("{task.fields[documents]:,} docs · {task.fields[rate]} tokens/s"),
+                            TimeRemainingColumn(), console=err, transient=True)
+        self.task = self.bar.add_task("prepare", total=None, documents=0, rate="—")
+        self.bar.start()
+        return self.update
+
+    def update(self, progress) -> None:
+        import time
+
+        now = time.perf_counter()
+        self.started = self.started or now
+        rate = progress.tokens / (now - self.started) if now > self.started else 0.0
+        self.bar.update(self.task, completed=progress.disk_bytes, total=progress.total_bytes or None,
+                        documents=progress.documents, rate=f"{rate:,.0f}")
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+
+def show_prepare_summary(summary) -> None:
+    table = Table(title=f"prepared {summary.out}")
+    for column in ("", "train", "val", "total"):
+        table.add_column(column, justify="right")
+    for name, values in (("documents", summary.documents), ("tokens", summary.tokens), ("shards", summary.shards)):
+        table.add_row(name, f"{values['train']:,}", f"{values['val']:,}", f"{sum(values.values()):,}")
+    out.print(table)
+    out.print(f"{summary.bytes:,} bytes of text, {summary.tokens_per_byte:.3f} tokens per byte, "
+              f"{summary.seconds:.1f} s with {summary.workers} worker(s) "
+              f"({sum(summary.tokens.values()) / max(summary.seconds, 1e-9):,.0f} tokens/s)")
+
+
+def show_verify_report(report) -> None:
+    tokens = report["tokens"]
+    out.print(f"[green]✓[/green] {report['dir']}: {report['shards']} shards verified (headers, sizes, sha256, "
+              f"token ids); {tokens['train']:,} train + {tokens['val']:,} val tokens, tokenizer {report['tokenizer']}")
+
+
 # --- entry point ----------------------------------------------------------------------------------------------
 
 
