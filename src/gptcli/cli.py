@@ -207,12 +207,13 @@ class prepare_progress:
                             TextColumn("{task.fields[documents]:,} docs · {task.fields[rate]} tokens/s"),
                             TimeRemainingColumn(), console=err, transient=True)
         self.task = self.bar.add_task("prepare", total=None, documents=0, rate="—")
-        self.bar.start()
         return self.update
 
     def update(self, progress) -> None:
         import time
 
+        if self.started is None:  # the bar's thread starts only once the work's worker processes exist
+            self.bar.start()
         now = time.perf_counter()
         self.started = self.started or now
         rate = progress.tokens / (now - self.started) if now > self.started else 0.0
@@ -220,7 +221,8 @@ class prepare_progress:
                         documents=progress.documents, rate=f"{rate:,.0f}")
 
     def __exit__(self, *exc):
-        self.bar.stop()
+        if self.started is not None:
+            self.bar.stop()
 
 
 def show_prepare_summary(summary) -> None:

@@ -267,6 +267,9 @@ def dataset_tasks(source: Source, text_column: str, chunk_chars: int, state: Rea
                        "pass --text-column.")
     texts, size = [], 0
     for batch in dataset.iter(batch_size=1024):
+        if text_column not in batch:  # a streamed dataset may not know its columns before the first rows
+            raise GptError(f"{source.label} has no column {text_column!r} (columns: {', '.join(batch)}); "
+                           "pass --text-column.")
         for value in batch[text_column]:
             if value is None:
                 continue
