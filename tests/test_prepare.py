@@ -4,10 +4,8 @@ kind works, bad input is one sentence and leaves nothing behind, interruption ne
 from __future__ import annotations
 
 import gzip
-import hashlib
 import itertools
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -23,7 +23,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 from urllib.parse import urlparse
 
 from ..errors import GptError
@@ -345,4 +345,3 @@ def source_tasks(source: Source, separator: str, text_column: str, chunk_chars: 
     return dataset_tasks(source, text_column, chunk_chars, state)
 
 
-ProgressFn = Callable[[int, int, int], None]
