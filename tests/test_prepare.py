@@ -342,3 +342,13 @@ def test_interrupted_prepare_never_looks_complete(tmp_path, big_corpus, how):
         result = run_gpt("prepare", small, "--out", out, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert not list(tmp_path.glob(".out.*"))
+
+
+def test_help_and_bracketed_messages_render():
+    """Rich markup must not eat "[data]" in help or crash on "[/...]" in an error message."""
+    result = run_gpt("prepare", "--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "hf:NAME[/CONFIG]" in result.stdout and "[data] shard_tokens" in result.stdout
+    missing = run_gpt("prepare", "notes[/x].txt")
+    assert_user_error(missing, "notes[/x].txt matches no files")
+    assert_user_error(run_gpt("prepare"), "No input given")

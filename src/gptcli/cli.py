@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import GptError
@@ -142,22 +143,22 @@ def show_parameter_report(report) -> None:
 @app.command("prepare")
 def prepare_command(
     inputs: Annotated[Optional[list[str]], typer.Argument(
-        help="Text files, directories, globs, .jsonl (.gz too), a saved `datasets` dir, or hf:NAME[/CONFIG].",
+        help="Text files, directories, globs, .jsonl (.gz too), a saved `datasets` dir, or hf:NAME\\[/CONFIG].",
         show_default=False)] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output dir (default: [data] dir).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output dir (default: \\[data] dir).")] = None,
     project: ProjectOpt = None,
     overrides: SetOpt = None,
     val_fraction: Annotated[Optional[float], typer.Option(
-        min=0.0, max=0.999999, help="Fraction of documents held out for val (default: [data] val_fraction).")] = None,
+        min=0.0, max=0.999999, help="Fraction of documents held out for val (default: \\[data] val_fraction).")] = None,
     workers: Annotated[Optional[int], typer.Option(
-        min=0, help="Tokenizer processes; 0 = one per core (default: [data] workers).")] = None,
+        min=0, help="Tokenizer processes; 0 = one per core (default: \\[data] workers).")] = None,
     text_column: Annotated[Optional[str], typer.Option(
-        help="Field with the text in .jsonl records and datasets (default: [data] text_column).")] = None,
+        help="Field with the text in .jsonl records and datasets (default: \\[data] text_column).")] = None,
     separator: Annotated[Optional[str], typer.Option(
-        help="Documents inside a text file: none (one per file), blank-line or line (default: [data] separator).")
+        help="Documents inside a text file: none (one per file), blank-line or line (default: \\[data] separator).")
     ] = None,
     shard_tokens: Annotated[Optional[int], typer.Option(
-        min=1, help="Tokens per shard file (default: [data] shard_tokens).")] = None,
+        min=1, help="Tokens per shard file (default: \\[data] shard_tokens).")] = None,
     vocab_dir: Annotated[Optional[str], typer.Option(
         help="Local vocabulary: dir with encoder.json+vocab.bpe or vocab.json+merges.txt, or a .tiktoken file.")
     ] = None,
@@ -251,7 +252,7 @@ def main() -> None:
     try:
         app()
     except GptError as error:
-        err.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)
@@ -259,7 +260,7 @@ def main() -> None:
     except Exception as error:  # a bug: say so in one line; the traceback on request
         if os.environ.get("GPTCLI_DEBUG"):
             raise
-        err.print(f"[bold red]internal error:[/bold red] {type(error).__name__}: {error} "
+        err.print(f"[bold red]internal error:[/bold red] {type(error).__name__}: {escape(str(error))} "
                   "(set GPTCLI_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
 
