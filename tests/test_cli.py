@@ -8,7 +8,7 @@ from conftest import assert_user_error, run_gpt
 from gptcli.cli import app
 from gptcli.config import Project, load_project
 
-COMMANDS = ["init", "inspect-params", "load-hf", "export-hf", "generate", "eval", "train", "plot"]
+COMMANDS = ["init", "inspect-params", "load-hf", "export-hf", "generate", "eval", "train", "plot", "prepare"]
 
 
 def test_registered_commands_are_pinned():

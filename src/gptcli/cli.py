@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import GptError
@@ -136,49 +137,159 @@ def show_parameter_report(report) -> None:
     out.print(memory)
 
 
-# --- gpt load-hf / gpt export-hf --------------------------------------------------------------------------
+# --- gpt prepare ----------------------------------------------------------------------------------------------
 
 
-@app.command("load-hf")
-def load_hf_command(
-    source: Annotated[str, typer.Argument(help="A Hugging Face model dir, a weights file with config.json beside it, or a hub id such as gpt2-medium.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model dir to write.")],
-    verify: Annotated[bool, typer.Option("--verify", help="Also compare logits with transformers on real text; fail above 1e-4.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing model dir at --out.")] = False,
+@app.command("prepare")
+def prepare_command(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        help="Text files, directories, globs, .jsonl (.gz too), a saved `datasets` dir, or hf:NAME\\[/CONFIG].",
+        show_default=False)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output dir (default: \\[data] dir).")] = None,
+    project: ProjectOpt = None,
+    overrides: SetOpt = None,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        min=0.0, max=0.999999, help="Fraction of documents held out for val (default: \\[data] val_fraction).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        min=0, help="Tokenizer processes; 0 = one per core (default: \\[data] workers).")] = None,
+    text_column: Annotated[Optional[str], typer.Option(
+        help="Field with the text in .jsonl records and datasets (default: \\[data] text_column).")] = None,
+    separator: Annotated[Optional[str], typer.Option(
+        help="Documents inside a text file: none (one per file), blank-line or line (default: \\[data] separator).")
+    ] = None,
+    shard_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="Tokens per shard file (default: \\[data] shard_tokens).")] = None,
+    vocab_dir: Annotated[Optional[str], typer.Option(
+        help="Local vocabulary: dir with encoder.json+vocab.bpe or vocab.json+merges.txt, or a .tiktoken file.")
+    ] = None,
+    replace_invalid_utf8: Annotated[bool, typer.Option(
+        "--replace-invalid-utf8", help="Read invalid UTF-8 bytes as U+FFFD and count them (default: refuse).")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing prepared dir.")] = False,
+    verify: Annotated[Optional[Path], typer.Option(
+        "--verify", help="Check a prepared dir (headers, sizes, checksums, token ids) instead of preparing.",
+        show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Convert GPT-2 (any size, distilgpt2) or GPT-1 weights from Hugging Face into a gptcli model dir."""
-    from .hf import load_hf
+    """Tokenize a corpus into verified token shards: parallel, constant memory, never half-written."""
+    from .data import prepare as preparing
 
-    report = load_hf(source, out_dir, verify=verify, force=force)
+    if verify is not None:
+        if inputs:
+            raise typer.BadParameter("give either INPUT... or --verify DIR, not both.")
+        report = preparing.verify_prepared(verify)
+        return emit_json(report) if as_json else show_verify_report(report)
+    settings = {"val_fraction": val_fraction, "workers": workers, "text_column": text_column,
+                "separator": separator, "shard_tokens": shard_tokens, "vocab_dir": vocab_dir}
+    extra = [f"data.{key}={json.dumps(value)}" for key, value in settings.items() if value is not None]
+    config = load(project, (overrides or []) + extra)
+    options = preparing.PrepareOptions(
+        inputs=list(inputs or []), out=out_dir or Path(config.data.dir), tokenizer=config.data.tokenizer,
+        vocab_dir=config.data.vocab_dir, separator=config.data.separator, text_column=config.data.text_column,
+        val_fraction=config.data.val_fraction, seed=config.project.seed, shard_tokens=config.data.shard_tokens,
+        workers=config.data.workers, force=force, replace_invalid_utf8=replace_invalid_utf8)
+    with prepare_progress() as on_progress:
+        summary = preparing.prepare(options, on_progress)
+    for warning in summary.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     if as_json:
-        return emit_json(report.to_json())
-    reference = ""
-    if report.reference is not None:
-        mark = "[green]✓[/green]" if report.matches else "[red]✗[/red]"
-        reference = f" (reference {report.reference:,} for {report.preset} {mark})"
-    out.print(f"{report.family} from {report.source}: {report.parameters:,} parameters{reference}, {report.dtype}")
-    out.print(f"tokenizer: {report.tokenizer_note}", highlight=False)
-    if report.max_abs_diff is not None:
-        out.print(f"verify: max |logit difference| vs transformers = {report.max_abs_diff:.3g} "
-                  f"(tolerance {report.to_json()['tolerance']:g}) [green]✓[/green]")
-    out.print(f"Wrote {report.out}")
+        return emit_json(summary.to_json())
+    show_prepare_summary(summary)
 
 
-@app.command("export-hf")
-def export_hf_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A gptcli model dir, or a run dir (its consolidated model).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Hugging Face dir to write.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing dir at --out.")] = False,
-    as_json: JsonOpt = False,
+class prepare_progress:
+    """A progress bar on stderr (bytes, documents, tokens/s, ETA); a callback for the work to call."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.started = None
+        self.bar = Progress(TextColumn("tokenizing"), BarColumn(), DownloadColumn(),
+                            TextColumn("{task.fields[documents]:,} docs · {task.fields[rate]} tokens/s"),
+                            TimeRemainingColumn(), console=err, transient=True)
+        self.task = self.bar.add_task("prepare", total=None, documents=0, rate="—")
+        return self.update
+
+    def update(self, progress) -> None:
+        import time
+
+        if self.started is None:  # the bar's thread starts only once the work's worker processes exist
+            self.bar.start()
+        now = time.perf_counter()
+        self.started = self.started or now
+        rate = progress.tokens / (now - self.started) if now > self.started else 0.0
+        self.bar.update(self.task, completed=progress.disk_bytes, total=progress.total_bytes or None,
+                        documents=progress.documents, rate=f"{rate:,.0f}")
+
+    def __exit__(self, *exc):
+        if self.started is not None:
+            self.bar.stop()
+
+
+def show_prepare_summary(summary) -> None:
+    table = Table(title=f"prepared {summary.out}")
+    for column in ("", "train", "val", "total"):
+        table.add_column(column, justify="right")
+    for name, values in (("documents", summary.documents), ("tokens", summary.tokens), ("shards", summary.shards)):
+        table.add_row(name, f"{values['train']:,}", f"{values['val']:,}", f"{sum(values.values()):,}")
+    out.print(table)
+    out.print(f"{summary.bytes:,} bytes of text, {summary.tokens_per_byte:.3f} tokens per byte, "
+              f"{summary.seconds:.1f} s with {summary.workers} worker(s) "
+              f"({sum(summary.tokens.values()) / max(summary.seconds, 1e-9):,.0f} tokens/s)")
+
+
+def show_verify_report(report) -> None:
+    tokens = report["tokens"]
+    out.print(f"[green]✓[/green] {report['dir']}: {report['shards']} shards verified (headers, sizes, sha256, "
+              f"token ids); {tokens['train']:,} train + {tokens['val']:,} val tokens, tokenizer {report['tokenizer']}")
+
+
+# --- gpt train / gpt plot ----------------------------------------------------------------------------------
+
+
+@app.command("train")
+def train_command(
+    project: ProjectOpt = None,
+    overrides: SetOpt = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks on this machine (GPUs; CPU processes without CUDA).")] = 1,
+    hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile: train on several machines.")] = None,
+    resume: Annotated[str, typer.Option("--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start over.")] = "auto",
+    overfit_batch: Annotated[bool, typer.Option("--overfit-batch", help="Train on one batch over and over (sanity check: loss → ~0).")] = False,
+    consolidate: Annotated[bool, typer.Option("--consolidate", help="Only write RUN/model from the latest checkpoint, then exit.")] = False,
 ) -> None:
-    """Write a model as a Hugging Face dir (config.json, model.safetensors, tokenizer files) for from_pretrained."""
-    from .hf import export_hf
+    """Pretrain with DeepSpeed ZeRO: checkpoints, exact resume, metrics, a consolidated model at the end.
 
-    report = export_hf(checkpoint, out_dir, force=force)
-    if as_json:
-        return emit_json(report.to_json())
-    out.print(f"Wrote {report.out} ({report.family}, {report.tensors} tensors): {', '.join(report.files)}")
+    Exit codes: 0 done; 1 a user error; 4 a non-finite loss or gradient norm stopped the run before the
+    optimizer step; 128 + N stopped by signal N after saving (143 SIGTERM, 130 SIGINT)."""
+    from .train.loop import TrainOptions, consolidate_only, train
+
+    if resume not in ("auto", "required", "never"):
+        raise typer.BadParameter('must be "auto", "required" or "never".', param_hint="--resume")
+    config = load(project, overrides)
+    if consolidate:
+        err.print(f"Wrote {consolidate_only(config)}")
+        return
+    if (nproc > 1 or hostfile is not None) and "RANK" not in os.environ:
+        from .train.engine import launch
+
+        argv = [*(["--project", str(project)] if project else []), *[f"--set={o}" for o in overrides or []],
+                "--resume", resume, *(["--overfit-batch"] if overfit_batch else [])]
+        raise typer.Exit(launch(argv, nproc, str(hostfile) if hostfile else None))
+    result = train(config, TrainOptions(resume=resume, overfit_batch=overfit_batch))
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+@app.command("plot")
+def plot_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (holds metrics.jsonl).")],
+    output: Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default RUN_DIR/loss.png).")] = None,
+) -> None:
+    """Draw the loss curve of a run, finished or in progress, into a PNG."""
+    from .train.metrics import plot_losses
+
+    err.print(f"Wrote {plot_losses(run_dir, output)}")
+
 
 # --- gpt generate / gpt eval -------------------------------------------------------------------------------
 
@@ -388,51 +499,50 @@ def show_eval_result(result) -> None:
     table.add_row("tokens/s", f"{result.tokens / result.seconds:,.0f}" if result.seconds else "—")
     out.print(table)
 
-# --- gpt train / gpt plot ----------------------------------------------------------------------------------
+
+# --- gpt load-hf / gpt export-hf --------------------------------------------------------------------------
 
 
-@app.command("train")
-def train_command(
-    project: ProjectOpt = None,
-    overrides: SetOpt = None,
-    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks on this machine (GPUs; CPU processes without CUDA).")] = 1,
-    hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile: train on several machines.")] = None,
-    resume: Annotated[str, typer.Option("--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start over.")] = "auto",
-    overfit_batch: Annotated[bool, typer.Option("--overfit-batch", help="Train on one batch over and over (sanity check: loss → ~0).")] = False,
-    consolidate: Annotated[bool, typer.Option("--consolidate", help="Only write RUN/model from the latest checkpoint, then exit.")] = False,
+@app.command("load-hf")
+def load_hf_command(
+    source: Annotated[str, typer.Argument(help="A Hugging Face model dir, a weights file with config.json beside it, or a hub id such as gpt2-medium.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model dir to write.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Also compare logits with transformers on real text; fail above 1e-4.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing model dir at --out.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Pretrain with DeepSpeed ZeRO: checkpoints, exact resume, metrics, a consolidated model at the end.
+    """Convert GPT-2 (any size, distilgpt2) or GPT-1 weights from Hugging Face into a gptcli model dir."""
+    from .hf import load_hf
 
-    Exit codes: 0 done; 1 a user error; 4 a non-finite loss or gradient norm stopped the run before the
-    optimizer step; 128 + N stopped by signal N after saving (143 SIGTERM, 130 SIGINT)."""
-    from .train.loop import TrainOptions, consolidate_only, train
-
-    if resume not in ("auto", "required", "never"):
-        raise typer.BadParameter('must be "auto", "required" or "never".', param_hint="--resume")
-    config = load(project, overrides)
-    if consolidate:
-        err.print(f"Wrote {consolidate_only(config)}")
-        return
-    if (nproc > 1 or hostfile is not None) and "RANK" not in os.environ:
-        from .train.engine import launch
-
-        argv = [*(["--project", str(project)] if project else []), *[f"--set={o}" for o in overrides or []],
-                "--resume", resume, *(["--overfit-batch"] if overfit_batch else [])]
-        raise typer.Exit(launch(argv, nproc, str(hostfile) if hostfile else None))
-    result = train(config, TrainOptions(resume=resume, overfit_batch=overfit_batch))
-    if result.exit_code:
-        raise typer.Exit(result.exit_code)
+    report = load_hf(source, out_dir, verify=verify, force=force)
+    if as_json:
+        return emit_json(report.to_json())
+    reference = ""
+    if report.reference is not None:
+        mark = "[green]✓[/green]" if report.matches else "[red]✗[/red]"
+        reference = f" (reference {report.reference:,} for {report.preset} {mark})"
+    out.print(f"{report.family} from {report.source}: {report.parameters:,} parameters{reference}, {report.dtype}")
+    out.print(f"tokenizer: {report.tokenizer_note}", highlight=False)
+    if report.max_abs_diff is not None:
+        out.print(f"verify: max |logit difference| vs transformers = {report.max_abs_diff:.3g} "
+                  f"(tolerance {report.to_json()['tolerance']:g}) [green]✓[/green]")
+    out.print(f"Wrote {report.out}")
 
 
-@app.command("plot")
-def plot_command(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory (holds metrics.jsonl).")],
-    output: Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default RUN_DIR/loss.png).")] = None,
+@app.command("export-hf")
+def export_hf_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A gptcli model dir, or a run dir (its consolidated model).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Hugging Face dir to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing dir at --out.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Draw the loss curve of a run, finished or in progress, into a PNG."""
-    from .train.metrics import plot_losses
+    """Write a model as a Hugging Face dir (config.json, model.safetensors, tokenizer files) for from_pretrained."""
+    from .hf import export_hf
 
-    err.print(f"Wrote {plot_losses(run_dir, output)}")
+    report = export_hf(checkpoint, out_dir, force=force)
+    if as_json:
+        return emit_json(report.to_json())
+    out.print(f"Wrote {report.out} ({report.family}, {report.tensors} tensors): {', '.join(report.files)}")
 
 
 # --- entry point ----------------------------------------------------------------------------------------------
@@ -443,7 +553,7 @@ def main() -> None:
     try:
         app()
     except GptError as error:
-        err.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)
@@ -451,7 +561,7 @@ def main() -> None:
     except Exception as error:  # a bug: say so in one line; the traceback on request
         if os.environ.get("GPTCLI_DEBUG"):
             raise
-        err.print(f"[bold red]internal error:[/bold red] {type(error).__name__}: {error} "
+        err.print(f"[bold red]internal error:[/bold red] {type(error).__name__}: {escape(str(error))} "
                   "(set GPTCLI_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
 

@@ -1,0 +1,354 @@
+"""`gpt prepare`: the tokens written equal tiktoken's, the output does not depend on workers, every input
+kind works, bad input is one sentence and leaves nothing behind, interruption never looks complete."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import assert_user_error, gpt_env, run_gpt
+from gptcli.data.prepare import PrepareOptions, prepare, validation_mask
+from gptcli.data.shards import HEADER_BYTES, open_prepared
+from gptcli.errors import GptError
+
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def encoding():
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+def paragraphs(text: str) -> list[str]:
+    """blank-line documents, by their documented definition: runs of non-blank lines joined by \\n."""
+    groups = itertools.groupby(text.split("\n"), key=lambda line: bool(line.strip()))
+    return ["\n".join(lines) for nonblank, lines in groups if nonblank]
+
+
+def split_streams(documents, encoding, seed, val_fraction):
+    """What the shards must hold: each document's ids and one EOT, sent to train or val by the seeded hash."""
+    to_val = validation_mask(np.arange(len(documents)), seed, val_fraction)
+    streams = {"train": [], "val": []}
+    for document, val in zip(documents, to_val):
+        streams["val" if val else "train"].extend(encoding.encode_ordinary(document) + [EOT])
+    return streams
+
+
+def written(directory) -> dict[str, list[int]]:
+    data = open_prepared(directory, verify=True)
+    return {split: np.concatenate([s.tokens for s in data.splits.get(split, [])] or [np.zeros(0)]).tolist()
+            for split in ("train", "val")}
+
+
+def shard_bytes(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.bin"))}
+
+
+def assert_nothing_written(tmp_path, out_name="out"):
+    assert not (tmp_path / out_name).exists()
+    assert not list(tmp_path.glob(f".{out_name}.*"))
+
+
+# --- the tokens are right ---------------------------------------------------------------------------------
+
+
+def test_every_shakespeare_document_matches_tiktoken(tmp_path, shakespeare, encoding):
+    result = run_gpt("prepare", shakespeare, "--out", tmp_path / "out", "--separator", "blank-line",
+                     "--val-fraction", "0.1", "--shard-tokens", "60000", "--workers", "2", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    documents = paragraphs(shakespeare.read_text())
+    expected = split_streams(documents, encoding, seed=1337, val_fraction=0.1)
+    assert written(tmp_path / "out") == expected
+    assert summary["documents"] == len(documents) == 7222
+    assert summary["tokens"] == {split: len(ids) for split, ids in expected.items()}
+    assert summary["bytes"] == shakespeare.stat().st_size
+    assert summary["shards"]["train"] == -(-len(expected["train"]) // 60000)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["eot_id"] == EOT and manifest["documents"] == 7222
+    assert 0.05 < summary["documents_by_split"]["val"] / 7222 < 0.15
+
+
+@pytest.mark.parametrize("separator", ["none", "line"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_documents_cut_into_small_tasks_still_match(tmp_path, shakespeare, encoding, separator, workers):
+    """One whole-file document read in 4 KB pieces tokenizes exactly as the whole text does."""
+    text = shakespeare.read_text()[:300_000]
+    source = tmp_path / "play.txt"
+    source.write_text(text)
+    prepare(PrepareOptions(inputs=[str(source)], out=tmp_path / "out", separator=separator, val_fraction=0.0,
+                           workers=workers, chunk_chars=4096))
+    if separator == "none":
+        expected = encoding.encode_ordinary(text) + [EOT]
+    else:
+        expected = [i for line in text.split("\n") if line.strip() for i in encoding.encode_ordinary(line) + [EOT]]
+    assert written(tmp_path / "out")["train"] == expected
+
+
+def test_worker_count_does_not_change_the_bytes(tmp_path, shakespeare):
+    corpus = tmp_path / "corpus"
+    (corpus / "nested").mkdir(parents=True)
+    text = shakespeare.read_text()
+    (corpus / "a.txt").write_text(text[:200_000])
+    (corpus / "nested" / "b.md").write_text(text[200_000:400_000])
+    with gzip.open(corpus / "nested" / "c.txt.gz", "wt") as handle:
+        handle.write(text[400_000:600_000])
+    with open(corpus / "d.jsonl", "w") as handle:
+        for paragraph in paragraphs(text[600_000:])[:2000]:
+            handle.write(json.dumps({"text": paragraph, "id": 1}) + "\n")
+    (corpus / "ignored.bin").write_bytes(b"\xff\x00" * 100)
+    outputs = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        result = run_gpt("prepare", corpus, "--out", out, "--workers", workers, "--shard-tokens", "40000",
+                         "--val-fraction", "0.05", "--json", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        outputs[workers] = shard_bytes(out)
+        assert json.loads(result.stdout)["documents"] == 3 + 2000
+    assert len(outputs["1"]) > 3
+    assert outputs["1"] == outputs["2"]
+
+
+# --- every kind of input -------------------------------------------------------------------------------------
+
+
+def test_glob_gz_and_jsonl_gz(tmp_path, encoding):
+    (tmp_path / "x1.txt").write_text("first document")
+    (tmp_path / "x2.txt").write_text("second document")
+    with gzip.open(tmp_path / "y.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"body": "third"}) + "\n\n" + json.dumps({"body": "fourth"}) + "\n")
+    result = run_gpt("prepare", str(tmp_path / "x*.txt"), tmp_path / "y.jsonl.gz", "--text-column", "body",
+                     "--out", tmp_path / "out", "--val-fraction", "0", "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    documents = ["first document", "second document", "third", "fourth"]
+    assert written(tmp_path / "out")["train"] == [i for d in documents for i in encoding.encode_ordinary(d) + [EOT]]
+
+
+def test_saved_dataset_dir(tmp_path, encoding):
+    datasets = pytest.importorskip("datasets")
+    rows = ["row one", "", "row three has more words", None]
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"content": rows, "n": [1, 2, 3, 4]}),
+        "test": datasets.Dataset.from_dict({"content": ["held out"], "n": [0]}),
+    }).save_to_disk(str(tmp_path / "saved"))
+    result = run_gpt("prepare", tmp_path / "saved", "--text-column", "content", "--out", tmp_path / "out",
+                     "--val-fraction", "0", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = [i for d in ("row one", "row three has more words") for i in encoding.encode_ordinary(d) + [EOT]]
+    assert written(tmp_path / "out")["train"] == expected
+    assert json.loads(result.stdout)["documents"] == 2
+    missing = run_gpt("prepare", tmp_path / "saved", "--out", tmp_path / "out2", cwd=tmp_path)
+    assert_user_error(missing, "no column 'text'", "content", "--text-column")
+
+
+def test_hub_dataset_offline_is_one_clear_sentence(tmp_path):
+    started = time.monotonic()
+    # A closed local port stands in for "no network", so this holds on a machine that has one too.
+    result = run_gpt("prepare", "hf:wikitext/wikitext-103-raw-v1", "--out", tmp_path / "out", cwd=tmp_path,
+                     env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert_user_error(result, "hf:wikitext/wikitext-103-raw-v1 needs the Hugging Face Hub", "save_to_disk")
+    assert time.monotonic() - started < 60
+    assert_nothing_written(tmp_path)
+
+
+def test_project_file_and_default_out(tmp_path):
+    (tmp_path / "run.toml").write_text('[data]\ndir = "prepared"\nseparator = "line"\nval_fraction = 0.0\n')
+    (tmp_path / "lines.txt").write_text("one\ntwo\n\nthree\n")
+    result = run_gpt("prepare", "lines.txt", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["documents"] == 3
+    assert (tmp_path / "prepared" / "manifest.json").is_file()
+
+
+def test_invalid_utf8_replaced_on_request(tmp_path, encoding):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 ok \xff\xfe end \xef\xbf\xbd")  # 3 bad bytes + a real U+FFFD
+    result = run_gpt("prepare", tmp_path / "bad.txt", "--out", tmp_path / "out", "--replace-invalid-utf8",
+                     "--val-fraction", "0", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["replaced_bytes"] == 3
+    assert "3 invalid UTF-8 bytes" in result.stderr
+    text = "caf\ufffd ok \ufffd\ufffd end \ufffd"
+    assert written(tmp_path / "out")["train"] == encoding.encode_ordinary(text) + [EOT]
+
+
+# --- bad input: one sentence, non-zero exit, nothing half-written ------------------------------------------
+
+
+def bad(tmp_path, *args):
+    return run_gpt("prepare", *args, "--out", tmp_path / "out", cwd=tmp_path)
+
+
+def test_missing_path(tmp_path):
+    assert_user_error(bad(tmp_path, tmp_path / "nope.txt"), "nope.txt does not exist")
+    assert_user_error(bad(tmp_path, str(tmp_path / "nope*.txt")), "matches no files")
+    assert_nothing_written(tmp_path)
+
+
+def test_directory_without_text(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "image.png").write_bytes(b"\x89PNG")
+    assert_user_error(bad(tmp_path, tmp_path / "d"), "holds no text files")
+    assert_nothing_written(tmp_path)
+
+
+def test_empty_input(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n \n\n")
+    assert_user_error(bad(tmp_path, tmp_path / "empty.txt"), "holds no text")
+    assert_user_error(bad(tmp_path, tmp_path / "blank.txt", "--separator", "blank-line"), "holds no text")
+    assert_nothing_written(tmp_path)
+
+
+def test_non_utf8_is_refused_by_default(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("na\u00efve caf\u00e9\n".encode("latin-1"))
+    assert_user_error(bad(tmp_path, tmp_path / "latin1.txt"), "latin1.txt is not valid UTF-8", "0xef",
+                      "--replace-invalid-utf8")
+    assert_nothing_written(tmp_path)
+
+
+def test_jsonl_broken_line_and_missing_field(tmp_path):
+    good = json.dumps({"text": "fine"})
+    (tmp_path / "broken.jsonl").write_text(f"{good}\n{good}\n{{\"text\": \"unterminated\n{good}\n")
+    assert_user_error(bad(tmp_path, tmp_path / "broken.jsonl"), "broken.jsonl line 3 is not valid JSON")
+    (tmp_path / "field.jsonl").write_text(f"{good}\n\n" + json.dumps({"body": "x"}) + "\n")
+    assert_user_error(bad(tmp_path, tmp_path / "field.jsonl"), "field.jsonl line 3 has no 'text' field")
+    (tmp_path / "number.jsonl").write_text(json.dumps({"text": 7}) + "\n")
+    assert_user_error(bad(tmp_path, tmp_path / "number.jsonl"), "number.jsonl line 1", "int, not text")
+    assert_nothing_written(tmp_path)
+
+
+def test_unwritable_output(tmp_path, shakespeare):
+    (tmp_path / "afile").write_text("x")
+    result = run_gpt("prepare", shakespeare, "--out", tmp_path / "afile" / "out", cwd=tmp_path)
+    assert_user_error(result, "Cannot write the output dir")
+    result = run_gpt("prepare", shakespeare, "--out", tmp_path / "afile", cwd=tmp_path)
+    assert_user_error(result, "is a file, not a directory")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_non_empty_output_and_force(tmp_path, shakespeare):
+    small = tmp_path / "small.txt"
+    small.write_text(shakespeare.read_text()[:20_000])
+    out = tmp_path / "out"
+    first = run_gpt("prepare", shakespeare, "--out", out, "--shard-tokens", "50000", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    old_shards = sorted(p.name for p in out.glob("*.bin"))
+    refused = run_gpt("prepare", small, "--out", out, cwd=tmp_path)
+    assert_user_error(refused, "is not empty", "--force")
+    assert sorted(p.name for p in out.glob("*.bin")) == old_shards
+    forced = run_gpt("prepare", small, "--out", out, "--shard-tokens", "50000", "--val-fraction", "0",
+                     "--force", "--json", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train_000000.bin"]  # no old shard left
+    open_prepared(out, verify=True)
+    assert not list(tmp_path.glob(".out.*"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("precious")
+    not_data = run_gpt("prepare", small, "--out", tmp_path / "home", "--force", cwd=tmp_path)
+    assert_user_error(not_data, "does not look like prepared data")
+    assert (tmp_path / "home" / "notes.txt").read_text() == "precious"
+
+
+# --- verification ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prepared(tmp_path, shakespeare):
+    result = run_gpt("prepare", shakespeare, "--out", tmp_path / "out", "--shard-tokens", "100000",
+                     "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return tmp_path / "out"
+
+
+def test_verify_passes_and_reports(prepared):
+    result = run_gpt("prepare", "--verify", prepared, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["shards"] == len(list(prepared.glob("*.bin")))
+    assert report["tokens"] == json.loads((prepared / "manifest.json").read_text())["tokens"]
+
+
+def test_verify_truncated_shard(prepared):
+    shard = prepared / "train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    assert_user_error(run_gpt("prepare", "--verify", prepared), "train_000001.bin is truncated or corrupt")
+
+
+def test_verify_bad_magic(prepared):
+    shard = prepared / "train_000000.bin"
+    shard.write_bytes(b"XXXXXXXX" + shard.read_bytes()[8:])
+    assert_user_error(run_gpt("prepare", "--verify", prepared), "train_000000.bin is not a gptcli shard",
+                      "bad magic")
+
+
+def test_verify_checksum_mismatch(prepared):
+    shard = prepared / "train_000002.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[HEADER_BYTES + 2 * 777] ^= 0x01  # one token id changed, still inside the vocabulary
+    shard.write_bytes(bytes(raw))
+    assert_user_error(run_gpt("prepare", "--verify", prepared), "train_000002.bin does not match the checksum")
+
+
+def test_verify_without_manifest(tmp_path):
+    (tmp_path / "half").mkdir()
+    assert_user_error(run_gpt("prepare", "--verify", tmp_path / "half"), "has no manifest.json")
+
+
+# --- interruption ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def big_corpus(tmp_path, shakespeare):
+    path = tmp_path / "big.txt"
+    text = shakespeare.read_text()
+    with open(path, "w") as handle:
+        for _ in range(30):  # ~33 MB: several seconds of work with one worker
+            handle.write(text)
+    return path
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+def test_interrupted_prepare_never_looks_complete(tmp_path, big_corpus, how):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "gptcli", "prepare", str(big_corpus), "--out", str(out),
+                                "--workers", "1", "--shard-tokens", "200000", "--separator", "line"],
+                               cwd=tmp_path, env=gpt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.partial-*/train_000001.bin")):  # mid-run: shards are being written
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(GptError):
+        open_prepared(out)
+    if how != signal.SIGKILL:  # cleaned up on the way out
+        assert not list(tmp_path.glob(".out.*")), stderr
+        assert b"Traceback" not in stderr
+    else:  # a killed run's leftovers are swept by the next run into the same dir
+        small = tmp_path / "small.txt"
+        small.write_text("a small corpus")
+        result = run_gpt("prepare", small, "--out", out, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert not list(tmp_path.glob(".out.*"))
+
+
+def test_help_and_bracketed_messages_render():
+    """Rich markup must not eat "[data]" in help or crash on "[/...]" in an error message."""
+    result = run_gpt("prepare", "--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "hf:NAME[/CONFIG]" in result.stdout and "[data] shard_tokens" in result.stdout
+    missing = run_gpt("prepare", "notes[/x].txt")
+    assert_user_error(missing, "notes[/x].txt matches no files")
+    assert_user_error(run_gpt("prepare"), "No input given")

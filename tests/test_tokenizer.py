@@ -1,0 +1,107 @@
+"""GPT-2 tokenizer sources: tiktoken's cache, a local vocab dir (both file-name pairs), a .tiktoken file."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import GPT2_BPE, TIKTOKEN_CACHE, assert_user_error, run_gpt
+from gptcli.errors import GptError
+from gptcli.tokenizer import load_tokenizer
+
+HELLO = "Hello, I'm a language model,"
+HELLO_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # GPT-2's ids, as in HF's model card example
+
+# Text that exercises the pre-tokenizer's corners: contractions, digits, runs of spaces, non-Latin text,
+# emoji (multi-byte), and special-token text that must be encoded as plain text.
+TRICKY = ("It's 2024 — they'll've  gone.\n\n\tTabs   and  spaces  \r\n日本語のテキスト 🚀🚀 ÿ"
+          " <|endoftext|> done  \n")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    tiktoken = pytest.importorskip("tiktoken")
+    if not TIKTOKEN_CACHE.is_dir():
+        pytest.skip("../shared/tiktoken_cache is not present")
+    return tiktoken.get_encoding("gpt2")
+
+
+def test_known_sentence_ids(reference):
+    tokenizer = load_tokenizer("gpt2")
+    assert tokenizer.encode(HELLO) == HELLO_IDS
+    assert tokenizer.decode(HELLO_IDS) == HELLO
+    assert (tokenizer.vocab_size, tokenizer.eot_id) == (50257, 50256)
+
+
+@pytest.fixture
+def hf_named_vocab(tmp_path):
+    """A vocab dir with Hugging Face's names, built from OpenAI's files at test time."""
+    directory = tmp_path / "hf_vocab"
+    directory.mkdir()
+    shutil.copyfile(GPT2_BPE / "encoder.json", directory / "vocab.json")
+    shutil.copyfile(GPT2_BPE / "vocab.bpe", directory / "merges.txt")
+    return directory
+
+
+@pytest.fixture
+def openai_named_vocab(tmp_path):
+    directory = tmp_path / "openai_vocab"
+    directory.mkdir()
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(GPT2_BPE / name, directory / name)
+    return directory
+
+
+@pytest.mark.parametrize("source", ["openai_named_vocab", "hf_named_vocab", "tiktoken_file"])
+def test_local_sources_equal_the_cache(source, reference, request, shakespeare):
+    if source == "tiktoken_file":
+        vocab = GPT2_BPE / "r50k_base.tiktoken"
+    else:
+        vocab = request.getfixturevalue(source)
+    local = load_tokenizer("gpt2", str(vocab))
+    cached = load_tokenizer("gpt2")
+    assert local.fingerprint == cached.fingerprint
+    text = shakespeare.read_text()[:200_000] + TRICKY
+    assert local.encode(text) == reference.encode_ordinary(text)
+    assert local.encode(HELLO) == HELLO_IDS
+    assert local.decode(local.encode(TRICKY)) == TRICKY
+
+
+def test_special_token_text_is_plain_text(reference):
+    ids = load_tokenizer("gpt2").encode("a<|endoftext|>b")
+    assert 50256 not in ids
+    assert ids == reference.encode_ordinary("a<|endoftext|>b")
+
+
+def test_mismatched_vocab_files_are_refused(tmp_path):
+    directory = tmp_path / "bad"
+    directory.mkdir()
+    shutil.copyfile(GPT2_BPE / "encoder.json", directory / "encoder.json")
+    merges = (GPT2_BPE / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    (directory / "vocab.bpe").write_text("\n".join(merges[:-10]) + "\n", encoding="utf-8")
+    with pytest.raises(GptError, match="do not belong together"):
+        load_tokenizer("gpt2", str(directory))
+
+
+def test_missing_tokenizer_offline_is_one_clear_sentence(tmp_path, shakespeare):
+    empty_cache = tmp_path / "empty_cache"
+    empty_cache.mkdir()
+    # No cache and no network: tiktoken cannot fetch its files. Point its download at an unroutable
+    # local port so the test is offline even on a machine that has a network.
+    result = run_gpt("prepare", shakespeare, "--out", tmp_path / "out",
+                     env={"TIKTOKEN_CACHE_DIR": str(empty_cache), "HTTPS_PROXY": "http://127.0.0.1:9",
+                          "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}, cwd=tmp_path)
+    assert_user_error(result, "Could not load the GPT-2 vocabulary", "TIKTOKEN_CACHE_DIR", "--vocab-dir")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_vocab_dir_option_works_without_cache(tmp_path, shakespeare, openai_named_vocab):
+    empty_cache = tmp_path / "empty_cache"
+    empty_cache.mkdir()
+    result = run_gpt("prepare", shakespeare, "--out", tmp_path / "out", "--vocab-dir", openai_named_vocab,
+                     "--workers", "1", "--json", env={"TIKTOKEN_CACHE_DIR": str(empty_cache)}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = (tmp_path / "out" / "manifest.json").read_text()
+    assert load_tokenizer("gpt2").fingerprint in manifest
