@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,3 +44,16 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 def atomic_write_json(path: Path | str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def publish_dir(staging: Path, target: Path) -> None:
+    """Rename a finished `staging` dir to `target`. An existing `target` is renamed aside first and deleted
+    after, so `target` never holds a mix of old and new files. Callers decide whether `target` may go."""
+    old = None
+    if target.exists():
+        old = target.absolute().parent / f".{target.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

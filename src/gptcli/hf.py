@@ -32,6 +32,7 @@ import torch
 
 from .config import ConfigError, ModelConfig, project_from_dict
 from .errors import GptError
+from .fsutil import publish_dir
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT1_RENAMES = {"tokens_embed.weight": "wte.weight", "positions_embed.weight": "wpe.weight"}
@@ -690,14 +691,7 @@ def export_hf(checkpoint: Path | str, out: Path | str, force: bool = False) -> E
 
 
 def replace_hf_dir(staging: Path, target: Path) -> None:
-    """Rename the finished dir into place; an old target (only a HF dir or an empty dir) goes aside first."""
-    if target.exists():
-        if any(target.iterdir()) and not (target / "config.json").is_file():
-            raise GptError(f"{target} exists and is not a Hugging Face model dir; refusing to replace it.")
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+    """Rename the finished dir into place; an existing target may only be a HF dir or empty."""
+    if target.exists() and any(target.iterdir()) and not (target / "config.json").is_file():
+        raise GptError(f"{target} exists and is not a Hugging Face model dir; refusing to replace it.")
+    publish_dir(staging, target)

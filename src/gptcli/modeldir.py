@@ -23,6 +23,7 @@ import torch
 
 from .config import ConfigError, ModelConfig, project_from_dict
 from .errors import GptError
+from .fsutil import publish_dir
 from .model import GPT, build_model
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_from_model_dir
 
@@ -73,17 +74,10 @@ def save_model_dir(out_dir: Path | str, model: GPT, tokenizer: Tokenizer, metada
 
 
 def replace_dir(staging: Path, target: Path) -> None:
-    """Move a finished `staging` dir onto `target`; an old `target` is moved aside first, then removed."""
-    if target.exists():
-        if not is_model_dir(target) and any(target.iterdir()):
-            raise GptError(f"{target} exists and is not a gptcli model dir; refusing to replace it.")
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+    """Move a finished `staging` dir onto `target`, which may only be a model dir or empty."""
+    if target.exists() and not is_model_dir(target) and any(target.iterdir()):
+        raise GptError(f"{target} exists and is not a gptcli model dir; refusing to replace it.")
+    publish_dir(staging, target)
 
 
 def read_model_config(path: Path) -> ModelConfig:

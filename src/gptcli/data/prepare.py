@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import GptError
+from ..fsutil import publish_dir
 from ..tokenizer import Tokenizer, load_tokenizer
 from .shards import FORMAT_VERSION, MANIFEST, ShardRecord, ShardWriter, open_prepared, token_dtype, write_manifest
 from .sources import ReadState, Source, resolve_inputs, source_tasks
@@ -285,7 +286,7 @@ def prepare(options: PrepareOptions, on_progress: Optional[ProgressFn] = None) -
         with _sigterm_as_interrupt():
             summary, manifest = _prepare_into(staging, sources, tokenizer, options, workers, on_progress, started)
             write_manifest(staging, manifest)
-            publish(staging, out)
+            publish_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -443,22 +444,6 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Move the finished staging dir to `out`; an old `out` (allowed by --force) is moved aside first and
-    deleted after, so `out` never holds a mix of old and new shards."""
-    old = None
-    if out.is_dir():
-        if any(out.iterdir()):
-            old = out.absolute().parent / f".{out.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
-        else:
-            out.rmdir()
-    os.rename(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class _sigterm_as_interrupt:
