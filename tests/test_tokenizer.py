@@ -105,3 +105,14 @@ def test_vocab_dir_option_works_without_cache(tmp_path, shakespeare, openai_name
     assert result.returncode == 0, result.stderr
     manifest = (tmp_path / "out" / "manifest.json").read_text()
     assert load_tokenizer("gpt2").fingerprint in manifest
+
+
+def test_encode_each_equals_encode_including_lone_surrogates():
+    """encode_each skips tiktoken's wrapper for speed; it must give the same ids, also for text with a lone
+    surrogate (possible from a JSON "\\ud800" escape), which the BPE core refuses and the wrapper repairs."""
+    from gptcli.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("gpt2")
+    texts = ["Hello, I'm a language model,", "  indented\tline ", "a\ud800b", "", "naïve café 東京"]
+    assert tokenizer.encode_each(texts) == [tokenizer.encode(text) for text in texts]
+    assert tokenizer.encode_each(texts[:2]) == [tokenizer.encode(text) for text in texts[:2]]

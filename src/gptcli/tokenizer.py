@@ -96,6 +96,18 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.backend.encode_ordinary_batch(texts)
 
+    def encode_each(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of every text, in this thread. For many short texts (a document per line) the two
+        Python wrapper frames around tiktoken's BPE core cost ~15% of the work, so call the core directly;
+        text with lone surrogates (which the core refuses) goes through tiktoken's own repair path."""
+        core = getattr(self.backend, "_core_bpe", None)
+        if core is None:
+            return [self.backend.encode_ordinary(text) for text in texts]
+        try:
+            return [core.encode_ordinary(text) for text in texts]
+        except UnicodeEncodeError:
+            return [self.backend.encode_ordinary(text) for text in texts]
+
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids))
 

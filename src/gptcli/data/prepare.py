@@ -112,8 +112,7 @@ def tokenize_task(task: tuple, tokenizer: Optional[Tokenizer] = None) -> tuple[n
     documents, closes, row_bytes = task_documents(task)
     # A plain loop of encode_ordinary beats tiktoken's encode_ordinary_batch here: the batch call spins
     # up a thread pool per call and, with one thread per worker process, measured 3-10x slower.
-    encode = tokenizer.encode
-    encoded = [encode(text) for text in documents]
+    encoded = tokenizer.encode_each(documents)
     counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=token_dtype(tokenizer.vocab_size),
                       count=int(counts.sum()))
