@@ -61,6 +61,26 @@ def test_two_rank_zero3_learns_and_consolidates(tmp_path, shards):
     assert run_losses[-1] < math.log(50257) - 3.0
     loaded = load_model_dir(tmp_path / "z3")
     assert loaded.model.wte.weight.shape == (50257, 64)
+    assert_exports_to_transformers(tmp_path / "z3", loaded, tmp_path / "z3-hf")
+
+
+def assert_exports_to_transformers(run_dir, loaded, hf_dir):
+    """A ZeRO-3 run (weights partitioned across ranks while training) exports through `gpt export-hf RUN_DIR`
+    to a dir transformers loads, with the same logits (fp32, atol 1e-4) and the same token ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = run_gpt("export-hf", run_dir, "--out", hf_dir)
+    assert exported.returncode == 0, exported.stderr
+    text = "ROMEO: What light through yonder window breaks?"
+    ids = AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
+    assert ids == loaded.tokenizer.encode(text)
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    batch = torch.tensor([ids])
+    with torch.no_grad():
+        theirs = reference(batch).logits
+        ours, _ = loaded.model(batch)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
 def test_sigterm_on_two_ranks_saves_and_exits_143(tmp_path, shards):
