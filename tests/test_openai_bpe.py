@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gptcli.errors import GptError
@@ -113,3 +114,25 @@ def test_mismatched_or_missing_files_are_clear_errors(vocab_dir, tmp_path):
     (tmp_path / "merges.txt").write_text((vocab_dir / "merges.txt").read_text())
     with pytest.raises(GptError, match="do not belong together"):
         load_openai_gpt_tokenizer(tmp_path)
+
+
+def test_prepare_with_the_openai_gpt_tokenizer(vocab_dir, tmp_path):
+    """GPT-1 pretraining data: `gpt prepare` with [data] tokenizer = "openai-gpt" writes each document's
+    GPT-1 ids back to back (no end-of-text token exists in that vocabulary), fingerprinted as openai-gpt."""
+    from conftest import SHAKESPEARE, run_gpt
+    from gptcli.data.shards import open_prepared
+    from gptcli.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:20_000])
+    out = tmp_path / "shards"
+    result = run_gpt("prepare", corpus, "--out", out, "--separator", "blank-line", "--val-fraction", "0",
+                     "--vocab-dir", vocab_dir, "--set", 'data.tokenizer="openai-gpt"', "--json")
+    assert result.returncode == 0, result.stderr
+    tokenizer = load_tokenizer("openai-gpt", str(vocab_dir))
+    documents = [p for p in corpus.read_text().split("\n\n") if p.strip()]
+    expected = [i for document in documents for i in tokenizer.encode(document.strip("\n"))]
+    prepared = open_prepared(out, verify=True)
+    assert prepared.manifest["tokenizer"]["name"] == "openai-gpt"
+    assert prepared.fingerprint == tokenizer.fingerprint
+    assert np.concatenate([s.tokens for s in prepared.splits["train"]]).tolist() == expected
