@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 
-from gptcli.config import ModelConfig
 from gptcli.model import GPT
-
-# HF's GPT-2 stores these as Conv1D (in, out); gptcli's nn.Linear wants (out, in).
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def hf_gpt2(seed: int = 0, vocab_size: int = 500, block_size: int = 64, n_layer: int = 2, n_head: int = 4,
@@ -26,16 +24,11 @@ def hf_gpt2(seed: int = 0, vocab_size: int = 500, block_size: int = 64, n_layer:
 
 
 def twin_of(hf_model) -> GPT:
-    """A gptcli GPT holding the same tensors as `hf_model`."""
-    c = hf_model.config
-    config = ModelConfig(vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
-                         n_embd=c.n_embd)
-    model = GPT(config)
-    state = {}
-    for name, tensor in hf_model.transformer.state_dict().items():
-        if name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
-            continue  # causal-mask buffers, not parameters
-        state[name] = tensor.t().contiguous() if name.endswith(CONV1D) else tensor.clone()
-    state["lm_head.weight"] = state["wte.weight"]
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    """A gptcli GPT holding the same tensors as `hf_model`, imported the way `gpt load-hf` imports: the model is
+    saved as a Hugging Face dir and read back through gptcli.hf (key map, transposes, exact buffer filter)."""
+    from gptcli.hf import convert_weights, model_config_from_hf, resolve_source
+
+    with tempfile.TemporaryDirectory() as directory:
+        hf_model.save_pretrained(directory)
+        source = resolve_source(directory)
+        return convert_weights(source, model_config_from_hf(source.config, source.family)).eval()
