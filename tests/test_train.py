@@ -188,6 +188,7 @@ def test_gpt_plot_draws_a_run_and_refuses_an_empty_dir(tmp_path, reference):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert_user_error(run_gpt("plot", tmp_path), "no steps to plot")
+    assert_user_error(run_gpt("plot", tmp_path / "nowhere"), "Run dir", "does not exist")
 
 
 def test_zero3_kill_9_and_resume_is_exact_too(tmp_path, shards):

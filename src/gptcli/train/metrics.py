@@ -126,6 +126,8 @@ def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Path:
 
     from ..errors import GptError
 
+    if not Path(run_dir).is_dir():
+        raise GptError(f"Run dir {run_dir} does not exist.")
     records = read_metrics(run_dir)
     if not records:
         raise GptError(f"{Path(run_dir) / METRICS_FILE} has no steps to plot yet.")
