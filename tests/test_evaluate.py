@@ -192,3 +192,17 @@ def test_cuda_eval_matches_cpu(pair, tokenizer, text):
     assert cuda.loss == pytest.approx(cpu.loss, rel=1e-4) and cuda.tokens == cpu.tokens
     bf16 = evaluate_sequences(twin_of(pair[0]).cuda(), tokenizer, [ids], source="t", stride=32, bf16=True)
     assert bf16.loss == pytest.approx(cpu.loss, rel=2e-2)
+
+
+def test_shards_of_another_tokenizer_are_refused(tokenizer, tmp_path):
+    """Scoring ids made by a different BPE would give a meaningless perplexity: eval refuses them."""
+    from types import SimpleNamespace
+
+    from gptcli.errors import GptError
+    from gptcli.evaluate import shard_sequences
+
+    other = SimpleNamespace(vocab_size=tokenizer.vocab_size, fingerprint="gpt2:0000000000000000")
+    write_val_shard(tmp_path / "shards", other, list(range(200)))
+    with pytest.raises(GptError, match="were made with tokenizer gpt2:0000000000000000"):
+        shard_sequences(tmp_path / "shards", "val", tokenizer)
+    assert len(shard_sequences(tmp_path / "shards", "val", other)) == 1

@@ -272,9 +272,7 @@ def shard_sequences(data_dir: Path | str, split: str, tokenizer, max_tokens: int
     from .data.shards import open_prepared
 
     prepared = open_prepared(data_dir)
-    if prepared.fingerprint != tokenizer.fingerprint:
-        raise GptError(f"The shards in {data_dir} were made with tokenizer {prepared.fingerprint}, but the model "
-                       f"uses {tokenizer.fingerprint}; prepare the data with the model's tokenizer.")
+    prepared.check_fits(tokenizer.fingerprint, tokenizer.vocab_size)
     shards = prepared.splits.get(split, [])
     if not any(s.num_tokens for s in shards):
         raise GptError(f"{data_dir} has no {split} tokens to score (see [data] val_fraction, or use --split train).")

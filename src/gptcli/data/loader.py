@@ -40,13 +40,8 @@ class Cursor:
 
 
 def check_compatible(data: PreparedData, fingerprint: Optional[str], model_vocab_size: int) -> None:
-    """Refuse shards made by another tokenizer, or with ids the model's embedding cannot hold."""
-    if fingerprint is not None and data.fingerprint != fingerprint:
-        raise GptError(f"The shards in {data.directory} were made with tokenizer {data.fingerprint}, but this "
-                       f"project's tokenizer is {fingerprint}; prepare the data again with the same [data] tokenizer.")
-    if data.vocab_size > model_vocab_size:
-        raise GptError(f"The shards in {data.directory} use a vocabulary of {data.vocab_size:,} ids, more than "
-                       f"model.vocab_size = {model_vocab_size:,}.")
+    """Training refuses shards of another tokenizer or a larger vocabulary (PreparedData.check_fits)."""
+    data.check_fits(fingerprint, model_vocab_size)
 
 
 class BatchLoader:

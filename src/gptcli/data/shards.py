@@ -191,6 +191,15 @@ class PreparedData:
     def num_tokens(self, split: str) -> int:
         return sum(s.num_tokens for s in self.splits.get(split, []))
 
+    def check_fits(self, fingerprint: Optional[str], model_vocab_size: int) -> None:
+        """Refuse shards made with another tokenizer, or with ids the model cannot embed."""
+        if fingerprint is not None and self.fingerprint != fingerprint:
+            raise GptError(f"The shards in {self.directory} were made with tokenizer {self.fingerprint}, but the "
+                           f"model's tokenizer is {fingerprint}; prepare the data again with the same [data] tokenizer.")
+        if self.vocab_size > model_vocab_size:
+            raise GptError(f"The shards in {self.directory} use a vocabulary of {self.vocab_size:,} ids, more than "
+                           f"model.vocab_size = {model_vocab_size:,}.")
+
 
 def write_manifest(directory: Path, manifest: dict) -> None:
     atomic_write_json(Path(directory) / MANIFEST, manifest)
