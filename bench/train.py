@@ -137,7 +137,7 @@ def main() -> None:
     if cuda:
         from gptcli.train.metrics import model_flops_per_token, peak_flops
 
-        flops = model_flops_per_token(build_model(project.model, device="meta"), project.model, project.train.seq_len)
+        flops = model_flops_per_token(project.model, project.train.seq_len)
         peak = peak_flops("cuda") or 989e12
         report["mfu"] = {name: flops * rate / peak for name, rate in results.items()}
     if args.json:

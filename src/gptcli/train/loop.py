@@ -157,9 +157,7 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
     run = Run(project=project, engine=engine, layout=layout, loader=loader, val_loader=val_loader,
               tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device,
               faults=Faults(os.environ.get("GPTCLI_FAULT", ""), rank))
-    # counted on a meta copy: under ZeRO-3 the engine's own parameters are partitioned away
-    run.flops_per_token = model_flops_per_token(build_model(project.model, device="meta"), project.model,
-                                                layout.seq_len)
+    run.flops_per_token = model_flops_per_token(project.model, layout.seq_len)
     run.peak = peak_flops(device)
     if options.overfit_batch:
         run.fixed_batch = loader.next_batch()

@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
-from ..inspect import flops_per_token
 
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
@@ -37,11 +36,12 @@ def peak_flops(device: str) -> Optional[float]:
     return None
 
 
-def model_flops_per_token(model: torch.nn.Module, config: ModelConfig, seq_len: int) -> int:
-    from ..model import parameter_components
+def model_flops_per_token(config: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token as `gpt inspect-params` counts them (on a meta model, so ZeRO-3's
+    partitioned parameters do not matter)."""
+    from ..inspect import inspect_parameters
 
-    components = parameter_components(model)
-    return flops_per_token(config, sum(components.values()) - components["wpe (position embedding)"], seq_len)
+    return inspect_parameters(config, seq_len=seq_len).flops_per_token
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
