@@ -11,6 +11,22 @@ from gptcli.data.shards import ShardWriter, write_manifest
 from gptcli.tokenizer import load_tokenizer
 
 
+def write_shard_dir(directory: Path, shards, *, vocab_size: int, fingerprint: str, name: str = "gpt2",
+                    eot_id=None) -> list[dict]:
+    """`(split, ids)` pairs as shards `{split}_{number:06d}.bin`, numbered in order, plus their manifest:
+    the layout `gpt prepare` writes, without going through it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    records = []
+    for number, (split, tokens) in enumerate(shards):
+        with ShardWriter(directory / f"{split}_{number:06d}.bin", vocab_size, fingerprint) as writer:
+            writer.write(np.asarray(tokens))
+            record = writer.close()
+        records.append({"file": record.file, "split": split, "tokens": record.tokens, "sha256": record.sha256})
+    write_manifest(directory, {"shards": records, "tokenizer": {
+        "name": name, "fingerprint": fingerprint, "vocab_size": vocab_size, "eot_id": eot_id}})
+    return records
+
+
 def make_shards(text_path: Path, out_dir: Path, *, shard_tokens: int = 100_000, val_tokens: int = 20_000,
                 max_tokens: int = 0) -> Path:
     """Encode `text_path` with GPT-2 BPE; the last `val_tokens` go to val, the rest to train shards."""
@@ -19,15 +35,8 @@ def make_shards(text_path: Path, out_dir: Path, *, shard_tokens: int = 100_000, 
     if max_tokens:
         ids = ids[:max_tokens]
     splits = {"train": ids[:-val_tokens], "val": ids[-val_tokens:]}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    for split, tokens in splits.items():
-        for number, start in enumerate(range(0, len(tokens), shard_tokens)):
-            with ShardWriter(out_dir / f"{split}_{number:04d}.bin", tokenizer.vocab_size, tokenizer.fingerprint) as w:
-                w.write(tokens[start:start + shard_tokens])
-                record = w.close()
-            records.append({"file": record.file, "split": split, "tokens": record.tokens, "sha256": record.sha256})
-    write_manifest(out_dir, {"shards": records, "tokenizer": {
-        "name": tokenizer.name, "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id}})
+    pieces = [(split, tokens[start:start + shard_tokens])
+              for split, tokens in splits.items() for start in range(0, len(tokens), shard_tokens)]
+    write_shard_dir(out_dir, pieces, vocab_size=tokenizer.vocab_size, fingerprint=tokenizer.fingerprint,
+                    name=tokenizer.name, eot_id=tokenizer.eot_id)
     return out_dir

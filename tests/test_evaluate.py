@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SHAKESPEARE, assert_user_error, run_gpt
 from hf_twin import hf_gpt2, twin_of
+from shard_fixture import write_shard_dir
 
 from gptcli.evaluate import evaluate_sequences, plan_windows
 
@@ -121,17 +122,8 @@ def test_bits_per_byte_by_hand(pair, tokenizer):
 
 
 def write_val_shard(directory, tokenizer, ids):
-    from gptcli.data.shards import ShardWriter, write_manifest
-
-    directory.mkdir()
-    records = []
-    for split, tokens in (("train", ids[:100]), ("val", ids)):
-        with ShardWriter(directory / f"{split}_000000.bin", tokenizer.vocab_size, tokenizer.fingerprint) as writer:
-            writer.write(np.array(tokens))
-            record = writer.close()
-        records.append({"file": record.file, "split": split, "tokens": record.tokens, "sha256": record.sha256})
-    write_manifest(directory, {"shards": records, "tokenizer": {
-        "name": "gpt2", "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size, "eot_id": 50256}})
+    write_shard_dir(directory, [("train", ids[:100]), ("val", ids)], vocab_size=tokenizer.vocab_size,
+                    fingerprint=tokenizer.fingerprint, eot_id=50256)
 
 
 def test_cli_text_and_project_shards_agree_with_the_recipe(pair, tokenizer, text, model_dir, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import psutil
-import pytest
 
 from conftest import assert_user_error, run_gpt
 from gptcli.config import project_from_dict

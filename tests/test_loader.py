@@ -3,22 +3,17 @@ import pytest
 import torch
 
 from gptcli.data.loader import BatchLoader, check_compatible
-from gptcli.data.shards import ShardWriter, open_prepared, write_manifest
+from shard_fixture import write_shard_dir
+from gptcli.data.shards import open_prepared
 from gptcli.errors import GptError
 
 FINGERPRINT = "test:0123456789abcdef"
 
 
 def write_shards(directory, sizes, vocab_size=1000, fingerprint=FINGERPRINT):
-    """Shards whose token i of shard s is (s * 100_000 + i) % vocab... kept unique by a uint32 vocab."""
-    records = []
-    for number, size in enumerate(sizes):
-        with ShardWriter(directory / f"train_{number}.bin", vocab_size, fingerprint) as writer:
-            writer.write(np.arange(size, dtype=np.int64) + number * 100_000)
-            record = writer.close()
-        records.append({"file": record.file, "split": "train", "tokens": record.tokens, "sha256": record.sha256})
-    write_manifest(directory, {"shards": records, "tokenizer": {"name": "test", "fingerprint": fingerprint,
-                                                                "vocab_size": vocab_size, "eot_id": None}})
+    """Train shards whose token i of shard s is s * 100_000 + i, so a window shows where it came from."""
+    shards = [("train", np.arange(size, dtype=np.int64) + number * 100_000) for number, size in enumerate(sizes)]
+    write_shard_dir(directory, shards, vocab_size=vocab_size, fingerprint=fingerprint, name="test")
     return open_prepared(directory)
 
 

@@ -5,23 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gptcli.data.shards import (HEADER_BYTES, MANIFEST, ShardWriter, open_prepared, read_header, token_dtype,
-                                write_manifest)
+from gptcli.data.shards import HEADER_BYTES, MANIFEST, ShardWriter, open_prepared, read_header, token_dtype
 from gptcli.errors import GptError
+from shard_fixture import write_shard_dir
 
 FINGERPRINT = "gpt2:0123456789abcdef"
 
 
 def write_dataset(directory, arrays, vocab_size=50257):
-    records = []
-    for number, (split, tokens) in enumerate(arrays):
-        with ShardWriter(directory / f"{split}_{number:06d}.bin", vocab_size, FINGERPRINT) as writer:
-            writer.write(tokens)
-            record = writer.close()
-        records.append({"file": record.file, "split": split, "tokens": record.tokens, "sha256": record.sha256})
-    write_manifest(directory, {"shards": records, "tokenizer": {"name": "gpt2", "fingerprint": FINGERPRINT,
-                                                                "vocab_size": vocab_size, "eot_id": 50256}})
-    return records
+    return write_shard_dir(directory, arrays, vocab_size=vocab_size, fingerprint=FINGERPRINT, eot_id=50256)
 
 
 def test_round_trip_and_header(tmp_path):
