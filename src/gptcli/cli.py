@@ -21,7 +21,7 @@ app = typer.Typer(
     help="Pretrain GPT-1 and GPT-2 style language models from scratch, and use them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",  # help texts name [sections] literally; Rich markup would eat them
 )
 out = Console()
 err = Console(stderr=True)
@@ -143,22 +143,22 @@ def show_parameter_report(report) -> None:
 @app.command("prepare")
 def prepare_command(
     inputs: Annotated[Optional[list[str]], typer.Argument(
-        help="Text files, directories, globs, .jsonl (.gz too), a saved `datasets` dir, or hf:NAME\\[/CONFIG].",
+        help="Text files, directories, globs, .jsonl (.gz too), a saved `datasets` dir, or hf:NAME[/CONFIG].",
         show_default=False)] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output dir (default: \\[data] dir).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output dir (default: [data] dir).")] = None,
     project: ProjectOpt = None,
     overrides: SetOpt = None,
     val_fraction: Annotated[Optional[float], typer.Option(
-        min=0.0, max=0.999999, help="Fraction of documents held out for val (default: \\[data] val_fraction).")] = None,
+        min=0.0, max=0.999999, help="Fraction of documents held out for val (default: [data] val_fraction).")] = None,
     workers: Annotated[Optional[int], typer.Option(
-        min=0, help="Tokenizer processes; 0 = one per core (default: \\[data] workers).")] = None,
+        min=0, help="Tokenizer processes; 0 = one per core (default: [data] workers).")] = None,
     text_column: Annotated[Optional[str], typer.Option(
-        help="Field with the text in .jsonl records and datasets (default: \\[data] text_column).")] = None,
+        help="Field with the text in .jsonl records and datasets (default: [data] text_column).")] = None,
     separator: Annotated[Optional[str], typer.Option(
-        help="Documents inside a text file: none (one per file), blank-line or line (default: \\[data] separator).")
+        help="Documents inside a text file: none (one per file), blank-line or line (default: [data] separator).")
     ] = None,
     shard_tokens: Annotated[Optional[int], typer.Option(
-        min=1, help="Tokens per shard file (default: \\[data] shard_tokens).")] = None,
+        min=1, help="Tokens per shard file (default: [data] shard_tokens).")] = None,
     vocab_dir: Annotated[Optional[str], typer.Option(
         help="Local vocabulary: dir with encoder.json+vocab.bpe or vocab.json+merges.txt, or a .tiktoken file.")
     ] = None,
@@ -344,7 +344,7 @@ def read_prompts(prompts: Optional[list[str]], default: str) -> list[str]:
 @app.command("generate")
 def generate_command(
     prompts: Annotated[Optional[list[str]], typer.Argument(
-        help="Text to continue; several prompts run as one batch; '-' reads stdin. Default: \\[generate] prompt.",
+        help="Text to continue; several prompts run as one batch; '-' reads stdin. Default: [generate] prompt.",
         show_default=False)] = None,
     project: ProjectOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -356,7 +356,7 @@ def generate_command(
     num_samples: Annotated[Optional[int], typer.Option(
         "--num-samples", "-n", min=1, help="Samples per prompt.")] = None,
     seed: Annotated[Optional[int], typer.Option(
-        help="Sampling seed (default: \\[generate] seed, else project.seed).")] = None,
+        help="Sampling seed (default: [generate] seed, else project.seed).")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop a sample at this string (repeatable).")] = None,
     lookahead: Annotated[Optional[int], typer.Option(
         min=0, help="Greedy, one sample: verify this many prompt-lookup draft tokens per pass (same output).")] = None,
@@ -419,7 +419,7 @@ def eval_command(
         help="Score a Hugging Face dataset: NAME or NAME:CONFIG on the Hub, or a save_to_disk dir.")] = None,
     dataset_split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
     split: Annotated[Optional[str], typer.Option(
-        help="Shards to score: val or train (default: \\[eval] split).")] = None,
+        help="Shards to score: val or train (default: [eval] split).")] = None,
     stride: Annotated[Optional[int], typer.Option(
         help="Sliding-window stride in tokens; 0 = the full context.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per forward pass.")] = None,
