@@ -249,7 +249,7 @@ def test_non_empty_output_and_force(tmp_path, shakespeare):
     forced = run_gpt("prepare", small, "--out", out, "--shard-tokens", "50000", "--val-fraction", "0",
                      "--force", "--json", cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train_000000.bin"]  # no old shard left
+    assert sorted(p.name for p in out.iterdir()) == [".gptcli-files", "manifest.json", "train_000000.bin"]  # no old shard left
     open_prepared(out, verify=True)
     assert not list(tmp_path.glob(".out.*"))
     (tmp_path / "home").mkdir()

@@ -8,7 +8,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Optional
+
+from .errors import GptError
 
 
 @contextmanager
@@ -46,9 +48,89 @@ def atomic_write_json(path: Path | str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+OWNED_FILES = ".gptcli-files"  # in every directory the tool publishes: the names it wrote there (JSON list)
+
+
+def staging_dir(target: Path | str, purpose: str) -> Path:
+    """A new hidden sibling of `target` to build it in (same file system, so publishing is one rename).
+
+    Its name carries `purpose` and this process's pid; staging dirs of the same target and purpose whose
+    process is gone (a kill -9, a power cut) are removed first, so they never pile up."""
+    target = Path(target)
+    parent = target.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.{purpose}-"
+    for stale in parent.glob(prefix + "*"):
+        pid = stale.name[len(prefix):]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = parent / f"{prefix}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def read_owned(directory: Path) -> Optional[set[str]]:
+    """The names the tool wrote into `directory` (its OWNED_FILES list), or None without a readable list."""
+    try:
+        names = json.loads((Path(directory) / OWNED_FILES).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return set(names) | {OWNED_FILES}
+
+
+def check_replaceable(target: Path | str, *, force: bool, what: str, inputs: Iterable[Path | str] = (),
+                      owned: Optional[set[str]] = None) -> None:
+    """Refuse, before any work, to put a new `what` (e.g. "prepared data") at `target` when that would lose
+    something: a file in the way; an existing non-empty dir without `force`; and even with `force`, a dir
+    holding anything the tool did not write (per its OWNED_FILES list, or `owned` for dirs written before
+    that list existed), a `.git`, or an input of the same command."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise GptError(f"{target} is a file, not a directory; choose another output directory.")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not force:
+        raise GptError(f"{target} already exists and is not empty; pass --force to replace the {what} there, "
+                       "or choose another output directory.")
+    resolved = target.resolve()
+    for item in inputs:
+        item = Path(item).resolve()
+        if item == resolved or resolved in item.parents:
+            raise GptError(f"{target} holds {item.name}, an input of this command; --force never deletes an "
+                           "input, so choose another output directory.")
+    ours = read_owned(target) if owned is None else set(owned) | {OWNED_FILES}
+    if ours is None:
+        raise GptError(f"{target} holds no record of files written by gptcli ({OWNED_FILES}), so --force does "
+                       "not replace it; choose another output directory or empty it yourself.")
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in ours)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise GptError(f"{target} holds files gptcli did not write ({shown}); --force replaces only the {what} "
+                       "it wrote, so move them or choose another output directory.")
+
+
 def publish_dir(staging: Path, target: Path) -> None:
-    """Rename a finished `staging` dir to `target`. An existing `target` is renamed aside first and deleted
-    after, so `target` never holds a mix of old and new files. Callers decide whether `target` may go."""
+    """Rename a finished `staging` dir to `target`, first listing what it holds in its OWNED_FILES (so a
+    later `--force` knows what it may replace). An existing `target` is renamed aside first and deleted
+    after, so `target` never holds a mix of old and new files. Callers check `target` with
+    `check_replaceable` before doing any work."""
+    names = sorted(p.name for p in Path(staging).iterdir() if p.name != OWNED_FILES)
+    atomic_write_json(Path(staging) / OWNED_FILES, names)
     old = None
     if target.exists():
         old = target.absolute().parent / f".{target.name}.old-{os.getpid()}"
