@@ -157,7 +157,12 @@ def test_cli_bad_input(model_dir, tmp_path):
     assert_user_error(run_gpt("eval", "--checkpoint", tmp_path / "nope", *text), "nope", "does not exist")
     assert_user_error(run_gpt("eval", "--checkpoint", model_dir, "--text", tmp_path / "empty.txt"), "empty")
     assert_user_error(run_gpt("eval", "--checkpoint", model_dir, *text, "--stride", "65"), "stride 65", "context of 64")
-    assert_user_error(run_gpt("eval", "--checkpoint", model_dir, *text, "--stride", "-1"), "stride must be positive")
+    assert_user_error(run_gpt("eval", "--checkpoint", model_dir, *text, "--stride", "-1"),
+                      "eval.stride must be 0 or more, not -1")
+    assert_user_error(run_gpt("eval", "--checkpoint", model_dir, "--split", "test"),
+                      'eval.split must be one of "val", "train", not "test"')
+    both = run_gpt("eval", "--checkpoint", model_dir, *text, "--dataset", "wikitext")
+    assert both.returncode == 2 and "give --text or --dataset, not both" in " ".join(both.stderr.split())
     assert_user_error(run_gpt("eval", "--checkpoint", model_dir, cwd=tmp_path), "data", "does not exist")
 
 

@@ -261,7 +261,15 @@ def test_cli_bad_input(model_dir, tmp_path):
     assert_user_error(run_gpt("generate", "Hi", "--checkpoint", tmp_path / "missing"), "does not exist")
     assert_user_error(run_gpt("generate", "", "--checkpoint", model_dir), "prompt", "empty")
     assert_user_error(run_gpt("generate", "-", "--checkpoint", model_dir, input="  \n"), "stdin", "empty")
-    assert_user_error(run_gpt("generate", "Hi", "--checkpoint", model_dir, "--top-p", "1.5"), "top-p")
+    # Options that stand for [generate] keys are validated by the schema, like the file and --set.
+    assert_user_error(run_gpt("generate", "Hi", "--checkpoint", model_dir, "--top-p", "1.5"),
+                      "generate.top_p must be in (0, 1], not 1.5")
+    assert_user_error(run_gpt("generate", "Hi", "--checkpoint", model_dir, "--temperature", "nan"),
+                      "generate.temperature must be a finite number, not nan")
+    assert_user_error(run_gpt("generate", "Hi", "--checkpoint", model_dir, "--set", "generate.temperature=nan"),
+                      "generate.temperature must be a finite number, not nan")
+    twice = run_gpt("generate", "-", "-", "--checkpoint", model_dir, input="x")
+    assert twice.returncode == 2 and "at most once" in twice.stderr
     assert_user_error(run_gpt("generate", "Hi", "--checkpoint", tmp_path), "neither a gptcli model dir")
 
 

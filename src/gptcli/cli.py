@@ -1,5 +1,8 @@
 """The `gpt` command line: each command parses its options, loads the project, calls one function of the
-module that owns the work and shows the result. Nothing here does the work itself."""
+module that owns the work and shows the result. Nothing here does the work itself.
+
+Options that stand for project keys (`--top-p`, `--stride`, ...) become `--set` overrides, so the schema in
+config.py validates them like any other value, and their help is the key's documentation."""
 
 from __future__ import annotations
 
@@ -10,18 +13,50 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import __version__
+from .config import field_doc, option_overrides
 from .errors import GptError
 
-app = typer.Typer(
+
+class QuietFlags:
+    """Help without a `<bool>` type beside flags (--json, --force, --help): a flag takes no value."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class Command(QuietFlags, typer.core.TyperCommand):
+    pass
+
+
+class Group(QuietFlags, typer.core.TyperGroup):
+    pass
+
+
+class App(typer.Typer):
+    """Every command gets the quiet-flag help, whoever registers it."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or Command, **kwargs)
+
+
+app = App(
     name="gpt",
     help="Pretrain GPT-1 and GPT-2 style language models from scratch, and use them.",
+    cls=Group,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # help texts name [sections] literally; Rich markup would eat them
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 out = Console()
 err = Console(stderr=True)
@@ -36,6 +71,11 @@ SetOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 
 
+def key_help(section: str, key: str) -> str:
+    """An option that stands for a project key is documented by that key."""
+    return f"{field_doc(section, key)} (default: [{section}] {key})"
+
+
 def load(project: Optional[Path], overrides: Optional[list[str]]):
     from .config import load_project
 
@@ -46,27 +86,34 @@ def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
 
 
+def show_version(value: bool) -> None:
+    if value:
+        out.print(f"gptcli {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=show_version,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Pretrain GPT-1 and GPT-2 style language models from scratch, and use them."""
+
+
 # --- gpt init -----------------------------------------------------------------------------------------------
 
 
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="Where to write run.toml.")] = Path("."),
-    preset: Annotated[Optional[str], typer.Option(help="Architecture preset for [model].")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Architecture preset for [model] (see inspect-params --list).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run.toml.")] = False,
 ) -> None:
-    """Write a commented run.toml: every key, its default and one line of why."""
-    from .config import commented_template
-    from .fsutil import atomic_write_text
-    from .presets import get_preset
+    """Write a commented run.toml: every key, its value and one line of why; the keys a preset decides
+    are comments, so changing `preset` takes effect."""
+    from .config import write_template
 
-    if preset is not None:
-        get_preset(preset)
-    target = directory / "run.toml"
-    if target.exists() and not force:
-        raise GptError(f"{target} already exists (use --force to overwrite it).")
-    atomic_write_text(target, commented_template(preset))
-    err.print(f"Wrote {target}")
+    err.print(f"Wrote {write_template(directory, preset, force)}")
 
 
 # --- gpt inspect-params -----------------------------------------------------------------------------------
@@ -74,7 +121,8 @@ def init(
 
 @app.command("inspect-params")
 def inspect_params(
-    preset: Annotated[Optional[str], typer.Argument(help="A preset name; default: the project's [model].")] = None,
+    preset: Annotated[Optional[str], typer.Argument(
+        help="A preset name (--set may change it); default: the project's [model], or every preset without a project.")] = None,
     project: ProjectOpt = None,
     overrides: SetOpt = None,
     gpus: Annotated[int, typer.Option(min=1, help="Data-parallel GPUs for the ZeRO memory estimate.")] = 1,
@@ -82,37 +130,49 @@ def inspect_params(
     as_json: JsonOpt = False,
 ) -> None:
     """Parameter counts per component against the reference, FLOPs per token, ZeRO memory per GPU."""
-    from .config import project_from_dict
-    from .inspect import inspect_parameters
-    from .presets import PRESETS, get_preset
-
     if list_presets:
+        from .presets import PRESETS
+
         return show_presets(PRESETS, as_json)
-    if preset is not None:
-        get_preset(preset)
-        config = project_from_dict({"model": {"preset": preset}}).model
-    else:
-        config = load(project, overrides).model
-    report = inspect_parameters(config, gpus=gpus)
+    from .inspect import PresetComparison, inspect_command
+
+    result = inspect_command(preset, project, overrides or [], gpus=gpus)
     if as_json:
-        return emit_json(report.to_json())
-    show_parameter_report(report)
+        return emit_json(result.to_json())
+    if isinstance(result, PresetComparison):
+        return show_preset_comparison(result)
+    show_parameter_report(result)
 
 
 def show_presets(presets, as_json: bool) -> None:
     if as_json:
-        return emit_json({name: {"reference": p.reference, "description": p.description, "source": p.source}
-                          for name, p in presets.items()})
+        return emit_json({name: {"reference": p.reference, "description": p.description, "source": p.source,
+                                 "model": p.model, "train": p.train} for name, p in presets.items()})
     table = Table(title="Presets")
-    for column in ("name", "reference count", "what"):
+    for column in ("name", "published count", "what", "training defaults"):
         table.add_column(column)
     for name, p in presets.items():
-        table.add_row(name, f"{p.reference:,}" if p.reference else "—", p.description)
+        training = ", ".join(f"{key} {value}" for key, value in p.train.items()) or "the [train] defaults"
+        table.add_row(name, f"{p.reference:,}" if p.reference else "—", p.description, training)
     out.print(table)
 
 
+def show_preset_comparison(comparison) -> None:
+    table = Table(title="Presets: computed parameter count against the published one")
+    for column, justify in (("preset", "left"), ("computed", "right"), ("published", "right"), ("", "center"),
+                            ("source", "left")):
+        table.add_column(column, justify=justify)
+    for report in comparison.reports:
+        mark = "—" if report.matches is None else "[green]✓[/green]" if report.matches else "[red]✗[/red]"
+        published = f"{report.reference:,}" if report.reference is not None else "none"
+        table.add_row(report.name, f"{report.total:,}", published, mark, report.source or "")
+    out.print(table)
+    out.print("One preset in detail: gpt inspect-params NAME; your project's model: gpt inspect-params --project FILE")
+
+
 def show_parameter_report(report) -> None:
-    table = Table(title=f"{report.name}: parameters")
+    title = f"custom (customised from {report.customised_from})" if report.customised_from else report.name
+    table = Table(title=f"{title}: parameters")
     table.add_column("component")
     table.add_column("parameters", justify="right")
     table.add_column("per block", justify="right")
@@ -128,6 +188,9 @@ def show_parameter_report(report) -> None:
     out.print(table)
     if report.source:
         out.print(f"reference: {report.source}")
+    elif report.customised_from:
+        out.print(f"reference: customised: no published count (preset {report.customised_from} with other "
+                  "[model] keys)")
     out.print(f"FLOPs per token (training, T={report.seq_len}): {report.flops_per_token:,} "
               f"= 6·N + 12·L·H·Q·T with N = {report.flops_parameters:,} (all parameters but wpe)")
     memory = Table(title=f"model-state memory per GPU, mixed-precision AdamW, {report.gpus} GPU(s)")
@@ -301,111 +364,58 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cud
 Bf16Opt = Annotated[bool, typer.Option("--bf16", help="bf16 autocast (fast on GPU; fp32 is the default).")]
 
 
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise typer.BadParameter(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)", param_hint="--device")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GptError(f"--device {name} asks for CUDA, but no CUDA device is available here.")
-    return device
+def key_option(section: str, key: str, kind: type, *names: str):
+    """An option standing for `section.key`: not given = the project's value."""
+    return Annotated[Optional[kind], typer.Option(*names, help=key_help(section, key), show_default=False)]
 
 
-def load_model_for(checkpoint: Optional[Path], config, device):
-    """--checkpoint, else the project's run dir (whose consolidated model is RUN/model)."""
-    from .modeldir import load_model_dir
-
-    if checkpoint is None:
-        run_dir = Path(config.project.out_dir)
-        if not run_dir.exists():
-            raise GptError(f"No --checkpoint given and the project's run dir {run_dir} does not exist; pass "
-                           "--checkpoint MODEL_DIR (a model dir or a run dir) or train the project first.")
-        checkpoint = run_dir
-    return load_model_dir(checkpoint, device=device)
-
-
-def read_prompts(prompts: Optional[list[str]], default: str) -> list[str]:
-    """The prompts as given ("-" = stdin); the [generate] prompt when none is given."""
-    prompts = prompts or [default]
-    if prompts.count("-") > 1:
-        raise typer.BadParameter("stdin can be read once; give '-' at most once", param_hint="PROMPT")
-    texts = [sys.stdin.read().removesuffix("\n") if p == "-" else p for p in prompts]
-    for index, text in enumerate(texts):
-        if not text.strip():
-            where = "from stdin" if prompts[index] == "-" else f"number {index + 1}"
-            raise GptError(f"The prompt {where} is empty; give some text to continue.")
-    return texts
+PromptsArg = Annotated[Optional[list[str]], typer.Argument(
+    help="Text to continue; several prompts run as one batch; '-' reads stdin. Default: [generate] prompt.",
+    show_default=False)]
 
 
 @app.command("generate")
 def generate_command(
-    prompts: Annotated[Optional[list[str]], typer.Argument(
-        help="Text to continue; several prompts run as one batch; '-' reads stdin. Default: [generate] prompt.",
-        show_default=False)] = None,
+    prompts: PromptsArg = None,
     project: ProjectOpt = None,
     checkpoint: CheckpointOpt = None,
     overrides: SetOpt = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Tokens to generate per sample.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(min=0.0, help="Softmax temperature; 0 = greedy.")] = None,
-    top_k: Annotated[Optional[int], typer.Option(min=0, help="Keep the k most likely tokens; 0 = all.")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass in (0, 1]; 1 = off.")] = None,
-    num_samples: Annotated[Optional[int], typer.Option(
-        "--num-samples", "-n", min=1, help="Samples per prompt.")] = None,
-    seed: Annotated[Optional[int], typer.Option(
-        help="Sampling seed (default: [generate] seed, else project.seed).")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop a sample at this string (repeatable).")] = None,
-    lookahead: Annotated[Optional[int], typer.Option(
-        min=0, help="Greedy, one sample: verify this many prompt-lookup draft tokens per pass (same output).")] = None,
+    max_new_tokens: key_option("generate", "max_new_tokens", int) = None,
+    temperature: key_option("generate", "temperature", float) = None,
+    top_k: key_option("generate", "top_k", int) = None,
+    top_p: key_option("generate", "top_p", float) = None,
+    num_samples: key_option("generate", "num_samples", int, "--num-samples", "-n") = None,
+    seed: key_option("generate", "seed", int) = None,
+    stop: key_option("generate", "stop", list[str]) = None,
+    lookahead: key_option("generate", "lookahead", int) = None,
     device: DeviceOpt = "auto",
     bf16: Bf16Opt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue prompts with a trained model: top-k / top-p / temperature sampling or greedy, with a KV cache."""
-    from contextlib import nullcontext
+    from .generate import generate_for_project
 
-    import torch
+    given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+             "num_samples": num_samples, "seed": seed, "stop": stop, "lookahead": lookahead}
+    config = load(project, [*(overrides or []), *option_overrides("generate", given)])
+    result = generate_for_project(config, prompts, checkpoint=checkpoint, device=device, bf16=bf16,
+                                  stream=None if as_json else write_now,
+                                  on_notice=lambda message: err.print(f"note: {message}", highlight=False))
+    show_samples(result, config.generate.num_samples, as_json)
 
-    from .generate import SamplingOptions, generate
 
-    config = load(project, overrides)
-    defaults = config.generate
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise typer.BadParameter(f"{top_p} is not in (0, 1]", param_hint="--top-p")
-    texts = read_prompts(prompts, defaults.prompt)
-    options = SamplingOptions(
-        max_new_tokens=max_new_tokens or defaults.max_new_tokens,
-        temperature=defaults.temperature if temperature is None else temperature,
-        top_k=defaults.top_k if top_k is None else top_k, top_p=defaults.top_p if top_p is None else top_p,
-        num_samples=num_samples or defaults.num_samples,
-        seed=seed if seed is not None else (defaults.seed if defaults.seed is not None else config.project.seed),
-        stop=tuple(stop if stop is not None else defaults.stop),
-        lookahead=defaults.lookahead if lookahead is None else lookahead)
-    target = resolve_device(device)
-    loaded = load_model_for(checkpoint, config, target)
-    stream = not as_json and len(texts) == 1 and options.num_samples == 1
+def write_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
-    def write(row: int, piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
 
-    if stream:
-        sys.stdout.write(texts[0])
-        sys.stdout.flush()
-    autocast = torch.autocast(target.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with autocast:
-        samples = generate(loaded.model, loaded.tokenizer, texts, options, on_text=write if stream else None,
-                           on_notice=lambda message: err.print(f"note: {message}", highlight=False))
+def show_samples(result, num_samples: int, as_json: bool) -> None:
     if as_json:
-        return emit_json({"samples": [s.to_json() for s in samples]})
-    if stream:
-        sys.stdout.write("\n")
-        return
-    for number, sample in enumerate(samples):
-        out.rule(f"prompt {sample.prompt_index + 1}, sample {number % options.num_samples + 1}", style="dim")
+        return emit_json({"samples": [s.to_json() for s in result.samples]})
+    if result.streamed:
+        return write_now("\n")
+    for number, sample in enumerate(result.samples):
+        out.rule(f"prompt {sample.prompt_index + 1}, sample {number % num_samples + 1}", style="dim")
         out.print(sample.prompt + sample.text, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -414,75 +424,52 @@ def eval_command(
     project: ProjectOpt = None,
     checkpoint: CheckpointOpt = None,
     overrides: SetOpt = None,
-    text: Annotated[Optional[Path], typer.Option(help="Score this UTF-8 text file instead of the shards.")] = None,
+    text: Annotated[Optional[Path], typer.Option(
+        help="Score this UTF-8 text file instead of the shards (default: [eval] text).")] = None,
     dataset: Annotated[Optional[str], typer.Option(
         help="Score a Hugging Face dataset: NAME or NAME:CONFIG on the Hub, or a save_to_disk dir.")] = None,
     dataset_split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
-    split: Annotated[Optional[str], typer.Option(
-        help="Shards to score: val or train (default: [eval] split).")] = None,
-    stride: Annotated[Optional[int], typer.Option(
-        help="Sliding-window stride in tokens; 0 = the full context.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per forward pass.")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(min=0, help="Score at most this many tokens; 0 = all.")] = None,
+    split: key_option("eval", "split", str) = None,
+    stride: key_option("eval", "stride", int) = None,
+    batch_size: key_option("eval", "batch_size", int) = None,
+    max_tokens: key_option("eval", "max_tokens", int) = None,
     device: DeviceOpt = "auto",
     bf16: Bf16Opt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Loss, perplexity and bits per byte of a model on the project's val shards or a text file."""
-    from .evaluate import (
-        dataset_tokens,
-        evaluate_sequences,
-        resolve_stride,
-        scored_count,
-        shard_sequences,
-        text_tokens,
-    )
+    """Loss, perplexity and bits per byte of a model on the project's val shards, a text file or a dataset."""
+    from .evaluate import evaluate_project
 
-    config = load(project, overrides)
-    settings = config.eval
-    if split is not None and split not in ("val", "train"):
-        raise typer.BadParameter(f"{split!r} is not val or train", param_hint="--split")
-    if text is not None and dataset is not None:
-        raise typer.BadParameter("give --text or --dataset, not both", param_hint="--dataset")
-    text = text if text is not None or dataset is not None else (Path(settings.text) if settings.text else None)
-    stride = settings.stride if stride is None else stride
-    max_tokens = settings.max_tokens if max_tokens is None else max_tokens
-    target = resolve_device(device)
-    loaded = load_model_for(checkpoint, config, target)
-    context = loaded.config.block_size
-    stride = resolve_stride(stride, context)
-    if dataset is not None:
-        tokens = dataset_tokens(dataset, dataset_split, config.data.text_column, loaded.tokenizer, max_tokens)
-        sequences, source = [tokens], f"{dataset} ({dataset_split})"
-    elif text is not None:
-        sequences, source = [text_tokens(text, loaded.tokenizer, max_tokens)], str(text)
-    else:
-        split = split or settings.split
-        sequences = shard_sequences(config.data.dir, split, loaded.tokenizer, max_tokens)
-        source = f"{config.data.dir} ({split})"
-    total = scored_count((len(s) for s in sequences), context, stride)
-    with eval_progress(total, quiet=False) as advance:
-        result = evaluate_sequences(loaded.model, loaded.tokenizer, sequences, source=source, stride=stride,
-                                    batch_size=batch_size or settings.batch_size, bf16=bf16, progress=advance)
+    given = {"split": split, "stride": stride, "batch_size": batch_size, "max_tokens": max_tokens}
+    config = load(project, [*(overrides or []), *option_overrides("eval", given)])
+    with eval_progress() as progress:
+        result = evaluate_project(config, checkpoint=checkpoint, device=device, bf16=bf16, text=text,
+                                  dataset=dataset, dataset_split=dataset_split, progress=progress)
     if as_json:
         return emit_json(result.to_json())
     show_eval_result(result)
 
 
-def eval_progress(total: int, quiet: bool):
-    from contextlib import contextmanager
+class eval_progress:
+    """A progress bar of scored tokens on stderr, shown once scoring starts (not while the model loads)."""
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def __enter__(self):
+        self.bar = None
+        return self.update
 
-    @contextmanager
-    def bar():
-        columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=err, transient=True, disable=quiet) as progress:
-            task = progress.add_task("eval", total=total)
-            yield lambda done: progress.advance(task, done)
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return bar()
+            self.bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                                TimeRemainingColumn(), console=err, transient=True)
+            self.task = self.bar.add_task("eval", total=total)
+            self.bar.start()
+        self.bar.update(self.task, completed=done)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def show_eval_result(result) -> None:

@@ -12,10 +12,12 @@ import difflib
 import hashlib
 import json
 import sys
+import math
 import typing
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,106 +29,123 @@ from .errors import GptError
 DEFAULT_PROJECT_FILE = "run.toml"
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING):
-    """A dataclass field carrying its one-line documentation."""
+def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+        at_least: Optional[float] = None, above: Optional[float] = None,
+        below: Optional[float] = None, at_most: Optional[float] = None):
+    """A dataclass field carrying its one-line documentation and the range its value must lie in."""
+    bounds = {"at_least": at_least, "above": above, "below": below, "at_most": at_most}
+    metadata = {"doc": text, "bounds": {k: v for k, v in bounds.items() if v is not None}}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 class ConfigError(GptError):
     """A project file or override that does not fit the schema."""
 
 
+class Section:
+    """Base of every [section] dataclass. Building one checks each value against its annotation
+    (type, choices, finiteness, range; see `_coerce`) and then the section's cross-field rules (`check`),
+    so a section built from a file, from `--set` or in code is validated the same way, once."""
+
+    section: ClassVar[str]
+
+    def __post_init__(self):
+        hints = _field_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(f"{self.section}.{f.name}", getattr(self, f.name), hints[f.name])
+            _check_bounds(f"{self.section}.{f.name}", value, f.metadata.get("bounds", {}))
+            setattr(self, f.name, value)
+        self.check()
+
+    def check(self) -> None:
+        """Rules between keys of this section; a section overrides this."""
+
+
+# --- choices: the loader checks a value against these and names the nearest one --------------------
+
+Tokenizer = Literal["gpt2", "openai-gpt"]
+Separator = Literal["none", "blank-line", "line"]
+NormPosition = Literal["pre", "post"]
+Activation = Literal["gelu", "gelu_new", "relu", "silu"]
+Position = Literal["learned", "rotary"]
+AttentionKind = Literal["causal", "bidirectional", "sliding_window"]
+LrSchedule = Literal["cosine", "linear", "constant"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+TrainDevice = Literal["auto", "cuda", "cpu"]
+ZeroStage = Literal[0, 1, 2, 3]
+EvalSplit = Literal["val", "train"]
+
+
 # --- sections -------------------------------------------------------------------------------------
 
 
 @dataclass
-class ProjectConfig:
+class ProjectConfig(Section):
     """Naming, where runs go, and the seed everything else derives from."""
+
+    section = "project"
 
     name: str = doc("Name of this project, shown in logs and written into checkpoints.", "gpt")
     out_dir: str = doc("Run directory: checkpoints, metrics.jsonl, the consolidated model/.", "runs/gpt")
-    seed: int = doc("Seed for weights, data order, dropout and sampling.", 1337)
+    seed: int = doc("Seed for weights, data order, dropout and sampling.", 1337, at_least=0)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Tokenization (`gpt prepare`) and the prepared shards training reads."""
 
+    section = "data"
+
     dir: str = doc("Directory of prepared shards (holds manifest.json).", "data/shards")
-    tokenizer: str = doc('Tokenizer: "gpt2" (tiktoken GPT-2 BPE) or "openai-gpt" (GPT-1 BPE, needs vocab_dir).', "gpt2")
+    tokenizer: Tokenizer = doc('Tokenizer: "gpt2" (tiktoken GPT-2 BPE) or "openai-gpt" (GPT-1 BPE, needs vocab_dir).', "gpt2")
     vocab_dir: Optional[str] = doc(
         "Local vocabulary: a dir with vocab.bpe+encoder.json or merges.txt+vocab.json, or a .tiktoken file.", None
     )
-    separator: str = doc('Document boundaries inside a text file: "none" (one per file), "blank-line" or "line".', "none")
+    separator: Separator = doc('Document boundaries inside a text file: "none" (one per file), "blank-line" or "line".', "none")
     text_column: str = doc("Field holding the text in .jsonl records and datasets.", "text")
-    val_fraction: float = doc("Fraction of documents held out for validation (chosen by a seeded hash).", 0.005)
-    shard_tokens: int = doc("Tokens per shard file (the last one of each split is smaller).", 100_000_000)
-    workers: int = doc("Tokenizer processes for `gpt prepare`; 0 means one per CPU core.", 0)
-
-    def __post_init__(self):
-        if self.tokenizer not in ("gpt2", "openai-gpt"):
-            raise ConfigError(f'data.tokenizer must be "gpt2" or "openai-gpt", not "{self.tokenizer}".')
-        if self.separator not in ("none", "blank-line", "line"):
-            raise ConfigError(f'data.separator must be "none", "blank-line" or "line", not "{self.separator}".')
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), not {self.val_fraction}.")
-        if self.shard_tokens < 1:
-            raise ConfigError(f"data.shard_tokens must be positive, not {self.shard_tokens}.")
-        if self.workers < 0:
-            raise ConfigError(f"data.workers must be 0 (all cores) or more, not {self.workers}.")
-
-
-ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
-ATTENTION_KINDS = ("causal", "bidirectional", "sliding_window")
+    val_fraction: float = doc("Fraction of documents held out for validation (chosen by a seeded hash).", 0.005,
+                              at_least=0, below=1)
+    shard_tokens: int = doc("Tokens per shard file (the last one of each split is smaller).", 100_000_000, at_least=1)
+    workers: int = doc("Tokenizer processes for `gpt prepare`; 0 means one per CPU core.", 0, at_least=0)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The architecture. GPT-1 vs GPT-2 is `norm_position` and `final_norm`, not a second model."""
 
+    section = "model"
+
     preset: Optional[str] = doc("Start from a named architecture (see `gpt inspect-params --list`); keys below override it.", None)
-    vocab_size: int = doc("Vocabulary size the tokenizer produces (GPT-2 BPE: 50257).", 50257)
-    block_size: int = doc("Context length: the most positions the model sees.", 1024)
-    n_layer: int = doc("Number of transformer blocks.", 12)
-    n_head: int = doc("Attention heads per block; n_embd must divide by it.", 12)
-    n_embd: int = doc("Width of the residual stream.", 768)
-    mlp_ratio: int = doc("MLP hidden width as a multiple of n_embd.", 4)
-    norm_position: str = doc('"pre" (GPT-2: LayerNorm before each sublayer) or "post" (GPT-1: after the residual add).', "pre")
+    vocab_size: int = doc("Vocabulary size the tokenizer produces (GPT-2 BPE: 50257).", 50257, at_least=1)
+    block_size: int = doc("Context length: the most positions the model sees.", 1024, at_least=1)
+    n_layer: int = doc("Number of transformer blocks.", 12, at_least=1)
+    n_head: int = doc("Attention heads per block; n_embd must divide by it.", 12, at_least=1)
+    n_embd: int = doc("Width of the residual stream.", 768, at_least=1)
+    mlp_ratio: int = doc("MLP hidden width as a multiple of n_embd.", 4, at_least=1)
+    norm_position: NormPosition = doc('"pre" (GPT-2: LayerNorm before each sublayer) or "post" (GPT-1: after the residual add).', "pre")
     final_norm: bool = doc("Final LayerNorm ln_f before the head (GPT-2: true, GPT-1: false).", True)
     bias: bool = doc("Biases in Linear layers and LayerNorms.", True)
-    layer_norm_epsilon: float = doc("LayerNorm epsilon (GPT-2 and GPT-1 use 1e-5).", 1e-5)
-    activation: str = doc('MLP activation: "gelu_new" (tanh approximation, GPT-2), "gelu", "relu" or "silu".', "gelu_new")
-    position: str = doc('Position information: "learned" (wpe, as GPT-1/2) or "rotary" (RoPE, no wpe).', "learned")
-    rope_base: float = doc("RoPE frequency base when position is rotary.", 10000.0)
-    attention: str = doc('Default attention pattern: "causal", "bidirectional" or "sliding_window".', "causal")
-    sliding_window: int = doc("Keys a query sees (itself included) when attention is sliding_window.", 256)
+    layer_norm_epsilon: float = doc("LayerNorm epsilon (GPT-2 and GPT-1 use 1e-5).", 1e-5, above=0)
+    activation: Activation = doc('MLP activation: "gelu_new" (tanh approximation, GPT-2), "gelu", "relu" or "silu".', "gelu_new")
+    position: Position = doc('Position information: "learned" (wpe, as GPT-1/2) or "rotary" (RoPE, no wpe).', "learned")
+    rope_base: float = doc("RoPE frequency base when position is rotary.", 10000.0, above=0)
+    attention: AttentionKind = doc('Default attention pattern: "causal", "bidirectional" or "sliding_window".', "causal")
+    sliding_window: int = doc("Keys a query sees (itself included) when attention is sliding_window.", 256, at_least=1)
     tie_embeddings: bool = doc("Share the LM head with the token embedding wte (as GPT-1/2 do).", True)
-    dropout: float = doc("Dropout on embeddings, attention probabilities and residual branches (GPT-2: 0.1).", 0.0)
-    init_std: float = doc("Std of the normal init of weights; residual projections get init_std/sqrt(2*n_layer).", 0.02)
-    vocab_multiple: int = doc("Pad the embedding rows to a multiple of this for faster matmuls; logits and counts stay exact.", 1)
+    dropout: float = doc("Dropout on embeddings, attention probabilities and residual branches (GPT-2: 0.1).", 0.0,
+                         at_least=0, below=1)
+    init_std: float = doc("Std of the normal init of weights; residual projections get init_std/sqrt(2*n_layer).", 0.02,
+                          above=0)
+    vocab_multiple: int = doc("Pad the embedding rows to a multiple of this for faster matmuls; logits and counts stay exact.", 1,
+                              at_least=1)
 
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be positive, not {getattr(self, name)}.")
+    def check(self) -> None:
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}).")
-        if self.norm_position not in ("pre", "post"):
-            raise ConfigError(f'model.norm_position must be "pre" or "post", not "{self.norm_position}".')
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, not \"{self.activation}\".")
-        if self.position not in ("learned", "rotary"):
-            raise ConfigError(f'model.position must be "learned" or "rotary", not "{self.position}".')
         if self.position == "rotary" and self.head_dim % 2:
             raise ConfigError(f"model.position rotary needs an even head dimension, not {self.head_dim}.")
-        if self.attention not in ATTENTION_KINDS:
-            raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_KINDS)}, not \"{self.attention}\".")
-        if self.sliding_window < 1:
-            raise ConfigError(f"model.sliding_window must be positive, not {self.sliding_window}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), not {self.dropout}.")
 
     @property
     def head_dim(self) -> int:
@@ -147,110 +166,99 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """The optimisation loop."""
 
-    max_steps: int = doc("Optimizer steps to run (the run ends at whichever of max_steps / max_tokens comes first).", 1000)
-    max_tokens: int = doc("Token budget; 0 means no budget, max_steps alone decides.", 0)
-    micro_batch_size: int = doc("Sequences per rank per forward pass.", 8)
-    grad_accum_steps: int = doc("Micro batches accumulated per optimizer step (ignored when global_batch_tokens is set).", 1)
-    global_batch_tokens: int = doc("Tokens per optimizer step over all ranks; 0 means micro batch x accumulation x ranks.", 0)
-    seq_len: int = doc("Tokens per training sequence; 0 means the model's block_size.", 0)
-    lr: float = doc("Peak learning rate.", 6e-4)
-    min_lr: float = doc("Learning rate at the end of the decay.", 6e-5)
-    lr_schedule: str = doc('Decay after warmup: "cosine", "linear" or "constant".', "cosine")
-    warmup_steps: int = doc("Steps of linear warmup from 0 to lr.", 100)
-    weight_decay: float = doc("AdamW weight decay, applied to 2-D weight matrices only (not biases, norms, wpe).", 0.1)
-    beta1: float = doc("AdamW beta1.", 0.9)
-    beta2: float = doc("AdamW beta2.", 0.95)
-    eps: float = doc("AdamW epsilon.", 1e-8)
-    grad_clip: float = doc("Clip the global gradient norm to this; 0 disables clipping.", 1.0)
-    eval_every: int = doc("Evaluate on the val shards every this many steps; 0 disables.", 100)
-    eval_batches: int = doc("Micro batches per evaluation.", 20)
-    checkpoint_every: int = doc("Save a checkpoint every this many steps (and always at the end); 0 = only at the end.", 500)
-    keep_checkpoints: int = doc("Complete checkpoints to keep (at least 2); the one `latest` names is never deleted.", 3)
-    sample_every: int = doc("Print a sample from sample_prompt every this many steps; 0 disables.", 0)
+    section = "train"
+
+    max_steps: int = doc("Optimizer steps to run (the run ends at whichever of max_steps / max_tokens comes first).", 1000,
+                         at_least=1)
+    max_tokens: int = doc("Token budget; 0 means no budget, max_steps alone decides.", 0, at_least=0)
+    micro_batch_size: int = doc("Sequences per rank per forward pass.", 8, at_least=1)
+    grad_accum_steps: int = doc("Micro batches accumulated per optimizer step (ignored when global_batch_tokens is set).", 1,
+                                at_least=1)
+    global_batch_tokens: int = doc("Tokens per optimizer step over all ranks; 0 means micro batch x accumulation x ranks.", 0,
+                                   at_least=0)
+    seq_len: int = doc("Tokens per training sequence; 0 means the model's block_size.", 0, at_least=0)
+    lr: float = doc("Peak learning rate.", 6e-4, above=0)
+    min_lr: float = doc("Learning rate at the end of the decay.", 6e-5, at_least=0)
+    lr_schedule: LrSchedule = doc('Decay after warmup: "cosine", "linear" or "constant".', "cosine")
+    warmup_steps: int = doc("Steps of linear warmup from 0 to lr.", 100, at_least=0)
+    weight_decay: float = doc("AdamW weight decay, applied to 2-D weight matrices only (not biases, norms, wpe).", 0.1,
+                              at_least=0)
+    beta1: float = doc("AdamW beta1.", 0.9, at_least=0, below=1)
+    beta2: float = doc("AdamW beta2.", 0.95, at_least=0, below=1)
+    eps: float = doc("AdamW epsilon.", 1e-8, above=0)
+    grad_clip: float = doc("Clip the global gradient norm to this; 0 disables clipping.", 1.0, at_least=0)
+    eval_every: int = doc("Evaluate on the val shards every this many steps; 0 disables.", 100, at_least=0)
+    eval_batches: int = doc("Micro batches per evaluation.", 20, at_least=1)
+    checkpoint_every: int = doc("Save a checkpoint every this many steps (and always at the end); 0 = only at the end.", 500,
+                                at_least=0)
+    keep_checkpoints: int = doc("Complete checkpoints to keep (at least 2); the one `latest` names is never deleted.", 3,
+                                at_least=2)
+    sample_every: int = doc("Print a sample from sample_prompt every this many steps; 0 disables.", 0, at_least=0)
     sample_prompt: str = doc("Prompt for the periodic samples.", "In my opinion,")
-    sample_tokens: int = doc("Tokens per periodic sample.", 48)
-    log_every: int = doc("Refresh the live display every this many steps (metrics.jsonl gets every step).", 1)
-    precision: str = doc('"auto" (bf16 on a GPU that has it, else fp32), "fp32", "bf16" or "fp16".', "auto")
-    device: str = doc('"auto" (CUDA when present, else CPU), "cuda" or "cpu".', "auto")
+    sample_tokens: int = doc("Tokens per periodic sample.", 48, at_least=1)
+    log_every: int = doc("Refresh the live display every this many steps (metrics.jsonl gets every step).", 1, at_least=1)
+    precision: Precision = doc('"auto" (bf16 on a GPU that has it, else fp32), "fp32", "bf16" or "fp16".', "auto")
+    device: TrainDevice = doc('"auto" (CUDA when present, else CPU), "cuda" or "cpu".', "auto")
     compile: bool = doc("torch.compile the model (GPU).", False)
     activation_checkpointing: bool = doc("Recompute block activations in the backward pass to save memory.", False)
     shuffle: bool = doc("Visit training windows in a seeded random order (false: sequential).", True)
     tensorboard: bool = doc("Also write TensorBoard events into the run directory.", False)
 
-    def __post_init__(self):
-        if self.lr_schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(f'train.lr_schedule must be "cosine", "linear" or "constant", not "{self.lr_schedule}".')
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f'train.precision must be "auto", "fp32", "bf16" or "fp16", not "{self.precision}".')
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ConfigError(f'train.device must be "auto", "cuda" or "cpu", not "{self.device}".')
-        for name in ("max_steps", "micro_batch_size", "grad_accum_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be positive, not {getattr(self, name)}.")
-        if self.keep_checkpoints < 2:
-            raise ConfigError(f"train.keep_checkpoints must be at least 2, not {self.keep_checkpoints}.")
+    def check(self) -> None:
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr}).")
 
 
 @dataclass
-class DeepSpeedConfig:
+class DeepSpeedConfig(Section):
     """How DeepSpeed holds the model: ZeRO stage, offload, and any other DeepSpeed key."""
 
-    zero_stage: int = doc("ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+ gradients), 3 (+ weights).", 1)
+    section = "deepspeed"
+
+    zero_stage: ZeroStage = doc("ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+ gradients), 3 (+ weights).", 1)
     offload_optimizer: bool = doc("Keep optimizer state in CPU memory (ZeRO 1-3).", False)
     offload_params: bool = doc("Keep parameters in CPU memory (ZeRO 3).", False)
     config: dict = doc("Passthrough: any other DeepSpeed config keys, merged over the generated config.", factory=dict)
 
-    def __post_init__(self):
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, not {self.zero_stage}.")
+    def check(self) -> None:
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage = 3.")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """`gpt eval`: perplexity on held-out text."""
 
-    split: str = doc('Shards to score when no text is given: "val" or "train".', "val")
-    text: Optional[str] = doc("A text file to score instead of the shards (tokenized on the fly).", None)
-    stride: int = doc("Sliding-window stride in tokens; 0 means the full context (no overlap).", 0)
-    batch_size: int = doc("Windows per forward pass.", 8)
-    max_tokens: int = doc("Score at most this many tokens; 0 means all.", 0)
+    section = "eval"
 
-    def __post_init__(self):
-        if self.split not in ("val", "train"):
-            raise ConfigError(f'eval.split must be "val" or "train", not "{self.split}".')
-        if self.stride < 0 or self.batch_size < 1 or self.max_tokens < 0:
-            raise ConfigError("eval.stride and eval.max_tokens must be 0 or more and eval.batch_size positive.")
+    split: EvalSplit = doc('Shards to score when no text is given: "val" or "train".', "val")
+    text: Optional[str] = doc("A text file to score instead of the shards (tokenized on the fly).", None)
+    stride: int = doc("Sliding-window stride in tokens; 0 means the full context (no overlap).", 0, at_least=0)
+    batch_size: int = doc("Windows per forward pass.", 8, at_least=1)
+    max_tokens: int = doc("Score at most this many tokens; 0 means all.", 0, at_least=0)
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Section):
     """`gpt generate`: sampling defaults."""
 
+    section = "generate"
+
     prompt: str = doc("Prompt used when none is given on the command line.", "In my opinion,")
-    max_new_tokens: int = doc("Tokens to generate per sample.", 100)
-    temperature: float = doc("Softmax temperature; 0 means greedy.", 0.8)
-    top_k: int = doc("Sample from the k most likely tokens; 0 disables.", 50)
-    top_p: float = doc("Nucleus sampling: smallest set of tokens with this much probability; 1.0 disables.", 1.0)
-    num_samples: int = doc("Samples per prompt.", 1)
-    seed: Optional[int] = doc("Seed for sampling; unset means project.seed.", None)
+    max_new_tokens: int = doc("Tokens to generate per sample.", 100, at_least=1)
+    temperature: float = doc("Softmax temperature; 0 means greedy.", 0.8, at_least=0)
+    top_k: int = doc("Sample from the k most likely tokens; 0 disables.", 50, at_least=0)
+    top_p: float = doc("Nucleus sampling: smallest set of tokens with this much probability; 1.0 disables.", 1.0,
+                       above=0, at_most=1)
+    num_samples: int = doc("Samples per prompt.", 1, at_least=1)
+    seed: Optional[int] = doc("Seed for sampling; unset means project.seed.", None, at_least=0)
     stop: list = doc("Stop a sample when it produces any of these strings (end-of-text always stops).", factory=list)
     lookahead: int = doc("Greedy, one prompt, one sample: verify up to this many tokens guessed from earlier "
-                         "text per forward pass (prompt lookup); same output, faster on repetitive text; 0 = off.", 0)
-
-    def __post_init__(self):
-        if self.lookahead < 0:
-            raise ConfigError("generate.lookahead must be 0 or more.")
-        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ConfigError("generate.temperature and generate.top_k must be 0 or more, generate.top_p in (0, 1].")
-        if self.max_new_tokens < 1 or self.num_samples < 1:
-            raise ConfigError("generate.max_new_tokens and generate.num_samples must be positive.")
+                         "text per forward pass (prompt lookup); same output, faster on repetitive text; 0 = off.", 0,
+                         at_least=0)
 
 
 @dataclass
@@ -266,6 +274,18 @@ class Project:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     source: Optional[str] = field(default=None, repr=False, compare=False, metadata={"internal": True})
+
+    def __post_init__(self):
+        """Rules between sections: checked when the project is loaded, not minutes into a run."""
+        model, train = self.model, self.train
+        seq_len = train.seq_len or model.block_size
+        if seq_len > model.block_size and model.position == "learned":
+            raise ConfigError(f"train.seq_len ({seq_len}) exceeds model.block_size ({model.block_size}): learned "
+                              "positions (model.position) cover block_size tokens only.")
+        per_sequence_step = train.micro_batch_size * seq_len
+        if train.global_batch_tokens % per_sequence_step:
+            raise ConfigError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
+                              f"train.micro_batch_size × seq_len = {train.micro_batch_size} × {seq_len}.")
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in section_names()}
@@ -287,47 +307,121 @@ def _nearest(word: str, options: list[str]) -> str:
     return f' (did you mean "{close[0]}"?)' if close else ""
 
 
+@cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is Literal:
+        return _type_name(type(typing.get_args(tp)[0]))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
             dict: "a table", list: "a list"}.get(origin or tp, str(tp))
 
 
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
 def _coerce(where: str, value: Any, tp: Any) -> Any:
-    """Check one value against its annotation; ints are accepted where floats are expected."""
+    """Check one value against its annotation and return it in that type: ints are accepted where floats
+    are expected, a float must be finite, a Literal choice must be one of its values."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         if value is None:  # an unset optional key (TOML cannot say null, JSON model configs can)
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
         return _coerce(where, value, inner)
+    if origin is Literal:
+        return _choose(where, value, tp)
     expected = origin or tp
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is list and isinstance(value, tuple):
+        value = list(value)
     if expected is int and isinstance(value, bool):
         raise ConfigError(f"{where} must be {_type_name(tp)}, not {value!r}.")
     if not isinstance(value, expected):
-        shown = json.dumps(value) if isinstance(value, str) else repr(value)
-        raise ConfigError(f"{where} must be {_type_name(tp)}, not {shown}.")
+        raise ConfigError(f"{where} must be {_type_name(tp)}, not {_shown(value)}.")
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, not {value}.")
     if expected is list and not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where} must be a list of strings.")
     return value
 
 
+def _choose(where: str, value: Any, tp: Any) -> Any:
+    """A choice field: the value must be one of the Literal's values; the error lists them all."""
+    choices = typing.get_args(tp)
+    kind = type(choices[0])
+    if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
+        raise ConfigError(f"{where} must be {_type_name(tp)}, not {_shown(value)}.")
+    if value not in choices:
+        allowed = ", ".join(_shown(c) for c in choices)
+        hint = _nearest(value, [str(c) for c in choices]) if isinstance(value, str) else ""
+        raise ConfigError(f"{where} must be one of {allowed}, not {_shown(value)}{hint}.")
+    return value
+
+
+def _check_bounds(where: str, value: Any, bounds: dict) -> None:
+    """A number outside its field's range names the key, the range and the value."""
+    if value is None or not bounds:
+        return
+    low_ok = value >= bounds["at_least"] if "at_least" in bounds else value > bounds.get("above", -math.inf)
+    high_ok = value < bounds["below"] if "below" in bounds else value <= bounds.get("at_most", math.inf)
+    if low_ok and high_ok:
+        return
+    raise ConfigError(f"{where} must be {_range_text(bounds)}, not {value}.")
+
+
+def _range_text(bounds: dict) -> str:
+    def number(x: float) -> str:
+        return f"{x:g}"
+
+    low = ("[", bounds["at_least"]) if "at_least" in bounds else ("(", bounds["above"]) if "above" in bounds else None
+    high = (")", bounds["below"]) if "below" in bounds else ("]", bounds["at_most"]) if "at_most" in bounds else None
+    if low and high:
+        return f"in {low[0]}{number(low[1])}, {number(high[1])}{high[0]}"
+    if low == ("[", 0):
+        return "0 or more"
+    if low == ("(", 0):
+        return "more than 0"
+    if low:
+        return f"at least {number(low[1])}" if low[0] == "[" else f"more than {number(low[1])}"
+    return f"less than {number(high[1])}" if high[0] == ")" else f"at most {number(high[1])}"
+
+
+def field_doc(section: str, key: str) -> str:
+    """The one line of documentation of `section.key` (the text `gpt init`, --help and docs/ show)."""
+    fields = {f.name: f for f in dataclasses.fields(section_class(section))}
+    return fields[key].metadata["doc"]
+
+
+def allowed_values(section: str, key: str) -> str:
+    """What `section.key` accepts, in words: its choices, its range, or its type."""
+    cls = section_class(section)
+    tp = _field_hints(cls)[key]
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+    if typing.get_origin(args[0]) is Literal:
+        return ", ".join(_shown(c) for c in typing.get_args(args[0]))
+    bounds = {f.name: f for f in dataclasses.fields(cls)}[key].metadata.get("bounds")
+    return _range_text(bounds) if bounds else _type_name(tp)
+
+
 def _build_section(name: str, values: dict) -> Any:
+    """A section from its TOML table; building it validates every value (Section.__post_init__)."""
     cls = section_class(name)
-    hints = typing.get_type_hints(cls)
+    hints = _field_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f'Unknown key "{name}.{key}"{_nearest(key, known)}.')
         if isinstance(value, dict) and hints[key] is not dict:
             raise ConfigError(f'"{name}.{key}" is a table, but {name}.{key} must be {_type_name(hints[key])}.')
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
-    return cls(**kwargs)
+    return cls(**values)
 
 
 def project_from_dict(raw: dict, source: Optional[str] = None) -> Project:
@@ -338,12 +432,15 @@ def project_from_dict(raw: dict, source: Optional[str] = None) -> Project:
             raise ConfigError(f'Unknown section "[{name}]"{_nearest(name, sections)}.')
         if not isinstance(value, dict):
             raise ConfigError(f'"{name}" must be a [{name}] table, not {value!r}.')
-    model_values = dict(raw.get("model", {}))
-    if model_values.get("preset") is not None:
-        from .presets import preset_model_values
+    tables = {name: dict(raw.get(name, {})) for name in sections}
+    preset = tables["model"].get("preset")
+    if preset is not None:
+        from .presets import get_preset
 
-        model_values = {**preset_model_values(str(model_values["preset"])), **model_values}
-    built = {name: _build_section(name, model_values if name == "model" else raw.get(name, {})) for name in sections}
+        # A preset sits between the defaults and the file: the file's keys override it.
+        for name, values in get_preset(str(preset)).sections().items():
+            tables[name] = {**values, **tables[name]}
+    built = {name: _build_section(name, tables[name]) for name in sections}
     return Project(**built, source=source)
 
 
@@ -360,6 +457,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw_value.strip()
     return parts[0], parts[1], value
+
+
+def option_overrides(section: str, values: dict[str, Any]) -> list[str]:
+    """Command-line options that stand for [section] keys, as `--set` overrides (None = not given), so
+    they are validated by the schema like any other override."""
+    return [f"{section}.{key}={toml_value(value)}" for key, value in values.items() if value is not None]
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -387,11 +490,17 @@ def read_toml(path: Path) -> dict:
         raise ConfigError(f"Project file {path} is not UTF-8 text.") from None
 
 
+def project_file(path: Optional[Path | str] = None) -> Optional[Path]:
+    """The project file a command reads: `path`, else ./run.toml when present, else none (the defaults)."""
+    if path is not None:
+        return Path(path)
+    return Path(DEFAULT_PROJECT_FILE) if Path(DEFAULT_PROJECT_FILE).is_file() else None
+
+
 def load_project(path: Optional[Path] = None, overrides: Optional[list[str]] = None) -> Project:
     """Load the project: `path`, else ./run.toml when present, else defaults; then `--set` overrides."""
-    if path is None and Path(DEFAULT_PROJECT_FILE).is_file():
-        path = Path(DEFAULT_PROJECT_FILE)
-    raw = read_toml(Path(path)) if path is not None else {}
+    path = project_file(path)
+    raw = read_toml(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     return project_from_dict(raw, source=str(path) if path is not None else None)
 
@@ -429,20 +538,77 @@ def dump_toml(project: Project) -> str:
     return "\n".join(lines)
 
 
+def _preset_keys() -> dict[str, set[str]]:
+    """The keys some preset sets, by section: `gpt init` writes these as comments so that changing
+    `preset` changes them too (a key written out would pin its value whatever the preset)."""
+    from .presets import PRESETS
+
+    keys: dict[str, set[str]] = {}
+    for preset in PRESETS.values():
+        for name, values in preset.sections().items():
+            keys.setdefault(name, set()).update(values)
+    keys["model"] = {f.name for f in dataclasses.fields(ModelConfig)} - {"preset"}
+    return keys
+
+
 def commented_template(preset: Optional[str] = None) -> str:
-    """`gpt init`'s file: every key with its default and its one line of doc."""
+    """`gpt init`'s file: every key with the value in effect and its one line of doc.
+
+    Keys a preset decides (all of [model], the [train] keys some preset sets) are written commented out,
+    so editing `preset` takes effect; uncommenting one pins it."""
+    from .presets import PRESETS
+
     project = project_from_dict({"model": {"preset": preset}} if preset else {})
-    lines = ["# gptcli project file. Every key is shown with its default; delete what you do not change.",
-             "# Precedence: gpt ... --set section.key=value > this file > [model] preset > defaults.", ""]
+    follows_preset = _preset_keys()
+    lines = ["# gptcli project file: every key with the value in effect and what it does.",
+             "# Precedence: gpt ... --set section.key=value > this file > [model] preset > defaults.",
+             "# Keys written as comments follow the preset (or the defaults); uncomment a key to set it.", ""]
     for name in section_names():
         section = getattr(project, name)
         lines.append(f"[{name}]")
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
             lines.append(f"# {f.metadata['doc']}")
-            lines.append(f'# {f.name} = ""  (unset)' if value is None else f"{f.name} = {toml_value(value)}")
+            if f.name == "preset" and value is None:
+                lines.append(f'# preset = "gpt2"    # unset; one of {", ".join(PRESETS)}')
+            elif value is None:
+                lines.append(f'# {f.name} = ""    # unset')
+            elif f.name in follows_preset.get(name, ()):
+                lines.append(f"# {f.name} = {toml_value(value)}")
+            else:
+                lines.append(f"{f.name} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def write_template(directory: Path | str, preset: Optional[str] = None, force: bool = False) -> Path:
+    """`gpt init`: write DIR/run.toml (the commented template); refuse to overwrite one unless `force`."""
+    from .fsutil import atomic_write_text
+
+    directory = Path(directory)
+    text = commented_template(preset)  # an unknown preset fails here, before anything is written
+    target = directory / DEFAULT_PROJECT_FILE
+    _check_directory(directory)
+    if target.is_dir():
+        raise ConfigError(f"{target} is a directory; gpt init writes a file of that name.")
+    if target.exists() and not force:
+        raise ConfigError(f"{target} already exists (use --force to overwrite it).")
+    try:
+        atomic_write_text(target, text)
+    except OSError as error:
+        raise ConfigError(f"Cannot write {target}: {error.strerror or error}.") from None
+    return target
+
+
+def _check_directory(directory: Path) -> None:
+    """DIR must be a directory, or creatable as one (no file on its path)."""
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory} is a file, not a directory; give gpt init a directory to write run.toml into.")
+    for ancestor in directory.absolute().parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ConfigError(f"Cannot create {directory}: {ancestor} is a file, not a directory.")
+            return
 
 
 def docs_markdown() -> str:
@@ -450,15 +616,18 @@ def docs_markdown() -> str:
     out = ["# The project file (`run.toml`)", "",
            "Generated from `src/gptcli/config.py` by `python -m gptcli.config`; do not edit by hand.", "",
            "Precedence: `--set section.key=value` > the project file > `[model] preset` > the defaults below.",
-           "Unknown keys are errors that name `section.key` and the nearest valid key.", ""]
+           "A preset sets [model] keys and, for the CPU-sized presets, [train] keys that suit the model's size.",
+           "Unknown keys and values outside `allowed` are errors that name `section.key` (and the nearest valid",
+           "key or choice); so are rules between keys, such as `train.seq_len` <= `model.block_size`.", ""]
     for name in section_names():
         cls = section_class(name)
-        out += [f"## [{name}]", "", (cls.__doc__ or "").strip(), "", "| key | default | meaning |", "|---|---|---|"]
+        out += [f"## [{name}]", "", (cls.__doc__ or "").strip(), "",
+                "| key | default | allowed | meaning |", "|---|---|---|---|"]
         instance = cls()
         for f in dataclasses.fields(cls):
             value = getattr(instance, f.name)
             shown = "unset" if value is None else toml_value(value)
-            out.append(f"| `{f.name}` | `{shown}` | {f.metadata['doc']} |")
+            out.append(f"| `{f.name}` | `{shown}` | {allowed_values(name, f.name)} | {f.metadata['doc']} |")
         out.append("")
     return "\n".join(out)
 

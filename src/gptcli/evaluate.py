@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import Project
 from .errors import GptError
 from .model import GPT
 
@@ -287,3 +288,49 @@ def shard_sequences(data_dir: Path | str, split: str, tokenizer, max_tokens: int
         if len(tokens) >= 2:
             sequences.append(tokens)
     return sequences
+
+
+# --- gpt eval --------------------------------------------------------------------------------------------
+
+
+def eval_input(project: Project, tokenizer, *, text: Optional[Path] = None, dataset: Optional[str] = None,
+               dataset_split: str = "test") -> tuple[list[np.ndarray], str]:
+    """What `gpt eval` scores, and its name: `dataset`, else `text`, else [eval] text, else the [eval]
+    split of the project's shards; at most [eval] max_tokens of it."""
+    settings = project.eval
+    if dataset is not None:
+        tokens = dataset_tokens(dataset, dataset_split, project.data.text_column, tokenizer, settings.max_tokens)
+        return [tokens], f"{dataset} ({dataset_split})"
+    text = text if text is not None else (Path(settings.text) if settings.text else None)
+    if text is not None:
+        return [text_tokens(text, tokenizer, settings.max_tokens)], str(text)
+    sequences = shard_sequences(project.data.dir, settings.split, tokenizer, settings.max_tokens)
+    return sequences, f"{project.data.dir} ({settings.split})"
+
+
+def evaluate_project(project: Project, *, checkpoint: Optional[Path] = None, device: str = "auto",
+                     bf16: bool = False, text: Optional[Path] = None, dataset: Optional[str] = None,
+                     dataset_split: str = "test",
+                     progress: Optional[Callable[[int, int], None]] = None) -> EvalResult:
+    """`gpt eval`: score the model of `checkpoint` (else the project's run dir) on `eval_input`, with the
+    project's [eval] settings (options of the command line already applied as overrides).
+
+    progress(scored, total) is called after every batch of windows."""
+    from .runtime import load_project_model, resolve_device
+
+    if text is not None and dataset is not None:
+        raise GptError("--dataset: give --text or --dataset, not both.", exit_code=2)
+    loaded = load_project_model(project, checkpoint, resolve_device(device))
+    context = loaded.config.block_size
+    stride = resolve_stride(project.eval.stride, context)
+    sequences, source = eval_input(project, loaded.tokenizer, text=text, dataset=dataset, dataset_split=dataset_split)
+    total, done = scored_count((len(s) for s in sequences), context, stride), 0
+
+    def advance(scored: int) -> None:
+        nonlocal done
+        done += scored
+        if progress is not None:
+            progress(done, total)
+
+    return evaluate_sequences(loaded.model, loaded.tokenizer, sequences, source=source, stride=stride,
+                              batch_size=project.eval.batch_size, bf16=bf16, progress=advance)

@@ -15,11 +15,16 @@ context than it would alone.
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from .config import GenerateConfig, Project
 from .errors import GptError
 from .model import GPT
 
@@ -28,27 +33,8 @@ from .model import GPT
 SLIDE_KEEP = 3 / 4
 
 
-@dataclass
-class SamplingOptions:
-    """How to pick tokens; the same meaning as the [generate] keys."""
-
-    max_new_tokens: int = 100
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int = 50  # 0 = no top-k filter
-    top_p: float = 1.0  # 1.0 = no nucleus filter
-    num_samples: int = 1
-    seed: Optional[int] = None  # None = a fresh random seed
-    stop: tuple[str, ...] = ()
-    lookahead: int = 0  # greedy, one row: verify up to this many prompt-lookup draft tokens per pass
-
-    def __post_init__(self):
-        if self.lookahead < 0:
-            raise GptError("lookahead must be 0 or more.")
-        if self.max_new_tokens < 1 or self.num_samples < 1:
-            raise GptError("max_new_tokens and num_samples must be at least 1.")
-        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise GptError("temperature and top_k must be 0 or more, and top_p in (0, 1].")
-        self.stop = tuple(s for s in self.stop if s)
+# How to pick tokens is the [generate] section itself: one schema, validated when it is built.
+SamplingOptions = GenerateConfig
 
 
 @dataclass
@@ -374,7 +360,8 @@ def generate(model: GPT, tokenizer, prompts: list[str], options: SamplingOptions
             on_notice(f"Prompt {index + 1} has {len(ids) + dropped} tokens, more than the context of "
                       f"{model.config.block_size}; using its last {len(ids)} tokens.")
     rows = [(index, ids) for index, (ids, _) in enumerate(encoded) for _ in range(options.num_samples)]
-    texts = [RowText(tokenizer, options.stop) for _ in rows]
+    stop = tuple(s for s in options.stop if s)  # an empty stop string would end every sample at once
+    texts = [RowText(tokenizer, stop) for _ in rows]
 
     def on_token(row: int, token: int) -> bool:
         stopped = texts[row].add(token)
@@ -412,3 +399,51 @@ def sample_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, tempera
         return generate(model, tokenizer, [prompt], options)[0].text
     finally:
         model.train(was_training)
+
+
+# --- gpt generate -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    samples: list[Sample]
+    streamed: bool  # the prompt and the text went to `stream` as they were made
+
+
+def read_prompts(prompts: Optional[list[str]], default: str) -> list[str]:
+    """The prompts as given ("-" = stdin); the [generate] prompt when none is given."""
+    prompts = prompts or [default]
+    if prompts.count("-") > 1:
+        raise GptError("PROMPT: stdin can be read once; give '-' at most once.", exit_code=2)
+    texts = [sys.stdin.read().removesuffix("\n") if p == "-" else p for p in prompts]
+    for index, text in enumerate(texts):
+        if not text.strip():
+            where = "from stdin" if prompts[index] == "-" else f"number {index + 1}"
+            raise GptError(f"The prompt {where} is empty; give some text to continue.")
+    return texts
+
+
+def generate_for_project(project: Project, prompts: Optional[list[str]], *, checkpoint: Optional[Path] = None,
+                         device: str = "auto", bf16: bool = False, stream: Optional[Callable[[str], None]] = None,
+                         on_notice: Optional[Callable[[str], None]] = None) -> Generation:
+    """`gpt generate`: continue the prompts with the model of `checkpoint` (else the project's run dir)
+    using the project's [generate] settings, options of the command line already applied as overrides.
+
+    With `stream` and a single sample to make (one prompt, num_samples 1) the prompt and then the text
+    go to `stream` as they are made; otherwise the samples come back together."""
+    from .runtime import load_project_model, resolve_device
+
+    options = project.generate
+    if options.seed is None:  # unset means the project's seed, so a run is repeatable by default
+        options = dataclasses.replace(options, seed=project.project.seed)
+    texts = read_prompts(prompts, options.prompt)
+    target = resolve_device(device)
+    loaded = load_project_model(project, checkpoint, target)
+    streaming = stream is not None and len(texts) == 1 and options.num_samples == 1
+    if streaming:
+        stream(texts[0])
+    autocast = torch.autocast(target.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with autocast:
+        samples = generate(loaded.model, loaded.tokenizer, texts, options,
+                           on_text=(lambda row, piece: stream(piece)) if streaming else None, on_notice=on_notice)
+    return Generation(samples, streamed=streaming)

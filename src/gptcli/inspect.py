@@ -4,11 +4,11 @@ model-state memory each ZeRO stage needs per GPU. Built on the meta device: no w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
-from .config import ModelConfig
-from .model import build_model, parameter_components
-from .presets import PRESETS
+from .config import ModelConfig, apply_overrides, load_project, project_file, project_from_dict
+from .presets import PRESETS, Preset
 
 # Mixed-precision Adam keeps 16 bytes per parameter (Rajbhandari et al. 2020, ZeRO, section 3.1):
 # 2 (bf16/fp16 weights) + 2 (gradients) + 12 (fp32 master weights, momentum, variance).
@@ -28,6 +28,7 @@ class ParameterReport:
     gpus: int
     memory_per_gpu: dict[str, int]
     n_layer: int
+    customised_from: Optional[str] = None  # the preset named in the config, when the shape is no longer its
 
     @property
     def matches(self) -> Optional[bool]:
@@ -37,7 +38,8 @@ class ParameterReport:
         return {"name": self.name, "total": self.total, "reference": self.reference, "matches": self.matches,
                 "components": self.components, "flops_per_token": self.flops_per_token,
                 "memory_per_gpu": self.memory_per_gpu, "gpus": self.gpus, "seq_len": self.seq_len,
-                "flops_parameters": self.flops_parameters, "source": self.source}
+                "flops_parameters": self.flops_parameters, "source": self.source,
+                "customised_from": self.customised_from}
 
 
 def flops_per_token(config: ModelConfig, non_position_params: int, seq_len: int) -> int:
@@ -58,27 +60,60 @@ def zero_memory_per_gpu(parameters: int, gpus: int) -> dict[str, int]:
     }
 
 
-def reference_for(config: ModelConfig) -> tuple[Optional[int], Optional[str]]:
-    """The preset's published count, if the config still has the preset's architecture."""
+def preset_shape(config: ModelConfig) -> tuple[Optional[Preset], Optional[str]]:
+    """(the preset whose shape this is, the preset it was customised from): a config that names a preset
+    but changes any architecture key of it (mlp_ratio included, though the preset does not list it) is
+    no longer that preset, and has no published count."""
     preset = PRESETS.get(config.preset or "")
     if preset is None:
         return None, None
-    if any(getattr(config, key) != value for key, value in preset.model.items()):
-        return None, f"customised from {preset.name}: no published count"
-    return preset.reference, preset.source
+    if project_from_dict({"model": {"preset": preset.name}}).model.architecture_dict() != config.architecture_dict():
+        return None, preset.name
+    return preset, None
 
 
 def inspect_parameters(config: ModelConfig, gpus: int = 1, seq_len: Optional[int] = None,
                        name: Optional[str] = None) -> ParameterReport:
+    from .model import build_model, parameter_components
+
     model = build_model(config, device="meta")
     components = parameter_components(model)
     total = sum(components.values())
     seq_len = seq_len or config.block_size
     non_position = total - components["wpe (position embedding)"]
-    reference, source = reference_for(config)
+    preset, customised_from = preset_shape(config)
     return ParameterReport(
-        name=name or config.preset or "custom", total=total, reference=reference, source=source,
+        name=name or (preset.name if preset else "custom"), total=total,
+        reference=preset.reference if preset else None, source=preset.source if preset else None,
         components=components, flops_per_token=flops_per_token(config, non_position, seq_len),
         flops_parameters=non_position, seq_len=seq_len, gpus=gpus,
-        memory_per_gpu=zero_memory_per_gpu(total, gpus), n_layer=config.n_layer,
+        memory_per_gpu=zero_memory_per_gpu(total, gpus), n_layer=config.n_layer, customised_from=customised_from,
     )
+
+
+@dataclass
+class PresetComparison:
+    """Every preset side by side: computed count against the published one."""
+
+    reports: list[ParameterReport]
+
+    def to_json(self) -> dict:
+        return {"presets": [report.to_json() for report in self.reports]}
+
+
+def compare_presets(gpus: int = 1) -> PresetComparison:
+    return PresetComparison([inspect_parameters(project_from_dict({"model": {"preset": name}}).model, gpus=gpus)
+                             for name in PRESETS])
+
+
+def inspect_command(preset: Optional[str], project: Optional[Path], overrides: list[str],
+                    gpus: int = 1) -> Union[ParameterReport, PresetComparison]:
+    """`gpt inspect-params`: PRESET (with any --set overrides) when given; else the project's [model]; with
+    neither a project file nor overrides, every preset side by side."""
+    if preset is not None:
+        config = project_from_dict(apply_overrides({"model": {"preset": preset}}, overrides))
+    elif project_file(project) is None and not overrides:
+        return compare_presets(gpus)
+    else:
+        config = load_project(project, overrides)
+    return inspect_parameters(config.model, gpus=gpus)
