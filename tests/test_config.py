@@ -134,3 +134,97 @@ def test_null_optional_keys_read_as_unset():
     assert project_from_dict({"model": {"preset": None, "n_layer": 2}}).model.preset is None
     with pytest.raises(ConfigError, match="model.n_layer must be an integer, not None"):
         project_from_dict({"model": {"n_layer": None}})
+
+
+# --- values the schema refuses: one sentence naming the key, never an internal error ----------------------
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("train.lr=nan", ["train.lr must be a finite number, not nan"]),
+        ("train.lr=inf", ["train.lr must be a finite number, not inf"]),
+        ("train.lr=-0.001", ["train.lr must be more than 0, not -0.001"]),
+        ("train.beta1=1.5", ["train.beta1 must be in [0, 1), not 1.5"]),
+        ("train.beta2=-0.1", ["train.beta2 must be in [0, 1), not -0.1"]),
+        ("train.eps=0", ["train.eps must be more than 0, not 0.0"]),
+        ("train.weight_decay=-1", ["train.weight_decay must be 0 or more, not -1.0"]),
+        ("train.grad_clip=-1", ["train.grad_clip must be 0 or more, not -1.0"]),
+        ("generate.temperature=nan", ["generate.temperature must be a finite number, not nan"]),
+        ("generate.top_p=0", ["generate.top_p must be in (0, 1], not 0.0"]),
+        ("model.dropout=1", ["model.dropout must be in [0, 1), not 1.0"]),
+        ('model.activation="gelu2"', ['model.activation must be one of "gelu", "gelu_new", "relu", "silu", '
+                                      'not "gelu2" (did you mean "gelu"?)']),
+        ('train.lr_schedule="cosin"', ['train.lr_schedule must be one of "cosine", "linear", "constant"',
+                                       'did you mean "cosine"']),
+        ("deepspeed.zero_stage=4", ["deepspeed.zero_stage must be one of 0, 1, 2, 3, not 4"]),
+        ("deepspeed.zero_stage=true", ["deepspeed.zero_stage must be an integer, not True"]),
+        ('eval.split="test"', ['eval.split must be one of "val", "train", not "test"']),
+        ("train.seq_len=2048", ["train.seq_len (2048) exceeds model.block_size (1024)"]),
+    ],
+)
+def test_bad_values_through_the_cli_are_one_sentence_naming_the_key(tmp_path, override, fragments):
+    result = run_gpt("inspect-params", "--set", override, cwd=tmp_path)
+    assert result.returncode == 1
+    assert_user_error(result, *fragments)
+    assert "internal error" not in result.stderr and result.stdout == ""
+
+
+def test_a_negative_lr_is_reported_as_lr_not_as_min_lr(tmp_path):
+    path = write(tmp_path, "[train]\nlr = -3e-4\n")  # min_lr (6e-5) now exceeds lr as well
+    result = run_gpt("inspect-params", "--project", path)
+    assert_user_error(result, "train.lr must be more than 0, not -0.0003")
+    assert "min_lr" not in result.stderr
+
+
+def test_train_refuses_a_nan_lr_before_it_starts(tmp_path):
+    path = write(tmp_path, "[train]\nlr = nan\n")
+    result = run_gpt("train", "--project", path, cwd=tmp_path)
+    assert result.returncode == 1
+    assert_user_error(result, "train.lr must be a finite number, not nan")
+    assert "internal error" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_cross_section_rules_fail_at_load_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"train.seq_len \(65\) exceeds model.block_size \(64\)"):
+        project_from_dict({"model": {"preset": "nano"}, "train": {"seq_len": 65}})
+    rotary = project_from_dict({"model": {"preset": "nano", "position": "rotary"}, "train": {"seq_len": 128}})
+    assert rotary.train.seq_len == 128  # rotary positions extend past block_size
+    with pytest.raises(ConfigError, match=r"train.global_batch_tokens \(1,000\) is not a multiple of "
+                                          r"train.micro_batch_size × seq_len = 8 × 64"):
+        project_from_dict({"model": {"preset": "nano"}, "train": {"global_batch_tokens": 1000}})
+
+
+def test_sections_built_in_code_are_validated_like_loaded_ones():
+    from gptcli.config import GenerateConfig, TrainConfig
+    from gptcli.generate import SamplingOptions
+
+    assert SamplingOptions is GenerateConfig  # one schema for the sampler and the [generate] section
+    with pytest.raises(ConfigError, match=r"generate.top_p must be in \(0, 1\], not 0"):
+        SamplingOptions(top_p=0)
+    with pytest.raises(ConfigError, match="train.beta1 must be in"):
+        TrainConfig(beta1=1.0)
+    assert GenerateConfig(stop=("a",)).stop == ["a"]
+
+
+def test_field_docs_are_the_help_of_the_options_that_stand_for_them():
+    from gptcli.config import field_doc
+
+    assert field_doc("generate", "top_p").startswith("Nucleus sampling")
+    result = run_gpt("generate", "--help", env={"COLUMNS": "400"})
+    assert field_doc("generate", "top_p") in result.stdout
+    assert field_doc("eval", "stride") in run_gpt("eval", "--help", env={"COLUMNS": "400"}).stdout
+
+
+# --- presets bring training settings that suit their size ---------------------------------------------------
+
+
+def test_small_presets_bring_cpu_sized_training_below_the_file(tmp_path):
+    nano = project_from_dict({"model": {"preset": "nano"}})
+    assert (nano.train.lr, nano.train.min_lr, nano.train.max_steps) == (3e-3, 3e-4, 200)
+    assert project_from_dict({"model": {"preset": "gpt2"}}).train == Project().train  # GPT-2's own settings
+    path = write(tmp_path, '[model]\npreset = "nano"\n[train]\nlr = 1e-3\n')
+    project = load_project(path, ["train.max_steps=7"])
+    assert project.train.lr == 1e-3  # the file beats the preset
+    assert project.train.max_steps == 7  # --set beats both
+    assert project.train.min_lr == 3e-4 and project.train.warmup_steps == 20  # the preset beats the defaults

@@ -57,3 +57,53 @@ def test_gpt2_xl_is_inspected_without_allocating_its_weights():
     grown = process.memory_info().rss - before
     assert report.total == 1_557_611_200 and report.matches
     assert grown < 200 * 2**20  # fp32 weights alone would be 6.2 GB
+
+
+def test_a_customised_preset_is_not_reported_as_that_preset(tmp_path):
+    """mlp_ratio is not among the keys the gpt2 preset lists, yet changing it changes the shape."""
+    project = tmp_path / "run.toml"
+    project.write_text('[model]\npreset = "gpt2"\n')
+    for args in (("--project", project), ("gpt2",)):
+        result = run_gpt("inspect-params", *args, "--set", "model.mlp_ratio=2", "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["total"] == 124_439_808 - 12 * (4 * 768 * 768 + 2 * 768)  # half the MLP: weights, c_fc bias
+        assert report["reference"] is None and report["matches"] is None
+        assert report["customised_from"] == "gpt2" and report["name"] != "gpt2"
+        human = run_gpt("inspect-params", *args, "--set", "model.mlp_ratio=2")
+        assert "✗" not in human.stdout and "124,439,808" not in human.stdout
+        assert "customised: no published count" in " ".join(human.stdout.split())
+
+
+def test_a_preset_name_in_a_file_with_another_shape_is_not_named(tmp_path):
+    project = tmp_path / "run.toml"
+    project.write_text('[model]\npreset = "nano"\nn_layer = 12\nn_embd = 768\nn_head = 12\nblock_size = 1024\n')
+    report = json.loads(run_gpt("inspect-params", "--project", project, "--json").stdout)
+    assert report["name"] == "custom" and report["customised_from"] == "nano"
+
+
+def test_without_argument_or_project_every_preset_side_by_side(tmp_path):
+    from gptcli.presets import PRESETS
+
+    result = run_gpt("inspect-params", "--json", cwd=tmp_path)  # no run.toml here
+    assert result.returncode == 0, result.stderr
+    reports = json.loads(result.stdout)["presets"]
+    assert [r["name"] for r in reports] == list(PRESETS)
+    by_name = {r["name"]: r for r in reports}
+    assert by_name["gpt2-xl"]["total"] == 1_557_611_200 and by_name["gpt2-xl"]["matches"] is True
+    assert by_name["nano"]["reference"] is None and by_name["nano"]["total"] == 3_320_640
+    human = run_gpt("inspect-params", cwd=tmp_path, env={"COLUMNS": "250"})
+    for name in PRESETS:
+        assert name in human.stdout
+    assert human.stdout.count("✓") == 6 and "✗" not in human.stdout
+    (tmp_path / "run.toml").write_text('[model]\npreset = "distilgpt2"\n')  # a project: its model, as before
+    assert json.loads(run_gpt("inspect-params", "--json", cwd=tmp_path).stdout)["name"] == "distilgpt2"
+
+
+def test_list_describes_each_preset_and_its_training_settings():
+    from gptcli.presets import PRESETS
+
+    listed = json.loads(run_gpt("inspect-params", "--list", "--json").stdout)
+    assert list(listed) == list(PRESETS)
+    assert listed["nano"]["train"]["lr"] == 3e-3 and listed["gpt2"]["train"] == {}
+    assert "seconds" not in listed["nano"]["description"]

@@ -393,11 +393,11 @@ def generate_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Continue prompts with a trained model: top-k / top-p / temperature sampling or greedy, with a KV cache."""
-    from .generate import generate_for_project
-
     given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
              "num_samples": num_samples, "seed": seed, "stop": stop, "lookahead": lookahead}
     config = load(project, [*(overrides or []), *option_overrides("generate", given)])
+    from .generate import generate_for_project  # torch: imported once the configuration is known to be good
+
     result = generate_for_project(config, prompts, checkpoint=checkpoint, device=device, bf16=bf16,
                                   stream=None if as_json else write_now,
                                   on_notice=lambda message: err.print(f"note: {message}", highlight=False))
@@ -438,10 +438,10 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and bits per byte of a model on the project's val shards, a text file or a dataset."""
-    from .evaluate import evaluate_project
-
     given = {"split": split, "stride": stride, "batch_size": batch_size, "max_tokens": max_tokens}
     config = load(project, [*(overrides or []), *option_overrides("eval", given)])
+    from .evaluate import evaluate_project  # torch: imported once the configuration is known to be good
+
     with eval_progress() as progress:
         result = evaluate_project(config, checkpoint=checkpoint, device=device, bf16=bf16, text=text,
                                   dataset=dataset, dataset_split=dataset_split, progress=progress)
