@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import psutil
 
-from conftest import assert_user_error, run_gpt
+from conftest import assert_user_error, gpt_env, run_gpt
 from gptcli.config import project_from_dict
 from gptcli.inspect import inspect_parameters, zero_memory_per_gpu
 
@@ -107,3 +109,19 @@ def test_list_describes_each_preset_and_its_training_settings():
     assert list(listed) == list(PRESETS)
     assert listed["nano"]["train"]["lr"] == 3e-3 and listed["gpt2"]["train"] == {}
     assert "seconds" not in listed["nano"]["description"]
+
+
+def test_inspecting_leaves_torch_init_alone_and_skips_the_dynamo_import():
+    """Start-up: building a meta model must not pull in torch._dynamo (about a second) through the init
+    functions' meta kernels, and must give torch.nn.init back as it found it."""
+    probe = ("import sys, torch, torch.nn.init as init\n"
+             "before = init.normal_\n"
+             "from gptcli.config import project_from_dict\n"
+             "from gptcli.inspect import inspect_parameters\n"
+             "report = inspect_parameters(project_from_dict({'model': {'preset': 'gpt2-xl'}}).model)\n"
+             "assert report.matches, report.total\n"
+             "assert init.normal_ is before\n"
+             "print('torch._dynamo' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=gpt_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

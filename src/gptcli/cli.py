@@ -504,6 +504,10 @@ def load_hf_command(
     report = load_hf(source, out_dir, verify=verify, force=force)
     if as_json:
         return emit_json(report.to_json())
+    show_load_report(report)
+
+
+def show_load_report(report) -> None:
     reference = ""
     if report.reference is not None:
         mark = "[green]✓[/green]" if report.matches else "[red]✗[/red]"
