@@ -1,7 +1,8 @@
 """The project file (`run.toml`): one dataclass per [section], with defaults and a line of doc per key.
 
-Precedence, stated once: ``--set section.key=value`` > the project file > a `[model] preset` > the
-defaults below. The same field docs feed `gpt init`'s commented file, `--help` and
+Precedence, stated once: ``--set section.key=value`` (and the command-line options that stand for a key)
+> the project file > a `[model] preset` (its [model] keys and, for the CPU-sized presets, [train] keys)
+> the defaults below. The same field docs feed `gpt init`'s commented file, `--help` and
 docs/project-file.md (`python -m gptcli.config > docs/project-file.md`).
 """
 
@@ -117,7 +118,8 @@ class ModelConfig(Section):
 
     section = "model"
 
-    preset: Optional[str] = doc("Start from a named architecture (see `gpt inspect-params --list`); keys below override it.", None)
+    preset: Optional[str] = doc("Start from a named architecture (see `gpt inspect-params --list`); keys below override it. "
+                                 "nano and tiny also bring [train] settings that suit their size.", None)
     vocab_size: int = doc("Vocabulary size the tokenizer produces (GPT-2 BPE: 50257).", 50257, at_least=1)
     block_size: int = doc("Context length: the most positions the model sees.", 1024, at_least=1)
     n_layer: int = doc("Number of transformer blocks.", 12, at_least=1)
@@ -629,7 +631,20 @@ def docs_markdown() -> str:
             shown = "unset" if value is None else toml_value(value)
             out.append(f"| `{f.name}` | `{shown}` | {allowed_values(name, f.name)} | {f.metadata['doc']} |")
         out.append("")
-    return "\n".join(out)
+    return "\n".join(out + _presets_markdown())
+
+
+def _presets_markdown() -> list[str]:
+    from .presets import PRESETS
+
+    out = ["## Presets", "", "`[model] preset = NAME` sets these keys below the file's own (`gpt inspect-params "
+           "--list` describes them; `gpt init --preset NAME` writes them as comments).", "",
+           "| preset | [model] keys | [train] keys |", "|---|---|---|"]
+    for preset in PRESETS.values():
+        model = ", ".join(f"{k} = {toml_value(v)}" for k, v in preset.model.items())
+        train = ", ".join(f"{k} = {toml_value(v)}" for k, v in preset.train.items()) or "(the defaults)"
+        out.append(f"| `{preset.name}` | {model} | {train} |")
+    return out + [""]
 
 
 if __name__ == "__main__":
