@@ -73,6 +73,16 @@ def preset_shape(config: ModelConfig) -> tuple[Optional[Preset], Optional[str]]:
     return preset, None
 
 
+def reference_for(config: ModelConfig) -> tuple[Optional[int], Optional[str]]:
+    """The published count and its source, when the config has the shape of the preset it names."""
+    preset, customised_from = preset_shape(config)
+    if preset is not None:
+        return preset.reference, preset.source
+    if customised_from is not None:
+        return None, f"customised from {customised_from}: no published count"
+    return None, None
+
+
 # The torch.nn.init functions that module constructors and GPT.reset_parameters call.
 INIT_FUNCTIONS = ("uniform_", "normal_", "kaiming_uniform_", "ones_", "zeros_", "trunc_normal_")
 
