@@ -255,6 +255,14 @@ def test_cli_uses_the_project_run_dir(model_dir, tmp_path):
     result = run_gpt("generate", "Hi", "--json", "--temperature", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["samples"][0]["tokens"]) == 4
+    # Options are overrides of [generate] keys: the option beats --set, which beats the file.
+    result = run_gpt("generate", "Hi", "--json", "--temperature", "0", "--set", "generate.max_new_tokens=3",
+                     "--max-new-tokens", "5", "--set", "generate.stop=[]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["samples"][0]["tokens"]) == 5
+    result = run_gpt("generate", "Hi", "--json", "--temperature", "0", "--set", "generate.max_new_tokens=3",
+                     cwd=tmp_path)
+    assert len(json.loads(result.stdout)["samples"][0]["tokens"]) == 3
 
 
 def test_cli_bad_input(model_dir, tmp_path):
