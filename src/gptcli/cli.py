@@ -152,7 +152,7 @@ def show_presets(presets, as_json: bool) -> None:
     for column in ("name", "published count", "what", "training defaults"):
         table.add_column(column)
     for name, p in presets.items():
-        training = ", ".join(f"{key} {value}" for key, value in p.train.items()) or "the [train] defaults"
+        training = ", ".join(f"{key} {value}" for key, value in p.train.items()) or escape("the [train] defaults")
         table.add_row(name, f"{p.reference:,}" if p.reference else "—", p.description, training)
     out.print(table)
 

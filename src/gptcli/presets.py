@@ -59,12 +59,12 @@ PRESETS: dict[str, Preset] = {
                "gptcli's own CPU-sized model; no published count",
                "4 blocks, 128 wide, 256 positions: its 300 default steps of 8 × 256 tokens take tens of minutes "
                "on a laptop CPU",
-               train=_SMALL_MODEL_TRAINING | {"max_steps": 300, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30}),
+               train={"max_steps": 300, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30} | _SMALL_MODEL_TRAINING),
         Preset("nano", {**_GPT2, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 64}, None,
                "gptcli's own smoke-test model; no published count",
                "2 blocks, 64 wide, 64 positions: its 200 default steps of 8 × 64 tokens take a few minutes on a "
                "laptop CPU",
-               train=_SMALL_MODEL_TRAINING | {"max_steps": 200, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20}),
+               train={"max_steps": 200, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20} | _SMALL_MODEL_TRAINING),
     ]
 }
 
