@@ -62,8 +62,8 @@ PRESETS: dict[str, Preset] = {
                train={"max_steps": 300, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30} | _SMALL_MODEL_TRAINING),
         Preset("nano", {**_GPT2, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 64}, None,
                "gptcli's own smoke-test model; no published count",
-               "2 blocks, 64 wide, 64 positions: its 200 default steps of 8 × 64 tokens take a few minutes on a "
-               "laptop CPU",
+               "2 blocks, 64 wide, 64 positions: its 200 default steps of 8 × 64 tokens take minutes on a CPU "
+               "(loss 10.8 → about 6 on tinyshakespeare)",
                train={"max_steps": 200, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20} | _SMALL_MODEL_TRAINING),
     ]
 }
