@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import GPT2_BPE, SHAKESPEARE, assert_user_error, run_gpt
 from gptcli import hf
+from gptcli.hf import convert
+from gptcli.hf.source import resolve_source
 from gptcli.config import project_from_dict
 from gptcli.errors import GptError
 from gptcli.inspect import reference_for
@@ -247,7 +249,7 @@ def test_mask_buffers_are_skipped_by_exact_name_and_bin_files_load(tmp_path, tex
 def test_verify_fails_loudly_when_a_tensor_is_converted_wrong(tmp_path, monkeypatch):
     """attn.c_proj.weight is square, so forgetting its transpose passes every shape check: --verify catches it."""
     source = save_random_gpt2(tmp_path / "hf", **GPT2_SHAPES["gpt2-like"])
-    monkeypatch.setattr(hf, "TRANSPOSED", tuple(n for n in hf.TRANSPOSED if n != "attn.c_proj.weight"))
+    monkeypatch.setattr(convert, "TRANSPOSED", tuple(n for n in convert.TRANSPOSED if n != "attn.c_proj.weight"))
     with pytest.raises(GptError, match=r"--verify failed: .* differ from transformers' by up to .*tolerance 0.0001"):
         hf.load_hf(str(source), tmp_path / "model", verify=True)
     assert not (tmp_path / "model").exists()
@@ -282,7 +284,7 @@ def test_published_shapes_are_recognised_with_their_reference_counts(preset):
         hf_config = {"model_type": "gpt2", "activation_function": "gelu_new", "n_positions": 1024,
                      "vocab_size": 50257, "n_inner": None}
     hf_config.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, layer_norm_epsilon=1e-5)
-    config = hf.model_config_from_hf(hf_config, hf_config["model_type"])
+    config = convert.model_config_from_hf(hf_config, hf_config["model_type"])
     assert config.preset == preset
     reference, _ = reference_for(config)
     assert count_parameters(build_model(config, device="meta")) == reference
@@ -290,13 +292,13 @@ def test_published_shapes_are_recognised_with_their_reference_counts(preset):
 
 def test_unsupported_hf_options_are_refused(tmp_path):
     with pytest.raises(GptError, match="scale_attn_by_inverse_layer_idx"):
-        hf.model_config_from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True}, "gpt2")
+        convert.model_config_from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True}, "gpt2")
     with pytest.raises(GptError, match='activation "gelu_fast"'):
-        hf.model_config_from_hf({"model_type": "gpt2", "activation_function": "gelu_fast"}, "gpt2")
+        convert.model_config_from_hf({"model_type": "gpt2", "activation_function": "gelu_fast"}, "gpt2")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(GptError, match='model_type "llama"'):
-        hf.resolve_source(str(tmp_path))
+        resolve_source(str(tmp_path))
 
 
 def test_sharded_safetensors_with_an_index(tmp_path, text_lines):

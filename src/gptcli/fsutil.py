@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from .errors import GptError
+from .errors import GptError, Stopped
 
 
 @contextmanager
@@ -139,3 +140,39 @@ def publish_dir(staging: Path, target: Path) -> None:
     os.rename(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(target: Path | str, purpose: str) -> Iterator[Path]:
+    """Build a new `target` in a staging dir (see `staging_dir`): it is published (`publish_dir`) when the
+    block finishes and removed when it raises, so `target` is either the old dir or the complete new one.
+    A stop by signal or Ctrl-C is re-raised as `Stopped`, saying that `target` was left as it was."""
+    target = Path(target)
+    staging = staging_dir(target, purpose)
+    try:
+        yield staging
+    except KeyboardInterrupt as stop:
+        shutil.rmtree(staging, ignore_errors=True)
+        signal_number = getattr(stop, "signal_number", signal.SIGINT)
+        raise Stopped(signal_number, f"{purpose} stopped before {target} was complete; {target} was left as it "
+                                     "was and the partial files were removed.") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        with signals_deferred():  # two renames: a stop between them would leave no `target` at all
+            publish_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends; their handlers then run as usual."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
