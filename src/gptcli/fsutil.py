@@ -40,6 +40,12 @@ def _umask() -> int:
     return mask
 
 
+def follow_umask(path: Path | str) -> None:
+    """Give a file the permissions the umask allows (0644 under umask 022). For writers that create files
+    0600 whatever the umask, such as safetensors' save_file, so other users may read a shared model."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_text(path: Path | str, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -21,7 +21,7 @@ import torch
 
 from .config import ConfigError, ModelConfig, project_from_dict
 from .errors import GptError
-from .fsutil import check_replaceable, read_owned, staged_dir
+from .fsutil import check_replaceable, follow_umask, read_owned, staged_dir
 from .model import GPT, model_from_state_dict
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_from_model_dir
 
@@ -60,6 +60,7 @@ def write_model_files(directory: Path, model: GPT, tokenizer: Tokenizer, metadat
     directory = Path(directory)
     info = {"format": "gptcli-model", **{k: str(v) for k, v in (metadata or {}).items()}}
     save_file(state_dict_for_saving(model), str(directory / WEIGHTS_FILE), metadata=info)
+    follow_umask(directory / WEIGHTS_FILE)  # save_file creates it 0600
     config = dataclasses.asdict(model.config)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save(directory)

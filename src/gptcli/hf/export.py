@@ -12,7 +12,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import GptError
-from ..fsutil import check_replaceable, staged_dir
+from ..fsutil import check_replaceable, follow_umask, staged_dir
 from .convert import GPT1_ACTIVATIONS, hf_name_of, is_transposed
 from .source import HFWeights
 
@@ -101,6 +101,7 @@ def export_hf(checkpoint: Path | str, out: Path | str, force: bool = False) -> E
         tensors = export_tensors(model_dir, config, family)
         dtype = tensors[hf_name_of("wte.weight", family)].dtype
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        follow_umask(staging / "model.safetensors")  # save_file creates it 0600
         hf_config = hf_config_for(config, family, tokenizer, dtype)
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         files = ["config.json", "model.safetensors", *tokenizer.save_for_hf(staging, config.block_size)]
