@@ -144,7 +144,7 @@ def test_replaceable_targets(tmp_path):
     ("file", ["is a file, not a directory"]),
     ("not forced", ["already exists and is not empty", "--force"]),
     ("foreign", ["files gptcli did not write (notes.txt)", "--force replaces only the model dir it wrote"]),
-    ("git", ["files gptcli did not write (.git, README.md)"]),
+    ("git", ["is a git repository (it holds .git)", "never deletes one"]),
     ("input", ["holds corpus.txt, an input of this command", "never deletes an input"]),
     ("no record", ["holds no record of files written by gptcli (.gptcli-files)"]),
 ])

@@ -80,7 +80,7 @@ def test_a_model_dir_from_before_the_file_list_stays_replaceable(tmp_path, token
 
 @pytest.mark.parametrize("intruder, fragment", [
     ("notes.txt", "files gptcli did not write (notes.txt)"),
-    (".git", "files gptcli did not write (.git)"),
+    (".git", "is a git repository (it holds .git)"),
 ])
 def test_foreign_files_are_never_replaced(tmp_path, tokenizer, intruder, fragment):
     save_model_dir(tmp_path / "model", tiny_model(), tokenizer)

@@ -15,11 +15,12 @@ class GptError(Exception):
         self.exit_code = exit_code
 
 
-class Stopped(KeyboardInterrupt):
+class Stopped(BaseException):
     """The work was stopped by a signal (SIGTERM, or Ctrl-C's SIGINT) before it finished.
 
-    A KeyboardInterrupt, so cleanup that runs on every exception runs, and `except Exception` blocks do
-    not swallow it. The CLI prints `where` (what was left undone) and exits with 128 + the signal number
+    A BaseException, like KeyboardInterrupt: cleanup that runs on every exception runs, `except Exception`
+    blocks do not swallow it, and neither does the CLI framework (which turns a KeyboardInterrupt into a
+    silent exit 130). The CLI prints `where` (what was left undone) and exits with 128 + the signal number
     (143 for SIGTERM, 130 for SIGINT), as shells report a process ended by that signal."""
 
     def __init__(self, signal_number: int, where: str = ""):

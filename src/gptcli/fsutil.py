@@ -120,6 +120,9 @@ def check_replaceable(target: Path | str, *, force: bool, what: str, inputs: Ite
         if item == resolved or resolved in item.parents:
             raise GptError(f"{target} holds {item.name}, an input of this command; --force never deletes an "
                            "input, so choose another output directory.")
+    if (target / ".git").exists():
+        raise GptError(f"{target} is a git repository (it holds .git); --force never deletes one, so choose "
+                       "another output directory.")
     ours = read_owned(target) if owned is None else set(owned) | {OWNED_FILES}
     if ours is None:
         raise GptError(f"{target} holds no record of files written by gptcli ({OWNED_FILES}), so --force does "
@@ -157,7 +160,7 @@ def staged_dir(target: Path | str, purpose: str) -> Iterator[Path]:
     staging = staging_dir(target, purpose)
     try:
         yield staging
-    except KeyboardInterrupt as stop:
+    except (KeyboardInterrupt, Stopped) as stop:
         shutil.rmtree(staging, ignore_errors=True)
         signal_number = getattr(stop, "signal_number", signal.SIGINT)
         raise Stopped(signal_number, f"{purpose} stopped before {target} was complete; {target} was left as it "

@@ -97,7 +97,7 @@ def export_hf(checkpoint: Path | str, out: Path | str, force: bool = False) -> E
     config = read_model_config(model_dir)
     family = export_family(config)
     tokenizer = load_from_model_dir(model_dir)
-    with staged_dir(out, "export-hf") as staging:
+    with staged_dir(out, "export-hf") as staging:  # from here on, a stop or an error leaves `out` as it was
         tensors = export_tensors(model_dir, config, family)
         dtype = tensors[hf_name_of("wte.weight", family)].dtype
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})

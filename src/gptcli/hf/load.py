@@ -81,13 +81,13 @@ def load_hf(source: str, out: Path | str, verify: bool = False, force: bool = Fa
     hf = resolve_source(source)
     config = model_config_from_hf(hf.config, hf.family)
     tokenizer, tokenizer_note = source_tokenizer(hf, config.vocab_size)
-    model = convert_weights(hf, config)
-    reference, _ = reference_for(config)
-    report = LoadReport(out=out, family=hf.family, source=source, weights=[str(p) for p in hf.weights],
-                        dtype=str(model.wte.weight.dtype).replace("torch.", ""), parameters=count_parameters(model),
-                        reference=reference, preset=config.preset, tokenizer=tokenizer.fingerprint,
-                        tokenizer_note=tokenizer_note)
-    with staged_dir(out, "load-hf") as staging:
+    with staged_dir(out, "load-hf") as staging:  # from here on, a stop or an error leaves `out` as it was
+        model = convert_weights(hf, config)
+        reference, _ = reference_for(config)
+        report = LoadReport(out=out, family=hf.family, source=source, weights=[str(p) for p in hf.weights],
+                            dtype=str(model.wte.weight.dtype).replace("torch.", ""),
+                            parameters=count_parameters(model), reference=reference, preset=config.preset,
+                            tokenizer=tokenizer.fingerprint, tokenizer_note=tokenizer_note)
         write_model_files(staging, model, tokenizer, metadata={"source": source})
         del model  # verify reads back what was written, so the file itself is what is proven
         if verify:
