@@ -3,7 +3,7 @@
 GPT-2 (Radford et al. 2019): pre-LN blocks and a final LayerNorm `ln_f`.
 GPT-1 (Radford et al. 2018): post-LN blocks (LayerNorm after each residual add) and no `ln_f`.
 Parameter names are GPT-2's (`wte`, `wpe`, `h.N.ln_1`, `attn.c_attn`, ...), so Hugging Face weights map
-onto this model by name plus a documented list of transposes (see hf.py).
+onto this model by name plus a documented list of transposes (see hf/convert.py).
 
 Shapes: B batch, T query positions, S key positions (T plus what a KV cache holds), H heads,
 D head dimension, C = n_embd, V vocabulary.
