@@ -550,7 +550,8 @@ def export_hf_command(
 
 def main() -> None:
     """Run the app; user errors become one sentence on stderr and a non-zero exit. SIGTERM stops a command
-    the way Ctrl-C does (its cleanup runs); both say where the work stopped and exit 128 + the signal."""
+    the way Ctrl-C does (its cleanup runs) as a `Stopped`, printed with where the work stopped when the
+    command says so, and exits 128 + the signal (143; 130 for a Ctrl-C a command turned into `Stopped`)."""
     import signal
 
     from .errors import Stopped
