@@ -25,7 +25,7 @@ import json, sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
 from gptcli.config import project_from_dict
-from gptcli.hf import hf_name_of
+from gptcli.hf.convert import hf_name_of
 from gptcli.model import build_model
 out, preset = Path(sys.argv[1]), sys.argv[2]
 config = project_from_dict({"model": {"preset": preset}}).model

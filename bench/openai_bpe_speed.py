@@ -24,7 +24,7 @@ def main() -> None:
     from test_openai_bpe import train_bpe, write_vocabulary
     from transformers import OpenAIGPTTokenizer
 
-    from gptcli.openai_bpe import load_openai_gpt_tokenizer
+    from gptcli.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", type=Path, default=REPO.parent / "shared/corpora/tinyshakespeare.txt")
@@ -35,7 +35,7 @@ def main() -> None:
     vocab["<unk>"] = len(vocab)
     vocab_dir = write_vocabulary(Path(tempfile.mkdtemp(prefix="openai-vocab-")), vocab, merges)
     lines = text.splitlines()
-    ours, reference = load_openai_gpt_tokenizer(vocab_dir), OpenAIGPTTokenizer.from_pretrained(str(vocab_dir))
+    ours, reference = load_tokenizer("openai-gpt", str(vocab_dir)), OpenAIGPTTokenizer.from_pretrained(str(vocab_dir))
     start = time.perf_counter()
     ours_ids = ours.encode_batch(lines)
     ours_seconds = time.perf_counter() - start

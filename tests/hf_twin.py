@@ -26,7 +26,8 @@ def hf_gpt2(seed: int = 0, vocab_size: int = 500, block_size: int = 64, n_layer:
 def twin_of(hf_model) -> GPT:
     """A gptcli GPT holding the same tensors as `hf_model`, imported the way `gpt load-hf` imports: the model is
     saved as a Hugging Face dir and read back through gptcli.hf (key map, transposes, exact buffer filter)."""
-    from gptcli.hf import convert_weights, model_config_from_hf, resolve_source
+    from gptcli.hf.convert import convert_weights, model_config_from_hf
+    from gptcli.hf.source import resolve_source
 
     with tempfile.TemporaryDirectory() as directory:
         hf_model.save_pretrained(directory)

@@ -4,14 +4,20 @@ tensors bit-identical through both round trips, faults named, tokenizers equal t
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import GPT2_BPE, SHAKESPEARE, assert_user_error, run_gpt
+from conftest import GPT2_BPE, SHAKESPEARE, assert_user_error, gpt_env, run_gpt
 from gptcli import hf
+from gptcli.hf import convert
+from gptcli.hf.source import resolve_source
 from gptcli.config import project_from_dict
 from gptcli.errors import GptError
 from gptcli.inspect import reference_for
@@ -247,7 +253,7 @@ def test_mask_buffers_are_skipped_by_exact_name_and_bin_files_load(tmp_path, tex
 def test_verify_fails_loudly_when_a_tensor_is_converted_wrong(tmp_path, monkeypatch):
     """attn.c_proj.weight is square, so forgetting its transpose passes every shape check: --verify catches it."""
     source = save_random_gpt2(tmp_path / "hf", **GPT2_SHAPES["gpt2-like"])
-    monkeypatch.setattr(hf, "TRANSPOSED", tuple(n for n in hf.TRANSPOSED if n != "attn.c_proj.weight"))
+    monkeypatch.setattr(convert, "TRANSPOSED", tuple(n for n in convert.TRANSPOSED if n != "attn.c_proj.weight"))
     with pytest.raises(GptError, match=r"--verify failed: .* differ from transformers' by up to .*tolerance 0.0001"):
         hf.load_hf(str(source), tmp_path / "model", verify=True)
     assert not (tmp_path / "model").exists()
@@ -282,7 +288,7 @@ def test_published_shapes_are_recognised_with_their_reference_counts(preset):
         hf_config = {"model_type": "gpt2", "activation_function": "gelu_new", "n_positions": 1024,
                      "vocab_size": 50257, "n_inner": None}
     hf_config.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, layer_norm_epsilon=1e-5)
-    config = hf.model_config_from_hf(hf_config, hf_config["model_type"])
+    config = convert.model_config_from_hf(hf_config, hf_config["model_type"])
     assert config.preset == preset
     reference, _ = reference_for(config)
     assert count_parameters(build_model(config, device="meta")) == reference
@@ -290,13 +296,13 @@ def test_published_shapes_are_recognised_with_their_reference_counts(preset):
 
 def test_unsupported_hf_options_are_refused(tmp_path):
     with pytest.raises(GptError, match="scale_attn_by_inverse_layer_idx"):
-        hf.model_config_from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True}, "gpt2")
+        convert.model_config_from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True}, "gpt2")
     with pytest.raises(GptError, match='activation "gelu_fast"'):
-        hf.model_config_from_hf({"model_type": "gpt2", "activation_function": "gelu_fast"}, "gpt2")
+        convert.model_config_from_hf({"model_type": "gpt2", "activation_function": "gelu_fast"}, "gpt2")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(GptError, match='model_type "llama"'):
-        hf.resolve_source(str(tmp_path))
+        resolve_source(str(tmp_path))
 
 
 def test_sharded_safetensors_with_an_index(tmp_path, text_lines):
@@ -312,3 +318,148 @@ def test_sharded_safetensors_with_an_index(tmp_path, text_lines):
     (source / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     report = hf.load_hf(str(source), tmp_path / "model", verify=True)
     assert len(report.weights) == 2 and report.max_abs_diff < TOLERANCE
+
+
+# --- never lose a user's work (issue 11) ------------------------------------------------------------------------
+
+
+def repo_clone(directory: Path) -> dict[str, bytes]:
+    """A Hugging Face repo clone: a .git dir, a README and model files. Returns its files' bytes."""
+    save_random_gpt2(directory, tokenizer_files=False, **GPT2_SHAPES["untied-head"])
+    (directory / ".git").mkdir()
+    (directory / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (directory / "README.md").write_text("# my model card\n")
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_force_never_replaces_a_repo_clone(tmp_path):
+    model_dir = nano_model_dir(tmp_path / "model", tmp_path)
+    before = repo_clone(tmp_path / "clone")
+    for command in (("export-hf", model_dir), ("load-hf", tmp_path / "hf-source")):
+        if command[0] == "load-hf":
+            save_random_gpt2(tmp_path / "hf-source", tokenizer_files=False, **GPT2_SHAPES["untied-head"])
+        result = run_gpt(*command, "--out", tmp_path / "clone", "--force")
+        assert_user_error(result, "is a git repository (it holds .git)", "choose another output directory")
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        after = {str(p.relative_to(tmp_path / "clone")): p.read_bytes() for p in (tmp_path / "clone").rglob("*")
+                 if p.is_file()}
+        assert after == before
+
+
+def test_force_replaces_a_previous_export_and_never_the_input(tmp_path):
+    model_dir = nano_model_dir(tmp_path / "model", tmp_path)
+    assert run_gpt("export-hf", model_dir, "--out", tmp_path / "hf").returncode == 0
+    (tmp_path / "hf" / "vocab.json").write_text("{}")  # a file gptcli wrote is replaced, however it was edited
+    again = run_gpt("export-hf", model_dir, "--out", tmp_path / "hf", "--force", "--json")
+    assert again.returncode == 0, again.stderr
+    written = json.loads((tmp_path / "hf" / ".gptcli-files").read_text())
+    assert written == sorted(json.loads(again.stdout)["files"])
+    assert len(json.loads((tmp_path / "hf" / "vocab.json").read_text())) == 50257
+    assert_user_error(run_gpt("export-hf", model_dir, "--out", model_dir, "--force"), "an input of this command")
+    assert load_model_dir(model_dir).config.n_layer > 0  # untouched
+    source = save_random_gpt2(tmp_path / "hf-source", tokenizer_files=False, **GPT2_SHAPES["untied-head"])
+    assert_user_error(run_gpt("load-hf", source, "--out", tmp_path, "--force"), "an input of this command")
+
+
+@pytest.mark.parametrize("command", ["export-hf", "load-hf"])
+def test_the_next_run_removes_a_killed_runs_staging_dir(tmp_path, command):
+    model_dir = nano_model_dir(tmp_path / "model", tmp_path)
+    source = model_dir if command == "export-hf" else save_random_gpt2(tmp_path / "src", **GPT2_SHAPES["gpt2-like"])
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # its pid is now a dead process's, as after a kill -9
+    stale = tmp_path / f".out.{command}-{process.pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 100_000)
+    result = run_gpt(command, source, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("how", ["garbage", "header", "int64"])
+def test_unreadable_or_integer_weights_are_one_sentence(tmp_path, how):
+    source = save_random_gpt2(tmp_path / "hf", tokenizer_files=False, **GPT2_SHAPES["untied-head"])
+    weights = source / "model.safetensors"
+    if how == "garbage":
+        weights.write_bytes(b"This is not a weights file at all, just text." * 100)
+        fragment = "is not a safetensors file"
+    elif how == "header":
+        weights.write_bytes((20).to_bytes(8, "little") + b"{not json}          " + b"\0" * 64)
+        fragment = "its header is not JSON"
+    else:
+        rewrite_weights(source, lambda t: t.update({name: (t[name] * 100).long() for name in list(t)}))
+        fragment = "not floating point: lm_head.weight (int64), transformer.h.0.attn.c_attn.bias (int64)"
+    result = run_gpt("load-hf", source, "--out", tmp_path / "model")
+    assert_user_error(result, fragment)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_without_verify(tmp_path, value):
+    source = save_random_gpt2(tmp_path / "hf", tokenizer_files=False, **GPT2_SHAPES["untied-head"])
+
+    def poison(tensors):
+        tensors["transformer.h.0.mlp.c_proj.weight"][3, 5] = value
+
+    rewrite_weights(source, poison)
+    result = run_gpt("load-hf", source, "--out", tmp_path / "model")
+    assert_user_error(result, "transformer.h.0.mlp.c_proj.weight holds 1 NaN or infinite values")
+    assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".model.*"))
+
+
+def test_export_of_truncated_weights_is_one_sentence(tmp_path):
+    model_dir = nano_model_dir(tmp_path / "model", tmp_path)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size - 1000])
+    result = run_gpt("export-hf", model_dir, "--out", tmp_path / "hf")
+    assert_user_error(result, f"{weights} is truncated", "but the file has")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    source = save_random_gpt2(tmp_path / "hf", **GPT2_SHAPES["gpt2-like"])
+    previous = os.umask(0o022)
+    try:
+        hf.load_hf(str(source), tmp_path / "model")
+        hf.export_hf(tmp_path / "model", tmp_path / "back")
+    finally:
+        os.umask(previous)
+    for directory in (tmp_path / "model", tmp_path / "back"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o755
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+        assert set(modes.values()) == {0o644}, modes
+
+
+# A `gpt` run that signals itself in the middle of the work (after the weights are written to the staging
+# dir), so the stop lands at a known point.
+SIGNAL_MIDWAY = """
+import os, signal, sys
+import gptcli.modeldir, gptcli.hf.export
+from gptcli.cli import main
+
+def midway(original):
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        os.kill(os.getpid(), getattr(signal, os.environ["STOP_WITH"]))
+        return result
+    return wrapped
+
+gptcli.modeldir.write_model_files = midway(gptcli.modeldir.write_model_files)
+gptcli.hf.export.hf_config_for = midway(gptcli.hf.export.hf_config_for)
+sys.argv = ["gpt", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("command", ["export-hf", "load-hf"])
+@pytest.mark.parametrize("stop_with, exit_code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stopped_conversion_says_where_and_leaves_nothing(tmp_path, command, stop_with, exit_code):
+    model_dir = nano_model_dir(tmp_path / "model", tmp_path)
+    source = model_dir if command == "export-hf" else save_random_gpt2(tmp_path / "src", **GPT2_SHAPES["gpt2-like"])
+    result = subprocess.run([sys.executable, "-c", SIGNAL_MIDWAY, command, str(source), "--out", str(tmp_path / "out")],
+                            env=gpt_env({"STOP_WITH": stop_with}), capture_output=True, text=True, timeout=600)
+    assert result.returncode == exit_code, result.stderr
+    message = " ".join(result.stderr.split())
+    assert f"stopped by {stop_with}: {command} stopped before {tmp_path / 'out'} was complete" in message
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from gptcli.errors import GptError
-from gptcli.openai_bpe import load_openai_gpt_tokenizer
-from gptcli.tokenizer import load_from_model_dir
+from gptcli.tokenizer import load_from_model_dir, load_tokenizer
 
 EXTRA_TEXT = [
     "Café déjà vu: naïve coöperation — “quoted” text… and $5.00 / 10% off!",
@@ -76,7 +75,7 @@ def test_ids_equal_transformers_on_shakespeare_and_edge_cases(vocab_dir):
     from transformers import OpenAIGPTTokenizer
 
     reference = OpenAIGPTTokenizer.from_pretrained(str(vocab_dir))
-    ours = load_openai_gpt_tokenizer(vocab_dir)
+    ours = load_tokenizer("openai-gpt", str(vocab_dir))
     shakespeare = (Path(__file__).resolve().parents[1].parent / "shared/corpora/tinyshakespeare.txt").read_text()
     lines = [line for line in shakespeare[300_000:340_000].splitlines() if line.strip()] + EXTRA_TEXT
     expected = reference(lines, add_special_tokens=False)["input_ids"]
@@ -90,13 +89,13 @@ def test_ids_equal_transformers_on_shakespeare_and_edge_cases(vocab_dir):
 
 def test_symbols_outside_the_vocabulary_are_skipped_without_unk(tmp_path):
     vocab, merges = train_bpe("the cat sat on the mat", merges_wanted=5)
-    tokenizer = load_openai_gpt_tokenizer(write_vocabulary(tmp_path, vocab, merges))
+    tokenizer = load_tokenizer("openai-gpt", str(write_vocabulary(tmp_path, vocab, merges)))
     assert tokenizer.decode(tokenizer.encode("The cat zzz sat")) == "the cat sat"
     assert tokenizer.backend.unknown_symbols == 3
 
 
 def test_save_round_trip_keeps_the_fingerprint(vocab_dir, tmp_path):
-    tokenizer = load_openai_gpt_tokenizer(vocab_dir)
+    tokenizer = load_tokenizer("openai-gpt", str(vocab_dir))
     tokenizer.save(tmp_path)
     again = load_from_model_dir(tmp_path)
     assert again.fingerprint == tokenizer.fingerprint
@@ -106,14 +105,14 @@ def test_save_round_trip_keeps_the_fingerprint(vocab_dir, tmp_path):
 
 def test_mismatched_or_missing_files_are_clear_errors(vocab_dir, tmp_path):
     with pytest.raises(GptError, match="needs a vocabulary dir"):
-        load_openai_gpt_tokenizer(None)
+        load_tokenizer("openai-gpt")
     with pytest.raises(GptError, match="vocab.json and merges.txt"):
-        load_openai_gpt_tokenizer(tmp_path)
+        load_tokenizer("openai-gpt", str(tmp_path))
     vocab = json.loads((vocab_dir / "vocab.json").read_text())
     (tmp_path / "vocab.json").write_text(json.dumps({k: v for k, v in list(vocab.items())[:50]}))
     (tmp_path / "merges.txt").write_text((vocab_dir / "merges.txt").read_text())
     with pytest.raises(GptError, match="do not belong together"):
-        load_openai_gpt_tokenizer(tmp_path)
+        load_tokenizer("openai-gpt", str(tmp_path))
 
 
 def test_prepare_with_the_openai_gpt_tokenizer(vocab_dir, tmp_path):
@@ -121,7 +120,6 @@ def test_prepare_with_the_openai_gpt_tokenizer(vocab_dir, tmp_path):
     GPT-1 ids back to back (no end-of-text token exists in that vocabulary), fingerprinted as openai-gpt."""
     from conftest import SHAKESPEARE, run_gpt
     from gptcli.data.shards import open_prepared
-    from gptcli.tokenizer import load_tokenizer
 
     corpus = tmp_path / "plays.txt"
     corpus.write_text(SHAKESPEARE.read_text()[:20_000])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -116,3 +117,53 @@ def test_encode_each_equals_encode_including_lone_surrogates():
     texts = ["Hello, I'm a language model,", "  indented\tline ", "a\ud800b", "", "naïve café 東京"]
     assert tokenizer.encode_each(texts) == [tokenizer.encode(text) for text in texts]
     assert tokenizer.encode_each(texts[:2]) == [tokenizer.encode(text) for text in texts[:2]]
+
+
+def test_tokenizer_modules_depend_one_way():
+    """tokenizer.py builds on openai_bpe.py (the GPT-1 algorithm) and tokenizer_files.py (the file formats);
+    neither of those imports tokenizer.py, at module level or inside a function, so there is no cycle."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gptcli
+
+    package = Path(gptcli.__file__).parent
+    for module in ("openai_bpe", "tokenizer_files"):
+        tree = ast.parse((package / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert imported <= {"__future__", "errors", "typing", "pathlib"}, (module, imported)
+        check = f"import sys, gptcli.{module}; assert 'gptcli.tokenizer' not in sys.modules"
+        assert subprocess.run([sys.executable, "-c", check]).returncode == 0, module
+    assert subprocess.run([sys.executable, "-c", "import gptcli.tokenizer"]).returncode == 0
+
+
+@pytest.mark.parametrize("fault, fragment", [
+    ("merge line", "merges.txt line 3 is not `left right`"),
+    ("foreign merge", "makes 1 tokens that"),
+    ("not byte-level", "not a byte-level BPE vocabulary"),
+    ("not a map", "is not a vocabulary (a JSON object of token → id)"),
+])
+def test_damaged_vocabulary_files_are_named(tmp_path, fault, fragment):
+    """GPT-2 and GPT-1 vocab.json + merges.txt go through one reader, so both get the same checks."""
+    import json
+
+    directory = tmp_path / "vocab"
+    directory.mkdir()
+    vocab = json.loads((GPT2_BPE / "encoder.json").read_text(encoding="utf-8"))
+    merges = (GPT2_BPE / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    if fault == "merge line":
+        merges[2] = "three parts here"
+    elif fault == "foreign merge":
+        merges[5] = "Ġ zzzzqqq"
+    elif fault == "not byte-level":
+        vocab["東京"] = len(vocab)
+        merges.append("東 京")
+        vocab["東"], vocab["京"] = len(vocab), len(vocab) + 1
+    else:
+        vocab = list(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (directory / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    with pytest.raises(GptError, match=re.escape(fragment)):
+        load_tokenizer("gpt2", str(directory))

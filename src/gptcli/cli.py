@@ -540,12 +540,27 @@ def export_hf_command(
 
 
 def main() -> None:
-    """Run the app; user errors become one sentence on stderr and a non-zero exit."""
+    """Run the app; user errors become one sentence on stderr and a non-zero exit. SIGTERM stops a command
+    the way Ctrl-C does (its cleanup runs) as a `Stopped`, printed with where the work stopped when the
+    command says so, and exits 128 + the signal (143; 130 for a Ctrl-C a command turned into `Stopped`)."""
+    import signal
+
+    from .errors import Stopped
+
+    def stop(signal_number, frame):
+        raise Stopped(signal_number)
+
+    signal.signal(signal.SIGTERM, stop)  # commands with their own handling (train) install theirs over it
     try:
         app()
     except GptError as error:
         err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
+    except Stopped as stopped:
+        where = f": {stopped.where}" if stopped.where else ""
+        err.print(escape(f"stopped by {signal.Signals(stopped.signal_number).name}{where}"), highlight=False,
+                  soft_wrap=True)
+        sys.exit(stopped.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)
         sys.exit(130)

@@ -13,3 +13,21 @@ class GptError(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Stopped(BaseException):
+    """The work was stopped by a signal (SIGTERM, or Ctrl-C's SIGINT) before it finished.
+
+    A BaseException, like KeyboardInterrupt: cleanup that runs on every exception runs, `except Exception`
+    blocks do not swallow it, and neither does the CLI framework (which turns a KeyboardInterrupt into a
+    silent exit 130). The CLI prints `where` (what was left undone) and exits with 128 + the signal number
+    (143 for SIGTERM, 130 for SIGINT), as shells report a process ended by that signal."""
+
+    def __init__(self, signal_number: int, where: str = ""):
+        super().__init__(where)
+        self.signal_number = signal_number
+        self.where = where
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal_number

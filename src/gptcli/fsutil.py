@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from .errors import GptError
+from .errors import GptError, Stopped
 
 
 @contextmanager
@@ -37,6 +38,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def follow_umask(path: Path | str) -> None:
+    """Give a file the permissions the umask allows (0644 under umask 022). For writers that create files
+    0600 whatever the umask, such as safetensors' save_file, so other users may read a shared model."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -113,6 +120,9 @@ def check_replaceable(target: Path | str, *, force: bool, what: str, inputs: Ite
         if item == resolved or resolved in item.parents:
             raise GptError(f"{target} holds {item.name}, an input of this command; --force never deletes an "
                            "input, so choose another output directory.")
+    if (target / ".git").exists():
+        raise GptError(f"{target} is a git repository (it holds .git); --force never deletes one, so choose "
+                       "another output directory.")
     ours = read_owned(target) if owned is None else set(owned) | {OWNED_FILES}
     if ours is None:
         raise GptError(f"{target} holds no record of files written by gptcli ({OWNED_FILES}), so --force does "
@@ -139,3 +149,39 @@ def publish_dir(staging: Path, target: Path) -> None:
     os.rename(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(target: Path | str, purpose: str) -> Iterator[Path]:
+    """Build a new `target` in a staging dir (see `staging_dir`): it is published (`publish_dir`) when the
+    block finishes and removed when it raises, so `target` is either the old dir or the complete new one.
+    A stop by signal or Ctrl-C is re-raised as `Stopped`, saying that `target` was left as it was."""
+    target = Path(target)
+    staging = staging_dir(target, purpose)
+    try:
+        yield staging
+    except (KeyboardInterrupt, Stopped) as stop:
+        shutil.rmtree(staging, ignore_errors=True)
+        signal_number = getattr(stop, "signal_number", signal.SIGINT)
+        raise Stopped(signal_number, f"{purpose} stopped before {target} was complete; {target} was left as it "
+                                     "was and the partial files were removed.") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        with signals_deferred():  # two renames: a stop between them would leave no `target` at all
+            publish_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends; their handlers then run as usual."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -3,7 +3,7 @@
 GPT-2 (Radford et al. 2019): pre-LN blocks and a final LayerNorm `ln_f`.
 GPT-1 (Radford et al. 2018): post-LN blocks (LayerNorm after each residual add) and no `ln_f`.
 Parameter names are GPT-2's (`wte`, `wpe`, `h.N.ln_1`, `attn.c_attn`, ...), so Hugging Face weights map
-onto this model by name plus a documented list of transposes (see hf.py).
+onto this model by name plus a documented list of transposes (see hf/convert.py).
 
 Shapes: B batch, T query positions, S key positions (T plus what a KV cache holds), H heads,
 D head dimension, C = n_embd, V vocabulary.
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .errors import GptError
 
 # --- embeddings -----------------------------------------------------------------------------------------
 
@@ -309,6 +310,40 @@ def build_model(config: ModelConfig, device: Optional[torch.device | str] = None
     """A freshly initialised GPT; `device="meta"` builds the shapes without allocating weights."""
     with torch.device(device or "cpu"):
         return GPT(config)
+
+
+def model_from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], *,
+                          device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None,
+                          where: str = "the weights") -> GPT:
+    """A GPT holding exactly the tensors of `state` (gptcli names), moved to `device` / `dtype` when given.
+
+    The model is built on the meta device and every tensor is assigned, so nothing is left at a random
+    init and no second copy of the weights is made. With tied embeddings `lm_head.weight` may be absent
+    or equal to `wte.weight`. Missing, unexpected or wrongly shaped tensors are one GptError naming them
+    all, with `where` saying what was read."""
+    model = build_model(config, device="meta")
+    state = dict(state)
+    tied = config.tie_embeddings
+    if tied:
+        head, embedding = state.pop("lm_head.weight", None), state.get("wte.weight")
+        if head is not None and embedding is not None and head is not embedding and not torch.equal(head, embedding):
+            raise GptError(f"{where} has an lm_head.weight that differs from wte.weight, but model.tie_embeddings "
+                           "is true.")
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{name} {list(state[name].shape)} (expected {list(expected[name])})"
+             for name in sorted(set(expected) & set(state)) if tuple(state[name].shape) != expected[name]]
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}" for label, names in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+        raise GptError(f"{where} does not fit the model config: {'; '.join(parts)}.")
+    if tied:
+        state["lm_head.weight"] = state["wte.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if tied:
+        model.lm_head.weight = model.wte.weight  # assign=True replaced the shared Parameter; share it again
+    return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
 
 
 def parameter_components(model: GPT) -> dict[str, int]:

@@ -5,30 +5,30 @@ export-hf read.
     config.json            the [model] section
     tokenizer.gptcli.json  which tokenizer, its fingerprint, and the vocabulary files beside it
 
-A directory is written under a temporary name and renamed into place, so a half-written model dir never
-exists under the final name.
+A directory is built in a staging dir beside it and renamed into place (fsutil.staged_dir), so a
+half-written model dir never exists under the final name; it replaces only a dir gptcli wrote.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
 from .config import ConfigError, ModelConfig, project_from_dict
 from .errors import GptError
-from .fsutil import publish_dir
-from .model import GPT, build_model
+from .fsutil import check_replaceable, follow_umask, read_owned, staged_dir
+from .model import GPT, model_from_state_dict
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_from_model_dir
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# Every name save_model_dir may write: what a model dir from before fsutil's OWNED_FILES list holds.
+MODEL_DIR_FILES = {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, "gpt2.tiktoken", "vocab.json", "merges.txt"}
 
 
 @dataclass
@@ -53,31 +53,36 @@ def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_model_dir(out_dir: Path | str, model: GPT, tokenizer: Tokenizer, metadata: Optional[dict] = None) -> Path:
-    """Write model, config and tokenizer to `out_dir`, replacing an existing model dir there atomically."""
+def write_model_files(directory: Path, model: GPT, tokenizer: Tokenizer, metadata: Optional[dict] = None) -> None:
+    """Weights, config and tokenizer into `directory` (a staging dir: see save_model_dir)."""
     from safetensors.torch import save_file
 
+    directory = Path(directory)
+    info = {"format": "gptcli-model", **{k: str(v) for k, v in (metadata or {}).items()}}
+    save_file(state_dict_for_saving(model), str(directory / WEIGHTS_FILE), metadata=info)
+    follow_umask(directory / WEIGHTS_FILE)  # save_file creates it 0600
+    config = dataclasses.asdict(model.config)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save(directory)
+
+
+def check_model_dir_replaceable(out_dir: Path | str, force: bool, inputs: Iterable[Path | str] = ()) -> None:
+    """Refuse, before any work, to write a model dir where it would lose something (fsutil.check_replaceable).
+    A model dir written before the OWNED_FILES list existed counts as holding MODEL_DIR_FILES."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        info = {"format": "gptcli-model", **{k: str(v) for k, v in (metadata or {}).items()}}
-        save_file(state_dict_for_saving(model), str(staging / WEIGHTS_FILE), metadata=info)
-        config = dataclasses.asdict(model.config)
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        tokenizer.save(staging)
-        replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    legacy = out_dir.is_dir() and read_owned(out_dir) is None and is_model_dir(out_dir)
+    check_replaceable(out_dir, force=force, what="model dir", inputs=inputs,
+                      owned=MODEL_DIR_FILES if legacy else None)
+
+
+def save_model_dir(out_dir: Path | str, model: GPT, tokenizer: Tokenizer, metadata: Optional[dict] = None) -> Path:
+    """Write model, config and tokenizer to `out_dir`, replacing a model dir gptcli wrote there atomically
+    (training consolidates into RUN/model again and again); anything else there is refused."""
+    out_dir = Path(out_dir)
+    check_model_dir_replaceable(out_dir, force=True)
+    with staged_dir(out_dir, "model") as staging:
+        write_model_files(staging, model, tokenizer, metadata)
     return out_dir
-
-
-def replace_dir(staging: Path, target: Path) -> None:
-    """Move a finished `staging` dir onto `target`, which may only be a model dir or empty."""
-    if target.exists() and not is_model_dir(target) and any(target.iterdir()):
-        raise GptError(f"{target} exists and is not a gptcli model dir; refusing to replace it.")
-    publish_dir(staging, target)
 
 
 def read_model_config(path: Path) -> ModelConfig:
@@ -114,23 +119,9 @@ def load_model_dir(path: Path | str, device: str | torch.device = "cpu", dtype: 
     path = resolve_model_dir(path)
     config = read_model_config(path)
     tokenizer = load_from_model_dir(path)
-    model = build_model(config, device="meta")
     try:
         state = load_file(str(path / WEIGHTS_FILE))
-    except Exception as error:
+    except Exception as error:  # safetensors' own error types: a truncated or foreign file
         raise GptError(f"Cannot read {path / WEIGHTS_FILE}: {error}.") from None
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state.get("wte.weight")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state)
-                   if state[k] is not None and tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or wrong:
-        raise GptError(f"{path / WEIGHTS_FILE} does not fit its config: missing {missing or 'none'}, "
-                       f"unexpected {unexpected or 'none'}, wrong shape {wrong or 'none'}.")
-    model.load_state_dict(state, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model = model_from_state_dict(config, state, device=device, dtype=dtype, where=str(path / WEIGHTS_FILE))
     return LoadedModel(model=model.eval(), config=config, tokenizer=tokenizer, path=path)

@@ -2,7 +2,8 @@
 and punctuation, then BPE over characters where a word's last symbol carries the suffix `</w>`.
 
 The vocabulary is Hugging Face's `openai-gpt` pair of files: `vocab.json` (token → id, 40,478 entries:
-the base symbols plus 40,000 merges) and `merges.txt` (one `left right` merge per line, best first).
+the base symbols plus 40,000 merges) and `merges.txt` (one `left right` merge per line, best first),
+read by tokenizer_files.py; tokenizer.py wraps this backend in a Tokenizer. This module imports neither.
 Ids equal transformers' `OpenAIGPTTokenizer` (which uses the same cleaning rules, without ftfy/spacy).
 
 GPT-1 has no end-of-text token, so its Tokenizer has eot_id None.
@@ -13,16 +14,13 @@ Symbols the vocabulary lacks become `<unk>` when the vocabulary has it, and are 
 from __future__ import annotations
 
 import hashlib
-import json
 import unicodedata
-from pathlib import Path
 from typing import Optional
 
 from .errors import GptError
 
 WORD_END = "</w>"
 UNK = "<unk>"
-VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"
 OPENAI_GPT_VOCAB_SIZE = 40478  # HF openai-gpt vocab.json: 478 base symbols + 40,000 merges
 
 # CJK ideograph blocks that BERT's cleaning surrounds with spaces (Devlin et al. 2018, tokenization.py).
@@ -93,7 +91,7 @@ def pre_tokenize(text: str) -> list[str]:
 
 
 class OpenAIGPTBPE:
-    """The backend a gptcli Tokenizer drives: encode_ordinary(_batch), decode, decode_bytes, save."""
+    """The backend a gptcli Tokenizer drives: encode_ordinary(_batch), decode, decode_bytes."""
 
     def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]]):
         self.encoder = encoder
@@ -164,40 +162,6 @@ class OpenAIGPTBPE:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.decode(ids).encode("utf-8")
 
-    def save(self, directory: Path) -> list[str]:
-        """Write vocab.json and merges.txt (Hugging Face's names) into `directory`; return the names."""
-        directory = Path(directory)
-        ordered = dict(sorted(self.encoder.items(), key=lambda item: item[1]))
-        (directory / VOCAB_FILE).write_text(json.dumps(ordered, ensure_ascii=False) + "\n", encoding="utf-8")
-        lines = "".join(f"{left} {right}\n" for left, right in self.merges)
-        (directory / MERGES_FILE).write_text("#version: 0.2\n" + lines, encoding="utf-8")
-        return [VOCAB_FILE, MERGES_FILE]
-
-
-def read_vocabulary(vocab_dir: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """vocab.json + merges.txt from `vocab_dir`, checked to belong together."""
-    encoder_path, merges_path = vocab_dir / VOCAB_FILE, vocab_dir / MERGES_FILE
-    if not (encoder_path.is_file() and merges_path.is_file()):
-        raise GptError(f"The openai-gpt tokenizer needs {VOCAB_FILE} and {MERGES_FILE} in {vocab_dir} "
-                       "(Hugging Face's openai-gpt repository has both).")
-    try:
-        encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise GptError(f"{encoder_path} is not valid JSON.") from None
-    merges = []
-    for number, line in enumerate(merges_path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.startswith("#version") or not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 2:
-            raise GptError(f"{merges_path} line {number} is not `left right`: not a merges file.")
-        merges.append((parts[0], parts[1]))
-    missing = [f"{a}{b}" for a, b in merges if f"{a}{b}" not in encoder]
-    if missing:
-        raise GptError(f"{merges_path} makes {len(missing)} tokens that {encoder_path} lacks (e.g. {missing[0]!r}): "
-                       "the two files do not belong together.")
-    return encoder, merges
-
 
 def vocabulary_fingerprint(encoder: dict[str, int], merges: list[tuple[str, str]]) -> str:
     """'openai-gpt:<16 hex>' over the ids and the merge order, so equal files give equal fingerprints."""
@@ -207,19 +171,3 @@ def vocabulary_fingerprint(encoder: dict[str, int], merges: list[tuple[str, str]
     for left, right in merges:
         digest.update(left.encode("utf-8") + b" " + right.encode("utf-8") + b"\n")
     return f"openai-gpt:{digest.hexdigest()[:16]}"
-
-
-def load_openai_gpt_tokenizer(vocab_dir: Optional[str | Path]):
-    """The openai-gpt Tokenizer from a dir holding vocab.json + merges.txt (there is no built-in copy)."""
-    from .tokenizer import Tokenizer
-
-    if not vocab_dir:
-        raise GptError('The "openai-gpt" tokenizer needs a vocabulary dir with vocab.json + merges.txt: set '
-                       "[data] vocab_dir (or --vocab-dir), e.g. to a download of Hugging Face's openai-gpt.")
-    vocab_dir = Path(vocab_dir)
-    if not vocab_dir.is_dir():
-        raise GptError(f"Vocabulary dir {vocab_dir} does not exist.")
-    encoder, merges = read_vocabulary(vocab_dir)
-    backend = OpenAIGPTBPE(encoder, merges)
-    return Tokenizer(name="openai-gpt", backend=backend, vocab_size=backend.n_vocab, eot_id=None,
-                     fingerprint=vocabulary_fingerprint(encoder, merges), source=str(vocab_dir))

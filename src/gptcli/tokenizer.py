@@ -5,12 +5,11 @@ The GPT-2 vocabulary comes from one of three sources, tried in this order:
      (OpenAI's names) or `vocab.json` + `merges.txt` (Hugging Face's names), or a `.tiktoken` file;
   2. tiktoken's own `gpt2` encoding: its cache (TIKTOKEN_CACHE_DIR) or a download when online.
 Every source yields the same ranks; the fingerprint (name + hash of the ranks) proves it, and goes into
-every shard, manifest and model dir.
+every shard, manifest and model dir. The files themselves are read and written by tokenizer_files.py.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from dataclasses import dataclass
@@ -19,55 +18,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import GptError
+from .openai_bpe import OpenAIGPTBPE, vocabulary_fingerprint
+from .tokenizer_files import (MERGES_FILE, VOCAB_FILE, byte_level_ranks, byte_level_vocabulary, find_bpe_files,
+                              read_bpe_files, read_tiktoken_file, write_bpe_files, write_hf_tokenizer,
+                              write_tiktoken_file)
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 GPT2_VOCAB_SIZE = 50257
 TOKENIZER_FILE = "tokenizer.gptcli.json"  # the description a model dir carries
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters, as used by encoder.json/vocab.bpe:
-    printable Latin-1 bytes map to themselves, the other 68 bytes to chr(256 + n) in byte order."""
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-def ranks_from_encoder_json(encoder: dict[str, int]) -> dict[bytes, int]:
-    """encoder.json / vocab.json (token string → id) → tiktoken's mergeable ranks (token bytes → id)."""
-    to_byte = {char: b for b, char in bytes_to_unicode().items()}
-    ranks = {}
-    for token, rank in encoder.items():
-        if token == ENDOFTEXT:
-            continue
-        ranks[bytes(to_byte[c] for c in token)] = rank
-    return ranks
-
-
-def read_tiktoken_file(path: Path) -> dict[bytes, int]:
-    """A `.tiktoken` file: one `base64(token bytes) rank` per line."""
-    ranks = {}
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-        except ValueError:
-            raise GptError(f"{path} line {number} is not `base64-token rank`: not a .tiktoken file.") from None
-    return ranks
-
-
-def write_tiktoken_file(path: Path, ranks: dict[bytes, int]) -> None:
-    lines = (base64.b64encode(token) + b" " + str(rank).encode() for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
-    path.write_bytes(b"\n".join(lines) + b"\n")
 
 
 def ranks_fingerprint(name: str, ranks: dict[bytes, int], special: dict[str, int]) -> str:
@@ -121,10 +80,25 @@ class Tokenizer:
             write_tiktoken_file(directory / "gpt2.tiktoken", self.backend._mergeable_ranks)
             files = ["gpt2.tiktoken"]
         else:
-            files = self.backend.save(directory)
+            files = write_bpe_files(directory, self.backend.encoder, self.backend.merges)
         description = {"name": self.name, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
                        "eot_id": self.eot_id, "files": files}
         (directory / TOKENIZER_FILE).write_text(json.dumps(description, indent=2) + "\n")
+
+    def save_for_hf(self, directory: Path, model_max_length: int) -> list[str]:
+        """Write the files AutoTokenizer loads (vocab.json, merges.txt, tokenizer_config.json,
+        special_tokens_map.json) into a Hugging Face dir; returns their names."""
+        if self.name == "gpt2":
+            encoder, merges = byte_level_vocabulary(self.backend._mergeable_ranks)  # merges rebuilt from ranks
+            encoder[ENDOFTEXT] = self.eot_id
+            special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+            config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False}
+        else:
+            encoder, merges = self.backend.encoder, self.backend.merges
+            special = {"unk_token": "<unk>"}
+            config = {"tokenizer_class": "OpenAIGPTTokenizer"}
+        config["model_max_length"] = model_max_length
+        return write_hf_tokenizer(Path(directory), encoder, merges, config, special)
 
 
 def gpt2_encoding(ranks: dict[bytes, int]):
@@ -143,19 +117,16 @@ def _gpt2_ranks_from_local(path: Path) -> dict[bytes, int]:
         return read_tiktoken_file(path)
     if not path.is_dir():
         raise GptError(f"Vocabulary {path} does not exist.")
-    for encoder_name, merges_name in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
-        encoder_path, merges_path = path / encoder_name, path / merges_name
-        if encoder_path.is_file() and merges_path.is_file():
-            try:
-                encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                raise GptError(f"{encoder_path} is not valid JSON.") from None
-            ranks = ranks_from_encoder_json(encoder)
-            merges = [line for line in merges_path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
-            if len(merges) != len(ranks) - 256:
-                raise GptError(f"{merges_path} has {len(merges)} merges but {encoder_path} implies "
-                               f"{len(ranks) - 256}: the two files do not belong together.")
-            return ranks
+    pair = find_bpe_files(path)
+    if pair is not None:
+        vocab_path, merges_path = pair
+        encoder, merges = read_bpe_files(vocab_path, merges_path)
+        encoder.pop(ENDOFTEXT, None)  # a special token, not a BPE rank
+        ranks = byte_level_ranks(encoder, vocab_path)
+        if len(merges) != len(ranks) - 256:  # GPT-2 has one token per byte, then one per merge
+            raise GptError(f"{merges_path} has {len(merges)} merges but {vocab_path} implies "
+                           f"{len(ranks) - 256}: the two files do not belong together.")
+        return ranks
     tiktoken_files = sorted(path.glob("*.tiktoken"))
     if tiktoken_files:
         return read_tiktoken_file(tiktoken_files[0])
@@ -181,9 +152,7 @@ def _gpt2_ranks_from_tiktoken() -> dict[bytes, int]:
 def load_tokenizer(name: str = "gpt2", vocab_dir: Optional[str] = None) -> Tokenizer:
     """The tokenizer `name` ("gpt2" or "openai-gpt"), from `vocab_dir` when given."""
     if name == "openai-gpt":
-        from .openai_bpe import load_openai_gpt_tokenizer
-
-        return load_openai_gpt_tokenizer(vocab_dir)
+        return _openai_gpt_tokenizer(vocab_dir)
     if name != "gpt2":
         raise GptError(f'Unknown tokenizer "{name}" (known: gpt2, openai-gpt).')
     if vocab_dir:
@@ -198,18 +167,38 @@ def load_tokenizer(name: str = "gpt2", vocab_dir: Optional[str] = None) -> Token
                      fingerprint=ranks_fingerprint("gpt2", ranks, {ENDOFTEXT: GPT2_EOT_ID}), source=source)
 
 
+def _openai_gpt_tokenizer(vocab_dir: Optional[str]) -> Tokenizer:
+    """GPT-1's tokenizer from a dir holding vocab.json + merges.txt (there is no built-in copy)."""
+    if not vocab_dir:
+        raise GptError('The "openai-gpt" tokenizer needs a vocabulary dir with vocab.json + merges.txt: set '
+                       "[data] vocab_dir (or --vocab-dir), e.g. to a download of Hugging Face's openai-gpt.")
+    directory = Path(vocab_dir)
+    if not directory.is_dir():
+        raise GptError(f"Vocabulary dir {directory} does not exist.")
+    if not ((directory / VOCAB_FILE).is_file() and (directory / MERGES_FILE).is_file()):
+        raise GptError(f"The openai-gpt tokenizer needs {VOCAB_FILE} and {MERGES_FILE} in {directory} "
+                       "(Hugging Face's openai-gpt repository has both).")
+    encoder, merges = read_bpe_files(directory / VOCAB_FILE, directory / MERGES_FILE)
+    backend = OpenAIGPTBPE(encoder, merges)
+    return Tokenizer(name="openai-gpt", backend=backend, vocab_size=backend.n_vocab, eot_id=None,
+                     fingerprint=vocabulary_fingerprint(encoder, merges), source=str(directory))
+
+
 def load_from_model_dir(directory: Path) -> Tokenizer:
     """The tokenizer a model dir describes (written by Tokenizer.save)."""
     directory = Path(directory)
     description_path = directory / TOKENIZER_FILE
     if not description_path.is_file():
         raise GptError(f"{directory} has no {TOKENIZER_FILE}: it is not a gptcli model dir.")
-    description = json.loads(description_path.read_text())
-    name = description["name"]
+    try:
+        description = json.loads(description_path.read_text(encoding="utf-8"))
+        name, files, fingerprint = description["name"], description["files"], description["fingerprint"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise GptError(f"{description_path} is not a gptcli tokenizer description.") from None
     if name == "gpt2":
-        tokenizer = load_tokenizer("gpt2", str(directory / description["files"][0]))
+        tokenizer = load_tokenizer("gpt2", str(directory / files[0]))
     else:
         tokenizer = load_tokenizer(name, str(directory))
-    if tokenizer.fingerprint != description["fingerprint"]:
+    if tokenizer.fingerprint != fingerprint:
         raise GptError(f"The tokenizer files in {directory} do not match its {TOKENIZER_FILE} fingerprint.")
     return tokenizer

@@ -192,16 +192,10 @@ def full_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
 def consolidate(run_dir: Path, tag: str, config: ModelConfig, tokenizer, out_dir: Optional[Path] = None) -> Path:
     """Write RUN/model (or `out_dir`): the checkpoint's full weights as a model dir."""
-    from ..model import build_model
+    from ..model import model_from_state_dict
     from ..modeldir import save_model_dir
 
-    state = full_state_dict(run_dir, tag)
-    model = build_model(config, device="cpu")
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["wte.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise GptError(f"Checkpoint {tag} does not fit model config: missing {missing}, unexpected {unexpected}.")
+    model = model_from_state_dict(config, full_state_dict(run_dir, tag), where=f"Checkpoint {tag}")
     client = json.loads((checkpoints_dir(run_dir) / tag / CLIENT_STATE).read_text())
     metadata = {"step": client["step"], "tokens": client["tokens"], "checkpoint": tag}
     return save_model_dir(out_dir or Path(run_dir) / "model", model, tokenizer, metadata)

@@ -378,7 +378,7 @@ def sampling_model(run: Run):
         return run.engine.module if run.rank == 0 else None
     import deepspeed
 
-    from ..model import build_model
+    from ..model import model_from_state_dict
 
     module = run.engine.module
     names = [name for name, _ in module.named_parameters()]
@@ -386,9 +386,7 @@ def sampling_model(run: Run):
         if run.rank != 0:
             return None
         weights = {name: p.detach().clone() for name, p in zip(names, module.parameters())}
-    plain = build_model(run.project.model, device=run.engine.device)
-    plain.load_state_dict(weights, strict=False)  # the tied lm_head follows wte
-    return plain
+    return model_from_state_dict(run.project.model, weights, dtype=torch.float32)  # the tied lm_head follows wte
 
 
 def save(run: Run) -> None:
