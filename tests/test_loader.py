@@ -23,20 +23,30 @@ def data(tmp_path):
     return write_shards(tmp_path, [1000, 333, 517], vocab_size=2**20)
 
 
-def test_windows_never_cross_a_shard_end_and_targets_shift_by_one(data):
-    loader = BatchLoader(data, "train", 4, 16, seed=1)
-    seen = 0
+def stream(sizes):
+    """The split as the loader must read it: the shards' tokens back to back."""
+    return np.concatenate([np.arange(size) + number * 100_000 for number, size in enumerate(sizes)])
+
+
+def test_windows_read_the_split_as_one_stream_across_shard_ends(data):
+    """Documents continue from one shard into the next, so windows run across the cut: nothing between
+    shards is skipped, and the windows are exactly the stream's [i*T, i*T + T + 1)."""
+    tokens = stream([1000, 333, 517])
+    loader = BatchLoader(data, "train", 4, 16, seed=1, shuffle=False)
+    assert loader.num_windows == (1850 - 1) // 16 == 115
+    seen, crossing = [], 0
     for _ in range(loader.batches_per_epoch):
         inputs, targets = loader.next_batch()
         assert inputs.shape == targets.shape == (4, 16) and inputs.dtype == torch.int64
         assert torch.equal(inputs[:, 1:], targets[:, :-1])
-        shard = targets // 100_000
-        assert torch.all(shard == (inputs[:, :1] // 100_000))  # one shard per window
-        assert torch.all(targets - inputs == 1)  # consecutive positions: nothing skipped, nothing crossed
-        assert torch.all(inputs[:, 0] % 100_000 % 16 == 0)  # windows start every seq_len tokens
-        seen += 4
-    # windows per shard: (n - 1) // 16 → 62 + 20 + 32 = 114, of which whole batches of 4: 112
-    assert loader.num_windows == 114 and seen == 112
+        for row in torch.cat([inputs, targets[:, -1:]], dim=1):
+            start = len(seen) * 16
+            assert row.tolist() == tokens[start: start + 17].tolist()
+            crossing += len(set((row // 100_000).tolist())) > 1
+            seen.append(start)
+    assert len(seen) == 112 and crossing == 2  # windows 62 (tokens 992..1008) and 83 (1328..1344) span a cut
+    state = loader.state_dict()
+    assert state["shard"] is None or state["shard"].startswith("train_")
 
 
 def test_an_epoch_visits_every_window_once_in_a_seeded_order(data):

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_user_error, gpt_env, run_gpt
-from gptcli.data.prepare import PrepareOptions, prepare, validation_mask
+from gptcli.config import load_project
+from gptcli.data.prepare import PrepareOptions, prepare
 from gptcli.data.shards import HEADER_BYTES, open_prepared
+from gptcli.data.split import validation_mask
 from gptcli.errors import GptError
 
 EOT = 50256
@@ -42,6 +44,12 @@ def split_streams(documents, encoding, seed, val_fraction):
     for document, val in zip(documents, to_val):
         streams["val" if val else "train"].extend(encoding.encode_ordinary(document) + [EOT])
     return streams
+
+
+def options(inputs, out, *overrides, **run) -> PrepareOptions:
+    """Options as `gpt prepare` builds them: [data] keys through the project's --set mechanism."""
+    return PrepareOptions.from_project(load_project(None, [f"data.{o}" for o in overrides]), [str(i) for i in inputs],
+                                       out, **run)
 
 
 def written(directory) -> dict[str, list[int]]:
@@ -72,7 +80,7 @@ def test_every_shakespeare_document_matches_tiktoken(tmp_path, shakespeare, enco
     assert written(tmp_path / "out") == expected
     assert summary["documents"] == len(documents) == 7222
     assert summary["tokens"] == {split: len(ids) for split, ids in expected.items()}
-    assert summary["bytes"] == shakespeare.stat().st_size
+    assert summary["bytes"] == sum(len(d.encode()) for d in documents)  # the documents' text, not blank lines
     assert summary["shards"]["train"] == -(-len(expected["train"]) // 60000)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["tokenizer"]["eot_id"] == EOT and manifest["documents"] == 7222
@@ -86,8 +94,8 @@ def test_documents_cut_into_small_tasks_still_match(tmp_path, shakespeare, encod
     text = shakespeare.read_text()[:300_000]
     source = tmp_path / "play.txt"
     source.write_text(text)
-    prepare(PrepareOptions(inputs=[str(source)], out=tmp_path / "out", separator=separator, val_fraction=0.0,
-                           workers=workers, chunk_chars=4096))
+    prepare(options([source], tmp_path / "out", f'separator="{separator}"', "val_fraction=0.0", f"workers={workers}",
+                    chunk_chars=4096))
     if separator == "none":
         expected = encoding.encode_ordinary(text) + [EOT]
     else:
@@ -255,8 +263,53 @@ def test_non_empty_output_and_force(tmp_path, shakespeare):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("precious")
     not_data = run_gpt("prepare", small, "--out", tmp_path / "home", "--force", cwd=tmp_path)
-    assert_user_error(not_data, "does not look like prepared data")
+    assert_user_error(not_data, "holds no record of files written by gptcli")
     assert (tmp_path / "home" / "notes.txt").read_text() == "precious"
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "subdir/notes.txt"])
+def test_force_never_deletes_what_prepare_did_not_write(tmp_path, extra):
+    """A user's notes or a subdirectory in a prepared dir: --force refuses and deletes nothing."""
+    (tmp_path / "a.txt").write_text("some text to prepare")
+    out = tmp_path / "out"
+    assert run_gpt("prepare", tmp_path / "a.txt", "--out", out, cwd=tmp_path).returncode == 0
+    (out / extra).parent.mkdir(exist_ok=True)
+    (out / extra).write_text("precious")
+    before = snapshot(out)
+    refused = run_gpt("prepare", tmp_path / "a.txt", "--out", out, "--force", cwd=tmp_path)
+    assert_user_error(refused, "holds files gptcli did not write", extra.split("/")[0])
+    assert snapshot(out) == before
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_force_never_deletes_an_input(tmp_path):
+    """`gpt prepare books/corpus.txt --out books --force` once deleted corpus.txt."""
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "corpus.txt").write_text("the only copy of a corpus")
+    result = run_gpt("prepare", "books/corpus.txt", "--out", "books", "--force", cwd=tmp_path)
+    assert_user_error(result, "corpus.txt, an input of this command")
+    assert (books / "corpus.txt").read_text() == "the only copy of a corpus"
+    assert [p.name for p in books.iterdir()] == ["corpus.txt"]
+
+
+def test_force_replaces_data_prepared_before_the_owned_files_list(tmp_path):
+    """A dir from an older gptcli has a manifest but no .gptcli-files: the manifest says what is ours."""
+    (tmp_path / "a.txt").write_text("some text to prepare")
+    out = tmp_path / "out"
+    assert run_gpt("prepare", tmp_path / "a.txt", "--out", out, cwd=tmp_path).returncode == 0
+    (out / ".gptcli-files").unlink()
+    forced = run_gpt("prepare", tmp_path / "a.txt", "--out", out, "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    (out / ".gptcli-files").unlink()
+    (out / "README").write_text("mine")
+    refused = run_gpt("prepare", tmp_path / "a.txt", "--out", out, "--force", cwd=tmp_path)
+    assert_user_error(refused, "holds files gptcli did not write", "README")
+    assert (out / "README").read_text() == "mine" and (out / "manifest.json").is_file()
 
 
 # --- verification ----------------------------------------------------------------------------------------------
@@ -324,7 +377,7 @@ def test_interrupted_prepare_never_looks_complete(tmp_path, big_corpus, how):
                                 "--workers", "1", "--shard-tokens", "200000", "--separator", "line"],
                                cwd=tmp_path, env=gpt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".out.partial-*/train_000001.bin")):  # mid-run: shards are being written
+    while not list(tmp_path.glob(".out.prepare-*/train_000001.bin")):  # mid-run: shards are being written
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     process.send_signal(how)

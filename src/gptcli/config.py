@@ -61,7 +61,10 @@ class DataConfig:
     )
     separator: str = doc('Document boundaries inside a text file: "none" (one per file), "blank-line" or "line".', "none")
     text_column: str = doc("Field holding the text in .jsonl records and datasets.", "text")
-    val_fraction: float = doc("Fraction of documents held out for validation (chosen by a seeded hash).", 0.005)
+    val_fraction: float = doc("Fraction of the corpus held out for validation: documents, or blocks of long ones, "
+                              "drawn by a seeded hash.", 0.005)
+    val_block_tokens: int = doc("Documents longer than this many tokens are split into blocks of it for the "
+                                "train/val draw.", 2048)
     shard_tokens: int = doc("Tokens per shard file (the last one of each split is smaller).", 100_000_000)
     workers: int = doc("Tokenizer processes for `gpt prepare`; 0 means one per CPU core.", 0)
 
@@ -74,6 +77,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in [0, 1), not {self.val_fraction}.")
         if self.shard_tokens < 1:
             raise ConfigError(f"data.shard_tokens must be positive, not {self.shard_tokens}.")
+        if self.val_block_tokens < 1:
+            raise ConfigError(f"data.val_block_tokens must be positive, not {self.val_block_tokens}.")
         if self.workers < 0:
             raise ConfigError(f"data.workers must be 0 (all cores) or more, not {self.workers}.")
 
