@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import GptError, Interrupted
+from .errors import GptError, Stopped
 
 app = typer.Typer(
     name="gpt",
@@ -238,7 +237,9 @@ def show_prepare_summary(summary, as_json: bool) -> None:
         table.add_row(name, f"{values['train']:,}", f"{values['val']:,}", f"{sum(values.values()):,}")
     out.print(table)
     if len(summary.inputs) > 1:
-        inputs = Table("input", "documents", "tokens", "bytes of text", title="by input")
+        inputs = Table("input", title="by input")
+        for column in ("documents", "tokens", "bytes of text"):
+            inputs.add_column(column, justify="right")
         for count in summary.inputs:
             inputs.add_row(escape(count.input), f"{count.documents:,}", f"{count.tokens:,}", f"{count.bytes:,}")
         out.print(inputs)
@@ -566,26 +567,21 @@ def export_hf_command(
 
 def main() -> None:
     """Run the app; user errors become one sentence on stderr and a non-zero exit."""
-    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except GptError as error:
-        err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        prefix = "" if isinstance(error, Stopped) else "[bold red]error:[/bold red] "  # a Ctrl-C is no error
+        err.print(f"{prefix}{escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt as interrupt:  # Ctrl-C: 130; SIGTERM: 143 (errors.Interrupted carries it)
-        err.print(escape(str(interrupt) or "interrupted"), highlight=False, soft_wrap=True)
-        sys.exit(getattr(interrupt, "exit_code", 130))
+    except KeyboardInterrupt:
+        err.print("interrupted", highlight=False)
+        sys.exit(130)
     except Exception as error:  # a bug: say so in one line; the traceback on request
         if os.environ.get("GPTCLI_DEBUG"):
             raise
         err.print(f"[bold red]internal error:[/bold red] {type(error).__name__}: {escape(str(error))} "
                   "(set GPTCLI_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
-
-
-def _terminated(signum, frame):
-    """SIGTERM unwinds like Ctrl-C (cleanup runs), but exits 143."""
-    raise Interrupted("terminated", 143)
 
 
 if __name__ == "__main__":

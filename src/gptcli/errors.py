@@ -1,4 +1,7 @@
-"""The one exception type the command line turns into a single sentence on stderr."""
+"""The exception types the command line turns into a single sentence on stderr, and SIGTERM as one."""
+
+import signal
+from contextlib import contextmanager
 
 
 class GptError(Exception):
@@ -15,10 +18,29 @@ class GptError(Exception):
         self.exit_code = exit_code
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (exit 130) or SIGTERM (exit 143): the CLI prints the message, which may say where the work
-    stopped, and exits with `exit_code`."""
+class Stopped(GptError):
+    """Work stopped by Ctrl-C (exit 130) or SIGTERM (exit 143); the message says where, and what was kept."""
 
-    def __init__(self, message: str = "interrupted", exit_code: int = 130):
-        super().__init__(message)
-        self.exit_code = exit_code
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM inside `sigterm_as_interrupt`: unwinds (and cleans up) like Ctrl-C, but carries exit code 143."""
+
+    exit_code = 143
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """`kill PID` cleans up like Ctrl-C does (signals can only be set in the main thread; elsewhere a no-op)."""
+
+    def interrupt(signum, frame):
+        raise Interrupted("terminated")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

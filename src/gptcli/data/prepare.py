@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..config import DataConfig, Project, ProjectConfig
-from ..errors import GptError, Interrupted
+from ..errors import GptError, Stopped, sigterm_as_interrupt
 from ..fsutil import check_replaceable, publish_dir, read_owned, staging_dir
 from ..tokenizer import ENDOFTEXT, Tokenizer, load_tokenizer
 from .shards import FORMAT_VERSION, MANIFEST, ShardRecord, ShardWriter, open_prepared, token_dtype, write_manifest
@@ -317,12 +317,13 @@ def prepare(options: PrepareOptions, on_progress: Optional[ProgressFn] = None) -
     tokenizer = load_tokenizer(options.data.tokenizer, options.data.vocab_dir)
     run = Run(options, sources, tokenizer, worker_count(options.data.workers), make_staging_dir(out))
     try:
-        summary, manifest = _prepare_into(run, on_progress, started)
-        write_manifest(run.staging, manifest)
-        publish_dir(run.staging, out)
-    except KeyboardInterrupt as interrupt:
+        with sigterm_as_interrupt():
+            summary, manifest = _prepare_into(run, on_progress, started)
+            write_manifest(run.staging, manifest)
+            publish_dir(run.staging, out)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (errors.Interrupted)
         shutil.rmtree(run.staging, ignore_errors=True)
-        raise Interrupted(stopped_message(run, out, interrupt), getattr(interrupt, "exit_code", 130)) from None
+        raise Stopped(stopped_message(run, out, interrupt), getattr(interrupt, "exit_code", 130)) from None
     except BaseException:
         shutil.rmtree(run.staging, ignore_errors=True)
         raise
