@@ -119,3 +119,21 @@ def test_sequential_eval_batches_are_the_same_every_time_and_split_by_rank(data)
     s0 = {t for x, _ in r0.sequential_batches(100) for t in x[:, 0].tolist()}
     s1 = {t for x, _ in r1.sequential_batches(100) for t in x[:, 0].tolist()}
     assert s0 and s1 and not s0 & s1
+
+
+def test_an_id_outside_the_vocabulary_is_one_sentence_naming_the_shard(tmp_path):
+    """A shard changed after it was prepared (its manifest still says it fits): the batch that reads the bad
+    id stops training with a sentence, not an index error deep inside the embedding."""
+    write_shard_dir(tmp_path, [("train", np.arange(200) % 1000), ("train", np.arange(200) % 1000)], vocab_size=1000,
+                    fingerprint=FINGERPRINT, name="test")
+    shard = tmp_path / "train_000001.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[-40:-38] = (4000).to_bytes(2, "little")  # id 180 of the second shard
+    shard.write_bytes(bytes(raw))
+    loader = BatchLoader(open_prepared(tmp_path), "train", 2, 16, shuffle=False)
+    read = 0
+    with pytest.raises(GptError, match=r"train_000001\.bin holds token id 4000, outside the vocabulary of 1,000"):
+        for _ in range(loader.batches_per_epoch):
+            loader.next_batch()
+            read += 1
+    assert read == (200 + 180) // 32  # the batches before the bad id were served

@@ -102,11 +102,10 @@ class BatchLoader:
     def _batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         windows = np.stack([self.window(int(i)) for i in indices]).astype(np.int64)  # (B, T+1)
         if windows.size and int(windows.max()) >= self.vocab_size:  # a shard changed after it was checked
-            row = int(np.argmax(windows.max(axis=1)))
-            shard = self.shards[self._shard_at(int(indices[row]) * self.seq_len)].path
-            raise GptError(f"Shard {shard} (or the one after it) holds token id {int(windows.max())}, outside the "
-                           f"vocabulary of {self.vocab_size:,}: the shard is corrupt; check it with "
-                           "`gpt prepare --verify`.")
+            row, column = np.unravel_index(int(np.argmax(windows)), windows.shape)
+            shard = self.shards[self._shard_at(int(indices[row]) * self.seq_len + int(column))].path
+            raise GptError(f"Shard {shard} holds token id {int(windows.max())}, outside the vocabulary of "
+                           f"{self.vocab_size:,}: the shard is corrupt; check it with `gpt prepare --verify`.")
         tokens = torch.from_numpy(windows)
         return tokens[:, :-1], tokens[:, 1:]
 
