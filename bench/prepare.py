@@ -1,13 +1,18 @@
-"""Benchmark `gpt prepare` against the ways it replaces, on the same documents in one run.
+"""Benchmark `gpt prepare` against the ways it replaces, on the same records in one run.
 
-    python bench/prepare.py [--mb 50] [--memory-mb 256 1024] [--workers 0] [--repeat 3]
+    python bench/prepare.py [--mb 50] [--memory-mb 256 1024] [--workers 0] [--repeat 3] [--skip-hf]
 
-1. Throughput on a corpus of `--mb` MB (tinyshakespeare repeated), one document per line (BookCorpus's
-   layout) and one per paragraph:
-   - gptcli: `prepare()` with all cores, shards and manifest written;
-   - a single-process loop of tiktoken `encode_ordinary` over the same documents, ids written to a file;
-   - the line-by-line `transformers.GPT2TokenizerFast` way (built offline from ../shared/gpt2_bpe).
-2. Peak RSS of `gpt prepare` (main process + workers, summed, sampled every 50 ms) on corpora of each
+1. Throughput on JSONL corpora of `--mb` MB built from tinyshakespeare's lines (no network): short
+   records (consecutive lines joined until ~150 bytes of text, like one post or sentence pair per
+   record) and paragraph-sized records (~800 bytes):
+   - gptcli: `gpt prepare FILE --json` as a user runs it, a fresh process, start-up included;
+   - a single-process loop: read the file, `json.loads` each line, tiktoken `encode_ordinary` + EOT,
+     ids written as uint16 (the tokenizer loaded before the clock starts);
+   - for short records, `transformers.GPT2TokenizerFast` called once per record (built offline from
+     ../shared/gpt2_bpe), ids saved with torch.
+   Ways are interleaved and each one's best of `--repeat` counts: on a shared machine the best run is the
+   least disturbed. The load average before and after is printed, since it moves every figure.
+2. Peak RSS of `gpt prepare` (main process + workers, summed, sampled every 100 ms) on text corpora of each
    `--memory-mb` size: it must stay under 300 MB and not grow with the corpus.
 
 Corpora are written under /tmp and deleted afterwards. Needs psutil and transformers (test extras).
@@ -16,6 +21,7 @@ Corpora are written under /tmp and deleted afterwards. Needs psutil and transfor
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -30,21 +36,44 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
-
-from gptcli.data.prepare import PrepareOptions, prepare  # noqa: E402
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
 
 EOT = 50256
+KINDS = {"short records (~150 B)": 150, "paragraph records (~800 B)": 800}
 
 
-def cpu_seconds() -> float:
-    """User + system CPU of this process and its finished children (the workers are joined by then)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
-def make_corpus(path: Path, megabytes: int) -> Path:
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def make_records(path: Path, record_bytes: int, megabytes: int) -> Path:
+    """JSONL of `megabytes` MB: consecutive non-blank tinyshakespeare lines joined by newlines until a record
+    holds `record_bytes` bytes of text, the play repeated as often as needed."""
+    lines = [line for line in (SHARED / "corpora" / "tinyshakespeare.txt").read_text().split("\n") if line.strip()]
+    size, number = 0, 0
+    with open(path, "w", encoding="utf-8") as handle:
+        while size < megabytes * 2**20:
+            record, length = [], 0
+            for line in lines:
+                record.append(line)
+                length += len(line) + 1
+                if length >= record_bytes:
+                    row = json.dumps({"text": "\n".join(record), "id": number}) + "\n"
+                    handle.write(row)
+                    size, number, record, length = size + len(row), number + 1, [], 0
+                    if size >= megabytes * 2**20:
+                        break
+    return path
+
+
+def text_corpus(path: Path, megabytes: int) -> Path:
     text = (SHARED / "corpora" / "tinyshakespeare.txt").read_bytes()
     with open(path, "wb") as handle:
         for _ in range(max(1, round(megabytes * 2**20 / len(text)))):
@@ -52,47 +81,39 @@ def make_corpus(path: Path, megabytes: int) -> Path:
     return path
 
 
-def documents(path: Path, separator: str) -> list[str]:
-    text = path.read_text()
-    if separator == "line":
-        return [line for line in text.split("\n") if line.strip()]
-    paragraphs, current = [], []
-    for line in text.split("\n"):
-        if line.strip():
-            current.append(line)
-        elif current:
-            paragraphs.append("\n".join(current))
-            current = []
-    return paragraphs + (["\n".join(current)] if current else [])
-
-
-def time_gptcli(corpus: Path, separator: str, workers: int, scratch: Path) -> tuple[float, int]:
-    out = scratch / f"out-{separator}"
+def time_gptcli(corpus: Path, workers: int, scratch: Path) -> tuple[float, int, float]:
+    """`gpt prepare` in a fresh process, as a user runs it: (seconds, tokens, CPU seconds of all its processes)."""
+    out = scratch / "out"
+    cpu = children_cpu()
     started = time.perf_counter()
-    summary = prepare(PrepareOptions(inputs=[str(corpus)], out=out, separator=separator, workers=workers,
-                                     force=True))
+    result = subprocess.run([sys.executable, "-m", "gptcli", "prepare", str(corpus), "--out", str(out),
+                             "--workers", str(workers), "--json"], capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"gpt prepare failed: {result.stderr[-500:]}")
     shutil.rmtree(out)
-    return seconds, sum(summary.tokens.values())
+    return seconds, sum(json.loads(result.stdout)["tokens"].values()), children_cpu() - cpu
 
 
-def time_encode_ordinary_loop(corpus: Path, separator: str, scratch: Path) -> tuple[float, int]:
-    """The honest single-process way: read, split, encode_ordinary each document + EOT, write uint16."""
+def time_encode_ordinary_loop(corpus: Path, scratch: Path) -> tuple[float, int, float]:
+    """The honest single-process way: read, json.loads, encode_ordinary each record + EOT, write uint16."""
     import tiktoken
 
     encoding = tiktoken.get_encoding("gpt2")
+    cpu = own_cpu()
     started = time.perf_counter()
     ids: list[int] = []
-    for document in documents(corpus, separator):
-        ids.extend(encoding.encode_ordinary(document))
-        ids.append(EOT)
+    with open(corpus, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                ids.extend(encoding.encode_ordinary(json.loads(line)["text"]))
+                ids.append(EOT)
     np.array(ids, dtype=np.uint16).tofile(scratch / "loop.bin")
-    seconds = time.perf_counter() - started
-    return seconds, len(ids)
+    return time.perf_counter() - started, len(ids), own_cpu() - cpu
 
 
-def time_hf_line_by_line(corpus: Path, scratch: Path) -> tuple[float, int]:
-    """The way gptcli replaces: a transformers tokenizer called once per line, ids saved with torch."""
+def time_hf_per_record(corpus: Path, scratch: Path) -> tuple[float, int, float]:
+    """The way gptcli replaces: a transformers tokenizer called once per record, ids saved with torch."""
     import torch
     from transformers import GPT2TokenizerFast
 
@@ -102,16 +123,16 @@ def time_hf_line_by_line(corpus: Path, scratch: Path) -> tuple[float, int]:
     shutil.copyfile(SHARED / "gpt2_bpe" / "vocab.bpe", vocab / "merges.txt")
     tokenizer = GPT2TokenizerFast.from_pretrained(str(vocab))
     assert tokenizer("Hello, I'm a language model,")["input_ids"] == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    cpu = own_cpu()
     started = time.perf_counter()
     ids: list[int] = []
     with open(corpus, encoding="utf-8") as handle:
         for line in handle:
             if line.strip():
-                ids.extend(tokenizer(line.rstrip("\n"))["input_ids"])
+                ids.extend(tokenizer(json.loads(line)["text"])["input_ids"])
                 ids.append(EOT)
     torch.save(torch.tensor(ids, dtype=torch.int32), scratch / "hf.pt")
-    seconds = time.perf_counter() - started
-    return seconds, len(ids)
+    return time.perf_counter() - started, len(ids), own_cpu() - cpu
 
 
 def peak_rss(command: list[str], interval: float = 0.1) -> tuple[float, dict[str, int]]:
@@ -149,59 +170,57 @@ def peak_rss(command: list[str], interval: float = 0.1) -> tuple[float, dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=50, help="corpus size for the throughput comparison")
-    parser.add_argument("--memory-mb", type=int, nargs="+", default=[256, 1024], help="corpus sizes for peak RSS")
+    parser.add_argument("--memory-mb", type=int, nargs="*", default=[256, 1024], help="corpus sizes for peak RSS")
     parser.add_argument("--workers", type=int, default=0, help="gptcli workers (0: all cores)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per way; the best counts")
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="gptcli-bench-"))
     try:
-        print(f"cores: {len(os.sched_getaffinity(0))}  python {sys.version.split()[0]}")
+        print(f"cores: {len(os.sched_getaffinity(0))}  python {sys.version.split()[0]}  "
+              f"load average before: {os.getloadavg()[0]:.2f}")
         throughput(args, scratch)
         memory(args, scratch)
+        print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def throughput(args, scratch: Path) -> None:
-    """Each way `--repeat` times, interleaved, keeping each way's best time: on a machine shared with other
-    jobs the best run is the one least disturbed by them."""
-    corpus = make_corpus(scratch / "corpus.txt", args.mb)
-    size = corpus.stat().st_size
-    print(f"\n## throughput, {size / 2**20:.0f} MB corpus, best of {args.repeat}")
-    print("| documents | way | seconds | CPU seconds | MB/s | tokens | gptcli speed-up |")
+    print(f"\n## throughput, {args.mb} MB of JSONL per kind, best of {args.repeat}")
+    print("| records | way | seconds | CPU seconds | MB/s | tokens | gptcli speed-up |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for separator in ("line", "blank-line"):
-        ways = {"gptcli prepare": lambda: time_gptcli(corpus, separator, args.workers, scratch),
-                "encode_ordinary loop, 1 process": lambda: time_encode_ordinary_loop(corpus, separator, scratch)}
-        if separator == "line" and not args.skip_hf:  # one run: it is ten times slower than the rest
-            ways["GPT2TokenizerFast line by line"] = lambda: time_hf_line_by_line(corpus, scratch)
+    for kind, record_bytes in KINDS.items():
+        corpus = make_records(scratch / "corpus.jsonl", record_bytes, args.mb)
+        ways = {"gpt prepare (fresh process)": lambda: time_gptcli(corpus, args.workers, scratch),
+                "encode_ordinary loop, 1 process": lambda: time_encode_ordinary_loop(corpus, scratch)}
+        if record_bytes == 150 and not args.skip_hf:  # one run: it is many times slower than the rest
+            ways["GPT2TokenizerFast per record"] = lambda: time_hf_per_record(corpus, scratch)
         best = {name: (float("inf"), 0, 0.0) for name in ways}
         for run in range(args.repeat):
             for name, way in ways.items():
                 if run and name.startswith("GPT2"):
                     continue
-                cpu_before = cpu_seconds()
-                seconds, tokens = way()
-                cpu = cpu_seconds() - cpu_before
-                if seconds < best[name][0]:
-                    best[name] = (seconds, tokens, cpu)
-        ours, tokens, _ = best["gptcli prepare"]
+                result = way()
+                best[name] = min(best[name], result)
+        ours, tokens, _ = best["gpt prepare (fresh process)"]
+        size = corpus.stat().st_size
         for name, (seconds, count, cpu) in best.items():
-            assert count == tokens, (name, count, tokens)  # every way produced the same token stream length
-            print(f"| {separator} | {name} | {seconds:.2f} | {cpu:.2f} | {size / 2**20 / seconds:.1f} | {count:,} | "
+            assert count == tokens, (name, count, tokens)  # every way produced the same number of tokens
+            print(f"| {kind} | {name} | {seconds:.2f} | {cpu:.2f} | {size / 2**20 / seconds:.1f} | {count:,} | "
                   f"{seconds / ours:.2f}x |")
-    corpus.unlink()
+        corpus.unlink()
 
 
 def memory(args, scratch: Path) -> None:
+    if not args.memory_mb:
+        return
     print("\n## peak memory of `gpt prepare` (main process + workers)")
     print("| corpus | seconds | MB/s | main process RSS | all processes, RSS summed | all processes, PSS summed |")
     print("|---:|---:|---:|---:|---:|---:|")
     command = [sys.executable, "-m", "gptcli", "prepare"]
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
     for megabytes in args.memory_mb:
-        corpus = make_corpus(scratch / f"memory-{megabytes}.txt", megabytes)
+        corpus = text_corpus(scratch / f"memory-{megabytes}.txt", megabytes)
         out = scratch / f"memory-out-{megabytes}"
         seconds, peaks = peak_rss(command + [str(corpus), "--out", str(out), "--separator", "line",
                                              "--workers", str(args.workers)])

@@ -21,7 +21,8 @@ def write_shard_dir(directory: Path, shards, *, vocab_size: int, fingerprint: st
         with ShardWriter(directory / f"{split}_{number:06d}.bin", vocab_size, fingerprint) as writer:
             writer.write(np.asarray(tokens))
             record = writer.close()
-        records.append({"file": record.file, "split": split, "tokens": record.tokens, "sha256": record.sha256})
+        records.append({"file": record.file, "split": split, "tokens": record.tokens, "sha256": record.sha256,
+                        "max_id": record.max_id})
     write_manifest(directory, {"shards": records, "tokenizer": {
         "name": name, "fingerprint": fingerprint, "vocab_size": vocab_size, "eot_id": eot_id}})
     return records

@@ -178,7 +178,7 @@ def test_cli_dataset_equals_the_joined_text(model_dir, tmp_path):
     assert json.loads(by_dataset.stdout)["perplexity"] == json.loads(by_text.stdout)["perplexity"]
     offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     assert_user_error(run_gpt("eval", "--checkpoint", model_dir, "--dataset", "no-such/dataset-here", env=offline),
-                      "Cannot load dataset no-such/dataset-here")
+                      "no-such/dataset-here needs the Hugging Face Hub")
 
 
 @pytest.mark.gpu

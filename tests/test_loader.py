@@ -23,20 +23,30 @@ def data(tmp_path):
     return write_shards(tmp_path, [1000, 333, 517], vocab_size=2**20)
 
 
-def test_windows_never_cross_a_shard_end_and_targets_shift_by_one(data):
-    loader = BatchLoader(data, "train", 4, 16, seed=1)
-    seen = 0
+def stream(sizes):
+    """The split as the loader must read it: the shards' tokens back to back."""
+    return np.concatenate([np.arange(size) + number * 100_000 for number, size in enumerate(sizes)])
+
+
+def test_windows_read_the_split_as_one_stream_across_shard_ends(data):
+    """Documents continue from one shard into the next, so windows run across the cut: nothing between
+    shards is skipped, and the windows are exactly the stream's [i*T, i*T + T + 1)."""
+    tokens = stream([1000, 333, 517])
+    loader = BatchLoader(data, "train", 4, 16, seed=1, shuffle=False)
+    assert loader.num_windows == (1850 - 1) // 16 == 115
+    seen, crossing = [], 0
     for _ in range(loader.batches_per_epoch):
         inputs, targets = loader.next_batch()
         assert inputs.shape == targets.shape == (4, 16) and inputs.dtype == torch.int64
         assert torch.equal(inputs[:, 1:], targets[:, :-1])
-        shard = targets // 100_000
-        assert torch.all(shard == (inputs[:, :1] // 100_000))  # one shard per window
-        assert torch.all(targets - inputs == 1)  # consecutive positions: nothing skipped, nothing crossed
-        assert torch.all(inputs[:, 0] % 100_000 % 16 == 0)  # windows start every seq_len tokens
-        seen += 4
-    # windows per shard: (n - 1) // 16 → 62 + 20 + 32 = 114, of which whole batches of 4: 112
-    assert loader.num_windows == 114 and seen == 112
+        for row in torch.cat([inputs, targets[:, -1:]], dim=1):
+            start = len(seen) * 16
+            assert row.tolist() == tokens[start: start + 17].tolist()
+            crossing += len(set((row // 100_000).tolist())) > 1
+            seen.append(start)
+    assert len(seen) == 112 and crossing == 2  # windows 62 (tokens 992..1008) and 83 (1328..1344) span a cut
+    state = loader.state_dict()
+    assert state["shard"] is None or state["shard"].startswith("train_")
 
 
 def test_an_epoch_visits_every_window_once_in_a_seeded_order(data):
@@ -109,3 +119,21 @@ def test_sequential_eval_batches_are_the_same_every_time_and_split_by_rank(data)
     s0 = {t for x, _ in r0.sequential_batches(100) for t in x[:, 0].tolist()}
     s1 = {t for x, _ in r1.sequential_batches(100) for t in x[:, 0].tolist()}
     assert s0 and s1 and not s0 & s1
+
+
+def test_an_id_outside_the_vocabulary_is_one_sentence_naming_the_shard(tmp_path):
+    """A shard changed after it was prepared (its manifest still says it fits): the batch that reads the bad
+    id stops training with a sentence, not an index error deep inside the embedding."""
+    write_shard_dir(tmp_path, [("train", np.arange(200) % 1000), ("train", np.arange(200) % 1000)], vocab_size=1000,
+                    fingerprint=FINGERPRINT, name="test")
+    shard = tmp_path / "train_000001.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[-40:-38] = (4000).to_bytes(2, "little")  # id 180 of the second shard
+    shard.write_bytes(bytes(raw))
+    loader = BatchLoader(open_prepared(tmp_path), "train", 2, 16, shuffle=False)
+    read = 0
+    with pytest.raises(GptError, match=r"train_000001\.bin holds token id 4000, outside the vocabulary of 1,000"):
+        for _ in range(loader.batches_per_epoch):
+            loader.next_batch()
+            read += 1
+    assert read == (200 + 180) // 32  # the batches before the bad id were served

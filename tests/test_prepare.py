@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_user_error, gpt_env, run_gpt
-from gptcli.data.prepare import PrepareOptions, prepare, validation_mask
+from gptcli.config import load_project
+from gptcli.data.prepare import PrepareOptions, prepare
 from gptcli.data.shards import HEADER_BYTES, open_prepared
+from gptcli.data.split import validation_mask
 from gptcli.errors import GptError
 
 EOT = 50256
@@ -42,6 +44,12 @@ def split_streams(documents, encoding, seed, val_fraction):
     for document, val in zip(documents, to_val):
         streams["val" if val else "train"].extend(encoding.encode_ordinary(document) + [EOT])
     return streams
+
+
+def options(inputs, out, *overrides, **run) -> PrepareOptions:
+    """Options as `gpt prepare` builds them: [data] keys through the project's --set mechanism."""
+    return PrepareOptions.from_project(load_project(None, [f"data.{o}" for o in overrides]), [str(i) for i in inputs],
+                                       out, **run)
 
 
 def written(directory) -> dict[str, list[int]]:
@@ -72,7 +80,7 @@ def test_every_shakespeare_document_matches_tiktoken(tmp_path, shakespeare, enco
     assert written(tmp_path / "out") == expected
     assert summary["documents"] == len(documents) == 7222
     assert summary["tokens"] == {split: len(ids) for split, ids in expected.items()}
-    assert summary["bytes"] == shakespeare.stat().st_size
+    assert summary["bytes"] == sum(len(d.encode()) for d in documents)  # the documents' text, not blank lines
     assert summary["shards"]["train"] == -(-len(expected["train"]) // 60000)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["tokenizer"]["eot_id"] == EOT and manifest["documents"] == 7222
@@ -86,8 +94,8 @@ def test_documents_cut_into_small_tasks_still_match(tmp_path, shakespeare, encod
     text = shakespeare.read_text()[:300_000]
     source = tmp_path / "play.txt"
     source.write_text(text)
-    prepare(PrepareOptions(inputs=[str(source)], out=tmp_path / "out", separator=separator, val_fraction=0.0,
-                           workers=workers, chunk_chars=4096))
+    prepare(options([source], tmp_path / "out", f'separator="{separator}"', "val_fraction=0.0", f"workers={workers}",
+                    chunk_chars=4096))
     if separator == "none":
         expected = encoding.encode_ordinary(text) + [EOT]
     else:
@@ -117,6 +125,102 @@ def test_worker_count_does_not_change_the_bytes(tmp_path, shakespeare):
         assert json.loads(result.stdout)["documents"] == 3 + 2000
     assert len(outputs["1"]) > 3
     assert outputs["1"] == outputs["2"]
+
+
+# --- the train/val split: by block, deterministic, every token kept in order --------------------------------
+
+MASK64 = (1 << 64) - 1
+
+
+def drawn_for_val(key: int, seed: int, val_fraction: float) -> bool:
+    """docs/data.md's rule, written out in plain Python: splitmix64 of the block's key."""
+    z = (key + (seed + 1) * 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    z ^= z >> 31
+    return (z >> 11) / 2**53 < val_fraction
+
+
+def expected_split(documents: list[list[int]], seed: int, val_fraction: float, block: int = 2048):
+    """(train, val, rule): each document cut into blocks from its start; block k of document d drawn with the
+    key d + k * 2**40; if the draw gives val nothing, the last `block` tokens when the corpus has two blocks."""
+    streams = {"train": [], "val": []}
+    for d, tokens in enumerate(documents):
+        for k in range(0, len(tokens), block):
+            val = drawn_for_val(d + (k // block << 40), seed, val_fraction)
+            streams["val" if val else "train"].extend(tokens[k:k + block])
+    if val_fraction == 0:
+        return streams["train"], [], "none"
+    if streams["val"]:
+        return streams["train"], streams["val"], "draw"
+    if len(streams["train"]) >= 2 * block:
+        return streams["train"][:-block], streams["train"][-block:], "last block"
+    return streams["train"], [], "too small"
+
+
+def test_one_file_corpus_gets_val_blocks_spread_through_it(tmp_path, shakespeare, encoding):
+    """tinyshakespeare as one document (the default separator): ~5% of its 166 blocks go to val, from all
+    over the text, and the result is the same with 1 or 2 workers and any task size."""
+    corpus = encoding.encode_ordinary(shakespeare.read_text()) + [EOT]
+    train, val, rule = expected_split([corpus], seed=1337, val_fraction=0.05)
+    assert rule == "draw" and 4 <= len(val) // 2048 <= 16
+    outputs = []
+    for workers, chunk in ((1, 1 << 20), (2, 50_000)):
+        out = tmp_path / f"out{workers}"
+        summary = prepare(options([shakespeare], out, "val_fraction=0.05", f"workers={workers}", chunk_chars=chunk))
+        assert written(out) == {"train": train, "val": val}
+        assert summary.split["rule"] == "draw" and summary.split["blocks"] == -(-len(corpus) // 2048)
+        outputs.append(shard_bytes(out))
+    assert outputs[0] == outputs[1]
+    first_val_block = next(k for k in range(0, len(corpus), 2048) if corpus[k:k + 2048] == val[:2048])
+    assert first_val_block < len(corpus) // 2  # not only the last pages
+
+
+def test_when_the_draw_picks_no_block_the_last_one_is_held_out(tmp_path, shakespeare, encoding):
+    corpus = encoding.encode_ordinary(shakespeare.read_text()) + [EOT]
+    train, val, rule = expected_split([corpus], seed=1337, val_fraction=0.005)
+    assert rule == "last block"  # with this seed, none of the 166 blocks is drawn
+    result = run_gpt("prepare", shakespeare, "--out", tmp_path / "out", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert written(tmp_path / "out") == {"train": corpus[:-2048], "val": corpus[-2048:]}
+    report = json.loads(result.stdout)
+    assert report["split"] == {"by": "block", "block_tokens": 2048, "rule": "last block", "blocks": 166,
+                               "val_blocks": 1}
+    assert report["documents_by_split"] == {"train": 1, "val": 0}
+    human = run_gpt("prepare", shakespeare, "--out", tmp_path / "out2", cwd=tmp_path)
+    assert "rule: last block held out" in " ".join(human.stdout.split())
+
+
+def test_a_file_smaller_than_two_blocks_keeps_everything_in_train(tmp_path, encoding):
+    text = "A short note, far smaller than one block of the split."
+    (tmp_path / "note.txt").write_text(text)
+    result = run_gpt("prepare", tmp_path / "note.txt", "--out", tmp_path / "out", "--val-fraction", "0.01", "--json",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert written(tmp_path / "out") == {"train": encoding.encode_ordinary(text) + [EOT], "val": []}
+    assert json.loads(result.stdout)["split"]["rule"] == "too small"
+    assert "No val split" in result.stderr and "val_block_tokens" in " ".join(result.stderr.split())
+
+
+def test_short_records_are_drawn_whole_as_before(tmp_path, shakespeare, encoding):
+    """A jsonl of many short records: every record is shorter than a block, so each is drawn as one unit
+    with the key it always had (its index): the split is the one earlier versions made."""
+    lines = [line for line in shakespeare.read_text().split("\n") if line.strip()][:6000]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    result = run_gpt("prepare", tmp_path / "records.jsonl", "--out", tmp_path / "out", "--val-fraction", "0.1",
+                     "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    by_document = split_streams(lines, encoding, seed=1337, val_fraction=0.1)
+    assert written(tmp_path / "out") == by_document
+    train, val, rule = expected_split([encoding.encode_ordinary(line) + [EOT] for line in lines], 1337, 0.1)
+    assert (train, val, rule) == (by_document["train"], by_document["val"], "draw")
+    assert 500 < json.loads(result.stdout)["documents_by_split"]["val"] < 700
+
+
+def test_val_fraction_zero_puts_every_token_in_train(tmp_path, shakespeare, encoding):
+    summary = prepare(options([shakespeare], tmp_path / "out", "val_fraction=0", "workers=1"))
+    assert written(tmp_path / "out") == {"train": encoding.encode_ordinary(shakespeare.read_text()) + [EOT], "val": []}
+    assert summary.split["rule"] == "none" and summary.shards["val"] == 0 and not summary.warnings
 
 
 # --- every kind of input -------------------------------------------------------------------------------------
@@ -179,6 +283,88 @@ def test_invalid_utf8_replaced_on_request(tmp_path, encoding):
     assert "3 invalid UTF-8 bytes" in result.stderr
     text = "caf\ufffd ok \ufffd\ufffd end \ufffd"
     assert written(tmp_path / "out")["train"] == encoding.encode_ordinary(text) + [EOT]
+
+
+# --- honest counts ------------------------------------------------------------------------------------------
+
+TEXTS = ["Caf\u00e9 \"au lait\", na\u00efve r\u00e9sum\u00e9 \u2014 \u6f22\u5b57.", "A second document\twith a tab.",
+         "\u00bfTercero? \U0001f600 s\u00ed."]
+
+
+def write_input(kind: str, directory):
+    """TEXTS as an input of `kind`; returns the path to name."""
+    if kind == "text":
+        path = directory / "corpus.txt"
+        path.write_text("\n\n".join(TEXTS) + "\n", encoding="utf-8")
+    elif kind == "jsonl":  # JSON escapes (\u00e9, \") make the file longer than the text
+        path = directory / "corpus.jsonl"
+        path.write_text("".join(json.dumps({"text": t, "meta": "not text"}) + "\n" for t in TEXTS))
+    else:
+        datasets = pytest.importorskip("datasets")
+        path = directory / "saved"
+        datasets.Dataset.from_dict({"text": TEXTS, "id": [1, 2, 3]}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["text", "jsonl", "dataset"])
+def test_bytes_are_the_utf8_bytes_of_the_documents_text(tmp_path, encoding, kind):
+    path = write_input(kind, tmp_path)
+    result = run_gpt("prepare", path, "--out", tmp_path / "out", "--separator", "blank-line", "--val-fraction", "0",
+                     "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    text_bytes = sum(len(t.encode("utf-8")) for t in TEXTS)
+    assert report["bytes"] == text_bytes  # not the file's bytes, not counted twice
+    tokens = sum(len(encoding.encode_ordinary(t)) + 1 for t in TEXTS)
+    assert report["tokens"]["train"] == tokens and report["tokens_per_byte"] == round(tokens / text_bytes, 6)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["bytes"] == text_bytes
+
+
+def test_several_inputs_are_counted_one_by_one(tmp_path, encoding):
+    paths = [write_input(kind, tmp_path) for kind in ("text", "jsonl")]
+    (tmp_path / "one.txt").write_text("just one line")
+    result = run_gpt("prepare", *paths, tmp_path / "one.txt", "--out", tmp_path / "out", "--separator", "blank-line",
+                     "--val-fraction", "0", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    tokens = sum(len(encoding.encode_ordinary(t)) + 1 for t in TEXTS)
+    text_bytes = sum(len(t.encode()) for t in TEXTS)
+    assert json.loads(result.stdout)["inputs"] == [
+        {"input": str(paths[0]), "documents": 3, "tokens": tokens, "bytes": text_bytes},
+        {"input": str(paths[1]), "documents": 3, "tokens": tokens, "bytes": text_bytes},
+        {"input": str(tmp_path / "one.txt"), "documents": 1, "tokens": 4, "bytes": 13}]
+    human = run_gpt("prepare", *paths, tmp_path / "one.txt", "--out", tmp_path / "out2", "--separator", "blank-line",
+                    cwd=tmp_path, env={"COLUMNS": "300"})
+    assert human.returncode == 0, human.stderr
+    row = next(line for line in human.stdout.splitlines() if "one.txt" in line)
+    assert [cell.strip() for cell in row.split("│")[2:5]] == ["1", "4", "13"]
+
+
+# --- progress -------------------------------------------------------------------------------------------------
+
+
+def test_progress_counts_bytes_and_the_eta_holds(tmp_path, shakespeare):
+    """Known-size input: bytes done rise to the total, and from a tenth of the way on the ETA predicts the
+    end within 20% (a steady single-process run; the rate is the average since reading began)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare.read_text() * 4)
+    seen = []
+    started = time.perf_counter()
+    prepare(options([corpus], tmp_path / "out", 'separator="line"', "workers=1", chunk_chars=50_000),
+            lambda progress: seen.append((time.perf_counter() - started, progress)))
+    finished = seen[-1][0]
+    assert seen[-1][1].done_bytes == seen[-1][1].total_bytes == corpus.stat().st_size
+    assert all(a[1].done_bytes <= b[1].done_bytes and a[1].tokens <= b[1].tokens for a, b in zip(seen, seen[1:]))
+    at, progress = next((t, p) for t, p in seen if p.done_bytes >= p.total_bytes / 10)
+    assert progress.tokens_per_second > 0
+    assert abs(at + progress.eta_seconds - finished) <= 0.2 * finished
+
+
+def test_progress_of_an_unsized_input_counts_documents_and_tokens(tmp_path):
+    path = write_input("dataset", tmp_path)
+    seen = []
+    prepare(options([path], tmp_path / "out", "workers=1"), seen.append)
+    assert seen and seen[-1].total_bytes == 0 and seen[-1].eta_seconds is None
+    assert seen[-1].documents == 3 and seen[-1].tokens > 3
 
 
 # --- bad input: one sentence, non-zero exit, nothing half-written ------------------------------------------
@@ -255,8 +441,53 @@ def test_non_empty_output_and_force(tmp_path, shakespeare):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("precious")
     not_data = run_gpt("prepare", small, "--out", tmp_path / "home", "--force", cwd=tmp_path)
-    assert_user_error(not_data, "does not look like prepared data")
+    assert_user_error(not_data, "holds no record of files written by gptcli")
     assert (tmp_path / "home" / "notes.txt").read_text() == "precious"
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "subdir/notes.txt"])
+def test_force_never_deletes_what_prepare_did_not_write(tmp_path, extra):
+    """A user's notes or a subdirectory in a prepared dir: --force refuses and deletes nothing."""
+    (tmp_path / "a.txt").write_text("some text to prepare")
+    out = tmp_path / "out"
+    assert run_gpt("prepare", tmp_path / "a.txt", "--out", out, cwd=tmp_path).returncode == 0
+    (out / extra).parent.mkdir(exist_ok=True)
+    (out / extra).write_text("precious")
+    before = snapshot(out)
+    refused = run_gpt("prepare", tmp_path / "a.txt", "--out", out, "--force", cwd=tmp_path)
+    assert_user_error(refused, "holds files gptcli did not write", extra.split("/")[0])
+    assert snapshot(out) == before
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_force_never_deletes_an_input(tmp_path):
+    """`gpt prepare books/corpus.txt --out books --force` once deleted corpus.txt."""
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "corpus.txt").write_text("the only copy of a corpus")
+    result = run_gpt("prepare", "books/corpus.txt", "--out", "books", "--force", cwd=tmp_path)
+    assert_user_error(result, "corpus.txt, an input of this command")
+    assert (books / "corpus.txt").read_text() == "the only copy of a corpus"
+    assert [p.name for p in books.iterdir()] == ["corpus.txt"]
+
+
+def test_force_replaces_data_prepared_before_the_owned_files_list(tmp_path):
+    """A dir from an older gptcli has a manifest but no .gptcli-files: the manifest says what is ours."""
+    (tmp_path / "a.txt").write_text("some text to prepare")
+    out = tmp_path / "out"
+    assert run_gpt("prepare", tmp_path / "a.txt", "--out", out, cwd=tmp_path).returncode == 0
+    (out / ".gptcli-files").unlink()
+    forced = run_gpt("prepare", tmp_path / "a.txt", "--out", out, "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    (out / ".gptcli-files").unlink()
+    (out / "README").write_text("mine")
+    refused = run_gpt("prepare", tmp_path / "a.txt", "--out", out, "--force", cwd=tmp_path)
+    assert_user_error(refused, "holds files gptcli did not write", "README")
+    assert (out / "README").read_text() == "mine" and (out / "manifest.json").is_file()
 
 
 # --- verification ----------------------------------------------------------------------------------------------
@@ -324,24 +555,48 @@ def test_interrupted_prepare_never_looks_complete(tmp_path, big_corpus, how):
                                 "--workers", "1", "--shard-tokens", "200000", "--separator", "line"],
                                cwd=tmp_path, env=gpt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".out.partial-*/train_000001.bin")):  # mid-run: shards are being written
+    while not list(tmp_path.glob(".out.prepare-*/train_000001.bin")):  # mid-run: shards are being written
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     process.send_signal(how)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode != 0
+    assert process.returncode == {signal.SIGKILL: -9, signal.SIGINT: 130, signal.SIGTERM: 143}[how]
     assert not (out / "manifest.json").exists()
     with pytest.raises(GptError):
         open_prepared(out)
-    if how != signal.SIGKILL:  # cleaned up on the way out
+    if how != signal.SIGKILL:  # cleaned up on the way out, saying where it stopped
         assert not list(tmp_path.glob(".out.*")), stderr
         assert b"Traceback" not in stderr
+        message = " ".join(stderr.decode().split())
+        assert f"stopped by {how.name}: gpt prepare stopped" in message
+        assert f"while reading {big_corpus} (input 1 of 1) after tokenizing" in message
+        assert f"nothing was published: {out} not created" in message
     else:  # a killed run's leftovers are swept by the next run into the same dir
         small = tmp_path / "small.txt"
         small.write_text("a small corpus")
         result = run_gpt("prepare", small, "--out", out, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_killed_main_process(tmp_path, big_corpus):
+    """kill -9 of `gpt prepare` once left its tokenizer workers running for ever, holding the caller's pipes."""
+    psutil = pytest.importorskip("psutil")
+    process = subprocess.Popen([sys.executable, "-m", "gptcli", "prepare", str(big_corpus), "--out",
+                                str(tmp_path / "out"), "--workers", "2", "--separator", "line"],
+                               cwd=tmp_path, env=gpt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    main = psutil.Process(process.pid)
+    deadline = time.monotonic() + 60
+    while len(main.children()) < 2 or not list(tmp_path.glob(".out.prepare-*/.train_000000.bin.tmp")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    workers = main.children()
+    process.kill()
+    process.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, [p.pid for p in alive]
+    process.stdout.read(), process.stderr.read()  # the pipes close: no worker holds them
 
 
 def test_help_and_bracketed_messages_render():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,24 @@ def test_manifest_and_header_disagree(dataset):
     (directory / MANIFEST).write_text(manifest)
     with pytest.raises(GptError, match="does not agree"):
         open_prepared(directory)
+
+
+def test_manifest_records_the_largest_id_and_a_model_too_small_is_refused(tmp_path):
+    """Shards with ids the model cannot embed crashed training at the step that read them; now opening them
+    for a model names the shard in one sentence."""
+    write_dataset(tmp_path, [("train", np.array([5, 50256, 7])), ("val", np.array([1, 60000]))])
+    data = open_prepared(tmp_path)  # written by another tool: the header says a vocabulary of 50,257
+    assert [s.max_id for s in data.splits["train"] + data.splits["val"]] == [50256, 60000]
+    with pytest.raises(GptError, match=r"Shard .*val_000001\.bin holds token id 60000, outside the model's "
+                                       r"vocabulary of 50,257"):
+        data.check_fits(FINGERPRINT, 50257)
+    data.check_fits(FINGERPRINT, 60001)
+
+
+def test_a_shard_whose_ids_disagree_with_its_recorded_maximum_fails_verification(tmp_path):
+    write_dataset(tmp_path, [("train", np.array([1, 2, 3]))])
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["shards"][0]["max_id"] = 2
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(GptError, match="holds ids up to 3 but manifest.json records 2"):
+        open_prepared(tmp_path, verify=True)

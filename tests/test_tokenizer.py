@@ -95,7 +95,7 @@ def test_missing_tokenizer_offline_is_one_clear_sentence(tmp_path, shakespeare):
                           "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}, cwd=tmp_path)
     assert_user_error(result, "Could not load the GPT-2 vocabulary", "TIKTOKEN_CACHE_DIR", "--vocab-dir")
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert not list(tmp_path.glob(".out.*"))
 
 
 def test_vocab_dir_option_works_without_cache(tmp_path, shakespeare, openai_named_vocab):

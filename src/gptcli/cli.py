@@ -203,35 +203,44 @@ def show_parameter_report(report) -> None:
 # --- gpt prepare ----------------------------------------------------------------------------------------------
 
 
+InputsArg = Annotated[Optional[list[str]], typer.Argument(
+    help="Text files, directories, globs, .jsonl (.gz too), a saved `datasets` dir, or hf:NAME[/CONFIG].",
+    show_default=False)]
+PrepareOutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output dir (default: [data] dir).")]
+ValFractionOpt = Annotated[Optional[float], typer.Option(
+    min=0.0, max=0.999999, help="Fraction held out for val (default: [data] val_fraction).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    min=0, help="Tokenizer processes; 0 = one per core (default: [data] workers).")]
+TextColumnOpt = Annotated[Optional[str], typer.Option(
+    help="Field with the text in .jsonl records and datasets (default: [data] text_column).")]
+SeparatorOpt = Annotated[Optional[str], typer.Option(
+    help="Documents inside a text file: none (one per file), blank-line or line (default: [data] separator).")]
+ShardTokensOpt = Annotated[Optional[int], typer.Option(min=1, help="Tokens per shard file (default: [data] shard_tokens).")]
+VocabDirOpt = Annotated[Optional[str], typer.Option(
+    help="Local vocabulary: dir with encoder.json+vocab.bpe or vocab.json+merges.txt, or a .tiktoken file.")]
+ReplaceInvalidOpt = Annotated[bool, typer.Option(
+    "--replace-invalid-utf8", help="Read invalid UTF-8 bytes as U+FFFD and count them (default: refuse).")]
+PrepareForceOpt = Annotated[bool, typer.Option("--force", help="Replace prepared data gptcli wrote there before.")]
+VerifyOpt = Annotated[Optional[Path], typer.Option(
+    "--verify", help="Check a prepared dir (headers, sizes, checksums, token ids) instead of preparing.",
+    show_default=False)]
+
+
 @app.command("prepare")
 def prepare_command(
-    inputs: Annotated[Optional[list[str]], typer.Argument(
-        help="Text files, directories, globs, .jsonl (.gz too), a saved `datasets` dir, or hf:NAME[/CONFIG].",
-        show_default=False)] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output dir (default: [data] dir).")] = None,
+    inputs: InputsArg = None,
+    out_dir: PrepareOutOpt = None,
     project: ProjectOpt = None,
     overrides: SetOpt = None,
-    val_fraction: Annotated[Optional[float], typer.Option(
-        min=0.0, max=0.999999, help="Fraction of documents held out for val (default: [data] val_fraction).")] = None,
-    workers: Annotated[Optional[int], typer.Option(
-        min=0, help="Tokenizer processes; 0 = one per core (default: [data] workers).")] = None,
-    text_column: Annotated[Optional[str], typer.Option(
-        help="Field with the text in .jsonl records and datasets (default: [data] text_column).")] = None,
-    separator: Annotated[Optional[str], typer.Option(
-        help="Documents inside a text file: none (one per file), blank-line or line (default: [data] separator).")
-    ] = None,
-    shard_tokens: Annotated[Optional[int], typer.Option(
-        min=1, help="Tokens per shard file (default: [data] shard_tokens).")] = None,
-    vocab_dir: Annotated[Optional[str], typer.Option(
-        help="Local vocabulary: dir with encoder.json+vocab.bpe or vocab.json+merges.txt, or a .tiktoken file.")
-    ] = None,
-    replace_invalid_utf8: Annotated[bool, typer.Option(
-        "--replace-invalid-utf8", help="Read invalid UTF-8 bytes as U+FFFD and count them (default: refuse).")
-    ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing prepared dir.")] = False,
-    verify: Annotated[Optional[Path], typer.Option(
-        "--verify", help="Check a prepared dir (headers, sizes, checksums, token ids) instead of preparing.",
-        show_default=False)] = None,
+    val_fraction: ValFractionOpt = None,
+    workers: WorkersOpt = None,
+    text_column: TextColumnOpt = None,
+    separator: SeparatorOpt = None,
+    shard_tokens: ShardTokensOpt = None,
+    vocab_dir: VocabDirOpt = None,
+    replace_invalid_utf8: ReplaceInvalidOpt = False,
+    force: PrepareForceOpt = False,
+    verify: VerifyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Tokenize a corpus into verified token shards: parallel, constant memory, never half-written."""
@@ -240,68 +249,76 @@ def prepare_command(
     if verify is not None:
         if inputs:
             raise typer.BadParameter("give either INPUT... or --verify DIR, not both.")
-        report = preparing.verify_prepared(verify)
-        return emit_json(report) if as_json else show_verify_report(report)
-    settings = {"val_fraction": val_fraction, "workers": workers, "text_column": text_column,
-                "separator": separator, "shard_tokens": shard_tokens, "vocab_dir": vocab_dir}
-    extra = [f"data.{key}={json.dumps(value)}" for key, value in settings.items() if value is not None]
-    config = load(project, (overrides or []) + extra)
-    options = preparing.PrepareOptions(
-        inputs=list(inputs or []), out=out_dir or Path(config.data.dir), tokenizer=config.data.tokenizer,
-        vocab_dir=config.data.vocab_dir, separator=config.data.separator, text_column=config.data.text_column,
-        val_fraction=config.data.val_fraction, seed=config.project.seed, shard_tokens=config.data.shard_tokens,
-        workers=config.data.workers, force=force, replace_invalid_utf8=replace_invalid_utf8)
+        return show_verify_report(preparing.verify_prepared(verify), as_json)
+    flags = {"val_fraction": val_fraction, "workers": workers, "text_column": text_column,
+             "separator": separator, "shard_tokens": shard_tokens, "vocab_dir": vocab_dir}
+    config = load(project, (overrides or []) + [f"data.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None])
+    options = preparing.PrepareOptions.from_project(config, inputs or [], out_dir, force=force,
+                                                    replace_invalid_utf8=replace_invalid_utf8)
     with prepare_progress() as on_progress:
         summary = preparing.prepare(options, on_progress)
-    for warning in summary.warnings:
-        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
-    if as_json:
-        return emit_json(summary.to_json())
-    show_prepare_summary(summary)
+    show_prepare_summary(summary, as_json)
 
 
 class prepare_progress:
-    """A progress bar on stderr (bytes, documents, tokens/s, ETA); a callback for the work to call."""
+    """A progress bar on stderr: bytes, documents, tokens/s and ETA for inputs of known size; documents and
+    tokens for streams (datasets, hf:). A callback for the work to call."""
 
     def __enter__(self):
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-        self.started = None
-        self.bar = Progress(TextColumn("tokenizing"), BarColumn(), DownloadColumn(),
-                            TextColumn("{task.fields[documents]:,} docs · {task.fields[rate]} tokens/s"),
-                            TimeRemainingColumn(), console=err, transient=True)
-        self.task = self.bar.add_task("prepare", total=None, documents=0, rate="—")
+        self.bar = Progress(TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[counts]}"),
+                            console=err, transient=True)
+        self.task = self.bar.add_task("prepare", total=None, counts="")
+        self.started = False
         return self.update
 
     def update(self, progress) -> None:
-        import time
-
-        if self.started is None:  # the bar's thread starts only once the work's worker processes exist
+        if not self.started:  # the bar's thread starts only once the work's worker processes exist
             self.bar.start()
-        now = time.perf_counter()
-        self.started = self.started or now
-        rate = progress.tokens / (now - self.started) if now > self.started else 0.0
-        self.bar.update(self.task, completed=progress.disk_bytes, total=progress.total_bytes or None,
-                        documents=progress.documents, rate=f"{rate:,.0f}")
+            self.started = True
+        counts = f"{progress.documents:,} docs · {progress.tokens:,} tokens · {progress.tokens_per_second:,.0f} tokens/s"
+        if progress.eta_seconds is not None:
+            minutes, seconds = divmod(int(progress.eta_seconds + 0.5), 60)
+            counts += f" · ETA {minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+        self.bar.update(self.task, completed=progress.done_bytes, total=progress.total_bytes or None, counts=counts)
 
     def __exit__(self, *exc):
-        if self.started is not None:
+        if self.started:
             self.bar.stop()
 
 
-def show_prepare_summary(summary) -> None:
+def show_prepare_summary(summary, as_json: bool) -> None:
+    for warning in summary.warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+    if as_json:
+        return emit_json(summary.to_json())
     table = Table(title=f"prepared {summary.out}")
     for column in ("", "train", "val", "total"):
         table.add_column(column, justify="right")
     for name, values in (("documents", summary.documents), ("tokens", summary.tokens), ("shards", summary.shards)):
         table.add_row(name, f"{values['train']:,}", f"{values['val']:,}", f"{sum(values.values()):,}")
     out.print(table)
+    if len(summary.inputs) > 1:
+        inputs = Table("input", title="by input")
+        for column in ("documents", "tokens", "bytes of text"):
+            inputs.add_column(column, justify="right")
+        for count in summary.inputs:
+            inputs.add_row(escape(count.input), f"{count.documents:,}", f"{count.tokens:,}", f"{count.bytes:,}")
+        out.print(inputs)
+    split = summary.split
+    rule = {"draw": "seeded draw", "last block": "last block held out (the draw picked none)",
+            "too small": "none (corpus under two blocks)", "none": "none (val_fraction 0)"}[split["rule"]]
+    out.print(f"val: {split['val_blocks']:,} of {split['blocks']:,} blocks of up to {split['block_tokens']:,} tokens; "
+              f"rule: {rule}")
     out.print(f"{summary.bytes:,} bytes of text, {summary.tokens_per_byte:.3f} tokens per byte, "
               f"{summary.seconds:.1f} s with {summary.workers} worker(s) "
               f"({sum(summary.tokens.values()) / max(summary.seconds, 1e-9):,.0f} tokens/s)")
 
 
-def show_verify_report(report) -> None:
+def show_verify_report(report, as_json: bool) -> None:
+    if as_json:
+        return emit_json(report)
     tokens = report["tokens"]
     out.print(f"[green]✓[/green] {report['dir']}: {report['shards']} shards verified (headers, sizes, sha256, "
               f"token ids); {tokens['train']:,} train + {tokens['val']:,} val tokens, tokenizer {report['tokenizer']}")

@@ -106,8 +106,10 @@ class DataConfig(Section):
     )
     separator: Separator = doc('Document boundaries inside a text file: "none" (one per file), "blank-line" or "line".', "none")
     text_column: str = doc("Field holding the text in .jsonl records and datasets.", "text")
-    val_fraction: float = doc("Fraction of documents held out for validation (chosen by a seeded hash).", 0.005,
-                              at_least=0, below=1)
+    val_fraction: float = doc("Fraction of the corpus held out for validation: documents, or blocks of long ones, "
+                              "drawn by a seeded hash.", 0.005, at_least=0, below=1)
+    val_block_tokens: int = doc("Documents longer than this many tokens are split into blocks of it for the "
+                                "train/val draw.", 2048, at_least=1)
     shard_tokens: int = doc("Tokens per shard file (the last one of each split is smaller).", 100_000_000, at_least=1)
     workers: int = doc("Tokenizer processes for `gpt prepare`; 0 means one per CPU core.", 0, at_least=0)
 

@@ -1,4 +1,4 @@
-"""The one exception type the command line turns into a single sentence on stderr."""
+"""The exception types the command line turns into a single sentence on stderr: user errors, and stops by signal."""
 
 
 class GptError(Exception):

@@ -248,24 +248,14 @@ def tokenize_for_scoring(text: str, tokenizer, max_tokens: int, what: str) -> np
 
 
 def dataset_tokens(name: str, split: str, column: str, tokenizer, max_tokens: int = 0) -> np.ndarray:
-    """A Hugging Face dataset ("name" or "name:config" on the Hub, or a dir written by save_to_disk):
-    the `column` of every record, joined by blank lines as the transformers guide does for wikitext."""
-    try:
-        import datasets
+    """A Hugging Face dataset, opened as `gpt prepare` opens one (sources.open_dataset: a save_to_disk dir,
+    hf:NAME[/CONFIG], NAME:CONFIG or NAME): the `column` of every record, joined by blank lines as the
+    transformers guide does for wikitext."""
+    from .data.sources import dataset_texts, open_dataset
 
-        if Path(name).is_dir():
-            data = datasets.load_from_disk(name)
-            data = data[split] if isinstance(data, datasets.DatasetDict) else data
-        else:
-            repo, _, config = name.partition(":")
-            data = datasets.load_dataset(repo, config or None, split=split)
-    except Exception as error:  # offline, unknown name, unknown split: datasets raises many kinds
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise GptError(f"Cannot load dataset {name} (split {split}): {reason}") from None
-    if column not in data.column_names:
-        raise GptError(f"Dataset {name} has no column {column!r} (it has {', '.join(data.column_names)}); "
-                       "set [data] text_column.")
-    return tokenize_for_scoring("\n\n".join(data[column]), tokenizer, max_tokens, f"Dataset {name} ({split})")
+    label = f"Dataset {name} ({split})"
+    texts = dataset_texts(open_dataset(name, split), column, f"Dataset {name}")
+    return tokenize_for_scoring("\n\n".join(texts), tokenizer, max_tokens, label)
 
 
 def shard_sequences(data_dir: Path | str, split: str, tokenizer, max_tokens: int = 0) -> list[np.ndarray]:

@@ -1,9 +1,10 @@
 """Deterministic, resumable batches over prepared shards.
 
-A split is cut into windows of seq_len + 1 tokens that start every seq_len tokens inside one shard, so a
-window never crosses a shard's end (shards hold unrelated text and the last tokens of one shard do not
-precede the first of the next). Window i of a shard covers tokens [i·T, i·T + T + 1): inputs are its
-first T tokens and targets its last T, so every token of a shard is predicted once per epoch.
+The shards of a split are read as one stream, in order: `gpt prepare` writes a split as a single token
+stream cut into shards of a fixed size, so a document may continue from one shard into the next and a
+window may span the cut. Window i covers tokens [i·T, i·T + T + 1) of the stream: inputs are its first T
+tokens and targets its last T, so every token but the first is predicted once per epoch and nothing is
+skipped but the stream's last (< T) tokens.
 
 Each epoch visits every window once, in a seeded permutation (or in order). The global batch of a micro
 step is the next `micro_batch_size × world_size` windows of that order; rank r takes its own contiguous
@@ -52,10 +53,11 @@ class BatchLoader:
         self.shards = data.splits.get(split, [])
         self.split, self.batch, self.seq_len = split, micro_batch_size, seq_len
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        # Windows per shard: a window needs T + 1 tokens; starts are 0, T, 2T, ...
-        counts = np.array([max(s.num_tokens - 1, 0) // seq_len for s in self.shards], dtype=np.int64)
-        self.shard_starts = np.concatenate([[0], np.cumsum(counts)])  # window index where each shard begins
-        self.num_windows = int(self.shard_starts[-1])
+        self.vocab_size = data.vocab_size
+        sizes = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
+        self.shard_starts = np.concatenate([[0], np.cumsum(sizes)])  # stream position where each shard begins
+        # A window needs T + 1 tokens; starts are 0, T, 2T, ...
+        self.num_windows = int(max(self.shard_starts[-1] - 1, 0) // seq_len)
         self.global_batch = micro_batch_size * world_size
         if self.num_windows < self.global_batch:
             have = sum(s.num_tokens for s in self.shards)
@@ -81,10 +83,31 @@ class BatchLoader:
         return self._order
 
     def window(self, index: int) -> np.ndarray:
-        """Global window `index` → its T+1 token ids."""
-        shard = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
-        start = (index - int(self.shard_starts[shard])) * self.seq_len
-        return self.shards[shard].tokens[start: start + self.seq_len + 1]
+        """Window `index` → its T+1 token ids, read from as many shards as it spans."""
+        start = index * self.seq_len
+        end = start + self.seq_len + 1
+        shard = self._shard_at(start)
+        pieces = []
+        while start < end:
+            offset = start - int(self.shard_starts[shard])
+            piece = self.shards[shard].tokens[offset: offset + end - start]
+            pieces.append(piece)
+            start += len(piece)
+            shard += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _shard_at(self, position: int) -> int:
+        return int(np.searchsorted(self.shard_starts, position, side="right")) - 1
+
+    def _batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = np.stack([self.window(int(i)) for i in indices]).astype(np.int64)  # (B, T+1)
+        if windows.size and int(windows.max()) >= self.vocab_size:  # a shard changed after it was checked
+            row, column = np.unravel_index(int(np.argmax(windows)), windows.shape)
+            shard = self.shards[self._shard_at(int(indices[row]) * self.seq_len + int(column))].path
+            raise GptError(f"Shard {shard} holds token id {int(windows.max())}, outside the vocabulary of "
+                           f"{self.vocab_size:,}: the shard is corrupt; check it with `gpt prepare --verify`.")
+        tokens = torch.from_numpy(windows)
+        return tokens[:, :-1], tokens[:, 1:]
 
     def next_windows(self) -> np.ndarray:
         """This rank's next micro batch of window indices; advances the cursor by one global batch."""
@@ -97,9 +120,7 @@ class BatchLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs (B, T), targets (B, T)) as int64 CPU tensors."""
-        windows = np.stack([self.window(int(i)) for i in self.next_windows()]).astype(np.int64)  # (B, T+1)
-        tokens = torch.from_numpy(windows)
-        return tokens[:, :-1], tokens[:, 1:]
+        return self._batch(self.next_windows())
 
     def state_dict(self) -> dict:
         where = self.locate(self.cursor)
@@ -119,15 +140,13 @@ class BatchLoader:
         position = cursor.position + self.rank * self.batch
         if position >= self.num_windows:
             return {"shard": None, "offset": None}
-        index = int(self.order(cursor.epoch)[position])
-        shard = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
-        return {"shard": self.shards[shard].path.name, "offset": (index - int(self.shard_starts[shard])) * self.seq_len}
+        start = int(self.order(cursor.epoch)[position]) * self.seq_len
+        shard = self._shard_at(start)
+        return {"shard": self.shards[shard].path.name, "offset": start - int(self.shard_starts[shard])}
 
     def sequential_batches(self, count: int):
         """The first `count` micro batches of this rank's slice in file order (evaluation: always the same)."""
         per_rank = self.num_windows // self.world_size
         mine = np.arange(self.rank * per_rank, (self.rank + 1) * per_rank)
         for b in range(min(count, len(mine) // self.batch)):
-            indices = mine[b * self.batch: (b + 1) * self.batch]
-            tokens = torch.from_numpy(np.stack([self.window(int(i)) for i in indices]).astype(np.int64))
-            yield tokens[:, :-1], tokens[:, 1:]
+            yield self._batch(mine[b * self.batch: (b + 1) * self.batch])

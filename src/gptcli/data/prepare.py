@@ -1,8 +1,8 @@
 """`gpt prepare`: any corpus → token shards, in parallel, in constant memory, never half-written.
 
-    inputs ──reader (sources.py, main process)──▶ tasks of ~4 MB text
+    inputs ──reader (sources.py, main process)──▶ tasks of ~1 MB text
            ──worker pool (processes)──▶ tokens + per-document counts, in task order
-           ──writer (main process)──▶ seeded train/val split by document ─▶ shards ─▶ manifest.json last
+           ──writer (main process)──▶ seeded train/val split (split.py) ─▶ shards ─▶ manifest.json last
 
 Documents end with one end-of-text token (50256 for GPT-2): it follows every document, so a training
 window that sees it knows a new, unrelated text starts next. A tokenizer without one (openai-gpt)
@@ -16,12 +16,13 @@ the manifest is in it, so an interrupted run never leaves a directory that loads
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
-import json
 import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import GptError
-from ..fsutil import publish_dir
-from ..tokenizer import Tokenizer, load_tokenizer
+from ..config import DataConfig, Project, ProjectConfig
+from ..errors import GptError, Stopped
+from ..fsutil import check_replaceable, publish_dir, read_owned, staging_dir
+from ..tokenizer import ENDOFTEXT, Tokenizer, load_tokenizer
 from .shards import FORMAT_VERSION, MANIFEST, ShardRecord, ShardWriter, open_prepared, token_dtype, write_manifest
-from .sources import ReadState, Source, resolve_inputs, source_tasks
+from .sources import ReadSettings, ReadState, Source, Task, read_tasks, resolve_inputs
+from .split import Splitter
 
 CHUNK_CHARS = 1 << 20  # text per task: big enough to amortize inter-process transfer, small enough for flat memory
 TASKS_PER_WORKER = 2  # tasks in flight per worker: keeps every worker busy while memory stays bounded
@@ -43,31 +46,58 @@ ProgressFn = Callable[["Progress"], None]
 
 @dataclass
 class PrepareOptions:
-    """What to prepare and how; the CLI fills it from [data], [project] seed and its options."""
+    """One run of `gpt prepare`: the [data] section (the one schema for every tokenization setting), the
+    split seed ([project] seed) and what belongs to this run only."""
 
     inputs: list[str]
     out: Path
-    tokenizer: str = "gpt2"
-    vocab_dir: Optional[str] = None
-    separator: str = "none"
-    text_column: str = "text"
-    val_fraction: float = 0.005
-    seed: int = 1337
-    shard_tokens: int = 100_000_000
-    workers: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = field(default_factory=lambda: ProjectConfig().seed)
     force: bool = False
     replace_invalid_utf8: bool = False
     chunk_chars: int = CHUNK_CHARS
 
+    @classmethod
+    def from_project(cls, project: Project, inputs: list[str], out: Optional[Path] = None, **run) -> "PrepareOptions":
+        """Options from a loaded project (its overrides already applied); `out` defaults to [data] dir."""
+        return cls(inputs=list(inputs), out=Path(out or project.data.dir), data=project.data,
+                   seed=project.project.seed, **run)
+
+    @property
+    def read_settings(self) -> ReadSettings:
+        return ReadSettings(self.data.separator, self.data.text_column, self.chunk_chars, self.replace_invalid_utf8)
+
 
 @dataclass
 class Progress:
-    """Handed to the progress callback after each task; `total_bytes` is 0 when unknown."""
+    """Handed to the progress callback after each task."""
 
-    disk_bytes: int
-    total_bytes: int
+    done_bytes: int  # input bytes on disk behind the tasks tokenized so far (compressed bytes for .gz)
+    total_bytes: int  # input bytes on disk in all; 0 when unknown (datasets, hf: streams)
     documents: int
     tokens: int
+    seconds: float  # since reading began (start-up excluded, so the rate is the steady one)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> Optional[float]:
+        """Seconds left at the average rate so far; None when the size is unknown or nothing is done yet."""
+        if not self.total_bytes or not self.done_bytes or self.seconds <= 0:
+            return None
+        return self.seconds * max(self.total_bytes - self.done_bytes, 0) / self.done_bytes
+
+
+@dataclass
+class InputCount:
+    """What one input contributed."""
+
+    input: str
+    documents: int = 0
+    tokens: int = 0
+    bytes: int = 0
 
 
 @dataclass
@@ -76,10 +106,12 @@ class PrepareSummary:
     documents: dict[str, int]
     tokens: dict[str, int]
     shards: dict[str, int]
-    bytes: int
+    bytes: int  # UTF-8 bytes of the documents' text, whatever the input kind
     replaced_bytes: int
     seconds: float
     workers: int
+    split: dict  # how val was drawn: rule, block size, val blocks
+    inputs: list[InputCount] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -90,104 +122,88 @@ class PrepareSummary:
         return {"out": str(self.out), "documents": sum(self.documents.values()),
                 "documents_by_split": self.documents, "tokens": self.tokens, "shards": self.shards,
                 "bytes": self.bytes, "tokens_per_byte": round(self.tokens_per_byte, 6),
-                "replaced_bytes": self.replaced_bytes, "seconds": round(self.seconds, 3), "workers": self.workers}
+                "replaced_bytes": self.replaced_bytes, "seconds": round(self.seconds, 3), "workers": self.workers,
+                "split": self.split, "inputs": [vars(count) for count in self.inputs]}
 
 
 # --- the worker: task → tokens -----------------------------------------------------------------------------
 
+
+@dataclass
+class Tokenized:
+    """A task's tokens, with an end-of-text after each document that ends in it."""
+
+    source: int  # index of the input
+    tokens: np.ndarray
+    counts: np.ndarray  # tokens per document (end-of-text included); the first may continue an open document
+    last_open: bool  # the last document continues in the next task
+    text_bytes: int  # UTF-8 bytes of the documents' text
+
+
 _worker_tokenizer: Optional[Tokenizer] = None
 
 
-def _init_worker(name: str, vocab_dir: Optional[str]) -> None:
+def _init_worker(name: str, vocab_dir: Optional[str], parent: int) -> None:
     global _worker_tokenizer
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle and clean up
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() must end a worker at once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ending the pool must end a worker at once
     _worker_tokenizer = load_tokenizer(name, vocab_dir)  # a cache hit when the pool forks
 
 
-def tokenize_task(task: tuple, tokenizer: Optional[Tokenizer] = None) -> tuple[np.ndarray, np.ndarray, bool, int]:
-    """One task → (token ids with an end-of-text after each finished document, tokens per document,
-    whether the last document continues in the next task, UTF-8 bytes of dataset rows)."""
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive a main process killed with SIGKILL (it would wait on its pipe forever,
+    holding the caller's stdout open). Linux delivers SIGKILL to it when the parent dies; the getppid check
+    covers a parent that died before the request took effect."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def tokenize_task(task: Task, tokenizer: Optional[Tokenizer] = None) -> Tokenized:
     tokenizer = tokenizer or _worker_tokenizer
-    documents, closes, row_bytes = task_documents(task)
-    # A plain loop of encode_ordinary beats tiktoken's encode_ordinary_batch here: the batch call spins
-    # up a thread pool per call and, with one thread per worker process, measured 3-10x slower.
+    documents, closes = task.documents()
+    ids, counts = encode_documents(tokenizer, documents, closes)
+    text_bytes = len("".join(documents).encode("utf-8", "surrogatepass"))
+    return Tokenized(task.source, ids, counts, not closes and bool(documents), text_bytes)
+
+
+def encode_documents(tokenizer: Tokenizer, documents: list[str], closes: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids with an end-of-text after each document but an open last one, tokens per document)."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    if not documents:
+        return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64)
+    eot = tokenizer.eot_id
+    if eot is not None and type(tokenizer.backend).__module__.startswith("tiktoken"):
+        # One call for the whole task: tiktoken encodes the text between allowed special tokens piece by
+        # piece, exactly as encode_ordinary encodes each document, and saves a per-document call that costs
+        # ~15% on short records. Only when no document holds the end-of-text string as plain text (then
+        # the string occurs exactly once per boundary: it begins with "<", found nowhere else in it).
+        joined = ENDOFTEXT.join(documents) + (ENDOFTEXT if closes else "")
+        if joined.count(ENDOFTEXT) == len(documents) - (not closes):
+            ids = tokenizer.backend.encode(joined, allowed_special={ENDOFTEXT}, disallowed_special=())
+            return _split_at_ends(np.array(ids, dtype=dtype), eot, closes)
     encoded = tokenizer.encode_each(documents)
     counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=token_dtype(tokenizer.vocab_size),
-                      count=int(counts.sum()))
-    if tokenizer.eot_id is not None and len(counts):
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(counts.sum()))
+    if eot is not None:
         ends = np.cumsum(counts) if closes else np.cumsum(counts[:-1])  # an open document has no end yet
-        ids = np.insert(ids, ends, tokenizer.eot_id)
+        ids = np.insert(ids, ends, eot)
         counts[: len(ends)] += 1
-    return ids, counts, not closes, row_bytes
+    return ids, counts
 
 
-def task_documents(task: tuple) -> tuple[list[str], bool, int]:
-    """(documents, whether the last one ends in this task, UTF-8 bytes of dataset rows)."""
-    kind = task[0]
-    if kind == "piece":
-        return [task[1]], task[2], 0
-    if kind == "lines":
-        return [line.rstrip("\r") for line in task[1].split("\n") if line.strip()], True, 0
-    if kind == "paragraphs":
-        return _paragraphs(task[1]), True, 0
-    if kind == "jsonl":
-        return _jsonl_records(*task[1:]), True, 0
-    texts = [text for text in task[1] if text]
-    return texts, True, sum(len(text.encode("utf-8")) for text in texts)
-
-
-def _paragraphs(text: str) -> list[str]:
-    """Runs of non-blank lines, joined by "\\n" (line ends normalized, blank lines dropped)."""
-    paragraphs, current = [], []
-    for line in text.split("\n"):
-        if line.strip():
-            current.append(line.rstrip("\r"))
-        elif current:
-            paragraphs.append("\n".join(current))
-            current = []
-    if current:
-        paragraphs.append("\n".join(current))
-    return paragraphs
-
-
-def _jsonl_records(text: str, path: str, first_line: int, column: str) -> list[str]:
-    records = []
-    for offset, line in enumerate(text.split("\n")):
-        if not line.strip():
-            continue
-        number = first_line + offset
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise GptError(f"{path} line {number} is not valid JSON.") from None
-        if not isinstance(record, dict) or column not in record:
-            raise GptError(f"{path} line {number} has no {column!r} field (name the text field with --text-column).")
-        value = record[column]
-        if not isinstance(value, str):
-            raise GptError(f"{path} line {number}: field {column!r} holds {type(value).__name__}, not text.")
-        if value:
-            records.append(value)
-    return records
-
-
-# --- the split: seeded, by document ------------------------------------------------------------------------
-
-_MASK64 = (1 << 64) - 1
-
-
-def validation_mask(document_ids: np.ndarray, seed: int, val_fraction: float) -> np.ndarray:
-    """True where a document goes to val: splitmix64(seed, index) as a uniform number < val_fraction.
-    Depends only on the seed and the document's index in the corpus, never on workers or chunking."""
-    if val_fraction <= 0:
-        return np.zeros(len(document_ids), dtype=bool)
-    z = document_ids.astype(np.uint64) + np.uint64(((seed + 1) * 0x9E3779B97F4A7C15) & _MASK64)
-    # splitmix64's finalizer (Steele, Lea & Flood 2014); uint64 arithmetic wraps modulo 2**64.
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < val_fraction
+def _split_at_ends(ids: np.ndarray, eot: int, closes: bool) -> tuple[np.ndarray, np.ndarray]:
+    ends = np.flatnonzero(ids == eot)
+    counts = np.diff(ends, prepend=-1)
+    if not closes:
+        counts = np.append(counts, len(ids) - (int(ends[-1]) + 1 if len(ends) else 0))
+    return ids, counts.astype(np.int64)
 
 
 # --- the writer: tokens → shards ----------------------------------------------------------------------------
@@ -232,31 +248,38 @@ class SplitWriter:
 
 
 class Assembler:
-    """Numbers documents in corpus order, splits them and sends their tokens to the split writers."""
+    """Takes results in corpus order: counts documents, tokens and bytes per input, splits the tokens
+    (Splitter) and sends them to the split writers."""
 
-    def __init__(self, writers: dict[str, SplitWriter], seed: int, val_fraction: float):
-        self.writers, self.seed, self.val_fraction = writers, seed, val_fraction
-        self.next_document = 0  # documents begun so far
-        self.open = False  # the last document continues in the next task
+    def __init__(self, writers: dict[str, SplitWriter], splitter: Splitter, sources: list[Source]):
+        self.writers, self.splitter = writers, splitter
+        self.inputs = [InputCount(source.label) for source in sources]
         self.documents = {"train": 0, "val": 0}
-        self.row_bytes = 0
 
-    def add(self, result: tuple[np.ndarray, np.ndarray, bool, int]) -> None:
-        tokens, counts, last_open, row_bytes = result
-        self.row_bytes += row_bytes
-        if len(counts) == 0:
+    def add(self, result: Tokenized) -> None:
+        count = self.inputs[result.source]
+        count.bytes += result.text_bytes
+        if len(result.counts) == 0:
             return
-        first = self.next_document - 1 if self.open else self.next_document
-        document_ids = first + np.arange(len(counts), dtype=np.int64)
-        to_val = validation_mask(document_ids, self.seed, self.val_fraction)
-        started = document_ids >= self.next_document  # the first entry may continue an open document
-        self.documents["val"] += int(np.count_nonzero(to_val & started))
-        self.documents["train"] += int(np.count_nonzero(~to_val & started))
-        self.next_document = first + len(counts)
-        self.open = last_open
-        token_to_val = np.repeat(to_val, counts)
-        self.writers["train"].write(tokens[~token_to_val])
-        self.writers["val"].write(tokens[token_to_val])
+        train, val, started_to_val = self.splitter.split(result.tokens, result.counts, result.last_open)
+        self.documents["val"] += int(np.count_nonzero(started_to_val))
+        self.documents["train"] += len(started_to_val) - int(np.count_nonzero(started_to_val))
+        count.documents += len(started_to_val)
+        count.tokens += len(result.tokens)
+        self.writers["train"].write(train)
+        self.writers["val"].write(val)
+
+    def finish(self) -> None:
+        """Hand over what the splitter held back (the corpus's last block, which may go to val)."""
+        train, val = self.splitter.finish()
+        self.documents["train"] -= self.splitter.moved_documents
+        self.documents["val"] += self.splitter.moved_documents
+        self.writers["train"].write(train)
+        self.writers["val"].write(val)
+
+    @property
+    def tokens(self) -> int:
+        return self.writers["train"].tokens + self.writers["val"].tokens + self.splitter.held
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -272,86 +295,115 @@ def worker_count(requested: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@dataclass
+class Run:
+    """One prepare run's moving parts, so an interruption can say where it stopped."""
+
+    options: PrepareOptions
+    sources: list[Source]
+    tokenizer: Tokenizer
+    workers: int
+    staging: Path
+    state: ReadState = field(default_factory=ReadState)
+    assembler: Optional[Assembler] = None
+
+
 def prepare(options: PrepareOptions, on_progress: Optional[ProgressFn] = None) -> PrepareSummary:
     """Tokenize `options.inputs` into shards under `options.out`; see the module docstring."""
     started = time.perf_counter()
     out = Path(options.out)
-    check_output_dir(out, options.force)
     sources = resolve_inputs(options.inputs)
-    tokenizer = load_tokenizer(options.tokenizer, options.vocab_dir)
-    workers = worker_count(options.workers)
-    staging = make_staging_dir(out)
+    check_output_dir(out, options.force, sources)
+    tokenizer = load_tokenizer(options.data.tokenizer, options.data.vocab_dir)
+    run = Run(options, sources, tokenizer, worker_count(options.data.workers), make_staging_dir(out))
     try:
-        with _sigterm_as_interrupt():
-            summary, manifest = _prepare_into(staging, sources, tokenizer, options, workers, on_progress, started)
-            write_manifest(staging, manifest)
-            publish_dir(staging, out)
+        summary, manifest = _prepare_into(run, on_progress, started)
+        write_manifest(run.staging, manifest)
+        publish_dir(run.staging, out)
+    except (KeyboardInterrupt, Stopped) as stop:  # Ctrl-C, or SIGTERM (the CLI raises Stopped for it)
+        shutil.rmtree(run.staging, ignore_errors=True)
+        raise Stopped(getattr(stop, "signal_number", signal.SIGINT), stopped_message(run, out)) from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(run.staging, ignore_errors=True)
         raise
     summary.out = out
     return summary
 
 
-def _prepare_into(staging: Path, sources: list[Source], tokenizer: Tokenizer, options: PrepareOptions,
-                  workers: int, on_progress: Optional[ProgressFn], started: float):
-    writers = {split: SplitWriter(staging, split, options.shard_tokens, tokenizer) for split in ("train", "val")}
-    assembler = Assembler(writers, options.seed, options.val_fraction)
-    state = ReadState()
-    total_bytes = sum(s.size for s in sources) if all(s.size for s in sources) else 0
-    tasks = (task for source in sources for task in source_tasks(
-        source, options.separator, options.text_column, options.chunk_chars, options.replace_invalid_utf8, state))
+def stopped_message(run: Run, out: Path) -> str:
+    """Where an interrupted run stopped, and that nothing was published."""
+    done = (f"{sum(run.assembler.documents.values()):,} documents, {run.assembler.tokens:,} tokens"
+            if run.assembler else "nothing")
+    where = ""
+    if run.sources and run.state.source < len(run.sources):
+        where = f" while reading {run.sources[run.state.source].label} (input {run.state.source + 1} of {len(run.sources)})"
+    previous = "left as it was" if out.exists() else "not created"
+    return f"gpt prepare stopped{where} after tokenizing {done}; nothing was published: {out} {previous}."
+
+
+def _prepare_into(run: Run, on_progress: Optional[ProgressFn], started: float):
+    options, tokenizer = run.options, run.tokenizer
+    writers = {split: SplitWriter(run.staging, split, options.data.shard_tokens, tokenizer) for split in ("train", "val")}
+    splitter = Splitter(options.seed, options.data.val_fraction, options.data.val_block_tokens)
+    run.assembler = assembler = Assembler(writers, splitter, run.sources)
+    total_bytes = sum(s.size for s in run.sources) if all(s.size for s in run.sources) else 0
+    reading = time.perf_counter()
     try:
-        for result in _tokenized(tasks, tokenizer, options, workers):
+        for result, done_bytes in _tokenized(read_tasks(run.sources, options.read_settings, run.state), run):
             assembler.add(result)
             if on_progress:
-                on_progress(Progress(state.disk_bytes, total_bytes, sum(assembler.documents.values()),
-                                     writers["train"].tokens + writers["val"].tokens))
+                on_progress(Progress(done_bytes, total_bytes, sum(assembler.documents.values()), assembler.tokens,
+                                     time.perf_counter() - reading))
+        assembler.finish()
         records = writers["train"].finish() + writers["val"].finish()
     except BaseException:
         for writer in writers.values():
             writer.abort()
         raise
-    text_bytes = state.text_bytes + assembler.row_bytes
     if sum(assembler.documents.values()) == 0:
-        raise GptError(f"The input ({', '.join(s.label for s in sources[:3])}{', ...' if len(sources) > 3 else ''}) "
-                       "holds no text: nothing to prepare.")
-    summary = PrepareSummary(out=staging, documents=dict(assembler.documents),
+        labels = ", ".join(s.label for s in run.sources[:3]) + (", ..." if len(run.sources) > 3 else "")
+        raise GptError(f"The input ({labels}) holds no text: nothing to prepare.")
+    summary = PrepareSummary(out=run.staging, documents=dict(assembler.documents),
                              tokens={s: w.tokens for s, w in writers.items()},
-                             shards={s: len(w.records) for s, w in writers.items()}, bytes=text_bytes,
-                             replaced_bytes=state.replaced, seconds=time.perf_counter() - started, workers=workers)
-    summary.warnings = _warnings(summary, options)
-    return summary, build_manifest(summary, sources, records, tokenizer, options)
+                             shards={s: len(w.records) for s, w in writers.items()},
+                             bytes=sum(count.bytes for count in assembler.inputs), replaced_bytes=run.state.replaced,
+                             seconds=time.perf_counter() - started, workers=run.workers,
+                             split=splitter.report(), inputs=assembler.inputs)
+    summary.warnings = _warnings(summary, splitter)
+    return summary, build_manifest(summary, run, records)
 
 
-def _tokenized(tasks, tokenizer: Tokenizer, options: PrepareOptions, workers: int):
-    """Results in task order. One worker tokenizes in this process; more use worker processes with a
+def _tokenized(tasks, run: Run):
+    """(result, bytes read from disk when its task was cut) in task order. One worker tokenizes in this process; more use worker processes with a
     bounded number of tasks in flight (Pool.imap would read the whole corpus ahead). Processes, not
     threads: tiktoken's per-call work is short and the Python around it holds the GIL, so two threads
     measured 0.9x one thread here. ProcessPoolExecutor rather than Pool: a worker that dies (OOM killer)
     breaks the run with an error instead of leaving it waiting forever for the lost task."""
-    if workers == 1:
+    if run.workers == 1:
         for task in tasks:
-            yield tokenize_task(task, tokenizer)
+            yield tokenize_task(task, run.tokenizer), run.state.disk_bytes
         return
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    executor = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_init_worker,
-                                   initargs=(options.tokenizer, options.vocab_dir))
+    data = run.options.data
+    executor = ProcessPoolExecutor(run.workers, mp_context=_worker_context(), initializer=_init_worker,
+                                   initargs=(data.tokenizer, data.vocab_dir, os.getpid()))
     executor.submit(int).result()  # start every worker now, before reading starts any thread (see below)
     pending = collections.deque()
     try:
         for task in tasks:
-            pending.append(executor.submit(tokenize_task, task))
-            if len(pending) >= workers * TASKS_PER_WORKER:
-                yield pending.popleft().result()
+            pending.append((executor.submit(tokenize_task, task), run.state.disk_bytes))
+            if len(pending) >= run.workers * TASKS_PER_WORKER:
+                future, done_bytes = pending.popleft()
+                yield future.result(), done_bytes
         while pending:
-            yield pending.popleft().result()
+            future, done_bytes = pending.popleft()
+            yield future.result(), done_bytes
     except BrokenProcessPool:
         raise GptError("A tokenizer worker process died (out of memory?); try fewer --workers.") from None
     finally:
-        for future in pending:
+        for future, _ in pending:
             future.cancel()
         executor.shutdown(wait=True, cancel_futures=True)
 
@@ -365,104 +417,66 @@ def _worker_context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def _warnings(summary: PrepareSummary, options: PrepareOptions) -> list[str]:
+def _warnings(summary: PrepareSummary, splitter: Splitter) -> list[str]:
     warnings = []
     if summary.replaced_bytes:
         warnings.append(f"{summary.replaced_bytes:,} invalid UTF-8 bytes were read as U+FFFD.")
-    if options.val_fraction > 0 and summary.tokens["val"] == 0:
-        warnings.append(f"No document was drawn for val (val_fraction {options.val_fraction} of "
-                        f"{sum(summary.documents.values()):,} documents).")
+    warnings.extend(splitter.warnings())
     if summary.tokens["train"] == 0:
         warnings.append("No document was drawn for train.")
     return warnings
 
 
-def build_manifest(summary: PrepareSummary, sources: list[Source], records: list[ShardRecord],
-                   tokenizer: Tokenizer, options: PrepareOptions) -> dict:
+def build_manifest(summary: PrepareSummary, run: Run, records: list[ShardRecord]) -> dict:
+    tokenizer, data = run.tokenizer, run.options.data
     return {
         "format_version": FORMAT_VERSION,
         "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint,
                       "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                       "eot_position": "end" if tokenizer.eot_id is not None else None},
-        "inputs": [{"kind": s.kind, "location": s.label} for s in sources],
-        "separator": options.separator,
-        "text_column": options.text_column,
-        "split": {"val_fraction": options.val_fraction, "seed": options.seed, "by": "document"},
+        "inputs": [{"kind": s.kind, "location": s.label, "documents": c.documents, "tokens": c.tokens,
+                    "bytes": c.bytes} for s, c in zip(run.sources, summary.inputs)],
+        "separator": data.separator,
+        "text_column": data.text_column,
+        "split": {"val_fraction": data.val_fraction, "seed": run.options.seed, **summary.split},
         "documents": sum(summary.documents.values()),
         "documents_by_split": summary.documents,
         "tokens": summary.tokens,
         "bytes": summary.bytes,
         "replaced_bytes": summary.replaced_bytes,
-        "shard_tokens": options.shard_tokens,
+        "shard_tokens": data.shard_tokens,
         "seconds": round(summary.seconds, 3),
-        "shards": [{"file": r.file, "split": r.split, "tokens": r.tokens, "sha256": r.sha256} for r in records],
+        "shards": [{"file": r.file, "split": r.split, "tokens": r.tokens, "sha256": r.sha256, "max_id": r.max_id}
+                   for r in records],
     }
 
 
 # --- the output directory --------------------------------------------------------------------------------------
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse before any work: a file in the way, a non-empty dir without --force, or (even with --force)
-    a non-empty dir that does not look like prepared data."""
-    if out.exists() and not out.is_dir():
-        raise GptError(f"Output {out} is a file, not a directory.")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not force:
-        raise GptError(f"Output dir {out} is not empty; pass --force to replace it, or choose another --out.")
-    names = [p.name for p in out.iterdir()]
-    if MANIFEST not in names and not all(n.endswith((".bin", ".tmp")) for n in names):
-        raise GptError(f"Output dir {out} is not empty and holds no {MANIFEST}: it does not look like prepared "
-                       "data, so it is not replaced even with --force.")
+def check_output_dir(out: Path, force: bool, sources: list[Source]) -> None:
+    """Refuse before any work: a file in the way, a non-empty dir without --force, and even with --force a
+    dir holding files `gpt prepare` did not write, or an input of this run."""
+    check_replaceable(out, force=force, what="prepared data", inputs=[s.path for s in sources if s.path],
+                      owned=_owned_by_manifest(out))
+
+
+def _owned_by_manifest(out: Path) -> Optional[set[str]]:
+    """For a dir prepared before the tool listed what it wrote: the manifest and the shards it lists."""
+    if not out.is_dir() or read_owned(out) is not None:
+        return None
+    try:
+        data = open_prepared(out)
+    except GptError:
+        return None
+    return {MANIFEST} | {shard.path.name for shards in data.splits.values() for shard in shards}
 
 
 def make_staging_dir(out: Path) -> Path:
-    """A hidden sibling of `out` (same file system, so the final rename is atomic); stale ones left by a
-    killed run (their process is gone) are removed first."""
-    parent = out.absolute().parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        for stale in parent.glob(f".{out.name}.partial-*"):
-            pid = stale.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _process_alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
-        staging = parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        return staging_dir(out, "prepare")
     except OSError as error:
         raise GptError(f"Cannot write the output dir {out}: {error.strerror or error}.") from None
-    return staging
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _sigterm_as_interrupt:
-    """`kill PID` cleans up like Ctrl-C does (only in the main thread, where signals can be set)."""
-
-    def __enter__(self):
-        self.previous = None
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            pass
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
 
 
 # --- verification ------------------------------------------------------------------------------------------------

@@ -92,12 +92,16 @@ class ShardWriter:
         self.dtype = token_dtype(vocab_size)
         self.vocab_size, self.fingerprint = vocab_size, fingerprint
         self.num_tokens = 0
+        self.max_id = -1  # the largest id written, recorded in the manifest (checked against a model's vocab)
         self._hash = hashlib.sha256()
         self._file = open(self.tmp, "wb")
         self._file.write(b"\0" * HEADER_BYTES)
 
     def write(self, tokens: np.ndarray) -> None:
-        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        if len(tokens):
+            self.max_id = max(self.max_id, int(tokens.max()))
+        data = tokens.tobytes()
         self._file.write(data)
         self._hash.update(data)
         self.num_tokens += len(tokens)
@@ -110,7 +114,8 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
-        return ShardRecord(file=self.path.name, split="", tokens=self.num_tokens, sha256=self._hash.hexdigest())
+        return ShardRecord(file=self.path.name, split="", tokens=self.num_tokens, sha256=self._hash.hexdigest(),
+                           max_id=self.max_id)
 
     def abort(self) -> None:
         if not self._file.closed:
@@ -133,6 +138,7 @@ class ShardRecord:
     split: str
     tokens: int
     sha256: str
+    max_id: int = -1  # the largest token id in it (-1: empty)
 
 
 @dataclass
@@ -141,6 +147,7 @@ class Shard:
     split: str
     header: ShardHeader
     sha256: str
+    max_id: Optional[int] = None  # from the manifest; None for data prepared before it was recorded
     _tokens: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
@@ -165,11 +172,13 @@ class Shard:
             raise GptError(f"{self.path} does not match the checksum in {MANIFEST}: the shard is corrupt.")
 
     def verify_ids(self, vocab_size: int) -> None:
-        tokens = self.tokens
+        tokens, top = self.tokens, -1
         for start in range(0, len(tokens), 1 << 24):
-            top = int(tokens[start:start + (1 << 24)].max(initial=0))
+            top = max(top, int(tokens[start:start + (1 << 24)].max(initial=0)))
             if top >= vocab_size:
                 raise GptError(f"{self.path} holds token id {top}, outside the vocabulary of {vocab_size}.")
+        if self.max_id is not None and top != self.max_id and len(tokens):
+            raise GptError(f"{self.path} holds ids up to {top} but {MANIFEST} records {self.max_id}: the shard is corrupt.")
 
 
 @dataclass
@@ -199,6 +208,10 @@ class PreparedData:
         if self.vocab_size > model_vocab_size:
             raise GptError(f"The shards in {self.directory} use a vocabulary of {self.vocab_size:,} ids, more than "
                            f"model.vocab_size = {model_vocab_size:,}.")
+        for shard in (s for shards in self.splits.values() for s in shards):
+            if shard.max_id is not None and shard.max_id >= model_vocab_size:
+                raise GptError(f"Shard {shard.path} holds token id {shard.max_id}, outside the model's vocabulary of "
+                               f"{model_vocab_size:,} ids (model.vocab_size); prepare it again with the model's tokenizer.")
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
@@ -229,7 +242,10 @@ def open_prepared(directory: Path | str, verify: bool = False) -> PreparedData:
         header = read_header(path)
         if header.num_tokens != record["tokens"] or header.fingerprint != fingerprint or header.vocab_size != vocab_size:
             raise GptError(f"{path} does not agree with {MANIFEST} (token count, tokenizer or vocabulary).")
-        shard = Shard(path=path, split=record["split"], header=header, sha256=record["sha256"])
+        max_id = record.get("max_id")
+        if max_id is not None and not isinstance(max_id, int):
+            raise GptError(f"{manifest_path} is not a valid gptcli manifest (max_id of {record['file']}).")
+        shard = Shard(path=path, split=record["split"], header=header, sha256=record["sha256"], max_id=max_id)
         if verify:
             shard.verify_checksum()
             shard.verify_ids(vocab_size)

@@ -1,14 +1,15 @@
 """Where `gpt prepare` reads text from: files, directories, globs, .jsonl, .gz, saved `datasets`
-dirs and `hf:NAME[/CONFIG]`, turned into a stream of bounded tokenization tasks.
+dirs and `hf:NAME[/CONFIG]`, turned into a stream of bounded tokenization tasks; and the one way
+datasets are opened (`open_dataset`), which `gpt eval --dataset` uses too.
 
 The reader runs in the main process and only cuts text; the worker pool (prepare.py) turns each task into
-documents and tokens. A task is a tuple whose first item names how its text becomes documents:
+documents and tokens. A task's type says how its text becomes documents (`Task.documents()`):
 
-    ("piece", text, closes)          part of one document (one per file); `closes`: the document ends here
-    ("lines", text)                  every non-blank line is a document
-    ("paragraphs", text)             every run of non-blank lines is a document
-    ("jsonl", text, path, line, field)  one JSON record per line, text in `field`; `line` numbers the first
-    ("records", texts)               one document per string (dataset rows)
+    FilePiece         part of the one document a text file is (--separator none)
+    TextLines         every non-blank line is a document (--separator line)
+    TextParagraphs    every run of non-blank lines is a document (--separator blank-line)
+    JsonlRecords      one JSON record per line, the text in a named field
+    DatasetRows       one document per string (rows of a dataset)
 
 Memory stays flat: a task holds about `chunk_chars` characters, whatever the size of the input.
 """
@@ -18,12 +19,13 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
+import json
 import os
 import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional, Union
 from urllib.parse import urlparse
 
 from ..errors import GptError
@@ -44,17 +46,119 @@ BLANK_LINE_END = re.compile(r"\n[^\S\n]*\n")  # the end of a blank line: a parag
 CUT_WINDOW = 1 << 20  # how far back from a chunk's end to look for a cut point, in characters
 
 
+SourceKind = Literal["text", "jsonl", "dataset", "hf"]
+
+
 @dataclass(frozen=True)
 class Source:
-    """One input: `kind` is "text", "jsonl", "dataset" or "hf"; `size` is its bytes on disk (0: unknown)."""
+    """One input; `size` is its bytes on disk (0: unknown, as for datasets)."""
 
-    kind: str
+    kind: SourceKind
     location: str
     size: int = 0
 
     @property
     def label(self) -> str:
         return self.location if self.kind != "hf" else f"hf:{self.location}"
+
+    @property
+    def path(self) -> Optional[Path]:
+        """The file or dir read, for checks that an output never replaces an input."""
+        return Path(self.location) if self.kind != "hf" else None
+
+
+# --- tasks: what a worker process turns into documents ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FilePiece:
+    """Part of the one document a text file is; `closes`: the document ends with this piece."""
+
+    source: int  # index of the input it came from
+    text: str
+    closes: bool
+
+    def documents(self) -> tuple[list[str], bool]:
+        """(documents in order, whether the last one ends in this task)."""
+        return [self.text], self.closes
+
+
+@dataclass(frozen=True)
+class TextLines:
+    source: int
+    text: str
+
+    def documents(self) -> tuple[list[str], bool]:
+        return [line.rstrip("\r") for line in self.text.split("\n") if line.strip()], True
+
+
+@dataclass(frozen=True)
+class TextParagraphs:
+    source: int
+    text: str
+
+    def documents(self) -> tuple[list[str], bool]:
+        return paragraphs(self.text), True
+
+
+@dataclass(frozen=True)
+class JsonlRecords:
+    source: int
+    text: str
+    path: str
+    first_line: int  # line number of the first line of `text`, for messages
+    column: str
+
+    def documents(self) -> tuple[list[str], bool]:
+        return jsonl_records(self.text, self.path, self.first_line, self.column), True
+
+
+@dataclass(frozen=True)
+class DatasetRows:
+    source: int
+    texts: list[str]
+
+    def documents(self) -> tuple[list[str], bool]:
+        return [text for text in self.texts if text], True
+
+
+Task = Union[FilePiece, TextLines, TextParagraphs, JsonlRecords, DatasetRows]
+
+
+def paragraphs(text: str) -> list[str]:
+    """Runs of non-blank lines, joined by "\\n" (line ends normalized, blank lines dropped)."""
+    found, current = [], []
+    for line in text.split("\n"):
+        if line.strip():
+            current.append(line.rstrip("\r"))
+        elif current:
+            found.append("\n".join(current))
+            current = []
+    if current:
+        found.append("\n".join(current))
+    return found
+
+
+def jsonl_records(text: str, path: str, first_line: int, column: str) -> list[str]:
+    """The non-empty `column` strings of the JSON records of `text`, one per non-blank line."""
+    records = []
+    for offset, line in enumerate(text.split("\n")):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise GptError(f"{path} line {first_line + offset} is not valid JSON.") from None
+        if not isinstance(record, dict) or column not in record:
+            raise GptError(f"{path} line {first_line + offset} has no {column!r} field (name the text field with "
+                           "--text-column).")
+        value = record[column]
+        if not isinstance(value, str):
+            raise GptError(f"{path} line {first_line + offset}: field {column!r} holds {type(value).__name__}, "
+                           "not text.")
+        if value:
+            records.append(value)
+    return records
 
 
 # --- resolving what the user named ------------------------------------------------------------------------
@@ -164,29 +268,48 @@ def _open_binary(path: str):
 # --- cutting text into tasks --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ReadSettings:
+    """How inputs become tasks: [data] separator and text_column, task size, invalid UTF-8 handling."""
+
+    separator: str = "none"
+    text_column: str = "text"
+    chunk_chars: int = 1 << 20
+    replace_invalid_utf8: bool = False
+
+
 @dataclass
 class ReadState:
     """What the reader has consumed so far: for progress, the summary and the manifest."""
 
     disk_bytes: int = 0  # bytes of input files read from disk (compressed size for .gz)
-    text_bytes: int = 0  # bytes of text read (after decompression)
     replaced: int = 0  # invalid UTF-8 bytes read as U+FFFD
+    source: int = 0  # index of the input being read
 
 
-def file_tasks(source: Source, separator: str, text_column: str, chunk_chars: int, replace_invalid: bool,
-               state: ReadState) -> Iterator[tuple]:
+def read_tasks(sources: list[Source], settings: ReadSettings, state: ReadState) -> Iterator[Task]:
+    """Every input's tasks, in input order."""
+    for index, source in enumerate(sources):
+        state.source = index
+        if source.kind in ("text", "jsonl"):
+            yield from file_tasks(index, source, settings, state)
+        else:
+            yield from dataset_tasks(index, source, settings)
+
+
+def file_tasks(index: int, source: Source, settings: ReadSettings, state: ReadState) -> Iterator[Task]:
     """Tasks for one text or .jsonl file, read in blocks of about `chunk_chars`."""
-    decoder = Utf8Decoder(source.location, replace_invalid)
+    decoder = Utf8Decoder(source.location, settings.replace_invalid_utf8)
     stream, raw = _open_binary(source.location)
-    line = 1
+    mode = settings.separator if source.kind == "text" else "jsonl"
+    make = _task_maker(index, source, mode, settings.text_column)
     try:
-        cutter = _Cutter(separator if source.kind == "text" else "jsonl", chunk_chars)
-        for text in _decoded_blocks(stream, raw, decoder, chunk_chars, state):
+        cutter = _Cutter(mode, settings.chunk_chars)
+        for text in _decoded_blocks(stream, raw, decoder, settings.chunk_chars, state):
             for piece, closes in cutter.feed(text, final=False):
-                yield _task(source, separator, text_column, piece, closes, line)
-                line += piece.count("\n")
+                yield make(piece, closes)
         for piece, closes in cutter.feed("", final=True):
-            yield _task(source, separator, text_column, piece, closes, line)
+            yield make(piece, closes)
     except (OSError, EOFError, gzip.BadGzipFile) as error:
         raise GptError(f"Cannot read {source.location}: {getattr(error, 'strerror', None) or error}.") from None
     finally:
@@ -195,11 +318,29 @@ def file_tasks(source: Source, separator: str, text_column: str, chunk_chars: in
         raw.close()
 
 
+def _task_maker(index: int, source: Source, mode: str, text_column: str):
+    """piece, closes → the task of this file's mode (a JSONL task also carries its first line's number)."""
+    if mode == "none":
+        return lambda piece, closes: FilePiece(index, piece, closes)
+    if mode == "line":
+        return lambda piece, closes: TextLines(index, piece)
+    if mode == "blank-line":
+        return lambda piece, closes: TextParagraphs(index, piece)
+    line = 1
+
+    def jsonl(piece: str, closes: bool) -> JsonlRecords:
+        nonlocal line
+        task = JsonlRecords(index, piece, source.location, line, text_column)
+        line += piece.count("\n")
+        return task
+
+    return jsonl
+
+
 def _decoded_blocks(stream, raw, decoder: Utf8Decoder, chunk_chars: int, state: ReadState) -> Iterator[str]:
     before = 0
     while True:
         block = stream.read(chunk_chars)
-        state.text_bytes += len(block)
         position = raw.tell()
         state.disk_bytes += position - before
         before = position
@@ -209,14 +350,6 @@ def _decoded_blocks(stream, raw, decoder: Utf8Decoder, chunk_chars: int, state: 
     tail = decoder.decode(b"", final=True)
     if tail:
         yield tail
-
-
-def _task(source: Source, separator: str, text_column: str, piece: str, closes: bool, line: int) -> tuple:
-    if source.kind == "jsonl":
-        return ("jsonl", piece, source.location, line, text_column)
-    if separator == "none":
-        return ("piece", piece, closes)
-    return ("lines" if separator == "line" else "paragraphs", piece)
 
 
 class _Cutter:
@@ -258,68 +391,87 @@ class _Cutter:
 # --- datasets ------------------------------------------------------------------------------------------------
 
 
-def dataset_tasks(source: Source, text_column: str, chunk_chars: int, state: ReadState) -> Iterator[tuple]:
-    """("records", texts) tasks from a saved dataset dir or an hf: dataset, in row order."""
-    dataset = _open_dataset(source)
-    columns = list(dataset.column_names or [])
-    if columns and text_column not in columns:
-        raise GptError(f"{source.label} has no column {text_column!r} (columns: {', '.join(columns)}); "
-                       "pass --text-column.")
+def dataset_tasks(index: int, source: Source, settings: ReadSettings) -> Iterator[DatasetRows]:
+    """Rows of a saved dataset dir or an hf: dataset, in row order, about `chunk_chars` per task."""
     texts, size = [], 0
+    for text in dataset_texts(open_dataset(source.label, "train"), settings.text_column, source.label):
+        texts.append(text)
+        size += len(text)
+        if size >= settings.chunk_chars:
+            yield DatasetRows(index, texts)
+            texts, size = [], 0
+    if texts:
+        yield DatasetRows(index, texts)
+
+
+def dataset_texts(dataset, column: str, label: str) -> Iterator[str]:
+    """The strings in `column`, row by row (missing values skipped); one sentence for a wrong column."""
+    columns = list(dataset.column_names or [])
+    if columns and column not in columns:
+        raise GptError(f"{label} has no column {column!r} (columns: {', '.join(columns)}); pass --text-column "
+                       "or set [data] text_column.")
     for batch in dataset.iter(batch_size=1024):
-        if text_column not in batch:  # a streamed dataset may not know its columns before the first rows
-            raise GptError(f"{source.label} has no column {text_column!r} (columns: {', '.join(batch)}); "
-                           "pass --text-column.")
-        for value in batch[text_column]:
+        if column not in batch:  # a streamed dataset may not know its columns before the first rows
+            raise GptError(f"{label} has no column {column!r} (columns: {', '.join(batch)}); pass --text-column "
+                           "or set [data] text_column.")
+        for value in batch[column]:
             if value is None:
                 continue
             if not isinstance(value, str):
-                raise GptError(f"{source.label} column {text_column!r} holds {type(value).__name__}, not text.")
-            texts.append(value)
-            size += len(value)
-        if size >= chunk_chars:
-            state.text_bytes += sum(len(t.encode("utf-8")) for t in texts)
-            yield ("records", texts)
-            texts, size = [], 0
-    if texts:
-        state.text_bytes += sum(len(t.encode("utf-8")) for t in texts)
-        yield ("records", texts)
+                raise GptError(f"{label} column {column!r} holds {type(value).__name__}, not text.")
+            yield value
 
 
-def _open_dataset(source: Source):
-    import datasets
+def open_dataset(spec: str, split: str = "train"):
+    """The one way a dataset is opened (`gpt prepare` inputs, `gpt eval --dataset`): a dir written by
+    `save_to_disk` (a DatasetDict gives `split`, or its only split), else a Hub dataset named
+    `hf:NAME[/CONFIG]`, `hf:OWNER/NAME/CONFIG`, `NAME:CONFIG` or `NAME`, streamed, after a quick check
+    that the Hub can be reached at all."""
+    if Path(spec).is_dir():
+        import datasets
 
-    if source.kind == "dataset":
-        loaded = datasets.load_from_disk(source.location)
-        if isinstance(loaded, datasets.DatasetDict):
-            return _pick_split(loaded, source)
-        return loaded
-    return _open_hub_dataset(source.location)
-
-
-def _pick_split(splits, source: Source):
-    """A saved DatasetDict: its train split (held-out splits stay out of a training corpus)."""
-    if "train" in splits:
-        return splits["train"]
-    if len(splits) == 1:
-        return next(iter(splits.values()))
-    raise GptError(f"{source.label} holds the splits {', '.join(splits)} and none is named train; save the one "
-                   "to prepare on its own.")
-
-
-def _open_hub_dataset(spec: str):
-    name, _, config = spec.partition("/")
-    if "/" in config:  # owner/name/config
-        owner_name, config = f"{name}/{config.rsplit('/', 1)[0]}", config.rsplit("/", 1)[1]
-        name = owner_name
+        try:
+            loaded = datasets.load_from_disk(spec)
+        except Exception as error:  # datasets raises many kinds for a damaged dir
+            raise GptError(f"Cannot open the saved dataset {spec}: {_first_line(error)}.") from None
+        return _pick_split(loaded, spec, split) if isinstance(loaded, datasets.DatasetDict) else loaded
+    name, config = hub_name(spec)
     _require_hub(spec)
     import datasets
 
     try:
-        return datasets.load_dataset(name, config or None, split="train", streaming=True)
-    except Exception as error:  # datasets raises many kinds: missing dataset, config, network
-        raise GptError(f"Could not open hf:{spec} with datasets.load_dataset ({type(error).__name__}: "
-                       f"{str(error).splitlines()[0] if str(error) else 'no detail'}).") from None
+        return datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as error:  # datasets raises many kinds: missing dataset, config, split, network
+        raise GptError(f"Could not open {spec} (split {split}) with datasets.load_dataset "
+                       f"({type(error).__name__}: {_first_line(error)}).") from None
+
+
+def hub_name(spec: str) -> tuple[str, Optional[str]]:
+    """`hf:NAME/CONFIG`, `hf:OWNER/NAME/CONFIG`, `NAME:CONFIG` or `NAME` → (name, config or None)."""
+    if spec.startswith("hf:"):
+        name, _, config = spec[3:].partition("/")
+        if "/" in config:  # owner/name/config
+            owner_name, config = config.rsplit("/", 1)
+            name = f"{name}/{owner_name}"
+    else:
+        name, _, config = spec.partition(":")
+    return name, config or None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no detail"
+
+
+def _pick_split(splits, spec: str, split: str):
+    """A saved DatasetDict: the split asked for (held-out splits stay out of a training corpus), or the only
+    one it has."""
+    if split in splits:
+        return splits[split]
+    if len(splits) == 1:
+        return next(iter(splits.values()))
+    raise GptError(f"{spec} holds the splits {', '.join(splits)} and none is named {split}; save the one to use "
+                   "on its own.")
 
 
 def _require_hub(spec: str) -> None:
@@ -328,7 +480,7 @@ def _require_hub(spec: str) -> None:
     parsed = urlparse(endpoint)
     host = parsed.hostname or "huggingface.co"
     port = parsed.port or (80 if parsed.scheme == "http" else 443)
-    hint = (f"hf:{spec} needs the Hugging Face Hub, which {{why}}; on a machine with network access save it with "
+    hint = (f"{spec} needs the Hugging Face Hub, which {{why}}; on a machine with network access save it with "
             "datasets.load_dataset(...).save_to_disk(DIR) and pass DIR instead.")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise GptError(hint.format(why="is switched off by HF_HUB_OFFLINE/HF_DATASETS_OFFLINE"))
@@ -336,12 +488,3 @@ def _require_hub(spec: str) -> None:
         socket.create_connection((host, port), timeout=5).close()
     except OSError:
         raise GptError(hint.format(why=f"cannot be reached from here ({host})")) from None
-
-
-def source_tasks(source: Source, separator: str, text_column: str, chunk_chars: int, replace_invalid: bool,
-                 state: ReadState) -> Iterator[tuple]:
-    if source.kind in ("text", "jsonl"):
-        return file_tasks(source, separator, text_column, chunk_chars, replace_invalid, state)
-    return dataset_tasks(source, text_column, chunk_chars, state)
-
-

@@ -1,0 +1,135 @@
+"""The train/val split of `gpt prepare`: seeded, by block, the same whatever the workers or the machine.
+
+Every document is cut, for this purpose only, into blocks of `block_tokens` tokens counted from its start
+(its end-of-text token included, where it stands); a document shorter than a block is one block. Block k
+of document d (d counts documents in corpus order from 0) goes to val when
+
+    splitmix64(key + (seed + 1)·0x9E3779B97F4A7C15) / 2⁶⁴ < val_fraction,   key = d + k·2⁴⁰
+
+so block 0 of a document is drawn exactly as a whole document was before blocks existed, and a one-file
+corpus of many blocks gets val blocks spread through it. Tokens are never reordered: each split receives
+its tokens in corpus order, and train + val together hold every token of the corpus.
+
+When the draw leaves val empty although val_fraction > 0, the corpus's last `block_tokens` tokens go to
+val instead, provided the corpus holds at least two blocks' worth (the report names the rule that
+applied). To allow that, train's last `block_tokens` tokens are held back until the end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK_KEY_SHIFT = 40  # documents are numbered below 2**40; the block number goes above
+_MASK64 = (1 << 64) - 1
+
+
+def validation_mask(keys: np.ndarray, seed: int, val_fraction: float) -> np.ndarray:
+    """True where a unit (a document's block, see the module docstring) goes to val."""
+    if val_fraction <= 0:
+        return np.zeros(len(keys), dtype=bool)
+    z = keys.astype(np.uint64) + np.uint64(((seed + 1) * 0x9E3779B97F4A7C15) & _MASK64)
+    # splitmix64's finalizer (Steele, Lea & Flood 2014); uint64 arithmetic wraps modulo 2**64.
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < val_fraction
+
+
+class Splitter:
+    """Splits tokens, task by task in corpus order, into the train and val streams."""
+
+    def __init__(self, seed: int, val_fraction: float, block_tokens: int):
+        self.seed, self.val_fraction, self.block_tokens = seed, val_fraction, block_tokens
+        self.next_document = 0  # documents begun so far
+        self.open_tokens = 0  # tokens of the open document (it continues in the next task) so far
+        self.open = False
+        self.blocks = self.val_blocks = 0
+        self.train_tokens = self.val_tokens = 0
+        self.tail = np.zeros(0, dtype=np.int64)  # train's last tokens, held back (see the module docstring)
+        self.tail_starts = np.zeros(0, dtype=bool)  # where a document begins in `tail`
+        self.rule = "none" if val_fraction <= 0 else "draw"
+        self.moved_documents = 0
+
+    @property
+    def held(self) -> int:
+        return len(self.tail)
+
+    def split(self, tokens: np.ndarray, counts: np.ndarray, last_open: bool):
+        """(train tokens, val tokens, for each document begun here whether it begins in val) of one task;
+        `counts` are tokens per document, the first possibly continuing the open one."""
+        first = self.next_document - 1 if self.open else self.next_document
+        documents = first + np.arange(len(counts), dtype=np.int64)
+        offsets = np.zeros(len(counts), dtype=np.int64)  # where each entry starts inside its document
+        if self.open:
+            offsets[0] = self.open_tokens
+        begun = offsets == 0
+        to_val = self._draw(documents, offsets, counts)
+        begins_in_val = validation_mask(documents[begun], self.seed, self.val_fraction)
+        self.next_document = first + len(counts)
+        self.open = last_open
+        self.open_tokens = int(offsets[-1] + counts[-1]) if last_open else 0
+        if to_val is None:
+            return self._hold_back(tokens, counts, begun), tokens[:0], begins_in_val
+        self.val_tokens += int(np.count_nonzero(to_val))
+        return self._hold_back(tokens[~to_val], counts, begun, to_val), tokens[to_val], begins_in_val
+
+    def _draw(self, documents: np.ndarray, offsets: np.ndarray, counts: np.ndarray):
+        """Per token: goes to val (None: nothing can)."""
+        block = self.block_tokens
+        ends = offsets + counts
+        if int(ends.max(initial=0)) <= block:  # every entry lies in its document's first block
+            unit_val = validation_mask(documents, self.seed, self.val_fraction)
+            self._count_blocks(offsets == 0, unit_val)
+            return np.repeat(unit_val, counts) if self.val_fraction > 0 else None
+        first_block = offsets // block
+        per_entry = np.where(counts > 0, (ends - 1) // block - first_block + 1, 0)
+        entry = np.repeat(np.arange(len(counts)), per_entry)
+        number = first_block[entry] + np.arange(len(entry)) - np.repeat(np.cumsum(per_entry) - per_entry, per_entry)
+        low = np.maximum(offsets[entry], number * block)
+        high = np.minimum(ends[entry], (number + 1) * block)
+        unit_val = validation_mask(documents[entry] | (number << BLOCK_KEY_SHIFT), self.seed, self.val_fraction)
+        self._count_blocks(low == number * block, unit_val)
+        return np.repeat(unit_val, high - low) if self.val_fraction > 0 else None
+
+    def _count_blocks(self, begun: np.ndarray, unit_val: np.ndarray) -> None:
+        self.blocks += int(np.count_nonzero(begun))
+        self.val_blocks += int(np.count_nonzero(begun & unit_val))
+
+    def _hold_back(self, train: np.ndarray, counts: np.ndarray, begun: np.ndarray, to_val=None) -> np.ndarray:
+        """Train tokens ready to write: all but the last `block_tokens` seen so far (when val may need them)."""
+        self.train_tokens += len(train)
+        if self.val_fraction <= 0:
+            return train
+        starts = np.zeros(int(counts.sum()), dtype=bool)
+        starts[(np.cumsum(counts) - counts)[begun & (counts > 0)]] = True
+        if to_val is not None:
+            starts = starts[~to_val]
+        tokens = np.concatenate([self.tail.astype(train.dtype), train])
+        starts = np.concatenate([self.tail_starts, starts])
+        keep = max(len(tokens) - self.block_tokens, 0)
+        self.tail, self.tail_starts = tokens[keep:], starts[keep:]
+        return tokens[:keep]
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) tokens held back; the tail goes to val when the draw gave val nothing."""
+        tail, self.tail = self.tail, self.tail[:0]
+        if self.rule == "draw" and self.val_tokens == 0:
+            if self.train_tokens >= 2 * self.block_tokens:
+                self.rule = "last block"
+                self.moved_documents = int(np.count_nonzero(self.tail_starts))
+                self.val_tokens, self.train_tokens = len(tail), self.train_tokens - len(tail)
+                return tail[:0], tail
+            self.rule = "too small"
+        return tail, tail[:0]
+
+    def report(self) -> dict:
+        return {"by": "block", "block_tokens": self.block_tokens, "rule": self.rule, "blocks": self.blocks,
+                "val_blocks": self.val_blocks + (self.rule == "last block")}
+
+    def warnings(self) -> list[str]:
+        """Only for a split that failed: the "last block" rule is the expected outcome for a short corpus."""
+        if self.rule == "too small":
+            return [f"No val split: the seeded draw picked none of the {self.blocks:,} blocks, and the corpus's "
+                    f"{self.train_tokens:,} tokens are fewer than two blocks of {self.block_tokens:,} "
+                    "(see [data] val_block_tokens)."]
+        return []
