@@ -114,10 +114,23 @@ def deepspeed_config(project: Project, layout: BatchLayout, precision: str) -> d
     }
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
+        if ds.zero_stage > 0:
+            # Sum the micro batches' gradients in fp32, not bf16 (whose 8-bit mantissa drops small
+            # contributions): DeepSpeed's BF16_Optimizer at stage 1, the ZeRO optimizers' fp32 buffers at
+            # 2-3. Stage 0 has no such option in DeepSpeed (it refuses the key); see precision_note.
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     elif precision == "fp16":
         # Dynamic loss scaling from 2^16 (DeepSpeed's default recipe): overflowing steps are skipped.
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
     return merge(config, ds.config)
+
+
+def precision_note(project: Project, precision: str) -> Optional[str]:
+    """What the user should know about the precision this run will use, or None."""
+    if precision == "bf16" and project.deepspeed.zero_stage == 0:
+        return ("note: bf16 at ZeRO-0 sums gradients in bf16 (DeepSpeed has no fp32 accumulation at stage 0); "
+                "deepspeed.zero_stage = 1 sums them in fp32 (in a buffer of 4 bytes per parameter).")
+    return None
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -23,7 +23,8 @@ import torch
 from ..config import Project
 from ..errors import GptError
 from . import checkpoint
-from .engine import BatchLayout, batch_layout, device_type, initialize, prepare_environment, resolve_precision
+from .engine import (BatchLayout, batch_layout, device_type, initialize, parameter_groups, precision_note,
+                     prepare_environment, resolve_precision)
 from .metrics import MetricsWriter, format_eta, model_flops_per_token, peak_flops, plot_losses, truncate_metrics
 from .schedule import schedule_for
 
@@ -148,7 +149,11 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
     seed_everything(seed + 1000 * rank)  # then each rank its own dropout stream
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
-    engine = initialize(project, model, layout, resolve_precision(project, device), device)
+    precision = resolve_precision(project, device)
+    note = precision_note(project, precision)
+    if note and rank == 0:
+        print(note, file=sys.stderr)
+    engine = initialize(project, model, layout, precision, device)
     if project.train.compile:
         engine.compile()
     run_dir = Path(project.project.out_dir)
@@ -395,8 +400,16 @@ def save(run: Run) -> None:
     client = {"step": run.step, "tokens": run.tokens, "loader": run.loader.state_dict(),
               "config_hash": checkpoint.config_hash(run.project), "architecture": run.project.model.architecture_dict(),
               "world_size": run.layout.world_size, "skipped_steps": run.skipped_steps, "elapsed": run.elapsed,
-              "model_fingerprint": run.project.model.fingerprint()}
+              "model_fingerprint": run.project.model.fingerprint(), "parameter_groups": parameter_group_names(run)}
     checkpoint.save(run.engine, run.run_dir, run.step, client, run.project.train.keep_checkpoints, run.faults)
+
+
+def parameter_group_names(run: Run) -> list[list[str]]:
+    """The parameter names of each optimizer group, in the optimizer's order: at ZeRO-0 DeepSpeed saves
+    the fp16/bf16 optimizer's fp32 masters without names (checkpoint.stage0_masters reads them)."""
+    module = run.engine.module
+    names = {id(parameter): name for name, parameter in module.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in parameter_groups(module, 0.0)]
 
 
 def finish(run: Run, options: TrainOptions, display, exit_code: int = 0) -> TrainResult:
