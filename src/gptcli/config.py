@@ -15,7 +15,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -159,7 +159,7 @@ class TrainConfig:
     lr: float = doc("Peak learning rate.", 6e-4)
     min_lr: float = doc("Learning rate at the end of the decay.", 6e-5)
     lr_schedule: str = doc('Decay after warmup: "cosine", "linear" or "constant".', "cosine")
-    warmup_steps: int = doc("Steps of linear warmup from 0 to lr.", 100)
+    warmup_steps: int = doc("Steps of linear warmup: step k (from 0) uses lr*(k+1)/warmup_steps, so the first uses lr/warmup_steps.", 100)
     weight_decay: float = doc("AdamW weight decay, applied to 2-D weight matrices only (not biases, norms, wpe).", 0.1)
     beta1: float = doc("AdamW beta1.", 0.9)
     beta2: float = doc("AdamW beta2.", 0.95)
@@ -175,10 +175,11 @@ class TrainConfig:
     log_every: int = doc("Refresh the live display every this many steps (metrics.jsonl gets every step).", 1)
     precision: str = doc('"auto" (bf16 on a GPU that has it, else fp32), "fp32", "bf16" or "fp16".', "auto")
     device: str = doc('"auto" (CUDA when present, else CPU), "cuda" or "cpu".', "auto")
-    compile: bool = doc("torch.compile the model (GPU).", False)
+    compile: Union[bool, str] = doc('torch.compile the model: "auto" (on with CUDA, off on the CPU), true or false.', "auto")
     activation_checkpointing: bool = doc("Recompute block activations in the backward pass to save memory.", False)
     shuffle: bool = doc("Visit training windows in a seeded random order (false: sequential).", True)
     tensorboard: bool = doc("Also write TensorBoard events into the run directory.", False)
+    peak_tflops: float = doc("Peak TFLOP/s of one accelerator for MFU; 0 looks the GPU up by name (dense bf16 figures).", 0.0)
 
     def __post_init__(self):
         if self.lr_schedule not in ("cosine", "linear", "constant"):
@@ -194,13 +195,17 @@ class TrainConfig:
             raise ConfigError(f"train.keep_checkpoints must be at least 2, not {self.keep_checkpoints}.")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr}).")
+        if self.compile not in (True, False, "auto"):
+            raise ConfigError(f'train.compile must be "auto", true or false, not "{self.compile}".')
+        if self.peak_tflops < 0:
+            raise ConfigError(f"train.peak_tflops must be 0 (look it up) or more, not {self.peak_tflops}.")
 
 
 @dataclass
 class DeepSpeedConfig:
     """How DeepSpeed holds the model: ZeRO stage, offload, and any other DeepSpeed key."""
 
-    zero_stage: int = doc("ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+ gradients), 3 (+ weights).", 1)
+    zero_stage: int = doc("ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+ gradients), 3 (+ weights); with bf16 use 1+, as stage 0 sums gradients in bf16.", 1)
     offload_optimizer: bool = doc("Keep optimizer state in CPU memory (ZeRO 1-3).", False)
     offload_params: bool = doc("Keep parameters in CPU memory (ZeRO 3).", False)
     config: dict = doc("Passthrough: any other DeepSpeed config keys, merged over the generated config.", factory=dict)
@@ -301,8 +306,11 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
     if origin is typing.Union:
         if value is None:  # an unset optional key (TOML cannot say null, JSON model configs can)
             return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return _coerce(where, value, inner)
+        choices = [a for a in typing.get_args(tp) if a is not type(None)]
+        fitting = [a for a in choices if isinstance(value, typing.get_origin(a) or a)]
+        if len(choices) > 1 and not fitting:  # e.g. compile: true or "auto"
+            raise ConfigError(f"{where} must be {_type_name(tp)}, not {value!r}.")
+        return _coerce(where, value, (fitting or choices)[0])
     expected = origin or tp
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

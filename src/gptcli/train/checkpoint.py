@@ -276,6 +276,11 @@ def consolidate(run_dir: Path, tag: str, config: ModelConfig, tokenizer, out_dir
 
     state = full_state_dict(run_dir, tag)
     model = build_model(config, device="cpu")
+    for name in ("wte.weight", "lm_head.weight"):
+        if name in state and state[name].size(0) > config.padded_vocab_size:
+            # Trained with more padding rows than `config` has (a GPT-2 preset on a GPU pads to a multiple
+            # of 128); those rows are never looked up or predicted, so dropping them changes nothing.
+            state[name] = state[name][: config.padded_vocab_size]
     if config.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)
