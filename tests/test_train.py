@@ -288,3 +288,16 @@ def test_bf16_kill_9_and_resume_reproduces_the_losses_bit_for_bit(tmp_path, shar
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
     assert losses(tmp_path / "whole")[-1] < losses(tmp_path / "whole")[0] - 0.5
+
+
+@pytest.mark.parametrize("stage,when", [
+    (0, "before the optimizer step"),  # fp32 ZeRO-0: the loop clips, sees the norm first
+    (2, "after the optimizer step, which DeepSpeed skipped")])
+def test_an_infinite_gradient_norm_stops_the_run_with_exit_code_4(tmp_path, shards, stage, when):
+    project = project_file(tmp_path, shards, overrides=(f"deepspeed.zero_stage={stage}", "train.eval_every=0"))
+    result = train(project, fault="inf_grad@5")
+    assert result.returncode == 4
+    assert_user_error(result, "Training stopped at step 5", when, "the gradient norm is", "step_00000003")
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert len(losses(run)) == 4  # step 5's line is never written

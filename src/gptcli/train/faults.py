@@ -3,6 +3,7 @@ run can be checked without waiting for one.
 
 The variable holds comma-separated `kind@step`, or `kind@step@rank` to restrict it to one rank:
     nan            the loss of that step is NaN (the run must stop before the optimizer step)
+    inf_grad       the loss of that step is finite but its gradients are infinite
     kill           SIGKILL this rank after that step
     crash_in_save  die inside the save of that step, after DeepSpeed's files, before `latest`
     sigterm        SIGTERM to this rank during that step
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import os
 import signal
+
+import torch
 
 
 class Faults:
@@ -41,3 +44,24 @@ class Faults:
     def maybe_sigterm(self, step: int) -> None:
         if self.has("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity forward; backward multiplies the incoming gradient by infinity."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor) -> torch.Tensor:
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("inf")
+
+
+def corrupt(loss: torch.Tensor, faults: Faults, step: int) -> torch.Tensor:
+    """The loss of micro step of optimizer step `step`, with the faults of that step applied."""
+    if faults.has("nan", step):
+        loss = loss * float("nan")
+    if faults.has("inf_grad", step):
+        loss = InfiniteGradient.apply(loss)
+    return loss

@@ -34,7 +34,7 @@ from .display import Display, show_overfit
 from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, initialize, loop_clips_gradients,
                      parameter_groups, precision_note, prepare_device, prepare_environment, resolve_precision,
                      training_model_config)
-from .faults import Faults
+from .faults import Faults, corrupt
 from .metrics import MetricsWriter, model_flops_per_token, peak_flops, truncate_metrics
 from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
@@ -301,8 +301,7 @@ def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tenso
     for micro in range(accum):
         inputs, targets = run.fixed_batch if run.fixed_batch is not None else run.loader.next_batch()
         _, loss = engine(inputs, targets, return_logits=False)
-        if run.faults.has("nan", run.step + 1):
-            loss = loss * float("nan")
+        loss = corrupt(loss, run.faults, run.step + 1)
         engine.backward(loss)
         loss_sum += loss.detach().float()
         if micro < accum - 1:
