@@ -251,3 +251,29 @@ def test_kv_cache_gives_the_same_logits_as_a_full_pass():
         prefill, _ = model(idx[:, :8], kv_cache=cache)
         steps = [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(8, 12)]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_the_chunked_loss_equals_cross_entropy_over_all_logits(monkeypatch):
+    """Above LOSS_CHUNK_VALUES the loss runs in chunks with the softmax recomputed in backward; loss and
+    gradients match F.cross_entropy over the whole (B·T, V) within 1e-6 (fp32, CPU)."""
+    import gptcli.model as model_module
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 50, dtype=torch.float64).float().requires_grad_()
+    targets = torch.randint(0, 50, (3, 7))
+    targets[0, :3] = -100  # unscored positions count in neither the sum nor the mean
+    expected = F.cross_entropy(logits.view(-1, 50), targets.view(-1), ignore_index=-100)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_VALUES", 4 * 50)  # chunks of 4 rows: 6 chunks for 21 rows
+    loss = model_module.chunked_cross_entropy(logits, targets)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert abs(loss.item() - expected.item()) < 1e-6
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=0)
+
+
+def test_training_can_skip_the_logits_and_gets_the_same_loss():
+    model = build_model(project_from_dict({"model": {"preset": "nano"}}).model)
+    idx = torch.randint(0, 50257, (2, 16))
+    logits, loss = model(idx, idx)
+    none, same_loss = model(idx, idx, return_logits=False)
+    assert none is None and logits.shape == (2, 16, 50257) and torch.equal(loss, same_loss)

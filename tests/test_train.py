@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import assert_user_error, run_gpt
+from gptcli.config import apply_overrides, dump_toml, project_from_dict
 from shard_fixture import make_shards
 
 # dropout > 0 so that exact resume must also restore the dropout RNG; accumulation 2 so that resume
@@ -42,6 +44,11 @@ zero_stage = 2
 """
 
 
+# The overfit check: one batch of 4 × 32 tokens, a constant lr and nothing that fights memorisation.
+OVERFIT = ("train.max_steps=90", "model.dropout=0.0", "train.grad_accum_steps=1", "train.seq_len=32",
+           "train.warmup_steps=0", 'train.lr_schedule="constant"', "train.weight_decay=0.0")
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from conftest import SHAKESPEARE
@@ -51,9 +58,12 @@ def shards(tmp_path_factory):
     return make_shards(SHAKESPEARE, tmp_path_factory.mktemp("shards"))
 
 
-def project_file(directory: Path, shards: Path, name: str = "run", extra: str = "") -> Path:
+def project_file(directory: Path, shards: Path, name: str = "run", overrides: tuple[str, ...] = ()) -> Path:
+    """RUN.toml: PROJECT with `--set`-style overrides applied through the project's own loader, so a key
+    that does not exist fails here instead of quietly leaving the default in place."""
+    raw = apply_overrides(tomllib.loads(PROJECT.format(out=directory / name, data=shards)), list(overrides))
     path = directory / f"{name}.toml"
-    path.write_text(PROJECT.format(out=directory / name, data=shards) + extra)
+    path.write_text(dump_toml(project_from_dict(raw)))
     return path
 
 
@@ -139,8 +149,7 @@ def test_resume_required_without_a_checkpoint_fails(tmp_path, shards):
 
 
 def test_resuming_another_architecture_names_the_key_and_both_values(tmp_path, shards, reference):
-    project = tmp_path / "other.toml"
-    project.write_text(PROJECT.format(out=reference, data=shards).replace('preset = "nano"', 'preset = "nano"\nn_layer = 3'))
+    project = project_file(tmp_path, shards, overrides=(f'project.out_dir="{reference}"', "model.n_layer=3"))
     result = train(project, "--resume", "required")
     assert_user_error(result, "model.n_layer", "3", "2")
 
@@ -160,11 +169,7 @@ def test_a_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path
 
 
 def test_overfit_batch_drives_the_loss_to_zero_and_shows_tokens(tmp_path, shards):
-    project = project_file(tmp_path, shards, extra="")
-    text = project.read_text().replace("max_steps = 8", "max_steps = 90").replace("dropout = 0.1", "dropout = 0.0")
-    text = text.replace("grad_accum_steps = 2", "grad_accum_steps = 1").replace("seq_len = 64", "seq_len = 32")
-    text = text.replace("warmup_steps = 2", "warmup_steps = 0\nlr_schedule = \"constant\"\nweight_decay = 0.0")
-    project.write_text(text.replace("zero_stage = 2", "zero_stage = 0"))
+    project = project_file(tmp_path, shards, overrides=OVERFIT + ("deepspeed.zero_stage=0",))
     result = train(project, "--overfit-batch")
     assert result.returncode == 0, result.stderr[-3000:]
     final = json.loads((tmp_path / "run" / "overfit-batch" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -176,7 +181,7 @@ def test_overfit_batch_drives_the_loss_to_zero_and_shows_tokens(tmp_path, shards
 
 
 def test_bad_batch_settings_are_one_sentence(tmp_path, shards):
-    project = project_file(tmp_path, shards, extra="")
+    project = project_file(tmp_path, shards)
     result = train(project, "--set", "train.global_batch_tokens=1000")
     assert_user_error(result, "train.global_batch_tokens", "not a multiple")
     result = train(project, "--resume", "sometimes")
@@ -193,13 +198,106 @@ def test_gpt_plot_draws_a_run_and_refuses_an_empty_dir(tmp_path, reference):
 
 def test_zero3_kill_9_and_resume_is_exact_too(tmp_path, shards):
     """ZeRO-3 partitions the weights themselves; resume must restore them and the optimizer exactly."""
-    zero3 = "zero_stage = 3"
-    whole = project_file(tmp_path, shards, "whole")
-    whole.write_text(whole.read_text().replace("zero_stage = 2", zero3))
-    assert train(whole).returncode == 0
-    project = project_file(tmp_path, shards, "killed")
-    project.write_text(project.read_text().replace("zero_stage = 2", zero3))
+    zero3 = ("deepspeed.zero_stage=3",)
+    assert train(project_file(tmp_path, shards, "whole", zero3)).returncode == 0
+    project = project_file(tmp_path, shards, "killed", zero3)
     assert train(project, fault="kill@5").returncode in (-9, 137)
     resumed = train(project)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+
+
+# --- the consolidated model is the fp32 master copy -------------------------------------------------------
+
+
+def deepspeed_fp32_masters(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 master weights as DeepSpeed itself reads them, independently of gptcli's consolidation:
+    deepspeed.utils.zero_to_fp32 for ZeRO partitions (BF16_Optimizer's partitions, which lack the
+    zero_stage key that reader wants, are given it in a copy), the optimizer's own fp32 groups at stage 0."""
+    import shutil
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from gptcli.model import build_model
+    from gptcli.train.engine import parameter_groups
+
+    directory = run_dir / "checkpoints" / tag
+    partitions = list(directory.glob("*zero_pp_rank_*_optim_states.pt"))
+    if partitions:
+        copy = run_dir / "deepspeed-view" / tag
+        shutil.copytree(directory, copy, dirs_exist_ok=True)
+        for path in copy.glob("*zero_pp_rank_*_optim_states.pt"):
+            saved = torch.load(path, weights_only=False)
+            saved["optimizer_state_dict"].setdefault("zero_stage", 1)
+            torch.save(saved, path)
+        return get_fp32_state_dict_from_zero_checkpoint(str(copy.parent), tag=tag)
+    saved = torch.load(directory / "mp_rank_00_model_states.pt", weights_only=False)
+    groups = (saved["optimizer"] or {}).get("fp32_groups")
+    if groups is None:  # fp32: the module is the master copy
+        return saved["module"]
+    model = build_model(project_from_dict({"model": {"preset": "nano"}}).model, device="meta")
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    group_names = [[name_of[id(p)] for p in g["params"]] for g in parameter_groups(model, 0.1)]
+    return {name: tensor for names, tensors in zip(group_names, groups) for name, tensor in zip(names, tensors)}
+
+
+def assert_model_dir_holds_the_masters(run_dir: Path, precision: str) -> None:
+    from gptcli.modeldir import load_model_dir
+
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    masters = deepspeed_fp32_masters(run_dir, tag)
+    consolidated = load_model_dir(run_dir).model.state_dict()
+    assert set(masters) <= set(consolidated) and "h.1.mlp.c_fc.weight" in masters
+    for name, master in masters.items():
+        assert master.dtype == torch.float32 and torch.equal(consolidated[name], master), name
+    if precision == "bf16":  # not the bf16 module copy: some weights carry bits bf16 cannot hold
+        assert not all(torch.equal(t, t.bfloat16().float()) for t in masters.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_the_consolidated_model_is_deepspeeds_fp32_master_copy(tmp_path, shards, precision, stage):
+    """Bit for bit (torch.equal) against DeepSpeed's own reading of the checkpoint, one rank."""
+    project = project_file(tmp_path, shards, overrides=(
+        f'train.precision="{precision}"', f"deepspeed.zero_stage={stage}", "train.max_steps=3", "train.eval_every=0"))
+    result = train(project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_model_dir_holds_the_masters(tmp_path / "run", precision)
+    assert ("sums gradients in bf16" in result.stderr) == (precision == "bf16" and stage == 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_rank_zero3_consolidates_the_fp32_master_copy(tmp_path, shards, precision):
+    project = project_file(tmp_path, shards, overrides=(
+        f'train.precision="{precision}"', "deepspeed.zero_stage=3", "train.max_steps=3", "train.eval_every=0"))
+    result = train(project, "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "run" / "checkpoints" / "step_00000003").glob("*optim_states.pt"))) == 2
+    assert_model_dir_holds_the_masters(tmp_path / "run", precision)
+
+
+def test_bf16_kill_9_and_resume_reproduces_the_losses_bit_for_bit(tmp_path, shards):
+    """bf16 on the CPU: the bf16 module copy and the fp32 masters both come back exactly."""
+    bf16 = ('train.precision="bf16"',)
+    whole = train(project_file(tmp_path, shards, "whole", bf16))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    project = project_file(tmp_path, shards, "killed", bf16)
+    assert train(project, fault="kill@5").returncode in (-9, 137)
+    resumed = train(project, "--resume", "required")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+    assert losses(tmp_path / "whole")[-1] < losses(tmp_path / "whole")[0] - 0.5
+
+
+@pytest.mark.parametrize("stage,when", [
+    (0, "before the optimizer step"),  # fp32 ZeRO-0: the loop clips, sees the norm first
+    (2, "after the optimizer step, which DeepSpeed skipped")])
+def test_an_infinite_gradient_norm_stops_the_run_with_exit_code_4(tmp_path, shards, stage, when):
+    project = project_file(tmp_path, shards, overrides=(f"deepspeed.zero_stage={stage}", "train.eval_every=0"))
+    result = train(project, fault="inf_grad@5")
+    assert result.returncode == 4
+    assert_user_error(result, "Training stopped at step 5", when, "the gradient norm is", "step_00000003")
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert len(losses(run)) == 4  # step 5's line is never written

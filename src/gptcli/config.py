@@ -77,6 +77,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 TrainDevice = Literal["auto", "cuda", "cpu"]
 ZeroStage = Literal[0, 1, 2, 3]
 EvalSplit = Literal["val", "train"]
+Compile = Literal["auto", True, False]
 
 
 # --- sections -------------------------------------------------------------------------------------
@@ -187,7 +188,8 @@ class TrainConfig(Section):
     lr: float = doc("Peak learning rate.", 6e-4, above=0)
     min_lr: float = doc("Learning rate at the end of the decay.", 6e-5, at_least=0)
     lr_schedule: LrSchedule = doc('Decay after warmup: "cosine", "linear" or "constant".', "cosine")
-    warmup_steps: int = doc("Steps of linear warmup from 0 to lr.", 100, at_least=0)
+    warmup_steps: int = doc("Steps of linear warmup: step k (from 0) uses lr*(k+1)/warmup_steps, so the first "
+                             "uses lr/warmup_steps.", 100, at_least=0)
     weight_decay: float = doc("AdamW weight decay, applied to 2-D weight matrices only (not biases, norms, wpe).", 0.1,
                               at_least=0)
     beta1: float = doc("AdamW beta1.", 0.9, at_least=0, below=1)
@@ -206,10 +208,12 @@ class TrainConfig(Section):
     log_every: int = doc("Refresh the live display every this many steps (metrics.jsonl gets every step).", 1, at_least=1)
     precision: Precision = doc('"auto" (bf16 on a GPU that has it, else fp32), "fp32", "bf16" or "fp16".', "auto")
     device: TrainDevice = doc('"auto" (CUDA when present, else CPU), "cuda" or "cpu".', "auto")
-    compile: bool = doc("torch.compile the model (GPU).", False)
+    compile: Compile = doc('torch.compile the model: "auto" (on with CUDA, off on the CPU), true or false.', "auto")
     activation_checkpointing: bool = doc("Recompute block activations in the backward pass to save memory.", False)
     shuffle: bool = doc("Visit training windows in a seeded random order (false: sequential).", True)
     tensorboard: bool = doc("Also write TensorBoard events into the run directory.", False)
+    peak_tflops: float = doc("Peak TFLOP/s of one accelerator for MFU; 0 looks the GPU up by name (dense bf16 figures).", 0.0,
+                             at_least=0)
 
     def check(self) -> None:
         if self.min_lr > self.lr:
@@ -222,7 +226,8 @@ class DeepSpeedConfig(Section):
 
     section = "deepspeed"
 
-    zero_stage: ZeroStage = doc("ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+ gradients), 3 (+ weights).", 1)
+    zero_stage: ZeroStage = doc("ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+ gradients), 3 (+ weights); with bf16 use 1+, as stage 0 sums "
+                                   "gradients in bf16.", 1)
     offload_optimizer: bool = doc("Keep optimizer state in CPU memory (ZeRO 1-3).", False)
     offload_params: bool = doc("Keep parameters in CPU memory (ZeRO 3).", False)
     config: dict = doc("Passthrough: any other DeepSpeed config keys, merged over the generated config.", factory=dict)
@@ -327,7 +332,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _shown(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str) else repr(value)
+    """A value as TOML writes it: "text", true, 3."""
+    return json.dumps(value) if isinstance(value, (str, bool)) else repr(value)
 
 
 def _coerce(where: str, value: Any, tp: Any) -> Any:
@@ -360,10 +366,10 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
 def _choose(where: str, value: Any, tp: Any) -> Any:
     """A choice field: the value must be one of the Literal's values; the error lists them all."""
     choices = typing.get_args(tp)
-    kind = type(choices[0])
-    if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
+    kinds = {type(c) for c in choices}
+    if type(value) not in kinds and len(kinds) == 1:
         raise ConfigError(f"{where} must be {_type_name(tp)}, not {_shown(value)}.")
-    if value not in choices:
+    if not any(type(value) is type(c) and value == c for c in choices):
         allowed = ", ".join(_shown(c) for c in choices)
         hint = _nearest(value, [str(c) for c in choices]) if isinstance(value, str) else ""
         raise ConfigError(f"{where} must be one of {allowed}, not {_shown(value)}{hint}.")

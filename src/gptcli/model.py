@@ -235,7 +235,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 attention_mask: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
-                attention: Optional[str] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                attention: Optional[str] = None,
+                return_logits: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Token ids → next-token logits, and the mean cross-entropy when targets are given.
 
         idx: (B, T) token ids. targets: (B, T) ids to predict, -100 where nothing is scored.
@@ -243,15 +244,14 @@ class GPT(nn.Module):
         attn_mask: a custom bool mask (T, S), (B, T, S) or (B, 1, T, S), True = may attend.
         position_ids: (B, T) positions (default: cache offset + 0..T-1). kv_cache: a KVCache to extend.
         attention: override config.attention ("causal", "bidirectional", "sliding_window") for this call.
-        Returns (logits (B, T, vocab_size), loss or None).
+        return_logits: False returns None for the logits (training needs only the loss).
+        Returns (logits (B, T, vocab_size) or None, loss or None).
         """
         hidden = self.hidden_states(idx, attention_mask=attention_mask, attn_mask=attn_mask,
                                     position_ids=position_ids, kv_cache=kv_cache, attention=attention)
         logits = self.head(hidden)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        loss = chunked_cross_entropy(logits, targets) if targets is not None else None
+        return (logits if return_logits else None), loss
 
     def hidden_states(self, idx: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None,
                       attn_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
@@ -301,6 +301,36 @@ class GPT(nn.Module):
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # (..., V)
         return logits
+
+
+# --- the loss -------------------------------------------------------------------------------------------------
+
+# Rows of fp32 log-probabilities the loss holds at once: 2^26 values (256 MiB; 1,335 rows of GPT-2's 50,257).
+LOSS_CHUNK_VALUES = 2**26
+
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (..., V) against targets (...), -100 = not scored, in fp32.
+
+    F.cross_entropy over all B×T rows would keep B×T×V fp32 log-probabilities for the backward pass
+    (3.2 GiB for 16 × 1,024 tokens of GPT-2, on top of the bf16 logits). Above LOSS_CHUNK_VALUES the rows
+    go in chunks whose fp32 softmax is recomputed in the backward pass instead of kept (an elementwise
+    pass over the chunk, no matmul). Up to that size it is F.cross_entropy itself, bit for bit.
+    """
+    flat_logits = logits.reshape(-1, logits.size(-1))  # (N, V)
+    flat_targets = targets.reshape(-1)  # (N,)
+    rows = max(1, LOSS_CHUNK_VALUES // flat_logits.size(-1))
+    if flat_logits.size(0) <= rows:
+        return F.cross_entropy(flat_logits.float(), flat_targets, ignore_index=-100)
+    total = flat_logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat_logits.size(0), rows):
+        total = total + checkpoint(summed_cross_entropy, flat_logits[start:start + rows],
+                                   flat_targets[start:start + rows], use_reentrant=False)
+    return total / (flat_targets != -100).sum()  # nan when nothing is scored, as F.cross_entropy
+
+
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
 
 
 # --- counting -----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ launcher gets the torch.distributed variables of a one-rank world (otherwise Dee
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..config import Project
+from ..config import ModelConfig, Project
 from ..errors import GptError
 
 
@@ -107,17 +108,42 @@ def deepspeed_config(project: Project, layout: BatchLayout, precision: str) -> d
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum_steps,
         "train_batch_size": layout.sequences_per_step,
-        "gradient_clipping": project.train.grad_clip,
+        # fp32 ZeRO-0: the loop clips (see loop_clips_gradients), so DeepSpeed must not clip again.
+        "gradient_clipping": 0.0 if loop_clips_gradients(project, precision) else project.train.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,  # our own logging; DeepSpeed's would interleave with it
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronises the device at the start of every
+        # forward and the end of every step; the loop measures tokens/s itself. Re-enable it through
+        # [deepspeed] config = { timers = { throughput = { enabled = true } } }.
+        "timers": {"throughput": {"enabled": False}},
     }
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
+        if ds.zero_stage > 0:
+            # Sum the micro batches' gradients in fp32, not bf16 (whose 8-bit mantissa drops small
+            # contributions): DeepSpeed's BF16_Optimizer at stage 1, the ZeRO optimizers' fp32 buffers at
+            # 2-3. Stage 0 has no such option in DeepSpeed (it refuses the key); see precision_note.
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     elif precision == "fp16":
         # Dynamic loss scaling from 2^16 (DeepSpeed's default recipe): overflowing steps are skipped.
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
     return merge(config, ds.config)
+
+
+def loop_clips_gradients(project: Project, precision: str) -> bool:
+    """fp32 at ZeRO-0 is the one setting where DeepSpeed neither reports the gradient norm nor refuses a
+    non-finite update (it clips and steps regardless), so there the loop clips itself, before the step,
+    and sees the norm in time to stop before a non-finite update."""
+    return precision == "fp32" and project.deepspeed.zero_stage == 0
+
+
+def precision_note(project: Project, precision: str) -> Optional[str]:
+    """What the user should know about the precision this run will use, or None."""
+    if precision == "bf16" and project.deepspeed.zero_stage == 0:
+        return ("note: bf16 at ZeRO-0 sums gradients in bf16 (DeepSpeed has no fp32 accumulation at stage 0); "
+                "deepspeed.zero_stage = 1 sums them in fp32 (in a buffer of 4 bytes per parameter).")
+    return None
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -145,8 +171,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, project: Project, device: str):
-    """AdamW: DeepSpeed's fused Adam on a GPU, its CPU Adam when the optimizer state is offloaded, and
-    torch's single-tensor AdamW on the CPU (deterministic element by element, so fp32 resume is exact)."""
+    """AdamW: DeepSpeed's CPU Adam when the optimizer state is offloaded; on a GPU DeepSpeed's FusedAdam
+    when it was built into the installed DeepSpeed, else torch's fused AdamW (never a JIT build of
+    FusedAdam: minutes of nvcc, and a hang on a build lock a killed run left behind); on the CPU torch's
+    single-tensor AdamW (deterministic element by element, so resume is exact)."""
     train = project.train
     groups = parameter_groups(model, train.weight_decay)
     kwargs = dict(lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
@@ -155,15 +183,53 @@ def make_optimizer(model: torch.nn.Module, project: Project, device: str):
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     if device == "cuda":
-        try:
+        if fused_adam_prebuilt():
             from deepspeed.ops.adam import FusedAdam
 
             return FusedAdam(groups, adam_w_mode=True, **kwargs)
-        except Exception as error:  # the op is built on first use and needs the CUDA toolkit
-            print(f"note: DeepSpeed's FusedAdam is unavailable ({type(error).__name__}); using torch's fused AdamW.",
-                  file=sys.stderr)
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, foreach=False, **kwargs)
+
+
+def fused_adam_prebuilt() -> bool:
+    """Whether DeepSpeed's FusedAdam loads without compiling: pip built it in (DS_BUILD_FUSED_ADAM=1) for
+    this accelerator. The same test DeepSpeed's OpBuilder.load makes before it falls back to a JIT build."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops
+
+    return bool(installed_ops.get("fused_adam")) and accelerator_name == get_accelerator()._name
+
+
+def compile_enabled(project: Project, device: str) -> bool:
+    """train.compile: "auto" compiles on CUDA (where it pays) and not on the CPU (where compiling takes
+    longer than a small run)."""
+    wanted = project.train.compile
+    return device == "cuda" if wanted == "auto" else bool(wanted)
+
+
+def prepare_device(device: str) -> None:
+    """Per-process CUDA settings: TF32 tensor cores for fp32 matmuls and convolutions (the fp32 parts of a
+    mixed-precision step and fp32 runs; about 8x an fp32 matmul's throughput on A100/H100, 10-bit mantissa
+    products with fp32 accumulation)."""
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# Presets with GPT-2's 50,257-token vocabulary; on a GPU they train with 50,304 embedding rows.
+GPT2_VOCAB_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+GPU_VOCAB_MULTIPLE = 128
+
+
+def training_model_config(project: Project, device: str) -> ModelConfig:
+    """The model config a run trains: on a GPU, a GPT-2 preset left at vocab_multiple = 1 pads its
+    embedding to a multiple of 128 rows (50,257 → 50,304), so the vocabulary matmuls run on whole tensor-core
+    tiles. The padding rows are never looked up or predicted (logits are cut back to vocab_size), and
+    consolidation drops them, so counts, logits and the model dir are the same as without padding."""
+    model = project.model
+    if device == "cuda" and model.vocab_multiple == 1 and model.preset in GPT2_VOCAB_PRESETS:
+        return dataclasses.replace(model, vocab_multiple=GPU_VOCAB_MULTIPLE)
+    return model
 
 
 def initialize(project: Project, model: torch.nn.Module, layout: BatchLayout, precision: str, device: str):

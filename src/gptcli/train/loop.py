@@ -1,8 +1,14 @@
-"""The training loop: steps, evaluation, samples, metrics, checkpoints, signals and faults.
+"""The training loop: optimizer steps, evaluation, samples, metrics and checkpoints, on every rank.
 
-Every rank runs this. One all-reduce per optimizer step carries the mean loss and the stop request, so
-all ranks agree on the numbers they log, on a non-finite loss (stop before the optimizer step) and on a
-SIGTERM/SIGINT (finish the step, save, exit with 128 + the signal number: 143 for SIGTERM, 130 for SIGINT).
+One optimizer step: the micro batches (forward, backward), one all-reduce that carries the mean loss and
+the stop request, one host sync that reads it, then the optimizer step. So all ranks agree on the
+numbers they log, on a non-finite loss (stop before the optimizer step) and on a SIGTERM/SIGINT (finish
+the step, save, exit 128 + the signal number). The gradient norm of a step is known only after its
+optimizer step; it is read at the next step's sync (or at once on steps that evaluate, sample or save),
+so logging never adds a second sync to an ordinary step.
+
+Helpers live beside this module: signals.py (the stop request), faults.py (test faults), prefetch.py
+(batches read ahead), display.py (the live view, the overfit printout), consolidation.py (RUN/model).
 """
 
 from __future__ import annotations
@@ -15,19 +21,37 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import torch
 
-from ..config import Project
+from ..config import ModelConfig, Project
 from ..errors import GptError
 from . import checkpoint
-from .engine import BatchLayout, batch_layout, device_type, initialize, prepare_environment, resolve_precision
-from .metrics import MetricsWriter, format_eta, model_flops_per_token, peak_flops, plot_losses, truncate_metrics
+from .consolidation import consolidate_only, hand_over
+from .display import Display, show_overfit
+from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, initialize, loop_clips_gradients,
+                     parameter_groups, precision_note, prepare_device, prepare_environment, resolve_precision,
+                     training_model_config)
+from .faults import Faults, corrupt
+from .metrics import MetricsWriter, model_flops_per_token, peak_flops, truncate_metrics
+from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
+from .signals import StopRequest
+
+if TYPE_CHECKING:
+    import deepspeed
+
+    from ..data.loader import BatchLoader
+    from ..tokenizer import Tokenizer
+
+__all__ = ["TrainOptions", "TrainResult", "train", "consolidate_only"]
 
 DIVERGED_EXIT_CODE = 4  # a non-finite loss or gradient norm stopped the run
+
+# A gradient norm as DeepSpeed reports it: a device tensor (ZeRO 1-3), a float (bf16 ZeRO-0) or None.
+GradNorm = Union[torch.Tensor, float, None]
 
 
 @dataclass
@@ -45,68 +69,42 @@ class TrainResult:
     model_dir: Optional[Path] = None
 
 
-class Faults:
-    """Injected faults for tests, from GPTCLI_FAULT: comma-separated `kind@step` with kind one of
-    nan (a NaN loss), kill (SIGKILL this rank after the step), crash_in_save (die inside the save),
-    sigterm (SIGTERM to this rank before the step). `kind@step@rank` restricts it to one rank."""
-
-    def __init__(self, spec: str, rank: int):
-        self.faults = set()
-        for item in filter(None, (s.strip() for s in spec.split(","))):
-            parts = item.split("@")
-            if len(parts) == 3 and int(parts[2]) != rank:
-                continue
-            self.faults.add((parts[0], int(parts[1])))
-
-    def has(self, kind: str, step: int) -> bool:
-        return (kind, step) in self.faults
-
-    def maybe_crash_in_save(self, step: int) -> None:
-        if self.has("crash_in_save", step):
-            os._exit(70)
-
-
-class StopRequest:
-    """Remembers a SIGTERM/SIGINT; the loop finishes the step, saves and exits."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {}
-
-    def install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self.previous[signum] = signal.signal(signum, self.handle)
-
-    def handle(self, signum, frame) -> None:
-        self.signum = self.signum or signum
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
 @dataclass
 class Run:
     """Everything the loop carries between steps."""
 
     project: Project
-    engine: object
+    model_config: ModelConfig  # the model trained: project.model, padded for a GPU (training_model_config)
+    engine: "deepspeed.DeepSpeedEngine"
     layout: BatchLayout
-    loader: object
-    val_loader: object
-    tokenizer: object
+    loader: BatchPrefetcher
+    val_loader: Optional["BatchLoader"]
+    tokenizer: "Tokenizer"
     run_dir: Path
     rank: int
     device: str
     faults: Faults
+    clips_gradients: bool  # fp32 ZeRO-0: the loop clips (engine.loop_clips_gradients)
     step: int = 0
     tokens: int = 0
     skipped_steps: int = 0
     elapsed: float = 0.0
-    fixed_batch: Optional[tuple] = None
+    clock: float = 0.0  # when the time of the next step started counting
+    fixed_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     writer: Optional[MetricsWriter] = None
     flops_per_token: int = 0
     peak: Optional[float] = None
+
+
+@dataclass
+class StepDone:
+    """An optimizer step whose gradient norm may still be on the device."""
+
+    step: int
+    loss: float
+    lr: float
+    seconds: float
+    grad_norm: GradNorm
 
 
 def train(project: Project, options: TrainOptions) -> TrainResult:
@@ -120,6 +118,7 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
         return loop(run, stop, options)
     finally:
         stop.restore()
+        run.loader.close()
         if run.writer is not None:
             run.writer.close()
 
@@ -136,31 +135,38 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    prepare_device(device)
     tokenizer = load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
     data = open_prepared(project.data.dir)
     check_compatible(data, tokenizer.fingerprint, project.model.vocab_size)
     layout = batch_layout(project, world)
     seed = project.project.seed
     loader, val_loader = make_loaders(project, data, layout, rank, options.overfit_batch)
+    model_config = training_model_config(project, device)
     seed_everything(seed)  # the same initial weights on every rank
-    model = build_model(project.model, device="cuda" if device == "cuda" else "cpu")
+    model = build_model(model_config, device="cuda" if device == "cuda" else "cpu")
     model.activation_checkpointing = project.train.activation_checkpointing
     seed_everything(seed + 1000 * rank)  # then each rank its own dropout stream
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
-    engine = initialize(project, model, layout, resolve_precision(project, device), device)
-    if project.train.compile:
+    precision = resolve_precision(project, device)
+    note = precision_note(project, precision)
+    if note and rank == 0:
+        print(note, file=sys.stderr)
+    engine = initialize(project, model, layout, precision, device)
+    if compile_enabled(project, device):
         engine.compile()
     run_dir = Path(project.project.out_dir)
     if options.overfit_batch:
         run_dir = run_dir / "overfit-batch"  # its metrics must not mix with the run's own
-    run = Run(project=project, engine=engine, layout=layout, loader=loader, val_loader=val_loader,
-              tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device,
-              faults=Faults(os.environ.get("GPTCLI_FAULT", ""), rank))
+    run = Run(project=project, model_config=model_config, engine=engine, layout=layout,
+              loader=BatchPrefetcher(loader, torch.device(engine.device)), val_loader=val_loader,
+              tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device, faults=Faults.from_environment(rank),
+              clips_gradients=loop_clips_gradients(project, precision))
     run.flops_per_token = model_flops_per_token(project.model, layout.seq_len)
-    run.peak = peak_flops(device)
+    run.peak = peak_flops(device, project.train.peak_tflops)
     if options.overfit_batch:
-        run.fixed_batch = loader.next_batch()
+        run.fixed_batch = run.loader.next_batch()
         if rank == 0:
             truncate_metrics(run_dir, 0)
     else:
@@ -173,7 +179,8 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
     return run
 
 
-def make_loaders(project: Project, data, layout: BatchLayout, rank: int, overfit: bool):
+def make_loaders(project: Project, data, layout: BatchLayout, rank: int,
+                 overfit: bool) -> tuple["BatchLoader", Optional["BatchLoader"]]:
     """The train loader (seeded order) and the val loader (file order), or None without val shards."""
     from ..data.loader import BatchLoader
 
@@ -224,35 +231,38 @@ def resume_or_start(run: Run, mode: str) -> None:
 
 
 def loop(run: Run, stop: StopRequest, options: TrainOptions) -> TrainResult:
-    train = run.project.train
-    lr_at = schedule_for(train)
-    display = Display(run) if run.rank == 0 else None
+    lr_at = schedule_for(run.project.train)
+    display = Display(run.project, run.run_dir, run.step) if run.rank == 0 else None
+    pending: Optional[StepDone] = None
+    run.clock = time.perf_counter()
     while not finished(run):
-        started = time.perf_counter()
         lr = lr_at(run.step)
-        loss, stop_signum = train_step(run, lr, stop)
-        grad_norm = run.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else None
+        loss, own_norm = micro_steps(run, lr)
+        values = read_step(run, loss, stop, pending, own_norm)  # the step's one host sync
+        seconds = time.perf_counter() - run.clock
+        run.clock += seconds
+        if pending is not None:
+            log(run, pending, values["pending_norm"], display)
+        if not math.isfinite(values["loss"]):
+            raise diverged(run, run.step + 1, f"the loss is {values['loss']}", "before the optimizer step")
+        if own_norm is not None and not math.isfinite(values["own_norm"]):
+            raise diverged(run, run.step + 1, f"the gradient norm is {values['own_norm']}", "before the optimizer step")
+        run.engine.step()
         run.step += 1
         run.tokens += run.layout.tokens_per_step
-        check_overflow(run, grad_norm)
-        run.elapsed += time.perf_counter() - started
-        record = step_record(run, loss, lr, grad_norm, time.perf_counter() - started)
-        if should(train.eval_every, run) and run.val_loader is not None:
-            record["eval_loss"] = evaluate(run)
-            record["eval_perplexity"] = math.exp(min(record["eval_loss"], 700))
-        if should(train.sample_every, run):
-            print_sample(run)  # every rank enters: under ZeRO-3 they gather the weights together
-        if run.writer is not None:
-            run.writer.write(record)
-        if display is not None:
-            display.update(record)
-        if not options.overfit_batch and (stop_signum or checkpoint_due(run)):
-            save(run)
-        if run.faults.has("kill", run.step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if stop_signum:
-            return finish(run, options, display, exit_code=128 + stop_signum)
+        run.elapsed += seconds
+        norm = values["own_norm"] if own_norm is not None else run.engine.get_global_grad_norm()
+        pending = StepDone(run.step, values["loss"], lr, seconds, norm)
+        signum = values["signum"]
+        if signum or boundary(run):
+            log(run, pending, read_norm(pending.grad_norm), display, options)
+            pending = None
+            if not options.overfit_batch and (signum or checkpoint_due(run)):
+                save(run)
+            run.clock = time.perf_counter()  # evaluation, samples and saving are not training time
+        run.faults.maybe_kill(run.step)
+        if signum:
+            return finish(run, options, display, exit_code=128 + signum)
     return finish(run, options, display)
 
 
@@ -270,67 +280,107 @@ def checkpoint_due(run: Run) -> bool:
     return finished(run) or (every > 0 and run.step % every == 0)
 
 
+def boundary(run: Run) -> bool:
+    """A step after which the loop evaluates, samples, saves or ends: its record is completed at once."""
+    train = run.project.train
+    return checkpoint_due(run) or should(train.eval_every, run) or should(train.sample_every, run)
+
+
 def zero3(run: Run) -> bool:
     return run.project.deepspeed.zero_stage == 3
 
 
-def train_step(run: Run, lr: float, stop: StopRequest) -> tuple[float, int]:
-    """One optimizer step of micro batches; stops before the update if any rank's loss is not finite."""
-    import deepspeed.comm as dist
-
+def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Forward and backward over the step's micro batches; returns this rank's mean loss (on the device)
+    and, where the loop clips (fp32 ZeRO-0), the gradient norm before clipping."""
     engine = run.engine
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    device = engine.device
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=engine.device)
     accum = run.layout.grad_accum_steps
     for micro in range(accum):
         inputs, targets = run.fixed_batch if run.fixed_batch is not None else run.loader.next_batch()
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        _, loss = engine(inputs, targets)
-        if run.faults.has("nan", run.step + 1):
-            loss = loss * float("nan")
+        _, loss = engine(inputs, targets, return_logits=False)
+        loss = corrupt(loss, run.faults, run.step + 1)
         engine.backward(loss)
         loss_sum += loss.detach().float()
         if micro < accum - 1:
             engine.step()  # DeepSpeed counts micro steps; it updates only at the accumulation boundary
-    if run.faults.has("sigterm", run.step + 1):
-        os.kill(os.getpid(), signal.SIGTERM)
-    # One collective and one host sync per step: the mean loss over ranks and whether anyone must stop.
-    stats = torch.stack([loss_sum / accum, torch.tensor(float(stop.signum), device=device)])
+    run.faults.maybe_sigterm(run.step + 1)
+    own_norm = None
+    if run.clips_gradients:  # the last backward has all-reduced the gradients (ZeRO-0)
+        clip = run.project.train.grad_clip or math.inf
+        own_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip, foreach=False)
+    return loss_sum / accum, own_norm
+
+
+def read_step(run: Run, loss: torch.Tensor, stop: StopRequest, pending: Optional[StepDone],
+              own_norm: Optional[torch.Tensor]) -> dict:
+    """One all-reduce (the mean loss over ranks, whether any rank must stop) and one host read, which
+    also fetches the previous step's gradient norm and the loop's own one."""
+    import deepspeed.comm as dist
+
+    stats = torch.stack([loss, torch.tensor(float(stop.signum), device=loss.device)])
     dist.all_reduce(stats)
-    loss_value, signum_sum = stats.tolist()
-    loss_value /= dist.get_world_size()
-    if not math.isfinite(loss_value):
-        raise diverged(run, run.step + 1, f"the loss is {loss_value}")
-    engine.step()
-    return loss_value, int(stop.signum or (signal.SIGTERM if signum_sum else 0))
+    norms = [pending.grad_norm if pending is not None else None, own_norm]
+    device_norms = [n.detach().reshape(()).double() for n in norms if isinstance(n, torch.Tensor)]
+    values = torch.cat([stats.double(), torch.stack(device_norms)]) if device_norms else stats
+    host = iter(values.tolist())
+    loss_sum, signum_sum = next(host), next(host)
+    read = [next(host) if isinstance(n, torch.Tensor) else n for n in norms]
+    return {"loss": loss_sum / dist.get_world_size(), "pending_norm": read[0], "own_norm": read[1],
+            "signum": int(stop.signum or (signal.SIGTERM if signum_sum else 0))}
 
 
-def diverged(run: Run, step: int, what: str, before_step: bool = True) -> GptError:
+def read_norm(grad_norm: GradNorm) -> Optional[float]:
+    return float(grad_norm) if grad_norm is not None else None
+
+
+def log(run: Run, done: StepDone, grad_norm: Optional[float], display: Optional[Display],
+        options: Optional[TrainOptions] = None) -> None:
+    """Complete a step's record (with `options`: the step is a boundary, so evaluate and sample first),
+    stop on a non-finite gradient norm, write it and show it."""
+    check_gradient_norm(run, done.step, grad_norm)
+    record = step_record(run, done, grad_norm)
+    train = run.project.train
+    if options is not None and should(train.eval_every, run) and run.val_loader is not None:
+        record["eval_loss"] = evaluate(run)
+        record["eval_perplexity"] = math.exp(min(record["eval_loss"], 700))
+    if options is not None and should(train.sample_every, run):
+        print_sample(run)  # every rank enters: under ZeRO-3 they gather the weights together
+    if run.writer is not None:
+        run.writer.write(record)
+    if display is not None:
+        display.update(record)
+
+
+def diverged(run: Run, step: int, what: str, when: str) -> GptError:
     tag = checkpoint.read_latest(run.run_dir) if run.rank == 0 else None
     kept = f"; the last checkpoint ({tag}) is untouched" if tag else "; no checkpoint was written"
-    when = "before the optimizer step" if before_step else "without saving"
     return GptError(f"Training stopped at step {step} {when}: {what}{kept}.", exit_code=DIVERGED_EXIT_CODE)
 
 
-def check_overflow(run: Run, grad_norm: Optional[float]) -> None:
-    """fp16: the loss scaler skipped an overflowing step; DeepSpeed counts them (and checkpoints the
-    count). fp32/bf16: a non-finite gradient norm is fatal. ZeRO 1-3 have already refused that update;
-    stage 0 has applied it, so the run stops and no later checkpoint can hold the damaged weights."""
+def check_gradient_norm(run: Run, step: int, grad_norm: Optional[float]) -> None:
+    """After DeepSpeed's optimizer step. fp16: the loss scaler skipped an overflowing step; DeepSpeed
+    counts them (and checkpoints the count). fp32/bf16: a non-finite gradient norm is fatal; DeepSpeed
+    refused that update (ZeRO 1-3, and bf16 ZeRO-0; fp32 ZeRO-0 never gets here, the loop stops it
+    before the step), so the weights are still those of the step before, and the run stops unsaved."""
     if run.engine.fp16_enabled():
         run.skipped_steps = int(run.engine.skipped_steps)
         return
     if grad_norm is not None and not math.isfinite(grad_norm):
-        raise diverged(run, run.step, f"the gradient norm is {grad_norm}", before_step=False)
+        raise diverged(run, step, f"the gradient norm is {grad_norm}",
+                       "after the optimizer step, which DeepSpeed skipped (the weights are the previous step's)")
 
 
-def step_record(run: Run, loss: float, lr: float, grad_norm: Optional[float], seconds: float) -> dict:
-    tokens_per_s = run.layout.tokens_per_step / seconds if seconds > 0 else None
+def step_record(run: Run, done: StepDone, grad_norm: Optional[float]) -> dict:
+    """The metrics line of step `done` (the loop has not started the next optimizer step yet, so the
+    run's counters are still those of `done`)."""
+    tokens_per_s = run.layout.tokens_per_step / done.seconds if done.seconds > 0 else None
     mfu = None
     if run.peak and tokens_per_s:
         mfu = run.flops_per_token * tokens_per_s / (run.peak * run.layout.world_size)
-    return {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": run.tokens,
+    return {"step": done.step, "loss": done.loss, "lr": done.lr, "grad_norm": grad_norm, "tokens": run.tokens,
             "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed": run.elapsed, "skipped_steps": run.skipped_steps}
 
 
@@ -339,27 +389,26 @@ def evaluate(run: Run) -> float:
     import deepspeed.comm as dist
 
     engine = run.engine
+    device = torch.device(engine.device)
     engine.eval()
-    total = torch.zeros(2, device=engine.device)  # (sum of batch losses, batches)
+    total = torch.zeros(2, device=device)  # (sum of batch losses, batches)
     with torch.no_grad():
         for inputs, targets in run.val_loader.sequential_batches(run.project.train.eval_batches):
-            _, loss = engine(inputs.to(engine.device), targets.to(engine.device))
-            total += torch.stack([loss.float(), torch.ones((), device=engine.device)])
+            _, loss = engine(*on_device(windows_of(inputs, targets), device), return_logits=False)
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
     engine.train()
     dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
 
 def print_sample(run: Run) -> None:
-    """A sample from train.sample_prompt, seeded by the step so it does not disturb the training RNG."""
+    """A sample from train.sample_prompt, seeded by the step. It runs under fork_rng, so the torch
+    generators the training draws dropout from are as they were (a run with samples resumes exactly)."""
     module = sampling_model(run)  # every rank takes part under ZeRO-3; the others get None
     if module is None:
         return
-    try:
-        from ..generate import sample_text
-    except ImportError:
-        print("(sampling is unavailable: gptcli.generate is missing)", file=sys.stderr)
-        return
+    from ..generate import sample_text
+
     train = run.project.train
     was_training = module.training
     module.eval()
@@ -370,7 +419,7 @@ def print_sample(run: Run) -> None:
     print(f"--- sample at step {run.step} ---\n{train.sample_prompt}{text}\n---", flush=True)
 
 
-def sampling_model(run: Run):
+def sampling_model(run: Run) -> Optional[torch.nn.Module]:
     """Rank 0's model to sample from. Under ZeRO-3 the engine's module fetches its weights in collective
     hooks that rank 0 cannot run alone, so all ranks gather the weights and rank 0 copies them into a
     plain model; otherwise the engine's module itself."""
@@ -386,116 +435,36 @@ def sampling_model(run: Run):
         if run.rank != 0:
             return None
         weights = {name: p.detach().clone() for name, p in zip(names, module.parameters())}
-    return model_from_state_dict(run.project.model, weights, dtype=torch.float32)  # the tied lm_head follows wte
+    return model_from_state_dict(run.model_config, weights, device=run.engine.device, dtype=torch.float32)  # the tied lm_head follows wte
 
 
 def save(run: Run) -> None:
     client = {"step": run.step, "tokens": run.tokens, "loader": run.loader.state_dict(),
               "config_hash": checkpoint.config_hash(run.project), "architecture": run.project.model.architecture_dict(),
               "world_size": run.layout.world_size, "skipped_steps": run.skipped_steps, "elapsed": run.elapsed,
-              "model_fingerprint": run.project.model.fingerprint()}
+              "model_fingerprint": run.project.model.fingerprint(), "parameter_groups": parameter_group_names(run)}
     checkpoint.save(run.engine, run.run_dir, run.step, client, run.project.train.keep_checkpoints, run.faults)
 
 
-def finish(run: Run, options: TrainOptions, display, exit_code: int = 0) -> TrainResult:
+def parameter_group_names(run: Run) -> list[list[str]]:
+    """The parameter names of each optimizer group, in the optimizer's order: at ZeRO-0 DeepSpeed saves
+    the fp16/bf16 optimizer's fp32 masters without names (checkpoint.stage0_masters reads them)."""
+    module = run.engine.module
+    names = {id(parameter): name for name, parameter in module.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in parameter_groups(module, 0.0)]
+
+
+def finish(run: Run, options: TrainOptions, display: Optional[Display], exit_code: int = 0) -> TrainResult:
     import deepspeed.comm as dist
 
     result = TrainResult(run_dir=run.run_dir, step=run.step, exit_code=exit_code)
     if display is not None:
         display.close()
     if options.overfit_batch:
-        show_overfit(run)
+        show_overfit(run.engine, run.fixed_batch, run.tokenizer, run.rank)
         return result
     dist.barrier()
     if run.rank == 0:
-        tag = checkpoint.read_latest(run.run_dir)
-        if exit_code == 0 and tag is not None:
-            result.model_dir = checkpoint.consolidate(run.run_dir, tag, run.project.model, run.tokenizer)
-        plot_losses(run.run_dir)
-        where = f"; model in {result.model_dir}" if result.model_dir else ""
-        reason = f" (stopped by signal {exit_code - 128})" if exit_code else ""
-        print(f"Finished at step {run.step}{reason}: run dir {run.run_dir}{where}.", file=sys.stderr)
+        result.model_dir = hand_over(run.project, run.run_dir, run.tokenizer, run.step, exit_code)
     dist.barrier()
     return result
-
-
-def show_overfit(run: Run) -> None:
-    """Print the first sequence of the fixed batch: input, target and the model's prediction per token."""
-    if run.rank != 0:
-        return
-    inputs, targets = run.fixed_batch
-    engine = run.engine
-    engine.eval()
-    with torch.no_grad():
-        logits, loss = engine(inputs.to(engine.device), targets.to(engine.device))
-    predicted = logits.argmax(-1)[0].tolist()
-    decode = run.tokenizer.decode
-    shown = min(len(predicted), 24)
-    print(f"overfit batch: final loss {loss.item():.4f}; accuracy "
-          f"{(logits.argmax(-1).cpu() == targets).float().mean().item():.3f}")
-    print(f"{'pos':>4}  {'input':<16} {'target':<16} {'predicted':<16}")
-    for i in range(shown):
-        row = [repr(decode([t]))[1:-1][:15] for t in (inputs[0, i].item(), targets[0, i].item(), predicted[i])]
-        print(f"{i:>4}  {row[0]:<16} {row[1]:<16} {row[2]:<16}")
-
-
-class Display:
-    """Rank 0's view: a live table on a terminal, otherwise one line every train.log_every steps."""
-
-    def __init__(self, run: Run):
-        from rich.console import Console
-
-        self.run = run
-        self.console = Console(stderr=True)
-        if not self.console.is_terminal:
-            self.console = Console(stderr=True, width=200)  # one line per step in logs, not wrapped at 80
-        self.live = None
-        self.started = time.perf_counter()
-        self.first_step = run.step
-        if self.console.is_terminal:
-            from rich.live import Live
-
-            self.live = Live(console=self.console, refresh_per_second=4, transient=False)
-            self.live.start()
-
-    def update(self, record: dict) -> None:
-        run = self.run
-        done = record["step"] - self.first_step
-        per_step = (time.perf_counter() - self.started) / max(done, 1)
-        eta = format_eta(per_step * (run.project.train.max_steps - record["step"]))
-        cells = {"step": f"{record['step']}/{run.project.train.max_steps}", "loss": f"{record['loss']:.4f}",
-                 "lr": f"{record['lr']:.3e}", "grad norm": fmt(record["grad_norm"], ".3f"),
-                 "tokens/s": fmt(record["tokens_per_s"], ",.0f"), "MFU": fmt(record["mfu"], ".1%"), "ETA": eta}
-        if record.get("eval_loss") is not None:
-            cells["val loss"] = f"{record['eval_loss']:.4f}"
-        if self.live is not None:
-            from rich.table import Table
-
-            table = Table(*cells.keys(), title=f"gpt train: {run.run_dir}")
-            table.add_row(*cells.values())
-            self.live.update(table)
-        elif record["step"] % max(run.project.train.log_every, 1) == 0 or "val loss" in cells:
-            self.console.print("  ".join(f"{k} {v}" for k, v in cells.items()), highlight=False)
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.stop()
-
-
-def fmt(value, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def consolidate_only(project: Project) -> Path:
-    """`gpt train --consolidate`: the latest checkpoint of the run dir → RUN/model, without training."""
-    from ..tokenizer import load_tokenizer
-
-    prepare_environment(device_type(project))
-    run_dir = Path(project.project.out_dir)
-    tag = checkpoint.read_latest(run_dir)
-    if tag is None:
-        raise GptError(f"{checkpoint.checkpoints_dir(run_dir)} has no complete checkpoint to consolidate.")
-    client = checkpoint.read_client_state(run_dir, tag)
-    checkpoint.check_architecture(client, project.model, tag)
-    tokenizer = load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
-    return checkpoint.consolidate(run_dir, tag, project.model, tokenizer)

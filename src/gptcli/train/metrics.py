@@ -19,21 +19,32 @@ PLOT_FILE = "loss.png"
 CSV_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
                "eval_perplexity", "skipped_steps"]
 
-# Dense bf16 tensor-core peaks per GPU (vendor data sheets: H100 SXM 989 TFLOP/s, H100 PCIe 756,
-# A100 312). MFU is reported against these whatever the precision; there is none for a CPU.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
-              "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12}
+# Dense (no sparsity) bf16 tensor-core peaks of one GPU, from the vendor data sheets, matched against
+# torch.cuda.get_device_name() in this order (so "H100 PCIe" wins over "H100", "GH200" over "H200").
+# H800 is H100 silicon with slower links: the same compute. MFU is reported against these whatever the
+# precision; [train] peak_tflops overrides the lookup.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),  # H100 SXM: "H100 80GB HBM3"
+    ("H800 PCIe", 756e12), ("H800", 989e12),
+    ("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("A10G", 125e12), ("L4", 121e12), ("RTX 4090", 165e12),
+]
 
 
-def peak_flops(device: str) -> Optional[float]:
-    """Peak FLOP/s of one local accelerator, or None when unknown (CPU, unlisted GPU)."""
+def peak_for_name(device_name: str) -> Optional[float]:
+    """Peak FLOP/s for a CUDA device name, or None when it is not in the table."""
+    return next((value for key, value in PEAK_FLOPS if key in device_name), None)
+
+
+def peak_flops(device: str, peak_tflops: float = 0.0) -> Optional[float]:
+    """Peak FLOP/s of one local accelerator: train.peak_tflops when set, else the table; None when
+    unknown (a CPU, an unlisted GPU)."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
     if device != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_FLOPS.items():  # the more specific names come first
-        if key in name:
-            return value
-    return None
+    return peak_for_name(torch.cuda.get_device_name())
 
 
 def model_flops_per_token(config: ModelConfig, seq_len: int) -> int:

@@ -1,0 +1,80 @@
+"""What rank 0 shows while training: the live table (or one line per log_every steps in a log) and, after
+`--overfit-batch`, the memorised batch token by token."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import Project
+from .metrics import format_eta
+
+
+class Display:
+    """A live table on a terminal, otherwise one line every train.log_every steps."""
+
+    def __init__(self, project: Project, run_dir: Path, first_step: int):
+        from rich.console import Console
+
+        self.project, self.run_dir = project, run_dir
+        self.console = Console(stderr=True)
+        if not self.console.is_terminal:
+            self.console = Console(stderr=True, width=200)  # one line per step in logs, not wrapped at 80
+        self.live = None
+        self.started = time.perf_counter()
+        self.first_step = first_step
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+            self.live.start()
+
+    def update(self, record: dict) -> None:
+        max_steps = self.project.train.max_steps
+        done = record["step"] - self.first_step
+        per_step = (time.perf_counter() - self.started) / max(done, 1)
+        cells = {"step": f"{record['step']}/{max_steps}", "loss": f"{record['loss']:.4f}",
+                 "lr": f"{record['lr']:.3e}", "grad norm": fmt(record["grad_norm"], ".3f"),
+                 "tokens/s": fmt(record["tokens_per_s"], ",.0f"), "MFU": fmt(record["mfu"], ".1%"),
+                 "ETA": format_eta(per_step * (max_steps - record["step"]))}
+        if record.get("eval_loss") is not None:
+            cells["val loss"] = f"{record['eval_loss']:.4f}"
+        if self.live is not None:
+            from rich.table import Table
+
+            table = Table(*cells.keys(), title=f"gpt train: {self.run_dir}")
+            table.add_row(*cells.values())
+            self.live.update(table)
+        elif record["step"] % max(self.project.train.log_every, 1) == 0 or "val loss" in cells:
+            self.console.print("  ".join(f"{k} {v}" for k, v in cells.items()), highlight=False)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def fmt(value: Optional[float], spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def show_overfit(engine, batch: tuple[torch.Tensor, torch.Tensor], tokenizer, rank: int) -> None:
+    """Every rank runs the forward of its fixed batch (under ZeRO-3 each rank's forward gathers weights
+    from all the others); rank 0 prints its first sequence: input, target and predicted token."""
+    inputs, targets = batch
+    engine.eval()
+    with torch.no_grad():
+        logits, loss = engine(inputs, targets)
+    engine.train()
+    if rank != 0:
+        return
+    predicted = logits.argmax(-1)
+    accuracy = (predicted == targets).float().mean().item()
+    print(f"overfit batch: final loss {loss.item():.4f}; accuracy {accuracy:.3f}")
+    print(f"{'pos':>4}  {'input':<16} {'target':<16} {'predicted':<16}")
+    first = [row.tolist() for row in (inputs[0], targets[0], predicted[0])]
+    for position in range(min(len(first[0]), 24)):
+        shown = [repr(tokenizer.decode([ids[position]]))[1:-1][:15] for ids in first]
+        print(f"{position:>4}  {shown[0]:<16} {shown[1]:<16} {shown[2]:<16}")
