@@ -353,7 +353,7 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
     if expected is list and isinstance(value, tuple):
         value = list(value)
     if expected is int and isinstance(value, bool):
-        raise ConfigError(f"{where} must be {_type_name(tp)}, not {value!r}.")
+        raise ConfigError(f"{where} must be {_type_name(tp)}, not {_shown(value)}.")
     if not isinstance(value, expected):
         raise ConfigError(f"{where} must be {_type_name(tp)}, not {_shown(value)}.")
     if expected is float and not math.isfinite(value):
