@@ -123,7 +123,8 @@ def test_a_failing_rank_fails_the_launch_with_its_code(tmp_path):
     process = subprocess.run([sys.executable, "-c", LAUNCH_PROBE, failing, str(tmp_path)], env=gpt_env(),
                              capture_output=True, text=True, timeout=120)
     assert process.returncode == 3
-    assert "Rank 1 exited with code 3; the other ranks were stopped." in process.stderr
+    assert "Training failed: rank 1 exited with code 3" in process.stderr
+    assert "Traceback" not in process.stderr
 
 
 def test_master_port_is_the_users_when_given(tmp_path):
@@ -131,6 +132,18 @@ def test_master_port_is_the_users_when_given(tmp_path):
     process, ranks = launch_probe(tmp_path, {"MASTER_PORT": str(port)})
     assert process.returncode == 0, process.stderr
     assert {r["env"]["MASTER_PORT"] for r in ranks} == {str(port)}
+
+
+def test_a_busy_master_port_is_one_sentence(project):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_gpt("train", "--project", project, "--nproc", "2", "--master-port", str(port))
+    assert result.returncode == 1
+    assert_user_error(result, f"Port {port} is in use", "--master-port")
 
 
 # --- srun, mpirun and launchers that are not known --------------------------------------------------------

@@ -98,23 +98,30 @@ def launch_local(command: list[str], nproc: int, master_port: Optional[int]) -> 
     config = local_launch_config(nproc, master_port if master_port is not None else env_port(os.environ))
     quiet_elastic_logs()
     try:
+        # The agent installs these handlers itself once it starts the ranks; until then a signal ends the
+        # launch the same way instead of killing this process with its ranks half started.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, raise_signal_exception)
         elastic_launch(config, command[0])(*command[1:])
     except SignalException as stop:
-        print(f"Stopped by {stop.sigval.name}: every rank finished its step and saved (or was killed after "
-              f"{SHUTDOWN_SECONDS} s, or by a second signal).", file=sys.stderr)
+        print(f"Stopped by {stop.sigval.name}: it was passed to every rank, to finish its step and save (ranks "
+              f"still running {SHUTDOWN_SECONDS} s later, or after a second signal, were killed).", file=sys.stderr)
         return 128 + int(stop.sigval)
     except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
-        code = exit_code_of(failure.exitcode)
-        print(f"Rank {rank} exited with code {code}{signal_note(code)}; the other ranks were stopped.",
-              file=sys.stderr)
-        return code or 1
+        print(failure_report(failed.failures), file=sys.stderr)
+        return exit_code_of(failed.get_first_failure()[1].exitcode) or 1
     except Exception as error:  # the rendezvous store could not start: a busy port, no loopback
         if "EADDRINUSE" in str(error):
             raise GptError(f"Port {master_port or env_port(os.environ)} is in use; give another with --master-port "
                            "(or MASTER_PORT), or neither for a free one.") from None
         raise GptError(f"Could not start {nproc} ranks: {type(error).__name__}: {error}") from None
     return 0
+
+
+def raise_signal_exception(signum, frame) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    raise SignalException(f"Process {os.getpid()} got signal {signum}", sigval=signal.Signals(signum))
 
 
 def rank_environment(nproc: int, environ: Mapping[str, str]) -> dict[str, str]:
@@ -154,6 +161,14 @@ def quiet_elastic_logs() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.launcher"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def failure_report(failures: dict) -> str:
+    """One sentence: the failed ranks in the order the agent saw them (the first is usually the cause; the
+    others failed with it, or were stopped by the agent)."""
+    codes = [exit_code_of(failure.exitcode) for failure in failures.values()]
+    parts = [f"rank {rank} exited with code {code}{signal_note(code)}" for rank, code in zip(failures, codes)]
+    return f"Training failed: {', then '.join(parts)}; no rank is left running."
 
 
 def exit_code_of(returncode: int) -> int:
