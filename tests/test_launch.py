@@ -179,6 +179,15 @@ def test_srun_master_port_and_address_set_by_the_user_win():
     assert (environ["RANK"], environ["MASTER_ADDR"], environ["MASTER_PORT"]) == ("1", "10.0.0.5", "23456")
 
 
+def test_srun_with_one_gpu_per_task_uses_the_tasks_own_gpu():
+    environ = srun_task(1, CUDA_VISIBLE_DEVICES="5")  # srun --gpus-per-task=1: task 1 of the node sees GPU 5 only
+    launch.adopt_cluster_ranks(environ)
+    assert (environ["RANK"], environ["LOCAL_RANK"]) == ("1", "0")
+    environ = srun_task(1, CUDA_VISIBLE_DEVICES="0,1,2,3")  # all of the node's GPUs: the task's own index
+    launch.adopt_cluster_ranks(environ)
+    assert environ["LOCAL_RANK"] == "1"
+
+
 @pytest.mark.parametrize("nodelist, first", [
     ("node[01-04]", "node01"), ("node07", "node07"), ("a1,b2", "a1"), ("gpu[3,5-6]-ib,cpu1", "gpu3-ib"),
     ("rack[2-3]n[010-012]", "rack2n010"), ("n[9]", "n9"),

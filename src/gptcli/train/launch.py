@@ -167,6 +167,8 @@ def failure_report(failures: dict) -> str:
     """One sentence: the failed ranks in the order the agent saw them (the first is usually the cause; the
     others failed with it, or were stopped by the agent)."""
     codes = [exit_code_of(failure.exitcode) for failure in failures.values()]
+    if len(failures) > 1 and len(set(codes)) == 1 and codes[0] in (130, 143):  # a signal sent to the ranks
+        return f"Every rank stopped on {signal.Signals(codes[0] - 128).name} after saving its step."
     parts = [f"rank {rank} exited with code {code}{signal_note(code)}" for rank, code in zip(failures, codes)]
     return f"Training failed: {', then '.join(parts)}; no rank is left running."
 
@@ -346,8 +348,16 @@ def slurm_ranks(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
         raise GptError("srun started this task without SLURM_STEP_NODELIST or SLURM_NODELIST; set MASTER_ADDR.")
     job = int(environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID") or 0)
     step = int(environ["SLURM_STEP_ID"]) if environ["SLURM_STEP_ID"].isdigit() else 0
-    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": str(slurm_device_index(environ)),
             "MASTER_ADDR": first_host(nodelist), "MASTER_PORT": str(10000 + (job * 16 + step) % 20000)}
+
+
+def slurm_device_index(environ: Mapping[str, str]) -> int:
+    """LOCAL_RANK picks the GPU (torch.cuda.set_device). SLURM_LOCALID counts the tasks of a node; when SLURM
+    binds each task to its own GPUs (--gpus-per-task), the task sees fewer GPUs than that index."""
+    local = int(environ.get("SLURM_LOCALID", "0"))
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return local % len(visible) if visible and local >= len(visible) else local
 
 
 def open_mpi_ranks(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
