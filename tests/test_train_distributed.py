@@ -1,51 +1,111 @@
-"""Multi-rank `gpt train --nproc 2` on the CPU (gloo): ZeRO-2 and ZeRO-3 learn, exact resume across a
-SIGKILL, and SIGTERM → every rank saves and the run exits 143."""
+"""Multi-rank training on the CPU (gloo), started every way a user starts it: `gpt train --nproc 2` (torch's
+elastic launcher inside gpt), `torchrun -m gptcli train`, and processes carrying srun's or mpirun's
+variables. ZeRO-2 and ZeRO-3 learn, resume bit for bit after a SIGKILL; SIGTERM/SIGINT save and exit
+143/130; a dead rank or a killed launcher leaves no rank running; two runs at once each get a port."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import gpt_env, run_gpt
+from test_launch import open_mpi_process, srun_task
 from test_train import PROJECT, losses, shards  # noqa: F401  (the module-scoped shards fixture)
 
 pytestmark = pytest.mark.slow
 
-LEARN = {"max_steps = 8": "max_steps = 30", "warmup_steps = 2": "warmup_steps = 3", "eval_every = 4": "eval_every = 0",
-         "checkpoint_every = 3": "checkpoint_every = 10"}
+LEARN = ["train.max_steps=30", "train.warmup_steps=3", "train.eval_every=0", "train.checkpoint_every=10"]
+SHORT = ["train.max_steps=4", "train.eval_every=0", "train.checkpoint_every=2"]
+ENDLESS = ["train.max_steps=1000", "train.eval_every=0", "train.checkpoint_every=0"]
 
 
-def project_file(directory, shards, name="run", replace=None, zero_stage=2):
-    text = PROJECT.format(out=directory / name, data=shards).replace("zero_stage = 2", f"zero_stage = {zero_stage}")
-    for old, new in (replace or {}).items():
-        text = text.replace(old, new)
+def project_file(directory: Path, shards: Path, name: str = "run") -> Path:
     path = directory / f"{name}.toml"
-    path.write_text(text)
+    path.write_text(PROJECT.format(out=directory / name, data=shards))
     return path
 
 
-def train(project, *args, fault=""):
-    return run_gpt("train", "--project", project, "--nproc", "2", *args,
+def settings(overrides: list[str], zero_stage: int = 2) -> list[str]:
+    return [f"--set={item}" for item in [*overrides, f"deepspeed.zero_stage={zero_stage}"]]
+
+
+def train(project, overrides, *args, fault="", zero_stage=2):
+    return run_gpt("train", "--project", project, "--nproc", "2", *settings(overrides, zero_stage), *args,
                    env={"GPTCLI_FAULT": fault} if fault else None)
 
 
+def start(command: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(command, env=gpt_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def gpt_train(project: Path, overrides: list[str], *args: str) -> list[str]:
+    return [sys.executable, "-m", "gptcli", "train", "--project", str(project), *settings(overrides), *args]
+
+
+def ranks_of(project: Path) -> list[psutil.Process]:
+    """Live processes training `project` (the launcher included), found by their command line."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if str(project) in (process.info["cmdline"] or []) and process.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def assert_no_rank_left(project: Path, within: float = 5.0) -> None:
+    deadline = time.time() + within
+    while ranks_of(project) and time.time() < deadline:
+        time.sleep(0.2)
+    left = ranks_of(project)
+    for process in left:  # do not leave them to the next test
+        process.kill()
+    assert not left, [p.pid for p in left]
+
+
+def wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count("\n") < steps):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.2)
+
+
+def assert_trained_on_two_ranks(run_dir: Path, steps: int) -> None:
+    assert len(losses(run_dir)) == steps
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{steps:08d}"
+    client = json.loads((run_dir / "checkpoints" / latest / "client_state.json").read_text())
+    assert client["world_size"] == 2
+
+
+# --- gpt train --nproc 2 ----------------------------------------------------------------------------------
+
+
 def test_two_rank_zero2_learns_and_resumes_bit_for_bit_after_kill_9(tmp_path, shards):
-    whole = train(project_file(tmp_path, shards, "whole", LEARN))
+    whole = train(project_file(tmp_path, shards, "whole"), LEARN)
     assert whole.returncode == 0, whole.stderr[-3000:]
     reference = losses(tmp_path / "whole")
     assert len(reference) == 30
     assert reference[-1] < math.log(50257) - 3.0  # from 10.8 to below 7.8 in 30 steps of 2 × 2 × 4 × 64 tokens
-    project = project_file(tmp_path, shards, "killed", LEARN)
-    killed = train(project, fault="kill@14@1")  # rank 1 dies after step 14; the last checkpoint is step 10
+    project = project_file(tmp_path, shards, "killed")
+    killed = train(project, LEARN, fault="kill@14@1")  # rank 1 dies after step 14; the last checkpoint is step 10
     assert killed.returncode != 0
+    assert "rank 1 exited with code 137 (killed by SIGKILL)" in killed.stderr
+    assert_no_rank_left(project, within=0)
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step_00000010"
-    resumed = train(project, "--resume", "required")
+    resumed = train(project, LEARN, "--resume", "required")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(tmp_path / "killed") == reference
     shards_of_optimizer = list((tmp_path / "killed" / "checkpoints" / "step_00000030").glob("*optim_states.pt"))
@@ -55,7 +115,7 @@ def test_two_rank_zero2_learns_and_resumes_bit_for_bit_after_kill_9(tmp_path, sh
 def test_two_rank_zero3_learns_and_consolidates(tmp_path, shards):
     from gptcli.modeldir import load_model_dir
 
-    result = train(project_file(tmp_path, shards, "z3", LEARN, zero_stage=3))
+    result = train(project_file(tmp_path, shards, "z3"), LEARN, zero_stage=3)
     assert result.returncode == 0, result.stderr[-3000:]
     run_losses = losses(tmp_path / "z3")
     assert run_losses[-1] < math.log(50257) - 3.0
@@ -83,22 +143,83 @@ def assert_exports_to_transformers(run_dir, loaded, hf_dir):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_sigterm_on_two_ranks_saves_and_exits_143(tmp_path, shards):
-    project = project_file(tmp_path, shards, "term", {"max_steps = 8": "max_steps = 1000", "eval_every = 4": "eval_every = 0",
-                                                      "checkpoint_every = 3": "checkpoint_every = 0"})
-    process = subprocess.Popen([sys.executable, "-m", "gptcli", "train", "--project", str(project), "--nproc", "2"],
-                               env=gpt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "term" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count("\n") < 3):
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_saves_on_every_rank_and_exits_128_plus_it(tmp_path, shards, signum):
+    """kill / docker stop / Kubernetes / SLURM send SIGTERM, a terminal Ctrl-C sends SIGINT, to the launcher
+    alone (the ranks run in their own session): both ranks finish the step, save it, and the launcher exits
+    143 / 130."""
+    project = project_file(tmp_path, shards, "stop")
+    process = start(gpt_train(project, ENDLESS, "--nproc", "2"))
+    wait_for_steps(process, tmp_path / "stop", 3)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143, stderr[-3000:]
-    steps = len(losses(tmp_path / "term"))
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert f"Stopped by {signum.name}" in stderr
+    steps = len(losses(tmp_path / "stop"))
     assert 3 <= steps < 1000
-    latest = (tmp_path / "term" / "checkpoints" / "latest").read_text().strip()
-    assert latest == f"step_{steps:08d}"
-    client = json.loads((tmp_path / "term" / "checkpoints" / latest / "client_state.json").read_text())
-    assert client["step"] == steps and client["world_size"] == 2
+    assert_trained_on_two_ranks(tmp_path / "stop", steps)
+    assert_no_rank_left(project, within=0)
+
+
+def test_kill_9_of_the_launcher_leaves_no_rank_running(tmp_path, shards):
+    project = project_file(tmp_path, shards, "orphans")
+    process = start(gpt_train(project, ENDLESS, "--nproc", "2"))
+    wait_for_steps(process, tmp_path / "orphans", 2)
+    ranks = psutil.Process(process.pid).children()
+    assert len(ranks) == 2
+    process.kill()
+    process.communicate(timeout=60)
+    _, alive = psutil.wait_procs(ranks, timeout=5)
+    for rank in alive:
+        rank.kill()
+    assert not alive, [rank.pid for rank in alive]
+
+
+def test_two_runs_started_together_each_get_a_free_port(tmp_path, shards):
+    projects = [project_file(tmp_path, shards, name) for name in ("first", "second")]
+    processes = [start(gpt_train(project, SHORT, "--nproc", "2")) for project in projects]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+    for name in ("first", "second"):
+        assert_trained_on_two_ranks(tmp_path / name, 4)
+
+
+# --- ranks started by other launchers --------------------------------------------------------------------
+
+
+def test_torchrun_module_trains_and_resumes(tmp_path, shards):
+    """`torchrun --standalone --nproc_per_node 2 -m gptcli train ...` as the docs give it."""
+    project = project_file(tmp_path, shards, "torchrun")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gptcli",
+                "train", "--project", str(project)]
+    first = subprocess.run([*torchrun, *settings(SHORT)], env=gpt_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert_trained_on_two_ranks(tmp_path / "torchrun", 4)
+    more = [*SHORT, "train.max_steps=6"]
+    second = subprocess.run([*torchrun, *settings(more), "--resume", "required"], env=gpt_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "at step 4" in second.stderr
+    assert_trained_on_two_ranks(tmp_path / "torchrun", 6)
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_processes_with_a_cluster_launchers_variables_train_as_two_ranks(tmp_path, shards, launcher):
+    """Two plain processes given exactly what srun (a job step over `localhost`) or Open MPI's mpirun sets."""
+    project = project_file(tmp_path, shards, launcher)
+    job = random.randrange(1, 10**6)  # the port is derived from the job's id: one per test run
+    if launcher == "srun":
+        environs = [srun_task(rank, nodelist="localhost", SLURM_JOB_ID=str(job), SLURM_JOBID=str(job)) for rank in (0, 1)]
+    else:
+        environs = [open_mpi_process(rank, PMIX_NAMESPACE=f"prterun-test-{job}@1") for rank in (0, 1)]
+    processes = [start(gpt_train(project, SHORT), env) for env in environs]
+    try:
+        for process in processes:
+            _, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert_trained_on_two_ranks(tmp_path / launcher, 4)

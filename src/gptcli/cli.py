@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 import typer.core
 from rich.console import Console
@@ -329,10 +330,12 @@ def show_verify_report(report, as_json: bool) -> None:
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     project: ProjectOpt = None,
     overrides: SetOpt = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks on this machine (GPUs; CPU processes without CUDA).")] = 1,
     hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile: train on several machines.")] = None,
+    master_port: Annotated[Optional[int], typer.Option("--master-port", min=1, max=65535, help="Rendezvous port (default: MASTER_PORT, else a free one; 29500 with --hostfile).")] = None,
     resume: Annotated[str, typer.Option("--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start over.")] = "auto",
     overfit_batch: Annotated[bool, typer.Option("--overfit-batch", help="Train on one batch over and over (sanity check: loss → ~0).")] = False,
     consolidate: Annotated[bool, typer.Option("--consolidate", help="Only write RUN/model from the latest checkpoint, then exit.")] = False,
@@ -341,20 +344,28 @@ def train_command(
 
     Exit codes: 0 done; 1 a user error; 4 a non-finite loss or gradient norm stopped the run before the
     optimizer step; 128 + N stopped by signal N after saving (143 SIGTERM, 130 SIGINT)."""
-    from .train.loop import TrainOptions, consolidate_only, train
+    from .train import launch
 
     if resume not in ("auto", "required", "never"):
         raise typer.BadParameter('must be "auto", "required" or "never".', param_hint="--resume")
+    launch.die_with_launcher()
+    launch.adopt_cluster_ranks()
+    launch.refuse_launcher_options_in_rank(os.environ, nproc, hostfile)
     config = load(project, overrides)
     if consolidate:
+        from .train.loop import consolidate_only
+
         err.print(f"Wrote {consolidate_only(config)}")
         return
-    if (nproc > 1 or hostfile is not None) and "RANK" not in os.environ:
-        from .train.engine import launch
+    if nproc > 1 or hostfile is not None:
+        # The ranks run this very command line, less the options that start them.
+        value_options = [name for param in ctx.command.params if isinstance(param, click.Option) and not param.is_flag
+                         for name in param.opts]
+        raise typer.Exit(launch.launch(launch.rank_argv(sys.argv[1:], value_options), nproc, hostfile, master_port))
+    if master_port is not None:
+        os.environ["MASTER_PORT"] = str(master_port)
+    from .train.loop import TrainOptions, train
 
-        argv = [*(["--project", str(project)] if project else []), *[f"--set={o}" for o in overrides or []],
-                "--resume", resume, *(["--overfit-batch"] if overfit_batch else [])]
-        raise typer.Exit(launch(argv, nproc, str(hostfile) if hostfile else None))
     result = train(config, TrainOptions(resume=resume, overfit_batch=overfit_batch))
     if result.exit_code:
         raise typer.Exit(result.exit_code)

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine built from the project, on GPUs or on the CPU, and the multi-process launcher.
+"""The DeepSpeed engine built from the project, on GPUs or on the CPU (ranks are started by launch.py).
 
 On a machine without CUDA the same code runs on DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, gloo
 collectives), so a laptop and CI exercise the path a GPU cluster runs. A single process started without a
@@ -10,18 +10,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from ..config import ModelConfig, Project
 from ..errors import GptError
+from .launch import free_port
 
 
 @dataclass
@@ -58,12 +54,6 @@ def prepare_environment(device: str) -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def resolve_precision(project: Project, device: str) -> str:
@@ -243,69 +233,3 @@ def initialize(project: Project, model: torch.nn.Module, layout: BatchLayout, pr
     except (AssertionError, ValueError) as error:
         raise GptError(f"DeepSpeed refused the configuration: {error}") from None
     return engine
-
-
-# --- the launcher --------------------------------------------------------------------------------------------
-
-
-def launch(argv: list[str], nproc: int, hostfile: Optional[str]) -> int:
-    """Run `gpt train ARGV` on `nproc` ranks (or the hosts of `hostfile`); returns the exit code.
-
-    With CUDA (or a hostfile) this is DeepSpeed's launcher, `deepspeed --num_gpus N --no_local_rank
-    --module gptcli train ...` (ranks read LOCAL_RANK from the environment, so no --local_rank argument).
-    On a CPU-only machine N local ranks are started here instead (DeepSpeed's launcher would need
-    DS_ACCELERATOR=cpu and counts NUMA nodes as devices), torchrun-style: RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT per process, the CPU
-    cores split between them, SIGTERM/SIGINT forwarded to every rank, and the others stopped if one dies.
-    """
-    if hostfile or torch.cuda.is_available():
-        runner = shutil.which("deepspeed")
-        if runner is None:
-            raise GptError("The `deepspeed` launcher is not on PATH; install deepspeed in this environment.")
-        where = ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(nproc)]
-        return subprocess.call([runner, *where, "--no_local_rank", "--module", "gptcli", "train", *argv])
-    return launch_local_cpu(argv, nproc)
-
-
-def launch_local_cpu(argv: list[str], nproc: int) -> int:
-    port = str(free_port())
-    threads = max(1, (os.cpu_count() or 1) // nproc)
-    children = []
-    for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu")
-        children.append(subprocess.Popen([sys.executable, "-m", "gptcli", "train", *argv], env=env))
-
-    def forward(signum, frame):
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return wait_all(children)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def wait_all(children: list[subprocess.Popen]) -> int:
-    """Wait for every rank; when one fails the rest would block in a collective, so they are killed."""
-    import time
-
-    code = 0
-    while any(child.poll() is None for child in children):
-        failed = [c for c in children if c.returncode not in (None, 0)]
-        if failed:
-            code = code or exit_code_of(failed[0].returncode)
-            time.sleep(2.0)  # a failing rank's peers may be finishing the same error on their own
-            for child in children:
-                if child.poll() is None:
-                    child.kill()
-        time.sleep(0.1)
-    codes = [exit_code_of(child.returncode) for child in children]
-    return code or next((c for c in codes if c != 0), 0)
-
-
-def exit_code_of(returncode: int) -> int:
-    """A child killed by a signal reports -signum; a shell reports that as 128 + signum."""
-    return 128 - returncode if returncode < 0 else returncode
