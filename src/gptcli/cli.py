@@ -253,7 +253,8 @@ def train_command(
     overrides: SetOpt = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks on this machine (GPUs; CPU processes without CUDA).")] = 1,
     hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile: train on several machines.")] = None,
-    resume: Annotated[str, typer.Option("--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start over.")] = "auto",
+    resume: Annotated[str, typer.Option("--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start fresh, refused where a run exists.")] = "auto",
+    restart: Annotated[bool, typer.Option("--restart", help="Delete what gpt train wrote in the run dir (checkpoints, metrics, model/), then start over.")] = False,
     overfit_batch: Annotated[bool, typer.Option("--overfit-batch", help="Train on one batch over and over (sanity check: loss → ~0).")] = False,
     consolidate: Annotated[bool, typer.Option("--consolidate", help="Only write RUN/model from the latest checkpoint, then exit.")] = False,
 ) -> None:
@@ -273,9 +274,9 @@ def train_command(
         from .train.engine import launch
 
         argv = [*(["--project", str(project)] if project else []), *[f"--set={o}" for o in overrides or []],
-                "--resume", resume, *(["--overfit-batch"] if overfit_batch else [])]
+                "--resume", resume, *(["--overfit-batch"] if overfit_batch else []), *(["--restart"] if restart else [])]
         raise typer.Exit(launch(argv, nproc, str(hostfile) if hostfile else None))
-    result = train(config, TrainOptions(resume=resume, overfit_batch=overfit_batch))
+    result = train(config, TrainOptions(resume=resume, overfit_batch=overfit_batch, restart=restart))
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 

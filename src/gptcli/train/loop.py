@@ -23,6 +23,7 @@ import torch
 from ..config import Project
 from ..errors import GptError
 from . import checkpoint
+from .lock import RunDirClaim
 from .engine import BatchLayout, batch_layout, device_type, initialize, prepare_environment, resolve_precision
 from .metrics import MetricsWriter, format_eta, model_flops_per_token, peak_flops, plot_losses, truncate_metrics
 from .schedule import schedule_for
@@ -33,6 +34,7 @@ DIVERGED_EXIT_CODE = 4  # a non-finite loss or gradient norm stopped the run
 @dataclass
 class TrainOptions:
     resume: str = "auto"  # auto | required | never
+    restart: bool = False  # delete what gpt train wrote in the run dir, then start over
     overfit_batch: bool = False
 
 
@@ -113,18 +115,19 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
     """Train per the project on this rank; returns what happened (the exit code included)."""
     device = device_type(project)
     prepare_environment(device)
-    run = setup(project, options, device)
-    stop = StopRequest()
-    stop.install()
-    try:
-        return loop(run, stop, options)
-    finally:
-        stop.restore()
-        if run.writer is not None:
-            run.writer.close()
+    with RunDirClaim() as claim:  # the run dir's lock, taken in setup(), is given back on every way out
+        run = setup(project, options, device, claim)
+        stop = StopRequest()
+        stop.install()
+        try:
+            return loop(run, stop, options)
+        finally:
+            stop.restore()
+            if run.writer is not None:
+                run.writer.close()
 
 
-def setup(project: Project, options: TrainOptions, device: str) -> Run:
+def setup(project: Project, options: TrainOptions, device: str, claim: RunDirClaim) -> Run:
     import deepspeed
     import deepspeed.comm as dist
 
@@ -148,12 +151,13 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
     seed_everything(seed + 1000 * rank)  # then each rank its own dropout stream
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
-    engine = initialize(project, model, layout, resolve_precision(project, device), device)
-    if project.train.compile:
-        engine.compile()
     run_dir = Path(project.project.out_dir)
     if options.overfit_batch:
         run_dir = run_dir / "overfit-batch"  # its metrics must not mix with the run's own
+    claim.take(run_dir, rank)  # one run per run dir, and a dir every rank sees, before anything is written
+    engine = initialize(project, model, layout, resolve_precision(project, device), device)
+    if project.train.compile:
+        engine.compile()
     run = Run(project=project, engine=engine, layout=layout, loader=loader, val_loader=val_loader,
               tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device,
               faults=Faults(os.environ.get("GPTCLI_FAULT", ""), rank))
@@ -164,7 +168,7 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
         if rank == 0:
             truncate_metrics(run_dir, 0)
     else:
-        resume_or_start(run, options.resume)
+        resume_or_start(run, options.resume, options.restart)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_resolved_config(run_dir, project)
@@ -196,13 +200,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resume_or_start(run: Run, mode: str) -> None:
+def resume_or_start(run: Run, mode: str, restart: bool = False) -> None:
     import deepspeed.comm as dist
 
-    tag = checkpoint.find_resume(run.run_dir, mode)
+    tag = checkpoint.agree_on_resume(run.run_dir, mode, restart, run.rank)
     if tag is None:
         if run.rank == 0:
-            checkpoint.remove_latest(run.run_dir)
             truncate_metrics(run.run_dir, 0)
         return
     client = checkpoint.read_client_state(run.run_dir, tag)
@@ -500,4 +503,6 @@ def consolidate_only(project: Project) -> Path:
     client = checkpoint.read_client_state(run_dir, tag)
     checkpoint.check_architecture(client, project.model, tag)
     tokenizer = load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
-    return checkpoint.consolidate(run_dir, tag, project.model, tokenizer)
+    with RunDirClaim() as claim:  # RUN/model must not be written under a running training
+        claim.take(run_dir, rank=0)
+        return checkpoint.consolidate(run_dir, tag, project.model, tokenizer)
