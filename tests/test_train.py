@@ -333,3 +333,48 @@ def test_an_out_dir_that_is_a_file_or_not_writable_is_one_sentence(tmp_path, sha
     result = train(project, "--set", f'project.out_dir="{a_file / "run"}"')  # where nothing can be created
     assert_user_error(result, f"Cannot create the run dir {a_file / 'run'}", "choose a writable project.out_dir")
     assert "internal error" not in result.stderr and a_file.read_text() == "not a run dir"
+
+
+@pytest.mark.slow
+def test_ranks_that_do_not_share_the_run_dir_are_refused_on_every_rank(tmp_path, shards):
+    """Two nodes with local disks, as torchrun or srun would start them: same project, each rank its own
+    out_dir. Rank 0's probe file is not seen by rank 1, so both stop before writing anything."""
+    import subprocess
+    import sys
+
+    from conftest import gpt_env
+    from gptcli.train.engine import free_port
+
+    project, port = project_file(tmp_path, shards), str(free_port())
+    ranks = []
+    for rank in (0, 1):
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        ranks.append(subprocess.Popen([sys.executable, "-m", "gptcli", "train", "--project", str(project),
+                                       "--set", f'project.out_dir="{tmp_path / f"node{rank}"}"'],
+                                      env=gpt_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for process in ranks:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 1, stderr[-3000:]
+        message = " ".join(stderr.split())
+        assert "is not shared by all ranks: rank 1 on host" in message and "every node mounts" in message, message
+        assert "Traceback" not in stderr
+    assert list((tmp_path / "node0").iterdir()) == []  # no lock, no probe, no metrics left behind
+    assert not (tmp_path / "node1").exists()  # only rank 0 creates the run dir
+
+
+@pytest.mark.slow
+def test_two_ranks_fall_back_together_when_one_ranks_file_is_missing(tmp_path, shards):
+    """Rank 1's RNG file of the latest checkpoint is gone: rank 0 sees it in the manifest, and both ranks
+    resume from the previous checkpoint (rank 1 alone would have tried the latest), bit for bit."""
+    settings = (*SHORT, "--set", "train.max_steps=6")
+    project = project_file(tmp_path, shards)
+    whole = train(project, "--nproc", "2", *settings)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    reference_losses = losses(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "step_00000006" / "rng_rank1.pt").unlink()
+    resumed = train(project, "--nproc", "2", "--resume", "required", *settings)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    message = " ".join(resumed.stderr.split())
+    assert "checkpoint step_00000006 is damaged (rng_rank1.pt is missing); resuming from step_00000003" in message
+    assert losses(tmp_path / "run") == reference_losses
