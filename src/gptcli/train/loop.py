@@ -23,8 +23,8 @@ import torch
 from ..config import Project
 from ..errors import GptError
 from . import checkpoint
-from .lock import RunDirClaim
 from .engine import BatchLayout, batch_layout, device_type, initialize, prepare_environment, resolve_precision
+from .lock import RunDirClaim
 from .metrics import MetricsWriter, format_eta, model_flops_per_token, peak_flops, plot_losses, truncate_metrics
 from .schedule import schedule_for
 
