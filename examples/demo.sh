@@ -23,7 +23,8 @@ echo "== 1/4 gpt prepare ($# inputs) → $demo/data"
 gpt prepare "$@" --out "$demo/data" --val-fraction 0.02 --force
 
 echo "== 2/4 gpt train --project examples/cpu-demo.toml → $demo/run"
-gpt train --project "$examples/cpu-demo.toml" --resume never \
+# --restart: a second demo starts its run over; it deletes only what gpt train wrote in $demo/run.
+gpt train --project "$examples/cpu-demo.toml" --restart \
   --set "data.dir=\"$demo/data\"" --set "project.out_dir=\"$demo/run\"" --set "train.sample_prompt=\"$prompt\""
 
 echo "== 3/4 gpt generate"

@@ -301,3 +301,178 @@ def test_an_infinite_gradient_norm_stops_the_run_with_exit_code_4(tmp_path, shar
     run = tmp_path / "run"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert len(losses(run)) == 4  # step 5's line is never written
+
+
+# --- reliability: one run per dir, starting over, damaged checkpoints, retention, unreadable metrics ------------
+
+SHORT = ("--set", "train.eval_every=0")
+
+
+def copy_of(reference: Path, tmp_path: Path, shards: Path) -> Path:
+    """A finished run (checkpoints 3, 6, 8) in tmp_path/run, and the project that trains into it."""
+    import shutil
+
+    shutil.copytree(reference, tmp_path / "run")
+    return project_file(tmp_path, shards)
+
+
+def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_first(tmp_path, shards):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import gpt_env
+
+    project = project_file(tmp_path, shards)
+    with open(tmp_path / "first.err", "w") as first_err:
+        first = subprocess.Popen([sys.executable, "-m", "gptcli", "train", "--project", str(project), *SHORT,
+                                  "--set", "train.max_steps=1000", "--set", "train.checkpoint_every=0"],
+                                 env=gpt_env(), stdout=subprocess.DEVNULL, stderr=first_err)
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count("\n") < 1):
+            assert first.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
+            time.sleep(0.2)
+        second = train(project)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=300) == 143
+    assert_user_error(second, "in use by another gpt train", f"pid {first.pid} on host {socket.gethostname()}")
+    assert len(losses(tmp_path / "run")) >= 1  # one run's steps, in order: nothing of the second one
+    assert not (tmp_path / "run" / ".gptcli-lock").exists()  # the first gave it back on its way out
+
+
+def test_the_lock_of_a_killed_trainer_is_taken_over_with_a_note(tmp_path, shards):
+    project = project_file(tmp_path, shards)
+    killed = train(project, *SHORT, "--set", "train.max_steps=4", fault="kill@2")
+    assert killed.returncode in (-9, 137)
+    assert (tmp_path / "run" / ".gptcli-lock").exists()
+    resumed = train(project, *SHORT, "--set", "train.max_steps=4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "took over the lock" in resumed.stderr and "no longer running" in resumed.stderr
+    assert not (tmp_path / "run" / ".gptcli-lock").exists()
+
+
+def test_resume_never_refuses_an_existing_run_and_restart_starts_it_over(tmp_path, shards, reference):
+    project = copy_of(reference, tmp_path, shards)
+    run = tmp_path / "run"
+    (run / "NOTES.md").write_text("what this run is for")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    refused = train(project, "--resume", "never")
+    assert_user_error(refused, "already holds a run", "--resume never does not delete it", "--restart")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    restarted = train(project, "--restart", *SHORT, "--set", "train.max_steps=2")
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "--restart removed what gpt train wrote" in " ".join(restarted.stderr.split())
+    assert (run / "NOTES.md").read_text() == "what this run is for"
+    assert losses(run)[0] == losses(reference)[0]  # a fresh model again, not a resumed one
+    assert len(losses(run)) == 2
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_exactly(tmp_path, shards, reference):
+    project = copy_of(reference, tmp_path, shards)
+    model_states = tmp_path / "run" / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt"
+    with open(model_states, "r+b") as handle:
+        handle.truncate(1000)
+    resumed = train(project, "--resume", "required")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_warning = " ".join(resumed.stderr.split())
+    assert "checkpoint step_00000008 is damaged (mp_rank_00_model_states.pt has 1000 bytes" in assert_warning
+    assert "resuming from step_00000006 instead" in assert_warning
+    assert losses(tmp_path / "run") == losses(reference)
+
+
+def test_resume_without_an_intact_checkpoint_names_the_damaged_files(tmp_path, shards, reference):
+    project = copy_of(reference, tmp_path, shards)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step_00000008" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    (checkpoints / "step_00000006" / "rng_rank0.pt").unlink()
+    with open(checkpoints / "step_00000003" / "mp_rank_00_model_states.pt", "r+b") as handle:
+        handle.truncate(10)
+    for mode in ("required", "auto"):
+        result = train(project, "--resume", mode)
+        assert_user_error(result, "No usable checkpoint", "step_00000008: zero_pp_rank_0_mp_rank_00_optim_states.pt "
+                          "is missing", "step_00000006: rng_rank0.pt is missing",
+                          "step_00000003: mp_rank_00_model_states.pt has 10 bytes", "--restart")
+    assert "internal error" not in result.stderr
+
+
+def test_keep_checkpoints_2_with_a_checkpoint_every_step(tmp_path, shards):
+    from gptcli.train.checkpoint import check_checkpoint
+
+    result = train(project_file(tmp_path, shards), *SHORT, "--set", "train.max_steps=5",
+                   "--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004", "step_00000005"]
+    assert (checkpoints / "latest").read_text().strip() == "step_00000005"
+    assert all(check_checkpoint(p) == [] and (p / "manifest.json").is_file() for p in checkpoints.glob("step_*"))
+
+
+def test_metrics_with_bytes_that_are_not_utf8_do_not_block_resume(tmp_path, shards, reference):
+    project = copy_of(reference, tmp_path, shards)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(b"".join(lines[:2]) + b"\xff\xfe\x9c garbage\n" + b"".join(lines[2:]))
+    resumed = train(project, "--resume", "required", *SHORT, "--set", "train.max_steps=10")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "dropped 1 unreadable line" in resumed.stderr
+    assert losses(tmp_path / "run")[:8] == losses(reference) and len(losses(tmp_path / "run")) == 10
+
+
+def test_an_out_dir_that_is_a_file_or_not_writable_is_one_sentence(tmp_path, shards):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a run dir")
+    project = project_file(tmp_path, shards)
+    result = train(project, "--set", f'project.out_dir="{a_file}"')
+    assert_user_error(result, f"project.out_dir {a_file} is a file, not a directory")
+    result = train(project, "--set", f'project.out_dir="{a_file / "run"}"')  # where nothing can be created
+    assert_user_error(result, f"Cannot create the run dir {a_file / 'run'}", "choose a writable project.out_dir")
+    assert "internal error" not in result.stderr and a_file.read_text() == "not a run dir"
+
+
+@pytest.mark.slow
+def test_ranks_that_do_not_share_the_run_dir_are_refused_on_every_rank(tmp_path, shards):
+    """Two nodes with local disks, as torchrun or srun would start them: same project, each rank its own
+    out_dir. Rank 0's probe file is not seen by rank 1, so both stop before writing anything."""
+    import subprocess
+    import sys
+
+    from conftest import gpt_env
+    from gptcli.train.engine import free_port
+
+    project, port = project_file(tmp_path, shards), str(free_port())
+    ranks = []
+    for rank in (0, 1):
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        ranks.append(subprocess.Popen([sys.executable, "-m", "gptcli", "train", "--project", str(project),
+                                       "--set", f'project.out_dir="{tmp_path / f"node{rank}"}"'],
+                                      env=gpt_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for process in ranks:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 1, stderr[-3000:]
+        message = " ".join(stderr.split())
+        assert "is not shared by all ranks: rank 1 on host" in message and "every node mounts" in message, message
+        assert "Traceback" not in stderr
+    assert list((tmp_path / "node0").iterdir()) == []  # no lock, no probe, no metrics left behind
+    assert not (tmp_path / "node1").exists()  # only rank 0 creates the run dir
+
+
+@pytest.mark.slow
+def test_two_ranks_fall_back_together_when_one_ranks_file_is_missing(tmp_path, shards):
+    """Rank 1's RNG file of the latest checkpoint is gone: rank 0 sees it in the manifest, and both ranks
+    resume from the previous checkpoint (rank 1 alone would have tried the latest), bit for bit."""
+    settings = (*SHORT, "--set", "train.max_steps=6")
+    project = project_file(tmp_path, shards)
+    whole = train(project, "--nproc", "2", *settings)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    reference_losses = losses(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "step_00000006" / "rng_rank1.pt").unlink()
+    resumed = train(project, "--nproc", "2", "--resume", "required", *settings)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    message = " ".join(resumed.stderr.split())
+    assert "checkpoint step_00000006 is damaged (rng_rank1.pt is missing); resuming from step_00000003" in message
+    assert losses(tmp_path / "run") == reference_losses

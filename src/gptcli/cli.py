@@ -336,7 +336,8 @@ def train_command(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks on this machine (GPUs; CPU processes without CUDA).")] = 1,
     hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile: train on several machines.")] = None,
     master_port: Annotated[Optional[int], typer.Option("--master-port", min=1, max=65535, help="Rendezvous port (default: MASTER_PORT, else a free one; 29500 with --hostfile).")] = None,
-    resume: Annotated[str, typer.Option("--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start over.")] = "auto",
+    resume: Annotated[str, typer.Option("--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start fresh, refused where a run exists.")] = "auto",
+    restart: Annotated[bool, typer.Option("--restart", help="Delete what gpt train wrote in the run dir (checkpoints, metrics, model/), then start over.")] = False,
     overfit_batch: Annotated[bool, typer.Option("--overfit-batch", help="Train on one batch over and over (sanity check: loss → ~0).")] = False,
     consolidate: Annotated[bool, typer.Option("--consolidate", help="Only write RUN/model from the latest checkpoint, then exit.")] = False,
 ) -> None:
@@ -366,7 +367,7 @@ def train_command(
         os.environ["MASTER_PORT"] = str(master_port)
     from .train.loop import TrainOptions, train
 
-    result = train(config, TrainOptions(resume=resume, overfit_batch=overfit_batch))
+    result = train(config, TrainOptions(resume=resume, overfit_batch=overfit_batch, restart=restart))
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 

@@ -12,6 +12,7 @@ from ..config import Project
 from ..errors import GptError
 from . import checkpoint
 from .engine import device_type, prepare_environment
+from .lock import RunDirClaim
 from .metrics import plot_losses
 
 
@@ -41,4 +42,6 @@ def consolidate_only(project: Project) -> Path:
     client = checkpoint.read_client_state(run_dir, tag)
     checkpoint.check_architecture(client, project.model, tag)
     tokenizer = load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
-    return checkpoint.consolidate(run_dir, tag, project.model, tokenizer)
+    with RunDirClaim() as claim:  # RUN/model must not be written under a running training
+        claim.take(run_dir, rank=0)
+        return checkpoint.consolidate(run_dir, tag, project.model, tokenizer)

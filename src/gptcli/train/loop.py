@@ -35,6 +35,7 @@ from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, in
                      parameter_groups, precision_note, prepare_device, prepare_environment, resolve_precision,
                      training_model_config)
 from .faults import Faults, corrupt
+from .lock import RunDirClaim
 from .metrics import MetricsWriter, model_flops_per_token, peak_flops, truncate_metrics
 from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
@@ -57,6 +58,7 @@ GradNorm = Union[torch.Tensor, float, None]
 @dataclass
 class TrainOptions:
     resume: str = "auto"  # auto | required | never
+    restart: bool = False  # delete what gpt train wrote in the run dir, then start over
     overfit_batch: bool = False
 
 
@@ -111,19 +113,20 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
     """Train per the project on this rank; returns what happened (the exit code included)."""
     device = device_type(project)
     prepare_environment(device)
-    run = setup(project, options, device)
-    stop = StopRequest()
-    stop.install()
-    try:
-        return loop(run, stop, options)
-    finally:
-        stop.restore()
-        run.loader.close()
-        if run.writer is not None:
-            run.writer.close()
+    with RunDirClaim() as claim:  # the run dir's lock, taken in setup(), is given back on every way out
+        run = setup(project, options, device, claim)
+        stop = StopRequest()
+        stop.install()
+        try:
+            return loop(run, stop, options)
+        finally:
+            stop.restore()
+            run.loader.close()
+            if run.writer is not None:
+                run.writer.close()
 
 
-def setup(project: Project, options: TrainOptions, device: str) -> Run:
+def setup(project: Project, options: TrainOptions, device: str, claim: RunDirClaim) -> Run:
     import deepspeed
     import deepspeed.comm as dist
 
@@ -153,12 +156,13 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
     note = precision_note(project, precision)
     if note and rank == 0:
         print(note, file=sys.stderr)
-    engine = initialize(project, model, layout, precision, device)
-    if compile_enabled(project, device):
-        engine.compile()
     run_dir = Path(project.project.out_dir)
     if options.overfit_batch:
         run_dir = run_dir / "overfit-batch"  # its metrics must not mix with the run's own
+    claim.take(run_dir, rank)  # one run per run dir, and a dir every rank sees, before anything is written
+    engine = initialize(project, model, layout, precision, device)
+    if compile_enabled(project, device):
+        engine.compile()
     run = Run(project=project, model_config=model_config, engine=engine, layout=layout,
               loader=BatchPrefetcher(loader, torch.device(engine.device)), val_loader=val_loader,
               tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device, faults=Faults.from_environment(rank),
@@ -170,7 +174,7 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
         if rank == 0:
             truncate_metrics(run_dir, 0)
     else:
-        resume_or_start(run, options.resume)
+        resume_or_start(run, options.resume, options.restart)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_resolved_config(run_dir, project)
@@ -203,13 +207,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resume_or_start(run: Run, mode: str) -> None:
+def resume_or_start(run: Run, mode: str, restart: bool = False) -> None:
     import deepspeed.comm as dist
 
-    tag = checkpoint.find_resume(run.run_dir, mode)
+    tag = checkpoint.agree_on_resume(run.run_dir, mode, restart, run.rank)
     if tag is None:
         if run.rank == 0:
-            checkpoint.remove_latest(run.run_dir)
             truncate_metrics(run.run_dir, 0)
         return
     client = checkpoint.read_client_state(run.run_dir, tag)

@@ -4,8 +4,10 @@ tokens/s and MFU, the live display, and the loss-curve PNG."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +18,7 @@ from ..config import ModelConfig
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
 PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
 CSV_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
                "eval_perplexity", "skipped_steps"]
 
@@ -56,36 +59,57 @@ def model_flops_per_token(config: ModelConfig, seq_len: int) -> int:
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """On resume, drop the lines a killed run wrote after the checkpoint it resumes from."""
-    for name, keep in ((METRICS_FILE, lambda line: json.loads(line)["step"] <= last_step),):
-        path = run_dir / name
-        if not path.is_file():
-            continue
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if line.strip() and keep(line):
-                    kept.append(line)
-            except (ValueError, KeyError):
-                break  # a torn last line of a killed run
-        path.write_text("".join(f"{line}\n" for line in kept))
-    csv_path = run_dir / CSV_FILE
+    """On resume, drop the lines a killed run wrote after the checkpoint it resumes from (and lines that
+    do not parse: a torn last line, bytes that are not UTF-8), so the files read as one run."""
+    path = Path(run_dir) / METRICS_FILE
+    if path.is_file():
+        records, skipped = parse_metrics(path)
+        kept = [line for line, record in records if record["step"] <= last_step]
+        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        if skipped:
+            print(f"note: dropped {skipped} unreadable line(s) of {path}.", file=sys.stderr)
+    csv_path = Path(run_dir) / CSV_FILE
     if csv_path.is_file():
-        rows = list(csv.DictReader(csv_path.open()))
-        with csv_path.open("w", newline="") as handle:
+        text = csv_path.read_bytes().decode("utf-8", errors="replace")
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        with csv_path.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= last_step)
+            writer.writerows(r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= last_step)
+
+
+def parse_metrics(path: Path) -> tuple[list[tuple[str, dict]], int]:
+    """(line, record) for each line of a metrics.jsonl that parses as a step's record, and how many did
+    not: a killed run's torn last line, or damage such as bytes that are not UTF-8."""
+    records, skipped = [], 0
+    for raw in path.read_bytes().splitlines():
+        try:
+            line = raw.decode("utf-8")
+            record = json.loads(line) if line.strip() else None
+            if record is not None and not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
+            skipped += 1
+            continue
+        if record is not None:
+            records.append((line, record))
+    return records, skipped
+
+
+def last_logged_step(run_dir: Path) -> int:
+    path = Path(run_dir) / METRICS_FILE
+    records = parse_metrics(path)[0] if path.is_file() else []
+    return max((record["step"] for _, record in records), default=0)
 
 
 class MetricsWriter:
     """Rank 0's metric sinks; every record is flushed at once so a killed run keeps what it logged."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = False):
-        self.jsonl = (run_dir / METRICS_FILE).open("a")
+        self.jsonl = (run_dir / METRICS_FILE).open("a", encoding="utf-8")
         csv_path = run_dir / CSV_FILE
         new_csv = not csv_path.is_file() or csv_path.stat().st_size == 0
-        self.csv_handle = csv_path.open("a", newline="")
+        self.csv_handle = csv_path.open("a", newline="", encoding="utf-8")
         self.csv = csv.DictWriter(self.csv_handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         if new_csv:
             self.csv.writeheader()
@@ -98,7 +122,9 @@ class MetricsWriter:
 
                 raise GptError("train.tensorboard is true but the tensorboard package is not installed "
                                "(pip install tensorboard).") from None
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            # TensorBoard shows what metrics.jsonl holds: points a killed run logged after the step this
+            # run resumes from (metrics.jsonl has been cut back to it) are purged, not shown twice.
+            self.tensorboard = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=last_logged_step(run_dir) + 1)
 
     def write(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
@@ -118,14 +144,16 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl; lines that do not parse are left out, with a note unless it is
+    only the last one (a run being written, or killed mid-line)."""
     path = Path(run_dir) / METRICS_FILE
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass  # a torn last line while the run is being written
-    return records
+    if not path.is_file():
+        return []
+    records, skipped = parse_metrics(path)
+    torn_tail = skipped == 1 and not path.read_bytes().endswith(b"\n")
+    if skipped and not torn_tail:
+        print(f"note: skipped {skipped} unreadable line(s) of {path}.", file=sys.stderr)
+    return [record for _, record in records]
 
 
 def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Path:
