@@ -24,6 +24,9 @@ from ..config import Project
 from ..errors import GptError
 from . import checkpoint
 from .engine import BatchLayout, batch_layout, device_type, initialize, prepare_environment, resolve_precision
+from .chatter import library_output_to
+from .phases import acknowledge_stop, deepspeed_phase, show_phase, training_starts
+from .preflight import announce
 from .metrics import MetricsWriter, format_eta, model_flops_per_token, peak_flops, plot_losses, truncate_metrics
 from .schedule import schedule_for
 
@@ -78,6 +81,7 @@ class StopRequest:
             self.previous[signum] = signal.signal(signum, self.handle)
 
     def handle(self, signum, frame) -> None:
+        acknowledge_stop(self, signum)  # at once, not at the end of the step
         self.signum = self.signum or signum
 
     def restore(self) -> None:
@@ -113,9 +117,12 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
     """Train per the project on this rank; returns what happened (the exit code included)."""
     device = device_type(project)
     prepare_environment(device)
+    announce(project, device)  # the plan and its time estimate, before the slow parts
+    show_phase("loading DeepSpeed")
     run = setup(project, options, device)
     stop = StopRequest()
     stop.install()
+    training_starts(run, stop)
     try:
         return loop(run, stop, options)
     finally:
@@ -136,6 +143,7 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    show_phase(f"reading the shards in {project.data.dir}")
     tokenizer = load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
     data = open_prepared(project.data.dir)
     check_compatible(data, tokenizer.fingerprint, project.model.vocab_size)
@@ -143,13 +151,17 @@ def setup(project: Project, options: TrainOptions, device: str) -> Run:
     seed = project.project.seed
     loader, val_loader = make_loaders(project, data, layout, rank, options.overfit_batch)
     seed_everything(seed)  # the same initial weights on every rank
+    show_phase("building the model")
     model = build_model(project.model, device="cuda" if device == "cuda" else "cpu")
     model.activation_checkpointing = project.train.activation_checkpointing
     seed_everything(seed + 1000 * rank)  # then each rank its own dropout stream
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
-    engine = initialize(project, model, layout, resolve_precision(project, device), device)
+    show_phase(deepspeed_phase(device))
+    with library_output_to(Path(project.project.out_dir)):  # DeepSpeed's prints and logs → RUN/deepspeed.log
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+        engine = initialize(project, model, layout, resolve_precision(project, device), device)
     if project.train.compile:
+        show_phase("compiling the model (torch.compile; the first steps also wait for it)")
         engine.compile()
     run_dir = Path(project.project.out_dir)
     if options.overfit_batch:
@@ -205,6 +217,7 @@ def resume_or_start(run: Run, mode: str) -> None:
             checkpoint.remove_latest(run.run_dir)
             truncate_metrics(run.run_dir, 0)
         return
+    show_phase(f"resuming from checkpoint {tag}")
     client = checkpoint.read_client_state(run.run_dir, tag)
     checkpoint.check_architecture(client, run.project.model, tag)
     checkpoint.load(run.engine, run.run_dir, tag)
