@@ -170,9 +170,10 @@ def describe(project: Project, plan: Plan, rate: Optional[float],
     ranks = f"{plan.ranks} rank{'s' if plan.ranks != 1 else ''}"
     lines = []
     if project.source is None:
-        lines.append("no run.toml: using the built-in defaults, GPT-2 124M (12 layers, 768 wide), data from "
-                     f"{project.data.dir}, run dir {project.project.out_dir}; `gpt init --preset nano` writes a "
-                     "project file sized for a laptop.")
+        gpt2_sized = preset_shape("gpt2", project.model.vocab_size) == project.model.architecture_dict()
+        model = "GPT-2 124M" if gpt2_sized else f"model {plan.model_name}"
+        lines.append(f"no run.toml: using the built-in defaults, {model}, data from {project.data.dir}, run dir "
+                     f"{project.project.out_dir}; `gpt init --preset nano` writes a project file sized for a laptop.")
     lines.append(f"gpt train: model {plan.model_name}, {plan.parameters:,} parameters ({human_count(plan.parameters)}) "
                  f"on {where}, {plan.precision}, ZeRO stage {plan.zero_stage}, {ranks}")
     lines.append(f"  {plan.sequences_per_step:,} sequences × {plan.seq_len:,} tokens = {plan.tokens_per_step:,} "
@@ -192,18 +193,23 @@ def describe(project: Project, plan: Plan, rate: Optional[float],
 
 
 def long_cpu_run_advice(plan: Plan, rate: float, small_plans: dict[str, Plan]) -> list[str]:
-    """Name the largest CPU-sized preset whose run fits, or fewer steps when the model is one already."""
-    smaller = {name: p for name, p in small_plans.items() if p.parameters < plan.parameters}
-    for name, small in smaller.items():
-        seconds = small.total_flops / rate
-        if seconds < LONG_CPU_RUN_SECONDS or name == list(smaller)[-1]:
-            return [f"  That is hours on a CPU. The {name} preset ({human_count(small.parameters)} parameters) "
-                    f"would take {human_duration(seconds)}: `gpt train --set model.preset={name}`, or "
-                    f"`gpt init --preset {name}` for a project file sized for it."]
-    per_step = plan.total_flops / plan.steps / rate
-    fitting_steps = max(1, int(LONG_CPU_RUN_SECONDS / 4 / per_step))
-    return [f"  That is hours on a CPU: fewer steps (e.g. `--set train.max_steps={fitting_steps}`, "
-            f"{human_duration(fitting_steps * per_step)}) or a GPU."]
+    """Name the largest CPU-sized preset whose run fits in LONG_CPU_RUN_SECONDS (else the smallest), and
+    fewer steps when even that does not fit."""
+    smaller = [(name, p) for name, p in small_plans.items() if p.parameters < plan.parameters]
+    fitting = [(name, p) for name, p in smaller if p.total_flops / rate < LONG_CPU_RUN_SECONDS]
+    lines = ["  That is hours on a CPU."]
+    chosen = (fitting or smaller[-1:] or [(None, plan)])[0]
+    name, chosen_plan = chosen
+    if name is not None:
+        lines.append(f"  The {name} preset ({human_count(chosen_plan.parameters)} parameters) would take "
+                     f"{human_duration(chosen_plan.total_flops / rate)}: `gpt train --set model.preset={name}`, "
+                     f"or `gpt init --preset {name}` for a project file sized for it.")
+    if not fitting:
+        per_step = chosen_plan.total_flops / chosen_plan.steps / rate
+        steps = max(1, int(LONG_CPU_RUN_SECONDS / 4 / per_step))  # a quarter of "too long": minutes
+        lines.append(f"  Fewer steps fit too: `--set train.max_steps={steps}` would take "
+                     f"{human_duration(steps * per_step)}{f' with {name}' if name else ''}.")
+    return lines
 
 
 def announce(project: Project, device: str, measure_cpu: Callable[[], float] = measure_cpu_flops,
