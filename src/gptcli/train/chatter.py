@@ -36,22 +36,17 @@ def library_output_to(run_dir: Path) -> Iterator[TextIO]:
 
 @contextlib.contextmanager
 def output_redirected(log: TextIO) -> Iterator[None]:
-    """File descriptors 1 and 2 themselves, not only sys.stdout/sys.stderr: the compilers and ninja that
-    DeepSpeed runs to build and probe its ops write there, and DeepSpeed silences its own probes by
-    swapping whatever file sys.stderr names, which must stay the real descriptor 2."""
-    try:
-        descriptors = (sys.stdout.fileno(), sys.stderr.fileno())
-    except (AttributeError, OSError, ValueError):  # streams without a descriptor (embedded use)
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            yield
-        return
+    """sys.stdout/sys.stderr, and file descriptors 1 and 2 as well: the compilers and ninja that DeepSpeed
+    runs to build and probe its ops write to the descriptors."""
+    descriptors = (1, 2)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(fd) for fd in descriptors]
     try:
         for fd in descriptors:
             os.dup2(log.fileno(), fd)
-        yield
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            yield
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1,0 +1,127 @@
+"""Feedback while `gpt train` waits (set-up phases, the stop acknowledgement) and library chatter kept in
+RUN/deepspeed.log (gptcli.train.phases, gptcli.train.chatter)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import gpt_env
+from gptcli.train import chatter, phases
+
+
+@pytest.fixture(autouse=True)
+def rank_zero(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+
+
+def test_a_phase_is_one_line_with_the_seconds_since_the_start(capfd):
+    phases.show_phase("building the model", clock=lambda: phases.STARTED + 12.34)
+    assert capfd.readouterr().err == "[   12.3s] building the model\n"
+
+
+def test_other_ranks_show_no_phase(capfd, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    phases.show_phase("building the model")
+    assert capfd.readouterr().err == ""
+
+
+def test_the_deepspeed_phase_warns_of_the_op_a_first_cpu_run_compiles(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert "compiles DeepSpeed's CPU communication op, about 90 s" in phases.deepspeed_phase("cpu")
+    built = tmp_path / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm"
+    built.mkdir(parents=True)
+    (built / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert phases.deepspeed_phase("cpu") == "starting DeepSpeed (gloo)"
+    assert phases.deepspeed_phase("cuda") == "starting DeepSpeed (NCCL)"
+
+
+def stop_request(step: int):
+    return SimpleNamespace(signum=0, run=SimpleNamespace(step=step))
+
+
+def test_a_stop_request_is_acknowledged_at_once_with_the_step_in_progress(capfd):
+    request = stop_request(step=6)
+    phases.acknowledge_stop(request, signal.SIGINT)
+    err = capfd.readouterr().err
+    assert "Ctrl-C: stopping after this step (step 7); saving a checkpoint…" in err
+    assert "press Ctrl-C again to abort without saving" in err
+    phases.acknowledge_stop(stop_request(step=0), signal.SIGTERM)
+    err = capfd.readouterr().err
+    assert "SIGTERM: stopping after this step (step 1); saving a checkpoint…" in err and "Ctrl-C again" not in err
+
+
+def test_a_repeated_signal_within_a_second_is_the_same_request(capfd):
+    request = stop_request(step=2)
+    now = [100.0]
+    phases.acknowledge_stop(request, signal.SIGINT, clock=lambda: now[0])
+    request.signum = signal.SIGINT
+    now[0] += 0.2  # the terminal's SIGINT and a launcher's forwarded copy of it
+    phases.acknowledge_stop(request, signal.SIGINT, clock=lambda: now[0])  # would abort the test run
+    now[0] += 5.0
+    phases.acknowledge_stop(request, signal.SIGTERM, clock=lambda: now[0])  # only Ctrl-C aborts
+    assert capfd.readouterr().err.count("stopping after this step") == 1
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    """The real handler (StopRequest in the training loop) in a process of its own."""
+    script = textwrap.dedent("""
+        import os, signal, time
+        from gptcli.train.loop import StopRequest
+        stop = StopRequest()
+        stop.install()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.5)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        print("not aborted")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=gpt_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == -signal.SIGINT, result
+    assert "Ctrl-C: stopping after this step" in result.stderr
+    assert "Aborting now, without saving" in result.stderr and "not aborted" not in result.stdout
+
+
+def test_library_output_goes_to_the_run_log_while_deepspeed_starts(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    with chatter.library_output_to(run_dir):
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("a compiler's complaint", file=sys.stderr)
+        os.system("echo a child process line; echo its error line >&2")
+    print("gptcli's own line")
+    captured = capfd.readouterr()
+    assert captured.out == "gptcli's own line\n" and captured.err == ""
+    log = (run_dir / chatter.LOG_FILE).read_text()
+    for line in ("built successfully", "a compiler's complaint", "a child process line", "its error line"):
+        assert line in log
+
+
+def test_deepspeed_logs_and_torch_distributed_warnings_stay_in_the_log(tmp_path):
+    """In a process of its own: pytest's warning capture would stand in for the one a user's process has."""
+    script = textwrap.dedent("""
+        import logging, sys, warnings
+        from pathlib import Path
+        from gptcli.train import chatter
+        logging.getLogger("DeepSpeed").addHandler(logging.StreamHandler(sys.stdout))  # as DeepSpeed does
+        with chatter.library_output_to(Path(sys.argv[1])):
+            pass
+        logging.getLogger("DeepSpeed").warning("a DeepSpeed warning after set-up")
+        library = str(Path("site-packages", "torch", "distributed", "c10d_logger.py").resolve())
+        for _ in range(2):
+            warnings.warn_explicit("`all_gather_into_tensor` is deprecated", FutureWarning, library, 83)
+        warnings.warn_explicit("a warning of gptcli's own", UserWarning, "gptcli/train/loop.py", 1)
+    """)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=gpt_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and "all_gather_into_tensor" not in result.stderr
+    assert "a warning of gptcli's own" in result.stderr
+    log = (tmp_path / chatter.LOG_FILE).read_text()
+    assert "a DeepSpeed warning after set-up" in log and "all_gather_into_tensor" in log
