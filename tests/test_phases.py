@@ -125,3 +125,69 @@ def test_deepspeed_logs_and_torch_distributed_warnings_stay_in_the_log(tmp_path)
     assert "a warning of gptcli's own" in result.stderr
     log = (tmp_path / chatter.LOG_FILE).read_text()
     assert "a DeepSpeed warning after set-up" in log and "all_gather_into_tensor" in log
+
+
+# --- as a user sees it ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from conftest import SHAKESPEARE
+    from shard_fixture import make_shards
+
+    if not SHAKESPEARE.is_file():
+        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
+    return make_shards(SHAKESPEARE, tmp_path_factory.mktemp("shards"), max_tokens=60_000, val_tokens=10_000)
+
+
+def train_overrides(tmp_path: Path, shards: Path, *extra: str) -> list[str]:
+    settings = [f'data.dir="{shards}"', f'project.out_dir="{tmp_path / "run"}"', "model.preset=nano",
+                "train.max_steps=6", "train.micro_batch_size=2", "train.eval_every=0", "train.warmup_steps=1",
+                *extra]
+    return [f"--set={setting}" for setting in settings]
+
+
+def test_train_says_what_it_will_do_shows_each_phase_and_acknowledges_sigterm(tmp_path, shards):
+    from conftest import run_gpt
+
+    (tmp_path / "run.toml").write_text("")  # a project file, so the built-in defaults line is not expected
+    result = run_gpt("train", *train_overrides(tmp_path, shards), cwd=tmp_path, env={"GPTCLI_FAULT": "sigterm@3"})
+    assert result.returncode == 143, result.stderr[-3000:]
+    err = result.stderr
+    order = ["gpt train: model nano, 3,320,640 parameters (3.3M) on the CPU, fp32, ZeRO stage 1, 1 rank",
+             "128 tokens per step × 6 steps = 768 tokens", "estimate: under a minute",
+             "s] loading DeepSpeed", f"s] reading the shards in {shards}", "s] building the model",
+             "s] starting DeepSpeed (gloo)", "s] training: step 1 of 6 is running",
+             "SIGTERM: stopping after this step (step 3); saving a checkpoint…", "step 3/6",
+             "Finished at step 3 (stopped by signal 15)"]
+    positions = [err.find(fragment) for fragment in order]
+    assert -1 not in positions and positions == sorted(positions), list(zip(order, positions))
+    assert "no run.toml" not in err
+    # DeepSpeed's chatter is in the run's log, not in front of the user
+    assert result.stdout == ""
+    assert "built successfully" not in err and "[WARNING]" not in err and "[INFO]" not in err
+    assert "built successfully" in (tmp_path / "run" / "deepspeed.log").read_text()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+def test_train_without_a_project_file_names_the_defaults_it_uses(tmp_path, shards):
+    from conftest import run_gpt
+
+    result = run_gpt("train", *train_overrides(tmp_path, shards, "model.preset=tiny", "train.max_steps=1"),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"no run.toml: using the built-in defaults, model tiny, data from {shards}" in result.stderr
+
+
+@pytest.mark.slow
+def test_zero3_on_two_ranks_prints_no_library_warnings(tmp_path, shards):
+    from conftest import run_gpt
+
+    result = run_gpt("train", "--nproc", "2", *train_overrides(tmp_path, shards, "deepspeed.zero_stage=3",
+                                                                 "train.max_steps=2"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == ""
+    assert "Warning" not in result.stderr and "built successfully" not in result.stderr, result.stderr
+    assert result.stderr.count("gpt train: model nano") == 1  # rank 0 speaks for both
+    log = (tmp_path / "run" / "deepspeed.log").read_text()
+    assert log.count("built successfully") == 2 and "FutureWarning" in log
