@@ -22,7 +22,7 @@ def project(overrides: list[str], source: str | None = "run.toml"):
 
 def announced(proj, device: str = "cpu", rate: float = 1e11) -> str:
     stream = io.StringIO()
-    preflight.announce(proj, device, measure_cpu=lambda: rate, stream=stream)
+    preflight.announce(proj, device, "never", measure_cpu=lambda: rate, stream=stream)
     return stream.getvalue()
 
 
@@ -51,6 +51,22 @@ def test_a_token_budget_shortens_the_planned_steps():
     layout = batch_layout(proj, 1)
     plan = preflight.plan_for(proj, "cpu", "fp32", 1, layout.sequences_per_step, layout.seq_len)
     assert plan.steps == 6  # the step that crosses the budget is the last
+
+
+def test_a_resumed_run_plans_the_steps_left(tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "client_state.json").write_text('{"step": 4}')
+    (checkpoint.parent / "latest").write_text("step_00000004")
+    proj = project([*NANO_RUN, f'project.out_dir="{tmp_path / "run"}"'])
+    layout = batch_layout(proj, 1)
+    plan = preflight.plan_for(proj, "cpu", "fp32", 1, layout.sequences_per_step, layout.seq_len,
+                              resume=preflight.resume_point(proj, "auto"))
+    assert (plan.steps_done, plan.steps, plan.total_tokens) == (4, 6, 6 * 768)
+    assert plan.eval_tokens == 2 * 2 * 4 * 64  # at steps 8 and 10
+    assert "6 steps (steps 5-10, resuming from step_00000004) = 4,608 tokens" in "\n".join(
+        preflight.describe(proj, plan, 1e12))
+    assert preflight.resume_point(proj, "never") is None
 
 
 def test_the_message_names_model_device_precision_zero_ranks_tokens_and_the_estimate():

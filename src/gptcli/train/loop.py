@@ -117,7 +117,7 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
     """Train per the project on this rank; returns what happened (the exit code included)."""
     device = device_type(project)
     prepare_environment(device)
-    announce(project, device)  # the plan and its time estimate, before the slow parts
+    announce(project, device, "never" if options.overfit_batch else options.resume)  # the plan and its estimate
     show_phase("loading DeepSpeed")
     run = setup(project, options, device)
     stop = StopRequest()

@@ -47,8 +47,10 @@ class Plan:
     ranks: int
     sequences_per_step: int
     seq_len: int
-    steps: int
-    eval_tokens: int  # forward-only tokens of all evaluations in the run
+    steps: int  # still to run
+    eval_tokens: int  # forward-only tokens of all evaluations still to run
+    steps_done: int = 0  # by the checkpoint this run resumes from
+    resume_tag: Optional[str] = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -86,8 +88,9 @@ def preset_model(name: str, vocab_size: Optional[int] = None) -> ModelConfig:
 
 
 def plan_for(project: Project, device: str, precision: str, ranks: int, sequences_per_step: int,
-             seq_len: int, model: Optional[ModelConfig] = None) -> Plan:
-    """The plan of `project` (or of the same run with another `model`) on `ranks` ranks."""
+             seq_len: int, model: Optional[ModelConfig] = None, resume: Optional[tuple[str, int]] = None) -> Plan:
+    """The plan of `project` (or of the same run with another `model`) on `ranks` ranks; `resume`: the
+    checkpoint tag it continues from and that checkpoint's step."""
     from ..inspect import inspect_parameters
 
     model = model or project.model
@@ -97,13 +100,26 @@ def plan_for(project: Project, device: str, precision: str, ranks: int, sequence
     steps = train.max_steps
     if train.max_tokens > 0:
         steps = min(steps, math.ceil(train.max_tokens / (sequences_per_step * seq_len)))
+    tag, done = resume or (None, 0)
+    done = min(done, steps)
     eval_tokens = 0
-    if train.eval_every > 0:
-        evaluations = math.ceil(steps / train.eval_every)  # every eval_every steps, and at the end
+    if train.eval_every > 0 and steps > done:
+        # every eval_every steps, and at the end
+        evaluations = steps // train.eval_every - done // train.eval_every + (steps % train.eval_every > 0)
         eval_tokens = evaluations * train.eval_batches * train.micro_batch_size * seq_len * ranks
     return Plan(model_name=model_name(model), parameters=report.total, flops_per_token=report.flops_per_token,
                 device=device, precision=precision, zero_stage=project.deepspeed.zero_stage, ranks=ranks,
-                sequences_per_step=sequences_per_step, seq_len=seq_len, steps=steps, eval_tokens=eval_tokens)
+                sequences_per_step=sequences_per_step, seq_len=seq_len, steps=steps - done, eval_tokens=eval_tokens,
+                steps_done=done, resume_tag=tag)
+
+
+def resume_point(project: Project, resume: str) -> Optional[tuple[str, int]]:
+    """The checkpoint `--resume` would continue from, and its step (read from its client state)."""
+    from . import checkpoint
+
+    run_dir = project.project.out_dir
+    tag = checkpoint.find_resume(run_dir, resume)
+    return None if tag is None else (tag, int(checkpoint.read_client_state(run_dir, tag)["step"]))
 
 
 # --- the rate ---------------------------------------------------------------------------------------------------
@@ -176,8 +192,11 @@ def describe(project: Project, plan: Plan, rate: Optional[float],
                      f"{project.project.out_dir}; `gpt init --preset nano` writes a project file sized for a laptop.")
     lines.append(f"gpt train: model {plan.model_name}, {plan.parameters:,} parameters ({human_count(plan.parameters)}) "
                  f"on {where}, {plan.precision}, ZeRO stage {plan.zero_stage}, {ranks}")
+    resumed = ""
+    if plan.resume_tag is not None:
+        resumed = f" (steps {plan.steps_done + 1:,}-{plan.steps_done + plan.steps:,}, resuming from {plan.resume_tag})"
     lines.append(f"  {plan.sequences_per_step:,} sequences × {plan.seq_len:,} tokens = {plan.tokens_per_step:,} "
-                 f"tokens per step × {plan.steps:,} steps = {plan.total_tokens:,} tokens "
+                 f"tokens per step × {plan.steps:,} steps{resumed} = {plan.total_tokens:,} tokens "
                  f"({human_count(plan.total_tokens)})")
     if rate is None:
         lines.append("  estimate: none for this GPU (its peak FLOP/s is unknown); the live ETA follows after a "
@@ -212,9 +231,10 @@ def long_cpu_run_advice(plan: Plan, rate: float, small_plans: dict[str, Plan]) -
     return lines
 
 
-def announce(project: Project, device: str, measure_cpu: Callable[[], float] = measure_cpu_flops,
-             stream=None) -> None:
-    """Rank 0: print the plan of this run and its estimate on stderr."""
+def announce(project: Project, device: str, resume: str = "never",
+             measure_cpu: Callable[[], float] = measure_cpu_flops, stream=None) -> None:
+    """Rank 0: print the plan of this run and its estimate on stderr. `resume`: --resume
+    (auto|required|never), to plan only the steps left after the checkpoint it would resume from."""
     from .engine import batch_layout, resolve_precision
 
     if os.environ.get("RANK", "0") != "0":
@@ -222,7 +242,7 @@ def announce(project: Project, device: str, measure_cpu: Callable[[], float] = m
     precision = resolve_precision(project, device)
     layout = batch_layout(project, int(os.environ.get("WORLD_SIZE", "1")))
     shape = (device, precision, layout.world_size, layout.sequences_per_step, layout.seq_len)
-    plan = plan_for(project, *shape)
+    plan = plan_for(project, *shape, resume=resume_point(project, resume))
     rate = achievable_flops(device, precision, layout.world_size, measure_cpu)
     small_plans = {}
     if device == "cpu":
