@@ -23,11 +23,11 @@ import torch
 from ..config import Project
 from ..errors import GptError
 from . import checkpoint
-from .engine import BatchLayout, batch_layout, device_type, initialize, prepare_environment, resolve_precision
 from .chatter import library_output_to
+from .engine import BatchLayout, batch_layout, device_type, initialize, prepare_environment, resolve_precision
+from .metrics import MetricsWriter, format_eta, model_flops_per_token, peak_flops, plot_losses, truncate_metrics
 from .phases import acknowledge_stop, deepspeed_phase, show_phase, training_starts
 from .preflight import announce
-from .metrics import MetricsWriter, format_eta, model_flops_per_token, peak_flops, plot_losses, truncate_metrics
 from .schedule import schedule_for
 
 DIVERGED_EXIT_CODE = 4  # a non-finite loss or gradient norm stopped the run
