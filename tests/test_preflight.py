@@ -113,6 +113,8 @@ def test_the_model_is_named_by_a_preset_only_when_it_has_that_shape():
     assert preflight.model_name(project(["model.preset=nano", "model.n_layer=3"]).model) == "custom (changed from nano)"
     assert preflight.model_name(project([]).model) == "custom (the shape of gpt2)"
     assert preflight.model_name(project(["model.n_embd=96", "model.n_head=4"]).model) == "custom"
+    assert preflight.model_name(project(["model.preset=nano", "model.vocab_size=40478"]).model) == \
+        "custom (changed from nano)"
 
 
 def test_gpu_estimates_use_the_peak_times_a_typical_mfu(monkeypatch):

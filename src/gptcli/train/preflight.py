@@ -71,15 +71,15 @@ def model_name(config: ModelConfig) -> str:
     preset it started from, or the preset it happens to equal)."""
     shape = config.architecture_dict()
     if config.preset in PRESETS:
-        if preset_shape(config.preset, config.vocab_size) == shape:
+        if preset_shape(config.preset) == shape:
             return config.preset
         return f"custom (changed from {config.preset})"
-    same = [name for name in PRESETS if preset_shape(name, config.vocab_size) == shape]
+    same = [name for name in PRESETS if preset_shape(name) == shape]
     return f"custom (the shape of {same[0]})" if same else "custom"
 
 
-def preset_shape(name: str, vocab_size: int) -> dict:
-    return preset_model(name, vocab_size).architecture_dict()
+def preset_shape(name: str) -> dict:
+    return preset_model(name).architecture_dict()
 
 
 def preset_model(name: str, vocab_size: Optional[int] = None) -> ModelConfig:
@@ -186,7 +186,7 @@ def describe(project: Project, plan: Plan, rate: Optional[float],
     ranks = f"{plan.ranks} rank{'s' if plan.ranks != 1 else ''}"
     lines = []
     if project.source is None:
-        gpt2_sized = preset_shape("gpt2", project.model.vocab_size) == project.model.architecture_dict()
+        gpt2_sized = preset_shape("gpt2") == project.model.architecture_dict()
         model = "GPT-2 124M" if gpt2_sized else f"model {plan.model_name}"
         lines.append(f"no run.toml: using the built-in defaults, {model}, data from {project.data.dir}, run dir "
                      f"{project.project.out_dir}; `gpt init --preset nano` writes a project file sized for a laptop.")
