@@ -42,51 +42,70 @@ def test_the_deepspeed_phase_warns_of_the_op_a_first_cpu_run_compiles(monkeypatc
     assert phases.deepspeed_phase("cuda") == "starting DeepSpeed (NCCL)"
 
 
-def stop_request(step: int):
-    return SimpleNamespace(signum=0, run=SimpleNamespace(step=step))
+def acknowledger(step: int, now: list[float]) -> phases.StopAcknowledger:
+    return phases.StopAcknowledger(SimpleNamespace(step=step), handler=None, clock=lambda: now[0])
 
 
-def test_a_stop_request_is_acknowledged_at_once_with_the_step_in_progress(capfd):
-    request = stop_request(step=6)
-    phases.acknowledge_stop(request, signal.SIGINT)
+def test_a_stop_request_is_acknowledged_with_the_step_in_progress(capfd):
+    acknowledger(step=6, now=[0.0])(signal.SIGINT)
     err = capfd.readouterr().err
     assert "Ctrl-C: stopping after this step (step 7); saving a checkpoint…" in err
     assert "press Ctrl-C again to abort without saving" in err
-    phases.acknowledge_stop(stop_request(step=0), signal.SIGTERM)
+    acknowledger(step=0, now=[0.0])(signal.SIGTERM)
     err = capfd.readouterr().err
     assert "SIGTERM: stopping after this step (step 1); saving a checkpoint…" in err and "Ctrl-C again" not in err
 
 
 def test_a_repeated_signal_within_a_second_is_the_same_request(capfd):
-    request = stop_request(step=2)
     now = [100.0]
-    phases.acknowledge_stop(request, signal.SIGINT, clock=lambda: now[0])
-    request.signum = signal.SIGINT
+    answer = acknowledger(step=2, now=now)
+    answer(signal.SIGINT)
     now[0] += 0.2  # the terminal's SIGINT and a launcher's forwarded copy of it
-    phases.acknowledge_stop(request, signal.SIGINT, clock=lambda: now[0])  # would abort the test run
+    answer(signal.SIGINT)  # an abort would end the test run
     now[0] += 5.0
-    phases.acknowledge_stop(request, signal.SIGTERM, clock=lambda: now[0])  # only Ctrl-C aborts
+    answer(signal.SIGTERM)  # only Ctrl-C aborts
     assert capfd.readouterr().err.count("stopping after this step") == 1
 
 
+STOP_SCRIPT = """
+import hashlib, os, signal, sys, threading, time
+from types import SimpleNamespace
+from gptcli.train.loop import StopRequest
+from gptcli.train.phases import training_starts
+stop = StopRequest()
+stop.install()
+training_starts(SimpleNamespace(step=4, project=SimpleNamespace(train=SimpleNamespace(max_steps=10))), stop)
+started = time.monotonic()
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()  # arrives inside the call below
+hashlib.pbkdf2_hmac("sha256", b"a long C call", b"salt", 2_000_000)  # Python runs no handler in here
+ended = time.monotonic()  # a handler that waited for the C call has run by now
+share = (stop.acknowledger.first_at - started) / (ended - started)
+print(f"acknowledged {share:.2f} of the way into the C call", file=sys.stderr, flush=True)
+if len(sys.argv) > 1:
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    hashlib.pbkdf2_hmac("sha256", b"a long C call", b"salt", 2_000_000)
+print("not aborted", file=sys.stderr)
+"""
+
+
+def run_stop_script(*args: str) -> subprocess.CompletedProcess:
+    """The real handler (StopRequest in the training loop) and the watcher, in a process of their own."""
+    return subprocess.run([sys.executable, "-c", STOP_SCRIPT, *args], env=gpt_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_stop_is_acknowledged_while_the_main_thread_is_inside_a_c_call():
+    result = run_stop_script()
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Ctrl-C: stopping after this step (step 5)") == 1, result.stderr
+    share = float(result.stderr.split("acknowledged ")[1].split()[0])
+    assert share < 0.5, result.stderr  # answered while the call ran (a plain handler answers after it: 1.0)
+
+
 def test_a_second_ctrl_c_aborts_at_once():
-    """The real handler (StopRequest in the training loop) in a process of its own."""
-    script = textwrap.dedent("""
-        import os, signal, time
-        from gptcli.train.loop import StopRequest
-        stop = StopRequest()
-        stop.install()
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1.5)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(30)
-        print("not aborted")
-    """)
-    result = subprocess.run([sys.executable, "-c", script], env=gpt_env(), capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == -signal.SIGINT, result
-    assert "Ctrl-C: stopping after this step" in result.stderr
-    assert "Aborting now, without saving" in result.stderr and "not aborted" not in result.stdout
+    result = run_stop_script("again")
+    assert result.returncode == 128 + signal.SIGINT, result
+    assert "Aborting now, without saving" in result.stderr and "not aborted" not in result.stderr
 
 
 def test_library_output_goes_to_the_run_log_while_deepspeed_starts(tmp_path, capfd):
