@@ -81,7 +81,7 @@ class StopRequest:
             self.previous[signum] = signal.signal(signum, self.handle)
 
     def handle(self, signum, frame) -> None:
-        acknowledge_stop(self, signum)  # at once, not at the end of the step
+        acknowledge_stop(self, signum)  # "stopping after this step…", unless the watcher thread said it
         self.signum = self.signum or signum
 
     def restore(self) -> None:
