@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Optional
 
-# `gpt train` imports the training modules first thing, so this is close to when the command started.
+# `gpt train` imports the training modules right after reading the project: the clock of the phase lines.
 STARTED = time.monotonic()
 # A second Ctrl-C within this many seconds of the first is the same keypress delivered twice (once by the
 # terminal to the whole process group, once forwarded by a launcher), not a second request.
@@ -29,7 +29,7 @@ def is_rank_zero() -> bool:
 
 
 def show_phase(what: str, clock=time.monotonic) -> None:
-    """Rank 0: `[  12.3s] what` on stderr, the seconds counted from the start of `gpt train`."""
+    """Rank 0: `[  12.3s] what` on stderr, the seconds counted from STARTED."""
     if is_rank_zero():
         print(f"[{clock() - STARTED:7.1f}s] {what}", file=sys.stderr, flush=True)
 
