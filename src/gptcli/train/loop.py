@@ -29,6 +29,7 @@ import torch
 from ..config import ModelConfig, Project
 from ..errors import GptError
 from . import checkpoint
+from .chatter import library_output_to, output_redirected
 from .consolidation import consolidate_only, hand_over
 from .display import Display, show_overfit
 from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, initialize, loop_clips_gradients,
@@ -37,6 +38,8 @@ from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, in
 from .faults import Faults, corrupt
 from .lock import RunDirClaim
 from .metrics import MetricsWriter, model_flops_per_token, peak_flops, truncate_metrics
+from .phases import deepspeed_phase, show_phase, training_starts
+from .preflight import announce
 from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
 from .signals import StopRequest
@@ -113,10 +116,13 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
     """Train per the project on this rank; returns what happened (the exit code included)."""
     device = device_type(project)
     prepare_environment(device)
+    announce(project, device, "never" if options.overfit_batch else options.resume)  # the plan and its estimate
+    show_phase("loading DeepSpeed")
     with RunDirClaim() as claim:  # the run dir's lock, taken in setup(), is given back on every way out
         run = setup(project, options, device, claim)
         stop = StopRequest()
         stop.install()
+        training_starts(run, stop)
         try:
             return loop(run, stop, options)
         finally:
@@ -139,6 +145,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     prepare_device(device)
+    show_phase(f"reading the shards in {project.data.dir}")
     tokenizer = load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
     data = open_prepared(project.data.dir)
     check_compatible(data, tokenizer.fingerprint, project.model.vocab_size)
@@ -147,11 +154,14 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     loader, val_loader = make_loaders(project, data, layout, rank, options.overfit_batch)
     model_config = training_model_config(project, device)
     seed_everything(seed)  # the same initial weights on every rank
+    show_phase("building the model")
     model = build_model(model_config, device="cuda" if device == "cuda" else "cpu")
     model.activation_checkpointing = project.train.activation_checkpointing
     seed_everything(seed + 1000 * rank)  # then each rank its own dropout stream
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    show_phase(deepspeed_phase(device))
+    with library_output_to(Path(project.project.out_dir)) as log:  # DeepSpeed's prints and logs → RUN/deepspeed.log
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     precision = resolve_precision(project, device)
     note = precision_note(project, precision)
     if note and rank == 0:
@@ -160,8 +170,10 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     if options.overfit_batch:
         run_dir = run_dir / "overfit-batch"  # its metrics must not mix with the run's own
     claim.take(run_dir, rank)  # one run per run dir, and a dir every rank sees, before anything is written
-    engine = initialize(project, model, layout, precision, device)
+    with output_redirected(log):
+        engine = initialize(project, model, layout, precision, device)
     if compile_enabled(project, device):
+        show_phase("compiling the model (torch.compile; the first steps also wait for it)")
         engine.compile()
     run = Run(project=project, model_config=model_config, engine=engine, layout=layout,
               loader=BatchPrefetcher(loader, torch.device(engine.device)), val_loader=val_loader,
@@ -215,6 +227,7 @@ def resume_or_start(run: Run, mode: str, restart: bool = False) -> None:
         if run.rank == 0:
             truncate_metrics(run.run_dir, 0)
         return
+    show_phase(f"resuming from checkpoint {tag}")
     client = checkpoint.read_client_state(run.run_dir, tag)
     checkpoint.check_architecture(client, run.project.model, tag)
     checkpoint.load(run.engine, run.run_dir, tag)

@@ -23,6 +23,9 @@ class StopRequest:
             self.previous[signum] = signal.signal(signum, self.handle)
 
     def handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        from .phases import acknowledge_stop
+
+        acknowledge_stop(self, signum)  # "stopping after this step…", unless the watcher thread said it
         self.signum = self.signum or signum
 
     def restore(self) -> None:
