@@ -343,33 +343,19 @@ def train_command(
 ) -> None:
     """Pretrain with DeepSpeed ZeRO: checkpoints, exact resume, metrics, a consolidated model at the end.
 
-    Exit codes: 0 done; 1 a user error; 4 a non-finite loss or gradient norm stopped the run before the
-    optimizer step; 128 + N stopped by signal N after saving (143 SIGTERM, 130 SIGINT)."""
-    from .train import launch
+    Exit codes: 0 done; 1 a user error; 4 a non-finite loss or gradient norm stopped the run (nothing of
+    that step is saved); 128 + N stopped by signal N after saving (143 SIGTERM, 130 SIGINT)."""
+    from .train.command import TrainRequest, run_train
 
     if resume not in ("auto", "required", "never"):
         raise typer.BadParameter('must be "auto", "required" or "never".', param_hint="--resume")
-    launch.die_with_launcher()
-    launch.adopt_cluster_ranks()
-    launch.refuse_launcher_options_in_rank(os.environ, nproc, hostfile)
-    config = load(project, overrides)
-    if consolidate:
-        from .train.loop import consolidate_only
-
-        err.print(f"Wrote {consolidate_only(config)}")
-        return
-    if nproc > 1 or hostfile is not None:
-        # The ranks run this very command line, less the options that start them.
-        value_options = [name for param in ctx.command.params if isinstance(param, click.Option) and not param.is_flag
-                         for name in param.opts]
-        raise typer.Exit(launch.launch(launch.rank_argv(sys.argv[1:], value_options), nproc, hostfile, master_port))
-    if master_port is not None:
-        os.environ["MASTER_PORT"] = str(master_port)
-    from .train.loop import TrainOptions, train
-
-    result = train(config, TrainOptions(resume=resume, overfit_batch=overfit_batch, restart=restart))
-    if result.exit_code:
-        raise typer.Exit(result.exit_code)
+    request = TrainRequest(project, overrides or [], nproc, hostfile, master_port, resume, restart, overfit_batch,
+                           consolidate)
+    value_options = [name for param in ctx.command.params if isinstance(param, click.Option) and not param.is_flag
+                     for name in param.opts]
+    exit_code = run_train(request, sys.argv[1:], value_options, say=lambda line: err.print(line, highlight=False))
+    if exit_code:
+        raise typer.Exit(exit_code)
 
 
 @app.command("plot")
