@@ -127,7 +127,6 @@ def write_val_shard(directory, tokenizer, ids):
 
 
 def test_cli_text_and_project_shards_agree_with_the_recipe(pair, tokenizer, text, model_dir, tmp_path):
-    pytest.importorskip("gptcli.data.shards")
     ids = tokenizer.encode(text)
     hf_ppl, exact_ppl = transformers_recipe(pair[0], torch.tensor([ids]), CONTEXT, 32)
     (tmp_path / "wiki.txt").write_text(text)
@@ -167,7 +166,8 @@ def test_cli_bad_input(model_dir, tmp_path):
 
 
 def test_cli_dataset_equals_the_joined_text(model_dir, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     records = ["First record of the set, with a few words.", "Second record: more words to score here.",
                "Third and last record."]
     datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": records})}).save_to_disk(str(tmp_path / "ds"))

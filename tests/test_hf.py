@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from conftest import GPT2_BPE, SHAKESPEARE, assert_user_error, gpt_env, run_gpt
@@ -26,7 +27,6 @@ from gptcli.modeldir import load_model_dir, save_model_dir
 from gptcli.tokenizer import load_tokenizer
 from test_openai_bpe import train_bpe, write_vocabulary
 
-transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-4  # fp32 logits, as the issue states
 
 GPT2_SHAPES = {

@@ -239,7 +239,8 @@ def test_glob_gz_and_jsonl_gz(tmp_path, encoding):
 
 
 def test_saved_dataset_dir(tmp_path, encoding):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     rows = ["row one", "", "row three has more words", None]
     datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({"content": rows, "n": [1, 2, 3, 4]}),
@@ -300,7 +301,7 @@ def write_input(kind: str, directory):
         path = directory / "corpus.jsonl"
         path.write_text("".join(json.dumps({"text": t, "meta": "not text"}) + "\n" for t in TEXTS))
     else:
-        datasets = pytest.importorskip("datasets")
+        import datasets
         path = directory / "saved"
         datasets.Dataset.from_dict({"text": TEXTS, "id": [1, 2, 3]}).save_to_disk(str(path))
     return path
@@ -582,7 +583,8 @@ def test_interrupted_prepare_never_looks_complete(tmp_path, big_corpus, how):
 @pytest.mark.slow
 def test_workers_die_with_a_killed_main_process(tmp_path, big_corpus):
     """kill -9 of `gpt prepare` once left its tokenizer workers running for ever, holding the caller's pipes."""
-    psutil = pytest.importorskip("psutil")
+    import psutil
+
     process = subprocess.Popen([sys.executable, "-m", "gptcli", "prepare", str(big_corpus), "--out",
                                 str(tmp_path / "out"), "--workers", "2", "--separator", "line"],
                                cwd=tmp_path, env=gpt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)

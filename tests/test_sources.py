@@ -25,7 +25,8 @@ def test_hub_names(spec, expected):
 
 @pytest.fixture
 def saved(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({"text": ["a", "b"]}),
         "test": datasets.Dataset.from_dict({"text": ["held out"]}),
