@@ -1,6 +1,7 @@
 """The learning rate as a pure function of the optimizer step, so a resumed run needs no scheduler state.
 
-Linear warmup from 0 to `lr` over `warmup_steps` (GPT-2 reproductions use a few hundred steps; GPT-1 used
+Linear warmup to `lr` over `warmup_steps`, step k (0-based) using lr*(k+1)/warmup_steps, so the first
+update already uses lr/warmup_steps and none uses 0 (GPT-2 reproductions use a few hundred steps; GPT-1 used
 2,000, Radford et al. 2018, section 4.1), then a decay to `min_lr` at `max_steps`: half a cosine (GPT-1's
 schedule; Loshchilov & Hutter 2017 without restarts), a straight line, or none ("constant" holds `lr`).
 """
