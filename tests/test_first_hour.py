@@ -52,13 +52,17 @@ def test_the_readme_path_on_a_small_text_file(tmp_path, bookcorpus):
     assert "perplexity" in evaluation.stdout + evaluation.stderr
     scores = json.loads(ok(gpt("eval", "--json"), "gpt eval --json").stdout)
     assert scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"], rel=1e-6)
-    # the consolidated model is the one training evaluated (other windows of the same val text: 0.05 nats)
-    assert scores["loss"] == pytest.approx(evaluated[-1]["eval_loss"], abs=0.05)
+    # the consolidated model is the one training evaluated: the same val text, scored over other windows and
+    # context lengths (gpt eval slides a block_size window; training's eval reads eval_batches windows), so
+    # after 20 steps the two agree to about 0.1 nats, not exactly
+    assert scores["loss"] == pytest.approx(evaluated[-1]["eval_loss"], abs=0.15)
 
 
 def test_json_reports_are_json_alone(tmp_path, bookcorpus):
     inspect = ok(run_gpt("inspect-params", "--json", cwd=tmp_path), "gpt inspect-params --json")
     assert inspect.stderr == ""  # no accelerator warning from a DeepSpeed import
-    assert json.loads(inspect.stdout)["total"] > 0
+    presets = json.loads(inspect.stdout)["presets"]  # with nothing given: every preset side by side
+    assert presets and all(p["total"] > 0 for p in presets)
+    assert all(p["matches"] for p in presets if p["reference"])  # nano and tiny have no published count
     prepared = ok(run_gpt("prepare", "bookcorpus.txt", "--json", cwd=tmp_path), "gpt prepare --json")
     assert json.loads(prepared.stdout)["tokens"]["train"] > 0

@@ -71,7 +71,7 @@ STOP_SCRIPT = """
 import hashlib, os, signal, sys, threading, time
 from types import SimpleNamespace
 from gptcli.train.loop import StopRequest
-from gptcli.train.phases import training_starts
+from gptcli.train.phases import REPEAT_SIGNAL_SECONDS, training_starts
 stop = StopRequest()
 stop.install()
 training_starts(SimpleNamespace(step=4, project=SimpleNamespace(train=SimpleNamespace(max_steps=10))), stop)
@@ -81,7 +81,8 @@ hashlib.pbkdf2_hmac("sha256", b"a long C call", b"salt", 2_000_000)  # Python ru
 ended = time.monotonic()  # a handler that waited for the C call has run by now
 share = (stop.acknowledger.first_at - started) / (ended - started)
 print(f"acknowledged {share:.2f} of the way into the C call", file=sys.stderr, flush=True)
-if len(sys.argv) > 1:
+if len(sys.argv) > 1:  # a second Ctrl-C, later than a repeat of the first one could be (REPEAT_SIGNAL_SECONDS)
+    time.sleep(max(0.0, stop.acknowledger.first_at + REPEAT_SIGNAL_SECONDS + 0.2 - time.monotonic()))
     threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
     hashlib.pbkdf2_hmac("sha256", b"a long C call", b"salt", 2_000_000)
 print("not aborted", file=sys.stderr)

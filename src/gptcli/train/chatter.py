@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -21,21 +22,55 @@ LOG_FILE = "deepspeed.log"
 LIBRARY_DIRS = (os.sep + os.path.join("torch", "distributed") + os.sep, os.sep + "deepspeed" + os.sep)
 
 
+class LibraryLog:
+    """This process's library output. It is held in a temporary file until the run dir is known to be this
+    run's (`settle`: the lock is taken, the dir is shared, the resume decided), then appended to
+    RUN/deepspeed.log, so a refused run writes nothing into a dir that is not its own. From creation on, for
+    the rest of the process, DeepSpeed's logger and the warnings raised inside torch.distributed or
+    DeepSpeed go here; `capture()` adds everything written to stdout and stderr while DeepSpeed starts."""
+
+    def __init__(self):
+        self.stream: TextIO = tempfile.TemporaryFile("w+", buffering=1, encoding="utf-8", errors="replace")
+        self.pending = True
+        route_deepspeed_logger(self)
+        route_library_warnings(self)
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def capture(self) -> contextlib.AbstractContextManager:
+        return output_redirected(self)
+
+    def settle(self, run_dir: Path) -> None:
+        """From now on into RUN/deepspeed.log, starting with what was held back."""
+        if not self.pending:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = (run_dir / LOG_FILE).open("a", buffering=1, encoding="utf-8")
+        self.stream.flush()
+        self.stream.seek(0)
+        log.write(self.stream.read())
+        self.stream.close()
+        self.stream, self.pending = log, False
+
+
 @contextlib.contextmanager
-def library_output_to(run_dir: Path) -> Iterator[TextIO]:
-    """While DeepSpeed starts: everything written to stdout and stderr into RUN/deepspeed.log. From then
-    on, for the rest of the process: its logger and the warnings raised inside torch.distributed or
-    DeepSpeed as well."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = (run_dir / LOG_FILE).open("a", buffering=1)
-    route_deepspeed_logger(log)
-    route_library_warnings(log)
-    with output_redirected(log):
+def library_output_to(run_dir: Path) -> Iterator[LibraryLog]:
+    """Library output straight into RUN/deepspeed.log, stdout and stderr included while the block runs."""
+    log = LibraryLog()
+    log.settle(run_dir)
+    with log.capture():
         yield log
 
 
 @contextlib.contextmanager
-def output_redirected(log: TextIO) -> Iterator[None]:
+def output_redirected(log: "TextIO | LibraryLog") -> Iterator[None]:
     """sys.stdout/sys.stderr, and file descriptors 1 and 2 as well: the compilers and ninja that DeepSpeed
     runs to build and probe its ops write to the descriptors."""
     descriptors = (1, 2)
@@ -55,7 +90,7 @@ def output_redirected(log: TextIO) -> Iterator[None]:
             os.close(copy)
 
 
-def route_deepspeed_logger(log: TextIO) -> None:
+def route_deepspeed_logger(log: "TextIO | LibraryLog") -> None:
     """DeepSpeed's logger writes to the stdout it saw at import; give it the log file instead."""
     logger = logging.getLogger("DeepSpeed")
     for handler in list(logger.handlers):
@@ -67,7 +102,7 @@ def route_deepspeed_logger(log: TextIO) -> None:
     logger.addHandler(handler)
 
 
-def route_library_warnings(log: TextIO) -> None:
+def route_library_warnings(log: "TextIO | LibraryLog") -> None:
     """Warnings whose source file lies in torch.distributed or DeepSpeed go to the log; others as before."""
     shown_before = warnings.showwarning
 

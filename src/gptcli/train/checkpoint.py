@@ -36,6 +36,7 @@ import torch
 from ..config import ModelConfig, Project, dump_toml
 from ..errors import GptError
 from ..fsutil import OWNED_FILES, atomic_path, atomic_write_json, atomic_write_text, read_owned
+from .chatter import LOG_FILE as LIBRARY_LOG
 from .lock import broadcast_from_rank0
 from .metrics import CSV_FILE, METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR
 
@@ -204,9 +205,10 @@ def check_checkpoint(directory: Path) -> list[str]:
 
 def run_files(run_dir: Path) -> list[Path]:
     """What `gpt train` wrote into a run dir, and nothing else: checkpoints, metrics, the loss plot, the
-    resolved config, TensorBoard events, the consolidated model."""
+    resolved config, the library log, TensorBoard events, the consolidated model."""
     run_dir = Path(run_dir)
-    found = [run_dir / name for name in (METRICS_FILE, CSV_FILE, PLOT_FILE, RESOLVED_CONFIG) if (run_dir / name).is_file()]
+    found = [run_dir / name for name in (METRICS_FILE, CSV_FILE, PLOT_FILE, RESOLVED_CONFIG, LIBRARY_LOG)
+             if (run_dir / name).is_file()]
     root = checkpoints_dir(run_dir)
     if root.is_dir():
         found += sorted(p for p in root.iterdir() if TAG_PATTERN.match(p.name) or p.name in (LATEST, *DEEPSPEED_SCRIPTS)

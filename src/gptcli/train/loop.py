@@ -29,7 +29,7 @@ import torch
 from ..config import ModelConfig, Project
 from ..errors import GptError
 from . import checkpoint
-from .chatter import library_output_to, output_redirected
+from .chatter import LibraryLog
 from .consolidation import consolidate_only, hand_over
 from .display import Display, show_overfit
 from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, initialize, loop_clips_gradients,
@@ -116,7 +116,8 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
     """Train per the project on this rank; returns what happened (the exit code included)."""
     device = device_type(project)
     prepare_environment(device)
-    announce(project, device, "never" if options.overfit_batch else options.resume)  # the plan and its estimate
+    fresh = options.overfit_batch or options.restart
+    announce(project, device, "never" if fresh else options.resume)  # the plan and its estimate
     show_phase("loading DeepSpeed")
     with RunDirClaim() as claim:  # the run dir's lock, taken in setup(), is given back on every way out
         run = setup(project, options, device, claim)
@@ -159,7 +160,8 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     model.activation_checkpointing = project.train.activation_checkpointing
     seed_everything(seed + 1000 * rank)  # then each rank its own dropout stream
     show_phase(deepspeed_phase(device))
-    with library_output_to(Path(project.project.out_dir)) as log:  # DeepSpeed's prints and logs → RUN/deepspeed.log
+    library_log = LibraryLog()  # DeepSpeed's prints and logs → RUN/deepspeed.log, once the run dir is ours
+    with library_log.capture():
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     precision = resolve_precision(project, device)
@@ -170,7 +172,9 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     if options.overfit_batch:
         run_dir = run_dir / "overfit-batch"  # its metrics must not mix with the run's own
     claim.take(run_dir, rank)  # one run per run dir, and a dir every rank sees, before anything is written
-    with output_redirected(log):
+    tag = None if options.overfit_batch else checkpoint.agree_on_resume(run_dir, options.resume, options.restart, rank)
+    library_log.settle(run_dir)
+    with library_log.capture():
         engine = initialize(project, model, layout, precision, device)
     if compile_enabled(project, device):
         show_phase("compiling the model (torch.compile; the first steps also wait for it)")
@@ -186,7 +190,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
         if rank == 0:
             truncate_metrics(run_dir, 0)
     else:
-        resume_or_start(run, options.resume, options.restart)
+        resume_or_start(run, tag)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_resolved_config(run_dir, project)
@@ -219,10 +223,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resume_or_start(run: Run, mode: str, restart: bool = False) -> None:
+def resume_or_start(run: Run, tag: Optional[str]) -> None:
+    """Continue from checkpoint `tag` (every rank got the same one from agree_on_resume), or start at step 0."""
     import deepspeed.comm as dist
 
-    tag = checkpoint.agree_on_resume(run.run_dir, mode, restart, run.rank)
     if tag is None:
         if run.rank == 0:
             truncate_metrics(run.run_dir, 0)

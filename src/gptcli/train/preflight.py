@@ -114,11 +114,16 @@ def plan_for(project: Project, device: str, precision: str, ranks: int, sequence
 
 
 def resume_point(project: Project, resume: str) -> Optional[tuple[str, int]]:
-    """The checkpoint `--resume` would continue from, and its step (read from its client state)."""
+    """The checkpoint `--resume` would continue from, and its step (read from its client state). Quiet: the
+    damaged checkpoints passed over are reported once, when the run decides (checkpoint.agree_on_resume)."""
     from . import checkpoint
 
+    if resume == "never":  # a fresh start (over an existing run it is refused later, with the reason)
+        return None
     run_dir = project.project.out_dir
-    tag = checkpoint.find_resume(run_dir, resume)
+    root = checkpoint.checkpoints_dir(run_dir)
+    tag = next((tag for tag in checkpoint.resume_candidates(run_dir) if not checkpoint.check_checkpoint(root / tag)),
+               None)
     return None if tag is None else (tag, int(checkpoint.read_client_state(run_dir, tag)["step"]))
 
 
