@@ -163,7 +163,7 @@ def shards(tmp_path_factory):
 def train_overrides(tmp_path: Path, shards: Path, *extra: str) -> list[str]:
     settings = [f'data.dir="{shards}"', f'project.out_dir="{tmp_path / "run"}"', "model.preset=nano",
                 "train.max_steps=6", "train.micro_batch_size=2", "train.eval_every=0", "train.warmup_steps=1",
-                *extra]
+                'train.device="cpu"', *extra]
     return [f"--set={setting}" for setting in settings]
 
 

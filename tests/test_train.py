@@ -19,7 +19,8 @@ from gptcli.config import apply_overrides, dump_toml, project_from_dict
 from shard_fixture import make_shards
 
 # dropout > 0 so that exact resume must also restore the dropout RNG; accumulation 2 so that resume
-# must land between optimizer steps, not micro steps.
+# must land between optimizer steps, not micro steps. device = "cpu": these are the CPU tests, on a machine
+# with CUDA too (test_train_gpu.py holds the GPU ones).
 PROJECT = """\
 [project]
 out_dir = "{out}"
@@ -39,6 +40,7 @@ warmup_steps = 2
 checkpoint_every = 3
 eval_every = 4
 eval_batches = 2
+device = "cpu"
 [deepspeed]
 zero_stage = 2
 """
