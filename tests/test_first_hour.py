@@ -31,10 +31,13 @@ def test_the_readme_path_on_a_small_text_file(tmp_path, bookcorpus):
     def gpt(*args):
         return run_gpt(*args, cwd=tmp_path)
 
-    ok(gpt("prepare", "bookcorpus.txt"), "gpt prepare")
+    prepared = ok(gpt("prepare", "bookcorpus.txt"), "gpt prepare")
+    assert "next: gpt init --preset nano" in prepared.stdout and "then gpt train\n" in prepared.stdout
     ok(gpt("init", "--preset", "nano"), "gpt init")
     train = ok(gpt("train", "--project", "run.toml", "--set", "train.max_steps=20"), "gpt train")
     assert "gpt train: model nano" in train.stderr and "estimate:" in train.stderr
+    assert "next: gpt generate 'In my opinion,' --project run.toml" in train.stderr
+    assert "gpt eval --project run.toml\n" in train.stderr  # train.max_steps is not carried over
     assert "built successfully" not in train.stdout + train.stderr  # DeepSpeed's chatter is in the run's log
 
     generate = ok(gpt("generate", "In my opinion,", "--max-new-tokens", "20"), "gpt generate")

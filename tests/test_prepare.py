@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -609,3 +610,16 @@ def test_help_and_bracketed_messages_render():
     missing = run_gpt("prepare", "notes[/x].txt")
     assert_user_error(missing, "notes[/x].txt matches no files")
     assert_user_error(run_gpt("prepare"), "No input given")
+
+
+def test_the_next_command_trains_on_what_was_just_prepared(tmp_path, monkeypatch):
+    from gptcli.config import project_from_dict
+    from gptcli.data.prepare import next_command
+
+    monkeypatch.chdir(tmp_path)
+    defaults = project_from_dict({})
+    assert next_command(Path("data/shards"), defaults).endswith("then gpt train")
+    assert next_command(Path("elsewhere"), defaults).endswith("""then gpt train --set 'data.dir="elsewhere"'""")
+    assert next_command(Path("data/shards"), project_from_dict({}, source="run.toml")) == "gpt train"
+    named = project_from_dict({"data": {"dir": "books"}}, source="books.toml")
+    assert next_command(Path("books"), named) == "gpt train --project books.toml"

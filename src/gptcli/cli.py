@@ -259,6 +259,8 @@ def prepare_command(
     with prepare_progress() as on_progress:
         summary = preparing.prepare(options, on_progress)
     show_prepare_summary(summary, as_json)
+    if not as_json:
+        out.print(f"next: {escape(preparing.next_command(summary.out, config))}", highlight=False)
 
 
 class prepare_progress:

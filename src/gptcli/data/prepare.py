@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import itertools
+import json
 import multiprocessing
 import os
 import shutil
@@ -328,6 +329,20 @@ def prepare(options: PrepareOptions, on_progress: Optional[ProgressFn] = None) -
         raise
     summary.out = out
     return summary
+
+
+def next_command(out: Path, project: Project) -> str:
+    """What to run after `gpt prepare`: the command that trains on the shards it just wrote."""
+    import shlex
+
+    from ..config import DEFAULT_PROJECT_FILE
+
+    own = Path(project.data.dir).resolve() == Path(out).resolve()
+    data = "" if own else " --set " + shlex.quote(f"data.dir={json.dumps(str(out))}")
+    if project.source is None:
+        return f"gpt init --preset nano (a model sized for a CPU; --preset gpt2 on a GPU), then gpt train{data}"
+    named = "" if project.source == DEFAULT_PROJECT_FILE else f" --project {shlex.quote(project.source)}"
+    return f"gpt train{named}{data}"
 
 
 def stopped_message(run: Run, out: Path) -> str:

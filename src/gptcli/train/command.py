@@ -5,11 +5,12 @@ is reported in a fraction of a second."""
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from ..config import load_project
+from ..config import Project, load_project
 from . import launch
 
 
@@ -50,4 +51,16 @@ def run_train(request: TrainRequest, argv: list[str], value_options: Iterable[st
     from .loop import TrainOptions, train
 
     options = TrainOptions(resume=request.resume, overfit_batch=request.overfit_batch, restart=request.restart)
-    return train(project, options).exit_code
+    result = train(project, options)
+    if result.model_dir is not None and not request.overfit_batch and os.environ.get("RANK", "0") == "0":
+        say("next: " + "\n      ".join(next_commands(request, project)))
+    return result.exit_code
+
+
+def next_commands(request: TrainRequest, project: Project) -> list[str]:
+    """The commands that use the model a run just wrote, with the project and the overrides that say where
+    its run dir and data are (training-only overrides left out)."""
+    args = [*(["--project", str(request.project_file)] if request.project_file else []),
+            *[f"--set={item}" for item in request.overrides if item.startswith(("project.", "data."))]]
+    quoted = "".join(f" {shlex.quote(arg)}" for arg in args)
+    return [f"gpt generate {shlex.quote(project.generate.prompt)}{quoted}", f"gpt eval{quoted}"]
