@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -79,3 +80,21 @@ def test_tasks_are_typed_by_how_their_text_becomes_documents(tmp_path):
     assert type(paragraph[0]) is TextParagraphs and paragraph[0].documents() == (["one", "two\nlines"], True)
     assert none[1].source == 1 and none[1].documents() == (["x", "y"], True)
     assert DatasetRows(0, ["r", "", "s"]).documents() == (["r", "s"], True)
+
+
+@pytest.mark.parametrize("line", [
+    '{"text": "a"}', '  {"text": "a"}  \r', '{"text": "a"} x', '{"text": "a"}, {"text": "b"}', '[1', '"x"',
+    '1 2', '\ufeff{"a": 1}', '{"a": NaN}', '{"a": 1e400}', 'nul', 'null', '{"a": "\\ud800"}', '\u00a0{"a": 1}',
+    '{"text": "é\\n"}\t', '{"a": {"b": [1, 2, {"c": null}]}}', '{"a": 1}}'])
+def test_a_jsonl_line_is_read_exactly_as_json_loads_reads_it(line):
+    from gptcli.data.sources import _one_json_value
+
+    try:
+        expected = ("value", repr(json.loads(line)))
+    except ValueError:
+        expected = ("error",)
+    try:
+        got = ("value", repr(_one_json_value(line)))
+    except ValueError:
+        got = ("error",)
+    assert got == expected

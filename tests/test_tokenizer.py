@@ -89,10 +89,11 @@ def test_mismatched_vocab_files_are_refused(tmp_path):
 def test_missing_tokenizer_offline_is_one_clear_sentence(tmp_path, shakespeare):
     empty_cache = tmp_path / "empty_cache"
     empty_cache.mkdir()
-    # No cache and no network: tiktoken cannot fetch its files. Point its download at an unroutable
+    # No cache (tiktoken's or gptcli's) and no network: tiktoken cannot fetch its files. Point its download at an unroutable
     # local port so the test is offline even on a machine that has a network.
     result = run_gpt("prepare", shakespeare, "--out", tmp_path / "out",
-                     env={"TIKTOKEN_CACHE_DIR": str(empty_cache), "HTTPS_PROXY": "http://127.0.0.1:9",
+                     env={"TIKTOKEN_CACHE_DIR": str(empty_cache), "GPTCLI_CACHE_DIR": str(empty_cache),
+                          "HTTPS_PROXY": "http://127.0.0.1:9",
                           "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}, cwd=tmp_path)
     assert_user_error(result, "Could not load the GPT-2 vocabulary", "TIKTOKEN_CACHE_DIR", "--vocab-dir")
     assert not (tmp_path / "out").exists()
@@ -103,7 +104,7 @@ def test_vocab_dir_option_works_without_cache(tmp_path, shakespeare, openai_name
     empty_cache = tmp_path / "empty_cache"
     empty_cache.mkdir()
     result = run_gpt("prepare", shakespeare, "--out", tmp_path / "out", "--vocab-dir", openai_named_vocab,
-                     "--workers", "1", "--json", env={"TIKTOKEN_CACHE_DIR": str(empty_cache)}, cwd=tmp_path)
+                     "--workers", "1", "--json", env={"TIKTOKEN_CACHE_DIR": str(empty_cache), "GPTCLI_CACHE_DIR": str(empty_cache)}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     manifest = (tmp_path / "out" / "manifest.json").read_text()
     assert load_tokenizer("gpt2").fingerprint in manifest
@@ -168,3 +169,62 @@ def test_damaged_vocabulary_files_are_named(tmp_path, fault, fragment):
     (directory / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
     with pytest.raises(GptError, match=re.escape(fragment)):
         load_tokenizer("gpt2", str(directory))
+
+
+# --- gptcli's cache of tiktoken's GPT-2 ranks ------------------------------------------------------------------
+
+
+def test_the_cache_constants_are_those_of_tiktokens_gpt2_ranks(reference):
+    import hashlib
+
+    from gptcli import tokenizer
+    from gptcli.tokenizer_files import tiktoken_bytes
+
+    ranks = reference._mergeable_ranks
+    assert hashlib.sha256(tiktoken_bytes(ranks)).hexdigest() == tokenizer.GPT2_TIKTOKEN_SHA256
+    special = {tokenizer.ENDOFTEXT: tokenizer.GPT2_EOT_ID}
+    assert tokenizer.ranks_fingerprint("gpt2", ranks, special) == tokenizer.GPT2_FINGERPRINT
+
+
+def fresh_load(monkeypatch, cache):
+    monkeypatch.setenv("GPTCLI_CACHE_DIR", str(cache))
+    load_tokenizer.cache_clear()
+    try:
+        return load_tokenizer("gpt2")
+    finally:
+        load_tokenizer.cache_clear()
+
+
+def test_the_first_load_keeps_the_ranks_and_the_next_reads_them_with_equal_results(reference, monkeypatch, tmp_path):
+    from gptcli import tokenizer as module
+
+    cache = tmp_path / "cache"
+    first = fresh_load(monkeypatch, cache)
+    kept = cache / module.RANKS_CACHE_FILE
+    assert kept.is_file() and not list(cache.glob(".*.tmp"))
+    monkeypatch.setattr(module, "_gpt2_ranks_from_tiktoken", lambda: pytest.fail("the cache was not used"))
+    second = fresh_load(monkeypatch, cache)
+    assert second.fingerprint == first.fingerprint == module.GPT2_FINGERPRINT
+    assert second.encode(TRICKY) == first.encode(TRICKY) == reference.encode_ordinary(TRICKY)
+    assert second.backend._mergeable_ranks == reference._mergeable_ranks
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one rank changed"])
+def test_a_cache_that_is_not_exactly_gpt2s_ranks_is_ignored_and_rewritten(reference, monkeypatch, tmp_path, damage):
+    from gptcli import tokenizer as module
+
+    cache = tmp_path / "cache"
+    fresh_load(monkeypatch, cache)
+    kept = cache / module.RANKS_CACHE_FILE
+    data = kept.read_bytes()
+    kept.write_bytes(data[: len(data) // 2] if damage == "truncated" else data.replace(b"IQ== 0\n", b"IQ== 1\n", 1))
+    tokenizer = fresh_load(monkeypatch, cache)  # rebuilt from tiktoken: the damaged copy is never read as ranks
+    assert tokenizer.encode(TRICKY) == reference.encode_ordinary(TRICKY)
+    assert kept.read_bytes() == data
+
+
+def test_an_unwritable_cache_dir_is_no_error(reference, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    tokenizer = fresh_load(monkeypatch, blocker / "cache")  # the cache dir cannot be created under a file
+    assert tokenizer.encode(HELLO) == HELLO_IDS

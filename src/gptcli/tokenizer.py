@@ -6,12 +6,18 @@ The GPT-2 vocabulary comes from one of three sources, tried in this order:
   2. tiktoken's own `gpt2` encoding: its cache (TIKTOKEN_CACHE_DIR) or a download when online.
 Every source yields the same ranks; the fingerprint (name + hash of the ranks) proves it, and goes into
 every shard, manifest and model dir. The files themselves are read and written by tokenizer_files.py.
+
+tiktoken builds its `gpt2` ranks from OpenAI's original files in Python, about a quarter of a second at
+every start. After that first build gptcli keeps the ranks as a `.tiktoken` file in its cache dir
+(GPTCLI_CACHE_DIR, else $XDG_CACHE_HOME/gptcli or ~/.cache/gptcli) and reads that instead, but only when
+the file's sha256 is that of GPT-2's ranks, so the cache can only ever hold exactly them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,12 +26,17 @@ from typing import Any, Optional
 from .errors import GptError
 from .openai_bpe import OpenAIGPTBPE, vocabulary_fingerprint
 from .tokenizer_files import (MERGES_FILE, VOCAB_FILE, byte_level_ranks, byte_level_vocabulary, find_bpe_files,
-                              read_bpe_files, read_tiktoken_file, write_bpe_files, write_hf_tokenizer,
-                              write_tiktoken_file)
+                              parse_tiktoken, read_bpe_files, read_tiktoken_file, tiktoken_bytes, write_bpe_files,
+                              write_hf_tokenizer, write_tiktoken_file)
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 GPT2_VOCAB_SIZE = 50257
+# GPT-2's ranks as a .tiktoken file (tokenizer_files.tiktoken_bytes), and their fingerprint: the same figures
+# from every source (tests/test_tokenizer.py computes both from tiktoken's own gpt2 encoding).
+GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_FINGERPRINT = "gpt2:a89fe44b681b55a5"
+RANKS_CACHE_FILE = f"gpt2-{GPT2_TIKTOKEN_SHA256[:16]}.tiktoken"
 TOKENIZER_FILE = "tokenizer.gptcli.json"  # the description a model dir carries
 
 
@@ -155,16 +166,57 @@ def load_tokenizer(name: str = "gpt2", vocab_dir: Optional[str] = None) -> Token
         return _openai_gpt_tokenizer(vocab_dir)
     if name != "gpt2":
         raise GptError(f'Unknown tokenizer "{name}" (known: gpt2, openai-gpt).')
+    fingerprint = None
     if vocab_dir:
         ranks, source = _gpt2_ranks_from_local(Path(vocab_dir)), str(vocab_dir)
     else:
-        ranks, source = _gpt2_ranks_from_tiktoken(), "tiktoken"
+        ranks, source = _cached_gpt2_ranks(), "tiktoken"
+        if ranks is not None:
+            fingerprint = GPT2_FINGERPRINT  # the file's sha256 proved these are GPT-2's ranks
+        else:
+            ranks = _gpt2_ranks_from_tiktoken()
+            _cache_gpt2_ranks(ranks)
     if len(ranks) != GPT2_VOCAB_SIZE - 1:
         raise GptError(f"The vocabulary from {source} has {len(ranks)} tokens, not GPT-2's {GPT2_VOCAB_SIZE - 1} "
                        "(plus end-of-text).")
     encoding = gpt2_encoding(ranks)
+    fingerprint = fingerprint or ranks_fingerprint("gpt2", ranks, {ENDOFTEXT: GPT2_EOT_ID})
     return Tokenizer(name="gpt2", backend=encoding, vocab_size=GPT2_VOCAB_SIZE, eot_id=GPT2_EOT_ID,
-                     fingerprint=ranks_fingerprint("gpt2", ranks, {ENDOFTEXT: GPT2_EOT_ID}), source=source)
+                     fingerprint=fingerprint, source=source)
+
+
+def cache_dir() -> Path:
+    """Where gptcli keeps what it can rebuild: GPTCLI_CACHE_DIR, else $XDG_CACHE_HOME/gptcli, else ~/.cache/gptcli."""
+    if os.environ.get("GPTCLI_CACHE_DIR"):
+        return Path(os.environ["GPTCLI_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptcli"
+
+
+def _cached_gpt2_ranks() -> Optional[dict[bytes, int]]:
+    """GPT-2's ranks from gptcli's cache, or None when the file is missing, unreadable or not exactly them."""
+    path = cache_dir() / RANKS_CACHE_FILE
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != GPT2_TIKTOKEN_SHA256:
+        return None
+    return parse_tiktoken(data, path)
+
+
+def _cache_gpt2_ranks(ranks: dict[bytes, int]) -> None:
+    """Keep tiktoken's ranks for the next start when they are GPT-2's; a cache that cannot be written is
+    simply not kept."""
+    from .fsutil import atomic_path
+
+    data = tiktoken_bytes(ranks)
+    if hashlib.sha256(data).hexdigest() != GPT2_TIKTOKEN_SHA256:
+        return
+    try:
+        with atomic_path(cache_dir() / RANKS_CACHE_FILE) as tmp:
+            tmp.write_bytes(data)
+    except OSError:
+        pass
 
 
 def _openai_gpt_tokenizer(vocab_dir: Optional[str]) -> Tokenizer:

@@ -133,8 +133,23 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 def read_tiktoken_file(path: Path) -> dict[bytes, int]:
     """A `.tiktoken` file: one `base64(token bytes) rank` per line."""
+    return parse_tiktoken(path.read_bytes(), path)
+
+
+def tiktoken_bytes(ranks: dict[bytes, int]) -> bytes:
+    """The ranks as a `.tiktoken` file's contents, in rank order."""
+    ordered = sorted(ranks.items(), key=lambda item: item[1])
+    return b"\n".join(base64.b64encode(token) + b" " + str(rank).encode() for token, rank in ordered) + b"\n"
+
+
+def parse_tiktoken(data: bytes, path: Path) -> dict[bytes, int]:
+    try:  # one comprehension: twice as fast as the loop below, which finds the line to name when this fails
+        return {base64.b64decode(token, validate=True): int(rank)
+                for token, rank in (line.split() for line in data.splitlines() if line.strip())}
+    except (ValueError, TypeError):
+        pass
     ranks = {}
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+    for number, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -146,8 +161,7 @@ def read_tiktoken_file(path: Path) -> dict[bytes, int]:
 
 
 def write_tiktoken_file(path: Path, ranks: dict[bytes, int]) -> None:
-    ordered = sorted(ranks.items(), key=lambda item: item[1])
-    path.write_bytes(b"\n".join(base64.b64encode(token) + b" " + str(rank).encode() for token, rank in ordered) + b"\n")
+    path.write_bytes(tiktoken_bytes(ranks))
 
 
 # --- Hugging Face tokenizer dirs -----------------------------------------------------------------------------

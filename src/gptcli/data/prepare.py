@@ -187,8 +187,12 @@ def encode_documents(tokenizer: Tokenizer, documents: list[str], closes: bool) -
         # the string occurs exactly once per boundary: it begins with "<", found nowhere else in it).
         joined = ENDOFTEXT.join(documents) + (ENDOFTEXT if closes else "")
         if joined.count(ENDOFTEXT) == len(documents) - (not closes):
-            ids = tokenizer.backend.encode(joined, allowed_special={ENDOFTEXT}, disallowed_special=())
-            return _split_at_ends(np.array(ids, dtype=dtype), eot, closes)
+            backend = tokenizer.backend
+            if hasattr(backend, "encode_to_numpy"):  # tiktoken ≥ 0.8: no Python list of ints in between
+                ids = backend.encode_to_numpy(joined, allowed_special={ENDOFTEXT}, disallowed_special=()).astype(dtype)
+            else:
+                ids = np.array(backend.encode(joined, allowed_special={ENDOFTEXT}, disallowed_special=()), dtype=dtype)
+            return _split_at_ends(ids, eot, closes)
     encoded = tokenizer.encode_each(documents)
     counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(counts.sum()))
