@@ -260,7 +260,7 @@ def prepare_command(
         summary = preparing.prepare(options, on_progress)
     show_prepare_summary(summary, as_json)
     if not as_json:
-        out.print(f"next: {escape(preparing.next_command(summary.out, config))}", highlight=False)
+        out.print(f"next: {escape(preparing.next_command(summary.out, config))}", highlight=False, soft_wrap=True)
 
 
 class prepare_progress:
@@ -355,7 +355,7 @@ def train_command(
                            consolidate)
     value_options = [name for param in ctx.command.params if isinstance(param, click.Option) and not param.is_flag
                      for name in param.opts]
-    exit_code = run_train(request, sys.argv[1:], value_options, say=lambda line: err.print(line, highlight=False))
+    exit_code = run_train(request, sys.argv[1:], value_options, say=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
     if exit_code:
         raise typer.Exit(exit_code)
 
