@@ -182,6 +182,22 @@ def test_overfit_batch_drives_the_loss_to_zero_and_shows_tokens(tmp_path, shards
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_samples_never_consume_the_training_rng_and_a_run_with_samples_resumes_exactly(tmp_path, shards,
+                                                                                        reference):
+    """Dropout draws from the training RNG; a sample drawn in the middle of the run must leave it as it was,
+    so the losses equal the reference run's without samples, and a kill -9 and resume repeats them."""
+    samples = ("train.sample_every=2", "train.sample_tokens=8")
+    whole = train(project_file(tmp_path, shards, "whole", samples))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert whole.stdout.count("--- sample at step") == 4
+    assert losses(tmp_path / "whole") == losses(reference)
+    project = project_file(tmp_path, shards, "killed", samples)
+    assert train(project, fault="kill@5").returncode in (-9, 137)
+    resumed = train(project, "--resume", "required")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "killed") == losses(reference)
+
+
 def test_bad_batch_settings_are_one_sentence(tmp_path, shards):
     project = project_file(tmp_path, shards)
     result = train(project, "--set", "train.global_batch_tokens=1000")

@@ -223,3 +223,21 @@ def test_processes_with_a_cluster_launchers_variables_train_as_two_ranks(tmp_pat
             if process.poll() is None:
                 process.kill()
     assert_trained_on_two_ranks(tmp_path / launcher, 4)
+
+
+def test_two_rank_zero3_overfit_batch_finishes_and_shows_the_batch(tmp_path, shards):
+    """Under ZeRO-3 every rank must run the final forward (its weights are gathered from all of them)."""
+    overfit = ["train.max_steps=6", "train.eval_every=0", "train.warmup_steps=0", "model.dropout=0.0"]
+    result = train(project_file(tmp_path, shards), overfit, "--overfit-batch", zero_stage=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("overfit batch: final loss") == 1  # rank 0 prints it, once
+    assert "predicted" in result.stdout
+
+
+def test_two_rank_zero3_prints_samples_while_training(tmp_path, shards):
+    sampled = ["train.max_steps=4", "train.eval_every=0", "train.sample_every=2", "train.sample_tokens=8",
+               "train.checkpoint_every=2"]
+    result = train(project_file(tmp_path, shards), sampled, zero_stage=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("--- sample at step") == 2  # steps 2 and 4, from rank 0 only
+    assert len(losses(tmp_path / "run")) == 4
