@@ -344,21 +344,29 @@ def test_several_inputs_are_counted_one_by_one(tmp_path, encoding):
 # --- progress -------------------------------------------------------------------------------------------------
 
 
-def test_progress_counts_bytes_and_the_eta_holds(tmp_path, shakespeare):
-    """Known-size input: bytes done rise to the total, and from a tenth of the way on the ETA predicts the
-    end within 20% (a steady single-process run; the rate is the average since reading began)."""
+def test_progress_counts_bytes_of_a_known_size_input_up_to_the_total(tmp_path, shakespeare):
+    """Known-size input: bytes done and tokens only rise, to the file's size; the elapsed time only rises.
+    (No wall-clock assertion here: the ETA's arithmetic is checked with given times below.)"""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(shakespeare.read_text() * 4)
+    corpus.write_text(shakespeare.read_text() * 2)
     seen = []
-    started = time.perf_counter()
-    prepare(options([corpus], tmp_path / "out", 'separator="line"', "workers=1", chunk_chars=50_000),
-            lambda progress: seen.append((time.perf_counter() - started, progress)))
-    finished = seen[-1][0]
-    assert seen[-1][1].done_bytes == seen[-1][1].total_bytes == corpus.stat().st_size
-    assert all(a[1].done_bytes <= b[1].done_bytes and a[1].tokens <= b[1].tokens for a, b in zip(seen, seen[1:]))
-    at, progress = next((t, p) for t, p in seen if p.done_bytes >= p.total_bytes / 10)
-    assert progress.tokens_per_second > 0
-    assert abs(at + progress.eta_seconds - finished) <= 0.2 * finished
+    prepare(options([corpus], tmp_path / "out", 'separator="line"', "workers=1", chunk_chars=50_000), seen.append)
+    assert len(seen) > 10
+    assert seen[-1].done_bytes == seen[-1].total_bytes == corpus.stat().st_size
+    assert all(a.done_bytes <= b.done_bytes and a.tokens <= b.tokens and a.seconds <= b.seconds
+               for a, b in zip(seen, seen[1:]))
+    assert all(p.eta_seconds is not None for p in seen if p.seconds > 0)
+
+
+def test_the_eta_is_the_time_left_at_the_average_rate_so_far():
+    from gptcli.data.prepare import Progress
+
+    tenth = Progress(done_bytes=100, total_bytes=1000, documents=5, tokens=300, seconds=2.0)
+    assert tenth.eta_seconds == pytest.approx(18.0)  # 900 bytes left at 50 bytes/s
+    assert tenth.tokens_per_second == pytest.approx(150.0)
+    assert Progress(1000, 1000, 5, 300, 20.0).eta_seconds == 0.0
+    assert Progress(0, 1000, 0, 0, 0.5).eta_seconds is None  # nothing done yet: no rate
+    assert Progress(100, 0, 5, 300, 2.0).eta_seconds is None  # a stream of unknown size
 
 
 def test_progress_of_an_unsized_input_counts_documents_and_tokens(tmp_path):

@@ -251,16 +251,14 @@ def prepare_command(
         if inputs:
             raise typer.BadParameter("give either INPUT... or --verify DIR, not both.")
         return show_verify_report(preparing.verify_prepared(verify), as_json)
-    flags = {"val_fraction": val_fraction, "workers": workers, "text_column": text_column,
-             "separator": separator, "shard_tokens": shard_tokens, "vocab_dir": vocab_dir}
-    config = load(project, (overrides or []) + [f"data.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None])
+    given = dict(val_fraction=val_fraction, workers=workers, text_column=text_column, separator=separator,
+                 shard_tokens=shard_tokens, vocab_dir=vocab_dir)
+    config = load(project, [*(overrides or []), *option_overrides("data", given)])
     options = preparing.PrepareOptions.from_project(config, inputs or [], out_dir, force=force,
                                                     replace_invalid_utf8=replace_invalid_utf8)
     with prepare_progress() as on_progress:
         summary = preparing.prepare(options, on_progress)
-    show_prepare_summary(summary, as_json)
-    if not as_json:
-        out.print(f"next: {escape(preparing.next_command(summary.out, config))}", highlight=False, soft_wrap=True)
+    show_prepare_summary(summary, as_json, preparing.next_command(summary.out, config))
 
 
 class prepare_progress:
@@ -291,7 +289,7 @@ class prepare_progress:
             self.bar.stop()
 
 
-def show_prepare_summary(summary, as_json: bool) -> None:
+def show_prepare_summary(summary, as_json: bool, next_command: str) -> None:
     for warning in summary.warnings:
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     if as_json:
@@ -317,6 +315,7 @@ def show_prepare_summary(summary, as_json: bool) -> None:
     out.print(f"{summary.bytes:,} bytes of text, {summary.tokens_per_byte:.3f} tokens per byte, "
               f"{summary.seconds:.1f} s with {summary.workers} worker(s) "
               f"({sum(summary.tokens.values()) / max(summary.seconds, 1e-9):,.0f} tokens/s)")
+    out.print(f"next: {escape(next_command)}", highlight=False, soft_wrap=True)
 
 
 def show_verify_report(report, as_json: bool) -> None:
