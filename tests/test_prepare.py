@@ -159,6 +159,44 @@ def expected_split(documents: list[list[int]], seed: int, val_fraction: float, b
     return streams["train"], [], "too small"
 
 
+@pytest.mark.parametrize("val_fraction, block", [(0.0, 16), (0.004, 16), (0.05, 16), (0.3, 64), (0.9, 4)])
+def test_the_splitter_gives_the_rule_s_split_whatever_the_task_cuts(val_fraction, block):
+    """Random documents, cut into tasks at random places (a document may run over several tasks): the
+    splitter's streams, documents per split and rule equal the rule written out above."""
+    from gptcli.data.split import Splitter
+
+    rng = np.random.default_rng(int(val_fraction * 1000) + block)
+    for trial in range(25):
+        longest = int(rng.choice([max(block // 3, 2), 6 * block]))  # short documents: several in one block
+        documents = [rng.integers(0, 50_000, int(rng.integers(1, longest))).tolist()
+                     for _ in range(int(rng.integers(1, 40)))]
+        train, val, rule = expected_split(documents, seed=trial, val_fraction=val_fraction, block=block)
+        stream = [t for d in documents for t in d]
+        ends = np.cumsum([len(d) for d in documents])
+        cuts = sorted(set(rng.integers(1, len(stream), int(rng.integers(0, 6))).tolist())) if len(stream) > 1 else []
+        splitter = Splitter(trial, val_fraction, block)
+        got = {"train": [], "val": []}
+        begun_in_val = []
+        for low, high in zip([0, *cuts], [*cuts, len(stream)]):
+            inside = [e for e in ends if low < e <= high]  # documents ending in this task
+            counts = np.diff([low, *inside, *([high] if high not in inside else [])])
+            tokens = np.array(stream[low:high], dtype=np.uint16)
+            to_train, to_val, begins = splitter.split(tokens, counts.astype(np.int64), high not in ends)
+            got["train"] += to_train.tolist()
+            got["val"] += to_val.tolist()
+            begun_in_val += begins.tolist()
+        held_train, held_val = splitter.finish()
+        got["train"] += held_train.tolist()
+        got["val"] += held_val.tolist()
+        assert (got["train"], got["val"], splitter.rule) == (train, val, rule)
+        starts = np.concatenate([[0], ends[:-1]])
+        expected_val_docs = sum(drawn_for_val(d, trial, val_fraction) for d in range(len(documents)))
+        if rule == "last block":  # documents beginning in the corpus's last block moved to val
+            expected_val_docs = int(np.count_nonzero(starts >= len(stream) - block))
+        assert len(begun_in_val) == len(documents)
+        assert sum(begun_in_val) + splitter.moved_documents == expected_val_docs
+
+
 def test_one_file_corpus_gets_val_blocks_spread_through_it(tmp_path, shakespeare, encoding):
     """tinyshakespeare as one document (the default separator): ~5% of its 166 blocks go to val, from all
     over the text, and the result is the same with 1 or 2 workers and any task size."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 
 import pytest
 
-from gptcli.data.sources import (DatasetRows, FilePiece, JsonlRecords, ReadSettings, ReadState, TextLines,
-                                 TextParagraphs, hub_name, open_dataset, read_tasks, resolve_inputs)
+from gptcli.data.sources import (DatasetRows, FilePiece, FileRange, JsonlRecords, ReadSettings, ReadState,
+                                 TextLines, TextParagraphs, hub_name, open_dataset, read_tasks, resolve_inputs)
 from gptcli.errors import GptError
 
 
@@ -68,18 +69,62 @@ def test_eval_datasets_use_the_same_opener(saved, monkeypatch):
 def test_tasks_are_typed_by_how_their_text_becomes_documents(tmp_path):
     (tmp_path / "a.txt").write_text("one\n\ntwo\nlines\n")
     (tmp_path / "b.jsonl").write_text('{"text": "x"}\n\n{"text": "y"}\n')
-    sources = resolve_inputs([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])
+    with gzip.open(tmp_path / "c.txt.gz", "wt") as handle:
+        handle.write("one\n\ntwo\nlines\n")
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as handle:
+        handle.write('{"text": "x"}\n\n{"text": "y"}\n')
+    sources = resolve_inputs([str(tmp_path / name) for name in ("a.txt", "b.jsonl", "c.txt.gz", "d.jsonl.gz")])
 
     def tasks(separator):
         return list(read_tasks(sources, ReadSettings(separator=separator), ReadState()))
 
     none, line, paragraph = tasks("none"), tasks("line"), tasks("blank-line")
-    assert [type(t) for t in none] == [FilePiece, JsonlRecords]
+    # Plain files cut at line ends are read by the worker itself (FileRange); compressed ones by the reader.
+    assert [type(t) for t in none] == [FilePiece, FileRange, FilePiece, JsonlRecords]
+    assert [type(t) for t in line] == [FileRange, FileRange, TextLines, JsonlRecords]
     assert none[0].documents() == (["one\n\ntwo\nlines\n"], True)
-    assert line[0] == TextLines(0, "one\n\ntwo\nlines\n") and line[0].documents() == (["one", "two", "lines"], True)
+    assert line[0] == FileRange(0, str(tmp_path / "a.txt"), 0, 15, "line")
+    assert line[0].documents() == (["one", "two", "lines"], True) == line[2].documents()
+    assert line[2] == TextLines(2, "one\n\ntwo\nlines\n")
     assert type(paragraph[0]) is TextParagraphs and paragraph[0].documents() == (["one", "two\nlines"], True)
-    assert none[1].source == 1 and none[1].documents() == (["x", "y"], True)
+    assert none[1].source == 1 and none[1].documents() == (["x", "y"], True) == none[3].documents()
     assert DatasetRows(0, ["r", "", "s"]).documents() == (["r", "s"], True)
+
+
+def test_file_ranges_cover_the_file_and_end_at_line_ends(tmp_path):
+    """Each range ends just after a line end (or at the end of the file), the next starts there, and a line
+    longer than the task size is kept whole."""
+    lines = [f"line {i} " + "é" * (i % 7) for i in range(3000)]
+    lines[1234] = "x" * 20_000  # longer than a task
+    path = tmp_path / "lines.txt"
+    data = ("\n".join(lines) + "\nno final line end").encode()
+    path.write_bytes(data)
+    state = ReadState()
+    ranges = list(read_tasks(resolve_inputs([str(path)]), ReadSettings(separator="line", chunk_chars=4096), state))
+    assert len(ranges) > 10 and all(type(r) is FileRange for r in ranges)
+    assert ranges[0].start == 0 and ranges[-1].end == len(data) == state.disk_bytes
+    assert all(a.end == b.start for a, b in zip(ranges, ranges[1:]))
+    assert all(data[r.end - 1:r.end] == b"\n" for r in ranges[:-1])
+    assert [d for r in ranges for d in r.documents()[0]] == lines + ["no final line end"]
+
+
+def test_a_file_range_names_the_file_line_and_offset_of_a_bad_record(tmp_path):
+    good = json.dumps({"text": "fine"})
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join([good] * 999 + ['{"text": broken'] + [good] * 100) + "\n")
+    ranges = list(read_tasks(resolve_inputs([str(path)]), ReadSettings(chunk_chars=1000), ReadState()))
+    assert len(ranges) > 10
+    with pytest.raises(GptError, match=r"big\.jsonl line 1000 is not valid JSON"):
+        for task in ranges:
+            task.documents()
+    path.write_bytes(good.encode() + b"\n" * 3000 + b'{"text": "caf\xe9"}\n')
+    offset = len(good) + 3000 + len('{"text": "caf')  # of the 0xe9, counted from 0: 3,029
+    with pytest.raises(GptError, match=rf"not valid UTF-8 \(byte 0xe9 near offset {offset:,}\)"):
+        for task in read_tasks(resolve_inputs([str(path)]), ReadSettings(chunk_chars=1000), ReadState()):
+            task.documents()
+    replacing = ReadSettings(chunk_chars=1000, replace_invalid_utf8=True)
+    tasks = list(read_tasks(resolve_inputs([str(path)]), replacing, ReadState()))
+    assert [task.read() for task in tasks][-1] == (["caf\ufffd"], 1)
 
 
 @pytest.mark.parametrize("line", [

@@ -1,6 +1,6 @@
 """`gpt prepare`: any corpus → token shards, in parallel, in constant memory, never half-written.
 
-    inputs ──reader (sources.py, main process)──▶ tasks of ~1 MB text
+    inputs ──reader (sources.py, main process)──▶ tasks of ~1 MB text (or byte ranges a worker reads)
            ──worker pool (processes)──▶ tokens + per-document counts, in task order
            ──writer (main process)──▶ seeded train/val split (split.py) ─▶ shards ─▶ manifest.json last
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import gc
 import itertools
 import json
 import multiprocessing
@@ -36,7 +37,7 @@ from ..errors import GptError, Stopped
 from ..fsutil import check_replaceable, publish_dir, read_owned, staging_dir
 from ..tokenizer import ENDOFTEXT, Tokenizer, load_tokenizer
 from .shards import FORMAT_VERSION, MANIFEST, ShardRecord, ShardWriter, open_prepared, token_dtype, write_manifest
-from .sources import ReadSettings, ReadState, Source, Task, read_tasks, resolve_inputs
+from .sources import FileRange, ReadSettings, ReadState, Source, Task, read_tasks, resolve_inputs
 from .split import Splitter
 
 CHUNK_CHARS = 1 << 20  # text per task: big enough to amortize inter-process transfer, small enough for flat memory
@@ -139,6 +140,7 @@ class Tokenized:
     counts: np.ndarray  # tokens per document (end-of-text included); the first may continue an open document
     last_open: bool  # the last document continues in the next task
     text_bytes: int  # UTF-8 bytes of the documents' text
+    replaced: int = 0  # invalid UTF-8 bytes the worker read as U+FFFD (tasks it read from disk itself)
 
 
 _worker_tokenizer: Optional[Tokenizer] = None
@@ -168,10 +170,14 @@ def _die_with_parent(parent: int) -> None:
 
 def tokenize_task(task: Task, tokenizer: Optional[Tokenizer] = None) -> Tokenized:
     tokenizer = tokenizer or _worker_tokenizer
-    documents, closes = task.documents()
+    replaced = 0
+    if isinstance(task, FileRange):
+        (documents, replaced), closes = task.read(), True
+    else:
+        documents, closes = task.documents()
     ids, counts = encode_documents(tokenizer, documents, closes)
     text_bytes = len("".join(documents).encode("utf-8", "surrogatepass"))
-    return Tokenized(task.source, ids, counts, not closes and bool(documents), text_bytes)
+    return Tokenized(task.source, ids, counts, not closes and bool(documents), text_bytes, replaced)
 
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str], closes: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -260,10 +266,12 @@ class Assembler:
         self.writers, self.splitter = writers, splitter
         self.inputs = [InputCount(source.label) for source in sources]
         self.documents = {"train": 0, "val": 0}
+        self.replaced = 0  # invalid UTF-8 bytes read as U+FFFD by the workers
 
     def add(self, result: Tokenized) -> None:
         count = self.inputs[result.source]
         count.bytes += result.text_bytes
+        self.replaced += result.replaced
         if len(result.counts) == 0:
             return
         train, val, started_to_val = self.splitter.split(result.tokens, result.counts, result.last_open)
@@ -385,7 +393,8 @@ def _prepare_into(run: Run, on_progress: Optional[ProgressFn], started: float):
     summary = PrepareSummary(out=run.staging, documents=dict(assembler.documents),
                              tokens={s: w.tokens for s, w in writers.items()},
                              shards={s: len(w.records) for s, w in writers.items()},
-                             bytes=sum(count.bytes for count in assembler.inputs), replaced_bytes=run.state.replaced,
+                             bytes=sum(count.bytes for count in assembler.inputs),
+                             replaced_bytes=run.state.replaced + assembler.replaced,
                              seconds=time.perf_counter() - started, workers=run.workers,
                              split=splitter.report(), inputs=assembler.inputs)
     summary.warnings = _warnings(summary, splitter)
@@ -408,7 +417,11 @@ def _tokenized(tasks, run: Run):
     data = run.options.data
     executor = ProcessPoolExecutor(run.workers, mp_context=_worker_context(), initializer=_init_worker,
                                    initargs=(data.tokenizer, data.vocab_dir, os.getpid()))
-    executor.submit(int).result()  # start every worker now, before reading starts any thread (see below)
+    gc.freeze()  # what the workers inherit (modules, vocabulary) is never scanned by their collections
+    try:
+        executor.submit(int).result()  # start every worker now, before reading starts any thread (see below)
+    finally:
+        gc.unfreeze()
     pending = collections.deque()
     try:
         for task in tasks:

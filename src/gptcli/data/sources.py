@@ -9,6 +9,8 @@ documents and tokens. A task's type says how its text becomes documents (`Task.d
     TextLines         every non-blank line is a document (--separator line)
     TextParagraphs    every run of non-blank lines is a document (--separator blank-line)
     JsonlRecords      one JSON record per line, the text in a named field
+    FileRange         bytes of a plain file whose documents end at line ends (.jsonl, --separator line),
+                      read and decoded by the worker itself: the reading process only finds where to cut
     DatasetRows       one document per string (rows of a dataset)
 
 Memory stays flat: a task holds about `chunk_chars` characters, whatever the size of the input.
@@ -110,7 +112,66 @@ class JsonlRecords:
     column: str
 
     def documents(self) -> tuple[list[str], bool]:
-        return jsonl_records(self.text, self.path, self.first_line, self.column), True
+        try:
+            return jsonl_records(self.text, self.column), True
+        except BadRecord as bad:
+            raise GptError(f"{self.path} line {self.first_line + bad.line}{bad.problem}") from None
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes [start, end) of a plain file, cut at line ends, whose documents are its lines ("line") or the
+    records of its lines ("jsonl"). The worker reads and decodes them: no text passes between processes."""
+
+    source: int
+    path: str
+    start: int
+    end: int
+    mode: Literal["line", "jsonl"]
+    column: str = "text"
+    replace_invalid_utf8: bool = False
+
+    def documents(self) -> tuple[list[str], bool]:
+        return self.read()[0], True
+
+    def read(self) -> tuple[list[str], int]:
+        """(documents, invalid UTF-8 bytes read as U+FFFD)."""
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.start)
+                data = handle.read(self.end - self.start)
+        except OSError as error:
+            raise GptError(f"Cannot read {self.path}: {error.strerror or error}.") from None
+        text, replaced = self._decode(data)
+        if self.mode == "line":
+            return [line.rstrip("\r") for line in text.split("\n") if line.strip()], replaced
+        try:
+            return jsonl_records(text, self.column), replaced
+        except BadRecord as bad:
+            raise GptError(f"{self.path} line {self._first_line() + bad.line}{bad.problem}") from None
+
+    def _decode(self, data: bytes) -> tuple[str, int]:
+        # The range starts and ends at a line end, so no character is split across ranges and decoding it
+        # alone gives exactly the characters (and replacements) decoding the whole file would.
+        try:
+            return data.decode("utf-8"), 0
+        except UnicodeDecodeError as error:
+            if not self.replace_invalid_utf8:
+                raise GptError(invalid_utf8_message(self.path, error.object[error.start],
+                                                    self.start + error.start)) from None
+        text = data.decode("utf-8", "replace")
+        return text, text.count("\ufffd") - data.count("\ufffd".encode())
+
+    def _first_line(self) -> int:
+        """The line number the range starts at (counted only for an error message)."""
+        lines, left = 1, self.start
+        with open(self.path, "rb") as handle:
+            while left > 0:
+                block = handle.read(min(left, 1 << 20))
+                if not block:
+                    break
+                lines, left = lines + block.count(b"\n"), left - len(block)
+        return lines
 
 
 @dataclass(frozen=True)
@@ -122,7 +183,7 @@ class DatasetRows:
         return [text for text in self.texts if text], True
 
 
-Task = Union[FilePiece, TextLines, TextParagraphs, JsonlRecords, DatasetRows]
+Task = Union[FilePiece, TextLines, TextParagraphs, JsonlRecords, FileRange, DatasetRows]
 
 
 def paragraphs(text: str) -> list[str]:
@@ -156,7 +217,15 @@ def _one_json_value(line: str):
     return value
 
 
-def jsonl_records(text: str, path: str, first_line: int, column: str) -> list[str]:
+class BadRecord(Exception):
+    """A JSONL line that holds no usable record: `line` counts from 0 within the text read."""
+
+    def __init__(self, line: int, problem: str):
+        super().__init__(line, problem)
+        self.line, self.problem = line, problem
+
+
+def jsonl_records(text: str, column: str) -> list[str]:
     """The non-empty `column` strings of the JSON records of `text`, one per non-blank line."""
     records = []
     for offset, line in enumerate(text.split("\n")):
@@ -165,14 +234,12 @@ def jsonl_records(text: str, path: str, first_line: int, column: str) -> list[st
         try:
             record = _one_json_value(line)
         except ValueError:
-            raise GptError(f"{path} line {first_line + offset} is not valid JSON.") from None
+            raise BadRecord(offset, " is not valid JSON.") from None
         if not isinstance(record, dict) or column not in record:
-            raise GptError(f"{path} line {first_line + offset} has no {column!r} field (name the text field with "
-                           "--text-column).")
+            raise BadRecord(offset, f" has no {column!r} field (name the text field with --text-column).")
         value = record[column]
         if not isinstance(value, str):
-            raise GptError(f"{path} line {first_line + offset}: field {column!r} holds {type(value).__name__}, "
-                           "not text.")
+            raise BadRecord(offset, f": field {column!r} holds {type(value).__name__}, not text.")
         if value:
             records.append(value)
     return records
@@ -238,6 +305,11 @@ def _file_source(path: Path) -> Source:
 # --- decoding bytes ------------------------------------------------------------------------------------------
 
 
+def invalid_utf8_message(path: str, byte: int, offset: int) -> str:
+    return (f"{path} is not valid UTF-8 (byte 0x{byte:02x} near offset {offset:,}); re-encode it, or pass "
+            "--replace-invalid-utf8 to read such bytes as U+FFFD.")
+
+
 class Utf8Decoder:
     """Incremental UTF-8 decoding that either refuses invalid bytes (naming file and offset) or replaces
     each with U+FFFD and counts them."""
@@ -253,9 +325,8 @@ class Utf8Decoder:
             text = self._decoder.decode(block, final)
         except UnicodeDecodeError as error:
             if not self.replace:
-                raise GptError(f"{self.path} is not valid UTF-8 (byte 0x{error.object[error.start]:02x} near offset "
-                               f"{self.offset + error.start:,}); re-encode it, or pass --replace-invalid-utf8 to "
-                               "read such bytes as U+FFFD.") from None
+                raise GptError(invalid_utf8_message(self.path, error.object[error.start],
+                                                    self.offset + error.start)) from None
             text = self._decode_replacing(block, final)
         self.offset += len(block)
         return text
@@ -316,9 +387,12 @@ def read_tasks(sources: list[Source], settings: ReadSettings, state: ReadState) 
 
 def file_tasks(index: int, source: Source, settings: ReadSettings, state: ReadState) -> Iterator[Task]:
     """Tasks for one text or .jsonl file, read in blocks of about `chunk_chars`."""
+    mode = settings.separator if source.kind == "text" else "jsonl"
+    if mode in ("line", "jsonl") and not source.location.endswith(".gz"):
+        yield from range_tasks(index, source, mode, settings, state)
+        return
     decoder = Utf8Decoder(source.location, settings.replace_invalid_utf8)
     stream, raw = _open_binary(source.location)
-    mode = settings.separator if source.kind == "text" else "jsonl"
     make = _task_maker(index, source, mode, settings.text_column)
     try:
         cutter = _Cutter(mode, settings.chunk_chars)
@@ -333,6 +407,38 @@ def file_tasks(index: int, source: Source, settings: ReadSettings, state: ReadSt
         state.replaced += decoder.replaced
         stream.close()
         raw.close()
+
+
+def range_tasks(index: int, source: Source, mode: Literal["line", "jsonl"], settings: ReadSettings,
+                state: ReadState) -> Iterator[FileRange]:
+    """Ranges of about `chunk_chars` bytes of a plain file, each ending just after a line end: only the bytes
+    up to the first line end after each cut point are read here; the workers read the rest."""
+    try:
+        with open(source.location, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            start = 0
+            while start < size:
+                end = _line_end_after(handle, start + settings.chunk_chars, size)
+                state.disk_bytes += end - start
+                yield FileRange(index, source.location, start, end, mode, settings.text_column,
+                                settings.replace_invalid_utf8)
+                start = end
+    except OSError as error:
+        raise GptError(f"Cannot read {source.location}: {error.strerror or error}.") from None
+
+
+def _line_end_after(handle, position: int, size: int) -> int:
+    """The offset just after the first line end at or after `position`, or the file's size."""
+    handle.seek(min(position, size))
+    while position < size:
+        block = handle.read(1 << 16)
+        if not block:
+            break
+        found = block.find(b"\n")
+        if found >= 0:
+            return position + found + 1
+        position += len(block)
+    return size
 
 
 def _task_maker(index: int, source: Source, mode: str, text_column: str):

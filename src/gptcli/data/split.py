@@ -46,7 +46,7 @@ class Splitter:
         self.blocks = self.val_blocks = 0
         self.train_tokens = self.val_tokens = 0
         self.tail = np.zeros(0, dtype=np.int64)  # train's last tokens, held back (see the module docstring)
-        self.tail_starts = np.zeros(0, dtype=bool)  # where a document begins in `tail`
+        self.tail_starts = np.zeros(0, dtype=np.int64)  # positions in `tail` where a document begins
         self.rule = "none" if val_fraction <= 0 else "draw"
         self.moved_documents = 0
 
@@ -63,24 +63,27 @@ class Splitter:
         if self.open:
             offsets[0] = self.open_tokens
         begun = offsets == 0
-        to_val = self._draw(documents, offsets, counts)
+        val_ranges = self._draw(documents, offsets, counts)
         begins_in_val = validation_mask(documents[begun], self.seed, self.val_fraction)
         self.next_document = first + len(counts)
         self.open = last_open
         self.open_tokens = int(offsets[-1] + counts[-1]) if last_open else 0
-        if to_val is None:
+        if val_ranges is None:
             return self._hold_back(tokens, counts, begun), tokens[:0], begins_in_val
-        self.val_tokens += int(np.count_nonzero(to_val))
-        return self._hold_back(tokens[~to_val], counts, begun, to_val), tokens[to_val], begins_in_val
+        low, high = val_ranges
+        val = np.concatenate([tokens[a:b] for a, b in zip(low, high)])
+        train = np.concatenate([tokens[a:b] for a, b in zip([0, *high], [*low, len(tokens)])])
+        self.val_tokens += len(val)
+        return self._hold_back(train, counts, begun, val_ranges), val, begins_in_val
 
     def _draw(self, documents: np.ndarray, offsets: np.ndarray, counts: np.ndarray):
-        """Per token: goes to val (None: nothing can)."""
+        """(starts, ends) of the token ranges that go to val, in order and apart (None: none does)."""
         block = self.block_tokens
         ends = offsets + counts
         if int(ends.max(initial=0)) <= block:  # every entry lies in its document's first block
             unit_val = validation_mask(documents, self.seed, self.val_fraction)
             self._count_blocks(offsets == 0, unit_val)
-            return np.repeat(unit_val, counts) if self.val_fraction > 0 else None
+            return _ranges(unit_val, counts)
         first_block = offsets // block
         per_entry = np.where(counts > 0, (ends - 1) // block - first_block + 1, 0)
         entry = np.repeat(np.arange(len(counts)), per_entry)
@@ -89,26 +92,33 @@ class Splitter:
         high = np.minimum(ends[entry], (number + 1) * block)
         unit_val = validation_mask(documents[entry] | (number << BLOCK_KEY_SHIFT), self.seed, self.val_fraction)
         self._count_blocks(low == number * block, unit_val)
-        return np.repeat(unit_val, high - low) if self.val_fraction > 0 else None
+        return _ranges(unit_val, high - low)
 
     def _count_blocks(self, begun: np.ndarray, unit_val: np.ndarray) -> None:
         self.blocks += int(np.count_nonzero(begun))
         self.val_blocks += int(np.count_nonzero(begun & unit_val))
 
-    def _hold_back(self, train: np.ndarray, counts: np.ndarray, begun: np.ndarray, to_val=None) -> np.ndarray:
+    def _hold_back(self, train: np.ndarray, counts: np.ndarray, begun: np.ndarray, val_ranges=None) -> np.ndarray:
         """Train tokens ready to write: all but the last `block_tokens` seen so far (when val may need them)."""
         self.train_tokens += len(train)
         if self.val_fraction <= 0:
             return train
-        starts = np.zeros(int(counts.sum()), dtype=bool)
-        starts[(np.cumsum(counts) - counts)[begun & (counts > 0)]] = True
-        if to_val is not None:
-            starts = starts[~to_val]
-        tokens = np.concatenate([self.tail.astype(train.dtype), train])
-        starts = np.concatenate([self.tail_starts, starts])
-        keep = max(len(tokens) - self.block_tokens, 0)
-        self.tail, self.tail_starts = tokens[keep:], starts[keep:]
-        return tokens[:keep]
+        starts = (np.cumsum(counts) - counts)[begun & (counts > 0)]  # where documents begin among this task's tokens
+        if val_ranges is not None:  # keep those beginning in train, at their place among the train tokens
+            low, high = val_ranges
+            before = np.searchsorted(low, starts, side="right")  # val ranges starting at or before each
+            in_val = (before > 0) & (starts < high[before - 1])
+            val_before = np.concatenate([[0], np.cumsum(high - low)])  # val tokens in the first k ranges
+            starts = starts[~in_val] - val_before[before[~in_val]]
+        held, tail = len(self.tail), self.tail.astype(train.dtype, copy=False)
+        keep = max(held + len(train) - self.block_tokens, 0)  # tokens ready, counted from the tail's start
+        if keep <= held:
+            ready, self.tail = tail[:keep], np.concatenate([tail[keep:], train])
+        else:
+            ready, self.tail = np.concatenate([tail, train[:keep - held]]), train[keep - held:]
+        starts = np.concatenate([self.tail_starts, starts + held])
+        self.tail_starts = starts[starts >= keep] - keep
+        return ready
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """(train, val) tokens held back; the tail goes to val when the draw gave val nothing."""
@@ -116,7 +126,7 @@ class Splitter:
         if self.rule == "draw" and self.val_tokens == 0:
             if self.train_tokens >= 2 * self.block_tokens:
                 self.rule = "last block"
-                self.moved_documents = int(np.count_nonzero(self.tail_starts))
+                self.moved_documents = len(self.tail_starts)
                 self.val_tokens, self.train_tokens = len(tail), self.train_tokens - len(tail)
                 return tail[:0], tail
             self.rule = "too small"
@@ -133,3 +143,15 @@ class Splitter:
                     f"{self.train_tokens:,} tokens are fewer than two blocks of {self.block_tokens:,} "
                     "(see [data] val_block_tokens)."]
         return []
+
+
+def _ranges(unit_val: np.ndarray, lengths: np.ndarray):
+    """(starts, ends) of the runs of val units, whose token counts are `lengths`, laid end to end; None
+    when no unit goes to val."""
+    chosen = np.flatnonzero(unit_val)
+    if not len(chosen):
+        return None
+    ends = np.cumsum(lengths)
+    low, high = (ends - lengths)[chosen], ends[chosen]
+    apart = np.flatnonzero(low[1:] != high[:-1]) + 1  # where a run of adjacent val units ends
+    return low[np.r_[0, apart]], high[np.r_[apart - 1, len(high) - 1]]
