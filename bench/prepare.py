@@ -14,6 +14,9 @@
    least disturbed. The load average before and after is printed, since it moves every figure.
 2. Peak RSS of `gpt prepare` (main process + workers, summed, sampled every 100 ms) on text corpora of each
    `--memory-mb` size: it must stay under 300 MB and not grow with the corpus.
+3. With `--eta-mb N`: how right the progress bar's ETA is, on an N MB one-file text corpus (default options)
+   and an N MB JSONL of paragraph records: the ETA shown once 10%, 25% and 50% of the bytes are done,
+   against the time the run then really took to finish (target: within 20% from 10% on, for 1 GB).
 
 Corpora are written under /tmp and deleted afterwards. Needs psutil and transformers (test extras).
 """
@@ -174,6 +177,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="gptcli workers (0: all cores)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per way; the best counts")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--eta-mb", type=int, default=0, help="corpus size for the ETA accuracy check (0: skip)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="gptcli-bench-"))
     try:
@@ -181,6 +185,7 @@ def main() -> None:
               f"load average before: {os.getloadavg()[0]:.2f}")
         throughput(args, scratch)
         memory(args, scratch)
+        eta_accuracy(args, scratch)
         print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -229,6 +234,41 @@ def memory(args, scratch: Path) -> None:
               f"{peaks['main'] / 2**20:.0f} MiB | {peaks['rss'] / 2**20:.0f} MiB | {peaks['pss'] / 2**20:.0f} MiB |")
         corpus.unlink()
         shutil.rmtree(out, ignore_errors=True)
+
+
+def eta_accuracy(args, scratch: Path) -> None:
+    """The ETA the progress bar shows (Progress.eta_seconds) at 10/25/50% of the bytes, against the time
+    `prepare()` then took to return (the tokenizing left plus writing the manifest and publishing)."""
+    if not args.eta_mb:
+        return
+    from gptcli.config import project_from_dict
+    from gptcli.data.prepare import PrepareOptions, prepare
+
+    print(f"\n## ETA accuracy, {args.eta_mb} MB inputs (error = shown ETA / time it really took - 1)")
+    print("| input | seconds | at 10% | at 25% | at 50% |")
+    print("|---|---:|---:|---:|---:|")
+    corpora = {"one-file text, default options": text_corpus(scratch / "eta.txt", args.eta_mb),
+               "JSONL, paragraph records": make_records(scratch / "eta.jsonl", 800, args.eta_mb)}
+    for label, corpus in corpora.items():
+        marks: dict[float, tuple[float, float]] = {}
+
+        def seen(progress, marks=marks):
+            now = time.perf_counter()
+            for fraction in (0.1, 0.25, 0.5):
+                if fraction not in marks and progress.eta_seconds is not None \
+                        and progress.done_bytes >= fraction * progress.total_bytes:
+                    marks[fraction] = (now, progress.eta_seconds)
+
+        out = scratch / "eta-out"
+        options = PrepareOptions.from_project(project_from_dict({}), [str(corpus)], out)
+        started = time.perf_counter()
+        prepare(options, seen)
+        ended = time.perf_counter()
+        cells = [f"{eta / (ended - at) - 1:+.0%} ({eta:.1f} s shown, {ended - at:.1f} s taken)"
+                 for at, eta in (marks[f] for f in (0.1, 0.25, 0.5))]
+        print(f"| {label} | {ended - started:.1f} | {' | '.join(cells)} |")
+        shutil.rmtree(out)
+        corpus.unlink()
 
 
 if __name__ == "__main__":
