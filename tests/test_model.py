@@ -242,6 +242,23 @@ def test_context_overflow_is_refused():
         small()(torch.zeros(1, 33, dtype=torch.long))
 
 
+def test_rotary_trains_on_sequences_longer_than_block_size():
+    """train.seq_len may exceed block_size with rotary positions (the config allows it): the training
+    forward and backward run, and give what the same weights give with a context that covers them."""
+    short = small(position="rotary", block_size=16).train()
+    long = small(position="rotary", block_size=48).train()
+    long.load_state_dict(short.state_dict())  # no position table: the same tensors fit both
+    idx, targets = torch.randint(0, 97, (2, 40)), torch.randint(0, 97, (2, 40))
+    logits, loss = short(idx, targets)
+    loss.backward()
+    expected, expected_loss = long(idx, targets)
+    assert logits.shape == (2, 40, 97) and torch.isfinite(loss)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in short.parameters())
+    with pytest.raises(ValueError, match="KV cache"):  # a cache is still bounded by its room
+        short(idx, kv_cache=short.new_kv_cache(batch=2))
+
+
 def test_kv_cache_gives_the_same_logits_as_a_full_pass():
     model = small()
     idx = torch.randint(0, 97, (2, 12))

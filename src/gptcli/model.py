@@ -263,9 +263,13 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
-        if past + T > (kv_cache.max_len if kv_cache is not None else self.config.block_size) or (
-                self.wpe is not None and past + T > self.config.block_size):
+        # Learned positions have a table of block_size rows. Rotary ones are computed for the positions
+        # used, so a training sequence may be longer than block_size (train.seq_len allows it); only a
+        # cache bounds them, by the room it was made with.
+        if self.wpe is not None and past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} positions exceeds the context of {self.config.block_size}")
+        if kv_cache is not None and past + T > kv_cache.max_len:
+            raise ValueError(f"sequence of {past + T} positions exceeds the KV cache's {kv_cache.max_len}")
         q_positions = torch.arange(past, past + T, device=idx.device)
         if position_ids is None:
             position_ids = q_positions[None].expand(B, T)  # (B, T)
