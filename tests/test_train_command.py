@@ -24,3 +24,14 @@ def test_a_configuration_error_stops_train_before_anything_starts(tmp_path):
     result = run_gpt("train", "--nproc", "2", "--set", "train.beta1=1.5", cwd=tmp_path)
     assert_user_error(result, "train.beta1 must be in [0, 1), not 1.5")
     assert "loading DeepSpeed" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_train_refuses_bidirectional_attention_before_anything_starts(tmp_path):
+    """Next-token pretraining with a non-causal pattern would let each position see its own target."""
+    result = run_gpt("train", "--nproc", "2", "--set", 'model.attention="bidirectional"', cwd=tmp_path)
+    assert_user_error(result, 'model.attention "bidirectional" cannot be pretrained on next-token targets',
+                      "each position would see the token it must predict")
+    assert result.returncode == 1 and "internal error" not in result.stderr
+    assert "loading DeepSpeed" not in result.stderr and list(tmp_path.iterdir()) == []
+    # the model and gpt eval keep it: the project itself loads
+    assert project_from_dict({"model": {"attention": "bidirectional"}}).model.attention == "bidirectional"

@@ -136,7 +136,8 @@ class ModelConfig(Section):
     activation: Activation = doc('MLP activation: "gelu_new" (tanh approximation, GPT-2), "gelu", "relu" or "silu".', "gelu_new")
     position: Position = doc('Position information: "learned" (wpe, as GPT-1/2) or "rotary" (RoPE, no wpe).', "learned")
     rope_base: float = doc("RoPE frequency base when position is rotary.", 10000.0, above=0)
-    attention: AttentionKind = doc('Default attention pattern: "causal", "bidirectional" or "sliding_window".', "causal")
+    attention: AttentionKind = doc('Default attention pattern: "causal", "sliding_window" or "bidirectional" (not for '
+                                  'gpt train: each position would see the token it predicts).', "causal")
     sliding_window: int = doc("Keys a query sees (itself included) when attention is sliding_window.", 256, at_least=1)
     tie_embeddings: bool = doc("Share the LM head with the token embedding wte (as GPT-1/2 do).", True)
     dropout: float = doc("Dropout on embeddings, attention probabilities and residual branches (GPT-2: 0.1).", 0.0,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from ..config import Project, load_project
+from ..errors import GptError
 from . import launch
 
 
@@ -43,6 +44,7 @@ def run_train(request: TrainRequest, argv: list[str], value_options: Iterable[st
 
         say(f"Wrote {consolidate_only(project)}")
         return 0
+    check_trainable(project)
     if request.nproc > 1 or request.hostfile is not None:
         return launch.launch(launch.rank_argv(argv, value_options), request.nproc, request.hostfile,
                              request.master_port)
@@ -55,6 +57,15 @@ def run_train(request: TrainRequest, argv: list[str], value_options: Iterable[st
     if result.model_dir is not None and not request.overfit_batch and os.environ.get("RANK", "0") == "0":
         say("next: " + "\n      ".join(next_commands(request, project)))
     return result.exit_code
+
+
+def check_trainable(project: Project) -> None:
+    """Rules of pretraining that the model itself does not have: next-token targets need a causal pattern."""
+    if project.model.attention == "bidirectional":
+        raise GptError('model.attention "bidirectional" cannot be pretrained on next-token targets: each position '
+                       'would see the token it must predict, so the loss would fall without the model learning to '
+                       'predict anything; use "causal" or "sliding_window" (the model and gpt eval still accept '
+                       '"bidirectional").')
 
 
 def next_commands(request: TrainRequest, project: Project) -> list[str]:
