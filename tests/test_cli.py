@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -12,7 +15,7 @@ import typer.main
 import gptcli
 from conftest import assert_user_error, gpt_env, run_gpt
 from gptcli.cli import app
-from gptcli.config import Project, load_project
+from gptcli.config import Project, field_doc, field_range, load_project, section_class
 
 COMMANDS = ["init", "inspect-params", "load-hf", "export-hf", "generate", "eval", "train", "plot", "prepare"]
 
@@ -47,6 +50,59 @@ def test_init_with_unknown_preset_writes_nothing(tmp_path):
 def test_usage_errors_exit_2():
     result = run_gpt("inspect-params", "--gpus", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_usage_errors_are_raised_one_way(tmp_path):
+    """gptcli's own usage errors are errors.UsageError (exit 2, one sentence like every GptError), from the
+    CLI or from the module it calls; never typer.BadParameter or a GptError given exit code 2 by hand."""
+    package = Path(__file__).resolve().parents[1] / "src" / "gptcli"
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        assert "BadParameter" not in text, path
+        assert "exit_code=2" not in text or path.name == "errors.py", path
+    both = run_gpt("prepare", "notes.txt", "--verify", tmp_path, cwd=tmp_path)
+    assert both.returncode == 2 and both.stderr.startswith("error: --verify: give either INPUT... or --verify DIR")
+    assert len(both.stderr.strip().splitlines()) == 1
+
+
+def parser_bounds(param) -> list:
+    """An option's min/max as the parser holds them (typer 0.2x: on the option; click: on its type)."""
+    kind = getattr(param, "type", None)
+    return [getattr(param, "min", None), getattr(param, "max", None), getattr(kind, "min", None),
+            getattr(kind, "max", None)]
+
+
+# Commands whose options stand for keys of one [section], as `--set section.key=value` overrides.
+KEY_SECTIONS = {"prepare": "data", "generate": "generate", "eval": "eval"}
+
+
+def test_every_option_named_after_a_key_takes_its_help_and_range_from_the_schema():
+    """One schema: an option named after a key of its command's section is documented by that key's doc line
+    and range, and has no bounds of its own (the schema checks the value when the project loads)."""
+    group = typer.main.get_command(app)
+    checked = []
+    for command, section in KEY_SECTIONS.items():
+        keys = {f.name for f in dataclasses.fields(section_class(section))}
+        for param in group.commands[command].params:
+            if param.param_type_name != "option" or param.name not in keys:
+                continue
+            where = f"gpt {command} {param.opts[0]}"
+            assert param.help.startswith(field_doc(section, param.name)), where
+            assert param.help.endswith(f"default: [{section}] {param.name})"), where
+            bounds = field_range(section, param.name)
+            assert bounds is None or f"({bounds}; default" in param.help, where
+            assert parser_bounds(param) == [None] * 4, where
+            checked.append(f"{section}.{param.name}")
+    assert {"data.val_fraction", "data.workers", "data.shard_tokens", "data.vocab_dir", "generate.top_p",
+            "eval.text", "eval.stride"} <= set(checked), checked
+
+
+def test_an_option_out_of_its_keys_range_gets_the_schemas_sentence(tmp_path):
+    result = run_gpt("prepare", "notes.txt", "--val-fraction", "1", cwd=tmp_path)
+    assert result.returncode == 1 and "internal error" not in result.stderr
+    assert_user_error(result, "data.val_fraction must be in [0, 1), not 1.0")
+    help_text = " ".join(run_gpt("prepare", "--help", env={"COLUMNS": "200"}).stdout.split())
+    assert "(in [0, 1); default: [data] val_fraction)" in help_text
 
 
 def test_changing_the_preset_of_an_init_file_takes_effect(tmp_path):

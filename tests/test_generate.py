@@ -202,9 +202,10 @@ def test_sample_text_api(model_dir, tokenizer):
     from gptcli.modeldir import load_model_dir
 
     model = load_model_dir(model_dir).model.train()
-    text = sample_text(model, tokenizer, "In my opinion,", max_new_tokens=8, seed=1)
+    options = SamplingOptions(max_new_tokens=8, seed=1, num_samples=3)
+    text = sample_text(model, tokenizer, "In my opinion,", options)
     assert isinstance(text, str) and text
-    assert sample_text(model, tokenizer, "In my opinion,", max_new_tokens=8, seed=1) == text
+    assert sample_text(model, tokenizer, "In my opinion,", options) == text
     assert model.training  # the caller's mode is restored
 
 

@@ -198,6 +198,41 @@ def test_samples_never_consume_the_training_rng_and_a_run_with_samples_resumes_e
     assert losses(tmp_path / "killed") == losses(reference)
 
 
+def test_samples_during_training_follow_the_generate_section(capsys):
+    """A training sample is what `gpt generate` picks with the project's [generate] (seeded by project seed +
+    step), sample_tokens long; drawing it leaves the training RNG and the model's mode as they were."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from gptcli.generate import generate
+    from gptcli.model import build_model
+    from gptcli.tokenizer import load_tokenizer
+    from gptcli.train.loop import print_sample
+
+    tokenizer = load_tokenizer("gpt2")
+    model_keys = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64}
+    samples = []
+    for overrides in ([], ["generate.temperature=0"], ["generate.temperature=1.5", "generate.top_k=3",
+                                                        "generate.top_p=0.5"]):
+        raw = apply_overrides({"model": model_keys, "train": {"sample_tokens": 12}}, overrides)
+        project = project_from_dict(raw)
+        torch.manual_seed(0)
+        model = build_model(project.model).train()
+        run = SimpleNamespace(project=project, engine=SimpleNamespace(module=model), rank=0, device="cpu",
+                              tokenizer=tokenizer, step=4)
+        rng = torch.get_rng_state()
+        print_sample(run)
+        assert torch.equal(torch.get_rng_state(), rng) and model.training
+        shown = capsys.readouterr().out
+        assert shown.startswith("--- sample at step 4 ---\nIn my opinion,") and shown.endswith("\n---\n")
+        options = replace(project.generate, max_new_tokens=12, seed=project.project.seed + 4)
+        expected = generate(model.eval(), tokenizer, ["In my opinion,"], options)[0]
+        assert shown[len("--- sample at step 4 ---\nIn my opinion,"):-len("\n---\n")] == expected.text
+        assert len(expected.tokens) == 12
+        samples.append(expected.text)
+    assert len(set(samples)) == 3  # each [generate] setting picked other tokens
+
+
 def test_bad_batch_settings_are_one_sentence(tmp_path, shards):
     project = project_file(tmp_path, shards)
     result = train(project, "--set", "train.global_batch_tokens=1000")

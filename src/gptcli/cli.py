@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 import typer.core
 from rich.console import Console
@@ -21,8 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .config import field_doc, option_overrides
-from .errors import GptError
+from .config import DEFAULT_RESUME, Resume, field_doc, field_range, option_overrides
+from .errors import GptError, UsageError
 
 
 class QuietFlags:
@@ -74,8 +73,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 
 
 def key_help(section: str, key: str) -> str:
-    """An option that stands for a project key is documented by that key."""
-    return f"{field_doc(section, key)} (default: [{section}] {key})"
+    """An option that stands for a project key is documented by that key: its doc line and its range (the
+    schema checks the value when the project loads, as for `--set`)."""
+    bounds = field_range(section, key)
+    return f"{field_doc(section, key)} ({f'{bounds}; ' if bounds else ''}default: [{section}] {key})"
+
+
+def key_option(section: str, key: str, kind: type, *names: str):
+    """An option standing for `section.key`: not given = the project's value. No bounds of its own: the
+    value becomes an override of the key, so the schema's range applies."""
+    return Annotated[Optional[kind], typer.Option(*names, help=key_help(section, key), show_default=False)]
 
 
 def load(project: Optional[Path], overrides: Optional[list[str]]):
@@ -209,17 +216,6 @@ InputsArg = Annotated[Optional[list[str]], typer.Argument(
     help="Text files, directories, globs, .jsonl (.gz too), a saved `datasets` dir, or hf:NAME[/CONFIG].",
     show_default=False)]
 PrepareOutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output dir (default: [data] dir).")]
-ValFractionOpt = Annotated[Optional[float], typer.Option(
-    min=0.0, max=0.999999, help="Fraction held out for val (default: [data] val_fraction).")]
-WorkersOpt = Annotated[Optional[int], typer.Option(
-    min=0, help="Tokenizer processes; 0 = one per core (default: [data] workers).")]
-TextColumnOpt = Annotated[Optional[str], typer.Option(
-    help="Field with the text in .jsonl records and datasets (default: [data] text_column).")]
-SeparatorOpt = Annotated[Optional[str], typer.Option(
-    help="Documents inside a text file: none (one per file), blank-line or line (default: [data] separator).")]
-ShardTokensOpt = Annotated[Optional[int], typer.Option(min=1, help="Tokens per shard file (default: [data] shard_tokens).")]
-VocabDirOpt = Annotated[Optional[str], typer.Option(
-    help="Local vocabulary: dir with encoder.json+vocab.bpe or vocab.json+merges.txt, or a .tiktoken file.")]
 ReplaceInvalidOpt = Annotated[bool, typer.Option(
     "--replace-invalid-utf8", help="Read invalid UTF-8 bytes as U+FFFD and count them (default: refuse).")]
 PrepareForceOpt = Annotated[bool, typer.Option("--force", help="Replace prepared data gptcli wrote there before.")]
@@ -234,27 +230,21 @@ def prepare_command(
     out_dir: PrepareOutOpt = None,
     project: ProjectOpt = None,
     overrides: SetOpt = None,
-    val_fraction: ValFractionOpt = None,
-    workers: WorkersOpt = None,
-    text_column: TextColumnOpt = None,
-    separator: SeparatorOpt = None,
-    shard_tokens: ShardTokensOpt = None,
-    vocab_dir: VocabDirOpt = None,
+    val_fraction: key_option("data", "val_fraction", float) = None,
+    workers: key_option("data", "workers", int) = None,
+    text_column: key_option("data", "text_column", str) = None,
+    separator: key_option("data", "separator", str) = None,
+    shard_tokens: key_option("data", "shard_tokens", int) = None,
+    vocab_dir: key_option("data", "vocab_dir", str) = None,
     replace_invalid_utf8: ReplaceInvalidOpt = False,
     force: PrepareForceOpt = False,
     verify: VerifyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Tokenize a corpus into verified token shards: parallel, constant memory, never half-written."""
-    # numpy's OpenBLAS would start a thread per core that spins for ~0.1 s of CPU the tokenizers need;
-    # prepare never multiplies matrices. Set before numpy is first imported (the next line).
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from .data import prepare as preparing
-
+    preparing = prepare_module()
     if verify is not None:
-        if inputs:
-            raise typer.BadParameter("give either INPUT... or --verify DIR, not both.")
-        return show_verify_report(preparing.verify_prepared(verify), as_json)
+        return show_verify_report(preparing.verify_prepared(only_verify(verify, inputs)), as_json)
     given = dict(val_fraction=val_fraction, workers=workers, text_column=text_column, separator=separator,
                  shard_tokens=shard_tokens, vocab_dir=vocab_dir)
     config = load(project, [*(overrides or []), *option_overrides("data", given)])
@@ -264,6 +254,22 @@ def prepare_command(
         summary = preparing.prepare(options, on_progress)
     show_prepare_summary(summary, as_json, preparing.next_command(summary.out, config))
     gc.freeze()  # all is written and closed: spare the exit's collections a scan of every object (~60 ms)
+
+
+def prepare_module():
+    """gptcli.data.prepare, imported with OpenBLAS kept to one thread: numpy's OpenBLAS would start a thread
+    per core that spins for ~0.1 s of CPU the tokenizers need, and prepare never multiplies matrices. The
+    variable must be set before numpy is first imported (here)."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from .data import prepare
+
+    return prepare
+
+
+def only_verify(verify: Path, inputs: Optional[list[str]]) -> Path:
+    if inputs:
+        raise UsageError("--verify: give either INPUT... or --verify DIR, not both.")
+    return verify
 
 
 class prepare_progress:
@@ -342,7 +348,7 @@ def train_command(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks on this machine (GPUs; CPU processes without CUDA).")] = 1,
     hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile: train on several machines.")] = None,
     master_port: Annotated[Optional[int], typer.Option("--master-port", min=1, max=65535, help="Rendezvous port (default: MASTER_PORT, else a free one; 29500 with --hostfile).")] = None,
-    resume: Annotated[str, typer.Option("--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start fresh, refused where a run exists.")] = "auto",
+    resume: Annotated[Resume, typer.Option("--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start fresh, refused where a run exists.")] = DEFAULT_RESUME,
     restart: Annotated[bool, typer.Option("--restart", help="Delete what gpt train wrote in the run dir (checkpoints, metrics, model/), then start over.")] = False,
     overfit_batch: Annotated[bool, typer.Option("--overfit-batch", help="Train on one batch over and over (sanity check: loss → ~0).")] = False,
     consolidate: Annotated[bool, typer.Option("--consolidate", help="Only write RUN/model from the latest checkpoint, then exit.")] = False,
@@ -353,12 +359,11 @@ def train_command(
     that step is saved); 128 + N stopped by signal N after saving (143 SIGTERM, 130 SIGINT)."""
     from .train.command import TrainRequest, run_train
 
-    if resume not in ("auto", "required", "never"):
-        raise typer.BadParameter('must be "auto", "required" or "never".', param_hint="--resume")
     request = TrainRequest(project, overrides or [], nproc, hostfile, master_port, resume, restart, overfit_batch,
                            consolidate)
-    value_options = [name for param in ctx.command.params if isinstance(param, click.Option) and not param.is_flag
-                     for name in param.opts]
+    # By name, not isinstance(click.Option): typer 0.2x vendors its own click, whose Option is another class.
+    value_options = [name for param in ctx.command.params
+                     if getattr(param, "param_type_name", "") == "option" and not param.is_flag for name in param.opts]
     exit_code = run_train(request, sys.argv[1:], value_options, say=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
     if exit_code:
         raise typer.Exit(exit_code)
@@ -383,11 +388,6 @@ CheckpointOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 Bf16Opt = Annotated[bool, typer.Option("--bf16", help="bf16 autocast (fast on GPU; fp32 is the default).")]
-
-
-def key_option(section: str, key: str, kind: type, *names: str):
-    """An option standing for `section.key`: not given = the project's value."""
-    return Annotated[Optional[kind], typer.Option(*names, help=key_help(section, key), show_default=False)]
 
 
 PromptsArg = Annotated[Optional[list[str]], typer.Argument(
@@ -445,8 +445,7 @@ def eval_command(
     project: ProjectOpt = None,
     checkpoint: CheckpointOpt = None,
     overrides: SetOpt = None,
-    text: Annotated[Optional[Path], typer.Option(
-        help="Score this UTF-8 text file instead of the shards (default: [eval] text).")] = None,
+    text: key_option("eval", "text", str) = None,
     dataset: Annotated[Optional[str], typer.Option(
         help="Score a Hugging Face dataset: NAME or NAME:CONFIG on the Hub, or a save_to_disk dir.")] = None,
     dataset_split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
@@ -459,13 +458,15 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and bits per byte of a model on the project's val shards, a text file or a dataset."""
-    given = {"split": split, "stride": stride, "batch_size": batch_size, "max_tokens": max_tokens}
+    if text is not None and dataset is not None:
+        raise UsageError("--dataset: give --text or --dataset, not both.")
+    given = {"text": text, "split": split, "stride": stride, "batch_size": batch_size, "max_tokens": max_tokens}
     config = load(project, [*(overrides or []), *option_overrides("eval", given)])
     from .evaluate import evaluate_project  # torch: imported once the configuration is known to be good
 
     with eval_progress() as progress:
-        result = evaluate_project(config, checkpoint=checkpoint, device=device, bf16=bf16, text=text,
-                                  dataset=dataset, dataset_split=dataset_split, progress=progress)
+        result = evaluate_project(config, checkpoint=checkpoint, device=device, bf16=bf16, dataset=dataset,
+                                  dataset_split=dataset_split, progress=progress)
     if as_json:
         return emit_json(result.to_json())
     show_eval_result(result)

@@ -78,6 +78,10 @@ TrainDevice = Literal["auto", "cuda", "cpu"]
 ZeroStage = Literal[0, 1, 2, 3]
 EvalSplit = Literal["val", "train"]
 Compile = Literal["auto", True, False]
+# `gpt train --resume`: a choice of one invocation, not a project key; the CLI, the train request and the
+# loop all take this type and this default.
+Resume = Literal["auto", "required", "never"]
+DEFAULT_RESUME: Resume = "auto"
 
 
 # --- sections -------------------------------------------------------------------------------------
@@ -203,7 +207,8 @@ class TrainConfig(Section):
                                 at_least=0)
     keep_checkpoints: int = doc("Complete checkpoints to keep (at least 2); the one `latest` names is never deleted.", 3,
                                 at_least=2)
-    sample_every: int = doc("Print a sample from sample_prompt every this many steps; 0 disables.", 0, at_least=0)
+    sample_every: int = doc("Print a sample from sample_prompt every this many steps, picked as [generate] says "
+                            "(temperature, top_k, top_p, stop); 0 disables.", 0, at_least=0)
     sample_prompt: str = doc("Prompt for the periodic samples.", "In my opinion,")
     sample_tokens: int = doc("Tokens per periodic sample.", 48, at_least=1)
     log_every: int = doc("Refresh the live display every this many steps (metrics.jsonl gets every step).", 1, at_least=1)
@@ -288,7 +293,7 @@ class Project:
     def __post_init__(self):
         """Rules between sections: checked when the project is loaded, not minutes into a run."""
         model, train = self.model, self.train
-        seq_len = train.seq_len or model.block_size
+        seq_len = self.seq_len
         if seq_len > model.block_size and model.position == "learned":
             raise ConfigError(f"train.seq_len ({seq_len}) exceeds model.block_size ({model.block_size}): learned "
                               "positions (model.position) cover block_size tokens only.")
@@ -296,6 +301,11 @@ class Project:
         if train.global_batch_tokens % per_sequence_step:
             raise ConfigError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
                               f"train.micro_batch_size × seq_len = {train.micro_batch_size} × {seq_len}.")
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per training sequence: train.seq_len, or the model's block_size when that is 0."""
+        return self.train.seq_len or self.model.block_size
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in section_names()}
@@ -418,8 +428,13 @@ def allowed_values(section: str, key: str) -> str:
     args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
     if typing.get_origin(args[0]) is Literal:
         return ", ".join(_shown(c) for c in typing.get_args(args[0]))
-    bounds = {f.name: f for f in dataclasses.fields(cls)}[key].metadata.get("bounds")
-    return _range_text(bounds) if bounds else _type_name(tp)
+    return field_range(section, key) or _type_name(tp)
+
+
+def field_range(section: str, key: str) -> Optional[str]:
+    """The range `section.key` must lie in, in words ("in [0, 1)", "at least 1"); None for an unbounded key."""
+    bounds = {f.name: f for f in dataclasses.fields(section_class(section))}[key].metadata.get("bounds")
+    return _range_text(bounds) if bounds else None
 
 
 def _build_section(name: str, values: dict) -> Any:

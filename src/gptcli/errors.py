@@ -15,6 +15,15 @@ class GptError(Exception):
         self.exit_code = exit_code
 
 
+class UsageError(GptError):
+    """A command line that does not make sense (options that exclude each other, an unknown --device): exit
+    code 2, as for an option the parser itself refuses. The one way gptcli raises a usage error, from the CLI
+    or from the module a command calls."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=2)
+
+
 class Stopped(BaseException):
     """The work was stopped by a signal (SIGTERM, or Ctrl-C's SIGINT) before it finished.
 

@@ -128,11 +128,10 @@ def result_from(totals: Totals, context: int, stride: int, source: str, seconds:
 
 
 def resolve_stride(stride: int, context: int) -> int:
-    """0 means the full context; anything outside 1..context is a user error."""
+    """0 means the full context; a stride longer than the model's context (known once the model is loaded;
+    the loader checked [eval] stride ≥ 0) is a user error."""
     if stride == 0:
         return context
-    if stride < 0:
-        raise GptError(f"The stride must be positive (or 0 for the full context), not {stride}.")
     if stride > context:
         raise GptError(f"The stride {stride} is longer than the model's context of {context} tokens; "
                        "tokens between windows would never be scored.")
@@ -283,24 +282,22 @@ def shard_sequences(data_dir: Path | str, split: str, tokenizer, max_tokens: int
 # --- gpt eval --------------------------------------------------------------------------------------------
 
 
-def eval_input(project: Project, tokenizer, *, text: Optional[Path] = None, dataset: Optional[str] = None,
+def eval_input(project: Project, tokenizer, *, dataset: Optional[str] = None,
                dataset_split: str = "test") -> tuple[list[np.ndarray], str]:
-    """What `gpt eval` scores, and its name: `dataset`, else `text`, else [eval] text, else the [eval]
-    split of the project's shards; at most [eval] max_tokens of it."""
+    """What `gpt eval` scores, and its name: `dataset`, else [eval] text (which `--text` overrides), else
+    the [eval] split of the project's shards; at most [eval] max_tokens of it."""
     settings = project.eval
     if dataset is not None:
         tokens = dataset_tokens(dataset, dataset_split, project.data.text_column, tokenizer, settings.max_tokens)
         return [tokens], f"{dataset} ({dataset_split})"
-    text = text if text is not None else (Path(settings.text) if settings.text else None)
-    if text is not None:
-        return [text_tokens(text, tokenizer, settings.max_tokens)], str(text)
+    if settings.text:
+        return [text_tokens(settings.text, tokenizer, settings.max_tokens)], settings.text
     sequences = shard_sequences(project.data.dir, settings.split, tokenizer, settings.max_tokens)
     return sequences, f"{project.data.dir} ({settings.split})"
 
 
 def evaluate_project(project: Project, *, checkpoint: Optional[Path] = None, device: str = "auto",
-                     bf16: bool = False, text: Optional[Path] = None, dataset: Optional[str] = None,
-                     dataset_split: str = "test",
+                     bf16: bool = False, dataset: Optional[str] = None, dataset_split: str = "test",
                      progress: Optional[Callable[[int, int], None]] = None) -> EvalResult:
     """`gpt eval`: score the model of `checkpoint` (else the project's run dir) on `eval_input`, with the
     project's [eval] settings (options of the command line already applied as overrides).
@@ -308,12 +305,10 @@ def evaluate_project(project: Project, *, checkpoint: Optional[Path] = None, dev
     progress(scored, total) is called after every batch of windows."""
     from .runtime import load_project_model, resolve_device
 
-    if text is not None and dataset is not None:
-        raise GptError("--dataset: give --text or --dataset, not both.", exit_code=2)
     loaded = load_project_model(project, checkpoint, resolve_device(device))
     context = loaded.config.block_size
     stride = resolve_stride(project.eval.stride, context)
-    sequences, source = eval_input(project, loaded.tokenizer, text=text, dataset=dataset, dataset_split=dataset_split)
+    sequences, source = eval_input(project, loaded.tokenizer, dataset=dataset, dataset_split=dataset_split)
     total, done = scored_count((len(s) for s in sequences), context, stride), 0
 
     def advance(scored: int) -> None:

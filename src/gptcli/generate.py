@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import GenerateConfig, Project
-from .errors import GptError
+from .errors import GptError, UsageError
 from .model import GPT
 
 # After a slide the window keeps this share of the context, so the next block_size/4 steps are cheap
@@ -386,13 +386,12 @@ def generate(model: GPT, tokenizer, prompts: list[str], options: SamplingOptions
     return samples
 
 
-def sample_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
-                top_k: int = 50, top_p: float = 1.0, seed: Optional[int] = None) -> str:
-    """One continuation of `prompt` as text (e.g. the periodic samples during training).
+def sample_text(model: GPT, tokenizer, prompt: str, options: SamplingOptions) -> str:
+    """One continuation of `prompt` as text, picked as `options` (a [generate] section) say: the periodic
+    samples during training pass the project's own, with their length and seed.
 
     The model is put in eval mode for the call and returned to the mode it was in."""
-    options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed)
+    options = dataclasses.replace(options, num_samples=1)
     was_training = model.training
     model.eval()
     try:
@@ -414,7 +413,7 @@ def read_prompts(prompts: Optional[list[str]], default: str) -> list[str]:
     """The prompts as given ("-" = stdin); the [generate] prompt when none is given."""
     prompts = prompts or [default]
     if prompts.count("-") > 1:
-        raise GptError("PROMPT: stdin can be read once; give '-' at most once.", exit_code=2)
+        raise UsageError("PROMPT: stdin can be read once; give '-' at most once.")
     texts = [sys.stdin.read().removesuffix("\n") if p == "-" else p for p in prompts]
     for index, text in enumerate(texts):
         if not text.strip():

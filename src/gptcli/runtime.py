@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from .errors import GptError
+from .errors import GptError, UsageError
 
 if TYPE_CHECKING:  # torch is imported when a device is resolved, not when the CLI starts
     import torch
@@ -26,7 +26,7 @@ def resolve_device(name: str) -> "torch.device":
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise GptError(f"--device: unknown device {name!r} ({DEVICE_CHOICES}).", exit_code=2) from None
+        raise UsageError(f"--device: unknown device {name!r} ({DEVICE_CHOICES}).") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GptError(f"--device {name} asks for CUDA, but no CUDA device is available here.")
     return device

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from ..config import Project, load_project
+from ..config import DEFAULT_RESUME, Project, Resume, load_project
 from ..errors import GptError
 from . import launch
 
@@ -24,7 +24,7 @@ class TrainRequest:
     nproc: int = 1
     hostfile: Optional[Path] = None
     master_port: Optional[int] = None
-    resume: str = "auto"
+    resume: Resume = DEFAULT_RESUME
     restart: bool = False
     overfit_batch: bool = False
     consolidate: bool = False

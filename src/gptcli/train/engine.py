@@ -65,16 +65,10 @@ def resolve_precision(project: Project, device: str) -> str:
     return precision
 
 
-def resolve_seq_len(project: Project) -> int:
-    seq_len = project.train.seq_len or project.model.block_size
-    if seq_len > project.model.block_size and project.model.position == "learned":
-        raise GptError(f"train.seq_len ({seq_len}) exceeds model.block_size ({project.model.block_size}).")
-    return seq_len
-
-
 def batch_layout(project: Project, world_size: int) -> BatchLayout:
-    """micro × accumulation × ranks; with train.global_batch_tokens the accumulation is derived from it."""
-    train, seq_len = project.train, resolve_seq_len(project)
+    """micro × accumulation × ranks; with train.global_batch_tokens the accumulation is derived from it.
+    The loader checked seq_len and the batch without the ranks; how many ranks there are is known only now."""
+    train, seq_len = project.train, project.seq_len
     accum = train.grad_accum_steps
     if train.global_batch_tokens:
         per_micro_step = train.micro_batch_size * seq_len * world_size

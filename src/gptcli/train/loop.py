@@ -13,6 +13,7 @@ Helpers live beside this module: signals.py (the stop request), faults.py (test 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 import torch
 
-from ..config import ModelConfig, Project
+from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
 from . import checkpoint
 from .chatter import LibraryLog
@@ -60,7 +61,7 @@ GradNorm = Union[torch.Tensor, float, None]
 
 @dataclass
 class TrainOptions:
-    resume: str = "auto"  # auto | required | never
+    resume: Resume = DEFAULT_RESUME
     restart: bool = False  # delete what gpt train wrote in the run dir, then start over
     overfit_batch: bool = False
 
@@ -422,21 +423,25 @@ def evaluate(run: Run) -> float:
 
 
 def print_sample(run: Run) -> None:
-    """A sample from train.sample_prompt, seeded by the step. It runs under fork_rng, so the torch
-    generators the training draws dropout from are as they were (a run with samples resumes exactly)."""
+    """A sample from train.sample_prompt, picked as [generate] says (sample_options). It runs under
+    fork_rng, so the torch generators the training draws dropout from are as they were (a run with samples
+    resumes exactly)."""
     module = sampling_model(run)  # every rank takes part under ZeRO-3; the others get None
     if module is None:
         return
     from ..generate import sample_text
 
-    train = run.project.train
-    was_training = module.training
-    module.eval()
+    prompt = run.project.train.sample_prompt
     with torch.random.fork_rng(devices=[module.wte.weight.device] if run.device == "cuda" else []), torch.no_grad():
-        text = sample_text(module, run.tokenizer, train.sample_prompt, train.sample_tokens,
-                           temperature=0.8, top_k=50, top_p=1.0, seed=run.project.project.seed + run.step)
-    module.train(was_training)
-    print(f"--- sample at step {run.step} ---\n{train.sample_prompt}{text}\n---", flush=True)
+        text = sample_text(module, run.tokenizer, prompt, sample_options(run.project, run.step))
+    print(f"--- sample at step {run.step} ---\n{prompt}{text}\n---", flush=True)
+
+
+def sample_options(project: Project, step: int) -> GenerateConfig:
+    """[generate] as `gpt generate` applies it (temperature, top_k, top_p, stop strings), for one sample of
+    train.sample_tokens tokens seeded by the step, so a resumed run samples the same text."""
+    return dataclasses.replace(project.generate, max_new_tokens=project.train.sample_tokens, num_samples=1,
+                               seed=project.project.seed + step)
 
 
 def sampling_model(run: Run) -> Optional[torch.nn.Module]:
