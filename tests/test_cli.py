@@ -182,3 +182,36 @@ def test_init_where_the_file_system_refuses_is_one_sentence(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=r"Cannot write .*run.toml: Permission denied\.$"):
         write_template(tmp_path)
     assert not (tmp_path / "run.toml").exists()
+
+
+def test_prepare_summarises_many_inputs_in_80_columns(monkeypatch, capsys):
+    """168 files of one dir (the demo's corpus): a few rows named relative to that dir, then the others'
+    totals, all within 80 columns; --json still lists every input."""
+    import io
+
+    from rich.console import Console
+
+    import gptcli.cli as cli
+    from gptcli.data.prepare import InputCount, PrepareSummary
+
+    directory = "/usr/lib/python3.11/a/rather/long/directory/of/the/standard/library"
+    inputs = [InputCount(f"{directory}/module_{i:03d}.py", documents=1, tokens=100 + i, bytes=400 + i)
+              for i in range(168)]
+    summary = PrepareSummary(out=Path("data"), documents={"train": 160, "val": 8}, tokens={"train": 1, "val": 1},
+                             shards={"train": 1, "val": 1}, bytes=sum(c.bytes for c in inputs), replaced_bytes=0,
+                             seconds=1.0, workers=2, split={"rule": "draw", "val_blocks": 8, "blocks": 168,
+                                                            "block_tokens": 2048}, inputs=inputs)
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=screen, width=80, color_system=None))
+    cli.show_prepare_summary(summary, as_json=False, next_command="gpt train")
+    lines = screen.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "by input, in …" + f"{directory}/"[-(cli.INPUT_WIDTH - 1):] in " ".join(lines)
+    rows = [line for line in lines if "module_" in line]
+    assert [row.split()[1] for row in rows] == [f"module_{i:03d}.py" for i in range(cli.INPUT_ROWS - 1)]
+    rest = inputs[cli.INPUT_ROWS - 1:]
+    totals = [f"{len(rest)}", f"{sum(c.tokens for c in rest):,}", f"{sum(c.bytes for c in rest):,}"]
+    (more,) = [line for line in lines if "more inputs" in line]
+    assert f"… and {totals[0]} more inputs" in more and more.replace("│", " ").split()[-2:] == totals[1:]
+    cli.show_prepare_summary(summary, as_json=True, next_command="gpt train")
+    assert len(json.loads(capsys.readouterr().out)["inputs"]) == 168

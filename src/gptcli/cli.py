@@ -312,12 +312,7 @@ def show_prepare_summary(summary, as_json: bool, next_command: str) -> None:
         table.add_row(name, f"{values['train']:,}", f"{values['val']:,}", f"{sum(values.values()):,}")
     out.print(table)
     if len(summary.inputs) > 1:
-        inputs = Table("input", title="by input")
-        for column in ("documents", "tokens", "bytes of text"):
-            inputs.add_column(column, justify="right")
-        for count in summary.inputs:
-            inputs.add_row(escape(count.input), f"{count.documents:,}", f"{count.tokens:,}", f"{count.bytes:,}")
-        out.print(inputs)
+        show_inputs(summary.inputs)
     split = summary.split
     rule = {"draw": "seeded draw", "last block": "last block held out (the draw picked none)",
             "too small": "none (corpus under two blocks)", "none": "none (val_fraction 0)"}[split["rule"]]
@@ -327,6 +322,39 @@ def show_prepare_summary(summary, as_json: bool, next_command: str) -> None:
               f"{summary.seconds:.1f} s with {summary.workers} worker(s) "
               f"({sum(summary.tokens.values()) / max(summary.seconds, 1e-9):,.0f} tokens/s)")
     out.print(f"next: {escape(next_command)}", highlight=False, soft_wrap=True)
+
+
+# Inputs listed one by one in prepare's summary; the rest are one row of totals (--json lists every input).
+INPUT_ROWS = 8
+INPUT_WIDTH = 36  # characters of an input's name, so the table fits 80 columns
+
+
+def show_inputs(inputs) -> None:
+    """What each input gave: names relative to the inputs' common dir (so that 168 files of one dir do not
+    read as 168 copies of its path), the first INPUT_ROWS of them, then the others' totals."""
+    names = [count.input for count in inputs]
+    common = os.path.commonpath(names) if all(os.path.isabs(n) == os.path.isabs(names[0]) for n in names) else ""
+    if common in names or not common.strip(os.sep):  # one input holds the others, or nothing is shared
+        common = ""
+    where = f", in {name_tail(common + os.sep, INPUT_WIDTH)}" if common else ""
+    table = Table("input", title=escape(f"by input{where}"))
+    for column in ("documents", "tokens", "bytes of text"):
+        table.add_column(column, justify="right")
+    shown = inputs if len(inputs) <= INPUT_ROWS else inputs[:INPUT_ROWS - 1]
+    for count in shown:
+        name = os.path.relpath(count.input, common) if common else count.input
+        table.add_row(escape(name_tail(name, INPUT_WIDTH)), f"{count.documents:,}", f"{count.tokens:,}",
+                      f"{count.bytes:,}")
+    rest = inputs[len(shown):]
+    if rest:
+        table.add_row(f"… and {len(rest):,} more inputs", *(f"{sum(getattr(c, key) for c in rest):,}"
+                                                          for key in ("documents", "tokens", "bytes")))
+    out.print(table)
+
+
+def name_tail(name: str, width: int) -> str:
+    """`name` cut from the left to `width` characters: the end of a path tells inputs apart."""
+    return name if len(name) <= width else "…" + name[len(name) - width + 1:]
 
 
 def show_verify_report(report, as_json: bool) -> None:
