@@ -1,5 +1,5 @@
 """Feedback while `gpt train` waits (set-up phases, the stop acknowledgement) and library chatter kept in
-RUN/deepspeed.log (gptcli.train.phases, gptcli.train.chatter)."""
+RUN/deepspeed.log (gptcli.train.phases, gptcli.train.stopping, gptcli.train.chatter)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import gpt_env
-from gptcli.train import chatter, phases
+from gptcli.train import chatter, phases, stopping
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +42,8 @@ def test_the_deepspeed_phase_warns_of_the_op_a_first_cpu_run_compiles(monkeypatc
     assert phases.deepspeed_phase("cuda") == "starting DeepSpeed (NCCL)"
 
 
-def acknowledger(step: int, now: list[float]) -> phases.StopAcknowledger:
-    return phases.StopAcknowledger(SimpleNamespace(step=step), handler=None, clock=lambda: now[0])
+def acknowledger(step: int, now: list[float]) -> stopping.StopAcknowledger:
+    return stopping.StopAcknowledger(SimpleNamespace(step=step), handler=None, clock=lambda: now[0])
 
 
 def test_a_stop_request_is_acknowledged_with_the_step_in_progress(capfd):
@@ -71,7 +71,8 @@ STOP_SCRIPT = """
 import hashlib, os, signal, sys, threading, time
 from types import SimpleNamespace
 from gptcli.train.loop import StopRequest
-from gptcli.train.phases import REPEAT_SIGNAL_SECONDS, training_starts
+from gptcli.train.phases import training_starts
+from gptcli.train.stopping import REPEAT_SIGNAL_SECONDS
 stop = StopRequest()
 stop.install()
 training_starts(SimpleNamespace(step=4, project=SimpleNamespace(train=SimpleNamespace(max_steps=10))), stop)

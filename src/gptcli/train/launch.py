@@ -94,14 +94,13 @@ def launch_local(command: list[str], nproc: int, master_port: Optional[int]) -> 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
+    from .stopping import end_launch_on_signal
+
     os.environ.update(rank_environment(nproc, os.environ))
     config = local_launch_config(nproc, master_port if master_port is not None else env_port(os.environ))
     quiet_elastic_logs()
     try:
-        # The agent installs these handlers itself once it starts the ranks; until then a signal ends the
-        # launch the same way instead of killing this process with its ranks half started.
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, raise_signal_exception)
+        end_launch_on_signal()  # until the agent installs its own handlers
         elastic_launch(config, command[0])(*command[1:])
     except SignalException as stop:
         print(f"Stopped by {stop.sigval.name}: it was passed to every rank, to finish its step and save (ranks "
@@ -116,12 +115,6 @@ def launch_local(command: list[str], nproc: int, master_port: Optional[int]) -> 
                            "(or MASTER_PORT), or neither for a free one.") from None
         raise GptError(f"Could not start {nproc} ranks: {type(error).__name__}: {error}") from None
     return 0
-
-
-def raise_signal_exception(signum, frame) -> None:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
-    raise SignalException(f"Process {os.getpid()} got signal {signum}", sigval=signal.Signals(signum))
 
 
 def rank_environment(nproc: int, environ: Mapping[str, str]) -> dict[str, str]:

@@ -7,7 +7,7 @@ the step, save, exit 128 + the signal number). The gradient norm of a step is kn
 optimizer step; it is read at the next step's sync (or at once on steps that evaluate, sample or save),
 so logging never adds a second sync to an ordinary step.
 
-Helpers live beside this module: signals.py (the stop request), faults.py (test faults), prefetch.py
+Helpers live beside this module: stopping.py (the stop request), faults.py (test faults), prefetch.py
 (batches read ahead), display.py (the live view, the overfit printout), consolidation.py (RUN/model).
 """
 
@@ -43,7 +43,7 @@ from .phases import deepspeed_phase, show_phase, training_starts
 from .preflight import announce
 from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
-from .signals import StopRequest
+from .stopping import StopRequest
 
 if TYPE_CHECKING:
     import deepspeed

@@ -1,0 +1,132 @@
+"""Stopping a run by signal, in one place: the request, its immediate answer, and the launcher's part.
+
+In a rank, SIGTERM/SIGINT are remembered, not obeyed at once (StopRequest): the loop finishes the step,
+every rank learns of it through the step's all-reduce, they all save the same step, and the run exits with
+128 + the signal number (143 for SIGTERM, 130 for SIGINT). Once set-up is over, rank 0 also answers each
+request as it arrives (StopAcknowledger), from a watcher thread while the main thread is inside a long C
+call, because a CPU step of a large model lasts long enough that an answer at the step's end looks like
+none; a second Ctrl-C aborts without saving.
+
+In the launcher of `--nproc` ranks, a signal that arrives before torch's elastic agent has installed its
+own handlers ends the launch the way it does once the agent runs (end_launch_on_signal).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Callable, Optional, Union
+
+from .phases import is_rank_zero
+
+Handler = Union[Callable[[int, Optional[FrameType]], object], int, None]
+
+# A second Ctrl-C within this many seconds of the first is the same keypress delivered twice (once by the
+# terminal to the whole process group, once forwarded by a launcher), not a second request.
+REPEAT_SIGNAL_SECONDS = 1.0
+
+
+class StopRequest:
+    """Remembers the first SIGTERM/SIGINT this process receives, and answers each once training runs."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous: dict[int, Handler] = {}
+        self.acknowledger: Optional[StopAcknowledger] = None  # set by answer_during
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self.handle)
+
+    def handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.acknowledger is not None and not self.acknowledger.watching:
+            self.acknowledger(signum)  # "stopping after this step…" (a watcher thread, when there is one, says it)
+        self.signum = self.signum or signum
+
+    def answer_during(self, run) -> None:
+        """Set-up is over: from now on each request is answered at once, naming `run`'s step in progress."""
+        self.acknowledger = StopAcknowledger(run, self.handle)
+        self.acknowledger.watch()
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class StopAcknowledger:
+    """Answers SIGINT/SIGTERM as they arrive. The first: the loop finishes the step in progress, saves and
+    exits. Another Ctrl-C after that aborts without saving (`latest` still names the last complete
+    checkpoint)."""
+
+    def __init__(self, run, handler, clock=time.monotonic):
+        self.run = run
+        self.handler = handler  # the stop request's handler: answer only while it is the one installed
+        self.clock = clock
+        self.first_at: Optional[float] = None
+        self.watching = False
+
+    def __call__(self, signum: int) -> None:
+        if self.first_at is None:
+            self.first_at = self.clock()
+            if is_rank_zero():
+                write_stderr(stop_message(signum, self.run))
+            return
+        if signum != signal.SIGINT or self.clock() - self.first_at < REPEAT_SIGNAL_SECONDS:
+            return
+        if is_rank_zero():
+            write_stderr("Aborting now, without saving; the last complete checkpoint is kept.\n")
+        os._exit(128 + signal.SIGINT)
+
+    def watch(self) -> None:
+        """Python runs a signal handler only between bytecodes of the main thread, which can spend most
+        of a step inside one C call (a CPU backward pass). The C-level handler writes the signal number
+        to the wakeup fd at once; a thread blocked on reading it answers."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        try:
+            signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: the handler answers, at the main thread's next bytecode
+            os.close(read_fd)
+            os.close(write_fd)
+            return
+        self.watching = True
+        threading.Thread(target=self.read_signals, args=(read_fd,), name="stop-acknowledger", daemon=True).start()
+
+    def read_signals(self, read_fd: int) -> None:
+        while True:
+            for signum in os.read(read_fd, 64):
+                if signum in (signal.SIGINT, signal.SIGTERM) and signal.getsignal(signum) == self.handler:
+                    self(signum)
+
+
+def stop_message(signum: int, run) -> str:
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    step = f" (step {run.step + 1:,})" if run is not None else ""
+    again = "; press Ctrl-C again to abort without saving" if signum == signal.SIGINT else ""
+    return f"\n{name}: stopping after this step{step}; saving a checkpoint…{again}\n"
+
+
+def write_stderr(text: str) -> None:
+    """Straight to file descriptor 2: a signal handler may interrupt a print to sys.stderr (re-entering
+    the buffered stream would raise), and the watcher thread must not wait for the main thread's lock."""
+    os.write(2, text.encode())
+
+
+# --- the launcher ------------------------------------------------------------------------------------------
+
+
+def end_launch_on_signal() -> None:
+    """Until torch's elastic agent installs its own handlers (when it starts the ranks), SIGTERM/SIGINT end
+    the launch as the agent's would, with its SignalException, instead of killing this process with its
+    ranks half started."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, raise_signal_exception)
+
+
+def raise_signal_exception(signum, frame) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    raise SignalException(f"Process {os.getpid()} got signal {signum}", sigval=signal.Signals(signum))
