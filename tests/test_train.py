@@ -157,7 +157,7 @@ def test_resuming_another_architecture_names_the_key_and_both_values(tmp_path, s
 
 
 def test_a_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path, shards, reference):
-    from gptcli.train.checkpoint import full_state_dict
+    from gptcli.train.consolidation import full_state_dict
 
     result = train(project_file(tmp_path, shards), fault="nan@7")
     assert result.returncode == 4

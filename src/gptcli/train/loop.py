@@ -473,7 +473,7 @@ def save(run: Run) -> None:
 
 def parameter_group_names(run: Run) -> list[list[str]]:
     """The parameter names of each optimizer group, in the optimizer's order: at ZeRO-0 DeepSpeed saves
-    the fp16/bf16 optimizer's fp32 masters without names (checkpoint.stage0_masters reads them)."""
+    the fp16/bf16 optimizer's fp32 masters without names (consolidation.stage0_masters reads them)."""
     module = run.engine.module
     names = {id(parameter): name for name, parameter in module.named_parameters()}
     return [[names[id(p)] for p in group["params"]] for group in parameter_groups(module, 0.0)]
