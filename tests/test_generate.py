@@ -198,6 +198,24 @@ def test_streaming_joins_split_characters(tokenizer):
     assert "".join(shown) == "né 🙂 ok" and "\ufffd" not in "".join(shown)
 
 
+@pytest.mark.parametrize("vocab_multiple", [1, 64])
+def test_generations_head_for_a_few_rows_gives_the_models_logits(vocab_multiple):
+    """next_logits puts the weight on the left for 2 to SMALL_HEAD_ROWS rows on a CPU; the logits are the
+    model head's (the same products, summed in another order: within 1e-5) over the real vocabulary."""
+    from gptcli.config import ModelConfig
+    from gptcli.generate import SMALL_HEAD_ROWS, next_logits
+    from gptcli.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=500, block_size=16, n_layer=1, n_head=2, n_embd=32,
+                            vocab_multiple=vocab_multiple)).eval()
+    for rows in range(1, SMALL_HEAD_ROWS + 2):
+        hidden = torch.randn(rows, 1, 32)
+        logits = next_logits(model, hidden)
+        assert logits.shape == (rows, 1, 500)
+        torch.testing.assert_close(logits, model.head(hidden), atol=1e-5, rtol=0)
+
+
 def test_sample_text_api(model_dir, tokenizer):
     from gptcli.modeldir import load_model_dir
 

@@ -81,7 +81,7 @@ def test_padding_only_suffix_gives_finite_logits_equal_to_unpadded():
     mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 7)], dim=1).long()
     with torch.no_grad():
         alone, _ = model(real)
-        both, _ = model(padded, attention_mask=mask)
+        both, _ = model(padded, padding_mask=mask)
     assert torch.isfinite(both).all()
     torch.testing.assert_close(both[:, :9], alone, atol=1e-5, rtol=0)
 
@@ -92,7 +92,7 @@ def test_left_padding_keeps_every_row_finite():
     idx = torch.randint(0, 97, (2, 8))
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
     with torch.no_grad():
-        logits, _ = model(idx, attention_mask=mask)
+        logits, _ = model(idx, padding_mask=mask)
     assert torch.isfinite(logits).all()
 
 
@@ -104,8 +104,8 @@ def test_padding_mask_keeps_the_key_axis():
     changed = idx.clone()
     changed[0, 5] = (changed[0, 5] + 1) % 97
     with torch.no_grad():
-        a, _ = model(idx, attention_mask=mask)
-        b, _ = model(changed, attention_mask=mask)
+        a, _ = model(idx, padding_mask=mask)
+        b, _ = model(changed, padding_mask=mask)
     torch.testing.assert_close(a[:, :4], b[:, :4], atol=1e-6, rtol=0)
 
 
@@ -131,8 +131,8 @@ def test_causal_bidirectional_and_sliding_window_change_exactly_what_they_should
     # The per-call override and a custom boolean mask give the same patterns.
     assert perturb_and_compare(small(), 6, attention="bidirectional") == bidirectional
     eye = torch.eye(12, dtype=torch.bool)
-    assert perturb_and_compare(small(), 6, attn_mask=eye) == [t == 6 for t in range(12)]
-    assert perturb_and_compare(small(), 6, attn_mask=eye[None, None]) == [t == 6 for t in range(12)]
+    assert perturb_and_compare(small(), 6, attention=eye) == [t == 6 for t in range(12)]
+    assert perturb_and_compare(small(), 6, attention=eye[None, None]) == [t == 6 for t in range(12)]
 
 
 def test_custom_causal_mask_equals_the_default_path():
@@ -141,7 +141,7 @@ def test_custom_causal_mask_equals_the_default_path():
     causal = torch.tril(torch.ones(10, 10, dtype=torch.bool)).expand(2, 10, 10)
     with torch.no_grad():
         default, _ = model(idx)
-        custom, _ = model(idx, attn_mask=causal)
+        custom, _ = model(idx, attention=causal)
     torch.testing.assert_close(custom, default, atol=1e-6, rtol=0)
 
 
@@ -268,6 +268,28 @@ def test_kv_cache_gives_the_same_logits_as_a_full_pass():
         prefill, _ = model(idx[:, :8], kv_cache=cache)
         steps = [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(8, 12)]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_the_kv_cache_advances_and_truncates_through_its_own_methods():
+    """Forgetting positions (rejected draft tokens) and feeding others gives what feeding those alone gives."""
+    model = small()
+    idx = torch.randint(0, 97, (2, 12))
+    cache = model.new_kv_cache(batch=2)
+    with torch.no_grad():
+        full, _ = model(idx)
+        model(idx[:, :8], kv_cache=cache)
+        model(torch.randint(0, 97, (2, 3)), kv_cache=cache)  # a draft that is rejected
+        assert cache.length == 11
+        cache.truncate(8)
+        rest, _ = model(idx[:, 8:], kv_cache=cache)
+    assert cache.length == 12
+    torch.testing.assert_close(rest, full[:, 8:], atol=1e-5, rtol=0)
+    with pytest.raises(AttributeError):
+        cache.length = 3  # only advance and truncate change it
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.truncate(13)
+    with pytest.raises(ValueError, match="exceed the KV cache"):
+        cache.advance(cache.max_len)
 
 
 def test_the_chunked_loss_equals_cross_entropy_over_all_logits(monkeypatch):

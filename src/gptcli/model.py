@@ -12,7 +12,7 @@ D head dimension, C = n_embd, V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Keys and values of every layer for up to `max_len` positions, filled left to right.
 
-    `length` counts the positions already cached; GPT.forward appends the new ones and advances it.
+    `length` counts the positions cached, and changes only through the cache's methods: in a forward
+    pass every layer `append`s the keys and values of the new positions after them, then the model
+    `advance`s the length past them; generation `truncate`s it to forget rejected draft tokens (their
+    entries are overwritten by the next pass).
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
@@ -54,14 +57,30 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.length = 0
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, D) after what is cached; return all keys and values so far (B, H, S, D)."""
-        end = self.length + k.size(2)
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
+        end = self._length + k.size(2)
+        self.keys[layer, :, :, self._length:end] = k
+        self.values[layer, :, :, self._length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, count: int) -> None:
+        """The positions every layer has just appended are cached: count them."""
+        if self._length + count > self.max_len:
+            raise ValueError(f"{self._length} + {count} positions exceed the KV cache's {self.max_len}")
+        self._length += count
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on (the entries stay until they are overwritten)."""
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot truncate a KV cache of {self._length} positions to {length}")
+        self._length = length
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (e.g. when some samples have finished)."""
@@ -147,20 +166,26 @@ class Block(nn.Module):
 # --- masks --------------------------------------------------------------------------------------------------
 
 
+# An attention pattern: a name ("causal", "bidirectional", "sliding_window"), or an explicit boolean mask
+# (T, S), (B, T, S) or (B, 1, T, S), True where a query may attend a key.
+Pattern = Union[str, torch.Tensor]
+
+
 def attention_mask_for(config: ModelConfig, q_positions: torch.Tensor, key_length: int,
-                       padding: Optional[torch.Tensor] = None, custom: Optional[torch.Tensor] = None,
-                       pattern: Optional[str] = None) -> Optional[torch.Tensor]:
+                       padding_mask: Optional[torch.Tensor] = None,
+                       pattern: Optional[Pattern] = None) -> Optional[torch.Tensor]:
     """The boolean mask (B|1, 1, T, S) for SDPA, True where a query may attend a key; None = plain causal.
 
     q_positions: absolute key index of each query (T,) (cache offset included).
-    padding: (B, S) with 1 for real tokens, 0 for padding; becomes (B, 1, 1, S), keeping the key axis.
-    custom: any bool (T, S), (B, T, S) or (B, 1, T, S) mask; it replaces the pattern.
+    padding_mask: (B, S) with 1 for real tokens, 0 for padding; becomes (B, 1, 1, S), keeping the key axis.
+    pattern: config.attention when None; an explicit mask replaces the named patterns.
     A query row left with no key (a padding position before any real token) may attend itself, so
     its output is finite instead of the NaN a softmax over nothing gives.
     """
-    pattern = pattern or config.attention
+    pattern = config.attention if pattern is None else pattern
+    custom = pattern if isinstance(pattern, torch.Tensor) else None
     T = q_positions.numel()
-    plain_causal = pattern == "causal" and padding is None and custom is None
+    plain_causal = custom is None and pattern == "causal" and padding_mask is None
     if plain_causal and (key_length == T or T == 1):
         return None  # is_causal (prefill from empty) or one new token that sees the whole cache
     keys = torch.arange(key_length, device=q_positions.device)
@@ -177,15 +202,11 @@ def attention_mask_for(config: ModelConfig, q_positions: torch.Tensor, key_lengt
         else:  # sliding_window: causal, and at most `sliding_window` keys including itself
             mask = (delta >= 0) & (delta < config.sliding_window)
         mask = mask[None, None]  # (1, 1, T, S)
-    if padding is not None:
-        mask = mask & padding.to(torch.bool)[:, None, None, :]  # (B, 1, T, S)
+    if padding_mask is not None:
+        mask = mask & padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, T, S)
     itself = (q_positions[:, None] == keys[None, :])[None, None]  # (1, 1, T, S)
     empty_row = ~mask.any(dim=-1, keepdim=True)  # (B|1, 1, T, 1)
     return mask | (empty_row & itself)
-
-
-# Up to this many rows, the CPU vocabulary projection uses the weight-on-the-left product (see GPT.head).
-SMALL_HEAD_ROWS = 8
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -233,29 +254,29 @@ class GPT(nn.Module):
                        dtype or weight.dtype)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                attention_mask: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
-                attention: Optional[str] = None,
+                padding_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None, attention: Optional[Pattern] = None,
                 return_logits: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Token ids → next-token logits, and the mean cross-entropy when targets are given.
 
         idx: (B, T) token ids. targets: (B, T) ids to predict, -100 where nothing is scored.
-        attention_mask: (B, S) 1 = real token, 0 = padding (S = cached + T positions).
-        attn_mask: a custom bool mask (T, S), (B, T, S) or (B, 1, T, S), True = may attend.
+        padding_mask: (B, S) 1 = real token, 0 = padding (S = cached + T positions).
         position_ids: (B, T) positions (default: cache offset + 0..T-1). kv_cache: a KVCache to extend.
-        attention: override config.attention ("causal", "bidirectional", "sliding_window") for this call.
+        attention: the pattern for this call instead of config.attention: a name ("causal",
+        "bidirectional", "sliding_window") or a bool mask (T, S), (B, T, S) or (B, 1, T, S), True = may
+        attend (padding_mask still applies on top of it).
         return_logits: False returns None for the logits (training needs only the loss).
         Returns (logits (B, T, vocab_size) or None, loss or None).
         """
-        hidden = self.hidden_states(idx, attention_mask=attention_mask, attn_mask=attn_mask,
-                                    position_ids=position_ids, kv_cache=kv_cache, attention=attention)
+        hidden = self.hidden_states(idx, padding_mask=padding_mask, position_ids=position_ids, kv_cache=kv_cache,
+                                    attention=attention)
         logits = self.head(hidden)  # (B, T, V)
         loss = chunked_cross_entropy(logits, targets) if targets is not None else None
         return (logits if return_logits else None), loss
 
-    def hidden_states(self, idx: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None,
-                      attn_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                      kv_cache: Optional[KVCache] = None, attention: Optional[str] = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None,
+                      position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                      attention: Optional[Pattern] = None) -> torch.Tensor:
         """The final hidden states (B, T, C) that `head` turns into logits; arguments as for `forward`.
 
         Generation and evaluation call this directly so they can project only the positions they need
@@ -273,7 +294,7 @@ class GPT(nn.Module):
         q_positions = torch.arange(past, past + T, device=idx.device)
         if position_ids is None:
             position_ids = q_positions[None].expand(B, T)  # (B, T)
-        mask = attention_mask_for(self.config, q_positions, past + T, attention_mask, attn_mask, attention)
+        mask = attention_mask_for(self.config, q_positions, past + T, padding_mask, attention)
 
         x = self.wte(idx)  # (B, T, C)
         rope = None
@@ -288,20 +309,15 @@ class GPT(nn.Module):
             else:
                 x = block(x, mask, rope, kv_cache)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T)
         return self.ln_f(x) if self.ln_f is not None else x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., C) → logits (..., vocab_size); vocabulary padding rows are never predicted."""
-        rows = hidden.numel() // hidden.size(-1)
-        if hidden.device.type == "cpu" and 1 < rows <= SMALL_HEAD_ROWS:
-            # A few rows (batched sampling, draft verification) against the 50257-row head: on CPU the
-            # product with the weight on the left runs at the one-row speed, while the usual form took
-            # about 2.5x longer for 2 to 8 rows (bench/generate.py, MKL sgemm).
-            flat = hidden.reshape(rows, hidden.size(-1))  # (rows, C)
-            logits = (self.lm_head.weight @ flat.T).T.reshape(*hidden.shape[:-1], -1)  # (..., padded V)
-        else:
-            logits = self.lm_head(hidden)  # (..., padded V)
+        return self.drop_vocab_padding(self.lm_head(hidden))  # (..., V)
+
+    def drop_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the padded vocabulary (..., padded V) → over the real one (..., V)."""
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # (..., V)
         return logits
