@@ -267,6 +267,7 @@ def prepare_module():
 
 
 def only_verify(verify: Path, inputs: Optional[list[str]]) -> Path:
+    """--verify DIR checks a prepared dir; inputs beside it would be silently ignored."""
     if inputs:
         raise UsageError("--verify: give either INPUT... or --verify DIR, not both.")
     return verify
