@@ -172,7 +172,8 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     if options.overfit_batch:
         run_dir = run_dir / "overfit-batch"  # its metrics must not mix with the run's own
     claim.take(run_dir, rank)  # one run per run dir, and a dir every rank sees, before anything is written
-    tag = None if options.overfit_batch else checkpoint.agree_on_resume(run_dir, options.resume, options.restart, rank)
+    tag = None if options.overfit_batch else checkpoint.agree_on_resume(run_dir, options.resume, options.restart, rank,
+                                                                      Path(project.data.dir))
     library_log.settle(run_dir)
     with library_log.capture():
         engine = initialize(project, model, layout, precision, device)
