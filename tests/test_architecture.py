@@ -33,7 +33,7 @@ def modules(*globs: str) -> list[Path]:
     return sorted(path for pattern in globs for path in PACKAGE.glob(pattern))
 
 
-LOWER_LAYERS = ["model.py", "config.py", "presets.py", "errors.py", "fsutil.py", "tokenizer.py",
+LOWER_LAYERS = ["model.py", "config.py", "presets.py", "errors.py", "fsutil.py", "locks.py", "machine.py", "tokenizer.py",
                 "tokenizer_files.py", "openai_bpe.py", "modeldir.py", "runtime.py", "generate.py",
                 "evaluate.py", "inspect.py", "data/*.py", "hf/*.py"]
 

@@ -28,6 +28,9 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
 from .errors import GptError
 
 DEFAULT_PROJECT_FILE = "run.toml"
+# The largest seed: TOML's largest integer (a signed 64-bit one). Seeds are offset by the rank and the
+# step, and torch's generators take up to 2**64 - 1, so every seed derived from it stays valid.
+MAX_SEED = 2**63 - 1
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
@@ -91,7 +94,7 @@ class ProjectConfig(Section):
 
     name: str = doc("Name of this project, shown in logs and written into checkpoints.", "gpt")
     out_dir: str = doc("Run directory: checkpoints, metrics.jsonl, the consolidated model/.", "runs/gpt")
-    seed: int = doc("Seed for weights, data order, dropout and sampling.", 1337, at_least=0)
+    seed: int = doc("Seed for weights, data order, dropout and sampling.", 1337, at_least=0, at_most=MAX_SEED)
 
 
 @dataclass
@@ -263,7 +266,7 @@ class GenerateConfig(Section):
     top_p: float = doc("Nucleus sampling: smallest set of tokens with this much probability; 1.0 disables.", 1.0,
                        above=0, at_most=1)
     num_samples: int = doc("Samples per prompt.", 1, at_least=1)
-    seed: Optional[int] = doc("Seed for sampling; unset means project.seed.", None, at_least=0)
+    seed: Optional[int] = doc("Seed for sampling; unset means project.seed.", None, at_least=0, at_most=MAX_SEED)
     stop: list = doc("Stop a sample when it produces any of these strings (end-of-text always stops).", factory=list)
     lookahead: int = doc("Greedy, one prompt, one sample: verify up to this many tokens guessed from earlier "
                          "text per forward pass (prompt lookup); same output, faster on repetitive text; 0 = off.", 0,
@@ -389,7 +392,7 @@ def _check_bounds(where: str, value: Any, bounds: dict) -> None:
 
 def _range_text(bounds: dict) -> str:
     def number(x: float) -> str:
-        return f"{x:g}"
+        return f"{x:,}" if isinstance(x, int) and abs(x) >= 1e6 else f"{x:g}"
 
     low = ("[", bounds["at_least"]) if "at_least" in bounds else ("(", bounds["above"]) if "above" in bounds else None
     high = (")", bounds["below"]) if "below" in bounds else ("]", bounds["at_most"]) if "at_most" in bounds else None
