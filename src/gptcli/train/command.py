@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from ..config import Project, load_project
+from ..errors import Stopped
 from . import launch
 
 
@@ -54,7 +55,13 @@ def run_train(request: TrainRequest, argv: list[str], value_options: Iterable[st
     from .loop import TrainOptions, train
 
     options = TrainOptions(resume=request.resume, overfit_batch=request.overfit_batch, restart=request.restart)
-    result = train(project, options)
+    try:
+        result = train(project, options)
+    except (Exception, Stopped, KeyboardInterrupt) as error:
+        code = launch.quiet_exit_code(error)
+        if code is None:
+            raise
+        return code  # the launcher reports it, once, for every rank
     if result.model_dir is not None and not request.overfit_batch and os.environ.get("RANK", "0") == "0":
         say("next: " + "\n      ".join(next_commands(request, project)))
     return result.exit_code
