@@ -56,7 +56,8 @@ class Holder:
 
 
 class LockBusy(GptError):
-    """The lock is held by a live process (`holder`, when it has written its name)."""
+    """The lock is held by a live process (`holder`, when it has written its name), or by one on another
+    host, which cannot be judged from here."""
 
     def __init__(self, message: str, holder: Optional[Holder]):
         super().__init__(message)
@@ -82,10 +83,10 @@ class FileLock:
             previous = read_holder(fd)
             note = None
             if previous is not None and (previous.host, previous.pid) != (socket.gethostname(), os.getpid()):
-                if previous.host != socket.gethostname():
-                    raise GptError(f"{self.target} is locked by {previous.command or self.command} "
+                if previous.host != socket.gethostname():  # busy as far as this host can tell
+                    raise LockBusy(f"{self.target} is locked by {previous.command or self.command} "
                                    f"{previous.describe()}; if it is no longer running, delete {self.path} and "
-                                   "start again.")
+                                   "start again.", previous)
                 if not flocked and process_alive(previous.pid):
                     raise self.in_use(previous)
                 note = (f"note: took over the lock of {self.target} from {previous.describe()}, which is no "

@@ -36,11 +36,10 @@ from ..config import ModelConfig, Project, dump_toml
 from ..errors import GptError
 from ..fsutil import atomic_path, atomic_write_json, atomic_write_text
 # The run dir's layout and what in it is gptcli's live in lock.py (--restart, retention and the start checks
-# go by them); they are imported here under their old names.
-from .lock import (CLIENT_STATE, DEEPSPEED_SCRIPTS, LATEST, MANIFEST, MODEL_DIR, RESOLVED_CONFIG,  # noqa: F401
-                   TAG_PATTERN, broadcast_from_rank0, check_model_dir_is_ours, checkpoints_dir, complete_checkpoints,
-                   holds_run, refuse_existing_run, refuse_outputs_without_checkpoints, remove_checkpoint,
-                   remove_run_files, run_files)
+# go by them); run_files is kept importable from here too.
+from .lock import (CLIENT_STATE, LATEST, MANIFEST, RESOLVED_CONFIG, TAG_PATTERN, broadcast_from_rank0,
+                   check_model_dir_is_ours, checkpoints_dir, complete_checkpoints, refuse_existing_run,
+                   refuse_outputs_without_checkpoints, remove_checkpoint, remove_run_files, run_files)  # noqa: F401
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"

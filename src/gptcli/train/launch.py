@@ -195,8 +195,9 @@ def quiet_exit_code(error: BaseException, environ: Mapping[str, str] = os.enviro
     return 1 if lost_a_peer(error) else None
 
 
-# What gloo and NCCL say when the other end of a collective is gone.
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")
+# What gloo and NCCL say when the other end of a collective is gone (torch raises DistError subclasses for
+# most of it, a plain RuntimeError for some of gloo's).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
 
 
 def lost_a_peer(error: BaseException) -> bool:

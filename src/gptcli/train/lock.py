@@ -33,7 +33,7 @@ from typing import Optional
 
 from ..errors import GptError
 from ..fsutil import check_output
-from ..locks import FileLock, Holder, read_holder, same_file  # noqa: F401  (Holder, read_holder: the lock's record)
+from ..locks import FileLock, Holder
 from .chatter import LOG_FILE as LIBRARY_LOG
 from .metrics import CSV_FILE, METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR
 
