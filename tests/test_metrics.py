@@ -107,7 +107,7 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
 
 
 @pytest.mark.parametrize("out, fragment", [
-    ("/dev/null", "/dev/null is a character device, not a regular file"),
+    ("null", "null is a character device, not a regular file"),  # a private node, never the machine's /dev/null
     ("fifo", "is a FIFO, not a regular file"),
     ("run/metrics.jsonl", "metrics.jsonl is an input of this command"),
     ("run/config.resolved.toml", "exists and is not a PNG image"),
@@ -130,15 +130,18 @@ def test_gpt_plot_writes_only_a_png_and_nowhere_else(tmp_path, out, fragment):
     (tmp_path / "notes.txt").write_text("mine")
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "link.png").symlink_to(tmp_path / "elsewhere.png")
-    target = out if out.startswith("/") else tmp_path / out
-    before = {str(p): (p.lstat().st_mode, p.read_bytes() if p.is_file() and not p.is_symlink() else None)
-              for p in tmp_path.rglob("*") if not stat.S_ISFIFO(p.lstat().st_mode)}
+    if out == "null":
+        from test_fsutil import private_null_device
+
+        private_null_device(tmp_path)
+    target = tmp_path / out
+    before = {str(p): (p.lstat().st_mode, p.read_bytes() if stat.S_ISREG(p.lstat().st_mode) else None)
+              for p in tmp_path.rglob("*")}
     with pytest.raises(GptError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         plot_losses(tmp_path / "run", target)
-    after = {str(p): (p.lstat().st_mode, p.read_bytes() if p.is_file() and not p.is_symlink() else None)
-             for p in tmp_path.rglob("*") if not stat.S_ISFIFO(p.lstat().st_mode)}
-    assert after == before and stat.S_ISFIFO((tmp_path / "fifo").lstat().st_mode)
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    after = {str(p): (p.lstat().st_mode, p.read_bytes() if stat.S_ISREG(p.lstat().st_mode) else None)
+             for p in tmp_path.rglob("*")}
+    assert after == before  # the FIFO is still a FIFO, the device node a device, the metrics the metrics
 
 
 def test_gpt_plot_replaces_its_own_png(tmp_path):
