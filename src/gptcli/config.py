@@ -115,7 +115,8 @@ class DataConfig(Section):
     val_block_tokens: int = doc("Documents longer than this many tokens are split into blocks of it for the "
                                 "train/val draw.", 2048, at_least=1)
     shard_tokens: int = doc("Tokens per shard file (the last one of each split is smaller).", 100_000_000, at_least=1)
-    workers: int = doc("Tokenizer processes for `gpt prepare`; 0 means one per CPU core.", 0, at_least=0)
+    workers: int = doc("Tokenizer processes for `gpt prepare`; 0 means one per CPU core, and more than the cores "
+                       "are cut to them.", 0, at_least=0)
 
 
 @dataclass
