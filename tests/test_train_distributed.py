@@ -119,7 +119,7 @@ def test_a_dead_rank_is_reported_once_by_the_launcher(tmp_path, shards, step):
     killed = train(project_file(tmp_path, shards), SHORT, fault=f"kill@{step}@1")
     assert killed.returncode == 137
     assert killed.stderr.count("Training failed: rank 1 exited with code 137 (killed by SIGKILL)") == 1
-    for noise in ("internal error", "Traceback", "stopped by", "error:", "gloo"):
+    for noise in ("internal error", "Traceback", "stopped by", "error:", "Connection closed", "RuntimeError"):
         assert noise not in killed.stderr, killed.stderr[-3000:]
 
 
