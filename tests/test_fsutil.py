@@ -322,3 +322,13 @@ def test_an_output_lock_runs_its_check_before_creating_anything_and_again_under_
         with output_lock(tmp_path / "x", "gpt prepare", check=lambda: check_replaceable(tmp_path, force=False, what="d")):
             pass
     assert not (tmp_path / ".x.gptcli-lock").exists()
+
+
+def test_the_current_directory_is_never_replaced(tmp_path, monkeypatch):
+    """`gpt prepare corpus.txt --out .` renamed the dir the user stood in (an internal error when it failed)."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for target in (Path("."), tmp_path):
+        with pytest.raises(GptError, match="is the current directory or holds it"):
+            check_output(target, what="prepared data", force=True)
+    check_output(tmp_path / "elsewhere", what="prepared data")

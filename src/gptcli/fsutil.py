@@ -67,8 +67,8 @@ def staging_dir(target: Path | str, purpose: str) -> Path:
 
     Its name carries `purpose` and this process's pid; staging dirs of the same target and purpose whose
     process is gone (a kill -9, a power cut) are removed first, so they never pile up."""
-    target = Path(target)
-    parent = target.absolute().parent
+    target = Path(os.path.abspath(target))  # "out/." and "." have their dir's name, not ""
+    parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.{purpose}-"
     for stale in parent.glob(prefix + "*"):
@@ -126,6 +126,9 @@ def check_output(target: Path | str, *, what: str, directory: bool = True, force
         _check_apart(target, Path(item), "an input of this command", instead)
     for path, why in protected:
         _check_apart(target, Path(path), why, instead)
+    if directory and target.is_dir() and _holds_cwd(target):
+        raise GptError(f"{target} is the current directory or holds it; a dir is replaced by renaming it, which "
+                       f"must not happen to the one you are in, so {instead}.")
     if directory:
         _check_dir_contents(target, what, force, owned, flag, instead)
     elif target.exists() and replaces is not None and not replaces(target):
@@ -136,6 +139,11 @@ def check_replaceable(target: Path | str, *, force: bool, what: str, inputs: Ite
                       owned: Optional[set[str]] = None) -> None:
     """`check_output` for a directory that `--force` may replace (prepare, load-hf, export-hf)."""
     check_output(target, what=what, force=force, inputs=inputs, owned=owned, instead="choose another output directory")
+
+
+def _holds_cwd(target: Path) -> bool:
+    cwd, resolved = Path.cwd().resolve(), target.resolve()
+    return resolved == cwd or resolved in cwd.parents
 
 
 def _check_kind(target: Path, what: str, directory: bool, instead: str) -> None:
@@ -220,12 +228,12 @@ def output_lock(target: Path | str, command: str, check: Optional[Callable[[], N
     target = Path(target)
     if check is not None:
         check()
-    parent = target.absolute().parent
+    parent = Path(os.path.abspath(target)).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise GptError(f"Cannot create {parent}: {error.strerror or error}; choose another output directory.") from None
-    lock = FileLock(parent / f".{target.name}{LOCK_SUFFIX}", target, command, where=str(parent),
+    lock = FileLock(parent / f".{Path(os.path.abspath(target)).name}{LOCK_SUFFIX}", target, command, where=str(parent),
                     instead="choose another output directory")
     note = lock.acquire()
     if note:
@@ -243,6 +251,7 @@ def publish_dir(staging: Path, target: Path, what: Optional[str] = None) -> None
     and the names it holds (so a later `--force` knows what it may replace). An existing `target` is
     renamed aside first and deleted after, so `target` never holds a mix of old and new files. Callers
     check `target` with `check_output` before doing any work, under `output_lock`."""
+    target = Path(os.path.abspath(target))
     names = sorted(p.name for p in Path(staging).iterdir() if p.name != OWNED_FILES)
     atomic_write_json(Path(staging) / OWNED_FILES, {"what": what, "files": names} if what else names)
     old = None
