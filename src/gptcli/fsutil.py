@@ -232,7 +232,8 @@ def output_lock(target: Path | str, command: str, check: Optional[Callable[[], N
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise GptError(f"Cannot create {parent}: {error.strerror or error}; choose another output directory.") from None
+        raise GptError(f"Cannot write the output dir {target}: creating {parent} failed ({error.strerror or error}); "
+                       "choose another output directory.") from None
     lock = FileLock(parent / f".{Path(os.path.abspath(target)).name}{LOCK_SUFFIX}", target, command, where=str(parent),
                     instead="choose another output directory")
     note = lock.acquire()
