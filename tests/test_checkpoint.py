@@ -222,3 +222,124 @@ def test_run_files_never_lists_a_users_file(tmp_path):
     assert listed == {"metrics.jsonl", "metrics.csv", "loss.png", "config.resolved.toml", "model",
                       "checkpoints/latest", "checkpoints/step_00000003", "checkpoints/step_00000006",
                       "checkpoints/zero_to_fp32.py", "tensorboard/events.out.tfevents.1.host.1.0"}
+
+
+# --- run dirs at the edges: what a run may delete or replace (issue 26) ----------------------------------------
+
+
+def prepared_data(directory: Path) -> Path:
+    """A dir as `gpt prepare` publishes it (its files recorded as prepared data)."""
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_text("{}")
+    (directory / "train_000000.bin").write_bytes(b"t" * 100)
+    (directory / OWNED_FILES).write_text(json.dumps({"what": "prepared data",
+                                                     "files": ["manifest.json", "train_000000.bin"]}))
+    return directory
+
+
+def snapshot(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("how", ["inside", "link"])
+def test_a_data_dir_at_run_model_is_refused_before_training_and_by_restart(tmp_path, how):
+    """data.dir = runs/x/model (or RUN/model a link to the data): the end of the run would replace the
+    shards with the model, and --restart delete them; both are refused before anything changes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if how == "inside":
+        data = prepared_data(run_dir / "model")
+    else:
+        data = prepared_data(tmp_path / "data")
+        (run_dir / "model").symlink_to(data)
+    before = snapshot(tmp_path)
+    for restart in (False, True):
+        with pytest.raises(GptError) as refused:
+            agree_on_resume(run_dir, "auto", restart=restart, rank=0, data_dir=data)
+        assert ("the project's data dir" in str(refused.value) or "symbolic link" in str(refused.value))
+        assert "internal error" not in str(refused.value) and "--force" not in str(refused.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_prepared_data_at_run_model_is_never_replaced_as_a_model_even_without_the_data_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    prepared_data(run_dir / "model")
+    with pytest.raises(GptError, match="holds prepared data written by gptcli; gptcli replaces only what it wrote as model dir"):
+        agree_on_resume(run_dir, "auto", restart=True, rank=0)
+    assert (run_dir / "model" / "train_000000.bin").is_file()
+
+
+def test_a_finished_run_without_its_checkpoints_is_refused_like_an_existing_run(tmp_path):
+    """rm -rf RUN/checkpoints, then `gpt train`: it trained from step 1 over model/ and metrics.jsonl."""
+    import shutil
+
+    a_finished_run(tmp_path)
+    shutil.rmtree(checkpoints_dir(tmp_path))
+    before = snapshot(tmp_path)
+    with pytest.raises(GptError) as refused:
+        agree_on_resume(tmp_path, "auto", restart=False, rank=0)
+    message = str(refused.value)
+    assert "holds a run (model, loss.png) but no checkpoint" in message
+    assert "--restart" in message and "project.out_dir" in message
+    assert snapshot(tmp_path) == before
+
+
+def test_metrics_of_a_run_killed_before_its_first_checkpoint_start_over_with_a_note(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 10.0}\n')
+    assert agree_on_resume(tmp_path, "auto", restart=False, rank=0) is None
+    assert "stopped before its first checkpoint; starting over from step 1" in capsys.readouterr().err
+
+
+def test_prune_deletes_only_what_the_manifest_lists(tmp_path, capsys):
+    for step in (1, 2, 3):
+        fake_checkpoint(tmp_path, step)
+    (checkpoints_dir(tmp_path) / tag_for(1) / "my-notes.txt").write_text("keep me")
+    prune(checkpoints_dir(tmp_path), keep=2, latest=tag_for(3))
+    assert sorted(p.name for p in (checkpoints_dir(tmp_path) / tag_for(1)).iterdir()) == ["my-notes.txt"]
+    assert "holds files gptcli did not write (my-notes.txt)" in capsys.readouterr().err
+    assert find_resume(tmp_path, "auto") == tag_for(3)  # the leftover is no checkpoint any more
+    assert tags(tmp_path) == [tag_for(1), tag_for(2), tag_for(3)] and resume_candidates(tmp_path)[1:] == [tag_for(2)]
+
+
+def test_restart_keeps_a_users_file_inside_a_checkpoint(tmp_path, capsys):
+    a_finished_run(tmp_path)
+    (checkpoints_dir(tmp_path) / tag_for(3) / "eval.txt").write_text("mine")
+    agree_on_resume(tmp_path, "auto", restart=True, rank=0)
+    assert (checkpoints_dir(tmp_path) / tag_for(3) / "eval.txt").read_text() == "mine"
+    assert sorted(p.name for p in (checkpoints_dir(tmp_path) / tag_for(3)).iterdir()) == ["eval.txt"]
+    assert "kept files gptcli did not write" in capsys.readouterr().err
+
+
+def test_restart_with_a_symlinked_model_dir_deletes_nothing(tmp_path):
+    """It deleted checkpoints and metrics, then failed on rmtree of the link."""
+    a_finished_run(tmp_path)
+    (tmp_path / "model").rename(tmp_path / "elsewhere")
+    (tmp_path / "model").symlink_to(tmp_path / "elsewhere")
+    before = snapshot(tmp_path)
+    with pytest.raises(GptError, match="model is a symbolic link; gptcli never replaces a link"):
+        agree_on_resume(tmp_path, "auto", restart=True, rank=0)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_latest_of_random_bytes_is_one_readable_sentence(tmp_path, capsys):
+    import os
+
+    fake_checkpoint(tmp_path, 3)
+    (checkpoints_dir(tmp_path) / LATEST).write_bytes(bytes(range(256)) * 12 + os.urandom(100))
+    assert find_resume(tmp_path, "auto") == tag_for(3)
+    warning = capsys.readouterr().err
+    assert "latest (not a checkpoint tag) is damaged" in warning
+    assert warning.strip().isprintable() and len(warning) < 300  # no raw bytes, no escape characters
+    with pytest.raises(GptError) as refused:
+        checkpoint.read_latest(tmp_path)
+    assert "does not name a checkpoint (it holds 3,172 bytes" in str(refused.value)
+    assert str(refused.value).isprintable() and len(str(refused.value)) < 400
+
+
+def test_a_foreign_file_in_model_is_refused_at_the_start_without_suggesting_force(tmp_path):
+    a_finished_run(tmp_path)
+    (tmp_path / "model" / "my-eval.txt").write_text("keep me")
+    with pytest.raises(GptError) as refused:
+        agree_on_resume(tmp_path, "auto", restart=False, rank=0)
+    message = str(refused.value)
+    assert "files gptcli did not write (my-eval.txt)" in message and "--force" not in message

@@ -215,3 +215,102 @@ def test_prepare_summarises_many_inputs_in_80_columns(monkeypatch, capsys):
     assert f"… and {totals[0]} more inputs" in more and more.replace("│", " ").split()[-2:] == totals[1:]
     cli.show_prepare_summary(summary, as_json=True, next_command="gpt train")
     assert len(json.loads(capsys.readouterr().out)["inputs"]) == 168
+
+
+# --- every command against bad paths (issues 21 and 26) --------------------------------------------------------
+
+
+def bad_path_cases(tmp: "Path") -> list[tuple[str, list[str]]]:
+    """(label, argv) of every command given a missing path, a file where a dir goes and a dir where a file
+    goes, and a path under a file (what a root-run test has for "unwritable": chmod does not stop root)."""
+    f, d, m, u = tmp / "a-file.txt", tmp / "a-dir", tmp / "missing", tmp / "a-file.txt" / "under"
+    model, run = str(tmp / "model"), str(tmp / "run")
+    cases = {
+        "init into a file": ["init", str(f)], "init under a file": ["init", str(u)],
+        "inspect-params, missing project": ["inspect-params", "--project", str(m)],
+        "inspect-params, project is a dir": ["inspect-params", "--project", str(d)],
+        "prepare, missing input": ["prepare", str(m), "--out", str(tmp / "out")],
+        "prepare, out is a file": ["prepare", str(tmp / "corpus.txt"), "--out", str(f)],
+        "prepare, out under a file": ["prepare", str(tmp / "corpus.txt"), "--out", str(u)],
+        "prepare, verify a missing dir": ["prepare", "--verify", str(m)],
+        "prepare, verify a file": ["prepare", "--verify", str(f)],
+        "train, missing project": ["train", "--project", str(m)],
+        "train, project is a dir": ["train", "--project", str(d)],
+        "train, out_dir is a file": ["train", "--set", f'project.out_dir="{f}"'],
+        "train, out_dir under a file": ["train", "--set", f'project.out_dir="{u}"'],
+        "train, hostfile is a dir": ["train", "--hostfile", str(d)],
+        "train, missing hostfile": ["train", "--hostfile", str(m)],
+        "train --consolidate, missing run": ["train", "--consolidate", "--set", f'project.out_dir="{m}"'],
+        "plot, missing run": ["plot", str(m)], "plot, run is a file": ["plot", str(f)],
+        "plot, out is a dir": ["plot", run, "--out", str(d)], "plot, out under a file": ["plot", run, "--out", str(u)],
+        "plot, out in a missing dir": ["plot", run, "--out", str(m / "x.png")],
+        "generate, missing checkpoint": ["generate", "hi", "--checkpoint", str(m)],
+        "generate, checkpoint is a file": ["generate", "hi", "--checkpoint", str(f)],
+        "generate, checkpoint is an empty dir": ["generate", "hi", "--checkpoint", str(d)],
+        "eval, missing checkpoint": ["eval", "--checkpoint", str(m)],
+        "eval, missing text": ["eval", "--checkpoint", model, "--text", str(m)],
+        "eval, text is a dir": ["eval", "--checkpoint", model, "--text", str(d)],
+        "eval, missing data dir": ["eval", "--checkpoint", model, "--set", f'data.dir="{m}"'],
+        "load-hf, missing source": ["load-hf", str(m), "--out", str(tmp / "out")],
+        "load-hf, source is an empty dir": ["load-hf", str(d), "--out", str(tmp / "out")],
+        "load-hf, out is a file": ["load-hf", str(tmp / "hf"), "--out", str(f)],
+        "load-hf, out under a file": ["load-hf", str(tmp / "hf"), "--out", str(u)],
+        "export-hf, missing model": ["export-hf", str(m), "--out", str(tmp / "out")],
+        "export-hf, out is a file": ["export-hf", model, "--out", str(f)],
+        "export-hf, out under a file": ["export-hf", model, "--out", str(u)],
+    }
+    return list(cases.items())
+
+
+@pytest.fixture(scope="module")
+def bad_paths(tmp_path_factory):
+    """A file, an empty dir, a corpus, a run with metrics, a small model dir and its Hugging Face export."""
+    import torch
+
+    from gptcli.config import ModelConfig
+    from gptcli.hf import export_hf
+    from gptcli.model import GPT
+    from gptcli.modeldir import save_model_dir
+    from gptcli.tokenizer import load_tokenizer
+
+    tmp = tmp_path_factory.mktemp("bad-paths")
+    (tmp / "a-file.txt").write_text("mine")
+    (tmp / "a-dir").mkdir()
+    (tmp / "corpus.txt").write_text("some text\n")
+    (tmp / "run").mkdir()
+    (tmp / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 10.0}\n')
+    torch.manual_seed(0)
+    save_model_dir(tmp / "model", GPT(ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)), load_tokenizer("gpt2"))
+    export_hf(tmp / "model", tmp / "hf")
+    return tmp
+
+
+def test_every_command_answers_bad_paths_in_one_sentence(bad_paths, monkeypatch, capsys):
+    """No command may answer a missing path, a file for a dir (or the reverse) or a path under a file with
+    "internal error" or a traceback: one sentence and a non-zero exit, and nothing created or changed."""
+    import signal
+
+    from gptcli import cli
+
+    monkeypatch.chdir(bad_paths)
+    environment = dict(os.environ)  # train sets RANK, WORLD_SIZE, ... in-process; later tests must not inherit them
+    before = sorted(str(p) for p in bad_paths.rglob("*"))
+    handler = signal.getsignal(signal.SIGTERM)
+    failures = []
+    for label, argv in bad_path_cases(bad_paths):
+        monkeypatch.setattr(sys, "argv", ["gpt", *argv])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+            os.environ.clear()
+            os.environ.update(environment)
+        output = capsys.readouterr()
+        said = " ".join((output.err + output.out).split())
+        if code in (0, None) or "internal error" in said or "Traceback" in said or not said:
+            failures.append(f"{label}: exit {code}: {said[-300:]}")
+    assert not failures, "\n".join(failures)
+    assert sorted(str(p) for p in bad_paths.rglob("*")) == before

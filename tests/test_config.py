@@ -228,3 +228,11 @@ def test_small_presets_bring_cpu_sized_training_below_the_file(tmp_path):
     assert project.train.lr == 1e-3  # the file beats the preset
     assert project.train.max_steps == 7  # --set beats both
     assert project.train.min_lr == 3e-4 and project.train.warmup_steps == 20  # the preset beats the defaults
+
+
+def test_a_seed_beyond_64_bits_is_one_sentence():
+    """`--set project.seed=99999999999999999999` overflowed inside torch (internal error)."""
+    for key in ("project.seed", "generate.seed"):
+        with pytest.raises(ConfigError, match=f"{key} must be in \\[0, 9,223,372,036,854,775,807\\], not 99999999999999999999"):
+            load_project(None, [f"{key}=99999999999999999999"])
+    assert load_project(None, ["project.seed=9223372036854775807"]).project.seed == 2**63 - 1

@@ -203,3 +203,30 @@ def test_shards_of_another_tokenizer_are_refused(tokenizer, tmp_path):
     with pytest.raises(GptError, match="were made with tokenizer gpt2:0000000000000000"):
         shard_sequences(tmp_path / "shards", "val", tokenizer)
     assert len(shard_sequences(tmp_path / "shards", "val", other)) == 1
+
+
+def test_a_shard_overwritten_with_ids_outside_the_vocabulary_is_one_sentence(tokenizer, tmp_path):
+    """Ids overwritten with 65535 after prepare (the manifest still says 50256): training named the shard,
+    eval said "internal error"."""
+    import numpy as np
+
+    from gptcli.errors import GptError
+    from gptcli.evaluate import shard_sequences
+
+    write_val_shard(tmp_path / "shards", tokenizer, list(range(200)))
+    shard = tmp_path / "shards" / "val_000001.bin"
+    data = bytearray(shard.read_bytes())
+    data[-20:] = np.full(10, 65535, dtype=np.uint16).tobytes()
+    shard.write_bytes(bytes(data))
+    with pytest.raises(GptError, match="val_000001.bin holds token id 65535, outside the vocabulary of 50,257"):
+        shard_sequences(tmp_path / "shards", "val", tokenizer)
+
+
+def test_json_has_no_bare_nan(tmp_path, tokenizer, capsys):
+    """`gpt eval --json` on NaN weights printed `NaN`, which JSON does not have: null now."""
+    from gptcli.cli import emit_json
+
+    emit_json({"loss": float("nan"), "perplexity": float("inf"), "inner": [1.5, float("-inf")], "tokens": 3})
+    line = capsys.readouterr().out
+    assert json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name}")) == {
+        "loss": None, "perplexity": None, "inner": [1.5, None], "tokens": 3}

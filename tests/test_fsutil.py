@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import gpt_env
 from gptcli.errors import GptError, Stopped
-from gptcli.fsutil import (OWNED_FILES, atomic_path, atomic_write_text, check_replaceable, publish_dir, read_owned,
-                           staged_dir, staging_dir)
+from gptcli.fsutil import (OWNED_FILES, atomic_path, atomic_write_text, check_output, check_replaceable, output_lock,
+                           publish_dir, read_owned, staged_dir, staging_dir)
 
 
 @pytest.fixture
@@ -145,7 +146,7 @@ def test_replaceable_targets(tmp_path):
     ("not forced", ["already exists and is not empty", "--force"]),
     ("foreign", ["files gptcli did not write (notes.txt)", "--force replaces only the model dir it wrote"]),
     ("git", ["is a git repository (it holds .git)", "never deletes one"]),
-    ("input", ["holds corpus.txt, an input of this command", "never deletes an input"]),
+    ("input", ["holds corpus.txt, an input of this command", "never deletes or writes over"]),
     ("no record", ["holds no record of files written by gptcli (.gptcli-files)"]),
 ])
 def test_refusals_name_the_reason_and_touch_nothing(tmp_path, case, fragments):
@@ -174,3 +175,160 @@ def test_refusals_name_the_reason_and_touch_nothing(tmp_path, case, fragments):
     for fragment in fragments:
         assert fragment in str(error.value)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+# --- check_output: the rule every command's output goes through -------------------------------------------------
+
+
+def is_png(path: Path) -> bool:
+    return path.read_bytes().startswith(b"\x89PNG")
+
+
+def check_png(target, **extra) -> None:
+    check_output(target, what="PNG image", directory=False, replaces=is_png, instead="choose another --out", **extra)
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("device", ["null is a character device, not a regular file"]),
+    ("fifo", ["is a FIFO, not a regular file"]),
+    ("directory", ["is a directory, not a regular file"]),
+    ("link", ["is a symbolic link", "never replaces a link nor writes through one"]),
+    ("missing parent", ["does not exist (it is not created silently)"]),
+    ("under a file", ["is a file, not a directory"]),
+    ("not ours", ["exists and is not a PNG image", "only a PNG image is replaced there"]),
+    ("input", ["is an input of this command", "never deletes or writes over"]),
+    ("protected", ["lies inside", "the project's data dir"]),
+])
+def test_a_file_output_is_refused_where_it_is_not_a_file_the_command_writes(tmp_path, case, fragments):
+    """gpt plot --out /dev/null, a FIFO, RUN/metrics.jsonl, /nonexistent/dir/x.png, a directory: each refused
+    in one sentence before anything is written, nothing created or replaced."""
+    target, extra = tmp_path / "out.png", {}
+    if case == "device":
+        target = private_null_device(tmp_path)
+    elif case == "fifo":
+        os.mkfifo(target)
+    elif case == "directory":
+        target.mkdir()
+    elif case == "link":
+        (tmp_path / "real.png").write_bytes(b"\x89PNG old")
+        target.symlink_to(tmp_path / "real.png")
+    elif case == "missing parent":
+        target = tmp_path / "no" / "such" / "dir" / "x.png"
+    elif case == "under a file":
+        (tmp_path / "notes.txt").write_text("mine")
+        target = tmp_path / "notes.txt" / "x.png"
+    elif case == "not ours":
+        target = tmp_path / "metrics.jsonl"
+        target.write_text('{"step": 1}\n')
+    elif case == "input":
+        target.write_bytes(b"\x89PNG")
+        extra["inputs"] = [tmp_path / "." / "out.png"]
+    else:
+        (tmp_path / "data").mkdir()
+        target = tmp_path / "data" / "x.png"
+        extra["protected"] = [(tmp_path / "data", "the project's data dir")]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(GptError) as refused:
+        check_png(target, **extra)
+    for fragment in fragments:
+        assert fragment in str(refused.value)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    if case == "device":
+        assert stat.S_ISCHR(target.lstat().st_mode)
+
+
+def private_null_device(directory: Path) -> Path:
+    """A character device node of the null device inside the test's dir: a test of `--out /dev/null` must
+    not aim at the machine's own /dev/null, which a broken implementation would replace for everyone."""
+    path = directory / "null"
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except (PermissionError, OSError):
+        pytest.skip("making a device node needs root (CAP_MKNOD)")
+    return path
+
+
+def test_a_file_output_is_written_new_or_over_its_own_kind(tmp_path):
+    check_png(tmp_path / "new.png")
+    (tmp_path / "old.png").write_bytes(b"\x89PNG\r\n\x1a\n...")
+    check_png(tmp_path / "old.png")
+
+
+@pytest.mark.parametrize("case", ["link", "prepared data", "data dir inside", "input inside"])
+def test_a_dir_output_is_refused_as_a_link_another_kind_or_over_what_it_must_not_touch(tmp_path, case):
+    """prepare --force --out LINK, a model dir written over prepared data, an output holding an input."""
+    target, extra = tmp_path / "out", {}
+    if case == "link":
+        ours(tmp_path / "real", "config.json")
+        target.symlink_to(tmp_path / "real")
+        fragment = "is a symbolic link"
+    elif case == "prepared data":
+        target.mkdir()
+        (target / "manifest.json").write_text("{}")
+        (target / OWNED_FILES).write_text(json.dumps({"what": "prepared data", "files": ["manifest.json"]}))
+        fragment = "holds prepared data written by gptcli; --force replaces only what it wrote as model dir"
+    elif case == "data dir inside":
+        ours(target, "config.json")
+        extra["protected"] = [(target / "data", "the project's data dir")]
+        fragment = "holds data, the project's data dir"
+    else:
+        extra["inputs"] = [target / "sub" / "corpus.txt"]
+        fragment = "holds corpus.txt, an input of this command"
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(GptError, match=fragment):
+        check_output(target, what="model dir", force=True, **extra)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+HOLD_OUTPUT = """
+import sys, time
+from gptcli.fsutil import output_lock
+with output_lock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def output_holder(tmp_path):
+    """Another process holding the output lock of tmp_path/out, as a running `gpt prepare --out out` does."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD_OUTPUT, str(tmp_path / "out"), "gpt prepare"],
+                               env=gpt_env(), stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_a_second_writer_of_one_output_is_refused_naming_the_first(tmp_path, output_holder):
+    with pytest.raises(GptError) as refused:
+        with output_lock(tmp_path / "out", "gpt export-hf"):
+            pass
+    assert f"is in use by another gpt prepare (pid {output_holder.pid}" in str(refused.value)
+    output_holder.kill()
+    output_holder.wait()
+    with output_lock(tmp_path / "out", "gpt export-hf"):  # a killed holder's lock is taken over
+        assert (tmp_path / ".out.gptcli-lock").is_file()
+    assert names(tmp_path) == []  # released: nothing left beside the output
+
+
+def test_an_output_lock_runs_its_check_before_creating_anything_and_again_under_the_lock(tmp_path):
+    calls = []
+    with output_lock(tmp_path / "new" / "out", "gpt prepare", check=lambda: calls.append((tmp_path / "new").exists())):
+        pass
+    assert calls == [False, True]
+    with pytest.raises(GptError, match="already exists"):
+        with output_lock(tmp_path / "x", "gpt prepare", check=lambda: check_replaceable(tmp_path, force=False, what="d")):
+            pass
+    assert not (tmp_path / ".x.gptcli-lock").exists()
+
+
+def test_the_current_directory_is_never_replaced(tmp_path, monkeypatch):
+    """`gpt prepare corpus.txt --out .` renamed the dir the user stood in (an internal error when it failed)."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for target in (Path("."), tmp_path):
+        with pytest.raises(GptError, match="is the current directory or holds it"):
+            check_output(target, what="prepared data", force=True)
+    check_output(tmp_path / "elsewhere", what="prepared data")

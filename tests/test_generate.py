@@ -309,3 +309,34 @@ def test_cuda_greedy_matches_cpu(pair):
     assert run(cuda_model, prompts, max_new_tokens=20, **GREEDY) == cpu
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert len(run(cuda_model, prompts, max_new_tokens=20, temperature=0.8, seed=1)[0]) == 20
+
+
+def test_a_top_p_below_float32s_smallest_keeps_the_most_likely_token(pair):
+    """`--top-p 1e-300` rounds to 0 in float32, dropped every token and sampled from NaN."""
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, top_p=1e-300))[0].tolist() == [True, False, False, False, False]
+    _, model = pair
+    greedy = run(model, [[5, 6, 7]], max_new_tokens=8, **GREEDY)
+    assert run(model, [[5, 6, 7]], max_new_tokens=8, temperature=0.8, top_k=0, top_p=1e-300, seed=1) == greedy
+
+
+def test_a_temperature_so_small_that_logits_overflow_is_greedy(pair):
+    _, model = pair
+    greedy = run(model, [[5, 6, 7]], max_new_tokens=8, **GREEDY)
+    assert run(model, [[5, 6, 7]], max_new_tokens=8, temperature=1e-300, top_k=0, seed=1) == greedy
+
+
+def test_more_samples_than_memory_holds_is_one_sentence_before_allocating(model_dir, tokenizer, monkeypatch):
+    """`gpt generate hi -n 100000 --max-new-tokens 1` was killed by the kernel at 21 GB, exit 137, no message."""
+    from gptcli import machine
+    from gptcli.errors import GptError
+    from gptcli.modeldir import load_model_dir
+
+    model = load_model_dir(model_dir).model
+    monkeypatch.setattr(machine, "available_memory", lambda device="cpu": 2**30)  # 1 GiB free
+    generate(model, tokenizer, ["hi"], SamplingOptions(max_new_tokens=1, num_samples=8))  # fits
+    with pytest.raises(GptError) as refused:
+        generate(model, tokenizer, ["hi"], SamplingOptions(max_new_tokens=1, num_samples=100_000))
+    message = str(refused.value)
+    assert "Generating 100,000 sample(s)" in message and "more than the 1.0 GiB this machine has free" in message
+    assert "--num-samples" in message

@@ -353,7 +353,7 @@ def test_force_replaces_a_previous_export_and_never_the_input(tmp_path):
     again = run_gpt("export-hf", model_dir, "--out", tmp_path / "hf", "--force", "--json")
     assert again.returncode == 0, again.stderr
     written = json.loads((tmp_path / "hf" / ".gptcli-files").read_text())
-    assert written == sorted(json.loads(again.stdout)["files"])
+    assert written == {"what": "Hugging Face export", "files": sorted(json.loads(again.stdout)["files"])}
     assert len(json.loads((tmp_path / "hf" / "vocab.json").read_text())) == 50257
     assert_user_error(run_gpt("export-hf", model_dir, "--out", model_dir, "--force"), "an input of this command")
     assert load_model_dir(model_dir).config.n_layer > 0  # untouched
@@ -463,3 +463,38 @@ def test_a_stopped_conversion_says_where_and_leaves_nothing(tmp_path, command, s
     assert f"stopped by {stop_with}: {command} stopped before {tmp_path / 'out'} was complete" in message
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("damage", ["config", "nan"])
+def test_export_checks_what_load_hf_and_eval_check(tmp_path, damage):
+    """export-hf wrote an export transformers cannot load from a model dir whose config.json no longer
+    fits its weights, and exported NaN weights that load-hf refuses; both are one sentence now."""
+    model_dir = nano_model_dir(tmp_path / "model", tmp_path)
+    if damage == "config":
+        config = json.loads((model_dir / "config.json").read_text())
+        config["n_embd"], config["n_head"] = 128, 4
+        (model_dir / "config.json").write_text(json.dumps(config))
+        fragment = "does not fit the model config"
+    else:
+        rewrite_weights(model_dir, lambda tensors: tensors["h.1.mlp.c_fc.weight"].__setitem__((2, 3), float("nan")))
+        fragment = "h.1.mlp.c_fc.weight holds 1 NaN or infinite values"
+    with pytest.raises(GptError, match=fragment):
+        hf.export_hf(model_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
+
+
+def test_a_second_export_into_the_same_out_is_refused_while_the_first_writes(tmp_path):
+    model_dir = nano_model_dir(tmp_path / "model", tmp_path)
+    hold = ("import sys, time\nfrom gptcli.fsutil import output_lock\n"
+            "with output_lock(sys.argv[1], 'gpt load-hf'):\n    print('held', flush=True)\n    time.sleep(600)\n")
+    first = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "out")], env=gpt_env(), stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        for write in (lambda: hf.export_hf(model_dir, tmp_path / "out"), lambda: hf.load_hf(str(model_dir), tmp_path / "out")):
+            with pytest.raises(GptError, match=f"is in use by another gpt load-hf \\(pid {first.pid}"):
+                write()
+        assert not (tmp_path / "out").exists()
+    finally:
+        first.kill()
+        first.wait()

@@ -297,3 +297,59 @@ def test_hostfile_runs_deepspeeds_runner_and_sends_the_ranks_variables_to_every_
     assert " --module " in remote and " --no_local_rank " in remote  # `python -m gptcli`, LOCAL_RANK from the env
     assert remote.rstrip().endswith(f" gptcli train --project {project} --set train.lr=1e-3")
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("gptcli-deepspeed-env-*"))
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("", "lists no machine; a hostfile lists one machine per line as `hostname slots=N`"),
+    ("# only a comment\n\n", "lists no machine"),
+    ("node1 slots=2\nthis is not a host line\n", "Line 2 of the hostfile"),
+    ("node1 slots=0\n", "Line 1 of the hostfile"),
+    ("node1 slots=2\nnode1 slots=2\n", "lists node1 twice (line 2)"),
+])
+def test_a_hostfile_that_is_empty_or_garbage_is_one_sentence(tmp_path, content, fragment):
+    """DeepSpeed's runner answered these with its traceback; they never reach it now."""
+    from gptcli.errors import GptError
+
+    (tmp_path / "hosts").write_text(content)
+    with pytest.raises(GptError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        launch.read_hostfile(tmp_path / "hosts")
+
+
+def test_an_unreachable_host_is_one_sentence_before_deepspeeds_runner(project, tmp_path):
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    fake_tool(tools, "ssh", 'echo "ssh: connect to host node9 port 22: No route to host" >&2\nexit 255\n')
+    (tmp_path / "hosts").write_text("node9 slots=1\n")
+    result = run_gpt("train", "--project", project, "--hostfile", tmp_path / "hosts",
+                     env={"PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"})
+    assert_user_error(result, "Cannot reach host node9 of the hostfile", "No route to host",
+                      "set up passwordless ssh to every host")
+    assert "Traceback" not in result.stderr and "deepspeed" not in result.stderr.lower()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_whose_peer_died_leaves_quietly_for_the_launcher_to_report():
+    """kill -9 of rank 1: rank 0 printed "internal error: RuntimeError: [...gloo...] Connection closed by
+    peer" (or "stopped by SIGTERM") before the launcher's sentence. Now only the launcher speaks."""
+    import signal
+
+    from gptcli.errors import GptError, Stopped
+
+    ours = {launch.LAUNCHER_PID_VARIABLE: "123", "WORLD_SIZE": "2"}
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1")
+    assert launch.quiet_exit_code(gloo, ours) == 1
+    assert launch.quiet_exit_code(Stopped(signal.SIGTERM), ours) == 143
+    assert launch.quiet_exit_code(KeyboardInterrupt(), ours) == 130
+    assert launch.quiet_exit_code(GptError("train.lr must be more than 0"), ours) is None  # a user error still speaks
+    assert launch.quiet_exit_code(ValueError("a bug"), ours) is None  # a bug still speaks
+    assert launch.quiet_exit_code(gloo, {"WORLD_SIZE": "2"}) is None  # no launcher to report it: say it
+    assert launch.quiet_exit_code(gloo, {**ours, "WORLD_SIZE": "1"}) is None
+
+
+def test_the_launcher_reports_the_rank_that_failed_first_once():
+    from types import SimpleNamespace
+
+    failures = {0: SimpleNamespace(exitcode=-15, timestamp=20), 1: SimpleNamespace(exitcode=-9, timestamp=10)}
+    report = launch.failure_report(failures)
+    assert report == ("Training failed: rank 1 exited with code 137 (killed by SIGKILL); rank 0 stopped with it; "
+                      "no rank is left running.")

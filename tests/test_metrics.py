@@ -104,3 +104,50 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
     events.Reload()
     points = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert points == [(step, float(step)) for step in range(1, 11)]
+
+
+@pytest.mark.parametrize("out, fragment", [
+    ("null", "null is a character device, not a regular file"),  # a private node, never the machine's /dev/null
+    ("fifo", "is a FIFO, not a regular file"),
+    ("run/metrics.jsonl", "metrics.jsonl is an input of this command"),
+    ("run/config.resolved.toml", "exists and is not a PNG image"),
+    ("no/such/dir/x.png", "does not exist (it is not created silently)"),
+    ("notes.txt/x.png", "notes.txt is a file, not a directory"),
+    (".", "is a directory, not a regular file"),
+    ("link.png", "is a symbolic link"),
+])
+def test_gpt_plot_writes_only_a_png_and_nowhere_else(tmp_path, out, fragment):
+    """`gpt plot --out` once replaced /dev/null and a FIFO with a PNG, overwrote the run's metrics, created
+    missing directories and raised OSError for a directory: each is one sentence now, nothing touched."""
+    import os
+    import stat
+
+    from gptcli.errors import GptError
+    from gptcli.train.metrics import plot_losses
+
+    write_run(tmp_path / "run", [1, 2])
+    (tmp_path / "run" / "config.resolved.toml").write_text("[project]\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link.png").symlink_to(tmp_path / "elsewhere.png")
+    if out == "null":
+        from test_fsutil import private_null_device
+
+        private_null_device(tmp_path)
+    target = tmp_path / out
+    before = {str(p): (p.lstat().st_mode, p.read_bytes() if stat.S_ISREG(p.lstat().st_mode) else None)
+              for p in tmp_path.rglob("*")}
+    with pytest.raises(GptError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        plot_losses(tmp_path / "run", target)
+    after = {str(p): (p.lstat().st_mode, p.read_bytes() if stat.S_ISREG(p.lstat().st_mode) else None)
+             for p in tmp_path.rglob("*")}
+    assert after == before  # the FIFO is still a FIFO, the device node a device, the metrics the metrics
+
+
+def test_gpt_plot_replaces_its_own_png(tmp_path):
+    from gptcli.train.metrics import PNG_SIGNATURE, plot_losses
+
+    write_run(tmp_path / "run", [1, 2])
+    (tmp_path / "curve.png").write_bytes(PNG_SIGNATURE + b"an older plot")
+    assert plot_losses(tmp_path / "run", tmp_path / "curve.png") == tmp_path / "curve.png"
+    assert len((tmp_path / "curve.png").read_bytes()) > 1000

@@ -669,3 +669,55 @@ def test_the_next_command_trains_on_what_was_just_prepared(tmp_path, monkeypatch
     assert next_command(Path("data/shards"), project_from_dict({}, source="run.toml")) == "gpt train"
     named = project_from_dict({"data": {"dir": "books"}}, source="books.toml")
     assert next_command(Path("books"), named) == "gpt train --project books.toml"
+
+
+# --- outputs and sizes at the edges (issue 26) -----------------------------------------------------------------
+
+
+def test_force_never_replaces_a_symlinked_out_dir(tmp_path):
+    """`prepare --force --out LINK` replaced the link with a dir and left `.LINK.old-PID` behind."""
+    (tmp_path / "a.txt").write_text("some text to prepare")
+    prepare(options([tmp_path / "a.txt"], tmp_path / "real", "workers=1"))
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(GptError, match="link is a symbolic link; gptcli never replaces a link"):
+        prepare(options([tmp_path / "a.txt"], tmp_path / "link", "workers=1", force=True))
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before and (tmp_path / "link").is_symlink()
+
+
+def test_a_model_dir_is_never_replaced_by_prepared_data(tmp_path):
+    (tmp_path / "a.txt").write_text("some text to prepare")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"w")
+    (model / ".gptcli-files").write_text(json.dumps({"what": "model dir", "files": ["model.safetensors"]}))
+    with pytest.raises(GptError, match="holds model dir written by gptcli; --force replaces only what it wrote as prepared data"):
+        prepare(options([tmp_path / "a.txt"], model, "workers=1", force=True))
+    assert (model / "model.safetensors").read_bytes() == b"w"
+
+
+def test_workers_far_above_the_cores_are_cut_to_them_with_a_warning(tmp_path):
+    """`--workers 100000` started processes until the machine stalled for minutes."""
+    from gptcli.data.prepare import usable_cores
+
+    (tmp_path / "a.txt").write_text("one line of text\n" * 50)
+    summary = prepare(options([tmp_path / "a.txt"], tmp_path / "out", "workers=100000"))
+    assert summary.workers == usable_cores()
+    assert any("--workers 100,000 is more than the" in warning for warning in summary.warnings)
+
+
+def test_a_second_prepare_into_the_same_out_dir_is_refused_while_the_first_writes(tmp_path):
+    """Two `gpt prepare --out new` at once both said `next:`; one result was gone."""
+    hold = ("import sys, time\nfrom gptcli.fsutil import output_lock\n"
+            "with output_lock(sys.argv[1], 'gpt prepare'):\n    print('held', flush=True)\n    time.sleep(600)\n")
+    first = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "out")], env=gpt_env(), stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        (tmp_path / "a.txt").write_text("some text to prepare")
+        second = run_gpt("prepare", tmp_path / "a.txt", "--out", tmp_path / "out", "--workers", "1", cwd=tmp_path)
+        assert_user_error(second, "is in use by another gpt prepare", f"pid {first.pid}")
+        assert "next:" not in second.stdout and not (tmp_path / "out").exists()
+    finally:
+        first.kill()
+        first.wait()

@@ -143,3 +143,23 @@ def test_a_jsonl_line_is_read_exactly_as_json_loads_reads_it(line):
     except ValueError:
         got = ("error",)
     assert got == expected
+
+
+def test_a_lone_surrogate_in_a_jsonl_record_is_one_sentence_or_replaced(tmp_path):
+    """`{"text": "\\ud800"}` is valid JSON but no text: tiktoken raised UnicodeEncodeError (internal error)."""
+    from gptcli.data.sources import jsonl_records
+    from gptcli.errors import GptError
+
+    text = '{"text": "ok"}\n{"text": "a \\ud800 b"}\n{"text": "\\ud83d\\ude00 pair"}\n'
+    with pytest.raises(Exception) as refused:
+        jsonl_records(text, "text")
+    assert "holds a lone UTF-16 surrogate (\\ud800)" in str(refused.value.args[1])
+    assert "--replace-invalid-utf8" in refused.value.args[1]
+    assert jsonl_records(text, "text", replace_invalid=True) == ["ok", "a \ufffd b", "\U0001F600 pair"]
+    path = tmp_path / "records.jsonl"
+    path.write_text(text)
+    from gptcli.data.prepare import PrepareOptions, prepare
+
+    with pytest.raises(GptError, match="records.jsonl line 2: field 'text' holds a lone UTF-16 surrogate"):
+        prepare(PrepareOptions(inputs=[str(path)], out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

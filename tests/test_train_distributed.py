@@ -112,6 +112,17 @@ def test_two_rank_zero2_learns_and_resumes_bit_for_bit_after_kill_9(tmp_path, sh
     assert len(shards_of_optimizer) == 2  # ZeRO-2: each rank saved its own partition
 
 
+@pytest.mark.parametrize("step", [1, 3])
+def test_a_dead_rank_is_reported_once_by_the_launcher(tmp_path, shards, step):
+    """kill -9 of rank 1: rank 0 printed "internal error: RuntimeError: [...gloo...] Connection closed by
+    peer" (or "stopped by SIGTERM") before the launcher's report. Only the launcher speaks now, once."""
+    killed = train(project_file(tmp_path, shards), SHORT, fault=f"kill@{step}@1")
+    assert killed.returncode == 137
+    assert killed.stderr.count("Training failed: rank 1 exited with code 137 (killed by SIGKILL)") == 1
+    for noise in ("internal error", "Traceback", "stopped by", "error:", "Connection closed", "RuntimeError"):
+        assert noise not in killed.stderr, killed.stderr[-3000:]
+
+
 def test_two_rank_zero3_learns_and_consolidates(tmp_path, shards):
     from gptcli.modeldir import load_model_dir
 

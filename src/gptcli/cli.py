@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -92,7 +93,18 @@ def load(project: Optional[Path], overrides: Optional[list[str]]):
 
 
 def emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
+    """One JSON object; a non-finite number (a NaN loss) is null, as JSON has no NaN or Infinity."""
+    sys.stdout.write(json.dumps(finite_or_null(obj), allow_nan=False) + "\n")
+
+
+def finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 def show_version(value: bool) -> None:

@@ -28,6 +28,9 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
 from .errors import GptError
 
 DEFAULT_PROJECT_FILE = "run.toml"
+# The largest seed: TOML's largest integer (a signed 64-bit one). Seeds are offset by the rank and the
+# step, and torch's generators take up to 2**64 - 1, so every seed derived from it stays valid.
+MAX_SEED = 2**63 - 1
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
@@ -95,7 +98,7 @@ class ProjectConfig(Section):
 
     name: str = doc("Name of this project, shown in logs and written into checkpoints.", "gpt")
     out_dir: str = doc("Run directory: checkpoints, metrics.jsonl, the consolidated model/.", "runs/gpt")
-    seed: int = doc("Seed for weights, data order, dropout and sampling.", 1337, at_least=0)
+    seed: int = doc("Seed for weights, data order, dropout and sampling.", 1337, at_least=0, at_most=MAX_SEED)
 
 
 @dataclass
@@ -116,7 +119,8 @@ class DataConfig(Section):
     val_block_tokens: int = doc("Documents longer than this many tokens are split into blocks of it for the "
                                 "train/val draw.", 2048, at_least=1)
     shard_tokens: int = doc("Tokens per shard file (the last one of each split is smaller).", 100_000_000, at_least=1)
-    workers: int = doc("Tokenizer processes for `gpt prepare`; 0 means one per CPU core.", 0, at_least=0)
+    workers: int = doc("Tokenizer processes for `gpt prepare`; 0 means one per CPU core, and more than the cores "
+                       "are cut to them.", 0, at_least=0)
 
 
 @dataclass
@@ -269,7 +273,7 @@ class GenerateConfig(Section):
     top_p: float = doc("Nucleus sampling: smallest set of tokens with this much probability; 1.0 disables.", 1.0,
                        above=0, at_most=1)
     num_samples: int = doc("Samples per prompt.", 1, at_least=1)
-    seed: Optional[int] = doc("Seed for sampling; unset means project.seed.", None, at_least=0)
+    seed: Optional[int] = doc("Seed for sampling; unset means project.seed.", None, at_least=0, at_most=MAX_SEED)
     stop: list = doc("Stop a sample when it produces any of these strings (end-of-text always stops).", factory=list)
     lookahead: int = doc("Greedy, one prompt, one sample: verify up to this many tokens guessed from earlier "
                          "text per forward pass (prompt lookup); same output, faster on repetitive text; 0 = off.", 0,
@@ -400,7 +404,7 @@ def _check_bounds(where: str, value: Any, bounds: dict) -> None:
 
 def _range_text(bounds: dict) -> str:
     def number(x: float) -> str:
-        return f"{x:g}"
+        return f"{x:,}" if isinstance(x, int) and abs(x) >= 1e6 else f"{x:g}"
 
     low = ("[", bounds["at_least"]) if "at_least" in bounds else ("(", bounds["above"]) if "above" in bounds else None
     high = (")", bounds["below"]) if "below" in bounds else ("]", bounds["at_most"]) if "at_most" in bounds else None

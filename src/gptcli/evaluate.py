@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .config import Project
 from .errors import GptError
+from .machine import check_scoring_fits
 from .model import GPT
 
 # Rows of hidden states projected to the vocabulary at once: 1024 × 50257 fp32 logits = 206 MB.
@@ -274,6 +275,9 @@ def shard_sequences(data_dir: Path | str, split: str, tokenizer, max_tokens: int
                 break
             tokens = tokens[: budget + 1]
             budget -= len(tokens) - 1
+        if len(tokens) and int(tokens.max()) >= tokenizer.vocab_size:  # the shard changed after it was written
+            raise GptError(f"Shard {shard.path} holds token id {int(tokens.max())}, outside the vocabulary of "
+                           f"{tokenizer.vocab_size:,}: the shard is corrupt; check it with `gpt prepare --verify`.")
         if len(tokens) >= 2:
             sequences.append(tokens)
     return sequences
@@ -305,11 +309,14 @@ def evaluate_project(project: Project, *, checkpoint: Optional[Path] = None, dev
     progress(scored, total) is called after every batch of windows."""
     from .runtime import load_project_model, resolve_device
 
-    loaded = load_project_model(project, checkpoint, resolve_device(device))
+    target = resolve_device(device)
+    loaded = load_project_model(project, checkpoint, target)
     context = loaded.config.block_size
     stride = resolve_stride(project.eval.stride, context)
     sequences, source = eval_input(project, loaded.tokenizer, dataset=dataset, dataset_split=dataset_split)
     total, done = scored_count((len(s) for s in sequences), context, stride), 0
+    windows = total // stride + len(sequences)  # at least as many as plan_windows makes
+    check_scoring_fits(loaded.config, min(project.eval.batch_size, windows), target.type)
 
     def advance(scored: int) -> None:
         nonlocal done

@@ -6,12 +6,15 @@ import json
 import os
 import shutil
 import signal
+import stat
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from .errors import GptError, Stopped
+from .locks import FileLock, process_alive
 
 
 @contextmanager
@@ -55,7 +58,8 @@ def atomic_write_json(path: Path | str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-OWNED_FILES = ".gptcli-files"  # in every directory the tool publishes: the names it wrote there (JSON list)
+OWNED_FILES = ".gptcli-files"  # in every directory the tool publishes: what it is and the names it wrote there
+LOCK_SUFFIX = ".gptcli-lock"  # `.NAME.gptcli-lock` beside an output NAME while a command writes it (output_lock)
 
 
 def staging_dir(target: Path | str, purpose: str) -> Path:
@@ -63,8 +67,8 @@ def staging_dir(target: Path | str, purpose: str) -> Path:
 
     Its name carries `purpose` and this process's pid; staging dirs of the same target and purpose whose
     process is gone (a kill -9, a power cut) are removed first, so they never pile up."""
-    target = Path(target)
-    parent = target.absolute().parent
+    target = Path(os.path.abspath(target))  # "out/." and "." have their dir's name, not ""
+    parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.{purpose}-"
     for stale in parent.glob(prefix + "*"):
@@ -77,70 +81,180 @@ def staging_dir(target: Path | str, purpose: str) -> Path:
     return staging
 
 
-def process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
-
-
 def read_owned(directory: Path) -> Optional[set[str]]:
-    """The names the tool wrote into `directory` (its OWNED_FILES list), or None without a readable list."""
+    """The names the tool wrote into `directory` (its OWNED_FILES record), or None without a readable one."""
+    record = read_owned_record(directory)
+    return None if record is None else record[1]
+
+
+def read_owned_record(directory: Path) -> Optional[tuple[Optional[str], set[str]]]:
+    """(what the dir is, e.g. "prepared data", or None for a plain list written before that was recorded;
+    the names the tool wrote there), or None without a readable OWNED_FILES."""
     try:
-        names = json.loads((Path(directory) / OWNED_FILES).read_text(encoding="utf-8"))
+        record = json.loads((Path(directory) / OWNED_FILES).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    what, names = (record.get("what"), record.get("files")) if isinstance(record, dict) else (None, record)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(what, (str, type(None))):
         return None
-    return set(names) | {OWNED_FILES}
+    return what, set(names) | {OWNED_FILES}
+
+
+# --- the rule every output goes through ------------------------------------------------------------------------
+
+
+def check_output(target: Path | str, *, what: str, directory: bool = True, force: bool = False,
+                 inputs: Iterable[Path | str] = (), protected: Iterable[tuple[Path | str, str]] = (),
+                 owned: Optional[set[str]] = None, replaces: Optional[Callable[[Path], bool]] = None,
+                 flag: Optional[str] = "--force", instead: str = "choose another output") -> None:
+    """Refuse, before any work, to write a `what` (a directory, or a file with `directory=False`) at
+    `target` where that would lose or damage something:
+    - something that is not what the command writes: a symbolic link (never replaced, never written
+      through), a device, a FIFO, a file where a dir goes or a dir where a file goes; a file output whose
+      directory does not exist (it is not created silently) or is not writable;
+    - an input of the same command, or a `protected` (path, what it is) such as the project's data dir,
+      when `target` is it, holds it or lies inside it;
+    - a directory: anything non-empty without `force` (`flag` is the option that gives it; None when the
+      command has none), and even then a `.git`, or a dir holding anything the tool did not write as a
+      `what` (per its OWNED_FILES record, or `owned` for dirs written before that record existed);
+    - a file: an existing one that `replaces` does not accept (it is not what the command writes)."""
+    target = Path(target)
+    _check_kind(target, what, directory, instead)
+    if not directory:
+        _check_parent(target, instead)
+    for item in inputs:
+        _check_apart(target, Path(item), "an input of this command", instead)
+    for path, why in protected:
+        _check_apart(target, Path(path), why, instead)
+    if directory and target.is_dir() and _holds_cwd(target):
+        raise GptError(f"{target} is the current directory or holds it; a dir is replaced by renaming it, which "
+                       f"must not happen to the one you are in, so {instead}.")
+    if directory:
+        _check_dir_contents(target, what, force, owned, flag, instead)
+    elif target.exists() and replaces is not None and not replaces(target):
+        raise GptError(f"{target} exists and is not a {what}; only a {what} is replaced there, so {instead}.")
 
 
 def check_replaceable(target: Path | str, *, force: bool, what: str, inputs: Iterable[Path | str] = (),
                       owned: Optional[set[str]] = None) -> None:
-    """Refuse, before any work, to put a new `what` (e.g. "prepared data") at `target` when that would lose
-    something: a file in the way; an existing non-empty dir without `force`; and even with `force`, a dir
-    holding anything the tool did not write (per its OWNED_FILES list, or `owned` for dirs written before
-    that list existed), a `.git`, or an input of the same command."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise GptError(f"{target} is a file, not a directory; choose another output directory.")
+    """`check_output` for a directory that `--force` may replace (prepare, load-hf, export-hf)."""
+    check_output(target, what=what, force=force, inputs=inputs, owned=owned, instead="choose another output directory")
+
+
+def _holds_cwd(target: Path) -> bool:
+    cwd, resolved = Path.cwd().resolve(), target.resolve()
+    return resolved == cwd or resolved in cwd.parents
+
+
+def _check_kind(target: Path, what: str, directory: bool, instead: str) -> None:
+    if target.is_symlink():
+        raise GptError(f"{target} is a symbolic link; gptcli never replaces a link nor writes through one, so give "
+                       f"the real path or {instead}.")
+    if not target.exists():
+        return
+    mode = target.stat().st_mode
+    if directory and not stat.S_ISDIR(mode):
+        raise GptError(f"{target} is {_kind(mode)}, not a directory; {instead}.")
+    if not directory and not stat.S_ISREG(mode):
+        raise GptError(f"{target} is {_kind(mode)}, not a regular file; a {what} is only written as a regular "
+                       f"file, so {instead}.")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _check_parent(target: Path, instead: str) -> None:
+    parent = target.absolute().parent
+    if not parent.exists():
+        raise GptError(f"The directory {parent} does not exist (it is not created silently); create it, or "
+                       f"{instead}.")
+    if not parent.is_dir():
+        raise GptError(f"{parent} is a file, not a directory; {instead}.")
+    if not os.access(parent, os.W_OK):  # root passes this everywhere but on a read-only file system
+        raise GptError(f"The directory {parent} is not writable; {instead}.")
+
+
+def _check_apart(target: Path, other: Path, what_other_is: str, instead: str) -> None:
+    """Refuse when `target` is `other`, holds it, or lies inside it (symbolic links resolved)."""
+    resolved, other_resolved = target.resolve(), other.resolve()
+    if resolved == other_resolved:
+        where = f"is {what_other_is}"
+    elif resolved in other_resolved.parents:
+        where = f"holds {other.name}, {what_other_is}"
+    elif other_resolved in resolved.parents:
+        where = f"lies inside {other}, {what_other_is}"
+    else:
+        return
+    raise GptError(f"{target} {where}, which gptcli never deletes or writes over; {instead}.")
+
+
+def _check_dir_contents(target: Path, what: str, force: bool, owned: Optional[set[str]], flag: Optional[str],
+                        instead: str) -> None:
     if not target.is_dir() or not any(target.iterdir()):
         return
     if not force:
-        raise GptError(f"{target} already exists and is not empty; pass --force to replace the {what} there, "
-                       "or choose another output directory.")
-    resolved = target.resolve()
-    for item in inputs:
-        item = Path(item).resolve()
-        if item == resolved or resolved in item.parents:
-            raise GptError(f"{target} holds {item.name}, an input of this command; --force never deletes an "
-                           "input, so choose another output directory.")
+        passing = f"pass {flag} to replace the {what} there, or " if flag else ""
+        raise GptError(f"{target} already exists and is not empty; {passing}{instead}.")
+    again = f"{flag} replaces" if flag else "gptcli replaces"
     if (target / ".git").exists():
-        raise GptError(f"{target} is a git repository (it holds .git); --force never deletes one, so choose "
-                       "another output directory.")
-    ours = read_owned(target) if owned is None else set(owned) | {OWNED_FILES}
-    if ours is None:
-        raise GptError(f"{target} holds no record of files written by gptcli ({OWNED_FILES}), so --force does "
-                       "not replace it; choose another output directory or empty it yourself.")
+        raise GptError(f"{target} is a git repository (it holds .git); gptcli never deletes one, so {instead}.")
+    record = (None, set(owned) | {OWNED_FILES}) if owned is not None else read_owned_record(target)
+    if record is None:
+        raise GptError(f"{target} holds no record of files written by gptcli ({OWNED_FILES}), so it is not "
+                       f"replaced; {instead}, or empty it yourself.")
+    written_as, ours = record
+    if written_as is not None and written_as != what:
+        raise GptError(f"{target} holds {written_as} written by gptcli; {again} only what it wrote as {what}, so "
+                       f"{instead}.")
     foreign = sorted(p.name for p in target.iterdir() if p.name not in ours)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise GptError(f"{target} holds files gptcli did not write ({shown}); --force replaces only the {what} "
-                       "it wrote, so move them or choose another output directory.")
+        raise GptError(f"{target} holds files gptcli did not write ({shown}); {again} only the {what} it wrote, so "
+                       f"move them or {instead}.")
 
 
-def publish_dir(staging: Path, target: Path) -> None:
-    """Rename a finished `staging` dir to `target`, first listing what it holds in its OWNED_FILES (so a
-    later `--force` knows what it may replace). An existing `target` is renamed aside first and deleted
-    after, so `target` never holds a mix of old and new files. Callers check `target` with
-    `check_replaceable` before doing any work."""
+@contextmanager
+def output_lock(target: Path | str, command: str, check: Optional[Callable[[], None]] = None) -> Iterator[None]:
+    """Hold the lock of the output `target` for the block: `.NAME.gptcli-lock` beside it, so it exists
+    before `target` does and outlives its replacement. Every command that publishes a dir checks and
+    writes it under this lock, so two never race for one target: the second is refused, naming the first
+    (locks.FileLock). `check` (the command's check_output call) runs before anything is created, and
+    again once the lock is held, when no other writer can change `target` any more."""
+    target = Path(target)
+    if check is not None:
+        check()
+    parent = Path(os.path.abspath(target)).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise GptError(f"Cannot write the output dir {target}: creating {parent} failed ({error.strerror or error}); "
+                       "choose another output directory.") from None
+    lock = FileLock(parent / f".{Path(os.path.abspath(target)).name}{LOCK_SUFFIX}", target, command, where=str(parent),
+                    instead="choose another output directory")
+    note = lock.acquire()
+    if note:
+        print(note, file=sys.stderr)
+    try:
+        if check is not None:
+            check()
+        yield
+    finally:
+        lock.release()
+
+
+def publish_dir(staging: Path, target: Path, what: Optional[str] = None) -> None:
+    """Rename a finished `staging` dir to `target`, first recording in its OWNED_FILES that it is a `what`
+    and the names it holds (so a later `--force` knows what it may replace). An existing `target` is
+    renamed aside first and deleted after, so `target` never holds a mix of old and new files. Callers
+    check `target` with `check_output` before doing any work, under `output_lock`."""
+    target = Path(os.path.abspath(target))
     names = sorted(p.name for p in Path(staging).iterdir() if p.name != OWNED_FILES)
-    atomic_write_json(Path(staging) / OWNED_FILES, names)
+    atomic_write_json(Path(staging) / OWNED_FILES, {"what": what, "files": names} if what else names)
     old = None
     if target.exists():
         old = target.absolute().parent / f".{target.name}.old-{os.getpid()}"
@@ -152,7 +266,7 @@ def publish_dir(staging: Path, target: Path) -> None:
 
 
 @contextmanager
-def staged_dir(target: Path | str, purpose: str) -> Iterator[Path]:
+def staged_dir(target: Path | str, purpose: str, what: Optional[str] = None) -> Iterator[Path]:
     """Build a new `target` in a staging dir (see `staging_dir`): it is published (`publish_dir`) when the
     block finishes and removed when it raises, so `target` is either the old dir or the complete new one.
     A stop by signal or Ctrl-C is re-raised as `Stopped`, saying that `target` was left as it was."""
@@ -170,7 +284,7 @@ def staged_dir(target: Path | str, purpose: str) -> Iterator[Path]:
         raise
     try:
         with signals_deferred():  # two renames: a stop between them would leave no `target` at all
-            publish_dir(staging, target)
+            publish_dir(staging, target, what)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -26,6 +26,7 @@ import torch
 
 from .config import GenerateConfig, Project
 from .errors import GptError, UsageError
+from .machine import check_generation_fits
 from .model import GPT
 
 # After a slide the window keeps this share of the context, so the next block_size/4 steps are cheap
@@ -71,6 +72,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
         drop_sorted = mass_before >= top_p  # the nucleus is already complete without this token
+        # The most likely token always stays: a top_p below float32's smallest number (1e-300) is 0 in the
+        # comparison, which would otherwise drop every token and leave nothing to sample.
+        drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -80,7 +84,10 @@ def next_tokens(logits: torch.Tensor, options: SamplingOptions, generator: Optio
     """Pick one id per row from last-position logits (B, V) → (B,)."""
     if options.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / options.temperature, options.top_k, options.top_p)
+    scaled = logits.float() / options.temperature
+    if not bool(torch.isfinite(scaled).all()):  # a temperature so small that logit/T overflows: the limit is greedy
+        return logits.argmax(dim=-1)
+    logits = filter_logits(scaled, options.top_k, options.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -379,6 +386,8 @@ def generate(model: GPT, tokenizer, prompts: list[str], options: SamplingOptions
             on_notice(f"Prompt {index + 1} has {len(ids) + dropped} tokens, more than the context of "
                       f"{model.config.block_size}; using its last {len(ids)} tokens.")
     rows = [(index, ids) for index, (ids, _) in enumerate(encoded) for _ in range(options.num_samples)]
+    check_generation_fits(model.config, len(rows), max(len(ids) for ids, _ in encoded), options.max_new_tokens,
+                          model.wte.weight.device.type)
     stop = tuple(s for s in options.stop if s)  # an empty stop string would end every sample at once
     texts = [RowText(tokenizer, stop) for _ in rows]
 

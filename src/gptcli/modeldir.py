@@ -21,7 +21,7 @@ import torch
 
 from .config import ConfigError, ModelConfig, project_from_dict
 from .errors import GptError
-from .fsutil import check_replaceable, follow_umask, read_owned, staged_dir
+from .fsutil import check_output, check_replaceable, follow_umask, output_lock, read_owned, staged_dir
 from .model import GPT, model_from_state_dict
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_from_model_dir
 
@@ -66,21 +66,33 @@ def write_model_files(directory: Path, model: GPT, tokenizer: Tokenizer, metadat
     tokenizer.save(directory)
 
 
+MODEL_DIR = "model dir"  # what fsutil's OWNED_FILES record says a model dir is
+
+
+def legacy_model_dir_files(path: Path) -> Optional[set[str]]:
+    """MODEL_DIR_FILES for a model dir written before fsutil's OWNED_FILES record existed, else None."""
+    path = Path(path)
+    legacy = path.is_dir() and not path.is_symlink() and read_owned(path) is None and is_model_dir(path)
+    return MODEL_DIR_FILES if legacy else None
+
+
 def check_model_dir_replaceable(out_dir: Path | str, force: bool, inputs: Iterable[Path | str] = ()) -> None:
-    """Refuse, before any work, to write a model dir where it would lose something (fsutil.check_replaceable).
-    A model dir written before the OWNED_FILES list existed counts as holding MODEL_DIR_FILES."""
-    out_dir = Path(out_dir)
-    legacy = out_dir.is_dir() and read_owned(out_dir) is None and is_model_dir(out_dir)
-    check_replaceable(out_dir, force=force, what="model dir", inputs=inputs,
-                      owned=MODEL_DIR_FILES if legacy else None)
+    """Refuse, before any work, to write a model dir where it would lose something (fsutil.check_output)."""
+    check_replaceable(out_dir, force=force, what=MODEL_DIR, inputs=inputs, owned=legacy_model_dir_files(Path(out_dir)))
 
 
-def save_model_dir(out_dir: Path | str, model: GPT, tokenizer: Tokenizer, metadata: Optional[dict] = None) -> Path:
+def save_model_dir(out_dir: Path | str, model: GPT, tokenizer: Tokenizer, metadata: Optional[dict] = None,
+                   instead: str = "choose another output directory", command: str = "gpt train") -> Path:
     """Write model, config and tokenizer to `out_dir`, replacing a model dir gptcli wrote there atomically
-    (training consolidates into RUN/model again and again); anything else there is refused."""
+    (training consolidates into RUN/model again and again); anything else there is refused, with
+    `instead` saying what to do. The check and the write hold the output's lock (fsutil.output_lock)."""
     out_dir = Path(out_dir)
-    check_model_dir_replaceable(out_dir, force=True)
-    with staged_dir(out_dir, "model") as staging:
+
+    def check() -> None:
+        check_output(out_dir, what=MODEL_DIR, force=True, owned=legacy_model_dir_files(out_dir), flag=None,
+                     instead=instead)
+
+    with output_lock(out_dir, command, check), staged_dir(out_dir, "model", MODEL_DIR) as staging:
         write_model_files(staging, model, tokenizer, metadata)
     return out_dir
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..config import DataConfig, Project, ProjectConfig
 from ..errors import GptError, Stopped
-from ..fsutil import check_replaceable, publish_dir, read_owned, staging_dir
+from ..fsutil import check_replaceable, output_lock, publish_dir, read_owned, staging_dir
 from ..tokenizer import ENDOFTEXT, Tokenizer, load_tokenizer
 from .shards import FORMAT_VERSION, MANIFEST, ShardRecord, ShardWriter, open_prepared, token_dtype, write_manifest
 from .sources import FileRange, ReadSettings, ReadState, Source, Task, read_tasks, resolve_inputs
@@ -44,6 +44,7 @@ CHUNK_CHARS = 1 << 20  # text per task: big enough to amortize inter-process tra
 TASKS_PER_WORKER = 2  # tasks in flight per worker: keeps every worker busy while memory stays bounded
 
 ProgressFn = Callable[["Progress"], None]
+PREPARED_DATA = "prepared data"  # what fsutil's OWNED_FILES record says a prepared dir is
 
 
 @dataclass
@@ -298,14 +299,19 @@ class Assembler:
 # --- the run ---------------------------------------------------------------------------------------------------
 
 
-def worker_count(requested: int) -> int:
-    """0 means one per core this process may use."""
-    if requested > 0:
-        return requested
+def usable_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def worker_count(requested: int) -> int:
+    """0 means one per core this process may use; more than that is cut to it. Tokenizing is CPU-bound,
+    so a worker beyond the cores only adds a process to start, feed and stop (100,000 of them once took
+    a machine down for minutes)."""
+    cores = usable_cores()
+    return cores if requested <= 0 else min(requested, cores)
 
 
 @dataclass
@@ -326,20 +332,28 @@ def prepare(options: PrepareOptions, on_progress: Optional[ProgressFn] = None) -
     started = time.perf_counter()
     out = Path(options.out)
     sources = resolve_inputs(options.inputs)
-    check_output_dir(out, options.force, sources)
-    tokenizer = load_tokenizer(options.data.tokenizer, options.data.vocab_dir)
-    run = Run(options, sources, tokenizer, worker_count(options.data.workers), make_staging_dir(out))
+    # The check and the write under the output's lock: no other command publishes `out` meanwhile.
+    with output_lock(out, "gpt prepare", lambda: check_output_dir(out, options.force, sources)):
+        tokenizer = load_tokenizer(options.data.tokenizer, options.data.vocab_dir)
+        run = Run(options, sources, tokenizer, worker_count(options.data.workers), make_staging_dir(out))
+        summary = _prepare_and_publish(run, on_progress, started)
+    summary.out = out
+    return summary
+
+
+def _prepare_and_publish(run: "Run", on_progress: Optional[ProgressFn], started: float) -> PrepareSummary:
+    """Tokenize into the run's staging dir and publish it as the output dir, or remove it on any failure."""
+    out = Path(run.options.out)
     try:
         summary, manifest = _prepare_into(run, on_progress, started)
         write_manifest(run.staging, manifest)
-        publish_dir(run.staging, out)
+        publish_dir(run.staging, out, PREPARED_DATA)
     except (KeyboardInterrupt, Stopped) as stop:  # Ctrl-C, or SIGTERM (the CLI raises Stopped for it)
         shutil.rmtree(run.staging, ignore_errors=True)
         raise Stopped(getattr(stop, "signal_number", signal.SIGINT), stopped_message(run, out)) from None
     except BaseException:
         shutil.rmtree(run.staging, ignore_errors=True)
         raise
-    summary.out = out
     return summary
 
 
@@ -398,6 +412,9 @@ def _prepare_into(run: Run, on_progress: Optional[ProgressFn], started: float):
                              seconds=time.perf_counter() - started, workers=run.workers,
                              split=splitter.report(), inputs=assembler.inputs)
     summary.warnings = _warnings(summary, splitter)
+    if options.data.workers > run.workers:
+        summary.warnings.append(f"--workers {options.data.workers:,} is more than the {run.workers} CPU core(s) this "
+                                f"process may use; {run.workers} worker(s) were used.")
     return summary, build_manifest(summary, run, records)
 
 
@@ -489,7 +506,7 @@ def build_manifest(summary: PrepareSummary, run: Run, records: list[ShardRecord]
 def check_output_dir(out: Path, force: bool, sources: list[Source]) -> None:
     """Refuse before any work: a file in the way, a non-empty dir without --force, and even with --force a
     dir holding files `gpt prepare` did not write, or an input of this run."""
-    check_replaceable(out, force=force, what="prepared data", inputs=[s.path for s in sources if s.path],
+    check_replaceable(out, force=force, what=PREPARED_DATA, inputs=[s.path for s in sources if s.path],
                       owned=_owned_by_manifest(out))
 
 

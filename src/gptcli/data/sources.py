@@ -110,10 +110,11 @@ class JsonlRecords:
     path: str
     first_line: int  # line number of the first line of `text`, for messages
     column: str
+    replace_invalid_utf8: bool = False
 
     def documents(self) -> tuple[list[str], bool]:
         try:
-            return jsonl_records(self.text, self.column), True
+            return jsonl_records(self.text, self.column, self.replace_invalid_utf8), True
         except BadRecord as bad:
             raise GptError(f"{self.path} line {self.first_line + bad.line}{bad.problem}") from None
 
@@ -146,7 +147,7 @@ class FileRange:
         if self.mode == "line":
             return [line.rstrip("\r") for line in text.split("\n") if line.strip()], replaced
         try:
-            return jsonl_records(text, self.column), replaced
+            return jsonl_records(text, self.column, self.replace_invalid_utf8), replaced
         except BadRecord as bad:
             raise GptError(f"{self.path} line {self._first_line() + bad.line}{bad.problem}") from None
 
@@ -225,8 +226,14 @@ class BadRecord(Exception):
         self.line, self.problem = line, problem
 
 
-def jsonl_records(text: str, column: str) -> list[str]:
-    """The non-empty `column` strings of the JSON records of `text`, one per non-blank line."""
+# A UTF-16 surrogate on its own: JSON can write one (an escape such as "\ud800"), but it is no character,
+# and neither UTF-8 nor the tokenizer can hold it. Pairs are decoded to one character by the parser.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def jsonl_records(text: str, column: str, replace_invalid: bool = False) -> list[str]:
+    """The non-empty `column` strings of the JSON records of `text`, one per non-blank line. A lone
+    surrogate in one is refused, or read as U+FFFD with `replace_invalid` (--replace-invalid-utf8)."""
     records = []
     for offset, line in enumerate(text.split("\n")):
         if not line.strip():
@@ -240,6 +247,13 @@ def jsonl_records(text: str, column: str) -> list[str]:
         value = record[column]
         if not isinstance(value, str):
             raise BadRecord(offset, f": field {column!r} holds {type(value).__name__}, not text.")
+        if "\\u" in line and LONE_SURROGATE.search(value):  # only an escape can write one
+            if not replace_invalid:
+                lone = LONE_SURROGATE.search(value).group()
+                raise BadRecord(offset, f": field {column!r} holds a lone UTF-16 surrogate ({ascii(lone)[1:-1]}), "
+                                "which is not a character; fix the record, or pass --replace-invalid-utf8 to read it "
+                                "as U+FFFD.")
+            value = LONE_SURROGATE.sub("\ufffd", value)
         if value:
             records.append(value)
     return records
@@ -393,7 +407,7 @@ def file_tasks(index: int, source: Source, settings: ReadSettings, state: ReadSt
         return
     decoder = Utf8Decoder(source.location, settings.replace_invalid_utf8)
     stream, raw = _open_binary(source.location)
-    make = _task_maker(index, source, mode, settings.text_column)
+    make = _task_maker(index, source, mode, settings.text_column, settings.replace_invalid_utf8)
     try:
         cutter = _Cutter(mode, settings.chunk_chars)
         for text in _decoded_blocks(stream, raw, decoder, settings.chunk_chars, state):
@@ -441,7 +455,7 @@ def _line_end_after(handle, position: int, size: int) -> int:
     return size
 
 
-def _task_maker(index: int, source: Source, mode: str, text_column: str):
+def _task_maker(index: int, source: Source, mode: str, text_column: str, replace_invalid_utf8: bool = False):
     """piece, closes → the task of this file's mode (a JSONL task also carries its first line's number)."""
     if mode == "none":
         return lambda piece, closes: FilePiece(index, piece, closes)
@@ -453,7 +467,7 @@ def _task_maker(index: int, source: Source, mode: str, text_column: str):
 
     def jsonl(piece: str, closes: bool) -> JsonlRecords:
         nonlocal line
-        task = JsonlRecords(index, piece, source.location, line, text_column)
+        task = JsonlRecords(index, piece, source.location, line, text_column, replace_invalid_utf8)
         line += piece.count("\n")
         return task
 

@@ -12,9 +12,11 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import GptError
-from ..fsutil import check_replaceable, follow_umask, staged_dir
-from .convert import GPT1_ACTIVATIONS, hf_name_of, is_transposed
+from ..fsutil import check_replaceable, follow_umask, output_lock, staged_dir
+from .convert import GPT1_ACTIVATIONS, check_finite, hf_name_of, is_transposed
 from .source import HFWeights
+
+HF_EXPORT = "Hugging Face export"  # what fsutil's OWNED_FILES record says an export dir is
 
 
 def export_family(config: ModelConfig) -> str:
@@ -57,17 +59,30 @@ def hf_config_for(config: ModelConfig, family: str, tokenizer, dtype: torch.dtyp
 
 def export_tensors(model_dir: Path, config: ModelConfig, family: str) -> dict[str, torch.Tensor]:
     """The model dir's weights under HF names: Conv1D transposes, GPT-1 renames, no vocabulary padding.
-    Read through HFWeights, so a truncated or damaged weights file is named before anything is written."""
+    Checked as `gpt eval` and `gpt load-hf` check them: read through HFWeights (a truncated or damaged
+    file is named), every tensor's shape against config.json, every value finite."""
     weights = HFWeights([model_dir / "model.safetensors"])
+    check_shapes(weights, config, model_dir)
     tensors = {}
     for name in list(weights.shapes):
         if name == "lm_head.weight" and config.tie_embeddings:
             continue  # stored once, as wte.weight; transformers re-ties it on load
         tensor = weights.load(name, transpose=is_transposed(name))  # (out, in) → Conv1D's (in, out)
+        check_finite(tensor, name, str(model_dir / "model.safetensors"))
         if name in ("wte.weight", "lm_head.weight"):
             tensor = tensor[: config.vocab_size]  # (V, C): padding rows (vocab_multiple) are not exported
         tensors[hf_name_of(name, family)] = tensor.contiguous()
     return tensors
+
+
+def check_shapes(weights: HFWeights, config: ModelConfig, model_dir: Path) -> None:
+    """The weights fit config.json, as loading them for eval or generate requires (model_from_state_dict
+    on meta tensors: the check without reading or allocating the weights)."""
+    from ..model import model_from_state_dict
+
+    meta = {name: torch.empty(shape, device="meta") for name, shape in weights.shapes.items()
+            if not (name == "lm_head.weight" and config.tie_embeddings)}
+    model_from_state_dict(config, meta, where=f"{model_dir / 'model.safetensors'} (with {model_dir / 'config.json'})")
 
 
 @dataclass
@@ -86,18 +101,25 @@ def export_hf(checkpoint: Path | str, out: Path | str, force: bool = False) -> E
     """Write a model dir (or a run dir's consolidated model) as a Hugging Face dir that
     AutoModelForCausalLM.from_pretrained and AutoTokenizer load. With `force`, an existing `out` is
     replaced only when gptcli wrote everything in it (a previous export), never a repo clone or the input."""
-    from safetensors.torch import save_file
-
-    from ..modeldir import read_model_config, resolve_model_dir
-    from ..tokenizer import load_from_model_dir
+    from ..modeldir import resolve_model_dir
 
     out = Path(out)
     model_dir = resolve_model_dir(checkpoint)
-    check_replaceable(out, force=force, what="Hugging Face export", inputs=[checkpoint, model_dir])
+    # The check and the write under the output's lock: no other command publishes `out` meanwhile.
+    with output_lock(out, "gpt export-hf", lambda: check_replaceable(out, force=force, what=HF_EXPORT, inputs=[model_dir])):
+        return export_into(model_dir, out)
+
+
+def export_into(model_dir: Path, out: Path) -> ExportReport:
+    from safetensors.torch import save_file
+
+    from ..modeldir import read_model_config
+    from ..tokenizer import load_from_model_dir
+
     config = read_model_config(model_dir)
     family = export_family(config)
     tokenizer = load_from_model_dir(model_dir)
-    with staged_dir(out, "export-hf") as staging:  # from here on, a stop or an error leaves `out` as it was
+    with staged_dir(out, "export-hf", HF_EXPORT) as staging:  # from here on, a stop or an error leaves `out` as it was
         tensors = export_tensors(model_dir, config, family)
         dtype = tensors[hf_name_of("wte.weight", family)].dtype
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})

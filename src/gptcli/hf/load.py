@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..errors import GptError
-from ..fsutil import staged_dir
+from ..fsutil import output_lock, staged_dir
 from .convert import convert_weights, model_config_from_hf
 from .source import HFSource, resolve_source
 from .verify import VERIFY_TOLERANCE, max_logit_difference
@@ -71,17 +71,25 @@ class LoadReport:
 def load_hf(source: str, out: Path | str, verify: bool = False, force: bool = False) -> LoadReport:
     """Convert a Hugging Face GPT-2 / GPT-1 into a gptcli model dir at `out` (written atomically; with
     `force`, it replaces only a model dir gptcli wrote, never the source itself)."""
-    from ..inspect import reference_for
-    from ..model import count_parameters
-    from ..modeldir import check_model_dir_replaceable, load_model_dir, write_model_files
+    from ..modeldir import check_model_dir_replaceable
 
     out = Path(out)
     local = Path(source).expanduser()
-    check_model_dir_replaceable(out, force, inputs=[local] if local.exists() else [])
+    inputs = [local] if local.exists() else []
+    # The check and the write under the output's lock: no other command publishes `out` meanwhile.
+    with output_lock(out, "gpt load-hf", check=lambda: check_model_dir_replaceable(out, force, inputs)):
+        return convert_into(source, out, verify)
+
+
+def convert_into(source: str, out: Path, verify: bool) -> LoadReport:
+    from ..inspect import reference_for
+    from ..model import count_parameters
+    from ..modeldir import MODEL_DIR, load_model_dir, write_model_files
+
     hf = resolve_source(source)
     config = model_config_from_hf(hf.config, hf.family)
     tokenizer, tokenizer_note = source_tokenizer(hf, config.vocab_size)
-    with staged_dir(out, "load-hf") as staging:  # from here on, a stop or an error leaves `out` as it was
+    with staged_dir(out, "load-hf", MODEL_DIR) as staging:  # from here on, a stop or an error leaves `out` as it was
         model = convert_weights(hf, config)
         reference, _ = reference_for(config)
         report = LoadReport(out=out, family=hf.family, source=source, weights=[str(p) for p in hf.weights],

@@ -23,7 +23,6 @@ import os
 import pickle
 import random
 import re
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,23 +33,12 @@ import torch
 
 from ..config import ModelConfig, Project, dump_toml
 from ..errors import GptError
-from ..fsutil import OWNED_FILES, atomic_path, atomic_write_json, atomic_write_text, read_owned
-from .chatter import LOG_FILE as LIBRARY_LOG
-from .lock import broadcast_from_rank0
-from .metrics import CSV_FILE, METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR
-
-CLIENT_STATE = "client_state.json"
-MANIFEST = "manifest.json"
-LATEST = "latest"
-TAG_PATTERN = re.compile(r"^step_(\d+)$")
-RESOLVED_CONFIG = "config.resolved.toml"
-MODEL_DIR = "model"
-DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # DeepSpeed copies these beside the checkpoints
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
+from ..fsutil import atomic_path, atomic_write_json, atomic_write_text
+# The run dir's layout and what in it is gptcli's live in lock.py (--restart, retention and the start checks
+# go by them); run_files is kept importable from here too.
+from .lock import (CLIENT_STATE, LATEST, MANIFEST, RESOLVED_CONFIG, TAG_PATTERN, broadcast_from_rank0,
+                   check_model_dir_is_ours, checkpoints_dir, complete_checkpoints, refuse_existing_run,
+                   refuse_outputs_without_checkpoints, remove_checkpoint, remove_run_files, run_files)  # noqa: F401
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
@@ -60,24 +48,37 @@ def config_hash(project: Project) -> str:
     return hashlib.sha256(dump_toml(project).encode()).hexdigest()[:16]
 
 
+UNREADABLE_LATEST = "latest (not a checkpoint tag)"  # how a `latest` that names no tag is shown
+
+
+def latest_text(path: Path) -> str:
+    """The tag in a `latest` file, or UNREADABLE_LATEST when it holds anything else (damage such as random
+    bytes, which must not reach the terminal)."""
+    text = path.read_bytes()[:64].decode("ascii", errors="replace").strip()
+    return text if TAG_PATTERN.match(text) else UNREADABLE_LATEST
+
+
 def read_latest(run_dir: Path) -> Optional[str]:
     """The tag `latest` names, when it names a checkpoint whose client state exists."""
     path = checkpoints_dir(run_dir) / LATEST
     if not path.is_file():
         return None
-    tag = path.read_text().strip()
+    tag = latest_text(path)
+    if tag == UNREADABLE_LATEST:
+        raise GptError(f"{path} does not name a checkpoint (it holds {path.stat().st_size:,} bytes, not a tag such "
+                       "as step_00000100); write the tag of an intact checkpoint into it, or delete it.")
     if not (checkpoints_dir(run_dir) / tag / CLIENT_STATE).is_file():
         raise GptError(f"{path} names checkpoint {tag!r}, which is missing or incomplete.")
     return tag
 
 
-def agree_on_resume(run_dir: Path, mode: str, restart: bool, rank: int) -> Optional[str]:
+def agree_on_resume(run_dir: Path, mode: str, restart: bool, rank: int, data_dir: Optional[Path] = None) -> Optional[str]:
     """The checkpoint tag every rank resumes from (None: start fresh). Rank 0 decides, every rank follows:
     each rank reading the dir on its own could pick different tags while a save or a fallback is under way."""
     decision = {"tag": None, "error": None}
     if rank == 0:
         try:
-            decision["tag"] = decide_start(run_dir, mode, restart)
+            decision["tag"] = decide_start(run_dir, mode, restart, data_dir)
         except GptError as error:
             decision["error"] = str(error)
     decision = broadcast_from_rank0(decision)
@@ -86,18 +87,23 @@ def agree_on_resume(run_dir: Path, mode: str, restart: bool, rank: int) -> Optio
     return decision["tag"]
 
 
-def decide_start(run_dir: Path, mode: str, restart: bool) -> Optional[str]:
-    """Rank 0: --restart clears the old run; --resume never refuses to start over an existing one;
-    auto|required pick the checkpoint to resume."""
+def decide_start(run_dir: Path, mode: str, restart: bool, data_dir: Optional[Path] = None) -> Optional[str]:
+    """Rank 0: RUN/model must be one the run may replace; --restart clears the old run; --resume never
+    refuses to start over an existing one; auto|required pick the checkpoint to resume, and a run dir
+    holding a finished run's outputs without any checkpoint is refused like an existing run."""
     if restart:
         if mode == "required":
             raise GptError("--restart starts the run over, so it cannot go with --resume required.")
-        remove_run_files(run_dir)
+        remove_run_files(run_dir, data_dir)
         return None
+    check_model_dir_is_ours(run_dir, data_dir)  # before training: the run's end replaces it
     if mode == "never":
         refuse_existing_run(run_dir)
         return None
-    return find_resume(run_dir, mode)
+    tag = find_resume(run_dir, mode)
+    if tag is None:
+        refuse_outputs_without_checkpoints(run_dir)
+    return tag
 
 
 def find_resume(run_dir: Path, mode: str) -> Optional[str]:
@@ -106,7 +112,7 @@ def find_resume(run_dir: Path, mode: str) -> Optional[str]:
     root = checkpoints_dir(run_dir)
     damaged = []
     for tag in resume_candidates(run_dir):
-        problems = check_checkpoint(root / tag)
+        problems = check_checkpoint(root / tag) if tag != UNREADABLE_LATEST else ["it does not hold a checkpoint tag"]
         if not problems:
             for bad_tag, bad_problems in damaged:
                 print(f"warning: checkpoint {bad_tag} is damaged ({'; '.join(bad_problems)}); resuming from {tag} "
@@ -127,7 +133,7 @@ def resume_candidates(run_dir: Path) -> list[str]:
     checkpoints older than it, newest first. Ones newer than `latest` are partial saves of a crashed run."""
     root = checkpoints_dir(run_dir)
     latest_path = root / LATEST
-    latest = latest_path.read_text(errors="replace").strip() if latest_path.is_file() else None
+    latest = latest_text(latest_path) if latest_path.is_file() else None
     complete = complete_checkpoints(root)
     if latest is None:
         return [tag for _, tag in sorted(complete, reverse=True)]
@@ -136,23 +142,13 @@ def resume_candidates(run_dir: Path) -> list[str]:
     return [latest] + [tag for step, tag in sorted(complete, reverse=True) if step < limit and tag != latest]
 
 
-def complete_checkpoints(root: Path) -> list[tuple[int, str]]:
-    """(step, tag) of each checkpoint dir that was finished: it has a manifest, or, saved before manifests
-    existed, a client state."""
-    found = []
-    for path in root.iterdir() if root.is_dir() else []:
-        match = TAG_PATTERN.match(path.name)
-        if match and path.is_dir() and ((path / MANIFEST).is_file() or (path / CLIENT_STATE).is_file()):
-            found.append((int(match.group(1)), path.name))
-    return found
-
-
 # --- manifests: what a checkpoint held when it was saved ---------------------------------------------------
 
 
-def write_manifest(directory: Path) -> None:
-    """Record every file's size and sha256; called once all ranks have written theirs, before `latest`."""
-    files = checkpoint_files(directory)
+def write_manifest(directory: Path, leave_out: list[str] = ()) -> None:
+    """Record every file's size and sha256 (but `leave_out`: files that were there before the save, not
+    the checkpoint's); called once all ranks have written theirs, before `latest`."""
+    files = [name for name in checkpoint_files(directory) if name not in set(leave_out)]
     digests = sha256_files(directory, files)
     atomic_write_json(directory / MANIFEST, {"files": {
         name: {"bytes": (directory / name).stat().st_size, "sha256": digests[name]} for name in files}})
@@ -199,73 +195,6 @@ def check_checkpoint(directory: Path) -> list[str]:
             if digests[name] != digest]
 
 
-# --- starting over -----------------------------------------------------------------------------------------
-
-
-def run_files(run_dir: Path) -> list[Path]:
-    """What `gpt train` wrote into a run dir, and nothing else: checkpoints, metrics, the loss plot, the
-    resolved config, the library log, TensorBoard events, the consolidated model."""
-    run_dir = Path(run_dir)
-    found = [run_dir / name for name in (METRICS_FILE, CSV_FILE, PLOT_FILE, RESOLVED_CONFIG, LIBRARY_LOG)
-             if (run_dir / name).is_file()]
-    root = checkpoints_dir(run_dir)
-    if root.is_dir():
-        found += sorted(p for p in root.iterdir() if TAG_PATTERN.match(p.name) or p.name in (LATEST, *DEEPSPEED_SCRIPTS)
-                        or (p.name.startswith(f".{LATEST}.") and p.name.endswith(".tmp")))
-    if (run_dir / TENSORBOARD_DIR).is_dir():
-        found += sorted((run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
-    if (run_dir / MODEL_DIR).exists():
-        found.append(run_dir / MODEL_DIR)
-    return found
-
-
-def holds_run(run_dir: Path) -> bool:
-    """A run has been trained here: a checkpoint, logged steps or a consolidated model."""
-    run_dir = Path(run_dir)
-    metrics = run_dir / METRICS_FILE
-    return (complete_checkpoints(checkpoints_dir(run_dir)) != [] or (checkpoints_dir(run_dir) / LATEST).is_file()
-            or (metrics.is_file() and metrics.stat().st_size > 0) or (run_dir / MODEL_DIR).exists())
-
-
-def refuse_existing_run(run_dir: Path) -> None:
-    if holds_run(run_dir):
-        raise GptError(f"{run_dir} already holds a run, and --resume never does not delete it: pass --restart to "
-                       "start over there (it deletes only what gpt train wrote), or choose another project.out_dir.")
-
-
-def remove_run_files(run_dir: Path) -> None:
-    """--restart: delete what `gpt train` wrote (never a file it did not write), noting what went."""
-    run_dir = Path(run_dir)
-    check_model_dir_is_ours(run_dir / MODEL_DIR)  # before anything is deleted
-    files = run_files(run_dir)
-    for path in files:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    for directory in (checkpoints_dir(run_dir), run_dir / TENSORBOARD_DIR):
-        if directory.is_dir() and not any(directory.iterdir()):
-            directory.rmdir()
-    if files:
-        checkpoints = sum(1 for p in files if TAG_PATTERN.match(p.name))
-        names = sorted({p.name for p in files if not TAG_PATTERN.match(p.name) and p.parent == run_dir})
-        shown = ", ".join([f"{checkpoints} checkpoints"] * bool(checkpoints) + names)
-        print(f"note: --restart removed what gpt train wrote in {run_dir}: {shown}.", file=sys.stderr)
-
-
-def check_model_dir_is_ours(model_dir: Path) -> None:
-    if not model_dir.exists():
-        return
-    owned = read_owned(model_dir) if model_dir.is_dir() else None
-    if owned is None:
-        raise GptError(f"{model_dir} holds no record of files written by gptcli ({OWNED_FILES}), so --restart does "
-                       "not delete it; move it away or choose another project.out_dir.")
-    foreign = sorted(p.name for p in model_dir.iterdir() if p.name not in owned)
-    if foreign:
-        raise GptError(f"{model_dir} holds files gptcli did not write ({', '.join(foreign[:3])}), so --restart does "
-                       "not delete it; move them away or choose another project.out_dir.")
-
-
 # --- random generators -----------------------------------------------------------------------------------------
 
 
@@ -293,8 +222,9 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep: int, fault=
 
     rank = dist.get_rank()
     root, tag = checkpoints_dir(run_dir), tag_for(step)
+    foreign = []
     if rank == 0 and (root / tag).exists():
-        shutil.rmtree(root / tag)  # a partial save of the same step by a run that crashed
+        foreign = remove_checkpoint(root / tag)  # a partial save of the same step by a run that crashed
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     with atomic_path(root / tag / f"rng_rank{rank}.pt") as tmp:
@@ -305,7 +235,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep: int, fault=
         atomic_write_json(root / tag / CLIENT_STATE, client_state)
     dist.barrier()  # every rank's files are on disk before the manifest lists them and `latest` names them
     if rank == 0:
-        write_manifest(root / tag)
+        write_manifest(root / tag, leave_out=foreign)
         atomic_write_text(root / LATEST, tag + "\n")
         prune(root, keep, tag)
     dist.barrier()
@@ -314,13 +244,17 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep: int, fault=
 
 def prune(root: Path, keep: int, latest: str) -> None:
     """Keep the newest `keep` complete checkpoints up to `latest`, which itself always stays; anything newer
-    than `latest`, or never finished, is a partial save of a crashed run and goes too."""
+    than `latest`, or never finished, is a partial save of a crashed run and goes too. Only the files a
+    checkpoint's manifest lists (lock.remove_checkpoint) are deleted: a user's file in one stays, with a note."""
     latest_step = int(TAG_PATTERN.match(latest).group(1))
     complete = sorted((step, tag) for step, tag in complete_checkpoints(root) if step <= latest_step)
     kept = {tag for _, tag in complete[-keep:]} | {latest}
-    for path in root.iterdir():
-        if TAG_PATTERN.match(path.name) and path.is_dir() and path.name not in kept:
-            shutil.rmtree(path, ignore_errors=True)
+    for path in sorted(root.iterdir()):
+        if TAG_PATTERN.match(path.name) and path.is_dir() and not path.is_symlink() and path.name not in kept:
+            left = remove_checkpoint(path)
+            if left:
+                print(f"note: kept {path}, which holds files gptcli did not write ({', '.join(left[:3])}); its "
+                      "checkpoint files were deleted.", file=sys.stderr)
 
 
 def load(engine, run_dir: Path, tag: str) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from ..config import DEFAULT_RESUME, Project, Resume, load_project
-from ..errors import GptError
+from ..errors import GptError, Stopped
 from . import launch
 
 
@@ -45,6 +45,9 @@ def run_train(request: TrainRequest, argv: list[str], value_options: Iterable[st
         say(f"Wrote {consolidate_only(project)}")
         return 0
     check_trainable(project)
+    if "RANK" not in os.environ or launch.LAUNCHER_PID_VARIABLE not in os.environ:  # our launcher checked it
+        check_out_dir(Path(project.project.out_dir))
+        check_fits(project, request.nproc)
     if request.nproc > 1 or request.hostfile is not None:
         return launch.launch(launch.rank_argv(argv, value_options), request.nproc, request.hostfile,
                              request.master_port)
@@ -53,7 +56,13 @@ def run_train(request: TrainRequest, argv: list[str], value_options: Iterable[st
     from .loop import TrainOptions, train
 
     options = TrainOptions(resume=request.resume, overfit_batch=request.overfit_batch, restart=request.restart)
-    result = train(project, options)
+    try:
+        result = train(project, options)
+    except (Exception, Stopped, KeyboardInterrupt) as error:
+        code = launch.quiet_exit_code(error)
+        if code is None:
+            raise
+        return code  # the launcher reports it, once, for every rank
     if result.model_dir is not None and not request.overfit_batch and os.environ.get("RANK", "0") == "0":
         say("next: " + "\n      ".join(next_commands(request, project)))
     return result.exit_code
@@ -66,6 +75,28 @@ def check_trainable(project: Project) -> None:
                        'would see the token it must predict, so the loss would fall without the model learning to '
                        'predict anything; use "causal" or "sliding_window" (the model and gpt eval still accept '
                        '"bidirectional").')
+
+
+def check_out_dir(run_dir: Path) -> None:
+    """Before DeepSpeed starts: a run dir that is a file or lies under one is one sentence at once (rank 0
+    checks it again, creating it, when it locks it)."""
+    for path in (run_dir, *run_dir.absolute().parents):
+        if path.exists():
+            if path == run_dir and not path.is_dir():
+                raise GptError(f"project.out_dir {run_dir} is a file, not a directory; choose another out_dir.")
+            if not path.is_dir():
+                raise GptError(f"Cannot create the run dir {run_dir}: {path} is a file; choose a writable "
+                               "project.out_dir.")
+            return
+
+
+def check_fits(project: Project, nproc: int) -> None:
+    """Before any rank starts: a model and batch that clearly cannot fit this machine are one sentence."""
+    from ..machine import check_training_fits
+    from .engine import device_type
+
+    local_ranks = max(nproc, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    check_training_fits(project, local_ranks, device_type(project))
 
 
 def next_commands(request: TrainRequest, project: Project) -> list[str]:

@@ -31,8 +31,15 @@ def hand_over(project: Project, run_dir: Path, tokenizer, step: int, exit_code: 
     tag = checkpoint.read_latest(run_dir)
     model_dir = None
     if exit_code == 0 and tag is not None:
-        model_dir = consolidate(run_dir, tag, project.model, tokenizer)
-    plot_losses(run_dir)
+        try:
+            model_dir = consolidate(run_dir, tag, project.model, tokenizer)
+        except GptError as refused:  # RUN/model changed during the run (checked at its start)
+            raise GptError(f"{refused} The run itself is saved (checkpoint {tag}); once {run_dir / 'model'} is "
+                           "cleared, `gpt train --consolidate` writes the model.") from None
+    try:
+        plot_losses(run_dir)
+    except GptError as error:  # the plot is a convenience: the run is saved and consolidated
+        print(f"warning: no loss plot: {error}", file=sys.stderr)
     where = f"; model in {model_dir}" if model_dir else ""
     reason = f" (stopped by signal {exit_code - 128})" if exit_code else ""
     print(f"Finished at step {step}{reason}: run dir {run_dir}{where}.", file=sys.stderr)

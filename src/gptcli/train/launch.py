@@ -17,6 +17,7 @@ import ctypes
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -157,13 +158,47 @@ def quiet_elastic_logs() -> None:
 
 
 def failure_report(failures: dict) -> str:
-    """One sentence: the failed ranks in the order the agent saw them (the first is usually the cause; the
-    others failed with it, or were stopped by the agent)."""
-    codes = [exit_code_of(failure.exitcode) for failure in failures.values()]
-    if len(failures) > 1 and len(set(codes)) == 1 and codes[0] in (130, 143):  # a signal sent to the ranks
-        return f"Every rank stopped on {signal.Signals(codes[0] - 128).name} after saving its step."
-    parts = [f"rank {rank} exited with code {code}{signal_note(code)}" for rank, code in zip(failures, codes)]
-    return f"Training failed: {', then '.join(parts)}; no rank is left running."
+    """One sentence: the rank that failed first (the cause: the launcher then stopped the others, which
+    stay quiet, see `quiet_exit_code`), and that the others stopped with it."""
+    codes = {rank: exit_code_of(failure.exitcode) for rank, failure in failures.items()}
+    if len(failures) > 1 and len(set(codes.values())) == 1 and next(iter(codes.values())) in (130, 143):
+        code = next(iter(codes.values()))  # a signal sent to the ranks
+        return f"Every rank stopped on {signal.Signals(code - 128).name} after saving its step."
+    order = sorted(failures, key=lambda rank: getattr(failures[rank], "timestamp", 0))
+    first = order[0]
+    others = f"; rank {', '.join(map(str, order[1:]))} stopped with it" if len(order) > 1 else ""
+    return (f"Training failed: rank {first} exited with code {codes[first]}{signal_note(codes[first])}{others}; "
+            "no rank is left running.")
+
+
+def quiet_exit_code(error: BaseException, environ: Mapping[str, str] = os.environ) -> Optional[int]:
+    """The exit code for a rank to leave with silently, when `error` is what a launcher already reports in
+    its own sentence: in a rank of several started by `gpt train --nproc` or torchrun, a stop by signal
+    (the launcher passed it on, or stopped the survivors of a failed rank) or a collective broken because
+    another rank died. None: report it as usual."""
+    from ..errors import Stopped
+
+    launched = LAUNCHER_PID_VARIABLE in environ or "TORCHELASTIC_RUN_ID" in environ
+    if not launched or int(environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    if isinstance(error, Stopped):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    return 1 if lost_a_peer(error) else None
+
+
+# What gloo and NCCL say when the other end of a collective is gone (torch raises DistError subclasses for
+# most of it, a plain RuntimeError for some of gloo's).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    kinds = tuple(kind for kind in (getattr(dist, "DistError", None),) if kind is not None)
+    return (bool(kinds) and isinstance(error, kinds)) or (
+        isinstance(error, RuntimeError) and any(words in str(error) for words in PEER_LOST))
 
 
 def exit_code_of(returncode: int) -> int:
@@ -194,15 +229,67 @@ def launch_hosts(module_argv: list[str], hostfile: Path, master_port: Optional[i
 
     The runner passes only a fixed set of variables (and the lines of a `.deepspeed_env` file) to other
     machines, so the variables every rank needs are written to an env file it is pointed at (DS_ENV_FILE)."""
-    if not hostfile.is_file():
-        raise GptError(f"The hostfile {hostfile} does not exist; it lists one machine per line as "
-                       "`hostname slots=N`.")
+    hosts = read_hostfile(hostfile)
+    check_reachable(hosts, hostfile)
     env_file = write_env_file(forwarded_environment(os.environ) | user_deepspeed_env(os.environ))
     try:
         command = hostfile_command(module_argv, hostfile, master_port or env_port(os.environ), os.environ)
         return run_child(command, dict(os.environ, DS_ENV_FILE=str(env_file)))
     finally:
         env_file.unlink(missing_ok=True)
+
+
+HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")  # DeepSpeed's runner reads `hostname slots=N`
+SSH_SECONDS = 10  # how long reaching one host may take before it counts as unreachable
+
+
+def read_hostfile(hostfile: Path) -> dict[str, int]:
+    """The hosts of a DeepSpeed hostfile and their slots, read as DeepSpeed's runner reads it (comments and
+    blank lines skipped), so that a fault is one sentence here instead of the runner's traceback."""
+    shape = "a hostfile lists one machine per line as `hostname slots=N`"
+    try:
+        lines = hostfile.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise GptError(f"The hostfile {hostfile} does not exist; {shape}.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise GptError(f"Cannot read the hostfile {hostfile} ({getattr(error, 'strerror', None) or error}); "
+                       f"{shape}.") from None
+    hosts: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        match = HOSTFILE_LINE.match(text)
+        if match is None or int(match.group(2)) < 1:
+            raise GptError(f"Line {number} of the hostfile {hostfile} ({ascii(text[:60])[1:-1]}) is not "
+                           "`hostname slots=N` with N at least 1.")
+        if match.group(1) in hosts:
+            raise GptError(f"The hostfile {hostfile} lists {match.group(1)} twice (line {number}); list each machine once.")
+        hosts[match.group(1)] = int(match.group(2))
+    if not hosts:
+        raise GptError(f"The hostfile {hostfile} lists no machine; {shape}.")
+    return hosts
+
+
+def check_reachable(hosts: dict[str, int], hostfile: Path) -> None:
+    """DeepSpeed's runner reaches every host over ssh without a password (and through pdsh for several);
+    check that before it starts, so that an unknown or unreachable host is one sentence."""
+    if len(hosts) > 1 and shutil.which("pdsh") is None:
+        raise GptError(f"The hostfile {hostfile} lists {len(hosts)} machines, which DeepSpeed's runner reaches with "
+                       "pdsh, and pdsh is not installed here; install it, or train on this machine with --nproc.")
+    if shutil.which("ssh") is None:
+        raise GptError("ssh is not installed here, and DeepSpeed's runner reaches the hosts of a hostfile with it; "
+                       "install an ssh client, or train on this machine with --nproc.")
+    for host in hosts:  # ssh, not a name lookup: a host may be an alias of the user's ssh config
+        command = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_SECONDS}", host, "true"]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=SSH_SECONDS + 5)
+            failed, why = result.returncode != 0, (result.stderr.strip().splitlines() or ["no message"])[-1]
+        except subprocess.TimeoutExpired:
+            failed, why = True, f"no answer within {SSH_SECONDS + 5} s"
+        if failed:
+            raise GptError(f"Cannot reach host {host} of the hostfile {hostfile} over ssh without a password "
+                           f"({why}); set up passwordless ssh to every host, or train on this machine with --nproc.")
 
 
 def hostfile_command(module_argv: list[str], hostfile: Path, master_port: Optional[int],

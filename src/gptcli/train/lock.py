@@ -1,57 +1,64 @@
-"""One `gpt train` per run directory, and a run directory every rank can see.
+"""One `gpt train` per run directory, a run directory every rank can see, and what in it is gptcli's.
 
-    RUN/.gptcli-lock    {"host", "pid", "started"} of the process that owns the run dir (rank 0)
+    RUN/.gptcli-lock    {"host", "pid", "started", "command"} of the process that owns the run dir (rank 0)
 
-Rank 0 takes an exclusive `flock` on the lock file for the whole run and writes who it is into it; the
-other ranks never touch it. A second `gpt train` on the same dir fails to take the flock and is refused
-with one sentence naming the holder. The kernel drops the flock when its holder dies, however it dies,
-so on the holder's own host a lock file whose flock is free is stale (a `kill -9`, a power cut) and is
-taken over with a note. A lock file that names another host cannot be judged from here (flock does not
-reach every shared file system), so it is refused with a sentence saying which file to delete once that
-run is known to be gone. A clean exit removes the file.
+Rank 0 locks the run dir for the whole run (locks.FileLock: an exclusive `flock` the kernel drops when
+its holder dies, however it dies); the other ranks never touch it. A second `gpt train` on the same dir
+is refused with one sentence naming the holder; a lock whose holder is gone is taken over with a note;
+a lock of another host is refused with the name of the file to delete once that run is known to be
+gone. A clean exit removes the file.
 
 At start, rank 0 also writes a probe file with a random token into the run dir and every other rank
 checks that it reads the same token there: ranks on nodes that do not share the run dir would otherwise
 each write their own partial checkpoints and never resume.
+
+What gptcli wrote in a run dir is known by name (`run_files`), and inside a checkpoint dir by its
+manifest: `--restart` and checkpoint retention delete those and nothing else, and RUN/model is checked
+by fsutil's output rule (never a link, never the data dir, never a dir holding a user's files) before
+anything is deleted or trained.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
+import re
 import secrets
+import shutil
 import socket
 import sys
-import time
-from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Optional
 
 from ..errors import GptError
-from ..fsutil import process_alive
+from ..fsutil import check_output
+from ..locks import FileLock, Holder
+from .chatter import LOG_FILE as LIBRARY_LOG
+from .metrics import CSV_FILE, METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR
 
 LOCK_FILE = ".gptcli-lock"
 PROBE_FILE = ".gptcli-probe"
 
-
-@dataclass
-class Holder:
-    host: str
-    pid: int
-    started: str
-
-    @classmethod
-    def me(cls) -> "Holder":
-        return cls(socket.gethostname(), os.getpid(), time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-
-    def describe(self) -> str:
-        return f"pid {self.pid} on host {self.host}, started {self.started}"
+# The layout of a run dir (docs/training.md).
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+CLIENT_STATE = "client_state.json"
+TAG_PATTERN = re.compile(r"^step_(\d+)$")
+RESOLVED_CONFIG = "config.resolved.toml"
+MODEL_DIR = "model"
+DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # DeepSpeed copies these beside the checkpoints
+# What a checkpoint dir holds when it has no readable manifest (a save cut short): DeepSpeed's model and
+# optimizer states (`mp_rank_00_model_states.pt`, `[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`,
+# ZeRO-3's `zero_pp_rank_R_mp_rank_00_model_states.pt`), the RNG states, the client state, temporary files.
+CHECKPOINT_FILES = ("*_model_states.pt", "*_optim_states.pt", "rng_rank*.pt", CLIENT_STATE, MANIFEST, ".*.tmp")
 
 
 def check_usable(run_dir: Path) -> None:
     """One sentence instead of a traceback when the run dir cannot be a directory we write to."""
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise GptError(f"project.out_dir {run_dir} is a symbolic link to nothing; choose another out_dir.")
     if run_dir.exists() and not run_dir.is_dir():
         raise GptError(f"project.out_dir {run_dir} is a file, not a directory; choose another out_dir.")
     try:
@@ -63,89 +70,18 @@ def check_usable(run_dir: Path) -> None:
         raise GptError(f"The run dir {run_dir} is not writable; choose a writable project.out_dir.")
 
 
-class RunDirLock:
+class RunDirLock(FileLock):
     """The exclusive lock of one run dir, held by one process."""
 
     def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
-        self.fd: Optional[int] = None
-
-    def acquire(self) -> Optional[str]:
-        """Take the lock or raise a GptError naming its holder; returns a note when a stale lock was taken over."""
-        fd, flocked = self._open_and_flock()
-        try:
-            previous = read_holder(fd)
-            note = None
-            if previous is not None and (previous.host, previous.pid) != (socket.gethostname(), os.getpid()):
-                if previous.host != socket.gethostname():
-                    raise GptError(f"{self.run_dir} is locked by gpt train {previous.describe()}; if that run is no "
-                                   f"longer running, delete {self.path} and start again.")
-                if not flocked and process_alive(previous.pid):
-                    raise in_use(self.run_dir, previous)
-                note = (f"note: took over the lock of {self.run_dir} from {previous.describe()}, which is no "
-                        "longer running.")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(Holder.me().__dict__) + "\n").encode(), 0)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        return note
-
-    def _open_and_flock(self) -> tuple[int, bool]:
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as error:
-                raise GptError(f"Cannot write to the run dir {self.run_dir}: {error.strerror}; choose a writable "
-                               "project.out_dir.") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = read_holder(fd)
-                os.close(fd)
-                raise in_use(self.run_dir, holder) from None
-            except OSError as error:
-                if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                    os.close(fd)
-                    raise
-                return fd, False  # no flock on this file system: the pid in the file decides
-            if same_file(fd, self.path):
-                return fd, True
-            os.close(fd)  # its holder released (removed) it between our open and our flock: try again
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            if same_file(self.fd, self.path):
-                os.unlink(self.path)  # still ours: remove it before the flock goes with the descriptor
-        finally:
-            os.close(self.fd)
-            self.fd = None
+        run_dir = Path(run_dir)
+        super().__init__(run_dir / LOCK_FILE, run_dir, "gpt train", where=f"the run dir {run_dir}",
+                         instead="choose another project.out_dir")
+        self.run_dir = run_dir
 
 
 def in_use(run_dir: Path, holder: Optional[Holder]) -> GptError:
-    who = holder.describe() if holder else "a process that has not yet written its name"
-    return GptError(f"{run_dir} is in use by another gpt train ({who}); wait for it to finish or stop it, "
-                    "or choose another project.out_dir.")
-
-
-def read_holder(fd: int) -> Optional[Holder]:
-    try:
-        data = json.loads(os.pread(fd, 4096, 0).decode())
-        return Holder(str(data["host"]), int(data["pid"]), str(data["started"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # empty (a fresh file) or unreadable
-
-
-def same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
+    return RunDirLock(run_dir).in_use(holder)
 
 
 class RunDirClaim:
@@ -235,3 +171,146 @@ def check_shared(run_dir: Path, rank: int, token: str) -> None:
                            "mounts at the same path.")
     if rank == 0:
         probe.unlink(missing_ok=True)
+
+
+# --- what in a run dir is gptcli's -------------------------------------------------------------------------------
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, str]]:
+    """(step, tag) of each checkpoint dir that was finished: it has a manifest, or, saved before manifests
+    existed, a client state."""
+    found = []
+    for path in root.iterdir() if root.is_dir() else []:
+        match = TAG_PATTERN.match(path.name)
+        if match and path.is_dir() and ((path / MANIFEST).is_file() or (path / CLIENT_STATE).is_file()):
+            found.append((int(match.group(1)), path.name))
+    return found
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """What `gpt train` wrote into a run dir, and nothing else: checkpoints, metrics, the loss plot, the
+    resolved config, the library log, TensorBoard events, the consolidated model."""
+    run_dir = Path(run_dir)
+    found = [run_dir / name for name in (METRICS_FILE, CSV_FILE, PLOT_FILE, RESOLVED_CONFIG, LIBRARY_LOG)
+             if (run_dir / name).is_file()]
+    root = checkpoints_dir(run_dir)
+    if root.is_dir():
+        found += sorted(p for p in root.iterdir() if TAG_PATTERN.match(p.name) or p.name in (LATEST, *DEEPSPEED_SCRIPTS)
+                        or (p.name.startswith(f".{LATEST}.") and p.name.endswith(".tmp")))
+    if (run_dir / TENSORBOARD_DIR).is_dir():
+        found += sorted((run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    if (run_dir / MODEL_DIR).exists() or (run_dir / MODEL_DIR).is_symlink():
+        found.append(run_dir / MODEL_DIR)
+    return found
+
+
+def holds_run(run_dir: Path) -> bool:
+    """A run has been trained here: a checkpoint, logged steps or a consolidated model."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / METRICS_FILE
+    return (complete_checkpoints(checkpoints_dir(run_dir)) != [] or (checkpoints_dir(run_dir) / LATEST).is_file()
+            or (metrics.is_file() and metrics.stat().st_size > 0) or finished_outputs(run_dir) != [])
+
+
+def finished_outputs(run_dir: Path) -> list[str]:
+    """What only a run that saved a checkpoint leaves: the consolidated model, the loss plot it draws at
+    its end. (Metrics alone are those of a run killed before its first checkpoint: its steps are redone.)"""
+    return [name for name in (MODEL_DIR, PLOT_FILE) if (Path(run_dir) / name).exists()]
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    if holds_run(run_dir):
+        raise GptError(f"{run_dir} already holds a run, and --resume never does not delete it: pass --restart to "
+                       "start over there (it deletes only what gpt train wrote), or choose another project.out_dir.")
+
+
+def refuse_outputs_without_checkpoints(run_dir: Path) -> None:
+    """A run dir with a finished run's outputs but no checkpoint (deleted, moved away) is an existing run:
+    training from step 1 would replace its model and metrics."""
+    left = finished_outputs(run_dir)
+    if left:
+        raise GptError(f"{run_dir} holds a run ({', '.join(left)}) but no checkpoint to resume from; pass --restart "
+                       "to start over there (it deletes only what gpt train wrote), or choose another "
+                       "project.out_dir.")
+    metrics = Path(run_dir) / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        print(f"note: {run_dir} holds the metrics of a run stopped before its first checkpoint; starting over "
+              "from step 1.", file=sys.stderr)
+
+
+def check_model_dir_is_ours(run_dir: Path, data_dir: Optional[Path] = None) -> None:
+    """RUN/model, which a run replaces when it ends and --restart deletes, must pass fsutil's output rule
+    before anything is trained or deleted: a model dir that gptcli wrote (or nothing), never a link, a
+    file, a dir holding a user's files, or the project's data dir (nor inside it, nor holding it)."""
+    from ..modeldir import legacy_model_dir_files
+
+    model_dir = Path(run_dir) / MODEL_DIR
+    protected = [(data_dir, f"the project's data dir (data.dir = {data_dir})")] if data_dir is not None else []
+    check_output(model_dir, what="model dir", force=True, owned=legacy_model_dir_files(model_dir),
+                 protected=protected, flag=None, instead="move it away or choose another project.out_dir")
+
+
+def remove_run_files(run_dir: Path, data_dir: Optional[Path] = None) -> None:
+    """--restart: delete what `gpt train` wrote (never a file it did not write), noting what went."""
+    run_dir = Path(run_dir)
+    check_model_dir_is_ours(run_dir, data_dir)  # before anything is deleted
+    files = run_files(run_dir)
+    kept = []
+    for path in files:
+        if TAG_PATTERN.match(path.name) and path.parent == checkpoints_dir(run_dir):
+            kept += [f"{path.name}/{name}" for name in remove_checkpoint(path)]
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for directory in (checkpoints_dir(run_dir), run_dir / TENSORBOARD_DIR):
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+    if files:
+        checkpoints = sum(1 for p in files if TAG_PATTERN.match(p.name))
+        names = sorted({p.name for p in files if not TAG_PATTERN.match(p.name) and p.parent == run_dir})
+        shown = ", ".join([f"{checkpoints} checkpoints"] * bool(checkpoints) + names)
+        print(f"note: --restart removed what gpt train wrote in {run_dir}: {shown}.", file=sys.stderr)
+    if kept:
+        print(f"note: kept files gptcli did not write in {checkpoints_dir(run_dir)}: {', '.join(kept[:5])}.",
+              file=sys.stderr)
+
+
+def checkpoint_owned_files(directory: Path) -> list[Path]:
+    """The files of a checkpoint dir that gptcli and DeepSpeed wrote: those its manifest lists (and the
+    manifest), or without a readable manifest (a save cut short) those named like a checkpoint's files."""
+    directory = Path(directory)
+    try:
+        listed = json.loads((directory / MANIFEST).read_text())["files"]
+        names = {str(name) for name in listed} | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        names = None
+    found = []
+    for path in directory.rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        name = str(path.relative_to(directory))
+        if (name in names) if names is not None else any(fnmatch(path.name, p) for p in CHECKPOINT_FILES):
+            found.append(path)
+    return found
+
+
+def remove_checkpoint(directory: Path) -> list[str]:
+    """Delete a checkpoint dir's own files (checkpoint_owned_files) and the dir when nothing else is left;
+    returns the names of what is left (a user's files, which are never deleted)."""
+    directory = Path(directory)
+    if directory.is_symlink() or not directory.is_dir():
+        return [directory.name] if directory.is_symlink() else []
+    for path in checkpoint_owned_files(directory):
+        path.unlink()
+    for sub in sorted((p for p in directory.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+    left = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir() or p.is_symlink())
+    if not left and not any(directory.iterdir()):
+        directory.rmdir()
+    return left

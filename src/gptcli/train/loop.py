@@ -39,6 +39,7 @@ from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, in
 from .faults import Faults, corrupt
 from .lock import RunDirClaim
 from .metrics import MetricsWriter, model_flops_per_token, peak_flops, truncate_metrics
+from .opbuild import prepare_cpu_comm_op
 from .phases import deepspeed_phase, show_phase, training_starts
 from .preflight import announce
 from .prefetch import BatchPrefetcher, on_device, windows_of
@@ -160,6 +161,8 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     model = build_model(model_config, device="cuda" if device == "cuda" else "cpu")
     model.activation_checkpointing = project.train.activation_checkpointing
     seed_everything(seed + 1000 * rank)  # then each rank its own dropout stream
+    if device == "cpu":
+        prepare_cpu_comm_op(show_phase)  # built where a kill cannot leave a lock that blocks the next run
     show_phase(deepspeed_phase(device))
     library_log = LibraryLog()  # DeepSpeed's prints and logs → RUN/deepspeed.log, once the run dir is ours
     with library_log.capture():
@@ -173,7 +176,8 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     if options.overfit_batch:
         run_dir = run_dir / "overfit-batch"  # its metrics must not mix with the run's own
     claim.take(run_dir, rank)  # one run per run dir, and a dir every rank sees, before anything is written
-    tag = None if options.overfit_batch else checkpoint.agree_on_resume(run_dir, options.resume, options.restart, rank)
+    tag = None if options.overfit_batch else checkpoint.agree_on_resume(run_dir, options.resume, options.restart, rank,
+                                                                      Path(project.data.dir))
     library_log.settle(run_dir)
     with library_log.capture():
         engine = initialize(project, model, layout, precision, device)

@@ -156,6 +156,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [record for _, record in records]
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path: Path) -> bool:
+    """What `gpt plot` may replace: a PNG (its own earlier plot, or any other image of that kind)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
 def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Path:
     """loss.png: training loss per step (and eval loss where measured), log-scale steps when long."""
     import matplotlib
@@ -164,13 +176,17 @@ def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Path:
     import matplotlib.pyplot as plt
 
     from ..errors import GptError
+    from ..fsutil import atomic_path, check_output
 
     if not Path(run_dir).is_dir():
         raise GptError(f"Run dir {run_dir} does not exist.")
+    out = Path(out) if out is not None else Path(run_dir) / PLOT_FILE
+    # Only a PNG is replaced: never the run's metrics, a device, a FIFO, a link, a dir; no dir is created.
+    check_output(out, what="PNG image", directory=False, inputs=[Path(run_dir) / METRICS_FILE], replaces=is_png,
+                 instead="choose another --out")
     records = read_metrics(run_dir)
     if not records:
         raise GptError(f"{Path(run_dir) / METRICS_FILE} has no steps to plot yet.")
-    out = out or Path(run_dir) / PLOT_FILE
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
     axes.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train loss")
     evals = [r for r in records if r.get("eval_loss") is not None]
@@ -182,11 +198,13 @@ def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Path:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    from ..fsutil import atomic_path
-
-    with atomic_path(out) as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
+    try:
+        with atomic_path(out) as tmp:
+            figure.savefig(tmp, format="png")
+    except OSError as error:  # no space left, a read-only file system
+        raise GptError(f"Cannot write {out}: {error.strerror or error}; choose another --out.") from None
+    finally:
+        plt.close(figure)
     return out
 
 
