@@ -43,6 +43,7 @@ from .preflight import announce
 from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
 from .signals import StopRequest
+from .trackers import start_trackers
 
 if TYPE_CHECKING:
     import deepspeed
@@ -194,7 +195,8 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_resolved_config(run_dir, project)
-        run.writer = MetricsWriter(run_dir, project.train.tensorboard)
+        trackers = () if options.overfit_batch else start_trackers(project, run_dir, run.step, run.faults.tracker)
+        run.writer = MetricsWriter(run_dir, trackers)
     dist.barrier()
     return run
 
@@ -437,6 +439,8 @@ def print_sample(run: Run) -> None:
                            temperature=0.8, top_k=50, top_p=1.0, seed=run.project.project.seed + run.step)
     module.train(was_training)
     print(f"--- sample at step {run.step} ---\n{train.sample_prompt}{text}\n---", flush=True)
+    if run.writer is not None:
+        run.writer.sample(run.step, train.sample_prompt + text)
 
 
 def sampling_model(run: Run) -> Optional[torch.nn.Module]:
@@ -486,5 +490,6 @@ def finish(run: Run, options: TrainOptions, display: Optional[Display], exit_cod
     dist.barrier()
     if run.rank == 0:
         result.model_dir = hand_over(run.project, run.run_dir, run.tokenizer, run.step, exit_code)
+        run.writer.end(run.step, exit_code, result.model_dir)
     dist.barrier()
     return result
