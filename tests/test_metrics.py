@@ -66,7 +66,7 @@ def test_gpt_plot_draws_a_run_whose_metrics_hold_bytes_that_are_not_utf8(tmp_pat
 class RecordingSummaryWriter:
     instances = []
 
-    def __init__(self, log_dir, purge_step=None):
+    def __init__(self, log_dir, purge_step=None, **_):
         self.log_dir, self.purge_step, self.points = log_dir, purge_step, []
         RecordingSummaryWriter.instances.append(self)
 

@@ -146,6 +146,9 @@ class Recording:
     def end(self, step, plot, model_dir):
         pass
 
+    def flush(self):
+        pass
+
     def close(self, status):
         self.closed.append(status)
 
@@ -163,6 +166,43 @@ def test_a_tracker_that_raises_is_switched_off_with_one_warning_and_the_others_g
     assert working.steps == [1, 2, 3, 4, 5, 6] and working.closed == ["finished"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+
+
+def test_the_worker_runs_calls_in_order_merges_queued_metrics_and_reports_an_error_on_the_next_call():
+    import threading
+
+    sent, gate = [], threading.Event()
+    worker = trackers.Worker("test", lambda metrics: sent.append(list(metrics)))
+    worker.submit(gate.wait)  # a slow server: the metrics of three steps queue up behind this call
+    for step in (1, 2, 3):
+        worker.submit("metrics", [f"loss@{step}", f"lr@{step}"])
+    worker.submit(sent.append, "text")
+    gate.set()
+    worker.wait(10)
+    assert sent == [["loss@1", "lr@1", "loss@2", "lr@2", "loss@3", "lr@3"], "text"]  # one call for the three
+
+    def refused(*_):
+        raise ConnectionRefusedError("server down")
+
+    worker.submit(refused)
+    worker.submit(sent.append, "dropped")
+    worker.wait(10)  # woken even after the error
+    with pytest.raises(ConnectionRefusedError, match="server down"):
+        worker.submit(sent.append, "after")
+    assert sent[-1] == "text"
+    with pytest.raises(ConnectionRefusedError):
+        worker.finish(10)
+
+
+def test_the_worker_gives_up_on_calls_still_queued_after_the_timeout():
+    import threading
+
+    hung = threading.Event()
+    worker = trackers.Worker("test", lambda metrics: None)
+    worker.submit(hung.wait)
+    with pytest.raises(TimeoutError, match="calls still queued after 0 s"):
+        worker.finish(0.2)
+    hung.set()
 
 
 def test_a_tracker_that_cannot_start_is_a_warning_and_the_others_start(tmp_path, monkeypatch, capsys):

@@ -467,6 +467,8 @@ def save(run: Run) -> None:
               "config_hash": checkpoint.config_hash(run.project), "architecture": run.project.model.architecture_dict(),
               "world_size": run.layout.world_size, "skipped_steps": run.skipped_steps, "elapsed": run.elapsed,
               "model_fingerprint": run.project.model.fingerprint(), "parameter_groups": parameter_group_names(run)}
+    if run.writer is not None:
+        run.writer.flush()  # what the trackers hold up to this step survives a kill after the checkpoint
     checkpoint.save(run.engine, run.run_dir, run.step, client, run.project.train.keep_checkpoints, run.faults)
 
 

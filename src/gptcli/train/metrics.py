@@ -136,6 +136,10 @@ class MetricsWriter:
         self.each_tracker(lambda tracker: tracker.end(step, plot if plot.is_file() else None, model_dir))
         self.status = "finished" if exit_code == 0 else "stopped"
 
+    def flush(self) -> None:
+        """Before a checkpoint: the trackers write out (or send) what they were given so far."""
+        self.each_tracker(lambda tracker: tracker.flush())
+
     def each_tracker(self, call) -> None:
         for tracker in list(self.trackers):
             try:
