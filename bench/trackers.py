@@ -4,7 +4,8 @@ tracker's one-off start (import, store, run) and end.
 
 Records shaped as the loop writes them (9 numbers, an evaluation every 50 steps), one every --step-ms
 (a sleep stands for the step, as a GPU step leaves the CPU free for the trackers' own threads); W&B
-offline, MLflow on a fresh SQLite store, TensorBoard in the run dir, all under a temporary directory.
+offline, MLflow in its default store (a new RUN/mlflow/mlflow.db), TensorBoard in the run dir, all under a
+temporary directory.
 
     python bench/trackers.py [--steps 500] [--step-ms 20] [--trackers tensorboard,wandb,mlflow]
 """
@@ -74,8 +75,8 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the default store: RUN/mlflow/mlflow.db, a new one
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         reference = measure([], args.steps, args.step_ms / 1000, Path(tmp))
         print(f"metrics.jsonl + csv alone: {reference['per_record_s'] * 1e6:8.1f} µs per step")
         for name in args.trackers.split(","):

@@ -107,22 +107,28 @@ def test_a_tracker_that_is_not_installed_is_one_sentence_before_anything_slow(mo
                                 '"gptcli[wandb,mlflow]".')
 
 
+def imports_in(node, inside_function: bool = False):
+    """(import node, whether it sits inside a function) for every import under `node`."""
+    import ast
+
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child, inside_function
+        yield from imports_in(child, inside_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
 def test_the_tracker_libraries_are_imported_only_inside_the_trackers_functions():
     """So `gpt` starts, and trains without trackers, without paying for them (mlflow alone takes seconds)."""
     import ast
 
     libraries = ("wandb", "mlflow", "tensorboard", "torch.utils.tensorboard")
-    package = Path(trackers.__file__).parents[1]
-    where = {}
-    for path in package.rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)}
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+    where: dict[str, set] = {}
+    for path in Path(trackers.__file__).parents[1].rglob("*.py"):
+        for node, inside in imports_in(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             for name in names:
-                if name.startswith(libraries):
-                    where.setdefault(path.name, set()).add((name, id(node) in in_functions))
+                if name.startswith(libraries) and not getattr(node, "level", 0):
+                    where.setdefault(path.name, set()).add((name, inside))
     assert set(where) == {"trackers.py"}
     assert {name for name, _ in where["trackers.py"]} >= {"wandb", "mlflow.tracking", "torch.utils.tensorboard"}
     assert all(inside for _, inside in where["trackers.py"]), where
@@ -263,12 +269,14 @@ def wandb_offline(tmp_path, monkeypatch):
 
 
 def test_wandb_offline_holds_every_number_the_config_and_a_resume_continues_the_same_run(tmp_path, wandb_offline):
+    import wandb
     from tracker_readers import wandb_segments
 
     run_dir = tmp_path / "run"
     proj = project('train.trackers=["wandb"]', 'train.tracker_project="shakespeare"', run_dir=run_dir)
     log_run(run_dir, proj, list(range(1, 7)), end=False)  # stopped after step 6 ...
     log_run(run_dir, proj, list(range(5, 11)), start=4)  # ... and resumed from step 4
+    wandb.teardown()  # W&B's process writes the last records of its file as it shuts down
     first, second = wandb_segments(run_dir / "wandb")
     assert first.run_id == second.run_id == json.loads((run_dir / "trackers.json").read_text())["wandb"]["id"]
     assert (first.project, first.name) == ("shakespeare", "run")

@@ -10,6 +10,9 @@ a resume carry the values they had (resume is exact): TensorBoard purges the eve
 step; W&B online and MLflow skip the steps they already hold; W&B offline writes a new segment of the
 same run id, where those steps appear a second time with the same values.
 
+Each tracker's library calls run on a thread of its own (Worker), so a step never waits for a library or
+a server; before a checkpoint they are written out, so what was logged up to it survives a kill after it.
+
 The libraries are optional and imported only here, only when asked for (mlflow alone takes seconds);
 their own environment variables apply (WANDB_MODE, WANDB_DIR, WANDB_ENTITY, MLFLOW_TRACKING_URI, ...).
 """
@@ -38,14 +41,14 @@ PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # MLflow's limits per log_batch call (mlflow.utils.validation: MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH).
 MLFLOW_METRICS_PER_BATCH = 1000
 MLFLOW_PARAMS_PER_BATCH = 100
-# TensorBoard's event queue (events, about 10 a step) and how often its thread flushes the file: a killed run
-# loses at most the last TENSORBOARD_FLUSH_S seconds of events (torch's default is 120 s).
+# TensorBoard's event queue (one event a step) and how often its thread flushes the file: between
+# checkpoints a killed run loses at most the last TENSORBOARD_FLUSH_S seconds of events (torch's default: 120).
 TENSORBOARD_QUEUE = 1000
 TENSORBOARD_FLUSH_S = 2
-# How long a checkpoint, and the end of a run, wait for MLflow calls still queued (a slow server) before
-# going on without them.
-MLFLOW_FLUSH_TIMEOUT_S = 10.0
-MLFLOW_CLOSE_TIMEOUT_S = 60.0
+# How long a checkpoint, and the end of a run, wait for a tracker's calls still queued (a slow server)
+# before going on without them.
+FLUSH_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 60.0
 
 
 class Tracker(Protocol):
@@ -181,45 +184,56 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
 
 class TensorBoardTracker:
     """Events in RUN/tensorboard, scalars as "train/KEY" in float64 (TensorBoard's default float32 would
-    round the values metrics.jsonl holds)."""
+    round the values metrics.jsonl holds). The summaries are built and written on the worker thread."""
 
     name = "TensorBoard"
 
     def __init__(self, start: TrackerStart):
+        from tensorboard.compat.proto.summary_pb2 import Summary
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import scalar
 
+        self.summary, self.scalar = Summary, scalar
         # Points a killed run logged after the step this run resumes from are purged, not shown twice. The
-        # writer's thread writes the events: a queue of TENSORBOARD_QUEUE never makes a step wait for it
-        # (torch's 10 did, for about 1 ms a step), and the file is flushed every TENSORBOARD_FLUSH_S.
+        # writer's own thread flushes the file every TENSORBOARD_FLUSH_S; its queue is long enough that the
+        # worker never waits for it (torch's 10 did, for about 1 ms a step).
         self.writer = SummaryWriter(str(start.run_dir / TENSORBOARD_DIR), purge_step=start.step + 1,
                                     max_queue=TENSORBOARD_QUEUE, flush_secs=TENSORBOARD_FLUSH_S)
         self.writer.add_text("config", indented(start.config_text), start.step)
+        self.calls = Worker("TensorBoard")
 
     def log(self, record: dict) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from torch.utils.tensorboard.summary import scalar
+        self.calls.submit(self.write_scalars, scalars(record), record["step"])
 
-        # One event per step holding every value (what add_scalar writes, once per value, costs as much again).
-        values = [value for key, number in scalars(record).items()
-                  for value in scalar(f"train/{key}", number, new_style=True, double_precision=True).value]
-        self.writer.file_writer.add_summary(Summary(value=values), record["step"])
+    def write_scalars(self, values: dict[str, float], step: int) -> None:
+        """One event holding every value of the step (add_scalar writes one event per value: twice the cost)."""
+        summaries = [self.scalar(f"train/{key}", value, new_style=True, double_precision=True) for key, value in
+                     values.items()]
+        self.writer.file_writer.add_summary(self.summary(value=[v for s in summaries for v in s.value]), step)
 
     def text(self, step: int, key: str, text: str) -> None:
-        self.writer.add_text(key, indented(text), step)
+        self.calls.submit(self.writer.add_text, key, indented(text), step)
 
     def end(self, step: int, plot: Optional[Path], model_dir: Optional[Path]) -> None:
         if plot is not None:
-            import matplotlib.image
-
-            self.writer.add_image("loss_curve", matplotlib.image.imread(plot), step, dataformats="HWC")
+            self.calls.submit(self.write_image, "loss_curve", plot, step)
         if model_dir is not None:
-            self.writer.add_text("model_dir", str(model_dir), step)
+            self.calls.submit(self.writer.add_text, "model_dir", str(model_dir), step)
+
+    def write_image(self, tag: str, path: Path, step: int) -> None:
+        import matplotlib.image
+
+        self.writer.add_image(tag, matplotlib.image.imread(path), step, dataformats="HWC")
 
     def flush(self) -> None:
-        self.writer.flush()
+        self.calls.submit(self.writer.flush)
+        self.calls.wait(FLUSH_TIMEOUT_S)
 
     def close(self, status: str) -> None:
-        self.writer.close()
+        try:
+            self.calls.finish(CLOSE_TIMEOUT_S)
+        finally:
+            self.writer.close()
 
 
 def indented(text: str) -> str:
@@ -254,29 +268,37 @@ class WandbTracker:
         # W&B keeps the steps it holds and ignores lower ones: skip those (they hold the same values).
         self.next_step = self.run.step
         start.remember("wandb", {"id": self.run.id})
+        # run.log waits for W&B's own thread to hand the data to its process (about 1-2 ms a step on a
+        # busy 2-core machine, bench/trackers.py): the worker waits instead of the step.
+        self.calls = Worker(f"W&B ({self.run.id})")
 
     def log(self, record: dict) -> None:
         # Committed at once: W&B would otherwise hold the step's row until the next step, and a killed
         # run would lose it.
         if record["step"] >= self.next_step:
-            self.run.log(scalars(record), step=record["step"], commit=True)
+            self.calls.submit(self.run.log, scalars(record), record["step"], True)
 
     def text(self, step: int, key: str, text: str) -> None:
         if step >= self.next_step:  # before the step's record, which commits the row
-            self.run.log({key: self.wandb.Table(columns=["step", "text"], data=[[step, text]])}, step=step,
-                         commit=False)
+            table = self.wandb.Table(columns=["step", "text"], data=[[step, text]])
+            self.calls.submit(self.run.log, {key: table}, step, False)
 
     def end(self, step: int, plot: Optional[Path], model_dir: Optional[Path]) -> None:
         if plot is not None:  # the last step's row is committed: the plot goes into the summary
-            self.run.summary["loss_curve"] = self.wandb.Image(str(plot))
+            self.calls.submit(self.run.summary.__setitem__, "loss_curve", self.wandb.Image(str(plot)))
         if model_dir is not None:
-            self.run.summary["model_dir"] = str(model_dir)
+            self.calls.submit(self.run.summary.__setitem__, "model_dir", str(model_dir))
 
     def flush(self) -> None:
-        """W&B has no call for it: its process writes RUN/wandb every 15 s (x_transaction_log_flush_interval)."""
+        """The calls queued are handed to W&B; W&B itself has no call to write them out: its process writes
+        RUN/wandb every 15 s (its setting x_transaction_log_flush_interval)."""
+        self.calls.wait(FLUSH_TIMEOUT_S)
 
     def close(self, status: str) -> None:
-        self.run.finish(exit_code=0 if status == "finished" else 1)
+        try:
+            self.calls.finish(CLOSE_TIMEOUT_S)
+        finally:
+            self.run.finish(exit_code=0 if status == "finished" else 1)
 
 
 # --- MLflow ----------------------------------------------------------------------------------------------------
@@ -356,13 +378,13 @@ class MlflowTracker:
             self.calls.submit(self.client.set_tag, self.run_id, "model_dir", str(model_dir))
 
     def flush(self) -> None:
-        self.calls.wait(MLFLOW_FLUSH_TIMEOUT_S)
+        self.calls.wait(FLUSH_TIMEOUT_S)
 
     def close(self, status: str) -> None:
         if not self.calls.failed:
             state = {"finished": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
             self.calls.submit(self.client.set_terminated, self.run_id, state)
-        self.calls.finish(MLFLOW_CLOSE_TIMEOUT_S)
+        self.calls.finish(CLOSE_TIMEOUT_S)
 
     def log_metrics(self, metrics: list) -> None:
         for first in range(0, len(metrics), MLFLOW_METRICS_PER_BATCH):
@@ -381,11 +403,12 @@ def flat_params(config: dict, prefix: str = ""):
 
 
 class Worker:
-    """Calls run in order on a thread of their own. Metrics queued while a call was under way go out
-    together in one call. An error comes back from the next `submit` (so the tracker is switched off with
-    one warning) and the calls after it are dropped."""
+    """A tracker's calls, run in order on a thread of their own, so that a step never waits for a library
+    or a server. "metrics" calls queued while another call was under way go out together, in one call of
+    `log_metrics`. An error comes back from the next `submit` (so the tracker is switched off with one
+    warning) and the calls after it are dropped."""
 
-    def __init__(self, name: str, log_metrics: Callable[[list], None]):
+    def __init__(self, name: str, log_metrics: Optional[Callable[[list], None]] = None):
         self.queue: queue.Queue = queue.Queue()
         self.error: Optional[BaseException] = None
         self.log_metrics = log_metrics
