@@ -195,7 +195,8 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_resolved_config(run_dir, project)
-        trackers = () if options.overfit_batch else start_trackers(project, run_dir, run.step, run.faults.tracker)
+        trackers = () if options.overfit_batch else start_trackers(project, run_dir, run.step, run.faults.tracker,
+                                                                   show_phase)
         run.writer = MetricsWriter(run_dir, trackers)
     dist.barrier()
     return run

@@ -103,15 +103,17 @@ def check_trackers(project: Project) -> None:
 
 
 def start_trackers(project: Project, run_dir: Path, step: int,
-                   wrap: Callable[[Tracker], Tracker] = lambda tracker: tracker) -> list[Tracker]:
+                   wrap: Callable[[Tracker], Tracker] = lambda tracker: tracker,
+                   say: Callable[[str], None] = lambda line: None) -> list[Tracker]:
     """Rank 0: the trackers of the project for a run that continues after `step` (0: a fresh start), in
     the tracker runs RUN/trackers.json names. One that cannot start (no login, server unreachable) is a
-    warning: the training runs without it. `wrap`: faults injected by tests."""
+    warning: the training runs without it. `wrap`: faults injected by tests; `say`: the phase line."""
     names = requested(project)
     if not names:
         return []
     from ..inspect import inspect_parameters
 
+    say(f"starting the trackers: {', '.join(DISPLAY_NAMES[name] for name in names)}")
     run_dir = Path(run_dir)
     start = TrackerStart(project=project, run_dir=run_dir, step=step, ids=read_ids(run_dir),
                          parameters=inspect_parameters(project.model).total)
