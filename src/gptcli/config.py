@@ -85,6 +85,7 @@ Compile = Literal["auto", True, False]
 # loop all take this type and this default.
 Resume = Literal["auto", "required", "never"]
 DEFAULT_RESUME: Resume = "auto"
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 
 
 # --- sections -------------------------------------------------------------------------------------
@@ -221,13 +222,21 @@ class TrainConfig(Section):
     compile: Compile = doc('torch.compile the model: "auto" (on with CUDA, off on the CPU), true or false.', "auto")
     activation_checkpointing: bool = doc("Recompute block activations in the backward pass to save memory.", False)
     shuffle: bool = doc("Visit training windows in a seeded random order (false: sequential).", True)
-    tensorboard: bool = doc("Also write TensorBoard events into the run directory.", False)
+    trackers: list = doc('Also log the run to these: "tensorboard" (RUN/tensorboard), "wandb", "mlflow" (any '
+                         'subset; each needs its package: pip install "gptcli[wandb]").', factory=list)
+    tracker_project: str = doc('W&B project / MLflow experiment; "" means WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME '
+                               'when set, else project.name.', "")
+    tracker_run_name: str = doc('Run name in W&B and MLflow; "" means WANDB_NAME (W&B) when set, else the run '
+                                'directory\'s name.', "")
+    tensorboard: bool = doc('Older spelling of trackers = ["tensorboard"]; still honoured.', False)
     peak_tflops: float = doc("Peak TFLOP/s of one accelerator for MFU; 0 looks the GPU up by name (dense bf16 figures).", 0.0,
                              at_least=0)
 
     def check(self) -> None:
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr}).")
+        for name in self.trackers:
+            _choose("train.trackers", name, Tracker)
 
 
 @dataclass

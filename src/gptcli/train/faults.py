@@ -7,6 +7,7 @@ The variable holds comma-separated `kind@step`, or `kind@step@rank` to restrict 
     kill           SIGKILL this rank after that step
     crash_in_save  die inside the save of that step, after DeepSpeed's files, before `latest`
     sigterm        SIGTERM to this rank during that step
+    tracker        every tracker raises when given that step's record (each must cost a warning, not the run)
 """
 
 from __future__ import annotations
@@ -44,6 +45,24 @@ class Faults:
     def maybe_sigterm(self, step: int) -> None:
         if self.has("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def tracker(self, tracker):
+        """`tracker`, raising at the steps of the `tracker` faults."""
+        steps = {step for kind, step in self.faults if kind == "tracker"}
+        return FailingTracker(tracker, steps) if steps else tracker
+
+
+class FailingTracker:
+    def __init__(self, tracker, steps: set[int]):
+        self.tracker, self.steps, self.name = tracker, steps, tracker.name
+
+    def log(self, record: dict) -> None:
+        if record["step"] in self.steps:
+            raise RuntimeError(f"injected failure at step {record['step']}")
+        self.tracker.log(record)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tracker, name)
 
 
 class InfiniteGradient(torch.autograd.Function):

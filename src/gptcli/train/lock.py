@@ -36,6 +36,7 @@ from ..fsutil import check_output
 from ..locks import FileLock, Holder
 from .chatter import LOG_FILE as LIBRARY_LOG
 from .metrics import CSV_FILE, METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR
+from .trackers import TRACKERS_FILE
 
 LOCK_FILE = ".gptcli-lock"
 PROBE_FILE = ".gptcli-probe"
@@ -193,9 +194,9 @@ def complete_checkpoints(root: Path) -> list[tuple[int, str]]:
 
 def run_files(run_dir: Path) -> list[Path]:
     """What `gpt train` wrote into a run dir, and nothing else: checkpoints, metrics, the loss plot, the
-    resolved config, the library log, TensorBoard events, the consolidated model."""
+    resolved config, the library log, the tracker run ids, TensorBoard events, the consolidated model."""
     run_dir = Path(run_dir)
-    found = [run_dir / name for name in (METRICS_FILE, CSV_FILE, PLOT_FILE, RESOLVED_CONFIG, LIBRARY_LOG)
+    found = [run_dir / name for name in (METRICS_FILE, CSV_FILE, PLOT_FILE, RESOLVED_CONFIG, LIBRARY_LOG, TRACKERS_FILE)
              if (run_dir / name).is_file()]
     root = checkpoints_dir(run_dir)
     if root.is_dir():

@@ -45,6 +45,7 @@ from .preflight import announce
 from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
 from .stopping import StopRequest
+from .trackers import start_trackers
 
 if TYPE_CHECKING:
     import deepspeed
@@ -199,7 +200,9 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_resolved_config(run_dir, project)
-        run.writer = MetricsWriter(run_dir, project.train.tensorboard)
+        trackers = () if options.overfit_batch else start_trackers(project, run_dir, run.step, run.faults.tracker,
+                                                                   show_phase)
+        run.writer = MetricsWriter(run_dir, trackers)
     dist.barrier()
     return run
 
@@ -439,6 +442,8 @@ def print_sample(run: Run) -> None:
     with torch.random.fork_rng(devices=[module.wte.weight.device] if run.device == "cuda" else []), torch.no_grad():
         text = sample_text(module, run.tokenizer, prompt, sample_options(run.project, run.step))
     print(f"--- sample at step {run.step} ---\n{prompt}{text}\n---", flush=True)
+    if run.writer is not None:
+        run.writer.sample(run.step, prompt + text)
 
 
 def sample_options(project: Project, step: int) -> GenerateConfig:
@@ -472,6 +477,8 @@ def save(run: Run) -> None:
               "config_hash": checkpoint.config_hash(run.project), "architecture": run.project.model.architecture_dict(),
               "world_size": run.layout.world_size, "skipped_steps": run.skipped_steps, "elapsed": run.elapsed,
               "model_fingerprint": run.project.model.fingerprint(), "parameter_groups": parameter_group_names(run)}
+    if run.writer is not None:
+        run.writer.flush()  # what the trackers hold up to this step survives a kill after the checkpoint
     checkpoint.save(run.engine, run.run_dir, run.step, client, run.project.train.keep_checkpoints, run.faults)
 
 
@@ -495,5 +502,6 @@ def finish(run: Run, options: TrainOptions, display: Optional[Display], exit_cod
     dist.barrier()
     if run.rank == 0:
         result.model_dir = hand_over(run.project, run.run_dir, run.tokenizer, run.step, exit_code)
+        run.writer.end(run.step, exit_code, result.model_dir)
     dist.barrier()
     return result

@@ -1,5 +1,5 @@
-"""What a run reports: metrics.jsonl (one object per optimizer step), metrics.csv, optional TensorBoard,
-tokens/s and MFU, the live display, and the loss-curve PNG."""
+"""What a run reports: metrics.jsonl (one object per optimizer step), metrics.csv, the trackers asked for
+(TensorBoard, W&B, MLflow: train/trackers.py), tokens/s and MFU, and the loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from ..config import ModelConfig
+from .trackers import TENSORBOARD_DIR, warn
 
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
 PLOT_FILE = "loss.png"
-TENSORBOARD_DIR = "tensorboard"
 CSV_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
                "eval_perplexity", "skipped_steps"]
 
@@ -103,9 +103,12 @@ def last_logged_step(run_dir: Path) -> int:
 
 
 class MetricsWriter:
-    """Rank 0's metric sinks; every record is flushed at once so a killed run keeps what it logged."""
+    """Rank 0's metric sinks: metrics.jsonl and metrics.csv, each record flushed at once so a killed run
+    keeps what it logged, and the trackers (train/trackers.py), which get the same records. A tracker
+    that raises is switched off with one warning; the run goes on without it."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, trackers: Sequence = ()):
+        self.run_dir = Path(run_dir)
         self.jsonl = (run_dir / METRICS_FILE).open("a", encoding="utf-8")
         csv_path = run_dir / CSV_FILE
         new_csv = not csv_path.is_file() or csv_path.stat().st_size == 0
@@ -113,34 +116,51 @@ class MetricsWriter:
         self.csv = csv.DictWriter(self.csv_handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         if new_csv:
             self.csv.writeheader()
-        self.tensorboard = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                from ..errors import GptError
-
-                raise GptError("train.tensorboard is true but the tensorboard package is not installed "
-                               "(pip install tensorboard).") from None
-            # TensorBoard shows what metrics.jsonl holds: points a killed run logged after the step this
-            # run resumes from (metrics.jsonl has been cut back to it) are purged, not shown twice.
-            self.tensorboard = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=last_logged_step(run_dir) + 1)
+        self.trackers = list(trackers)
+        self.status = "failed"  # until end() says how the run ended
 
     def write(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         self.csv.writerow(record)
         self.csv_handle.flush()
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+        self.each_tracker(lambda tracker: tracker.log(record))
+
+    def sample(self, step: int, text: str) -> None:
+        self.each_tracker(lambda tracker: tracker.text(step, "sample", text))
+
+    def end(self, step: int, exit_code: int, model_dir: Optional[Path]) -> None:
+        """The end of a run that stopped in order (done, or by a signal): loss.png and the model's path."""
+        plot = (self.run_dir / PLOT_FILE).resolve()
+        model_dir = Path(model_dir).resolve() if model_dir is not None else None
+        self.each_tracker(lambda tracker: tracker.end(step, plot if plot.is_file() else None, model_dir))
+        self.status = "finished" if exit_code == 0 else "stopped"
+
+    def flush(self) -> None:
+        """Before a checkpoint: the trackers write out (or send) what they were given so far."""
+        self.each_tracker(lambda tracker: tracker.flush())
+
+    def each_tracker(self, call) -> None:
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as error:  # a library's own failure, whatever its type: never the run's
+                self.trackers.remove(tracker)
+                warn(tracker.name, error)
+                try:
+                    tracker.close("failed")
+                except Exception:
+                    pass
 
     def close(self) -> None:
         self.jsonl.close()
         self.csv_handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        for tracker in self.trackers:
+            try:
+                tracker.close(self.status)
+            except Exception as error:
+                warn(tracker.name, error, "did not finish cleanly", "what it holds may be incomplete")
+        self.trackers = []
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -241,9 +241,11 @@ def announce(project: Project, device: str, resume: str = "never",
     """Rank 0: print the plan of this run and its estimate on stderr. `resume`: --resume
     (auto|required|never), to plan only the steps left after the checkpoint it would resume from."""
     from .engine import batch_layout, resolve_precision
+    from .trackers import check_trackers
 
     if os.environ.get("RANK", "0") != "0":
         return
+    check_trackers(project)  # each tracker asked for is installed
     precision = resolve_precision(project, device)
     layout = batch_layout(project, int(os.environ.get("WORLD_SIZE", "1")))
     shape = (device, precision, layout.world_size, layout.sequences_per_step, layout.seq_len)

@@ -1,0 +1,477 @@
+"""`[train] trackers`: TensorBoard, W&B (offline) and MLflow (local stores) hold what metrics.jsonl holds,
+read back with each library's own reader; a resume continues the same tracker run; a tracker that fails
+costs a warning, never the run.
+
+The fast tests drive the trackers in-process on records; the slow ones train (tests at the end)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from gptcli.config import ConfigError, apply_overrides, dump_toml, load_project, project_from_dict
+from gptcli.errors import GptError
+from gptcli.train import checkpoint, preflight, trackers
+from gptcli.train.metrics import MetricsWriter, truncate_metrics
+from gptcli.train.trackers import scalars, start_trackers
+
+
+def project(*overrides: str, run_dir: Path = Path("runs/x")):
+    return load_project(None, ['model.preset="nano"', f'project.out_dir="{run_dir}"', *overrides])
+
+
+def records(steps) -> list[dict]:
+    """Step records as the loop writes them, with an evaluation every 4 steps and a task score that no
+    tracker knows by name."""
+    made = []
+    for step in steps:
+        record = {"step": step, "loss": 10.0 / step + 1e-12 * step, "lr": 3e-3 * step / 7, "grad_norm": None,
+                  "tokens": 512 * step, "tokens_per_s": 1234.5 + step, "mfu": None, "elapsed": 0.1 * step,
+                  "skipped_steps": 0}
+        if step % 4 == 0:
+            record |= {"eval_loss": 5.0 + 1 / step, "eval_perplexity": math.exp(5.0 + 1 / step),
+                       "tasks": {"hellaswag": {"acc": 0.25 + step / 1000}}}
+        made.append(record)
+    return made
+
+
+def expected(steps) -> dict[str, dict[int, float]]:
+    """key → {step: value} of every number those records hold."""
+    table: dict[str, dict[int, float]] = {}
+    for record in records(steps):
+        for key, value in scalars(record).items():
+            table.setdefault(key, {})[record["step"]] = value
+    return table
+
+
+def log_run(run_dir: Path, proj, steps, start: int = 0, end: bool = True) -> None:
+    """What the loop does on rank 0: start the trackers after `start`, write the records (a sample at
+    step 4), and end the run with loss.png and a model dir, or stop without an end (a killed run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    truncate_metrics(run_dir, start)
+    writer = MetricsWriter(run_dir, start_trackers(proj, run_dir, start))
+    for record in records(steps):
+        if record["step"] == 4:
+            writer.sample(4, "In my opinion, a sample")
+        writer.write(record)
+    if end:
+        from gptcli.train.metrics import plot_losses
+
+        plot_losses(run_dir)
+        writer.end(steps[-1], 0, run_dir / "model")
+    writer.close()
+
+
+# --- choosing trackers -------------------------------------------------------------------------------------------
+
+
+def test_scalars_are_every_number_of_a_record_nested_tables_by_path():
+    record = {"step": 8, "loss": 2.5, "grad_norm": None, "tokens": 4096, "flag": True, "note": "text",
+              "tasks": {"hellaswag": {"acc": 0.3, "acc_norm": 0.31}, "lambada": {"ppl": 40.0}}}
+    assert scalars(record) == {"loss": 2.5, "tokens": 4096, "tasks/hellaswag/acc": 0.3,
+                               "tasks/hellaswag/acc_norm": 0.31, "tasks/lambada/ppl": 40.0}
+
+
+def test_an_unknown_tracker_is_a_config_error_naming_the_nearest():
+    with pytest.raises(ConfigError, match='train.trackers must be one of "tensorboard", "wandb", "mlflow", '
+                                          'not "wandbb" \\(did you mean "wandb"\\?\\)'):
+        project('train.trackers=["tensorboard", "wandbb"]')
+
+
+def test_train_tensorboard_true_still_asks_for_tensorboard_with_a_migration_note(capsys):
+    old = project("train.tensorboard=true")
+    assert trackers.requested(old) == ["tensorboard"]
+    trackers.check_trackers(old)
+    assert 'train.tensorboard = true is now written train.trackers = ["tensorboard"]' in capsys.readouterr().err
+    both = project("train.tensorboard=true", 'train.trackers=["mlflow", "tensorboard", "mlflow"]')
+    assert trackers.requested(both) == ["mlflow", "tensorboard"]
+
+
+def test_a_tracker_that_is_not_installed_is_one_sentence_before_anything_slow(monkeypatch):
+    monkeypatch.setitem(trackers.PACKAGES, "wandb", "no_such_module_for_gptcli_tests")
+    monkeypatch.setitem(trackers.PACKAGES, "mlflow", "no_such_module_for_gptcli_tests_either")
+    proj = project('train.trackers=["tensorboard", "wandb", "mlflow"]')
+
+    def measure_cpu():  # the first slow thing `gpt train` does
+        raise AssertionError("the CPU was measured before the missing package was named")
+
+    with pytest.raises(GptError) as error:
+        preflight.announce(proj, "cpu", "never", measure_cpu=measure_cpu)
+    assert str(error.value) == ('train.trackers asks for wandb, mlflow, but no_such_module_for_gptcli_tests and '
+                                'no_such_module_for_gptcli_tests_either are not installed: pip install '
+                                '"gptcli[wandb,mlflow]".')
+
+
+def imports_in(node, inside_function: bool = False):
+    """(import node, whether it sits inside a function) for every import under `node`."""
+    import ast
+
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child, inside_function
+        yield from imports_in(child, inside_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
+def test_the_tracker_libraries_are_imported_only_inside_the_trackers_functions():
+    """So `gpt` starts, and trains without trackers, without paying for them (mlflow alone takes seconds)."""
+    import ast
+
+    libraries = ("wandb", "mlflow", "tensorboard", "torch.utils.tensorboard")
+    where: dict[str, set] = {}
+    for path in Path(trackers.__file__).parents[1].rglob("*.py"):
+        for node, inside in imports_in(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for name in names:
+                if name.startswith(libraries) and not getattr(node, "level", 0):
+                    where.setdefault(path.name, set()).add((name, inside))
+    assert set(where) == {"trackers.py"}
+    assert {name for name, _ in where["trackers.py"]} >= {"wandb", "mlflow.tracking", "torch.utils.tensorboard"}
+    assert all(inside for _, inside in where["trackers.py"]), where
+
+
+# --- failures ----------------------------------------------------------------------------------------------------
+
+
+class Recording:
+    def __init__(self, name: str, fail_at: int = 0):
+        self.name, self.fail_at, self.steps, self.closed = name, fail_at, [], []
+
+    def log(self, record):
+        if record["step"] == self.fail_at:
+            raise ConnectionError("server went away\nwith a second line")
+        self.steps.append(record["step"])
+
+    def text(self, step, key, text):
+        pass
+
+    def end(self, step, plot, model_dir):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self, status):
+        self.closed.append(status)
+
+
+def test_a_tracker_that_raises_is_switched_off_with_one_warning_and_the_others_go_on(tmp_path, capsys):
+    failing, working = Recording("MLflow", fail_at=3), Recording("W&B")
+    writer = MetricsWriter(tmp_path, [failing, working])
+    for record in records(range(1, 7)):
+        writer.write(record)
+    writer.end(6, 0, None)
+    writer.close()
+    assert capsys.readouterr().err == ("warning: MLflow failed (ConnectionError: server went away); the run goes on "
+                                       "without it.\n")  # once, its first line only
+    assert failing.steps == [1, 2] and failing.closed == ["failed"]
+    assert working.steps == [1, 2, 3, 4, 5, 6] and working.closed == ["finished"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_the_worker_runs_calls_in_order_merges_queued_metrics_and_reports_an_error_on_the_next_call():
+    import threading
+
+    sent, gate = [], threading.Event()
+    worker = trackers.Worker("test", lambda metrics: sent.append(list(metrics)))
+    worker.submit(gate.wait)  # a slow server: the metrics of three steps queue up behind this call
+    for step in (1, 2, 3):
+        worker.submit("metrics", [f"loss@{step}", f"lr@{step}"])
+    worker.submit(sent.append, "text")
+    gate.set()
+    worker.wait(10)
+    assert sent == [["loss@1", "lr@1", "loss@2", "lr@2", "loss@3", "lr@3"], "text"]  # one call for the three
+
+    def refused(*_):
+        raise ConnectionRefusedError("server down")
+
+    worker.submit(refused)
+    worker.submit(sent.append, "dropped")
+    worker.wait(10)  # woken even after the error
+    with pytest.raises(ConnectionRefusedError, match="server down"):
+        worker.submit(sent.append, "after")
+    assert sent[-1] == "text"
+    with pytest.raises(ConnectionRefusedError):
+        worker.finish(10)
+
+
+def test_the_worker_gives_up_on_calls_still_queued_after_the_timeout():
+    import threading
+
+    hung = threading.Event()
+    worker = trackers.Worker("test", lambda metrics: None)
+    worker.submit(hung.wait)
+    with pytest.raises(TimeoutError, match="calls still queued after 0 s"):
+        worker.finish(0.2)
+    hung.set()
+
+
+def test_a_tracker_that_cannot_start_is_a_warning_and_the_others_start(tmp_path, monkeypatch, capsys):
+    def no_login(start):
+        raise PermissionError("api_key not configured (no-tty)")
+
+    monkeypatch.setitem(trackers.STARTERS, "wandb", no_login)
+    monkeypatch.setitem(trackers.STARTERS, "tensorboard", lambda start: Recording("TensorBoard"))
+    started = start_trackers(project('train.trackers=["wandb", "tensorboard"]'), tmp_path, 0)
+    assert [t.name for t in started] == ["TensorBoard"]
+    assert capsys.readouterr().err == ("warning: W&B could not start (PermissionError: api_key not configured "
+                                       "(no-tty)); the run goes on without it.\n")
+
+
+def test_restart_removes_the_tracker_run_ids_and_keeps_the_trackers_own_stores(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 10.0}\n')
+    (tmp_path / trackers.TRACKERS_FILE).write_text('{"wandb": {"id": "abc"}}')
+    (tmp_path / "wandb" / "offline-run-1-abc").mkdir(parents=True)
+    (tmp_path / "mlflow").mkdir()
+    (tmp_path / "mlflow" / "mlflow.db").write_bytes(b"db")
+    assert trackers.TRACKERS_FILE in {p.name for p in checkpoint.run_files(tmp_path)}
+    checkpoint.agree_on_resume(tmp_path, "auto", restart=True, rank=0)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "mlflow", "mlflow/mlflow.db", "wandb", "wandb/offline-run-1-abc"]
+
+
+# --- each tracker on records ------------------------------------------------------------------------------------
+
+
+def test_tensorboard_holds_every_number_in_float64_the_config_the_sample_and_the_plot(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tracker_readers import tensorboard_events
+
+    proj = project('train.trackers=["tensorboard"]', run_dir=tmp_path)
+    log_run(tmp_path, proj, list(range(1, 9)), end=False)  # killed after step 8 ...
+    log_run(tmp_path, proj, list(range(6, 11)), start=5)  # ... and resumed from step 5: each step once
+    events = tensorboard_events(tmp_path)
+    want = {key: list(values.items()) for key, values in expected(range(1, 11)).items()}
+    assert {tag.removeprefix("train/"): points for tag, points in events.scalars.items()} == want
+    config = events.texts["config"][5]  # written when the resumed run started
+    assert "parameters: 3,320,640" in config and 'trackers = ["tensorboard"]' in config
+    assert events.texts["sample"] == {4: "In my opinion, a sample"}
+    assert events.texts["model_dir"] == {10: str((tmp_path / "model").resolve())}
+    assert events.images == {"loss_curve": [10]}
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for variable in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_NAME", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # pytest captures the output W&B would otherwise wrap
+    for variable, name in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"),
+                           ("WANDB_DATA_DIR", "data")):  # not the user's home
+        monkeypatch.setenv(variable, str(tmp_path / "wandb-home" / name))
+
+
+def test_wandb_offline_holds_every_number_the_config_and_a_resume_continues_the_same_run(tmp_path, wandb_offline):
+    import wandb
+    from tracker_readers import wandb_segments
+
+    run_dir = tmp_path / "run"
+    proj = project('train.trackers=["wandb"]', 'train.tracker_project="shakespeare"', run_dir=run_dir)
+    log_run(run_dir, proj, list(range(1, 7)), end=False)  # stopped after step 6 ...
+    log_run(run_dir, proj, list(range(5, 11)), start=4)  # ... and resumed from step 4
+    wandb.teardown()  # W&B's process writes the last records of its file as it shuts down
+    first, second = wandb_segments(run_dir / "wandb")
+    assert first.run_id == second.run_id == json.loads((run_dir / "trackers.json").read_text())["wandb"]["id"]
+    assert (first.project, first.name) == ("shakespeare", "run")
+    assert first.config["parameters"] == 3_320_640 and first.config["train"]["trackers"] == ["wandb"]
+    want = expected(range(1, 11))
+    for segment, steps in ((first, range(1, 7)), (second, range(5, 11))):
+        held = {key: {step: row[key] for step, row in segment.history.items() if key in row} for key in want}
+        assert held == {key: {s: v for s, v in values.items() if s in steps} for key, values in want.items()}
+    assert first.history[4]["sample/_type"] == "table-file"
+    assert second.summary["loss_curve"]["_type"] == "image-file"
+    assert second.summary["model_dir"] == str((run_dir / "model").resolve())
+
+
+def test_mlflow_holds_every_number_once_the_config_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from tracker_readers import mlflow_runs
+
+    # A file store: the quickest local store to open (a new SQLite store builds its tables first, which takes
+    # seconds); the training test below uses SQLite.
+    uri = (tmp_path / "store").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    run_dir = tmp_path / "run"
+    proj = project('train.trackers=["mlflow"]', 'train.tracker_run_name="first try"', run_dir=run_dir)
+    log_run(run_dir, proj, list(range(1, 7)), end=False)  # stopped after step 6 ...
+    log_run(run_dir, proj, list(range(5, 11)), start=4)  # ... and resumed from step 4
+    [run] = mlflow_runs(uri, "gpt")
+    assert run["name"] == "first try" and run["status"] == "FINISHED"
+    assert {key: dict(points) for key, points in run["metrics"].items()} == expected(range(1, 11))
+    assert all(len(points) == len(dict(points)) for points in run["metrics"].values())  # each step once
+    assert run["params"]["parameters"] == "3320640" and run["params"]["train.lr"] == "0.003"
+    assert run["params"]["train.trackers"] == '["mlflow"]'
+    assert {"config.resolved.toml", "loss.png", "samples/step_00000004.txt"} <= set(run["artifacts"])
+    assert run["tags"]["model_dir"] == str((run_dir / "model").resolve())
+
+
+# --- training with trackers --------------------------------------------------------------------------------------
+
+# test_train.py's run (nano, 8 steps, accumulation 2, dropout, checkpoints at 3 and 6), with a sample every 4 steps.
+TRAINING = """\
+[project]
+name = "trackers"
+out_dir = "{out}"
+seed = 1234
+[data]
+dir = "{data}"
+[model]
+preset = "nano"
+dropout = 0.1
+[train]
+max_steps = 8
+micro_batch_size = 4
+grad_accum_steps = 2
+seq_len = 64
+lr = 3e-3
+warmup_steps = 2
+checkpoint_every = 3
+eval_every = 4
+eval_batches = 2
+sample_every = 4
+sample_tokens = 8
+device = "cpu"
+[deepspeed]
+zero_stage = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from conftest import SHAKESPEARE
+    from shard_fixture import make_shards
+
+    if not SHAKESPEARE.is_file():
+        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
+    return make_shards(SHAKESPEARE, tmp_path_factory.mktemp("shards"))
+
+
+def training_project(directory: Path, shards: Path, *overrides: str) -> Path:
+    raw = apply_overrides(tomllib.loads(TRAINING.format(out=directory / "run", data=shards)), list(overrides))
+    path = directory / "run.toml"
+    path.write_text(dump_toml(project_from_dict(raw)))
+    return path
+
+
+def train(directory: Path, *args: str, env: dict | None = None, fault: str = ""):
+    from conftest import run_gpt
+
+    # W&B writes its .wandb file every 15 s by default: every 0.1 s here, so that what the killed run
+    # logged before its checkpoint is on disk when it is killed, however fast the machine.
+    environment = {"WANDB_MODE": "offline", "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.1",
+                   "WANDB_CACHE_DIR": str(directory / "wandb-home" / "cache"),
+                   "WANDB_CONFIG_DIR": str(directory / "wandb-home" / "config"),
+                   "WANDB_DATA_DIR": str(directory / "wandb-home" / "data"), **(env or {})}
+    if fault:
+        environment["GPTCLI_FAULT"] = fault
+    return run_gpt("train", "--project", directory / "run.toml", *args, cwd=directory, env=environment)
+
+
+def logged(run_dir: Path) -> dict[str, dict[int, float]]:
+    """key → {step: value} of every number metrics.jsonl holds."""
+    table: dict[str, dict[int, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key, value in scalars(record).items():
+            table.setdefault(key, {})[record["step"]] = value
+    return table
+
+
+# Steps the killed run made after its checkpoint (3) and before the kill (after 5): run again on resume.
+RERUN = (4, 5)
+
+
+def assert_as_logged(held: dict[str, dict[int, float]], jsonl: dict[str, dict[int, float]], rerun=()) -> None:
+    """What a tracker holds equals metrics.jsonl, step by step; of a step run twice (`rerun`) it may hold
+    the first run's timings, which are the clock's, not the training's."""
+    for key, values in jsonl.items():
+        kept = {step: value for step, value in held.get(key, {}).items()
+                if step not in rerun or key not in ("tokens_per_s", "elapsed")}
+        assert kept == {step: values[step] for step in kept}, key
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory, shards) -> dict[int, float]:
+    """The same run without trackers, uninterrupted."""
+    directory = tmp_path_factory.mktemp("reference")
+    training_project(directory, shards)
+    result = train(directory)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return logged(directory / "run")["loss"]
+
+
+@pytest.mark.slow
+def test_every_tracker_holds_metrics_jsonl_after_a_kill_9_and_a_resume(tmp_path, shards, reference_losses):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from tracker_readers import mlflow_runs, tensorboard_events, wandb_segments
+
+    training_project(tmp_path, shards, 'train.trackers=["tensorboard", "wandb", "mlflow"]')
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed = train(tmp_path, env={"MLFLOW_TRACKING_URI": uri}, fault="kill@5")
+    assert killed.returncode in (-9, 137)
+    resumed = train(tmp_path, "--resume", "required", env={"MLFLOW_TRACKING_URI": uri})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "warning" not in resumed.stderr.lower(), resumed.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    jsonl = logged(run_dir)
+    assert jsonl["loss"] == reference_losses  # the trackers change nothing of the training
+    assert sorted(jsonl["eval_loss"]) == [4, 8]
+
+    events = tensorboard_events(run_dir)  # each step once: the killed run's steps 4-5 are purged
+    assert {tag.removeprefix("train/"): points for tag, points in events.scalars.items()} == \
+        {key: list(values.items()) for key, values in jsonl.items()}
+    assert sorted(events.texts["sample"]) == [4, 8] and events.images == {"loss_curve": [8]}
+
+    first, second = wandb_segments(run_dir / "wandb")  # the killed run's segment and the resumed one's
+    assert first.run_id == second.run_id and (first.project, first.name) == ("trackers", "run")
+    assert first.config["train"]["trackers"] == ["tensorboard", "wandb", "mlflow"]
+    assert first.config["parameters"] == 3_320_640
+    for segment, rerun in ((first, RERUN), (second, ())):  # steps 4-5 may be in both
+        held = {key: {step: row[key] for step, row in segment.history.items() if key in row} for key in jsonl}
+        assert_as_logged(held, jsonl, rerun)
+    assert sorted(second.history) == list(range(4, 9))  # the resumed run, from the checkpoint of step 3
+    assert sorted(set(first.history) | set(second.history)) == list(range(1, 9))
+    assert second.summary["model_dir"] == str((run_dir / "model").resolve())
+    assert second.summary["loss_curve"]["_type"] == "image-file"
+
+    [run] = mlflow_runs(uri, "trackers")  # one MLflow run, each step once
+    assert all(len(points) == len(dict(points)) for points in run["metrics"].values())
+    assert {key: sorted(dict(points)) for key, points in run["metrics"].items()} == \
+        {key: sorted(values) for key, values in jsonl.items()}
+    assert_as_logged({key: dict(points) for key, points in run["metrics"].items()}, jsonl, RERUN)
+    assert run["status"] == "FINISHED" and run["params"]["parameters"] == "3320640"
+    assert run["params"]["train.max_steps"] == "8" and run["params"]["model.preset"] == "nano"
+    assert {"config.resolved.toml", "loss.png", "samples/step_00000004.txt", "samples/step_00000008.txt"} <= \
+        set(run["artifacts"])
+    assert run["tags"]["model_dir"] == str((run_dir / "model").resolve())
+
+
+@pytest.mark.slow
+def test_trackers_that_fail_mid_run_cost_one_warning_each_and_not_the_run(tmp_path, shards, reference_losses):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tracker_readers import tensorboard_events, wandb_segments
+
+    training_project(tmp_path, shards, 'train.trackers=["tensorboard", "wandb"]')
+    result = train(tmp_path, fault="tracker@3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {name} failed (RuntimeError: injected failure at step 3); the run goes on "
+                        "without it." for name in ("TensorBoard", "W&B")]
+    run_dir = tmp_path / "run"
+    assert logged(run_dir)["loss"] == reference_losses
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert [step for step, _ in tensorboard_events(run_dir).scalars["train/loss"]] == [1, 2]
+    [segment] = wandb_segments(run_dir / "wandb")
+    assert sorted(step for step, row in segment.history.items() if "loss" in row) == [1, 2]
