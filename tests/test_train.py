@@ -219,7 +219,7 @@ def test_samples_during_training_follow_the_generate_section(capsys):
         torch.manual_seed(0)
         model = build_model(project.model).train()
         run = SimpleNamespace(project=project, engine=SimpleNamespace(module=model), rank=0, device="cpu",
-                              tokenizer=tokenizer, step=4)
+                              tokenizer=tokenizer, step=4, writer=None)
         rng = torch.get_rng_state()
         print_sample(run)
         assert torch.equal(torch.get_rng_state(), rng) and model.training
