@@ -145,6 +145,7 @@ def model_from_source(source: WeightsSource, config: ModelConfig) -> tuple[torch
     return model, state
 
 
+@torch.no_grad()
 def set_fp32_masters(engine, state: dict[str, torch.Tensor]) -> None:
     """Under bf16/fp16 DeepSpeed made the fp32 masters from the module's low-precision copy, which lost the
     low bits of the source's weights; copy the exact fp32 values in. The module keeps its copy (the same
