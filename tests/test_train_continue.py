@@ -156,6 +156,12 @@ def test_resuming_on_another_number_of_ranks_carries_everything_over(tmp_path, s
     tolerance = 1e-5 if precision == "fp32" else 2e-3
     assert losses(run_dir)[:3] == losses(reference)[:3]
     assert losses(run_dir)[3:] == pytest.approx(losses(reference)[3:], abs=tolerance, rel=0)
+    after = torch.load(tmp_path / "probe" / "state-saved-step00000006.pt")
+    expected_after = torch.load(reference_probe / "state-saved-step00000006.pt")
+    assert after["step"] == expected_after["step"] == 6  # one count for every group
+    if precision == "fp32":  # the same optimizer from there on: weight decay per group, the same bias corrections
+        for name in (name for name in after if name != "step"):
+            torch.testing.assert_close(after[name]["fp32"], expected_after[name]["fp32"], atol=1e-5, rtol=0)
     client = json.loads((run_dir / "checkpoints" / "step_00000006" / "client_state.json").read_text())
     assert client["world_size"] == resumed_on and client["loader"]["windows_per_step"] == 8 * saved_on
 

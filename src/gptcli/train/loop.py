@@ -265,7 +265,7 @@ def resume_or_start(run: Run, tag: Optional[str], universal: Optional[Path] = No
     checkpoint.check_architecture(client, run.project.model, tag)
     checkpoint.load(run.engine, run.run_dir, tag, universal)
     if universal is not None:
-        reshard.restore_group_settings(run.engine, reshard.saved_group_settings(universal))
+        reshard.restore_optimizer_details(run.engine, universal)
     saved_ranks = client.get("world_size", run.layout.world_size)
     if run.rank >= saved_ranks:  # a rank the checkpoint has no RNG states for
         seed_everything(reshard.new_rank_seed(run.project.project.seed, client["step"], run.rank))

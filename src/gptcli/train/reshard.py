@@ -13,10 +13,11 @@ place when complete, so a kill mid-conversion leaves the checkpoint as it was (t
 and the conversion redone by the next resume); a complete one is reused. It goes with its checkpoint
 (retention, --restart). Its cost: see docs/training.md.
 
-Two things the universal loader does not carry over are set here: each optimizer group's
-hyperparameters (DeepSpeed's ZeRO-3 loader gives every group the first group's, weight decay included),
-and the RNG of a rank that did not exist when the checkpoint was saved (seeded from the project seed,
-the step and the rank: `new_rank_seed`).
+What the universal loader does not carry over as a resume on the same ranks would is set here: each
+optimizer group's hyperparameters (DeepSpeed's ZeRO-3 loader gives every group the first group's, weight
+decay included), Adam's step count as one counter per group (its ZeRO-3 loader shares one tensor between
+them), and the RNG of a rank that did not exist when the checkpoint was saved (seeded from the project
+seed, the step and the rank: `new_rank_seed`).
 """
 
 from __future__ import annotations
@@ -82,10 +83,17 @@ def saved_group_settings(universal: Path) -> list[dict]:
     return [{key: value for key, value in group.items() if key != "params"} for group in groups]
 
 
-def restore_group_settings(engine, groups: list[dict]) -> None:
+def restore_optimizer_details(engine, universal: Path) -> None:
+    """What DeepSpeed's universal loader gets wrong for us: the groups' hyperparameters (saved_group_settings)
+    and, at ZeRO-3, Adam's step count, which it gives every parameter group as one shared tensor, so torch's
+    AdamW, counting in place, would advance it once per group and step (wrong bias corrections from the
+    first step on)."""
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's optimizer
-    for group, saved in zip(optimizer.param_groups, groups):
+    for group, saved in zip(optimizer.param_groups, saved_group_settings(universal)):
         group.update(saved)
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def new_rank_seed(seed: int, step: int, rank: int) -> int:
