@@ -304,3 +304,26 @@ def test_contradicting_model_keys_through_gpt_train_are_one_sentence(tmp_path, s
     result = train(project, "--set", "model.n_layer=4")
     assert_user_error(result, "model.n_layer is 4 in the project but 2 in train.init_from", "leave it out of [model]")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_gpt2_family_source_trains_with_padded_rows_and_consolidates_to_its_own(tmp_path, shards):
+    """A GPU pads the GPT-2 presets' embedding to 50,304 rows (engine.training_model_config): the source's 50,257
+    rows go first, the padding rows are zero, the bf16 masters are the source's exact values, and RUN/model
+    holds 50,257 rows again. A distilgpt2-shaped random model stands in for OpenAI's."""
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=6)).save_pretrained(tmp_path / "hf")
+    assert run_gpt("load-hf", tmp_path / "hf", "--out", tmp_path / "source").returncode == 0
+    settings = (f'train.init_from="{tmp_path / "source"}"', 'train.device="cuda"', 'train.precision="bf16"',
+                "deepspeed.zero_stage=1", "train.max_steps=2", "train.checkpoint_every=0")
+    project = write_project(tmp_path / "run.toml", tmp_path / "run", shards, settings, drop_model=True)
+    result = train(project, probe=tmp_path / "probe")
+    assert result.returncode == 0, result.stderr[-3000:]
+    source = load_file(tmp_path / "source" / "model.safetensors")
+    masters = torch.load(tmp_path / "probe" / "state-initialized-step00000000.pt")["wte.weight"]["fp32"]
+    assert masters.shape == (50304, 768) and not masters[50257:].any()
+    assert torch.equal(masters[:50257], source["wte.weight"])
+    assert load_file(tmp_path / "run" / "model" / "model.safetensors")["wte.weight"].shape == (50257, 768)

@@ -278,7 +278,8 @@ def resume_or_start(run: Run, tag: Optional[str], universal: Optional[Path] = No
               "(the architecture matches; other settings apply from here on).", file=sys.stderr)
     if run.rank == 0:
         truncate_metrics(run.run_dir, run.step)
-        ranks = f" on {run.layout.world_size} ranks (saved on {saved_ranks})" if saved_ranks != run.layout.world_size else ""
+        world = run.layout.world_size
+        ranks = f" on {world} ranks (saved on {saved_ranks})" if saved_ranks != world else ""
         print(f"Resuming from {checkpoint.checkpoints_dir(run.run_dir) / tag} at step {run.step}{ranks}.",
               file=sys.stderr)
     dist.barrier()
