@@ -132,8 +132,8 @@ def test_resuming_on_another_number_of_ranks_carries_everything_over(tmp_path, s
                                                                     precision, saved_on, resumed_on):
     """From the uninterrupted run's checkpoint of step 3, on the other number of ranks: the masters and moments
     right after loading equal the saved ones bit for bit; steps 4-6 take the same windows; the losses stay
-    within 1e-5 (fp32; the reductions run in another order) or 2e-3 (bf16: a master that lands on the other
-    side of a bf16 rounding boundary moves its bf16 copy by a whole bf16 step)."""
+    within 1e-5 (fp32; the reductions run in another order) or 5e-4 (bf16: a master that lands on the other
+    side of a bf16 rounding boundary moves its bf16 copy by a whole bf16 step; up to 5e-5 measured)."""
     reference, reference_probe = uninterrupted(stage, precision, saved_on)
     run_dir = resumable_copy(reference, tmp_path / "run")
     project = write_project(tmp_path / "run.toml", run_dir, shards,
@@ -153,7 +153,7 @@ def test_resuming_on_another_number_of_ranks_carries_everything_over(tmp_path, s
     assert step_windows(tmp_path / "probe", resumed_on, accumulation, 4, 6) == {s: expected[s] for s in (4, 5, 6)}
     assert len(expected[4]) == 8 * saved_on
 
-    tolerance = 1e-5 if precision == "fp32" else 2e-3
+    tolerance = 1e-5 if precision == "fp32" else 5e-4
     assert losses(run_dir)[:3] == losses(reference)[:3]
     assert losses(run_dir)[3:] == pytest.approx(losses(reference)[3:], abs=tolerance, rel=0)
     after = torch.load(tmp_path / "probe" / "state-saved-step00000006.pt")
