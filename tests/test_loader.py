@@ -85,10 +85,49 @@ def test_ranks_see_disjoint_windows_that_together_make_the_global_batch(data):
         assert torch.equal(together, single.next_batch()[0])
 
 
-def test_resume_with_a_different_layout_is_refused(data):
+def step_windows(loaders, steps: int) -> list[list[int]]:
+    """The sorted window indices of each of `steps` optimizer steps taken by the ranks' `loaders` together
+    (each loader hands out its micro batches; a step is micro_steps_per_step of them on every rank)."""
+    taken = []
+    for _ in range(steps):
+        micro = loaders[0].micro_steps_per_step
+        taken.append(sorted(int(i) for _ in range(micro) for loader in loaders for i in loader.next_windows()))
+    return taken
+
+
+def loaders_for(data, world: int, windows_per_step: int = 12, micro_batch_size: int = 2):
+    return [BatchLoader(data, "train", micro_batch_size, 16, rank=r, world_size=world, seed=5,
+                        windows_per_step=windows_per_step) for r in range(world)]
+
+
+def test_an_optimizer_step_takes_the_same_windows_however_ranks_and_accumulation_divide_it(data):
+    """12 windows per step as 1 rank × 6 micro batches of 2, 2 × 3, 3 × 2 or 6 × 1, over three epochs of 115
+    windows (9 steps each, 7 left over): every step takes the same windows, and an epoch ends at a step,
+    not at a micro batch (with the leftover counted per micro batch, 1 rank would take 3 more batches of the
+    old epoch where 6 ranks start the next)."""
+    reference = step_windows(loaders_for(data, 1), 27)
+    assert all(len(set(step)) == 12 for step in reference)
+    assert len({i for step in reference[:9] for i in step}) == 108  # one epoch: 9 steps, no window twice
+    for world in (2, 3, 6):
+        assert step_windows(loaders_for(data, world), 27) == reference, world
+
+
+def test_a_saved_position_resumes_on_other_ranks_with_the_windows_that_follow(data):
+    reference = step_windows(loaders_for(data, 1), 20)
+    saving = loaders_for(data, 2)
+    assert step_windows(saving, 11) == reference[:11]  # into the second epoch
+    state = saving[0].state_dict()
+    assert state["epoch"] == 1 and state["windows_per_step"] == 12 and state["micro"] == 0
+    resumed = loaders_for(data, 3)
+    for loader in resumed:
+        loader.load_state_dict(state)
+    assert step_windows(resumed, 9) == reference[11:]
+
+
+def test_resume_over_other_data_is_refused(data):
     state = BatchLoader(data, "train", 4, 16, seed=3).state_dict()
-    other = BatchLoader(data, "train", 2, 16, seed=3)
-    with pytest.raises(GptError, match="global_batch"):
+    other = BatchLoader(data, "train", 4, 8, seed=3)  # another seq_len: other windows
+    with pytest.raises(GptError, match="num_windows"):
         other.load_state_dict(state)
 
 

@@ -231,6 +231,12 @@ class TrainConfig(Section):
     tensorboard: bool = doc('Older spelling of trackers = ["tensorboard"]; still honoured.', False)
     peak_tflops: float = doc("Peak TFLOP/s of one accelerator for MFU; 0 looks the GPU up by name (dense bf16 figures).", 0.0,
                              at_least=0)
+    init_from: Optional[str] = doc("Start from these weights, not a random init: a model dir (`gpt load-hf`'s, or a run's "
+                                   "model/), a run dir, or a name gpt load-hf fetches (gpt2, gpt2-medium, gpt2-large, "
+                                   "gpt2-xl, distilgpt2, openai-gpt); [model] comes from its config. A resumed run "
+                                   "continues from its own checkpoints.", None)
+    init_from_sha256: Optional[str] = doc("The sha256 init_from's weights file must have; unset: not checked "
+                                          "(config.resolved.toml records the one used).", None)
 
     def check(self) -> None:
         if self.min_lr > self.lr:
@@ -302,6 +308,8 @@ class Project:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     source: Optional[str] = field(default=None, repr=False, compare=False, metadata={"internal": True})
+    # "section.key" of every key the project file, --set or a preset set (the others are defaults).
+    given: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
 
     def __post_init__(self):
         """Rules between sections: checked when the project is loaded, not minutes into a run."""
@@ -480,7 +488,8 @@ def project_from_dict(raw: dict, source: Optional[str] = None) -> Project:
         for name, values in get_preset(str(preset)).sections().items():
             tables[name] = {**values, **tables[name]}
     built = {name: _build_section(name, tables[name]) for name in sections}
-    return Project(**built, source=source)
+    given = frozenset(f"{name}.{key}" for name in sections for key in tables[name])
+    return Project(**built, source=source, given=given)
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -8,9 +8,13 @@ skipped but the stream's last (< T) tokens.
 
 Each epoch visits every window once, in a seeded permutation (or in order). The global batch of a micro
 step is the next `micro_batch_size × world_size` windows of that order; rank r takes its own contiguous
-slice, so ranks never see the same window. The leftover windows at the end of an epoch (fewer than one
-global batch) are skipped. The whole position is `(epoch, position)`; the order of an epoch is a pure
-function of (seed, epoch), so saving those two numbers restores exactly the batches a run would have seen.
+slice, so ranks never see the same window. An optimizer step takes `windows_per_step` consecutive windows
+(its micro steps' global batches, one after the other), and an epoch ends when fewer than one optimizer
+step's windows are left (those are skipped). So the windows of each optimizer step depend on the order
+and the step's size alone, not on how ranks and accumulation divide it: a run resumed on another number
+of ranks, with the accumulation adapted, consumes exactly the windows the original run would have. The
+whole position is `(epoch, position)`; the order of an epoch is a pure function of (seed, epoch), so
+saving those two numbers restores exactly the batches a run would have seen.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class BatchLoader:
     """(B, T+1) windows of one split for one data-parallel rank; `next_batch()` → (inputs, targets)."""
 
     def __init__(self, data: PreparedData, split: str, micro_batch_size: int, seq_len: int, *, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True):
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, windows_per_step: Optional[int] = None):
         self.shards = data.splits.get(split, [])
         self.split, self.batch, self.seq_len = split, micro_batch_size, seq_len
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
@@ -59,17 +63,28 @@ class BatchLoader:
         # A window needs T + 1 tokens; starts are 0, T, 2T, ...
         self.num_windows = int(max(self.shard_starts[-1] - 1, 0) // seq_len)
         self.global_batch = micro_batch_size * world_size
-        if self.num_windows < self.global_batch:
+        # An optimizer step: micro steps × the global batch of one (gradient accumulation).
+        self.windows_per_step = windows_per_step or self.global_batch
+        if self.windows_per_step % self.global_batch:
+            raise ValueError(f"windows_per_step {self.windows_per_step} is not a multiple of the global batch "
+                             f"{self.global_batch}")
+        if self.num_windows < self.windows_per_step:
             have = sum(s.num_tokens for s in self.shards)
             raise GptError(f'The "{split}" split of {data.directory} has {have:,} tokens: fewer than one batch of '
-                           f"{self.global_batch} sequences × {seq_len + 1} tokens over {world_size} rank(s).")
+                           f"{self.windows_per_step} sequences × {seq_len + 1} tokens over {world_size} rank(s).")
         self.cursor = Cursor()
+        self.micro = 0  # micro batches of the current optimizer step handed out so far
         self._order_epoch: Optional[int] = None
         self._order: Optional[np.ndarray] = None
 
     @property
+    def micro_steps_per_step(self) -> int:
+        return self.windows_per_step // self.global_batch
+
+    @property
     def batches_per_epoch(self) -> int:
-        return self.num_windows // self.global_batch
+        """Micro batches per epoch (this rank's share of each)."""
+        return self.num_windows // self.windows_per_step * self.micro_steps_per_step
 
     def order(self, epoch: int) -> np.ndarray:
         """The window visiting order of `epoch`: a permutation seeded by (seed, epoch), or 0..N-1."""
@@ -110,12 +125,15 @@ class BatchLoader:
         return tokens[:, :-1], tokens[:, 1:]
 
     def next_windows(self) -> np.ndarray:
-        """This rank's next micro batch of window indices; advances the cursor by one global batch."""
-        if self.cursor.position + self.global_batch > self.num_windows:
+        """This rank's next micro batch of window indices; advances the cursor by one global batch. The
+        first micro batch of an optimizer step starts the next epoch when this one has fewer windows left
+        than a step takes, so a step never mixes epochs however ranks and accumulation divide it."""
+        if self.micro == 0 and self.cursor.position + self.windows_per_step > self.num_windows:
             self.cursor = Cursor(epoch=self.cursor.epoch + 1, position=0)
         begin = self.cursor.position + self.rank * self.batch
         chosen = self.order(self.cursor.epoch)[begin: begin + self.batch]
         self.cursor = Cursor(self.cursor.epoch, self.cursor.position + self.global_batch)
+        self.micro = (self.micro + 1) % self.micro_steps_per_step
         return chosen
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,16 +142,23 @@ class BatchLoader:
 
     def state_dict(self) -> dict:
         where = self.locate(self.cursor)
-        return {**self.cursor.to_dict(), **where, "seed": self.seed, "shuffle": self.shuffle,
-                "num_windows": self.num_windows, "global_batch": self.global_batch}
+        return {**self.cursor.to_dict(), **where, "micro": self.micro, "seed": self.seed, "shuffle": self.shuffle,
+                "num_windows": self.num_windows, "global_batch": self.global_batch,
+                "windows_per_step": self.windows_per_step}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at a saved cursor; the data and batch layout must be the ones it was saved with."""
-        for key in ("num_windows", "global_batch", "seed", "shuffle"):
+        """Resume at a saved cursor. The data must be the same (its windows and their order); the batch
+        layout may differ (another number of ranks, another accumulation): the cursor is a place in the
+        order, and the next optimizer step takes the windows that follow it."""
+        for key in ("num_windows", "seed", "shuffle"):
             if key in state and state[key] != getattr(self, key):
                 raise GptError(f"Cannot resume the data order: {key} was {state[key]} in the checkpoint but is "
-                               f"{getattr(self, key)} now (the shards, batch size, seq_len or ranks changed).")
+                               f"{getattr(self, key)} now (the shards or seq_len changed).")
+        if state.get("micro", 0) and state.get("windows_per_step") != self.windows_per_step:
+            raise GptError("Cannot resume the data order in the middle of an optimizer step with another batch "
+                           "layout.")
         self.cursor = Cursor.from_dict(state)
+        self.micro = int(state.get("micro", 0))
 
     def locate(self, cursor: Cursor) -> dict:
         """The shard and token offset of the next window this rank reads (for people reading the cursor)."""

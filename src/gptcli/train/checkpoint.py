@@ -257,22 +257,22 @@ def prune(root: Path, keep: int, latest: str) -> None:
                       "checkpoint files were deleted.", file=sys.stderr)
 
 
-def load(engine, run_dir: Path, tag: str) -> dict:
-    """Load DeepSpeed's state and this rank's RNG states; returns the client state."""
+def load(engine, run_dir: Path, tag: str, universal: Optional[Path] = None) -> dict:
+    """Load DeepSpeed's state (from `universal`, the checkpoint converted for another number of ranks, when
+    given: reshard.py) and this rank's RNG states, when the checkpoint has them (a rank that did not exist
+    when it was saved has none: see reshard.new_rank_seed); returns the client state."""
     import deepspeed.comm as dist
 
     root = checkpoints_dir(run_dir)
     client = read_client_state(run_dir, tag)
-    world = dist.get_world_size()
-    if client.get("world_size", world) != world:
-        raise GptError(f"Checkpoint {tag} was written by {client['world_size']} ranks and this run has {world}; "
-                       "resume with the same number of ranks (exact resume needs the same data split).")
+    load_dir, load_tag = (universal.parent, universal.name) if universal is not None else (root, tag)
     try:
-        path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+        path, _ = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=False)
         if path is None:
             raise GptError(f"DeepSpeed could not load checkpoint {root / tag}.")
-        restore_rng(torch.load(root / tag / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
+        if dist.get_rank() < client.get("world_size", dist.get_world_size()):
+            restore_rng(torch.load(root / tag / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
         # Checked checkpoints do not get here; one saved before manifests existed may.
         raise GptError(f"Cannot load checkpoint {root / tag} ({type(error).__name__}: {error}); pass --restart to "

@@ -49,6 +49,7 @@ def hand_over(project: Project, run_dir: Path, tokenizer, step: int, exit_code: 
 def consolidate_only(project: Project) -> Path:
     """`gpt train --consolidate`: the latest checkpoint of the run dir → RUN/model, without training."""
     from ..tokenizer import load_tokenizer
+    from .continuation import checkpoint_project
 
     prepare_environment(device_type(project))
     run_dir = Path(project.project.out_dir)
@@ -56,6 +57,7 @@ def consolidate_only(project: Project) -> Path:
     if tag is None:
         raise GptError(f"{checkpoint.checkpoints_dir(run_dir)} has no complete checkpoint to consolidate.")
     client = checkpoint.read_client_state(run_dir, tag)
+    project = checkpoint_project(project, client, tag)  # a run started from weights: [model] from its checkpoint
     checkpoint.check_architecture(client, project.model, tag)
     tokenizer = load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
     with RunDirClaim() as claim:  # RUN/model must not be written under a running training
@@ -176,4 +178,6 @@ def consolidate(run_dir: Path, tag: str, config: ModelConfig, tokenizer, out_dir
     model = model_from_state_dict(config, state, where=f"Checkpoint {tag}")
     client = json.loads((checkpoint.checkpoints_dir(run_dir) / tag / checkpoint.CLIENT_STATE).read_text())
     metadata = {"step": client["step"], "tokens": client["tokens"], "checkpoint": tag}
+    if client.get("init_from"):  # the weights the run started from (train/warmstart.py)
+        metadata.update(init_from=client["init_from"]["path"], init_from_sha256=client["init_from"]["sha256"])
     return save_model_dir(out_dir or Path(run_dir) / "model", model, tokenizer, metadata)

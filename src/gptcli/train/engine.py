@@ -216,11 +216,15 @@ def training_model_config(project: Project, device: str) -> ModelConfig:
     return model
 
 
-def initialize(project: Project, model: torch.nn.Module, layout: BatchLayout, precision: str, device: str):
-    """deepspeed.initialize over the model; returns the engine."""
+def initialize(project: Project, model: torch.nn.Module, layout: BatchLayout, precision: str, device: str,
+               load_universal: bool = False):
+    """deepspeed.initialize over the model; returns the engine. `load_universal`: it will load a checkpoint
+    converted to DeepSpeed's universal format (resuming on another number of ranks: reshard.py)."""
     import deepspeed
 
     config = deepspeed_config(project, layout, precision)
+    if load_universal:
+        config = merge(config, {"checkpoint": {"load_universal": True}})
     optimizer = make_optimizer(model, project, device)
     try:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

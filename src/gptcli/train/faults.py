@@ -8,6 +8,8 @@ The variable holds comma-separated `kind@step`, or `kind@step@rank` to restrict 
     crash_in_save  die inside the save of that step, after DeepSpeed's files, before `latest`
     sigterm        SIGTERM to this rank during that step
     tracker        every tracker raises when given that step's record (each must cost a warning, not the run)
+    kill_in_convert  SIGKILL this rank in the middle of converting the checkpoint of that step for another
+                   number of ranks (reshard.py), after DeepSpeed's converter wrote its files, before they count
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class Faults:
 
     def maybe_kill(self, step: int) -> None:
         if self.has("kill", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def maybe_kill_in_convert(self, step: int) -> None:
+        if self.has("kill_in_convert", step):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def maybe_sigterm(self, step: int) -> None:

@@ -29,9 +29,10 @@ import torch
 
 from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
-from . import checkpoint
+from . import checkpoint, probes, reshard
 from .chatter import LibraryLog
 from .consolidation import consolidate_only, hand_over
+from .continuation import Start, prepare
 from .display import Display, show_overfit
 from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, initialize, loop_clips_gradients,
                      parameter_groups, precision_note, prepare_device, prepare_environment, resolve_precision,
@@ -46,6 +47,7 @@ from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
 from .stopping import StopRequest
 from .trackers import start_trackers
+from .warmstart import model_from_source, set_fp32_masters
 
 if TYPE_CHECKING:
     import deepspeed
@@ -102,6 +104,7 @@ class Run:
     writer: Optional[MetricsWriter] = None
     flops_per_token: int = 0
     peak: Optional[float] = None
+    start: Optional[Start] = None  # what the run continues from (continuation.prepare)
 
 
 @dataclass
@@ -120,10 +123,12 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
     device = device_type(project)
     prepare_environment(device)
     fresh = options.overfit_batch or options.restart
-    announce(project, device, "never" if fresh else options.resume)  # the plan and its estimate
+    resume = "never" if fresh else options.resume
+    start = prepare(project, resume, int(os.environ["WORLD_SIZE"]))  # weights or checkpoint; [model], the batch
+    announce(start.project, device, resume, start=start)  # the plan and its estimate
     show_phase("loading DeepSpeed")
     with RunDirClaim() as claim:  # the run dir's lock, taken in setup(), is given back on every way out
-        run = setup(project, options, device, claim)
+        run = setup(start.project, options, device, claim, start)
         stop = StopRequest()
         stop.install()
         training_starts(run, stop)
@@ -136,13 +141,12 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
                 run.writer.close()
 
 
-def setup(project: Project, options: TrainOptions, device: str, claim: RunDirClaim) -> Run:
+def setup(project: Project, options: TrainOptions, device: str, claim: RunDirClaim, start: Start) -> Run:
     import deepspeed
     import deepspeed.comm as dist
 
     from ..data.loader import check_compatible
     from ..data.shards import open_prepared
-    from ..model import build_model
     from ..tokenizer import load_tokenizer
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -156,10 +160,10 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     layout = batch_layout(project, world)
     seed = project.project.seed
     loader, val_loader = make_loaders(project, data, layout, rank, options.overfit_batch)
+    probes.watch_loader(loader, rank)
     model_config = training_model_config(project, device)
     seed_everything(seed)  # the same initial weights on every rank
-    show_phase("building the model")
-    model = build_model(model_config, device="cuda" if device == "cuda" else "cpu")
+    model, weights = build(model_config, start, device)
     model.activation_checkpointing = project.train.activation_checkpointing
     seed_everything(seed + 1000 * rank)  # then each rank its own dropout stream
     if device == "cpu":
@@ -179,16 +183,27 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     claim.take(run_dir, rank)  # one run per run dir, and a dir every rank sees, before anything is written
     tag = None if options.overfit_batch else checkpoint.agree_on_resume(run_dir, options.resume, options.restart, rank,
                                                                       Path(project.data.dir))
+    if tag != start.tag:  # prepare() read the run dir before the lock was ours
+        raise GptError(f"The checkpoints in {checkpoint.checkpoints_dir(run_dir)} changed while gpt train started; "
+                       "run it again.")
     library_log.settle(run_dir)
+    universal = None
+    if start.ranks_changed and project.deepspeed.zero_stage > 0:
+        show_phase(f"converting checkpoint {tag} for {world} ranks (DeepSpeed's universal checkpoint format)")
+        with library_log.capture():
+            universal = reshard.ensure_universal(run_dir, tag, rank)
     with library_log.capture():
-        engine = initialize(project, model, layout, precision, device)
+        engine = initialize(project, model, layout, precision, device, load_universal=universal is not None)
+    if weights is not None:
+        set_fp32_masters(engine, weights)
+        probes.dump_state(engine, "initialized", 0, rank)
     if compile_enabled(project, device):
         show_phase("compiling the model (torch.compile; the first steps also wait for it)")
         engine.compile()
     run = Run(project=project, model_config=model_config, engine=engine, layout=layout,
               loader=BatchPrefetcher(loader, torch.device(engine.device)), val_loader=val_loader,
               tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device, faults=Faults.from_environment(rank),
-              clips_gradients=loop_clips_gradients(project, precision))
+              clips_gradients=loop_clips_gradients(project, precision), start=start)
     run.flops_per_token = model_flops_per_token(project.model, layout.seq_len)
     run.peak = peak_flops(device, project.train.peak_tflops)
     if options.overfit_batch:
@@ -196,7 +211,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
         if rank == 0:
             truncate_metrics(run_dir, 0)
     else:
-        resume_or_start(run, tag)
+        resume_or_start(run, tag, universal)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_resolved_config(run_dir, project)
@@ -207,6 +222,19 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     return run
 
 
+def build(config: ModelConfig, start: Start, device: str) -> tuple[torch.nn.Module, Optional[dict]]:
+    """The model at a random init, or holding init_from's weights (and those weights, for the masters)."""
+    from ..model import build_model
+
+    where = "cuda" if device == "cuda" else "cpu"
+    if start.weights is None:
+        show_phase("building the model")
+        return build_model(config, device=where), None
+    show_phase(f"reading the weights of {start.weights.name}")
+    model, weights = model_from_source(start.weights, config)
+    return model.to(where), weights
+
+
 def make_loaders(project: Project, data, layout: BatchLayout, rank: int,
                  overfit: bool) -> tuple["BatchLoader", Optional["BatchLoader"]]:
     """The train loader (seeded order) and the val loader (file order), or None without val shards."""
@@ -214,7 +242,7 @@ def make_loaders(project: Project, data, layout: BatchLayout, rank: int,
 
     seed, world = project.project.seed, layout.world_size
     loader = BatchLoader(data, "train", layout.micro_batch_size, layout.seq_len, rank=rank, world_size=world,
-                         seed=seed, shuffle=project.train.shuffle)
+                         seed=seed, shuffle=project.train.shuffle, windows_per_step=layout.sequences_per_step)
     if not project.train.eval_every or overfit:
         return loader, None
     if data.num_tokens("val") == 0:
@@ -231,8 +259,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resume_or_start(run: Run, tag: Optional[str]) -> None:
-    """Continue from checkpoint `tag` (every rank got the same one from agree_on_resume), or start at step 0."""
+def resume_or_start(run: Run, tag: Optional[str], universal: Optional[Path] = None) -> None:
+    """Continue from checkpoint `tag` (every rank got the same one from agree_on_resume; `universal`: its
+    conversion for another number of ranks), or start at step 0."""
     import deepspeed.comm as dist
 
     if tag is None:
@@ -242,16 +271,25 @@ def resume_or_start(run: Run, tag: Optional[str]) -> None:
     show_phase(f"resuming from checkpoint {tag}")
     client = checkpoint.read_client_state(run.run_dir, tag)
     checkpoint.check_architecture(client, run.project.model, tag)
-    checkpoint.load(run.engine, run.run_dir, tag)
+    checkpoint.load(run.engine, run.run_dir, tag, universal)
+    if universal is not None:
+        reshard.restore_optimizer_details(run.engine, universal)
+    saved_ranks = client.get("world_size", run.layout.world_size)
+    if run.rank >= saved_ranks:  # a rank the checkpoint has no RNG states for
+        seed_everything(reshard.new_rank_seed(run.project.project.seed, client["step"], run.rank))
     run.loader.load_state_dict(client["loader"])
     run.step, run.tokens = client["step"], client["tokens"]
     run.skipped_steps, run.elapsed = client.get("skipped_steps", 0), client.get("elapsed", 0.0)
-    if client.get("config_hash") != checkpoint.config_hash(run.project) and run.rank == 0:
+    probes.dump_state(run.engine, "loaded", run.step, run.rank)
+    if client.get("config_hash") != run.start.config_hash and run.rank == 0:
         print(f"note: the project differs from the one checkpoint {tag} was trained with "
               "(the architecture matches; other settings apply from here on).", file=sys.stderr)
     if run.rank == 0:
         truncate_metrics(run.run_dir, run.step)
-        print(f"Resuming from {checkpoint.checkpoints_dir(run.run_dir) / tag} at step {run.step}.", file=sys.stderr)
+        world = run.layout.world_size
+        ranks = f" on {world} ranks (saved on {saved_ranks})" if saved_ranks != world else ""
+        print(f"Resuming from {checkpoint.checkpoints_dir(run.run_dir) / tag} at step {run.step}{ranks}.",
+              file=sys.stderr)
     dist.barrier()
 
 
@@ -474,12 +512,14 @@ def sampling_model(run: Run) -> Optional[torch.nn.Module]:
 
 def save(run: Run) -> None:
     client = {"step": run.step, "tokens": run.tokens, "loader": run.loader.state_dict(),
-              "config_hash": checkpoint.config_hash(run.project), "architecture": run.project.model.architecture_dict(),
+              "config_hash": run.start.config_hash, "architecture": run.project.model.architecture_dict(),
               "world_size": run.layout.world_size, "skipped_steps": run.skipped_steps, "elapsed": run.elapsed,
-              "model_fingerprint": run.project.model.fingerprint(), "parameter_groups": parameter_group_names(run)}
+              "model_fingerprint": run.project.model.fingerprint(), "parameter_groups": parameter_group_names(run),
+              **run.start.client_state()}
     if run.writer is not None:
         run.writer.flush()  # what the trackers hold up to this step survives a kill after the checkpoint
     checkpoint.save(run.engine, run.run_dir, run.step, client, run.project.train.keep_checkpoints, run.faults)
+    probes.dump_state(run.engine, "saved", run.step, run.rank)
 
 
 def parameter_group_names(run: Run) -> list[list[str]]:

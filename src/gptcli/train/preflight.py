@@ -237,9 +237,10 @@ def long_cpu_run_advice(plan: Plan, rate: float, small_plans: dict[str, Plan]) -
 
 
 def announce(project: Project, device: str, resume: str = "never",
-             measure_cpu: Callable[[], float] = measure_cpu_flops, stream=None) -> None:
+             measure_cpu: Callable[[], float] = measure_cpu_flops, stream=None, start=None) -> None:
     """Rank 0: print the plan of this run and its estimate on stderr. `resume`: --resume
-    (auto|required|never), to plan only the steps left after the checkpoint it would resume from."""
+    (auto|required|never), to plan only the steps left after the checkpoint it would resume from; `start`:
+    what it continues from (continuation.prepare), said after the plan."""
     from .engine import batch_layout, resolve_precision
     from .trackers import check_trackers
 
@@ -255,4 +256,7 @@ def announce(project: Project, device: str, resume: str = "never",
     if device == "cpu":
         small_plans = {name: plan_for(project, *shape, model=preset_model(name, project.model.vocab_size))
                        for name in SMALL_PRESETS}
-    print("\n".join(describe(project, plan, rate, small_plans)), file=stream or sys.stderr, flush=True)
+    from .continuation import describe as continues_from
+
+    lines = describe(project, plan, rate, small_plans) + (continues_from(start) if start is not None else [])
+    print("\n".join(lines), file=stream or sys.stderr, flush=True)

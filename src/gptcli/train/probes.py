@@ -1,0 +1,100 @@
+"""What tests read from inside a run, through GPTCLI_PROBE_DIR (off, and free, when it is unset):
+
+    windows-rank<R>.jsonl     one line per micro batch this rank's loader hands out, in order:
+                              {"epoch": E, "windows": [window indices]} (read ahead: a run that stops
+                              may list a micro batch or two it never trained on)
+    state-<event>-step<N>.pt  rank 0, after the checkpoint of step N is saved (event "saved"), right
+                              after it is loaded ("loaded"), or once init_from's weights are in the engine
+                              ("initialized", step 0): every parameter's full fp32 master and Adam moments
+                              (none before the first step), as DeepSpeed's own accessors assemble them
+
+So a test can compare, across a resume on another number of ranks, the windows of every optimizer step
+and the optimizer state, without trusting the code that carried them over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+VARIABLE = "GPTCLI_PROBE_DIR"
+
+
+def probe_dir() -> Optional[Path]:
+    value = os.environ.get(VARIABLE)
+    return Path(value) if value else None
+
+
+def watch_loader(loader, rank: int) -> None:
+    """Record the window indices of every micro batch `loader` hands out (see the module doc)."""
+    directory = probe_dir()
+    if directory is None:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"windows-rank{rank}.jsonl"
+    next_windows = loader.next_windows
+
+    def recorded():
+        chosen = next_windows()
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"epoch": loader.cursor.epoch, "windows": [int(i) for i in chosen]}) + "\n")
+        return chosen
+
+    loader.next_windows = recorded
+
+
+def dump_state(engine, event: str, step: int, rank: int) -> None:
+    """Every rank takes part (the full tensors are all-reduced from the ranks' parts); rank 0 writes."""
+    directory = probe_dir()
+    if directory is None:
+        return
+    states = full_states(engine)
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(states, directory / f"state-{event}-step{step:08d}.pt")
+
+
+def full_states(engine) -> dict:
+    """{name: {"fp32", "exp_avg", "exp_avg_sq"}} for every parameter, and "step": Adam's step count."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from .warmstart import stage0_master_pairs
+
+    link_optimizer_fragments(engine.optimizer)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    stage0 = dict(stage0_master_pairs(engine.optimizer))
+    states: dict = {}
+    moments = ("exp_avg", "exp_avg_sq") if inner.state else ()  # Adam makes them at its first step
+    for name, param in engine.module.named_parameters():
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO 1-3, BF16_Optimizer
+            states[name] = {"fp32": safe_get_full_fp32_param(param).cpu().clone()}
+            for key in moments:
+                states[name][key] = safe_get_full_optimizer_state(param, key).cpu().clone()
+        else:  # ZeRO-0: the module's parameter (fp32) or its master, and the optimizer's state of that
+            master = stage0.get(id(param), param)
+            states[name] = {"fp32": master.detach().float().cpu().clone(),
+                            **{key: inner.state[master][key].cpu().clone() for key in moments}}
+    steps = {float(state["step"]) for state in inner.state.values() if "step" in state}
+    states["step"] = steps.pop() if len(steps) == 1 else sorted(steps)
+    return states
+
+
+def link_optimizer_fragments(optimizer) -> None:
+    """DeepSpeed 0.19's ZeRO-1/2 optimizer links each parameter to its slice of the Adam moments after the
+    first step for the first parameter group only (it links while the other groups are hidden), so its
+    accessors fail for the others; link every group here (what its lazy link does, for all of them)."""
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    low = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "bf16_groups", None)
+    high = getattr(optimizer, "single_partition_of_fp32_groups", None) or getattr(
+        optimizer, "fp32_groups_flat_partition", None)
+    state = getattr(getattr(optimizer, "optimizer", None), "state", None)
+    if not (low and high and state):
+        return
+    for params, flat in zip(low, high):
+        if flat in state:
+            lazy_init_hp_params_optimizer_state(params, flat, state)

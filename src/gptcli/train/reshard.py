@@ -1,0 +1,102 @@
+"""Resuming a checkpoint on another number of ranks.
+
+ZeRO 1-3 save each rank's slice of the fp32 master weights and of both Adam moments (stage 3 also of the
+weights), cut for the number of ranks that saved them. To resume on another number, rank 0 converts the
+checkpoint once into DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`: every
+parameter's full fp32 master, exp_avg and exp_avg_sq in its own files) and every rank loads it with
+`load_universal`, which cuts each rank's new slice out of the full tensors. The values are copied, never
+recomputed, so masters and moments come back bit for bit. ZeRO-0 needs no conversion: every rank holds
+everything, DeepSpeed loads rank 0's file on any number of ranks.
+
+The conversion is written to CHECKPOINT/universal, built in a staging dir beside it and renamed into
+place when complete, so a kill mid-conversion leaves the checkpoint as it was (the partial dir is removed
+and the conversion redone by the next resume); a complete one is reused. It goes with its checkpoint
+(retention, --restart). Its cost: see docs/training.md.
+
+What the universal loader does not carry over as a resume on the same ranks would is set here: each
+optimizer group's hyperparameters (DeepSpeed's ZeRO-3 loader gives every group the first group's, weight
+decay included), Adam's step count as one counter per group (its ZeRO-3 loader shares one tensor between
+them), and the RNG of a rank that did not exist when the checkpoint was saved (seeded from the project
+seed, the step and the rank: `new_rank_seed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..fsutil import staging_dir
+from .checkpoint import TAG_PATTERN, checkpoints_dir
+from .faults import Faults
+
+UNIVERSAL = "universal"
+COMPLETE = ".complete"  # written last inside the staging dir, so a renamed dir without it is never trusted
+
+
+def universal_dir(run_dir: Path, tag: str) -> Path:
+    return checkpoints_dir(run_dir) / tag / UNIVERSAL
+
+
+def ensure_universal(run_dir: Path, tag: str, rank: int) -> Path:
+    """Every rank: the universal conversion of checkpoint `tag`, made by rank 0 unless a complete one is
+    there; the other ranks wait for it."""
+    import deepspeed.comm as dist
+
+    target = universal_dir(run_dir, tag)
+    if rank == 0 and not (target / COMPLETE).is_file():
+        convert(checkpoints_dir(run_dir) / tag, target, Faults.from_environment(rank))
+    dist.barrier()
+    return target
+
+
+def convert(checkpoint: Path, target: Path, faults: Optional[Faults] = None) -> None:
+    """DeepSpeed's ds_to_universal, in this process (one worker: no child processes to outlive a kill),
+    into a staging dir renamed onto `target` once complete."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(target, ignore_errors=True)  # a dir without COMPLETE: never finished
+    staging = staging_dir(target, "convert")  # also removes the staging dirs of killed conversions
+    output = staging / UNIVERSAL  # ds_to_universal writes a `latest_universal` file beside its output
+    try:
+        ds_to_universal(argparse.Namespace(input_folder=str(checkpoint), output_folder=str(output),
+                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                           strict=True, inject_missing_state=True))
+        if faults is not None:
+            faults.maybe_kill_in_convert(int(TAG_PATTERN.match(checkpoint.name).group(1)))
+        (output / COMPLETE).write_text("")
+        os.rename(output, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def saved_group_settings(universal: Path) -> list[dict]:
+    """The optimizer groups' hyperparameters (lr, betas, eps, weight_decay, ...) as the checkpoint saved
+    them, from the conversion's common optimizer state (ZeRO 1-2 keep them at the top, ZeRO-3 nested)."""
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    groups = saved.get("param_groups") or saved["optimizer_state_dict"]["param_groups"]
+    return [{key: value for key, value in group.items() if key != "params"} for group in groups]
+
+
+def restore_optimizer_details(engine, universal: Path) -> None:
+    """What DeepSpeed's universal loader gets wrong for us: the groups' hyperparameters (saved_group_settings)
+    and, at ZeRO-3, Adam's step count, which it gives every parameter group as one shared tensor, so torch's
+    AdamW, counting in place, would advance it once per group and step (wrong bias corrections from the
+    first step on)."""
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's optimizer
+    for group, saved in zip(optimizer.param_groups, saved_group_settings(universal)):
+        group.update(saved)
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def new_rank_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a rank the checkpoint has no RNG state for: a function of (seed, step, rank), so two
+    resumes of the same checkpoint on the same ranks draw the same dropout."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
