@@ -34,7 +34,7 @@ def test_other_ranks_show_no_phase(capfd, monkeypatch):
 
 def test_the_deepspeed_phase_warns_of_the_op_a_first_cpu_run_compiles(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert "compiles DeepSpeed's CPU communication op, about 90 s" in phases.deepspeed_phase("cpu")
+    assert "compiles DeepSpeed's CPU communication op, about 45 s on 2 free cores" in phases.deepspeed_phase("cpu")
     built = tmp_path / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm"
     built.mkdir(parents=True)
     (built / "deepspeed_shm_comm.so").write_bytes(b"")
