@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHAKESPEARE, assert_user_error, run_gpt
+from conftest import assert_user_error, run_gpt
 from hf_twin import hf_gpt2, twin_of
 from shard_fixture import write_shard_dir
 
@@ -32,12 +32,11 @@ def pair():
 
 
 @pytest.fixture(scope="module")
-def text(tokenizer):
-    if not SHAKESPEARE.is_file():
-        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
-    text = SHAKESPEARE.read_text()[:1500]
-    assert len(tokenizer.encode(text)) % CONTEXT not in (0, 1)  # the recipe's last window scores something
-    return text
+def text(tokenizer, corpus):
+    """About 1,500 characters, cut where the recipe's last window scores something (not 0 or 1 tokens
+    past a multiple of the context)."""
+    text = corpus.read_text()
+    return next(text[:chars] for chars in range(1500, 1600) if len(tokenizer.encode(text[:chars])) % CONTEXT > 1)
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ import pytest
 
 from conftest import run_gpt
 
-TEXT_BYTES = 300_000  # a ~300 KB book: what a first try with one's own text looks like
+TEXT_CHARS = 300_000  # a ~300 KB book: what a first try with one's own text looks like
 
 
 @pytest.fixture
-def bookcorpus(tmp_path, shakespeare):
+def bookcorpus(tmp_path, corpus):
     path = tmp_path / "bookcorpus.txt"
-    path.write_bytes(shakespeare.read_bytes()[:TEXT_BYTES])
+    path.write_text(corpus.read_text()[:TEXT_CHARS])
     return path
 
 

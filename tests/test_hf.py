@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import GPT2_BPE, SHAKESPEARE, assert_user_error, gpt_env, run_gpt
+from conftest import assert_user_error, gpt2_vocab_bytes, gpt_env, run_gpt
 from gptcli import hf
 from gptcli.hf import convert
 from gptcli.hf.source import resolve_source
@@ -40,10 +40,8 @@ GPT2_SHAPES = {
 
 
 @pytest.fixture(scope="module")
-def text_lines() -> list[str]:
-    if not SHAKESPEARE.is_file():
-        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
-    return [line for line in SHAKESPEARE.read_text()[:20_000].splitlines() if len(line) > 20]
+def text_lines(corpus) -> list[str]:
+    return [line for line in corpus.read_text()[:20_000].splitlines() if len(line) > 20]
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -61,8 +59,8 @@ def save_random_gpt2(directory: Path, seed: int = 0, tokenizer_files: bool = Tru
     randomize(model, seed)
     model.save_pretrained(directory)
     if tokenizer_files:
-        (directory / "vocab.json").write_bytes((GPT2_BPE / "encoder.json").read_bytes())
-        (directory / "merges.txt").write_bytes((GPT2_BPE / "vocab.bpe").read_bytes())
+        (directory / "vocab.json").write_bytes(gpt2_vocab_bytes("encoder.json"))
+        (directory / "merges.txt").write_bytes(gpt2_vocab_bytes("vocab.bpe"))
     return directory
 
 
@@ -95,11 +93,11 @@ def assert_same_logits(model_dir: Path, hf_dir: Path, batch: torch.Tensor) -> fl
 
 
 @pytest.mark.parametrize("shape", list(GPT2_SHAPES))
-def test_gpt2_layouts_give_transformers_logits(shape, tmp_path, text_lines):
+def test_gpt2_layouts_give_transformers_logits(shape, tmp_path, text_lines, gpt2_vocab):
     config = GPT2_SHAPES[shape]
     source = save_random_gpt2(tmp_path / "hf", tokenizer_files=shape == "gpt2-like", **config)
     report = hf.load_hf(str(source), tmp_path / "model")
-    tokenizer = load_tokenizer("gpt2", str(GPT2_BPE))
+    tokenizer = load_tokenizer("gpt2", str(gpt2_vocab))
     batch = text_batch(text_lines, tokenizer.encode, config.get("vocab_size", 50257), config["n_positions"] // 2)
     assert_same_logits(tmp_path / "model", source, batch)
     loaded = load_model_dir(tmp_path / "model")
@@ -177,17 +175,17 @@ def test_gptcli_to_hf_to_gptcli_is_bit_identical(tmp_path, text_lines):
     assert load_model_dir(tmp_path / "again").tokenizer.fingerprint == load_tokenizer("gpt2").fingerprint
 
 
-def test_exported_gpt2_tokenizer_equals_tiktoken_on_shakespeare(tmp_path, shakespeare):
+def test_exported_gpt2_tokenizer_equals_tiktoken_on_a_corpus(tmp_path, corpus):
     import tiktoken
 
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
     hf.export_hf(model_dir, tmp_path / "hf")
     auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    text = shakespeare.read_text()[:150_000]
+    text = corpus.read_text()[:150_000]
     assert auto(text)["input_ids"] == tiktoken.get_encoding("gpt2").encode_ordinary(text)
     assert auto.eos_token_id == 50256
     merges = (tmp_path / "hf" / "merges.txt").read_text(encoding="utf-8").splitlines()
-    assert merges[1:] == (GPT2_BPE / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:50001]
+    assert merges[1:] == gpt2_vocab_bytes("vocab.bpe").decode("utf-8").splitlines()[1:50001]
 
 
 def test_padded_vocabulary_exports_only_the_real_rows(tmp_path, text_lines):

@@ -151,13 +151,10 @@ def test_deepspeed_logs_and_torch_distributed_warnings_stay_in_the_log(tmp_path)
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from conftest import SHAKESPEARE
+def shards(tmp_path_factory, corpus):
     from shard_fixture import make_shards
 
-    if not SHAKESPEARE.is_file():
-        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
-    return make_shards(SHAKESPEARE, tmp_path_factory.mktemp("shards"), max_tokens=60_000, val_tokens=10_000)
+    return make_shards(corpus, tmp_path_factory.mktemp("shards"), max_tokens=60_000, val_tokens=10_000)
 
 
 def train_overrides(tmp_path: Path, shards: Path, *extra: str) -> list[str]:

@@ -1,6 +1,6 @@
 """`gpt train` on the CPU through DeepSpeed: exact resume, faults, consolidation, the overfit check.
 
-One-rank runs of the nano preset over tinyshakespeare shards; each run is a fresh `python -m gptcli`
+One-rank runs of the nano preset over shards of the standard library's source (conftest's corpus); each run is a fresh `python -m gptcli`
 process, as a user's. The multi-rank runs are in test_train_distributed.py.
 """
 
@@ -52,12 +52,8 @@ OVERFIT = ("train.max_steps=90", "model.dropout=0.0", "train.grad_accum_steps=1"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from conftest import SHAKESPEARE
-
-    if not SHAKESPEARE.is_file():
-        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
-    return make_shards(SHAKESPEARE, tmp_path_factory.mktemp("shards"))
+def shards(tmp_path_factory, corpus):
+    return make_shards(corpus, tmp_path_factory.mktemp("shards"))
 
 
 def project_file(directory: Path, shards: Path, name: str = "run", overrides: tuple[str, ...] = ()) -> Path:
