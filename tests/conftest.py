@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -135,8 +136,25 @@ def gpt_env(extra: dict | None = None) -> dict:
     return env
 
 
+# A wait in a test that lasts this long is a hang, not a slow machine: the bound only stops a test that would
+# otherwise never end. No test asserts that anything is fast.
+HANG_SECONDS = 600
+
+
+def wait_until(condition, process: subprocess.Popen, what: str) -> None:
+    """Poll `condition()` until it holds; fail if `process` exits first, or hangs past HANG_SECONDS."""
+    deadline = time.monotonic() + HANG_SECONDS
+    while not condition():
+        if process.poll() is not None:
+            output = process.communicate()
+            pytest.fail(f"the process exited ({process.returncode}) before {what}: {output}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"still no {what} after {HANG_SECONDS} s: the process hangs")
+        time.sleep(0.05)
+
+
 def run_gpt(*args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
+            timeout: float = HANG_SECONDS) -> subprocess.CompletedProcess:
     """Run `python -m gptcli ARGS` in a fresh process, as a user would run `gpt ARGS`."""
     return subprocess.run([sys.executable, "-m", "gptcli", *map(str, args)], cwd=cwd, env=gpt_env(env),
                           input=input, capture_output=True, text=True, timeout=timeout)

@@ -335,9 +335,8 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_first(tmp_pa
     import socket
     import subprocess
     import sys
-    import time
 
-    from conftest import gpt_env
+    from conftest import HANG_SECONDS, gpt_env, wait_until
 
     project = project_file(tmp_path, shards)
     with open(tmp_path / "first.err", "w") as first_err:
@@ -345,13 +344,11 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_first(tmp_pa
                                   "--set", "train.max_steps=1000", "--set", "train.checkpoint_every=0"],
                                  env=gpt_env(), stdout=subprocess.DEVNULL, stderr=first_err)
         metrics = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.time() + 300
-        while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count("\n") < 1):
-            assert first.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, first,
+                   f"a first step (stderr in {tmp_path / 'first.err'})")
         second = train(project)
         first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=300) == 143
+        assert first.wait(timeout=HANG_SECONDS) == 143
     assert_user_error(second, "in use by another gpt train", f"pid {first.pid} on host {socket.gethostname()}")
     assert len(losses(tmp_path / "run")) >= 1  # one run's steps, in order: nothing of the second one
     assert not (tmp_path / "run" / ".gptcli-lock").exists()  # the first gave it back on its way out
