@@ -61,6 +61,7 @@ def test_the_readme_path_on_a_small_text_file(tmp_path, bookcorpus):
     assert scores["loss"] == pytest.approx(evaluated[-1]["eval_loss"], abs=0.15)
 
 
+@pytest.mark.slow
 def test_json_reports_are_json_alone(tmp_path, bookcorpus):
     inspect = ok(run_gpt("inspect-params", "--json", cwd=tmp_path), "gpt inspect-params --json")
     assert inspect.stderr == ""  # no accelerator warning from a DeepSpeed import

@@ -92,6 +92,7 @@ def assert_same_logits(model_dir: Path, hf_dir: Path, batch: torch.Tensor) -> fl
     return difference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", list(GPT2_SHAPES))
 def test_gpt2_layouts_give_transformers_logits(shape, tmp_path, text_lines, gpt2_vocab):
     config = GPT2_SHAPES[shape]
@@ -111,6 +112,7 @@ def test_gpt2_layouts_give_transformers_logits(shape, tmp_path, text_lines, gpt2
         assert "default gpt2 tokenizer" in report.tokenizer_note
 
 
+@pytest.mark.slow
 def test_openai_gpt_through_the_cli_with_verify(openai_dir, tmp_path, text_lines):
     result = run_gpt("load-hf", openai_dir, "--out", tmp_path / "gpt1", "--verify", "--json")
     assert result.returncode == 0, result.stderr
@@ -125,6 +127,7 @@ def test_openai_gpt_through_the_cli_with_verify(openai_dir, tmp_path, text_lines
     assert_same_logits(tmp_path / "gpt1", openai_dir, text_batch(text_lines, encode, 10**9, 32))
 
 
+@pytest.mark.slow
 def test_cli_human_output_and_existing_out(tmp_path):
     source = save_random_gpt2(tmp_path / "hf", **GPT2_SHAPES["gpt2-like"])
     result = run_gpt("load-hf", source, "--out", tmp_path / "model", "--verify")
@@ -143,6 +146,7 @@ def assert_bit_identical(first: dict, second: dict) -> None:
     assert not different, different
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "openai-gpt"])
 def test_hf_to_gptcli_to_hf_is_bit_identical(family, tmp_path, openai_dir):
     source = openai_dir if family == "openai-gpt" else save_random_gpt2(tmp_path / "hf", **GPT2_SHAPES["gpt2-like"])
@@ -165,6 +169,7 @@ def nano_model_dir(directory: Path, tmp_path: Path, **overrides) -> Path:
     return save_model_dir(directory, model, load_tokenizer("gpt2"))
 
 
+@pytest.mark.slow
 def test_gptcli_to_hf_to_gptcli_is_bit_identical(tmp_path, text_lines):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
     assert run_gpt("export-hf", model_dir, "--out", tmp_path / "hf").returncode == 0
@@ -175,6 +180,7 @@ def test_gptcli_to_hf_to_gptcli_is_bit_identical(tmp_path, text_lines):
     assert load_model_dir(tmp_path / "again").tokenizer.fingerprint == load_tokenizer("gpt2").fingerprint
 
 
+@pytest.mark.slow
 def test_exported_gpt2_tokenizer_equals_tiktoken_on_a_corpus(tmp_path, corpus):
     import tiktoken
 
@@ -188,6 +194,7 @@ def test_exported_gpt2_tokenizer_equals_tiktoken_on_a_corpus(tmp_path, corpus):
     assert merges[1:] == gpt2_vocab_bytes("vocab.bpe").decode("utf-8").splitlines()[1:50001]
 
 
+@pytest.mark.slow
 def test_padded_vocabulary_exports_only_the_real_rows(tmp_path, text_lines):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path, vocab_multiple=128)
     hf.export_hf(model_dir, tmp_path / "hf")
@@ -198,6 +205,7 @@ def test_padded_vocabulary_exports_only_the_real_rows(tmp_path, text_lines):
     assert_same_logits(model_dir, tmp_path / "hf", text_batch(text_lines, load_tokenizer("gpt2").encode, 50257, 32))
 
 
+@pytest.mark.slow
 def test_export_refuses_what_hugging_face_cannot_express(tmp_path):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path, position="rotary")
     assert_user_error(run_gpt("export-hf", model_dir, "--out", tmp_path / "hf"), "model.position", "rotary")
@@ -210,6 +218,7 @@ def rewrite_weights(source: Path, edit) -> None:
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
 
 
+@pytest.mark.slow
 def test_missing_attention_bias_is_named(tmp_path):
     source = save_random_gpt2(tmp_path / "hf", tokenizer_files=False, **GPT2_SHAPES["odd-width"])
     rewrite_weights(source, lambda t: t.pop("transformer.h.0.attn.c_attn.bias"))
@@ -265,6 +274,7 @@ def test_single_weights_file_with_config_beside_it(tmp_path):
     assert report.max_abs_diff < TOLERANCE
 
 
+@pytest.mark.slow
 def test_hub_id_offline_says_so_and_suggests_a_local_dir(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     result = run_gpt("load-hf", "gpt2-medium", "--out", tmp_path / "model", env=env)
@@ -330,6 +340,7 @@ def repo_clone(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_force_never_replaces_a_repo_clone(tmp_path):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
     before = repo_clone(tmp_path / "clone")
@@ -344,6 +355,7 @@ def test_force_never_replaces_a_repo_clone(tmp_path):
         assert after == before
 
 
+@pytest.mark.slow
 def test_force_replaces_a_previous_export_and_never_the_input(tmp_path):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
     assert run_gpt("export-hf", model_dir, "--out", tmp_path / "hf").returncode == 0
@@ -359,6 +371,7 @@ def test_force_replaces_a_previous_export_and_never_the_input(tmp_path):
     assert_user_error(run_gpt("load-hf", source, "--out", tmp_path, "--force"), "an input of this command")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["export-hf", "load-hf"])
 def test_the_next_run_removes_a_killed_runs_staging_dir(tmp_path, command):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
@@ -373,6 +386,7 @@ def test_the_next_run_removes_a_killed_runs_staging_dir(tmp_path, command):
     assert not stale.exists() and not list(tmp_path.glob(".out.*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["garbage", "header", "int64"])
 def test_unreadable_or_integer_weights_are_one_sentence(tmp_path, how):
     source = save_random_gpt2(tmp_path / "hf", tokenizer_files=False, **GPT2_SHAPES["untied-head"])
@@ -392,6 +406,7 @@ def test_unreadable_or_integer_weights_are_one_sentence(tmp_path, how):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_without_verify(tmp_path, value):
     source = save_random_gpt2(tmp_path / "hf", tokenizer_files=False, **GPT2_SHAPES["untied-head"])
@@ -405,6 +420,7 @@ def test_non_finite_weights_are_refused_without_verify(tmp_path, value):
     assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".model.*"))
 
 
+@pytest.mark.slow
 def test_export_of_truncated_weights_is_one_sentence(tmp_path):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
     weights = model_dir / "model.safetensors"
@@ -449,6 +465,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["export-hf", "load-hf"])
 @pytest.mark.parametrize("stop_with, exit_code", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_stopped_conversion_says_where_and_leaves_nothing(tmp_path, command, stop_with, exit_code):

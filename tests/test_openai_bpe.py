@@ -68,6 +68,7 @@ def vocab_dir(tmp_path_factory, corpus) -> Path:
     return write_vocabulary(tmp_path_factory.mktemp("openai_vocab"), vocab, merges)
 
 
+@pytest.mark.slow
 def test_ids_equal_transformers_on_a_corpus_and_edge_cases(vocab_dir, corpus):
     from transformers import OpenAIGPTTokenizer
 

@@ -100,6 +100,7 @@ def run_stop_script(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_a_stop_is_acknowledged_while_the_main_thread_is_inside_a_c_call():
     result = run_stop_script()
     assert result.returncode == 0, result.stderr
@@ -108,6 +109,7 @@ def test_a_stop_is_acknowledged_while_the_main_thread_is_inside_a_c_call():
     assert result.stderr.count("stopping after this step") == 1, result.stderr  # the handler did not answer again
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_aborts_at_once():
     result = run_stop_script("again")
     assert result.returncode == 128 + signal.SIGINT, result
@@ -169,6 +171,7 @@ def train_overrides(tmp_path: Path, shards: Path, *extra: str) -> list[str]:
     return [f"--set={setting}" for setting in settings]
 
 
+@pytest.mark.slow
 def test_train_says_what_it_will_do_shows_each_phase_and_acknowledges_sigterm(tmp_path, shards):
     from conftest import run_gpt
 
@@ -192,6 +195,7 @@ def test_train_says_what_it_will_do_shows_each_phase_and_acknowledges_sigterm(tm
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
 
 
+@pytest.mark.slow
 def test_train_without_a_project_file_names_the_defaults_it_uses(tmp_path, shards):
     from conftest import run_gpt
 

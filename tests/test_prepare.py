@@ -106,6 +106,7 @@ def test_documents_cut_into_small_tasks_still_match(tmp_path, corpus, encoding, 
     assert written(tmp_path / "out")["train"] == expected
 
 
+@pytest.mark.slow
 def test_worker_count_does_not_change_the_bytes(tmp_path, corpus):
     text = corpus.read_text()
     corpus = tmp_path / "corpus"
@@ -225,6 +226,7 @@ def test_one_file_corpus_gets_val_blocks_spread_through_it(tmp_path, one_book, e
     assert first_val_block < len(corpus) // 2  # not only the last pages
 
 
+@pytest.mark.slow
 def test_when_the_draw_picks_no_block_the_last_one_is_held_out(tmp_path, one_book, encoding):
     corpus = encoding.encode_ordinary(one_book.read_text()) + [EOT]
     blocks = -(-len(corpus) // 2048)
@@ -288,6 +290,7 @@ def test_glob_gz_and_jsonl_gz(tmp_path, encoding):
     assert written(tmp_path / "out")["train"] == [i for d in documents for i in encoding.encode_ordinary(d) + [EOT]]
 
 
+@pytest.mark.slow
 def test_saved_dataset_dir(tmp_path, encoding):
     import datasets
 
@@ -357,6 +360,7 @@ def write_input(kind: str, directory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["text", "jsonl", "dataset"])
 def test_bytes_are_the_utf8_bytes_of_the_documents_text(tmp_path, encoding, kind):
     path = write_input(kind, tmp_path)
@@ -371,6 +375,7 @@ def test_bytes_are_the_utf8_bytes_of_the_documents_text(tmp_path, encoding, kind
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["bytes"] == text_bytes
 
 
+@pytest.mark.slow
 def test_several_inputs_are_counted_one_by_one(tmp_path, encoding):
     paths = [write_input(kind, tmp_path) for kind in ("text", "jsonl")]
     (tmp_path / "one.txt").write_text("just one line")
@@ -433,6 +438,7 @@ def bad(tmp_path, *args):
     return run_gpt("prepare", *args, "--out", tmp_path / "out", cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_missing_path(tmp_path):
     assert_user_error(bad(tmp_path, tmp_path / "nope.txt"), "nope.txt does not exist")
     assert_user_error(bad(tmp_path, str(tmp_path / "nope*.txt")), "matches no files")
@@ -446,6 +452,7 @@ def test_directory_without_text(tmp_path):
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.slow
 def test_empty_input(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.txt").write_text("\n \n\n")
@@ -461,6 +468,7 @@ def test_non_utf8_is_refused_by_default(tmp_path):
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.slow
 def test_jsonl_broken_line_and_missing_field(tmp_path):
     good = json.dumps({"text": "fine"})
     (tmp_path / "broken.jsonl").write_text(f"{good}\n{good}\n{{\"text\": \"unterminated\n{good}\n")
@@ -481,6 +489,7 @@ def test_unwritable_output(tmp_path, corpus):
     assert (tmp_path / "afile").read_text() == "x"
 
 
+@pytest.mark.slow
 def test_non_empty_output_and_force(tmp_path, one_book):
     small = tmp_path / "small.txt"
     small.write_text(one_book.read_text()[:20_000])
@@ -508,6 +517,7 @@ def snapshot(directory):
     return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", ["notes.txt", "subdir/notes.txt"])
 def test_force_never_deletes_what_prepare_did_not_write(tmp_path, extra):
     """A user's notes or a subdirectory in a prepared dir: --force refuses and deletes nothing."""
@@ -534,6 +544,7 @@ def test_force_never_deletes_an_input(tmp_path):
     assert [p.name for p in books.iterdir()] == ["corpus.txt"]
 
 
+@pytest.mark.slow
 def test_force_replaces_data_prepared_before_the_owned_files_list(tmp_path):
     """A dir from an older gptcli has a manifest but no .gptcli-files: the manifest says what is ours."""
     (tmp_path / "a.txt").write_text("some text to prepare")
@@ -574,6 +585,7 @@ def test_verify_truncated_shard(prepared):
     assert_user_error(run_gpt("prepare", "--verify", prepared), "train_000001.bin is truncated or corrupt")
 
 
+@pytest.mark.slow
 def test_verify_bad_magic(prepared):
     shard = prepared / "train_000000.bin"
     shard.write_bytes(b"XXXXXXXX" + shard.read_bytes()[8:])
@@ -607,6 +619,7 @@ def big_corpus(tmp_path, corpus):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupted_prepare_never_looks_complete(tmp_path, big_corpus, how):
     out = tmp_path / "out"
@@ -655,6 +668,7 @@ def test_workers_die_with_a_killed_main_process(tmp_path, big_corpus):
     process.stdout.read(), process.stderr.read()  # the pipes close: no worker holds them
 
 
+@pytest.mark.slow
 def test_help_and_bracketed_messages_render():
     """Rich markup must not eat "[data]" in help or crash on "[/...]" in an error message."""
     result = run_gpt("prepare", "--help", env={"COLUMNS": "200"})
