@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import assert_user_error, run_gpt
+from conftest import assert_user_error, gpt_env, run_gpt
 from gptcli.errors import GptError
 from gptcli.tokenizer import load_tokenizer
 
@@ -135,8 +135,8 @@ def test_tokenizer_modules_depend_one_way():
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert imported <= {"__future__", "errors", "typing", "pathlib"}, (module, imported)
         check = f"import sys, gptcli.{module}; assert 'gptcli.tokenizer' not in sys.modules"
-        assert subprocess.run([sys.executable, "-c", check]).returncode == 0, module
-    assert subprocess.run([sys.executable, "-c", "import gptcli.tokenizer"]).returncode == 0
+        assert subprocess.run([sys.executable, "-c", check], env=gpt_env()).returncode == 0, module
+    assert subprocess.run([sys.executable, "-c", "import gptcli.tokenizer"], env=gpt_env()).returncode == 0
 
 
 @pytest.mark.parametrize("fault, fragment", [
