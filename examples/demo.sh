@@ -20,7 +20,10 @@ else
 fi
 
 echo "== 1/4 gpt prepare ($# inputs) → $demo/data"
-gpt prepare "$@" --out "$demo/data" --val-fraction 0.02 --force
+# prepare ends with a `next:` line for someone typing the commands; this script goes on by itself, so
+# that line is dropped (TTY_COMPATIBLE keeps rich's colours through the pipe on a terminal).
+colours=$([ -t 1 ] && echo 1 || true)
+TTY_COMPATIBLE=$colours gpt prepare "$@" --out "$demo/data" --val-fraction 0.02 --force | sed '/^next: /d'
 
 echo "== 2/4 gpt train --project examples/cpu-demo.toml → $demo/run"
 # --restart: a second demo starts its run over; it deletes only what gpt train wrote in $demo/run.

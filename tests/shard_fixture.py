@@ -1,5 +1,5 @@
 """Small prepared-shard dirs for the loader and training tests, written with the shard writer directly
-from tiktoken-encoded tinyshakespeare (what `gpt prepare` produces, without depending on it)."""
+from tiktoken-encoded text (what `gpt prepare` produces, without depending on it)."""
 
 from __future__ import annotations
 

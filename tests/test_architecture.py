@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import gpt_env
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gptcli"
 
 
@@ -107,5 +109,5 @@ def test_the_rule_sees_imports_it_should_refuse():
 def test_the_cli_starts_without_torch_or_deepspeed():
     code = ("import sys, gptcli.cli, gptcli.config, gptcli.train.command; "
             "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=gpt_env())
     assert result.stdout.strip() == "[]", result.stdout

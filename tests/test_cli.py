@@ -146,6 +146,7 @@ def test_init_into_a_read_only_dir_is_one_sentence(tmp_path):
         locked.chmod(0o700)
 
 
+@pytest.mark.slow
 def test_version_and_short_help_on_every_command():
     version = run_gpt("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"gptcli {gptcli.__version__}"
@@ -156,6 +157,7 @@ def test_version_and_short_help_on_every_command():
         assert "<bool>" not in result.stdout, name  # flags take no value; the help does not pretend they do
 
 
+@pytest.mark.slow
 def test_quick_commands_do_not_import_torch(tmp_path):
     """--help, --list, init and a configuration error answer without loading torch (issue: start-up time)."""
     probe = ("import sys\nfrom gptcli.cli import app\n"

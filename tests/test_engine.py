@@ -63,6 +63,7 @@ def test_gpt2_presets_pad_the_vocabulary_on_a_gpu_only():
     assert training_model_config(chosen, "cuda").vocab_multiple == 64  # a multiple the user chose stays
 
 
+@pytest.mark.slow
 def test_no_fusedadam_jit_build_here_and_the_cpu_optimizer_is_torchs():
     from gptcli.model import build_model
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHAKESPEARE, assert_user_error, run_gpt
+from conftest import assert_user_error, run_gpt
 from hf_twin import hf_gpt2, twin_of
 from shard_fixture import write_shard_dir
 
@@ -32,12 +32,11 @@ def pair():
 
 
 @pytest.fixture(scope="module")
-def text(tokenizer):
-    if not SHAKESPEARE.is_file():
-        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
-    text = SHAKESPEARE.read_text()[:1500]
-    assert len(tokenizer.encode(text)) % CONTEXT not in (0, 1)  # the recipe's last window scores something
-    return text
+def text(tokenizer, corpus):
+    """About 1,500 characters, cut where the recipe's last window scores something (not 0 or 1 tokens
+    past a multiple of the context)."""
+    text = corpus.read_text()
+    return next(text[:chars] for chars in range(1500, 1600) if len(tokenizer.encode(text[:chars])) % CONTEXT > 1)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +72,7 @@ def transformers_recipe(model, ids: torch.Tensor, max_length: int, stride: int) 
     return math.exp(nll_sum / n_tokens), math.exp(exact_sum / exact_count)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride", [CONTEXT, CONTEXT // 2, 24])
 def test_perplexity_equals_transformers_recipe(pair, tokenizer, text, stride):
     hf, ours = pair
@@ -86,6 +86,7 @@ def test_perplexity_equals_transformers_recipe(pair, tokenizer, text, stride):
         assert result.hf_loss == pytest.approx(result.loss, rel=1e-12)  # no overlap: the two weightings agree
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_the_result(pair, tokenizer, text):
     ids = np.array(tokenizer.encode(text))
     one = evaluate_sequences(pair[1], tokenizer, [ids], source="t", stride=16, batch_size=1)
@@ -103,9 +104,12 @@ def test_windows_score_every_token_once():
         assert all(w.end - w.begin <= CONTEXT and w.scored < w.end - w.begin for w in windows)
 
 
-def test_bits_per_byte_by_hand(pair, tokenizer):
+def test_bits_per_byte_by_hand(tokenizer):
     """A model with all-zero logits predicts uniformly: every token costs ln(V) nats exactly."""
-    model = twin_of(pair[0])
+    from gptcli.config import project_from_dict
+    from gptcli.model import build_model
+
+    model = build_model(project_from_dict({"model": {"preset": "nano"}}).model).eval()
     with torch.no_grad():
         model.wte.weight.zero_()  # tied head: logits = hidden · 0 = 0
     text = "Hello wörld"  # 12 UTF-8 bytes; the first token "Hello" (5 bytes) is not scored
@@ -126,6 +130,7 @@ def write_val_shard(directory, tokenizer, ids):
                     fingerprint=tokenizer.fingerprint, eot_id=50256)
 
 
+@pytest.mark.slow
 def test_cli_text_and_project_shards_agree_with_the_recipe(pair, tokenizer, text, model_dir, tmp_path):
     ids = tokenizer.encode(text)
     hf_ppl, exact_ppl = transformers_recipe(pair[0], torch.tensor([ids]), CONTEXT, 32)
@@ -149,6 +154,7 @@ def test_cli_text_and_project_shards_agree_with_the_recipe(pair, tokenizer, text
     assert capped["tokens"] == 40
 
 
+@pytest.mark.slow
 def test_cli_bad_input(model_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "t.txt").write_text("Some text to score, long enough.")
@@ -165,6 +171,7 @@ def test_cli_bad_input(model_dir, tmp_path):
     assert_user_error(run_gpt("eval", "--checkpoint", model_dir, cwd=tmp_path), "data", "does not exist")
 
 
+@pytest.mark.slow
 def test_cli_dataset_equals_the_joined_text(model_dir, tmp_path):
     import datasets
 

@@ -10,13 +10,13 @@ import pytest
 
 from conftest import run_gpt
 
-TEXT_BYTES = 300_000  # a ~300 KB book: what a first try with one's own text looks like
+TEXT_CHARS = 300_000  # a ~300 KB book: what a first try with one's own text looks like
 
 
 @pytest.fixture
-def bookcorpus(tmp_path, shakespeare):
+def bookcorpus(tmp_path, corpus):
     path = tmp_path / "bookcorpus.txt"
-    path.write_bytes(shakespeare.read_bytes()[:TEXT_BYTES])
+    path.write_text(corpus.read_text()[:TEXT_CHARS])
     return path
 
 
@@ -61,6 +61,7 @@ def test_the_readme_path_on_a_small_text_file(tmp_path, bookcorpus):
     assert scores["loss"] == pytest.approx(evaluated[-1]["eval_loss"], abs=0.15)
 
 
+@pytest.mark.slow
 def test_json_reports_are_json_alone(tmp_path, bookcorpus):
     inspect = ok(run_gpt("inspect-params", "--json", cwd=tmp_path), "gpt inspect-params --json")
     assert inspect.stderr == ""  # no accelerator warning from a DeepSpeed import

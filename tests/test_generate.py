@@ -43,6 +43,7 @@ def run(model, prompts, **options):
         return generate_ids(model, prompts, SamplingOptions(**options), eot_id=None)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lookahead", [0, 4])
 @pytest.mark.parametrize("prompt", [[5, 17, 42, 99, 3], [7]])
 def test_greedy_equals_transformers_generate(pair, prompt, lookahead):
@@ -55,6 +56,7 @@ def test_greedy_equals_transformers_generate(pair, prompt, lookahead):
     assert ours_ids == reference[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
 def test_lookahead_keeps_the_greedy_output(pair):
     """Prompt-lookup drafts change the speed, not the tokens: past the context, at end-of-text, at a stop."""
     from gptcli.generate import draft_tokens
@@ -89,6 +91,7 @@ def test_cached_logits_equal_full_forward(pair):
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_left_padded_batch_equals_single_prompts(pair):
     _, model = pair
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [13]]
@@ -113,6 +116,7 @@ def test_left_padded_batch_logits_match_single(pair):
             torch.testing.assert_close(batched[1][row], single[0, -1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_generation_past_the_context_slides(pair):
     """64-token context: 10 + 100 tokens forces two slides; rows of a batch still equal their single runs.
 
@@ -125,6 +129,7 @@ def test_generation_past_the_context_slides(pair):
     assert batched == [run(model, [p], max_new_tokens=100, **GREEDY)[0] for p in prompts]
 
 
+@pytest.mark.slow
 def test_seeds_reproduce_and_differ(pair):
     _, model = pair
     options = dict(max_new_tokens=30, temperature=1.0, top_k=0, num_samples=1)
@@ -138,6 +143,7 @@ def test_seeds_reproduce_and_differ(pair):
     assert len({tuple(row) for row in first}) > 1  # the rows of one batch draw different samples
 
 
+@pytest.mark.slow
 def test_top_k_one_equals_greedy(pair):
     _, model = pair
     greedy = run(model, [[5, 6, 7]], max_new_tokens=25, **GREEDY)
@@ -164,6 +170,7 @@ def test_top_p_samples_only_from_the_nucleus():
     assert abs((drawn == 0).float().mean().item() - 0.5 / 0.8) < 0.05  # renormalised inside the nucleus
 
 
+@pytest.mark.slow
 def test_end_of_text_stops_a_row(pair):
     _, model = pair
     free = run(model, [[5, 6, 7]], max_new_tokens=10, **GREEDY)[0]
@@ -216,6 +223,7 @@ def test_generations_head_for_a_few_rows_gives_the_models_logits(vocab_multiple)
         torch.testing.assert_close(logits, model.head(hidden), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_sample_text_api(model_dir, tokenizer):
     from gptcli.modeldir import load_model_dir
 
@@ -242,6 +250,7 @@ def test_long_prompt_is_cropped_with_a_notice(model_dir, tokenizer):
 # --- the command line -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_json_samples(model_dir):
     result = run_gpt("generate", "Hello, I'm a language model,", "In my opinion,", "--checkpoint", model_dir,
                      "-n", "2", "--max-new-tokens", "6", "--seed", "1", "--top-p", "0.95", "--json")
@@ -256,6 +265,7 @@ def test_cli_json_samples(model_dir):
     assert json.loads(again.stdout) == json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_cli_stdin_prompt_and_streaming(model_dir):
     greedy = ("--checkpoint", str(model_dir), "--max-new-tokens", "5", "--temperature", "0")
     piped = run_gpt("generate", "-", *greedy, "--json", input="from stdin\n")
@@ -266,6 +276,7 @@ def test_cli_stdin_prompt_and_streaming(model_dir):
     assert streamed.stdout == "from stdin" + sample["text"] + "\n"
 
 
+@pytest.mark.slow
 def test_cli_uses_the_project_run_dir(model_dir, tmp_path):
     import shutil
 
@@ -284,6 +295,7 @@ def test_cli_uses_the_project_run_dir(model_dir, tmp_path):
     assert len(json.loads(result.stdout)["samples"][0]["tokens"]) == 3
 
 
+@pytest.mark.slow
 def test_cli_bad_input(model_dir, tmp_path):
     assert_user_error(run_gpt("generate", "Hi", "--checkpoint", tmp_path / "missing"), "does not exist")
     assert_user_error(run_gpt("generate", "", "--checkpoint", model_dir), "prompt", "empty")

@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import GPT2_BPE, SHAKESPEARE, assert_user_error, gpt_env, run_gpt
+from conftest import assert_user_error, gpt2_vocab_bytes, gpt_env, run_gpt
 from gptcli import hf
 from gptcli.hf import convert
 from gptcli.hf.source import resolve_source
@@ -40,10 +40,8 @@ GPT2_SHAPES = {
 
 
 @pytest.fixture(scope="module")
-def text_lines() -> list[str]:
-    if not SHAKESPEARE.is_file():
-        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
-    return [line for line in SHAKESPEARE.read_text()[:20_000].splitlines() if len(line) > 20]
+def text_lines(corpus) -> list[str]:
+    return [line for line in corpus.read_text()[:20_000].splitlines() if len(line) > 20]
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -61,8 +59,8 @@ def save_random_gpt2(directory: Path, seed: int = 0, tokenizer_files: bool = Tru
     randomize(model, seed)
     model.save_pretrained(directory)
     if tokenizer_files:
-        (directory / "vocab.json").write_bytes((GPT2_BPE / "encoder.json").read_bytes())
-        (directory / "merges.txt").write_bytes((GPT2_BPE / "vocab.bpe").read_bytes())
+        (directory / "vocab.json").write_bytes(gpt2_vocab_bytes("encoder.json"))
+        (directory / "merges.txt").write_bytes(gpt2_vocab_bytes("vocab.bpe"))
     return directory
 
 
@@ -94,12 +92,13 @@ def assert_same_logits(model_dir: Path, hf_dir: Path, batch: torch.Tensor) -> fl
     return difference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", list(GPT2_SHAPES))
-def test_gpt2_layouts_give_transformers_logits(shape, tmp_path, text_lines):
+def test_gpt2_layouts_give_transformers_logits(shape, tmp_path, text_lines, gpt2_vocab):
     config = GPT2_SHAPES[shape]
     source = save_random_gpt2(tmp_path / "hf", tokenizer_files=shape == "gpt2-like", **config)
     report = hf.load_hf(str(source), tmp_path / "model")
-    tokenizer = load_tokenizer("gpt2", str(GPT2_BPE))
+    tokenizer = load_tokenizer("gpt2", str(gpt2_vocab))
     batch = text_batch(text_lines, tokenizer.encode, config.get("vocab_size", 50257), config["n_positions"] // 2)
     assert_same_logits(tmp_path / "model", source, batch)
     loaded = load_model_dir(tmp_path / "model")
@@ -113,6 +112,7 @@ def test_gpt2_layouts_give_transformers_logits(shape, tmp_path, text_lines):
         assert "default gpt2 tokenizer" in report.tokenizer_note
 
 
+@pytest.mark.slow
 def test_openai_gpt_through_the_cli_with_verify(openai_dir, tmp_path, text_lines):
     result = run_gpt("load-hf", openai_dir, "--out", tmp_path / "gpt1", "--verify", "--json")
     assert result.returncode == 0, result.stderr
@@ -127,6 +127,7 @@ def test_openai_gpt_through_the_cli_with_verify(openai_dir, tmp_path, text_lines
     assert_same_logits(tmp_path / "gpt1", openai_dir, text_batch(text_lines, encode, 10**9, 32))
 
 
+@pytest.mark.slow
 def test_cli_human_output_and_existing_out(tmp_path):
     source = save_random_gpt2(tmp_path / "hf", **GPT2_SHAPES["gpt2-like"])
     result = run_gpt("load-hf", source, "--out", tmp_path / "model", "--verify")
@@ -145,6 +146,7 @@ def assert_bit_identical(first: dict, second: dict) -> None:
     assert not different, different
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "openai-gpt"])
 def test_hf_to_gptcli_to_hf_is_bit_identical(family, tmp_path, openai_dir):
     source = openai_dir if family == "openai-gpt" else save_random_gpt2(tmp_path / "hf", **GPT2_SHAPES["gpt2-like"])
@@ -167,6 +169,7 @@ def nano_model_dir(directory: Path, tmp_path: Path, **overrides) -> Path:
     return save_model_dir(directory, model, load_tokenizer("gpt2"))
 
 
+@pytest.mark.slow
 def test_gptcli_to_hf_to_gptcli_is_bit_identical(tmp_path, text_lines):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
     assert run_gpt("export-hf", model_dir, "--out", tmp_path / "hf").returncode == 0
@@ -177,19 +180,21 @@ def test_gptcli_to_hf_to_gptcli_is_bit_identical(tmp_path, text_lines):
     assert load_model_dir(tmp_path / "again").tokenizer.fingerprint == load_tokenizer("gpt2").fingerprint
 
 
-def test_exported_gpt2_tokenizer_equals_tiktoken_on_shakespeare(tmp_path, shakespeare):
+@pytest.mark.slow
+def test_exported_gpt2_tokenizer_equals_tiktoken_on_a_corpus(tmp_path, corpus):
     import tiktoken
 
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
     hf.export_hf(model_dir, tmp_path / "hf")
     auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    text = shakespeare.read_text()[:150_000]
+    text = corpus.read_text()[:150_000]
     assert auto(text)["input_ids"] == tiktoken.get_encoding("gpt2").encode_ordinary(text)
     assert auto.eos_token_id == 50256
     merges = (tmp_path / "hf" / "merges.txt").read_text(encoding="utf-8").splitlines()
-    assert merges[1:] == (GPT2_BPE / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:50001]
+    assert merges[1:] == gpt2_vocab_bytes("vocab.bpe").decode("utf-8").splitlines()[1:50001]
 
 
+@pytest.mark.slow
 def test_padded_vocabulary_exports_only_the_real_rows(tmp_path, text_lines):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path, vocab_multiple=128)
     hf.export_hf(model_dir, tmp_path / "hf")
@@ -200,6 +205,7 @@ def test_padded_vocabulary_exports_only_the_real_rows(tmp_path, text_lines):
     assert_same_logits(model_dir, tmp_path / "hf", text_batch(text_lines, load_tokenizer("gpt2").encode, 50257, 32))
 
 
+@pytest.mark.slow
 def test_export_refuses_what_hugging_face_cannot_express(tmp_path):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path, position="rotary")
     assert_user_error(run_gpt("export-hf", model_dir, "--out", tmp_path / "hf"), "model.position", "rotary")
@@ -212,6 +218,7 @@ def rewrite_weights(source: Path, edit) -> None:
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
 
 
+@pytest.mark.slow
 def test_missing_attention_bias_is_named(tmp_path):
     source = save_random_gpt2(tmp_path / "hf", tokenizer_files=False, **GPT2_SHAPES["odd-width"])
     rewrite_weights(source, lambda t: t.pop("transformer.h.0.attn.c_attn.bias"))
@@ -267,6 +274,7 @@ def test_single_weights_file_with_config_beside_it(tmp_path):
     assert report.max_abs_diff < TOLERANCE
 
 
+@pytest.mark.slow
 def test_hub_id_offline_says_so_and_suggests_a_local_dir(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     result = run_gpt("load-hf", "gpt2-medium", "--out", tmp_path / "model", env=env)
@@ -332,6 +340,7 @@ def repo_clone(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_force_never_replaces_a_repo_clone(tmp_path):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
     before = repo_clone(tmp_path / "clone")
@@ -346,6 +355,7 @@ def test_force_never_replaces_a_repo_clone(tmp_path):
         assert after == before
 
 
+@pytest.mark.slow
 def test_force_replaces_a_previous_export_and_never_the_input(tmp_path):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
     assert run_gpt("export-hf", model_dir, "--out", tmp_path / "hf").returncode == 0
@@ -361,6 +371,7 @@ def test_force_replaces_a_previous_export_and_never_the_input(tmp_path):
     assert_user_error(run_gpt("load-hf", source, "--out", tmp_path, "--force"), "an input of this command")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["export-hf", "load-hf"])
 def test_the_next_run_removes_a_killed_runs_staging_dir(tmp_path, command):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
@@ -375,6 +386,7 @@ def test_the_next_run_removes_a_killed_runs_staging_dir(tmp_path, command):
     assert not stale.exists() and not list(tmp_path.glob(".out.*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["garbage", "header", "int64"])
 def test_unreadable_or_integer_weights_are_one_sentence(tmp_path, how):
     source = save_random_gpt2(tmp_path / "hf", tokenizer_files=False, **GPT2_SHAPES["untied-head"])
@@ -394,6 +406,7 @@ def test_unreadable_or_integer_weights_are_one_sentence(tmp_path, how):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_without_verify(tmp_path, value):
     source = save_random_gpt2(tmp_path / "hf", tokenizer_files=False, **GPT2_SHAPES["untied-head"])
@@ -407,6 +420,7 @@ def test_non_finite_weights_are_refused_without_verify(tmp_path, value):
     assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".model.*"))
 
 
+@pytest.mark.slow
 def test_export_of_truncated_weights_is_one_sentence(tmp_path):
     model_dir = nano_model_dir(tmp_path / "model", tmp_path)
     weights = model_dir / "model.safetensors"
@@ -451,6 +465,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["export-hf", "load-hf"])
 @pytest.mark.parametrize("stop_with, exit_code", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_stopped_conversion_says_where_and_leaves_nothing(tmp_path, command, stop_with, exit_code):

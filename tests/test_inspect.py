@@ -7,12 +7,14 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
 from conftest import assert_user_error, gpt_env, run_gpt
 from gptcli.config import project_from_dict
 from gptcli.inspect import inspect_parameters, zero_memory_per_gpu
 
 
+@pytest.mark.slow
 def test_gpt2_json_report_matches_the_contract():
     result = run_gpt("inspect-params", "gpt2", "--gpus", "8", "--json")
     assert result.returncode == 0, result.stderr
@@ -28,12 +30,14 @@ def test_gpt2_json_report_matches_the_contract():
                                         "zero2": 2 * N + 14 * N // 8, "zero3": 16 * N // 8}
 
 
+@pytest.mark.slow
 def test_human_table_shows_total_and_check():
     result = run_gpt("inspect-params", "distilgpt2")
     assert result.returncode == 0
     assert "81,912,576" in result.stdout and "✓" in result.stdout
 
 
+@pytest.mark.slow
 def test_project_model_section_with_set_override(tmp_path):
     project = tmp_path / "run.toml"
     project.write_text('[model]\npreset = "gpt2"\n')
@@ -61,6 +65,7 @@ def test_gpt2_xl_is_inspected_without_allocating_its_weights():
     assert grown < 200 * 2**20  # fp32 weights alone would be 6.2 GB
 
 
+@pytest.mark.slow
 def test_a_customised_preset_is_not_reported_as_that_preset(tmp_path):
     """mlp_ratio is not among the keys the gpt2 preset lists, yet changing it changes the shape."""
     project = tmp_path / "run.toml"
@@ -77,6 +82,7 @@ def test_a_customised_preset_is_not_reported_as_that_preset(tmp_path):
         assert "customised: no published count" in " ".join(human.stdout.split())
 
 
+@pytest.mark.slow
 def test_a_preset_name_in_a_file_with_another_shape_is_not_named(tmp_path):
     project = tmp_path / "run.toml"
     project.write_text('[model]\npreset = "nano"\nn_layer = 12\nn_embd = 768\nn_head = 12\nblock_size = 1024\n')
@@ -84,6 +90,7 @@ def test_a_preset_name_in_a_file_with_another_shape_is_not_named(tmp_path):
     assert report["name"] == "custom" and report["customised_from"] == "nano"
 
 
+@pytest.mark.slow
 def test_without_argument_or_project_every_preset_side_by_side(tmp_path):
     from gptcli.presets import PRESETS
 
@@ -111,6 +118,7 @@ def test_list_describes_each_preset_and_its_training_settings():
     assert "seconds" not in listed["nano"]["description"]
 
 
+@pytest.mark.slow
 def test_inspecting_leaves_torch_init_alone_and_skips_the_dynamo_import():
     """Start-up: building a meta model must not pull in torch._dynamo (about a second) through the init
     functions' meta kernels, and must give torch.nn.init back as it found it."""

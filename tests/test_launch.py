@@ -98,6 +98,7 @@ def launch_probe(tmp_path, env=None) -> tuple[subprocess.Popen, list[dict]]:
     return process, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2) if (tmp_path / f"rank{r}.json").is_file()]
 
 
+@pytest.mark.slow
 def test_two_local_ranks_get_their_ranks_the_visible_gpus_and_this_interpreter(tmp_path):
     """CUDA_VISIBLE_DEVICES=6,7 --nproc 2: LOCAL_RANK 0 and 1 of the GPUs 6,7 (torch numbers the visible ones
     from 0), a free rendezvous port shared by both, the launcher's interpreter, the environment passed on."""
@@ -118,6 +119,7 @@ def test_two_local_ranks_get_their_ranks_the_visible_gpus_and_this_interpreter(t
         assert env["GPTCLI_LAUNCHER_PID"] == str(rank["parent"])  # the launcher itself, watched by the rank
 
 
+@pytest.mark.slow
 def test_a_failing_rank_fails_the_launch_with_its_code(tmp_path):
     failing = DUMP_RANK + "\nsys.exit(3 if os.environ['RANK'] == '1' else 0)\n"
     process = subprocess.run([sys.executable, "-c", LAUNCH_PROBE, failing, str(tmp_path)], env=gpt_env(),
@@ -127,6 +129,7 @@ def test_a_failing_rank_fails_the_launch_with_its_code(tmp_path):
     assert "Traceback" not in process.stderr
 
 
+@pytest.mark.slow
 def test_master_port_is_the_users_when_given(tmp_path):
     port = launch.free_port()
     process, ranks = launch_probe(tmp_path, {"MASTER_PORT": str(port)})
@@ -134,6 +137,7 @@ def test_master_port_is_the_users_when_given(tmp_path):
     assert {r["env"]["MASTER_PORT"] for r in ranks} == {str(port)}
 
 
+@pytest.mark.slow
 def test_a_busy_master_port_is_one_sentence(project):
     import socket
 

@@ -53,6 +53,7 @@ def test_read_metrics_skips_damaged_lines_with_a_note(tmp_path, capsys):
     assert "skipped 1 unreadable line" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gpt_plot_draws_a_run_whose_metrics_hold_bytes_that_are_not_utf8(tmp_path):
     write_run(tmp_path / "run", range(1, 6), garbage_after=2)
     result = run_gpt("plot", tmp_path / "run", "--out", tmp_path / "curve.png")

@@ -52,6 +52,7 @@ def test_custom_model_section_is_counted(values, kwargs):
     assert count_parameters(model) == expected_count(1000, 200, 3, 96, **kwargs)
 
 
+@pytest.mark.slow
 def test_fresh_gpt2_starts_at_uniform_loss():
     """A fresh model predicts near-uniformly: loss ≈ ln(50257) = 10.82. Exactly, logits = ln_f(x)·wte with
     wte ~ N(0, 0.02²) have variance n_embd·0.02² = 0.307, and E[logsumexp] of V such logits is

@@ -61,23 +61,21 @@ def write_vocabulary(directory: Path, vocab: dict[str, int], merges: list[tuple[
 
 
 @pytest.fixture(scope="module")
-def vocab_dir(tmp_path_factory, request) -> Path:
-    shakespeare = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "tinyshakespeare.txt"
-    if not shakespeare.is_file():
-        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
-    text = shakespeare.read_text()[:100_000]
+def vocab_dir(tmp_path_factory, corpus) -> Path:
+    text = corpus.read_text()[:100_000]
     vocab, merges = train_bpe(text + "\n".join(EXTRA_TEXT).replace("🙂", ""), merges_wanted=300)
     vocab["<unk>"] = len(vocab)
     return write_vocabulary(tmp_path_factory.mktemp("openai_vocab"), vocab, merges)
 
 
-def test_ids_equal_transformers_on_shakespeare_and_edge_cases(vocab_dir):
+@pytest.mark.slow
+def test_ids_equal_transformers_on_a_corpus_and_edge_cases(vocab_dir, corpus):
     from transformers import OpenAIGPTTokenizer
 
     reference = OpenAIGPTTokenizer.from_pretrained(str(vocab_dir))
     ours = load_tokenizer("openai-gpt", str(vocab_dir))
-    shakespeare = (Path(__file__).resolve().parents[1].parent / "shared/corpora/tinyshakespeare.txt").read_text()
-    lines = [line for line in shakespeare[300_000:340_000].splitlines() if line.strip()] + EXTRA_TEXT
+    text = corpus.read_text()[300_000:340_000]  # text the vocabulary was not trained on
+    lines = [line for line in text.splitlines() if line.strip()] + EXTRA_TEXT
     expected = reference(lines, add_special_tokens=False)["input_ids"]
     assert ours.encode_batch(lines) == expected
     assert sum(map(len, expected)) > 5000  # the comparison covered a real amount of text
@@ -115,20 +113,20 @@ def test_mismatched_or_missing_files_are_clear_errors(vocab_dir, tmp_path):
         load_tokenizer("openai-gpt", str(tmp_path))
 
 
-def test_prepare_with_the_openai_gpt_tokenizer(vocab_dir, tmp_path):
+def test_prepare_with_the_openai_gpt_tokenizer(vocab_dir, tmp_path, corpus):
     """GPT-1 pretraining data: `gpt prepare` with [data] tokenizer = "openai-gpt" writes each document's
     GPT-1 ids back to back (no end-of-text token exists in that vocabulary), fingerprinted as openai-gpt."""
-    from conftest import SHAKESPEARE, run_gpt
+    from conftest import run_gpt
     from gptcli.data.shards import open_prepared
 
-    corpus = tmp_path / "plays.txt"
-    corpus.write_text(SHAKESPEARE.read_text()[:20_000])
+    text = tmp_path / "modules.txt"
+    text.write_text(corpus.read_text()[:20_000])
     out = tmp_path / "shards"
-    result = run_gpt("prepare", corpus, "--out", out, "--separator", "blank-line", "--val-fraction", "0",
+    result = run_gpt("prepare", text, "--out", out, "--separator", "blank-line", "--val-fraction", "0",
                      "--vocab-dir", vocab_dir, "--set", 'data.tokenizer="openai-gpt"', "--json")
     assert result.returncode == 0, result.stderr
     tokenizer = load_tokenizer("openai-gpt", str(vocab_dir))
-    documents = [p for p in corpus.read_text().split("\n\n") if p.strip()]
+    documents = [p for p in text.read_text().split("\n\n") if p.strip()]
     expected = [i for document in documents for i in tokenizer.encode(document.strip("\n"))]
     prepared = open_prepared(out, verify=True)
     assert prepared.manifest["tokenizer"]["name"] == "openai-gpt"

@@ -137,9 +137,14 @@ def test_only_rank_zero_announces(monkeypatch):
     assert announced(project(NANO_RUN)) == ""
 
 
-def test_the_cpu_rate_is_measured_by_a_short_matmul():
+def test_the_cpu_rate_is_measured_by_a_short_matmul(monkeypatch):
+    """Square matmuls until `seconds` have passed, 2·size³ FLOPs each, over the time they took. A clock that
+    reads 0.01 s later at each look makes the count exact: the warm-up call is not timed, and the loop stops
+    at the first look at or past 0.05 s, after 5 timed matmuls."""
+    ticks = iter(range(1000))
+    monkeypatch.setattr(preflight.time, "perf_counter", lambda: next(ticks) * 0.01)
     rate = preflight.measure_cpu_flops(seconds=0.05, size=128)
-    assert rate > 1e6  # any machine that runs PyTorch does a million FLOP/s
+    assert rate == pytest.approx(2 * 128**3 * 5 / 0.05, rel=1e-9)
 
 
 @pytest.mark.parametrize("seconds, text", [(30, "under a minute"), (61, "about 1 minute"), (89 * 60, "about 89 minutes"),

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import GPT2_BPE, TIKTOKEN_CACHE, assert_user_error, run_gpt
+from conftest import assert_user_error, gpt_env, run_gpt
 from gptcli.errors import GptError
 from gptcli.tokenizer import load_tokenizer
 
@@ -24,8 +24,6 @@ TRICKY = ("It's 2024 — they'll've  gone.\n\n\tTabs   and  spaces  \r\n日本�
 def reference():
     import tiktoken
 
-    if not TIKTOKEN_CACHE.is_dir():
-        pytest.skip("../shared/tiktoken_cache is not present")
     return tiktoken.get_encoding("gpt2")
 
 
@@ -37,34 +35,34 @@ def test_known_sentence_ids(reference):
 
 
 @pytest.fixture
-def hf_named_vocab(tmp_path):
+def hf_named_vocab(tmp_path, gpt2_vocab):
     """A vocab dir with Hugging Face's names, built from OpenAI's files at test time."""
     directory = tmp_path / "hf_vocab"
     directory.mkdir()
-    shutil.copyfile(GPT2_BPE / "encoder.json", directory / "vocab.json")
-    shutil.copyfile(GPT2_BPE / "vocab.bpe", directory / "merges.txt")
+    shutil.copyfile(gpt2_vocab / "encoder.json", directory / "vocab.json")
+    shutil.copyfile(gpt2_vocab / "vocab.bpe", directory / "merges.txt")
     return directory
 
 
 @pytest.fixture
-def openai_named_vocab(tmp_path):
+def openai_named_vocab(tmp_path, gpt2_vocab):
     directory = tmp_path / "openai_vocab"
     directory.mkdir()
     for name in ("encoder.json", "vocab.bpe"):
-        shutil.copyfile(GPT2_BPE / name, directory / name)
+        shutil.copyfile(gpt2_vocab / name, directory / name)
     return directory
 
 
 @pytest.mark.parametrize("source", ["openai_named_vocab", "hf_named_vocab", "tiktoken_file"])
-def test_local_sources_equal_the_cache(source, reference, request, shakespeare):
+def test_local_sources_equal_the_cache(source, reference, request, corpus, gpt2_vocab):
     if source == "tiktoken_file":
-        vocab = GPT2_BPE / "r50k_base.tiktoken"
+        vocab = gpt2_vocab / "r50k_base.tiktoken"
     else:
         vocab = request.getfixturevalue(source)
     local = load_tokenizer("gpt2", str(vocab))
     cached = load_tokenizer("gpt2")
     assert local.fingerprint == cached.fingerprint
-    text = shakespeare.read_text()[:200_000] + TRICKY
+    text = corpus.read_text()[:200_000] + TRICKY
     assert local.encode(text) == reference.encode_ordinary(text)
     assert local.encode(HELLO) == HELLO_IDS
     assert local.decode(local.encode(TRICKY)) == TRICKY
@@ -76,22 +74,22 @@ def test_special_token_text_is_plain_text(reference):
     assert ids == reference.encode_ordinary("a<|endoftext|>b")
 
 
-def test_mismatched_vocab_files_are_refused(tmp_path):
+def test_mismatched_vocab_files_are_refused(tmp_path, gpt2_vocab):
     directory = tmp_path / "bad"
     directory.mkdir()
-    shutil.copyfile(GPT2_BPE / "encoder.json", directory / "encoder.json")
-    merges = (GPT2_BPE / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    shutil.copyfile(gpt2_vocab / "encoder.json", directory / "encoder.json")
+    merges = (gpt2_vocab / "vocab.bpe").read_text(encoding="utf-8").splitlines()
     (directory / "vocab.bpe").write_text("\n".join(merges[:-10]) + "\n", encoding="utf-8")
     with pytest.raises(GptError, match="do not belong together"):
         load_tokenizer("gpt2", str(directory))
 
 
-def test_missing_tokenizer_offline_is_one_clear_sentence(tmp_path, shakespeare):
+def test_missing_tokenizer_offline_is_one_clear_sentence(tmp_path, corpus):
     empty_cache = tmp_path / "empty_cache"
     empty_cache.mkdir()
     # No cache (tiktoken's or gptcli's) and no network: tiktoken cannot fetch its files. Point its download at an unroutable
     # local port so the test is offline even on a machine that has a network.
-    result = run_gpt("prepare", shakespeare, "--out", tmp_path / "out",
+    result = run_gpt("prepare", corpus, "--out", tmp_path / "out",
                      env={"TIKTOKEN_CACHE_DIR": str(empty_cache), "GPTCLI_CACHE_DIR": str(empty_cache),
                           "HTTPS_PROXY": "http://127.0.0.1:9",
                           "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}, cwd=tmp_path)
@@ -100,10 +98,10 @@ def test_missing_tokenizer_offline_is_one_clear_sentence(tmp_path, shakespeare):
     assert not list(tmp_path.glob(".out.*"))
 
 
-def test_vocab_dir_option_works_without_cache(tmp_path, shakespeare, openai_named_vocab):
+def test_vocab_dir_option_works_without_cache(tmp_path, corpus, openai_named_vocab):
     empty_cache = tmp_path / "empty_cache"
     empty_cache.mkdir()
-    result = run_gpt("prepare", shakespeare, "--out", tmp_path / "out", "--vocab-dir", openai_named_vocab,
+    result = run_gpt("prepare", corpus, "--out", tmp_path / "out", "--vocab-dir", openai_named_vocab,
                      "--workers", "1", "--json", env={"TIKTOKEN_CACHE_DIR": str(empty_cache), "GPTCLI_CACHE_DIR": str(empty_cache)}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     manifest = (tmp_path / "out" / "manifest.json").read_text()
@@ -137,8 +135,8 @@ def test_tokenizer_modules_depend_one_way():
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert imported <= {"__future__", "errors", "typing", "pathlib"}, (module, imported)
         check = f"import sys, gptcli.{module}; assert 'gptcli.tokenizer' not in sys.modules"
-        assert subprocess.run([sys.executable, "-c", check]).returncode == 0, module
-    assert subprocess.run([sys.executable, "-c", "import gptcli.tokenizer"]).returncode == 0
+        assert subprocess.run([sys.executable, "-c", check], env=gpt_env()).returncode == 0, module
+    assert subprocess.run([sys.executable, "-c", "import gptcli.tokenizer"], env=gpt_env()).returncode == 0
 
 
 @pytest.mark.parametrize("fault, fragment", [
@@ -147,14 +145,14 @@ def test_tokenizer_modules_depend_one_way():
     ("not byte-level", "not a byte-level BPE vocabulary"),
     ("not a map", "is not a vocabulary (a JSON object of token → id)"),
 ])
-def test_damaged_vocabulary_files_are_named(tmp_path, fault, fragment):
+def test_damaged_vocabulary_files_are_named(tmp_path, gpt2_vocab, fault, fragment):
     """GPT-2 and GPT-1 vocab.json + merges.txt go through one reader, so both get the same checks."""
     import json
 
     directory = tmp_path / "vocab"
     directory.mkdir()
-    vocab = json.loads((GPT2_BPE / "encoder.json").read_text(encoding="utf-8"))
-    merges = (GPT2_BPE / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    vocab = json.loads((gpt2_vocab / "encoder.json").read_text(encoding="utf-8"))
+    merges = (gpt2_vocab / "vocab.bpe").read_text(encoding="utf-8").splitlines()
     if fault == "merge line":
         merges[2] = "three parts here"
     elif fault == "foreign merge":

@@ -346,13 +346,10 @@ zero_stage = 2
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from conftest import SHAKESPEARE
+def shards(tmp_path_factory, corpus):
     from shard_fixture import make_shards
 
-    if not SHAKESPEARE.is_file():
-        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
-    return make_shards(SHAKESPEARE, tmp_path_factory.mktemp("shards"))
+    return make_shards(corpus, tmp_path_factory.mktemp("shards"))
 
 
 def training_project(directory: Path, shards: Path, *overrides: str) -> Path:

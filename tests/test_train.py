@@ -1,6 +1,6 @@
 """`gpt train` on the CPU through DeepSpeed: exact resume, faults, consolidation, the overfit check.
 
-One-rank runs of the nano preset over tinyshakespeare shards; each run is a fresh `python -m gptcli`
+One-rank runs of the nano preset over shards of the standard library's source (conftest's corpus); each run is a fresh `python -m gptcli`
 process, as a user's. The multi-rank runs are in test_train_distributed.py.
 """
 
@@ -52,12 +52,8 @@ OVERFIT = ("train.max_steps=90", "model.dropout=0.0", "train.grad_accum_steps=1"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from conftest import SHAKESPEARE
-
-    if not SHAKESPEARE.is_file():
-        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
-    return make_shards(SHAKESPEARE, tmp_path_factory.mktemp("shards"))
+def shards(tmp_path_factory, corpus):
+    return make_shards(corpus, tmp_path_factory.mktemp("shards"))
 
 
 def project_file(directory: Path, shards: Path, name: str = "run", overrides: tuple[str, ...] = ()) -> Path:
@@ -130,6 +126,7 @@ def test_kill_9_and_resume_reproduces_the_losses_bit_for_bit(tmp_path, shards, r
     assert losses(tmp_path / "run") == losses(reference)
 
 
+@pytest.mark.slow
 def test_a_crash_mid_save_falls_back_and_a_chained_resume_stays_exact(tmp_path, shards, reference):
     project = project_file(tmp_path, shards)
     crashed = train(project, fault="crash_in_save@6")
@@ -144,18 +141,21 @@ def test_a_crash_mid_save_falls_back_and_a_chained_resume_stays_exact(tmp_path, 
     assert losses(tmp_path / "run") == losses(reference)
 
 
+@pytest.mark.slow
 def test_resume_required_without_a_checkpoint_fails(tmp_path, shards):
     result = train(project_file(tmp_path, shards), "--resume", "required")
     assert_user_error(result, "--resume required", "no complete checkpoint")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_resuming_another_architecture_names_the_key_and_both_values(tmp_path, shards, reference):
     project = project_file(tmp_path, shards, overrides=(f'project.out_dir="{reference}"', "model.n_layer=3"))
     result = train(project, "--resume", "required")
     assert_user_error(result, "model.n_layer", "3", "2")
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path, shards, reference):
     from gptcli.train.consolidation import full_state_dict
 
@@ -170,6 +170,7 @@ def test_a_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_overfit_batch_drives_the_loss_to_zero_and_shows_tokens(tmp_path, shards):
     project = project_file(tmp_path, shards, overrides=OVERFIT + ("deepspeed.zero_stage=0",))
     result = train(project, "--overfit-batch")
@@ -182,6 +183,7 @@ def test_overfit_batch_drives_the_loss_to_zero_and_shows_tokens(tmp_path, shards
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_samples_never_consume_the_training_rng_and_a_run_with_samples_resumes_exactly(tmp_path, shards,
                                                                                         reference):
     """Dropout draws from the training RNG; a sample drawn in the middle of the run must leave it as it was,
@@ -241,6 +243,7 @@ def test_bad_batch_settings_are_one_sentence(tmp_path, shards):
     assert result.returncode == 2
 
 
+@pytest.mark.slow
 def test_gpt_plot_draws_a_run_and_refuses_an_empty_dir(tmp_path, reference):
     result = run_gpt("plot", reference, "--out", tmp_path / "curve.png")
     assert result.returncode == 0, result.stderr
@@ -249,6 +252,7 @@ def test_gpt_plot_draws_a_run_and_refuses_an_empty_dir(tmp_path, reference):
     assert_user_error(run_gpt("plot", tmp_path / "nowhere"), "Run dir", "does not exist")
 
 
+@pytest.mark.slow
 def test_zero3_kill_9_and_resume_is_exact_too(tmp_path, shards):
     """ZeRO-3 partitions the weights themselves; resume must restore them and the optimizer exactly."""
     zero3 = ("deepspeed.zero_stage=3",)
@@ -307,6 +311,7 @@ def assert_model_dir_holds_the_masters(run_dir: Path, precision: str) -> None:
         assert not all(torch.equal(t, t.bfloat16().float()) for t in masters.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_the_consolidated_model_is_deepspeeds_fp32_master_copy(tmp_path, shards, precision, stage):
@@ -330,6 +335,7 @@ def test_two_rank_zero3_consolidates_the_fp32_master_copy(tmp_path, shards, prec
     assert_model_dir_holds_the_masters(tmp_path / "run", precision)
 
 
+@pytest.mark.slow
 def test_bf16_kill_9_and_resume_reproduces_the_losses_bit_for_bit(tmp_path, shards):
     """bf16 on the CPU: the bf16 module copy and the fp32 masters both come back exactly."""
     bf16 = ('train.precision="bf16"',)
@@ -343,6 +349,7 @@ def test_bf16_kill_9_and_resume_reproduces_the_losses_bit_for_bit(tmp_path, shar
     assert losses(tmp_path / "whole")[-1] < losses(tmp_path / "whole")[0] - 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,when", [
     (0, "before the optimizer step"),  # fp32 ZeRO-0: the loop clips, sees the norm first
     (2, "after the optimizer step, which DeepSpeed skipped")])
@@ -369,14 +376,14 @@ def copy_of(reference: Path, tmp_path: Path, shards: Path) -> Path:
     return project_file(tmp_path, shards)
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_first(tmp_path, shards):
     import signal
     import socket
     import subprocess
     import sys
-    import time
 
-    from conftest import gpt_env
+    from conftest import HANG_SECONDS, gpt_env, wait_until
 
     project = project_file(tmp_path, shards)
     with open(tmp_path / "first.err", "w") as first_err:
@@ -384,18 +391,17 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_first(tmp_pa
                                   "--set", "train.max_steps=1000", "--set", "train.checkpoint_every=0"],
                                  env=gpt_env(), stdout=subprocess.DEVNULL, stderr=first_err)
         metrics = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.time() + 300
-        while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count("\n") < 1):
-            assert first.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, first,
+                   f"a first step (stderr in {tmp_path / 'first.err'})")
         second = train(project)
         first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=300) == 143
+        assert first.wait(timeout=HANG_SECONDS) == 143
     assert_user_error(second, "in use by another gpt train", f"pid {first.pid} on host {socket.gethostname()}")
     assert len(losses(tmp_path / "run")) >= 1  # one run's steps, in order: nothing of the second one
     assert not (tmp_path / "run" / ".gptcli-lock").exists()  # the first gave it back on its way out
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_trainer_is_taken_over_with_a_note(tmp_path, shards):
     project = project_file(tmp_path, shards)
     killed = train(project, *SHORT, "--set", "train.max_steps=4", fault="kill@2")
@@ -407,6 +413,7 @@ def test_the_lock_of_a_killed_trainer_is_taken_over_with_a_note(tmp_path, shards
     assert not (tmp_path / "run" / ".gptcli-lock").exists()
 
 
+@pytest.mark.slow
 def test_resume_never_refuses_an_existing_run_and_restart_starts_it_over(tmp_path, shards, reference):
     project = copy_of(reference, tmp_path, shards)
     run = tmp_path / "run"
@@ -424,6 +431,7 @@ def test_resume_never_refuses_an_existing_run_and_restart_starts_it_over(tmp_pat
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_exactly(tmp_path, shards, reference):
     project = copy_of(reference, tmp_path, shards)
     model_states = tmp_path / "run" / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt"
@@ -437,6 +445,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_exactly(tmp_
     assert losses(tmp_path / "run") == losses(reference)
 
 
+@pytest.mark.slow
 def test_resume_without_an_intact_checkpoint_names_the_damaged_files(tmp_path, shards, reference):
     project = copy_of(reference, tmp_path, shards)
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -452,6 +461,7 @@ def test_resume_without_an_intact_checkpoint_names_the_damaged_files(tmp_path, s
     assert "internal error" not in result.stderr
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_2_with_a_checkpoint_every_step(tmp_path, shards):
     from gptcli.train.checkpoint import check_checkpoint
 
@@ -464,6 +474,7 @@ def test_keep_checkpoints_2_with_a_checkpoint_every_step(tmp_path, shards):
     assert all(check_checkpoint(p) == [] and (p / "manifest.json").is_file() for p in checkpoints.glob("step_*"))
 
 
+@pytest.mark.slow
 def test_metrics_with_bytes_that_are_not_utf8_do_not_block_resume(tmp_path, shards, reference):
     project = copy_of(reference, tmp_path, shards)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -475,6 +486,7 @@ def test_metrics_with_bytes_that_are_not_utf8_do_not_block_resume(tmp_path, shar
     assert losses(tmp_path / "run")[:8] == losses(reference) and len(losses(tmp_path / "run")) == 10
 
 
+@pytest.mark.slow
 def test_an_out_dir_that_is_a_file_or_not_writable_is_one_sentence(tmp_path, shards):
     a_file = tmp_path / "results.txt"
     a_file.write_text("not a run dir")

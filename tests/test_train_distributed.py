@@ -12,13 +12,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import gpt_env, run_gpt
+from conftest import HANG_SECONDS, gpt_env, run_gpt, wait_until
 from test_launch import open_mpi_process, srun_task
 from test_train import PROJECT, losses, shards  # noqa: F401  (the module-scoped shards fixture)
 
@@ -64,10 +63,7 @@ def ranks_of(project: Path) -> list[psutil.Process]:
     return found
 
 
-def assert_no_rank_left(project: Path, within: float = 5.0) -> None:
-    deadline = time.time() + within
-    while ranks_of(project) and time.time() < deadline:
-        time.sleep(0.2)
+def assert_no_rank_left(project: Path) -> None:
     left = ranks_of(project)
     for process in left:  # do not leave them to the next test
         process.kill()
@@ -76,10 +72,7 @@ def assert_no_rank_left(project: Path, within: float = 5.0) -> None:
 
 def wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int) -> None:
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count("\n") < steps):
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.2)
+    wait_until(lambda: metrics.is_file() and metrics.read_text().count("\n") >= steps, process, f"{steps} steps")
 
 
 def assert_trained_on_two_ranks(run_dir: Path, steps: int) -> None:
@@ -103,7 +96,7 @@ def test_two_rank_zero2_learns_and_resumes_bit_for_bit_after_kill_9(tmp_path, sh
     killed = train(project, LEARN, fault="kill@14@1")  # rank 1 dies after step 14; the last checkpoint is step 10
     assert killed.returncode != 0
     assert "rank 1 exited with code 137 (killed by SIGKILL)" in killed.stderr
-    assert_no_rank_left(project, within=0)
+    assert_no_rank_left(project)
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step_00000010"
     resumed = train(project, LEARN, "--resume", "required")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -169,7 +162,7 @@ def test_a_signal_to_the_launcher_saves_on_every_rank_and_exits_128_plus_it(tmp_
     steps = len(losses(tmp_path / "stop"))
     assert 3 <= steps < 1000
     assert_trained_on_two_ranks(tmp_path / "stop", steps)
-    assert_no_rank_left(project, within=0)
+    assert_no_rank_left(project)
 
 
 def test_kill_9_of_the_launcher_leaves_no_rank_running(tmp_path, shards):
@@ -180,7 +173,7 @@ def test_kill_9_of_the_launcher_leaves_no_rank_running(tmp_path, shards):
     assert len(ranks) == 2
     process.kill()
     process.communicate(timeout=60)
-    _, alive = psutil.wait_procs(ranks, timeout=5)
+    _, alive = psutil.wait_procs(ranks, timeout=HANG_SECONDS)
     for rank in alive:
         rank.kill()
     assert not alive, [rank.pid for rank in alive]

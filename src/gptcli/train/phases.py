@@ -33,7 +33,7 @@ def deepspeed_phase(device: str) -> str:
         return "starting DeepSpeed (NCCL)"
     if cpu_comm_op_built() is False:
         return ("starting DeepSpeed (gloo); this first run on this machine compiles DeepSpeed's CPU "
-                "communication op, about 90 s, once")
+                "communication op, about 45 s on 2 free cores, once")
     return "starting DeepSpeed (gloo)"
 
 
