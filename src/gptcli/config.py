@@ -214,6 +214,8 @@ class TrainConfig(Section):
     tensorboard: bool = doc("Also write TensorBoard events into the run directory.", False)
     peak_tflops: float = doc("Peak TFLOP/s of one accelerator for MFU; 0 looks the GPU up by name (dense bf16 figures).", 0.0,
                              at_least=0)
+    memory_check: bool = doc("On a GPU, refuse to start when the planned memory per GPU exceeds its free memory "
+                             "(false: start anyway).", True)
 
     def check(self) -> None:
         if self.min_lr > self.lr:

@@ -285,6 +285,23 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> int:
     return 6 * matmul_parameters + 12 * config.n_layer * config.n_head * config.head_dim * seq_len
 
 
+
+# Mixed-precision Adam keeps 16 bytes per parameter (Rajbhandari et al. 2020, ZeRO, section 3.1):
+# 2 (bf16/fp16 weights) + 2 (gradients) + 12 (fp32 master weights, momentum, variance).
+WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
+
+
+def zero_memory_per_gpu(parameters: int, gpus: int) -> dict[str, int]:
+    """The textbook model-state bytes per GPU for ZeRO stages 0-3 across `gpus` data-parallel ranks (the
+    paper's 16 bytes per parameter; what DeepSpeed really holds for gptcli's config is state_layout's)."""
+    p, g = parameters, gpus
+    return {
+        "zero0": p * (WEIGHT_BYTES + GRAD_BYTES + OPTIMIZER_BYTES),
+        "zero1": p * (WEIGHT_BYTES + GRAD_BYTES) + p * OPTIMIZER_BYTES // g,
+        "zero2": p * WEIGHT_BYTES + p * (GRAD_BYTES + OPTIMIZER_BYTES) // g,
+        "zero3": p * (WEIGHT_BYTES + GRAD_BYTES + OPTIMIZER_BYTES) // g,
+    }
+
 # --- model states and DeepSpeed's buffers ------------------------------------------------------------------------
 
 # DeepSpeed 0.19's defaults for the zero_optimization keys that size its buffers
@@ -583,13 +600,111 @@ def training_for(project: Project, device: str, ranks: int, precision: str,
                     zero={k: v for k, v in zero.items() if k in ZERO_BUFFER_DEFAULTS and isinstance(v, (int, bool))})
 
 
+# --- accelerators ---------------------------------------------------------------------------------------------------
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One accelerator model: its memory and its dense (no sparsity) tensor-core peak."""
+
+    name: str  # as `--gpu` takes it
+    memory: int  # bytes: the data sheet's capacity (the driver exposes slightly less; see CUDA_CONTEXT_BYTES)
+    peak_flops: float  # dense bf16 FLOP/s with fp32 accumulation; fp16 where the GPU has no bf16
+    device_names: tuple[str, ...]  # substrings of torch.cuda.get_device_name() that name this model
+    source: str
+    bf16: bool = True
+    aliases: tuple[str, ...] = ()
+
+
+# Matched against a device name in this order, so "H100 PCIe" wins over "H100", "GH200" over "H200" and
+# "L40S" over "L4". Sources: NVIDIA's data sheets and architecture whitepapers (dense figures: half the
+# "with sparsity" ones). H800 is H100 silicon with slower links: the same compute.
+GPUS: tuple[Gpu, ...] = (
+    Gpu("H100-PCIe", 80 * GiB, 756e12, ("H100 PCIe",), "NVIDIA H100 data sheet (PCIe: 756 TFLOPS BF16)"),
+    Gpu("H100-NVL", 94 * GiB, 835e12, ("H100 NVL",), "NVIDIA H100 data sheet (NVL: 835 TFLOPS BF16, 94 GB)"),
+    Gpu("H100-SXM", 80 * GiB, 989e12, ("H100",), "NVIDIA H100 data sheet (SXM5: 989 TFLOPS BF16, 80 GB)",
+        aliases=("H100-80GB", "H100")),
+    Gpu("H800-PCIe", 80 * GiB, 756e12, ("H800 PCIe",), "NVIDIA H800 data sheet (as H100 PCIe)"),
+    Gpu("H800", 80 * GiB, 989e12, ("H800",), "NVIDIA H800 data sheet (as H100 SXM)"),
+    Gpu("GH200", 96 * GiB, 989e12, ("GH200",), "NVIDIA GH200 data sheet (989 TFLOPS BF16, 96 GB HBM3)"),
+    Gpu("H200-NVL", 141 * GiB, 835e12, ("H200 NVL",), "NVIDIA H200 data sheet (NVL: 835 TFLOPS BF16, 141 GB)"),
+    Gpu("H200", 141 * GiB, 989e12, ("H200",), "NVIDIA H200 data sheet (SXM: 989 TFLOPS BF16, 141 GB)"),
+    Gpu("B200", 180 * GiB, 2250e12, ("B200",), "NVIDIA HGX B200 data sheet (2.25 PFLOPS BF16 per GPU, 180 GB)"),
+    Gpu("A100-80GB", 80 * GiB, 312e12, ("A100-SXM4-80GB", "A100 80GB", "A100-PCIE-80GB", "A100 PCIe 80GB"),
+        "NVIDIA A100 data sheet (312 TFLOPS BF16, 80 GB)"),
+    Gpu("A100-40GB", 40 * GiB, 312e12, ("A100",), "NVIDIA A100 data sheet (312 TFLOPS BF16, 40 GB)",
+        aliases=("A100",)),
+    Gpu("L40S", 48 * GiB, 362e12, ("L40S",), "NVIDIA L40S data sheet (362 TFLOPS BF16, 48 GB)"),
+    Gpu("L40", 48 * GiB, 181e12, ("L40",), "NVIDIA L40 data sheet (181 TFLOPS BF16, 48 GB)"),
+    Gpu("L4", 24 * GiB, 121e12, ("L4",), "NVIDIA L4 data sheet (121 TFLOPS BF16, 24 GB)"),
+    Gpu("A10G", 24 * GiB, 125e12, ("A10G",), "NVIDIA A10 data sheet (125 TFLOPS BF16, 24 GB); A10G is AWS's A10"),
+    Gpu("A10", 24 * GiB, 125e12, ("A10",), "NVIDIA A10 data sheet (125 TFLOPS BF16, 24 GB)"),
+    Gpu("RTX-A6000", 48 * GiB, 155e12, ("RTX A6000",), "NVIDIA RTX A6000 data sheet (309.7 TFLOPS tensor with "
+        "sparsity, 48 GB)"),
+    Gpu("RTX-4090", 24 * GiB, 165e12, ("RTX 4090",), "NVIDIA Ada Lovelace whitepaper (RTX 4090: 165.2 TFLOPS "
+        "BF16 with FP32 accumulate, 24 GB)"),
+    Gpu("RTX-3090", 24 * GiB, 71e12, ("RTX 3090",), "NVIDIA Ampere GA102 whitepaper (RTX 3090: 71 TFLOPS "
+        "BF16 with FP32 accumulate, 24 GB)"),
+    Gpu("V100-32GB", 32 * GiB, 125e12, ("V100-SXM2-32GB", "V100-PCIE-32GB", "V100 32GB"),
+        "NVIDIA V100 data sheet (SXM2: 125 TFLOPS FP16, no BF16 tensor cores, 32 GB)", bf16=False),
+    Gpu("V100-16GB", 16 * GiB, 125e12, ("V100",), "NVIDIA V100 data sheet (SXM2: 125 TFLOPS FP16, no BF16 "
+        "tensor cores, 16 GB)", bf16=False, aliases=("V100",)),
+    Gpu("T4", 16 * GiB, 65e12, ("Tesla T4", "T4"), "NVIDIA T4 data sheet (65 TFLOPS FP16, no BF16, 16 GB)",
+        bf16=False),
+)
+
+
+def gpu_names() -> list[str]:
+    return [gpu.name for gpu in GPUS]
+
+
+def find_gpu(name: str) -> Gpu:
+    """A GPU of the table by name or alias, case and separators ignored; else one sentence naming the
+    closest names."""
+    import difflib
+
+    def key(text: str) -> str:
+        return "".join(c for c in text.lower() if c.isalnum())
+
+    for gpu in GPUS:
+        if key(name) in {key(gpu.name), *map(key, gpu.aliases)}:
+            return gpu
+    close = [gpu.name for gpu in GPUS if key(gpu.name).startswith(key(name))] if key(name) else []
+    close = close or difflib.get_close_matches(name.upper(), gpu_names(), n=3, cutoff=0.5)
+    known = f"did you mean {', '.join(close[:3])}?" if close else f"known: {', '.join(gpu_names())}"
+    raise GptError(f'Unknown GPU "{name}" ({known}); for another GPU give its memory with --gpu-memory.')
+
+
+def gpu_for_device_name(device_name: str) -> Optional[Gpu]:
+    """The table's entry for a CUDA device name (torch.cuda.get_device_name()), or None."""
+    return next((gpu for gpu in GPUS if any(part in device_name for part in gpu.device_names)), None)
+
+
+MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """`80GiB`, `80 GB`, `81920MiB`, `8e10` → bytes (GB is 10^9, GiB 2^30)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in MEMORY_UNITS or float(match.group(1)) <= 0:
+        raise GptError(f'--gpu-memory must be a size such as 80GiB, 24GB or 81920MiB, not "{text}".')
+    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2)])
+
+
 # --- memory per GPU -----------------------------------------------------------------------------------------------
 
-# What the plan cannot see, allowed for: the CUDA context and library workspaces (cuBLAS, NCCL's buffers),
-# about 0.5-1 GiB per process on current GPUs, and the caching allocator's fragmentation, which keeps
-# reserved memory above the peak of allocated tensors (PyTorch's memory_stats: typically a few percent
+# What the plan cannot see, allowed for (estimates, not measured here): the CUDA context of the process
+# (kernels and driver state, roughly 0.3-0.8 GiB on current GPUs; already gone from the free memory
+# `gpt train` compares with), library workspaces (cuBLAS, NCCL's communicator buffers), and the caching
+# allocator's fragmentation, which keeps reserved memory above the peak of allocated tensors (a few percent
 # on a training loop of fixed shapes).
-CUDA_CONTEXT_BYTES = 1 * 2**30
+CUDA_CONTEXT_BYTES = 512 * 2**20
+WORKSPACE_BYTES = 512 * 2**20
 FRAGMENTATION = 0.05
 
 
@@ -626,19 +741,24 @@ class MemoryPlan:
 
 
 def memory_plan(training: Training, micro_batch: int, checkpointing: Optional[bool] = None,
-                grad_accum_steps: int = 1) -> MemoryPlan:
+                grad_accum_steps: int = 1, context_counted: bool = False) -> MemoryPlan:
+    """`context_counted`: the capacity it is held against is what a live process sees free, with its own
+    CUDA context already taken."""
     shape = activation_shape(training, micro_batch, checkpointing)
     activations = activation_memory(training.model, shape)
     phases = model_state_phases(training, activations, grad_accum_steps)
     peak = max(phase.total for phase in phases)
-    allowance = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * peak) if training.device == "cuda" else 0
+    allowance = 0
+    if training.device == "cuda":
+        allowance = WORKSPACE_BYTES + (0 if context_counted else CUDA_CONTEXT_BYTES) + int(FRAGMENTATION * peak)
     return MemoryPlan(micro_batch, shape.checkpointing, phases, activations, allowance)
 
 
-def largest_micro_batch(training: Training, capacity: int, checkpointing: bool, limit: int = 1 << 16) -> int:
+def largest_micro_batch(training: Training, capacity: int, checkpointing: bool, limit: int = 1 << 16,
+                        context_counted: bool = False) -> int:
     """The largest micro batch whose plan fits in `capacity` bytes (0: not even one sequence)."""
     def fits(batch: int) -> bool:
-        return memory_plan(training, batch, checkpointing).required <= capacity
+        return memory_plan(training, batch, checkpointing, context_counted=context_counted).required <= capacity
 
     if not fits(1):
         return 0
@@ -650,3 +770,307 @@ def largest_micro_batch(training: Training, capacity: int, checkpointing: bool, 
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
+
+
+def layouts_for(per_rank_sequences: int, ranks: int, seq_len: int, largest: int) -> Optional[BatchLayout]:
+    """The largest micro batch up to `largest` that divides a rank's share of the step, and the
+    accumulation that makes up the rest (None when not even one sequence fits)."""
+    micro = next((m for m in range(min(largest, per_rank_sequences), 0, -1) if per_rank_sequences % m == 0), 0)
+    return BatchLayout(micro, per_rank_sequences // micro, ranks, seq_len) if micro else None
+
+
+# --- time -------------------------------------------------------------------------------------------------------
+
+# Model FLOPs utilisation assumed for a GPU run (`--mfu` and the live MFU replace it). Public GPT-2 124M
+# runs in PyTorch sustain 35-40% by gptcli's FLOP count (855 MFLOPs per token at T = 1024): 1.1M tokens/s
+# on 8 A100s, and llm.c's 10B tokens in 45 minutes on 8 H100s. A first run through DeepSpeed, with its
+# bucket copies and an untuned micro batch, sits lower: 30%.
+TYPICAL_MFU = 0.3
+# Data sheets: fp32 without tensor cores is about 1/16 of the dense bf16 peak (A100 19.5 vs 312 TFLOP/s,
+# H100 SXM 67 vs 989).
+FP32_FRACTION = 1 / 16
+# Training on a CPU reaches about half the rate of a large square fp32 matmul (measured on 2 cores:
+# nano ~54 and GPT-2 124M ~56 GFLOP/s against ~110 for 1024×1024 matmuls); 0.4 keeps the estimate on
+# the long side rather than the short one.
+CPU_TRAINING_EFFICIENCY = 0.4
+# Start-up and finish of `gpt train` (seconds), besides the steps; bench/train_startup.py measures the CPU
+# terms (docs/benchmarks.md). DeepSpeed's import and the engine's start, on the CPU; the first CPU run on a
+# machine also compiles DeepSpeed's shared-memory communication op; a GPU run compiles the model
+# (torch.compile: about a minute for GPT-2 sized models, not measured here).
+STARTUP_SECONDS = {"cpu": 15.0, "cuda": 20.0}
+OP_BUILD_SECONDS = 90.0
+COMPILE_SECONDS = 60.0
+
+
+def sustained_flops(training: Training, peak_flops: Optional[float], mfu: float,
+                    cpu_flops: Optional[float]) -> Optional[float]:
+    """FLOP/s the whole run can be expected to sustain: on a CPU the measured matmul rate × 0.4 per rank, on
+    a GPU its peak × MFU (fp32, or bf16 on a GPU without bf16 tensor cores: 1/16 of the peak) × ranks."""
+    if training.device == "cpu":
+        return None if cpu_flops is None else cpu_flops * CPU_TRAINING_EFFICIENCY * training.ranks
+    if peak_flops is None:
+        return None
+    return peak_flops * mfu * training.ranks
+
+
+def startup_seconds(device: str, compile_model: bool, op_build_pending: bool) -> dict[str, float]:
+    terms = {"DeepSpeed and the engine": STARTUP_SECONDS[device]}
+    if op_build_pending:
+        terms["building DeepSpeed's CPU communication op (first run on this machine)"] = OP_BUILD_SECONDS
+    if compile_model:
+        terms["torch.compile"] = COMPILE_SECONDS
+    return terms
+
+
+# --- the plan of a run ------------------------------------------------------------------------------------------
+
+
+def model_name(config: ModelConfig) -> str:
+    """The preset's name only when the model has that preset's shape; otherwise "custom" (with the
+    preset it started from, or the preset it happens to equal)."""
+    from .presets import PRESETS
+
+    shape = config.architecture_dict()
+    if config.preset in PRESETS:
+        if preset_model(config.preset).architecture_dict() == shape:
+            return config.preset
+        return f"custom (changed from {config.preset})"
+    same = [name for name in PRESETS if preset_model(name).architecture_dict() == shape]
+    return f"custom (the shape of {same[0]})" if same else "custom"
+
+
+def preset_model(name: str, vocab_size: Optional[int] = None) -> ModelConfig:
+    from .config import project_from_dict
+
+    model = {"preset": name} if vocab_size is None else {"preset": name, "vocab_size": vocab_size}
+    return project_from_dict({"model": model}).model
+
+
+@dataclass
+class RunPlan:
+    """A training run as the project sets it up, before anything is built: what it trains, the memory per
+    GPU at its micro batch, what fits, and how long it takes."""
+
+    model_name: str
+    parameters: int  # as `gpt inspect-params` counts them
+    training: Training
+    layout: BatchLayout
+    steps: int  # still to run
+    eval_tokens: int  # forward-only tokens of the evaluations still to run
+    flops_per_token: int
+    memory: MemoryPlan
+    steps_done: int = 0
+    resume_tag: Optional[str] = None
+    context_counted: bool = False  # the capacity is free memory a live process saw, its context taken
+    capacity: Optional[int] = None  # bytes per GPU the plan is held against
+    capacity_source: str = ""
+    gpu: Optional[Gpu] = None
+    largest: dict[bool, int] = field(default_factory=dict)  # checkpointing → the largest micro batch that fits
+    suggestion: Optional[BatchLayout] = None  # the largest micro batch that fits, for the configured step
+    rate: Optional[float] = None  # FLOP/s of the whole run
+    rate_source: str = ""
+    mfu: Optional[float] = None
+    startup: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.layout.tokens_per_step
+
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens_per_step * self.steps
+
+    @property
+    def total_flops(self) -> float:
+        # An evaluation token is a forward pass only: a third of the 6N training FLOPs.
+        return float(self.flops_per_token) * (self.total_tokens + self.eval_tokens / 3)
+
+    @property
+    def step_seconds(self) -> Optional[float]:
+        return None if not self.rate else self.flops_per_token * self.tokens_per_step / self.rate
+
+    @property
+    def train_seconds(self) -> Optional[float]:
+        return None if not self.rate else self.total_flops / self.rate
+
+    @property
+    def startup_seconds(self) -> float:
+        return sum(self.startup.values())
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.capacity is None else self.memory.required <= self.capacity
+
+
+def per_rank_sequences(project: Project, ranks: int, seq_len: int) -> int:
+    """Sequences each rank runs per optimizer step: micro batch × accumulation, or a rank's share of
+    train.global_batch_tokens."""
+    train = project.train
+    if not train.global_batch_tokens:
+        return train.micro_batch_size * train.grad_accum_steps
+    per_step = seq_len * ranks
+    if train.global_batch_tokens % per_step:
+        raise GptError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
+                       f"seq_len × ranks = {seq_len} × {ranks} = {per_step:,}.")
+    return train.global_batch_tokens // per_step
+
+
+def chosen_micro_batch(micro_batch, per_rank: int, configured: int, largest: dict[bool, int],
+                       checkpointing: bool) -> int:
+    """The micro batch to plan: the configured one, a number given, or "auto" (the largest that fits and
+    divides a rank's share of the step)."""
+    if micro_batch is None:
+        return configured
+    if micro_batch == "auto":
+        if not largest:
+            raise GptError("--micro-batch auto needs the GPU's memory: give --gpu NAME or --gpu-memory SIZE.")
+        micro = next((m for m in range(min(largest[checkpointing], per_rank), 0, -1) if per_rank % m == 0), 0)
+        return micro or 1
+    if per_rank % micro_batch:
+        raise GptError(f"--micro-batch {micro_batch} does not divide the {per_rank} sequences each rank runs per "
+                       "step (train.micro_batch_size × grad_accum_steps, or train.global_batch_tokens).")
+    return micro_batch
+
+
+def steps_and_evaluations(project: Project, layout: BatchLayout, done: int) -> tuple[int, int, int]:
+    """(optimizer steps still to run, forward-only tokens of the evaluations still to run, steps done)."""
+    train = project.train
+    steps = train.max_steps
+    if train.max_tokens > 0:
+        steps = min(steps, math.ceil(train.max_tokens / layout.tokens_per_step))
+    done = min(done, steps)
+    eval_tokens = 0
+    if train.eval_every > 0 and steps > done:
+        # every eval_every steps, and at the end
+        evaluations = steps // train.eval_every - done // train.eval_every + (steps % train.eval_every > 0)
+        eval_tokens = evaluations * train.eval_batches * layout.micro_batch_size * layout.seq_len * layout.world_size
+    return steps - done, eval_tokens, done
+
+
+def plan_run(project: Project, *, device: str = "cuda", ranks: int = 1, precision: Optional[str] = None,
+             gpu: Optional[Gpu] = None, capacity: Optional[int] = None, capacity_source: str = "",
+             peak_flops: Optional[float] = None, mfu: Optional[float] = None, micro_batch=None,
+             cpu_flops: Optional[float] = None, resume: Optional[tuple[str, int]] = None,
+             op_build_pending: bool = False, compile_model: bool = False,
+             model: Optional[ModelConfig] = None, context_counted: bool = False) -> RunPlan:
+    """The plan of `project` on `ranks` ranks of `device` (or of the same run with another `model`).
+    capacity: bytes per GPU to hold the plan against (a GPU's memory, or what is free). micro_batch: None
+    (as configured), a number, or "auto". resume: (checkpoint tag, its step) the run continues from."""
+    precision = precision or precision_for(project, device, gpu.bf16 if gpu else True)
+    training = training_for(project, device, ranks, precision)
+    if model is not None:
+        training = dataclasses.replace(training, model=model, seq_len=min(training.seq_len, model.block_size))
+    per_rank = per_rank_sequences(project, ranks, training.seq_len)
+    largest = {} if capacity is None else {
+        c: largest_micro_batch(training, capacity, c, context_counted=context_counted) for c in (False, True)}
+    micro = chosen_micro_batch(micro_batch, per_rank, min(project.train.micro_batch_size, per_rank), largest,
+                               training.checkpointing)
+    layout = BatchLayout(micro, max(1, per_rank // micro), ranks, training.seq_len)
+    steps, eval_tokens, done = steps_and_evaluations(project, layout, resume[1] if resume else 0)
+    mfu = TYPICAL_MFU if mfu is None else mfu
+    peak = peak_flops or (project.train.peak_tflops * 1e12 if project.train.peak_tflops else None) or (
+        gpu.peak_flops if gpu else None)
+    if peak and (precision == "fp32" or (gpu is not None and not gpu.bf16 and precision == "bf16")):
+        peak *= FP32_FRACTION
+    rate = sustained_flops(training, peak, mfu, cpu_flops)
+    source = "measured on this CPU" if device == "cpu" else f"{mfu:.0%} of peak"
+    return RunPlan(
+        model_name=model_name(training.model), parameters=sum(parameter_components(training.model).values()),
+        training=training, layout=layout, steps=steps, eval_tokens=eval_tokens,
+        flops_per_token=flops_per_token(training.model, training.seq_len),
+        memory=memory_plan(training, micro, grad_accum_steps=layout.grad_accum_steps, context_counted=context_counted),
+        steps_done=done, resume_tag=resume[0] if resume else None, context_counted=context_counted,
+        capacity=capacity, capacity_source=capacity_source, gpu=gpu, largest=largest,
+        suggestion=layouts_for(per_rank, ranks, training.seq_len, largest[training.checkpointing]) if largest else None,
+        rate=rate, rate_source=source, mfu=mfu if device == "cuda" else None,
+        startup=startup_seconds(device, compile_model, op_build_pending))
+
+
+def fitting_change(project: Project, plan: RunPlan) -> str:
+    """The smallest change to the project that makes `plan` fit its capacity, in words with the keys to set:
+    a smaller micro batch with more accumulation (the step unchanged), activation checkpointing, a higher
+    ZeRO stage, the optimizer state in CPU memory; or what is left when none does."""
+    training, capacity = plan.training, plan.capacity
+    per_rank = plan.layout.micro_batch_size * plan.layout.grad_accum_steps
+    for checkpointing in (training.checkpointing, True):
+        best = layouts_for(per_rank, training.ranks, training.seq_len,
+                           largest_micro_batch(training, capacity, checkpointing, context_counted=plan.context_counted))
+        if best is not None:
+            keys = [f"train.micro_batch_size = {best.micro_batch_size}"]
+            if not project.train.global_batch_tokens:
+                keys.append(f"train.grad_accum_steps = {best.grad_accum_steps}")
+            if checkpointing and not training.checkpointing:
+                keys.append("train.activation_checkpointing = true")
+            return f"{' with '.join(keys)} (the same {per_rank} sequences per rank per step)"
+    for stage in range(training.zero_stage + 1, 4):
+        staged = dataclasses.replace(training, zero_stage=stage, checkpointing=True)
+        if memory_plan(staged, 1, context_counted=plan.context_counted).required <= capacity:
+            return f"deepspeed.zero_stage = {stage} with train.activation_checkpointing = true and a micro batch of 1"
+    offloaded = dataclasses.replace(training, zero_stage=3, checkpointing=True, offload_optimizer=True)
+    if memory_plan(offloaded, 1, context_counted=plan.context_counted).required <= capacity:
+        return ("deepspeed.zero_stage = 3 with deepspeed.offload_optimizer = true, activation checkpointing and a "
+                "micro batch of 1")
+    return "none of micro batch 1, activation checkpointing, ZeRO-3 and offloading fits: more GPUs, larger ones or a smaller model"
+
+
+# --- in words -----------------------------------------------------------------------------------------------------
+
+
+def human_count(n: float) -> str:
+    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= limit:
+            return f"{n / limit:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 60:
+        return "under a minute"
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"about {round(minutes)} minute{'s' if round(minutes) != 1 else ''}"
+    hours = minutes / 60
+    if hours < 48:
+        return f"about {hours:.0f} hours" if hours >= 10 else f"about {hours:.1f} hours"
+    return f"about {hours / 24:.0f} days"
+
+
+def gib(size: float) -> str:
+    """A size in GiB, or MiB below one GiB."""
+    return f"{size / GiB:.1f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB"
+
+
+def memory_line(plan: RunPlan) -> str:
+    """Peak memory per GPU (per rank on a CPU) by its largest terms, against the capacity when there is one."""
+    terms = sorted(plan.memory.peak_phase.terms.items(), key=lambda item: -item[1])
+    shown = ", ".join(f"{term} {gib(size)}" for term, size in terms[:4])
+    if plan.training.device == "cpu":
+        return f"memory per rank: about {gib(plan.memory.peak)} at the peak ({shown})"
+    line = (f"memory per GPU: {gib(plan.memory.peak)} at the peak ({shown}) + {gib(plan.memory.allowance)} "
+            f"allowance = {gib(plan.memory.required)}")
+    if plan.capacity is not None:
+        line += f" of {gib(plan.capacity)} {plan.capacity_source}: {'fits' if plan.fits else 'does not fit'}"
+    return line
+
+
+def plan_summary(plan: RunPlan) -> list[str]:
+    """The plan's batch, micro batches that fit, and time, as `gpt inspect-params` prints them."""
+    training, layout = plan.training, plan.layout
+    where = f"{training.ranks} × {plan.gpu.name}" if plan.gpu else f"{training.ranks} GPU(s)"
+    lines = [f"plan: {where}, {training.precision}, ZeRO stage {training.zero_stage}"
+             f"{', activation checkpointing' if plan.memory.checkpointing else ''}; micro batch "
+             f"{layout.micro_batch_size} × {layout.grad_accum_steps} accumulation × {training.ranks} GPU(s) × "
+             f"{layout.seq_len:,} tokens = {plan.tokens_per_step:,} tokens per step"]
+    if plan.largest:
+        lines.append(f"largest micro batch that fits: {plan.largest[False]} (with activation checkpointing: "
+                     f"{plan.largest[True]})")
+    if plan.suggestion is not None:
+        per_rank = layout.micro_batch_size * layout.grad_accum_steps
+        lines.append(f"for the {per_rank} sequences per GPU of a step: micro batch {plan.suggestion.micro_batch_size} "
+                     f"× {plan.suggestion.grad_accum_steps} accumulation")
+    if plan.rate:
+        lines.append(f"time: {plan.step_seconds:.3g} s per step at {plan.mfu:.0%} MFU; {plan.steps:,} steps "
+                     f"{human_duration(plan.train_seconds)} + start-up {human_duration(plan.startup_seconds)}")
+    else:
+        lines.append("time: give --gpu NAME (or [train] peak_tflops) for an estimate")
+    return lines

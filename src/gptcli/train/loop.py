@@ -39,7 +39,7 @@ from .faults import Faults, corrupt
 from .lock import RunDirClaim
 from .metrics import MetricsWriter, model_flops_per_token, peak_flops, truncate_metrics
 from .phases import deepspeed_phase, show_phase, training_starts
-from .preflight import announce
+from .preflight import evaluation_batch, preflight
 from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
 from .signals import StopRequest
@@ -117,7 +117,13 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
     device = device_type(project)
     prepare_environment(device)
     fresh = options.overfit_batch or options.restart
-    announce(project, device, "never" if fresh else options.resume)  # the plan and its estimate
+    # The checks, the plan and its estimate, before anything slow.
+    checked = preflight(project, device, "never" if fresh else options.resume, overfit=options.overfit_batch)
+    if checked.finished:  # nothing to train: pre-flight said how to train further
+        run_dir = Path(project.project.out_dir)
+        model_dir = run_dir / checkpoint.MODEL_DIR
+        return TrainResult(run_dir=run_dir, step=checked.plan.steps_done,
+                           model_dir=model_dir if model_dir.is_dir() else None)
     show_phase("loading DeepSpeed")
     with RunDirClaim() as claim:  # the run dir's lock, taken in setup(), is given back on every way out
         run = setup(project, options, device, claim)
@@ -213,8 +219,12 @@ def make_loaders(project: Project, data, layout: BatchLayout, rank: int,
         if rank == 0:
             print(f"note: {data.directory} has no val shards; evaluation is off.", file=sys.stderr)
         return loader, None
-    return loader, BatchLoader(data, "val", layout.micro_batch_size, layout.seq_len, rank=rank, world_size=world,
-                               seed=seed, shuffle=False)
+    # A val split smaller than one batch is evaluated on what it holds (pre-flight said so).
+    batch = evaluation_batch(data.num_tokens("val"), layout.seq_len, layout.micro_batch_size, world)
+    if batch == 0:
+        return loader, None
+    return loader, BatchLoader(data, "val", batch, layout.seq_len, rank=rank, world_size=world, seed=seed,
+                               shuffle=False)
 
 
 def seed_everything(seed: int) -> None:
