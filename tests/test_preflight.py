@@ -249,7 +249,7 @@ def test_a_run_that_does_not_fit_the_gpu_names_the_change_that_would(tmp_path):
     assert "per GPU" in message and "16.0 GiB is free on cuda:0" in message
     proj = project([*NANO_RUN, *overrides])
     training = planner.training_for(proj, "cuda", 1, "bf16")
-    largest = planner.largest_micro_batch(training, 16 * 2**30, False, context_counted=True)
+    largest = planner.largest_micro_batch(training, 16 * 2**30, False, context_counted=True, per_rank=128)
     best = max(m for m in range(1, largest + 1) if 128 % m == 0)
     assert f"train.micro_batch_size = {best} with train.grad_accum_steps = {128 // best}" in message
     assert "--set train.memory_check=false" in message

@@ -157,11 +157,10 @@ class PlanRequest:
         return any(value is not None for value in (self.gpu, self.gpu_memory, self.micro_batch, self.mfu))
 
 
-def plan_for_project(project: Project, gpus: int, request: PlanRequest) -> RunPlan:
-    """The planner's view of the project's run on `gpus` GPUs of the kind asked for."""
+def plan_for_project(project: Project, gpus: int, options: dict) -> RunPlan:
+    """The planner's view of the project's run on `gpus` GPUs (options: PlanRequest.resolved())."""
     from .planner import plan_run
 
-    options = request.resolved()
     return plan_run(project, device="cuda", ranks=gpus, compile_model=project.train.compile is not False, **options)
 
 
@@ -171,6 +170,7 @@ def inspect_command(preset: Optional[str], project: Optional[Path], overrides: l
     neither a project file nor overrides, every preset side by side. The report carries the plan of the
     project's run (memory per GPU, micro batch, time) on `gpus` GPUs."""
     request = request or PlanRequest()
+    options = request.resolved()  # a bad option is said before anything is imported or built
     if preset is not None:
         config = project_from_dict(apply_overrides({"model": {"preset": preset}}, overrides))
     elif project_file(project) is None and not overrides:
@@ -180,7 +180,7 @@ def inspect_command(preset: Optional[str], project: Optional[Path], overrides: l
         return compare_presets(gpus)
     else:
         config = load_project(project, overrides)
-    plan = plan_for_project(config, gpus, request)
+    plan = plan_for_project(config, gpus, options)
     report = inspect_parameters(config.model, gpus=gpus, seq_len=plan.training.seq_len)
     report.plan = plan
     return report

@@ -92,8 +92,9 @@ class ActivationEstimate:
 
     @property
     def at_head(self) -> int:
-        """In lm_head's backward: everything kept, the logits' gradient and lm_head's weight gradient."""
-        return self.kept + self.transients["head backward"]
+        """In lm_head's backward: the blocks' activations, the logits' gradient and lm_head's weight gradient
+        (what the loss kept is released once its own backward has run)."""
+        return self.kept - self.terms["loss"] + self.transients["head backward"]
 
     @property
     def in_blocks(self) -> int:
@@ -216,7 +217,7 @@ def activation_memory(config: ModelConfig, shape: ActivationShape) -> Activation
              "final norm and head": head, "loss": kept_loss + B * T * INDEX}  # + the targets
     # With checkpointing, the block being recomputed holds its activations again while its backward runs.
     block_backward = per_layer if shape.checkpointing else block_backward_bytes(config, shape)
-    head_backward = B * T * config.vocab_size * b + config.padded_vocab_size * C * b
+    head_backward = B * T * config.padded_vocab_size * b + config.padded_vocab_size * C * b
     return ActivationEstimate(terms=terms, per_layer=per_layer,
                               transients={"loss forward": loss_forward, "loss backward": loss_backward,
                                           "head backward": head_backward, "block backward": block_backward})
@@ -755,10 +756,14 @@ def memory_plan(training: Training, micro_batch: int, checkpointing: Optional[bo
 
 
 def largest_micro_batch(training: Training, capacity: int, checkpointing: bool, limit: int = 1 << 16,
-                        context_counted: bool = False) -> int:
-    """The largest micro batch whose plan fits in `capacity` bytes (0: not even one sequence)."""
+                        context_counted: bool = False, per_rank: Optional[int] = None) -> int:
+    """The largest micro batch whose plan fits in `capacity` bytes (0: not even one sequence). `per_rank`:
+    the sequences a rank runs per step; a smaller micro batch accumulates gradients (held between micro
+    batches), which is assumed when it is not given."""
     def fits(batch: int) -> bool:
-        return memory_plan(training, batch, checkpointing, context_counted=context_counted).required <= capacity
+        accumulating = per_rank is None or batch < per_rank
+        return memory_plan(training, batch, checkpointing, grad_accum_steps=2 if accumulating else 1,
+                           context_counted=context_counted).required <= capacity
 
     if not fits(1):
         return 0
@@ -962,7 +967,8 @@ def plan_run(project: Project, *, device: str = "cuda", ranks: int = 1, precisio
         training = dataclasses.replace(training, model=model, seq_len=min(training.seq_len, model.block_size))
     per_rank = per_rank_sequences(project, ranks, training.seq_len)
     largest = {} if capacity is None else {
-        c: largest_micro_batch(training, capacity, c, context_counted=context_counted) for c in (False, True)}
+        c: largest_micro_batch(training, capacity, c, context_counted=context_counted, per_rank=per_rank)
+        for c in (False, True)}
     micro = chosen_micro_batch(micro_batch, per_rank, min(project.train.micro_batch_size, per_rank), largest,
                                training.checkpointing)
     layout = BatchLayout(micro, max(1, per_rank // micro), ranks, training.seq_len)
@@ -994,7 +1000,8 @@ def fitting_change(project: Project, plan: RunPlan) -> str:
     per_rank = plan.layout.micro_batch_size * plan.layout.grad_accum_steps
     for checkpointing in (training.checkpointing, True):
         best = layouts_for(per_rank, training.ranks, training.seq_len,
-                           largest_micro_batch(training, capacity, checkpointing, context_counted=plan.context_counted))
+                           largest_micro_batch(training, capacity, checkpointing, context_counted=plan.context_counted,
+                                               per_rank=per_rank))
         if best is not None:
             keys = [f"train.micro_batch_size = {best.micro_batch_size}"]
             if not project.train.global_batch_tokens:
