@@ -69,8 +69,21 @@ def cuda_peak(fn):
     return out, torch.cuda.max_memory_allocated()
 
 
-def measure(overrides: list[str], device: str) -> dict:
-    """Build the engine of `overrides`, run 2 optimizer steps, return measured and planned bytes."""
+def measure(overrides: list[str], device: str, cap: int = 0) -> dict:
+    """Build the engine of `overrides`, run 2 optimizer steps, return measured and planned bytes. `cap`:
+    on a GPU, limit this process's allocations to that many bytes (a smaller GPU); an out-of-memory error is
+    then reported as {"out_of_memory": true}."""
+    import torch
+
+    if cap:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory))
+    try:
+        return measure_steps(overrides, device)
+    except torch.cuda.OutOfMemoryError:
+        return {"overrides": overrides, "device": device, "out_of_memory": True}
+
+
+def measure_steps(overrides: list[str], device: str) -> dict:
     import torch
 
     from gptcli import planner
@@ -108,13 +121,13 @@ def measure(overrides: list[str], device: str) -> dict:
             "planned_peak": plan.peak}
 
 
-def run_one(overrides: list[str], device: str) -> dict:
+def run_one(overrides: list[str], device: str, cap: int = 0) -> dict:
     """`measure` in a fresh process: DeepSpeed's engines keep global state, so one per process."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
-    result = subprocess.run([sys.executable, __file__, "--in-process", "--device", device, " ".join(overrides)],
-                            capture_output=True, text=True, env=env, timeout=900)
+    command = [sys.executable, __file__, "--in-process", "--device", device, "--cap", str(cap), shlex.join(overrides)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"{overrides}: exit {result.returncode}: {result.stderr[-2000:]}")
@@ -126,6 +139,7 @@ def main() -> None:
     parser.add_argument("configs", nargs="+", help='each a quoted list of overrides: "model.preset=nano ..."')
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration")
+    parser.add_argument("--cap", type=int, default=0, help="GPU: limit the process to this many bytes")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process:
@@ -136,10 +150,10 @@ def main() -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo" if args.device == "cpu" else "nccl")
-        print(json.dumps(measure(shlex.split(args.configs[0]), args.device)))
+        print(json.dumps(measure(shlex.split(args.configs[0]), args.device, args.cap)))
         return
     for config in args.configs:
-        row = run_one(shlex.split(config), args.device)
+        row = run_one(shlex.split(config), args.device, args.cap)
         if args.json:
             print(json.dumps(row))
             continue

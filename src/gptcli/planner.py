@@ -798,11 +798,13 @@ FP32_FRACTION = 1 / 16
 # nano ~54 and GPT-2 124M ~56 GFLOP/s against ~110 for 1024×1024 matmuls); 0.4 keeps the estimate on
 # the long side rather than the short one.
 CPU_TRAINING_EFFICIENCY = 0.4
-# Start-up and finish of `gpt train` (seconds), besides the steps; bench/train_startup.py measures the CPU
-# terms (docs/benchmarks.md). DeepSpeed's import and the engine's start, on the CPU; the first CPU run on a
-# machine also compiles DeepSpeed's shared-memory communication op; a GPU run compiles the model
-# (torch.compile: about a minute for GPT-2 sized models, not measured here).
-STARTUP_SECONDS = {"cpu": 15.0, "cuda": 20.0}
+# The seconds of `gpt train` besides its steps. CPU: measured by bench/train_startup.py on 2 shared cores
+# (docs/benchmarks.md): about 18 s to the first step (DeepSpeed's import 5 s, its engine 8 s) and 16 s
+# after the last (the final checkpoint, the consolidated model, loss.png); the first run on a machine also
+# compiles DeepSpeed's shared-memory communication op, about 90 s on 2 idle cores (261 s measured on busy
+# ones). GPU (not measured here): the same parts with NCCL's start, and torch.compile, about a minute for
+# GPT-2 sized models.
+STARTUP_SECONDS = {"cpu": 30.0, "cuda": 30.0}
 OP_BUILD_SECONDS = 90.0
 COMPILE_SECONDS = 60.0
 
@@ -819,7 +821,7 @@ def sustained_flops(training: Training, peak_flops: Optional[float], mfu: float,
 
 
 def startup_seconds(device: str, compile_model: bool, op_build_pending: bool) -> dict[str, float]:
-    terms = {"DeepSpeed and the engine": STARTUP_SECONDS[device]}
+    terms = {"DeepSpeed, the engine, the last checkpoint": STARTUP_SECONDS[device]}
     if op_build_pending:
         terms["building DeepSpeed's CPU communication op (first run on this machine)"] = OP_BUILD_SECONDS
     if compile_model:
