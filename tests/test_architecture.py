@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def modules(*globs: str) -> list[Path]:
 
 LOWER_LAYERS = ["model.py", "config.py", "presets.py", "errors.py", "fsutil.py", "tokenizer.py",
                 "tokenizer_files.py", "openai_bpe.py", "modeldir.py", "runtime.py", "generate.py",
-                "evaluate.py", "inspect.py", "data/*.py", "hf/*.py"]
+                "evaluate.py", "inspect.py", "planner.py", "data/*.py", "hf/*.py"]
 
 
 @pytest.mark.parametrize("path", modules(*LOWER_LAYERS), ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -55,6 +56,16 @@ def test_the_rule_sees_imports_it_should_refuse():
 def test_the_model_and_data_layers_do_not_import_the_cli():
     for path in modules("model.py", "data/*.py", "hf/*.py", "train/*.py"):
         assert "gptcli.cli" not in imports_of(path), path
+
+
+def test_the_planner_is_arithmetic_without_torch():
+    """inspect-params and pre-flight ask it before anything heavy is imported."""
+    code = ("import sys, gptcli.planner as p; from gptcli.config import project_from_dict; "
+            "p.plan_run(project_from_dict({'model': {'preset': 'gpt2'}}), gpu=p.find_gpu('H100'), capacity=80 << 30); "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'numpy') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}  # this checkout's src, not an installed gptcli
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_the_cli_starts_without_torch_or_deepspeed():

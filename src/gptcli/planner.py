@@ -109,7 +109,7 @@ def block_activation_bytes(config: ModelConfig, shape: ActivationShape) -> int:
     input (1), the second residual and its norm (2), the MLP's hidden state before and after the activation
     (2r, or r for ReLU, which keeps only its output, also c_proj's input). Then the kernel's own, the masks
     and the LayerNorm statistics."""
-    B, T, C, H = shape.batch, shape.seq_len, config.n_embd, config.n_head
+    B, T, H = shape.batch, shape.seq_len, config.n_head
     b, btc = shape.dtype_bytes, shape.batch * shape.seq_len * config.n_embd
     hidden = config.mlp_ratio * (1 if config.activation == "relu" else 2)
     kernel = attention_kernel(config, shape)
