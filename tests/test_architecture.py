@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,8 @@ def imports_of(path: Path, text: str | None = None) -> set[str]:
 
 # docs/architecture.md's layers, lowest first. A module may import its own layer and the ones below it.
 LAYERS = {
-    "foundation": ["__init__.py", "errors.py", "locks.py", "fsutil.py", "machine.py", "presets.py", "config.py"],
+    "foundation": ["__init__.py", "errors.py", "locks.py", "fsutil.py", "machine.py", "presets.py", "config.py",
+                   "planner.py"],
     "text and the model": ["tokenizer.py", "tokenizer_files.py", "openai_bpe.py", "model.py", "modeldir.py",
                            "inspect.py", "data/*.py"],
     "using a model": ["runtime.py", "generate.py", "evaluate.py", "hf/*.py"],
@@ -104,6 +106,16 @@ def test_the_rule_sees_imports_it_should_refuse():
     assert "gptcli.data.shards" in names and "gptcli.errors" in names  # `from .shards`, `from ..errors`
     lazy = "def f():\n    from ..train import loop\n    import deepspeed\n"
     assert {"gptcli.train", "gptcli.train.loop", "deepspeed"} <= imports_of(PACKAGE / "hf" / "probe.py", lazy)
+
+
+def test_the_planner_is_arithmetic_without_torch():
+    """inspect-params and pre-flight ask it before anything heavy is imported."""
+    code = ("import sys, gptcli.planner as p; from gptcli.config import project_from_dict; "
+            "p.plan_run(project_from_dict({'model': {'preset': 'gpt2'}}), gpu=p.find_gpu('H100'), capacity=80 << 30); "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'numpy') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}  # this checkout's src, not an installed gptcli
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_the_cli_starts_without_torch_or_deepspeed():

@@ -101,7 +101,7 @@ def test_a_tracker_that_is_not_installed_is_one_sentence_before_anything_slow(mo
         raise AssertionError("the CPU was measured before the missing package was named")
 
     with pytest.raises(GptError) as error:
-        preflight.announce(proj, "cpu", "never", measure_cpu=measure_cpu)
+        preflight.preflight(proj, "cpu", "never", measure_cpu=measure_cpu)
     assert str(error.value) == ('train.trackers asks for wandb, mlflow, but no_such_module_for_gptcli_tests and '
                                 'no_such_module_for_gptcli_tests_either are not installed: pip install '
                                 '"gptcli[wandb,mlflow]".')

@@ -146,23 +146,39 @@ def inspect_params(
         help="A preset name (--set may change it); default: the project's [model], or every preset without a project.")] = None,
     project: ProjectOpt = None,
     overrides: SetOpt = None,
-    gpus: Annotated[int, typer.Option(min=1, help="Data-parallel GPUs for the ZeRO memory estimate.")] = 1,
+    gpus: Annotated[int, typer.Option(min=1, help="Data-parallel GPUs for the ZeRO memory estimate and the plan.")] = 1,
+    gpu: Annotated[Optional[str], typer.Option(
+        "--gpu", help="Plan for this GPU: H100-80GB, H100-PCIe, H200, A100-40GB, A100-80GB, L40S, L4, A10G, "
+        "RTX-4090, RTX-3090, V100-16GB, ... (its memory and bf16 peak).", show_default=False)] = None,
+    gpu_memory: Annotated[Optional[str], typer.Option(
+        "--gpu-memory", help="Memory of one GPU, e.g. 80GiB or 24GB (instead of, or over, --gpu's).",
+        show_default=False)] = None,
+    micro_batch: Annotated[Optional[str], typer.Option(
+        "--micro-batch", help='Plan at this micro batch, or "auto": the largest that fits (default: [train] '
+        "micro_batch_size).", show_default=False)] = None,
+    mfu: Annotated[Optional[float], typer.Option(
+        "--mfu", help="Model FLOPs utilisation for the time estimate (default 0.3; see docs/planning.md).",
+        show_default=False)] = None,
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Parameter counts per component against the reference, FLOPs per token, ZeRO memory per GPU."""
+    """Parameter counts per component against the reference, FLOPs per token, ZeRO memory per GPU, and the
+    plan of the run: peak memory per GPU by term, the largest micro batch that fits, and the time."""
     if list_presets:
         from .presets import PRESETS
 
         return show_presets(PRESETS, as_json)
-    from .inspect import PresetComparison, inspect_command
+    from .inspect import PlanRequest, PresetComparison, inspect_command
 
-    result = inspect_command(preset, project, overrides or [], gpus=gpus)
+    request = PlanRequest(gpu=gpu, gpu_memory=gpu_memory, micro_batch=micro_batch, mfu=mfu)
+    result = inspect_command(preset, project, overrides or [], gpus=gpus, request=request)
     if as_json:
         return emit_json(result.to_json())
     if isinstance(result, PresetComparison):
         return show_preset_comparison(result)
     show_parameter_report(result)
+    if result.plan is not None:
+        show_plan(result.plan)
 
 
 def show_presets(presets, as_json: bool) -> None:
@@ -219,6 +235,30 @@ def show_parameter_report(report) -> None:
         memory.add_column(stage.replace("zero", "ZeRO-"), justify="right")
     memory.add_row(*(f"{b / 2**30:.2f} GiB" for b in report.memory_per_gpu.values()))
     out.print(memory)
+
+
+def show_plan(plan) -> None:
+    """The plan of the run: memory per GPU at its peak by term, what fits, the time."""
+    from .planner import plan_summary
+
+    memory, training = plan.memory, plan.training
+    gib = 2**30
+    table = Table(title=f"memory per GPU at the peak ({memory.peak_phase.phase})")
+    table.add_column("term")
+    table.add_column("GiB", justify="right")
+    for term, size in memory.peak_phase.terms.items():
+        table.add_row(term, f"{size / gib:.2f}")
+    table.add_section()
+    table.add_row("peak (tensors allocated)", f"{memory.peak / gib:.2f}")
+    table.add_row("+ CUDA context, workspaces, fragmentation", f"{memory.allowance / gib:.2f}")
+    table.add_row("= needed", f"{memory.required / gib:.2f}")
+    if plan.capacity is not None:
+        verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
+        table.add_row(f"of {escape(plan.capacity_source)}", f"{plan.capacity / gib:.2f}", end_section=True)
+        table.add_row("", verdict)
+    out.print(table)
+    for line in plan_summary(plan):
+        out.print(escape(line), highlight=False, soft_wrap=True)
 
 
 # --- gpt prepare ----------------------------------------------------------------------------------------------

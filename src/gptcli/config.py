@@ -237,6 +237,8 @@ class TrainConfig(Section):
                                    "continues from its own checkpoints.", None)
     init_from_sha256: Optional[str] = doc("The sha256 init_from's weights file must have; unset: not checked "
                                           "(config.resolved.toml records the one used).", None)
+    memory_check: bool = doc("On a GPU, refuse to start when the planned memory per GPU exceeds its free memory "
+                             "(false: start anyway).", True)
 
     def check(self) -> None:
         if self.min_lr > self.lr:

@@ -1,5 +1,6 @@
-"""`gpt inspect-params`: parameter counts per component against the reference, FLOPs per token, and the
-model-state memory each ZeRO stage needs per GPU. Built on the meta device: no weights are allocated."""
+"""`gpt inspect-params`: parameter counts per component against the reference, FLOPs per token, the
+model-state memory each ZeRO stage needs per GPU, and, for the project's run, the planner's memory per GPU,
+micro batch and time (planner.py). Built on the meta device: no weights are allocated."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from .config import ModelConfig, apply_overrides, load_project, project_file, project_from_dict
+from .config import ModelConfig, Project, apply_overrides, load_project, project_file, project_from_dict
+from .errors import GptError
+from .planner import RunPlan, flops_per_token, zero_memory_per_gpu
 from .presets import PRESETS, Preset
-
-# Mixed-precision Adam keeps 16 bytes per parameter (Rajbhandari et al. 2020, ZeRO, section 3.1):
-# 2 (bf16/fp16 weights) + 2 (gradients) + 12 (fp32 master weights, momentum, variance).
-WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
 
 
 @dataclass
@@ -30,6 +29,7 @@ class ParameterReport:
     memory_per_gpu: dict[str, int]
     n_layer: int
     customised_from: Optional[str] = None  # the preset named in the config, when the shape is no longer its
+    plan: Optional[RunPlan] = None  # the project's run: memory per GPU, micro batch, time
 
     @property
     def matches(self) -> Optional[bool]:
@@ -40,25 +40,7 @@ class ParameterReport:
                 "components": self.components, "flops_per_token": self.flops_per_token,
                 "memory_per_gpu": self.memory_per_gpu, "gpus": self.gpus, "seq_len": self.seq_len,
                 "flops_parameters": self.flops_parameters, "source": self.source,
-                "customised_from": self.customised_from}
-
-
-def flops_per_token(config: ModelConfig, non_position_params: int, seq_len: int) -> int:
-    """Training FLOPs per token: 6N for the matmuls of forward+backward (Kaplan et al. 2020) plus
-    12·L·H·Q·T for attention scores and values (PaLM, Chowdhery et al. 2022, appendix B).
-    N excludes the position embedding (a lookup, not a matmul); the tied wte/lm_head is counted once."""
-    return 6 * non_position_params + 12 * config.n_layer * config.n_head * config.head_dim * seq_len
-
-
-def zero_memory_per_gpu(parameters: int, gpus: int) -> dict[str, int]:
-    """Model-state bytes per GPU for ZeRO stages 0-3 across `gpus` data-parallel ranks."""
-    p, g = parameters, gpus
-    return {
-        "zero0": p * (WEIGHT_BYTES + GRAD_BYTES + OPTIMIZER_BYTES),
-        "zero1": p * (WEIGHT_BYTES + GRAD_BYTES) + p * OPTIMIZER_BYTES // g,
-        "zero2": p * WEIGHT_BYTES + p * (GRAD_BYTES + OPTIMIZER_BYTES) // g,
-        "zero3": p * (WEIGHT_BYTES + GRAD_BYTES + OPTIMIZER_BYTES) // g,
-    }
+                "customised_from": self.customised_from, **({"plan": plan_json(self.plan)} if self.plan else {})}
 
 
 def preset_shape(config: ModelConfig) -> tuple[Optional[Preset], Optional[str]]:
@@ -118,7 +100,7 @@ def inspect_parameters(config: ModelConfig, gpus: int = 1, seq_len: Optional[int
     return ParameterReport(
         name=name or (preset.name if preset else "custom"), total=total,
         reference=preset.reference if preset else None, source=preset.source if preset else None,
-        components=components, flops_per_token=flops_per_token(config, non_position, seq_len),
+        components=components, flops_per_token=flops_per_token(config, seq_len),
         flops_parameters=non_position, seq_len=seq_len, gpus=gpus,
         memory_per_gpu=zero_memory_per_gpu(total, gpus), n_layer=config.n_layer, customised_from=customised_from,
     )
@@ -139,14 +121,91 @@ def compare_presets(gpus: int = 1) -> PresetComparison:
                              for name in PRESETS])
 
 
+@dataclass
+class PlanRequest:
+    """The options of `gpt inspect-params` that plan the project's run, validated in one place: they are
+    not project keys, so they are plain options rather than overrides."""
+
+    gpu: Optional[str] = None
+    gpu_memory: Optional[str] = None
+    micro_batch: Optional[str] = None  # a number or "auto"
+    mfu: Optional[float] = None
+
+    def resolved(self) -> dict:
+        """planner.plan_run's keyword arguments for these options; a bad one is one GptError sentence."""
+        from .planner import find_gpu, parse_memory
+
+        gpu = find_gpu(self.gpu) if self.gpu else None
+        capacity, source = (gpu.memory, f"{gpu.name} data sheet") if gpu else (None, "")
+        if self.gpu_memory is not None:
+            capacity, source = parse_memory(self.gpu_memory), "--gpu-memory"
+        if self.mfu is not None and not 0 < self.mfu <= 1:
+            raise GptError(f"--mfu must be a fraction in (0, 1], not {self.mfu:g}.")
+        return {"gpu": gpu, "capacity": capacity, "capacity_source": source, "mfu": self.mfu,
+                "micro_batch": self.micro_batch_value()}
+
+    def micro_batch_value(self):
+        text = self.micro_batch
+        if text is None or text == "auto":
+            return text
+        if not text.isdigit() or int(text) < 1:
+            raise GptError(f'--micro-batch must be a whole number of sequences or "auto", not "{text}".')
+        return int(text)
+
+    @property
+    def given(self) -> bool:
+        return any(value is not None for value in (self.gpu, self.gpu_memory, self.micro_batch, self.mfu))
+
+
+def plan_for_project(project: Project, gpus: int, options: dict) -> RunPlan:
+    """The planner's view of the project's run on `gpus` GPUs (options: PlanRequest.resolved())."""
+    from .planner import plan_run
+
+    return plan_run(project, device="cuda", ranks=gpus, compile_model=project.train.compile is not False, **options)
+
+
 def inspect_command(preset: Optional[str], project: Optional[Path], overrides: list[str],
-                    gpus: int = 1) -> Union[ParameterReport, PresetComparison]:
+                    gpus: int = 1, request: Optional[PlanRequest] = None) -> Union[ParameterReport, PresetComparison]:
     """`gpt inspect-params`: PRESET (with any --set overrides) when given; else the project's [model]; with
-    neither a project file nor overrides, every preset side by side."""
+    neither a project file nor overrides, every preset side by side. The report carries the plan of the
+    project's run (memory per GPU, micro batch, time) on `gpus` GPUs."""
+    request = request or PlanRequest()
+    options = request.resolved()  # a bad option is said before anything is imported or built
     if preset is not None:
         config = project_from_dict(apply_overrides({"model": {"preset": preset}}, overrides))
     elif project_file(project) is None and not overrides:
+        if request.given:
+            raise GptError("--gpu, --gpu-memory, --micro-batch and --mfu plan one model: name a preset "
+                           "(gpt inspect-params gpt2 --gpu H100-80GB) or a project (--project FILE).")
         return compare_presets(gpus)
     else:
         config = load_project(project, overrides)
-    return inspect_parameters(config.model, gpus=gpus)
+    plan = plan_for_project(config, gpus, options)
+    report = inspect_parameters(config.model, gpus=gpus, seq_len=plan.training.seq_len)
+    report.plan = plan
+    return report
+
+
+def plan_json(plan: RunPlan) -> dict:
+    """Everything the plan says, each size in bytes under a name that says what it is."""
+    memory = plan.memory
+    peak_terms = {term.replace(" ", "_"): size for term, size in memory.peak_phase.terms.items()}
+    return {
+        "device": "cuda", "gpu": plan.gpu.name if plan.gpu else None, "gpus": plan.training.ranks,
+        "precision": plan.training.precision, "zero_stage": plan.training.zero_stage,
+        "activation_checkpointing": memory.checkpointing,
+        "micro_batch": plan.layout.micro_batch_size, "grad_accum_steps": plan.layout.grad_accum_steps,
+        "seq_len": plan.layout.seq_len, "tokens_per_step": plan.tokens_per_step,
+        "memory": {"peak_phase": memory.peak_phase.phase, **peak_terms, "peak": memory.peak,
+                   "allowance": memory.allowance, "required": memory.required, "capacity": plan.capacity,
+                   "fits": plan.fits, "activations_kept": memory.activations.kept,
+                   "activations_per_layer": memory.activations.per_layer,
+                   "phases": {phase.phase: phase.total for phase in memory.phases}},
+        "largest_micro_batch": ({"without_checkpointing": plan.largest[False], "with_checkpointing": plan.largest[True]}
+                                if plan.largest else None),
+        "suggested": ({"micro_batch": plan.suggestion.micro_batch_size,
+                       "grad_accum_steps": plan.suggestion.grad_accum_steps} if plan.suggestion else None),
+        "time": {"mfu": plan.mfu, "peak_flops_per_gpu": plan.rate / plan.mfu / plan.training.ranks if plan.rate else None,
+                 "flops_per_step": plan.flops_per_token * plan.tokens_per_step, "seconds_per_step": plan.step_seconds,
+                 "steps": plan.steps, "train_seconds": plan.train_seconds, "startup_seconds": plan.startup_seconds},
+    }

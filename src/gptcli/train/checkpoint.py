@@ -290,12 +290,19 @@ def read_client_state(run_dir: Path, tag: str) -> dict:
 
 def check_architecture(client: dict, config: ModelConfig, tag: str) -> None:
     """A checkpoint resumes only into the architecture it was trained with; name the first difference."""
+    difference = architecture_difference(client, config)
+    if difference:
+        raise GptError(f"Cannot resume checkpoint {tag}: {difference} in the checkpoint.")
+
+
+def architecture_difference(client: dict, config: ModelConfig) -> Optional[str]:
+    """The first architecture key that differs between a checkpoint's client state and `config`, in words."""
     saved = client.get("architecture", {})
     current = config.architecture_dict()
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
-            raise GptError(f"Cannot resume checkpoint {tag}: model.{key} is {current.get(key)!r} in this project "
-                           f"but {saved.get(key)!r} in the checkpoint.")
+            return f"model.{key} is {current.get(key)!r} in this project but {saved.get(key)!r}"
+    return None
 
 
 def write_resolved_config(run_dir: Path, project: Project) -> None:

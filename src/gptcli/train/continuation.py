@@ -41,6 +41,7 @@ class Start:
     step: int = 0
     saved_ranks: Optional[int] = None
     saved_accumulation: Optional[int] = None
+    client: Optional[dict] = None  # the client state of checkpoint `tag`
     weights: Optional[WeightsSource] = None  # a fresh start from init_from
     init_from: Optional[dict] = None  # {"source", "location", "path", "sha256"}: the weights it started from
     notes: list[str] = field(default_factory=list)
@@ -82,7 +83,7 @@ def checkpoint_to_resume(project: Project, resume: str) -> Optional[tuple[str, d
 
 def continue_checkpoint(start: Start, tag: str, client: dict) -> None:
     project = start.project
-    start.tag, start.step = tag, int(client["step"])
+    start.tag, start.step, start.client = tag, int(client["step"]), client
     start.saved_ranks = int(client.get("world_size", start.ranks))
     start.init_from = client.get("init_from")
     project = checkpoint_project(project, client, tag)

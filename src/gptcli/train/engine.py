@@ -8,34 +8,15 @@ launcher gets the torch.distributed variables of a one-rank world (otherwise Dee
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 
 from ..config import ModelConfig, Project
 from ..errors import GptError
+from ..planner import BatchLayout, batch_layout, precision_for, training_model  # noqa: F401
 from .launch import free_port
-
-
-@dataclass
-class BatchLayout:
-    """How one optimizer step is made of sequences."""
-
-    micro_batch_size: int
-    grad_accum_steps: int
-    world_size: int
-    seq_len: int
-
-    @property
-    def sequences_per_step(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.sequences_per_step * self.seq_len
 
 
 def device_type(project: Project) -> str:
@@ -57,27 +38,10 @@ def prepare_environment(device: str) -> None:
 
 
 def resolve_precision(project: Project, device: str) -> str:
-    precision = project.train.precision
-    if precision == "auto":
-        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = precision_for(project, device, device == "cuda" and torch.cuda.is_bf16_supported())
     if precision == "fp16" and device == "cpu":
         raise GptError('train.precision "fp16" needs a GPU; use "fp32" (or "bf16") on the CPU.')
     return precision
-
-
-def batch_layout(project: Project, world_size: int) -> BatchLayout:
-    """micro × accumulation × ranks; with train.global_batch_tokens the accumulation is derived from it.
-    The loader checked seq_len and the batch without the ranks; how many ranks there are is known only now."""
-    train, seq_len = project.train, project.seq_len
-    accum = train.grad_accum_steps
-    if train.global_batch_tokens:
-        per_micro_step = train.micro_batch_size * seq_len * world_size
-        if train.global_batch_tokens % per_micro_step:
-            raise GptError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
-                           f"micro_batch_size × seq_len × ranks = {train.micro_batch_size} × {seq_len} × "
-                           f"{world_size} = {per_micro_step:,}.")
-        accum = train.global_batch_tokens // per_micro_step
-    return BatchLayout(train.micro_batch_size, accum, world_size, seq_len)
 
 
 def deepspeed_config(project: Project, layout: BatchLayout, precision: str) -> dict:
@@ -200,20 +164,9 @@ def prepare_device(device: str) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-# Presets with GPT-2's 50,257-token vocabulary; on a GPU they train with 50,304 embedding rows.
-GPT2_VOCAB_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
-GPU_VOCAB_MULTIPLE = 128
-
-
 def training_model_config(project: Project, device: str) -> ModelConfig:
-    """The model config a run trains: on a GPU, a GPT-2 preset left at vocab_multiple = 1 pads its
-    embedding to a multiple of 128 rows (50,257 → 50,304), so the vocabulary matmuls run on whole tensor-core
-    tiles. The padding rows are never looked up or predicted (logits are cut back to vocab_size), and
-    consolidation drops them, so counts, logits and the model dir are the same as without padding."""
-    model = project.model
-    if device == "cuda" and model.vocab_multiple == 1 and model.preset in GPT2_VOCAB_PRESETS:
-        return dataclasses.replace(model, vocab_multiple=GPU_VOCAB_MULTIPLE)
-    return model
+    """The model config a run trains (planner.training_model: GPT-2 presets padded to 50,304 rows on a GPU)."""
+    return training_model(project, device)
 
 
 def initialize(project: Project, model: torch.nn.Module, layout: BatchLayout, precision: str, device: str,

@@ -38,11 +38,11 @@ from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, in
                      parameter_groups, precision_note, prepare_device, prepare_environment, resolve_precision,
                      training_model_config)
 from .faults import Faults, corrupt
-from .lock import RunDirClaim
+from .lock import MODEL_DIR, RunDirClaim
 from .metrics import MetricsWriter, model_flops_per_token, peak_flops, truncate_metrics
 from .opbuild import prepare_cpu_comm_op
 from .phases import deepspeed_phase, show_phase, training_starts
-from .preflight import announce
+from .preflight import evaluation_batch, preflight
 from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
 from .stopping import StopRequest
@@ -125,7 +125,13 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
     fresh = options.overfit_batch or options.restart
     resume = "never" if fresh else options.resume
     start = prepare(project, resume, int(os.environ["WORLD_SIZE"]))  # weights or checkpoint; [model], the batch
-    announce(start.project, device, resume, start=start)  # the plan and its estimate
+    # The checks, the plan and its estimate, before anything slow.
+    checked = preflight(start.project, device, resume, overfit=options.overfit_batch, start=start)
+    if checked.finished:  # nothing to train: pre-flight said how to train further
+        run_dir = Path(project.project.out_dir)
+        model_dir = run_dir / MODEL_DIR
+        return TrainResult(run_dir=run_dir, step=checked.plan.steps_done,
+                           model_dir=model_dir if model_dir.is_dir() else None)
     show_phase("loading DeepSpeed")
     with RunDirClaim() as claim:  # the run dir's lock, taken in setup(), is given back on every way out
         run = setup(start.project, options, device, claim, start)
@@ -249,8 +255,12 @@ def make_loaders(project: Project, data, layout: BatchLayout, rank: int,
         if rank == 0:
             print(f"note: {data.directory} has no val shards; evaluation is off.", file=sys.stderr)
         return loader, None
-    return loader, BatchLoader(data, "val", layout.micro_batch_size, layout.seq_len, rank=rank, world_size=world,
-                               seed=seed, shuffle=False)
+    # A val split smaller than one batch is evaluated on what it holds (pre-flight said so).
+    batch = evaluation_batch(data.num_tokens("val"), layout.seq_len, layout.micro_batch_size, world)
+    if batch == 0:
+        return loader, None
+    return loader, BatchLoader(data, "val", batch, layout.seq_len, rank=rank, world_size=world, seed=seed,
+                               shuffle=False)
 
 
 def seed_everything(seed: int) -> None:

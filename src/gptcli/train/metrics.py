@@ -22,22 +22,14 @@ PLOT_FILE = "loss.png"
 CSV_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
                "eval_perplexity", "skipped_steps"]
 
-# Dense (no sparsity) bf16 tensor-core peaks of one GPU, from the vendor data sheets, matched against
-# torch.cuda.get_device_name() in this order (so "H100 PCIe" wins over "H100", "GH200" over "H200").
-# H800 is H100 silicon with slower links: the same compute. MFU is reported against these whatever the
-# precision; [train] peak_tflops overrides the lookup.
-PEAK_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),  # H100 SXM: "H100 80GB HBM3"
-    ("H800 PCIe", 756e12), ("H800", 989e12),
-    ("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
-    ("A10G", 125e12), ("L4", 121e12), ("RTX 4090", 165e12),
-]
-
-
 def peak_for_name(device_name: str) -> Optional[float]:
-    """Peak FLOP/s for a CUDA device name, or None when it is not in the table."""
-    return next((value for key, value in PEAK_FLOPS if key in device_name), None)
+    """Peak FLOP/s for a CUDA device name (the planner's table of GPUs: dense bf16 figures from the data
+    sheets), or None when it is not in the table. MFU is reported against these whatever the precision;
+    [train] peak_tflops overrides the lookup."""
+    from ..planner import gpu_for_device_name
+
+    gpu = gpu_for_device_name(device_name)
+    return gpu.peak_flops if gpu else None
 
 
 def peak_flops(device: str, peak_tflops: float = 0.0) -> Optional[float]:
@@ -51,11 +43,11 @@ def peak_flops(device: str, peak_tflops: float = 0.0) -> Optional[float]:
 
 
 def model_flops_per_token(config: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token as `gpt inspect-params` counts them (on a meta model, so ZeRO-3's
-    partitioned parameters do not matter)."""
-    from ..inspect import inspect_parameters
+    """Training FLOPs per token as `gpt inspect-params` counts them (the planner's arithmetic on the config,
+    so ZeRO-3's partitioned parameters do not matter)."""
+    from ..planner import flops_per_token
 
-    return inspect_parameters(config, seq_len=seq_len).flops_per_token
+    return flops_per_token(config, seq_len)
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:

@@ -1,121 +1,51 @@
-"""What `gpt train` is about to do, said before the slow parts start: the model and its size, where it
-runs, how many tokens, and roughly how long that takes.
+"""What `gpt train` checks and says before anything slow starts (DeepSpeed's import, a first-run op build,
+the engine, torch.compile): everything knowable from the project, the run dir and the data, each problem
+one sentence that names the change that fixes it, then the plan and its estimate.
 
-The estimate is the run's FLOP count (`gpt inspect-params`' FLOPs per token) over a rate this machine
-can sustain: on a CPU a short matmul timed here, on a GPU its data-sheet peak times a typical MFU. It is
-meant to tell minutes from days before anything is spent; the live ETA takes over after a few steps.
-Nothing here imports DeepSpeed.
+The arithmetic (memory per GPU, micro batches that fit, FLOPs and time) is the planner's (planner.py,
+which `gpt inspect-params` also asks): pre-flight asks it once and prints what it returns. The estimate is
+the run's FLOP count over a rate this machine can sustain: on a CPU a short matmul timed here, on a GPU its
+data-sheet peak times a typical MFU; plus start-up. It is meant to tell minutes from days before anything
+is spent; the live ETA takes over after a few steps. Nothing here imports DeepSpeed.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import ModelConfig, Project, project_from_dict
-from ..presets import PRESETS
+from ..config import Project
+from ..errors import GptError
+from ..planner import (CPU_TRAINING_EFFICIENCY, RunPlan, fitting_change, gib, human_count, human_duration,
+                       memory_line, plan_run, preset_model)
 
-# Training on a CPU reaches about half the rate of a large square fp32 matmul (measured on 2 cores:
-# nano ~54 and GPT-2 124M ~56 GFLOP/s against ~110 for 1024×1024 matmuls); 0.4 keeps the estimate on
-# the long side rather than the short one.
-CPU_TRAINING_EFFICIENCY = 0.4
-# Well-tuned GPT-2 training reaches 30-50% MFU on A100/H100; a first run, untuned, sits at the low end.
-GPU_TYPICAL_MFU = 0.3
-# Data sheets: fp32 without tensor cores is about 1/16 of the dense bf16 peak (A100 19.5 vs 312
-# TFLOP/s, H100 SXM 67 vs 989).
-GPU_FP32_FRACTION = 1 / 16
 # A run estimated at more than this on a CPU gets the advice to start smaller.
 LONG_CPU_RUN_SECONDS = 3600.0
 # The CPU-sized presets, largest first: the first one whose run fits is the one named.
 SMALL_PRESETS = ("tiny", "nano")
 
+__all__ = ["Preflight", "preflight", "describe", "measure_cpu_flops", "resume_point", "human_duration",
+           "human_count", "CPU_TRAINING_EFFICIENCY"]
+
 
 @dataclass
-class Plan:
-    """The run as configured: what is trained, where, and on how many tokens."""
+class Preflight:
+    """What pre-flight found: the plan, and whether there is anything to train."""
 
-    model_name: str
-    parameters: int
-    flops_per_token: int
-    device: str
-    precision: str
-    zero_stage: int
-    ranks: int
-    sequences_per_step: int
-    seq_len: int
-    steps: int  # still to run
-    eval_tokens: int  # forward-only tokens of all evaluations still to run
-    steps_done: int = 0  # by the checkpoint this run resumes from
-    resume_tag: Optional[str] = None
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.sequences_per_step * self.seq_len
-
-    @property
-    def total_tokens(self) -> int:
-        return self.tokens_per_step * self.steps
-
-    @property
-    def total_flops(self) -> float:
-        # An evaluation token is a forward pass only: a third of the 6N training FLOPs.
-        return float(self.flops_per_token) * (self.total_tokens + self.eval_tokens / 3)
+    plan: RunPlan
+    finished: Optional[str] = None  # why there is nothing to train (the run already finished), else None
 
 
-def model_name(config: ModelConfig) -> str:
-    """The preset's name only when the model has that preset's shape; otherwise "custom" (with the
-    preset it started from, or the preset it happens to equal)."""
-    shape = config.architecture_dict()
-    if config.preset in PRESETS:
-        if preset_shape(config.preset) == shape:
-            return config.preset
-        return f"custom (changed from {config.preset})"
-    same = [name for name in PRESETS if preset_shape(name) == shape]
-    return f"custom (the shape of {same[0]})" if same else "custom"
+# --- checks: each raises one sentence naming the fix --------------------------------------------------------------
 
-
-def preset_shape(name: str) -> dict:
-    return preset_model(name).architecture_dict()
-
-
-def preset_model(name: str, vocab_size: Optional[int] = None) -> ModelConfig:
-    model = {"preset": name} if vocab_size is None else {"preset": name, "vocab_size": vocab_size}
-    return project_from_dict({"model": model}).model
-
-
-def plan_for(project: Project, device: str, precision: str, ranks: int, sequences_per_step: int,
-             seq_len: int, model: Optional[ModelConfig] = None, resume: Optional[tuple[str, int]] = None) -> Plan:
-    """The plan of `project` (or of the same run with another `model`) on `ranks` ranks; `resume`: the
-    checkpoint tag it continues from and that checkpoint's step."""
-    from ..inspect import inspect_parameters
-
-    model = model or project.model
-    seq_len = min(seq_len, model.block_size)
-    report = inspect_parameters(model, seq_len=seq_len)
-    train = project.train
-    steps = train.max_steps
-    if train.max_tokens > 0:
-        steps = min(steps, math.ceil(train.max_tokens / (sequences_per_step * seq_len)))
-    tag, done = resume or (None, 0)
-    done = min(done, steps)
-    eval_tokens = 0
-    if train.eval_every > 0 and steps > done:
-        # every eval_every steps, and at the end
-        evaluations = steps // train.eval_every - done // train.eval_every + (steps % train.eval_every > 0)
-        eval_tokens = evaluations * train.eval_batches * train.micro_batch_size * seq_len * ranks
-    return Plan(model_name=model_name(model), parameters=report.total, flops_per_token=report.flops_per_token,
-                device=device, precision=precision, zero_stage=project.deepspeed.zero_stage, ranks=ranks,
-                sequences_per_step=sequences_per_step, seq_len=seq_len, steps=steps - done, eval_tokens=eval_tokens,
-                steps_done=done, resume_tag=tag)
-
-
-def resume_point(project: Project, resume: str) -> Optional[tuple[str, int]]:
-    """The checkpoint `--resume` would continue from, and its step (read from its client state). Quiet: the
-    damaged checkpoints passed over are reported once, when the run decides (checkpoint.agree_on_resume)."""
+def resume_point(project: Project, resume: str) -> Optional[tuple[str, dict]]:
+    """The checkpoint `--resume` would continue from, and its client state (step, tokens, architecture).
+    Quiet: the damaged checkpoints passed over are reported once, when the run decides
+    (checkpoint.agree_on_resume)."""
     from . import checkpoint
 
     if resume == "never":  # a fresh start (over an existing run it is refused later, with the reason)
@@ -124,10 +54,77 @@ def resume_point(project: Project, resume: str) -> Optional[tuple[str, int]]:
     root = checkpoint.checkpoints_dir(run_dir)
     tag = next((tag for tag in checkpoint.resume_candidates(run_dir) if not checkpoint.check_checkpoint(root / tag)),
                None)
-    return None if tag is None else (tag, int(checkpoint.read_client_state(run_dir, tag)["step"]))
+    return None if tag is None else (tag, checkpoint.read_client_state(run_dir, tag))
 
 
-# --- the rate ---------------------------------------------------------------------------------------------------
+def check_same_model(project: Project, point: Optional[tuple[str, dict]]) -> None:
+    """A run dir whose checkpoint holds another architecture (the project's preset or shape changed)."""
+    from .checkpoint import architecture_difference
+
+    if point is None:
+        return
+    tag, client = point
+    difference = architecture_difference(client, project.model)
+    if difference:
+        raise GptError(f"{project.project.out_dir} holds a run of another model ({difference} in checkpoint {tag}): "
+                       "pass --restart to train this model there from scratch (it deletes that run's files), or "
+                       "set another project.out_dir to keep it.")
+
+
+def finished_message(project: Project, point: Optional[tuple[str, dict]]) -> Optional[str]:
+    """When the checkpoint to resume from already reached max_steps or max_tokens: what to do instead."""
+    if point is None:
+        return None
+    tag, client = point
+    train, step, tokens = project.train, int(client.get("step", 0)), int(client.get("tokens", 0))
+    if step >= train.max_steps:
+        reached, further = f"step {step:,} of train.max_steps = {train.max_steps:,}", \
+            f"raise train.max_steps (e.g. --set train.max_steps={2 * max(step, 1)})"
+    elif train.max_tokens and tokens >= train.max_tokens:
+        reached, further = f"{tokens:,} tokens of train.max_tokens = {train.max_tokens:,}", \
+            f"raise train.max_tokens (e.g. --set train.max_tokens={2 * tokens})"
+    else:
+        return None
+    run_dir = Path(project.project.out_dir)
+    model = "" if (run_dir / "model").is_dir() else "; `gpt train --consolidate` writes its model dir"
+    return (f"{run_dir} has finished: checkpoint {tag} is at {reached}, so there is nothing to train{model}. "
+            f"To train further, {further}; to start over, --restart.")
+
+
+def evaluation_batch(val_tokens: int, seq_len: int, micro_batch: int, ranks: int) -> int:
+    """Sequences per rank of an evaluation micro batch: the training micro batch, or fewer when the val
+    split holds fewer windows than one batch on every rank (evaluate on what there is); 0 when it does not
+    hold one window per rank."""
+    windows = max(val_tokens - 1, 0) // seq_len
+    return min(micro_batch, windows // ranks)
+
+
+def check_data(project: Project, plan: RunPlan) -> list[str]:
+    """The shards against the batch: a train split smaller than one step's micro batch is refused; a val
+    split smaller than one evaluation batch is evaluated on what there is. Returns notes to print."""
+    from ..data.shards import open_prepared
+
+    data, layout = open_prepared(project.data.dir), plan.layout
+    seq_len, ranks, micro = layout.seq_len, layout.world_size, layout.micro_batch_size
+    train_windows = max(data.num_tokens("train") - 1, 0) // seq_len
+    if train_windows < micro * ranks:
+        raise GptError(f'The "train" split of {data.directory} has {data.num_tokens("train"):,} tokens: fewer than '
+                       f"one batch of {micro} sequences × {seq_len + 1} tokens on each of {ranks} rank(s); lower "
+                       "train.micro_batch_size or train.seq_len, or prepare more text.")
+    if not project.train.eval_every or data.num_tokens("val") == 0:
+        return []  # evaluation off, or no val shards (the loop says so)
+    batch = evaluation_batch(data.num_tokens("val"), seq_len, micro, ranks)
+    if batch == micro:
+        return []
+    have = f'the "val" split of {data.directory} holds {data.num_tokens("val"):,} tokens'
+    if batch == 0:
+        return [f"note: {have}, less than one sequence of {seq_len + 1} tokens per rank: evaluation is off (a larger "
+                "data.val_fraction in `gpt prepare`, or a smaller train.seq_len, turns it on)."]
+    return [f"note: {have}: evaluation runs micro batches of {batch} sequences, not {micro} (a larger "
+            "data.val_fraction in `gpt prepare` gives it more)."]
+
+
+# --- the plan -----------------------------------------------------------------------------------------------------
 
 
 def measure_cpu_flops(seconds: float = 0.2, size: int = 1024) -> float:
@@ -145,118 +142,161 @@ def measure_cpu_flops(seconds: float = 0.2, size: int = 1024) -> float:
             return 2 * size**3 * done / elapsed
 
 
-def achievable_flops(device: str, precision: str, ranks: int,
-                     measure_cpu: Callable[[], float] = measure_cpu_flops) -> Optional[float]:
-    """FLOP/s the whole run can be expected to sustain, or None for a GPU with no known peak."""
+@dataclass
+class Machine:
+    """What this process can see of where it runs: the device, its memory and speed, the ranks."""
+
+    device: str
+    ranks: int
+    precision: str
+    free_memory: Optional[int] = None  # bytes free on this rank's GPU
+    device_label: str = ""
+    peak_flops: Optional[float] = None
+    cpu_flops: Optional[float] = None
+    op_build_pending: bool = False
+
+
+def this_machine(project: Project, device: str, measure_cpu: Callable[[], float]) -> Machine:
+    from .engine import resolve_precision
+    from .phases import cpu_comm_op_built
+
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    machine = Machine(device, ranks, resolve_precision(project, device))
     if device == "cpu":
-        # Each rank measures with its own share of the cores (the CPU launcher splits them).
-        return measure_cpu() * CPU_TRAINING_EFFICIENCY * ranks
-    from .metrics import peak_flops
+        # Rank 0 speaks for all; each rank has its own share of the cores (the CPU launcher splits them).
+        machine.cpu_flops = measure_cpu() if os.environ.get("RANK", "0") == "0" else None
+        machine.op_build_pending = cpu_comm_op_built() is False
+        return machine
+    import torch
 
-    peak = peak_flops(device)
-    if peak is None:
-        return None
-    if precision == "fp32":
-        peak *= GPU_FP32_FRACTION
-    return peak * GPU_TYPICAL_MFU * ranks
+    from ..planner import gpu_for_device_name
 
-
-# --- the message ------------------------------------------------------------------------------------------------
-
-
-def human_count(n: float) -> str:
-    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= limit:
-            return f"{n / limit:.1f}{suffix}"
-    return f"{n:.0f}"
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    machine.free_memory = torch.cuda.mem_get_info(index)[0]
+    machine.device_label = f"free on cuda:{index} ({torch.cuda.get_device_name(index)})"
+    gpu = gpu_for_device_name(torch.cuda.get_device_name(index))
+    machine.peak_flops = gpu.peak_flops if gpu else None
+    return machine
 
 
-def human_duration(seconds: float) -> str:
-    if seconds < 60:
-        return "under a minute"
-    minutes = seconds / 60
-    if minutes < 90:
-        return f"about {round(minutes)} minute{'s' if round(minutes) != 1 else ''}"
-    hours = minutes / 60
-    if hours < 48:
-        return f"about {hours:.0f} hours" if hours >= 10 else f"about {hours:.1f} hours"
-    return f"about {hours / 24:.0f} days"
+def plan_on(project: Project, machine: Machine, resume: Optional[tuple[str, dict]], **kwargs) -> RunPlan:
+    from .engine import compile_enabled
+
+    return plan_run(project, device=machine.device, ranks=machine.ranks, precision=machine.precision,
+                    capacity=machine.free_memory, capacity_source=machine.device_label, peak_flops=machine.peak_flops,
+                    cpu_flops=machine.cpu_flops, resume=(resume[0], int(resume[1]["step"])) if resume else None,
+                    op_build_pending=machine.op_build_pending, compile_model=compile_enabled(project, machine.device),
+                    context_counted=True, **kwargs)
 
 
-def describe(project: Project, plan: Plan, rate: Optional[float],
-             small_plans: Optional[dict[str, Plan]] = None) -> list[str]:
+def check_memory(project: Project, plan: RunPlan) -> None:
+    """On a GPU: refuse a run whose plan does not fit the free memory, naming the change that would."""
+    if plan.capacity is None or plan.fits or not project.train.memory_check:
+        return
+    terms = sorted(plan.memory.peak_phase.terms.items(), key=lambda item: -item[1])[:2]
+    largest = " and ".join(f"{term} {gib(size)}" for term, size in terms)
+    raise GptError(f"This run needs about {gib(plan.memory.required)} per GPU ({largest} at micro batch "
+                   f"{plan.layout.micro_batch_size}) but {gib(plan.capacity)} is {plan.capacity_source}: "
+                   f"{fitting_change(project, plan)} would fit; or --set train.memory_check=false to start anyway.")
+
+
+def preflight(project: Project, device: str, resume: str = "never", *, overfit: bool = False,
+              measure_cpu: Callable[[], float] = measure_cpu_flops, stream=None,
+              machine: Optional[Machine] = None, start=None) -> Preflight:
+    """Every rank, before anything slow: the checks (each raises one GptError sentence), then rank 0 prints
+    the plan and its estimate. `resume`: --resume (auto|required|never), so that the plan counts only the
+    steps left after the checkpoint it would resume from; `start`: what the run continues from
+    (continuation.prepare, which already found that checkpoint and read its client state), said after the
+    plan. Returns the plan, and whether the run is done."""
+    from .trackers import check_trackers
+
+    check_trackers(project)  # each tracker asked for is installed
+    if start is not None:
+        point = (start.tag, start.client) if start.tag is not None else None
+    else:
+        point = None if overfit else resume_point(project, resume)
+    check_same_model(project, point)
+    machine = machine or this_machine(project, device, measure_cpu)
+    plan = plan_on(project, machine, point)
+    finished = finished_message(project, point)
+    notes = [] if finished else check_data(project, plan)
+    if not finished:
+        check_memory(project, plan)
+    if os.environ.get("RANK", "0") == "0":
+        small_plans = {}
+        if device == "cpu":
+            small_plans = {name: plan_on(project, machine, point, model=preset_model(name, project.model.vocab_size))
+                           for name in SMALL_PRESETS}
+        origin = continues_from(start) if start is not None else []
+        lines = [finished] if finished else [*notes, *describe(project, plan, small_plans), *origin]
+        print("\n".join(lines), file=stream or sys.stderr, flush=True)
+    return Preflight(plan=plan, finished=finished)
+
+
+# --- the message --------------------------------------------------------------------------------------------------
+
+
+def continues_from(start) -> list[str]:
+    from .continuation import describe as describe_start
+
+    return describe_start(start)
+
+
+def origin_line(plan: RunPlan) -> str:
+    """The steps a resumed run still runs, as part of the tokens line (continues_from says the rest)."""
+    if plan.resume_tag is None:
+        return ""
+    return f" (steps {plan.steps_done + 1:,}-{plan.steps_done + plan.steps:,}, resuming from {plan.resume_tag})"
+
+
+def describe(project: Project, plan: RunPlan, small_plans: Optional[dict[str, RunPlan]] = None) -> list[str]:
     """The lines `gpt train` prints before it starts. `small_plans`: the same run with each of the
     CPU-sized presets, for the advice when this one would take hours on a CPU."""
-    where = "the CPU" if plan.device == "cpu" else "GPU" if plan.ranks == 1 else "GPUs"
-    ranks = f"{plan.ranks} rank{'s' if plan.ranks != 1 else ''}"
+    training = plan.training
+    where = "the CPU" if training.device == "cpu" else "GPU" if training.ranks == 1 else "GPUs"
+    ranks = f"{training.ranks} rank{'s' if training.ranks != 1 else ''}"
     lines = []
     if project.source is None:
-        gpt2_sized = preset_shape("gpt2") == project.model.architecture_dict()
+        gpt2_sized = preset_model("gpt2").architecture_dict() == project.model.architecture_dict()
         model = "GPT-2 124M" if gpt2_sized else f"model {plan.model_name}"
         lines.append(f"no run.toml: using the built-in defaults, {model}, data from {project.data.dir}, run dir "
                      f"{project.project.out_dir}; `gpt init --preset nano` writes a project file sized for a laptop.")
     lines.append(f"gpt train: model {plan.model_name}, {plan.parameters:,} parameters ({human_count(plan.parameters)}) "
-                 f"on {where}, {plan.precision}, ZeRO stage {plan.zero_stage}, {ranks}")
-    resumed = ""
-    if plan.resume_tag is not None:
-        resumed = f" (steps {plan.steps_done + 1:,}-{plan.steps_done + plan.steps:,}, resuming from {plan.resume_tag})"
-    lines.append(f"  {plan.sequences_per_step:,} sequences × {plan.seq_len:,} tokens = {plan.tokens_per_step:,} "
-                 f"tokens per step × {plan.steps:,} steps{resumed} = {plan.total_tokens:,} tokens "
-                 f"({human_count(plan.total_tokens)})")
-    if rate is None:
-        lines.append("  estimate: none for this GPU (its peak FLOP/s is unknown); the live ETA follows after a "
-                     "few steps")
-        return lines
-    seconds = plan.total_flops / rate
-    source = "measured on this CPU" if plan.device == "cpu" else f"{GPU_TYPICAL_MFU:.0%} of peak"
-    lines.append(f"  estimate: {human_duration(seconds)} ({plan.total_flops:.1e} FLOPs at ~{rate / 1e9:,.0f} "
-                 f"GFLOP/s, {source}); the live ETA follows after a few steps")
-    if plan.device == "cpu" and seconds >= LONG_CPU_RUN_SECONDS:
-        lines += long_cpu_run_advice(plan, rate, small_plans or {})
+                 f"on {where}, {training.precision}, ZeRO stage {training.zero_stage}, {ranks}")
+    lines.append(f"  {plan.layout.sequences_per_step:,} sequences × {plan.layout.seq_len:,} tokens = "
+                 f"{plan.tokens_per_step:,} tokens per step × {plan.steps:,} steps{origin_line(plan)} = "
+                 f"{plan.total_tokens:,} tokens ({human_count(plan.total_tokens)})")
+    lines.append(f"  {memory_line(plan)}")
+    return lines + estimate_lines(plan, small_plans or {})
+
+
+def estimate_lines(plan: RunPlan, small_plans: dict[str, RunPlan]) -> list[str]:
+    if plan.rate is None:
+        return ["  estimate: none for this GPU (its peak FLOP/s is unknown; [train] peak_tflops sets it); the live "
+                "ETA follows after a few steps"]
+    startup = ", ".join(f"{term} ~{seconds:.0f} s" for term, seconds in plan.startup.items())
+    lines = [f"  estimate: {human_duration(plan.train_seconds + plan.startup_seconds)} ({plan.total_flops:.1e} FLOPs "
+             f"at ~{plan.rate / 1e9:,.0f} GFLOP/s, {plan.rate_source}; start-up: {startup}); the live ETA follows "
+             "after a few steps"]
+    if plan.training.device == "cpu" and plan.train_seconds >= LONG_CPU_RUN_SECONDS:
+        lines += long_cpu_run_advice(plan, small_plans)
     return lines
 
 
-def long_cpu_run_advice(plan: Plan, rate: float, small_plans: dict[str, Plan]) -> list[str]:
+def long_cpu_run_advice(plan: RunPlan, small_plans: dict[str, RunPlan]) -> list[str]:
     """Name the largest CPU-sized preset whose run fits in LONG_CPU_RUN_SECONDS (else the smallest), and
     fewer steps when even that does not fit."""
     smaller = [(name, p) for name, p in small_plans.items() if p.parameters < plan.parameters]
-    fitting = [(name, p) for name, p in smaller if p.total_flops / rate < LONG_CPU_RUN_SECONDS]
+    fitting = [(name, p) for name, p in smaller if p.train_seconds < LONG_CPU_RUN_SECONDS]
     lines = ["  That is hours on a CPU."]
-    chosen = (fitting or smaller[-1:] or [(None, plan)])[0]
-    name, chosen_plan = chosen
+    name, chosen = (fitting or smaller[-1:] or [(None, plan)])[0]
     if name is not None:
-        lines.append(f"  The {name} preset ({human_count(chosen_plan.parameters)} parameters) would take "
-                     f"{human_duration(chosen_plan.total_flops / rate)}: `gpt train --set model.preset={name}`, "
+        lines.append(f"  The {name} preset ({human_count(chosen.parameters)} parameters) would take "
+                     f"{human_duration(chosen.train_seconds)}: `gpt train --set model.preset={name}`, "
                      f"or `gpt init --preset {name}` for a project file sized for it.")
     if not fitting:
-        per_step = chosen_plan.total_flops / chosen_plan.steps / rate
+        per_step = chosen.train_seconds / max(chosen.steps, 1)
         steps = max(1, int(LONG_CPU_RUN_SECONDS / 4 / per_step))  # a quarter of "too long": minutes
         lines.append(f"  Fewer steps fit too: `--set train.max_steps={steps}` would take "
                      f"{human_duration(steps * per_step)}{f' with {name}' if name else ''}.")
     return lines
-
-
-def announce(project: Project, device: str, resume: str = "never",
-             measure_cpu: Callable[[], float] = measure_cpu_flops, stream=None, start=None) -> None:
-    """Rank 0: print the plan of this run and its estimate on stderr. `resume`: --resume
-    (auto|required|never), to plan only the steps left after the checkpoint it would resume from; `start`:
-    what it continues from (continuation.prepare), said after the plan."""
-    from .engine import batch_layout, resolve_precision
-    from .trackers import check_trackers
-
-    if os.environ.get("RANK", "0") != "0":
-        return
-    check_trackers(project)  # each tracker asked for is installed
-    precision = resolve_precision(project, device)
-    layout = batch_layout(project, int(os.environ.get("WORLD_SIZE", "1")))
-    shape = (device, precision, layout.world_size, layout.sequences_per_step, layout.seq_len)
-    plan = plan_for(project, *shape, resume=resume_point(project, resume))
-    rate = achievable_flops(device, precision, layout.world_size, measure_cpu)
-    small_plans = {}
-    if device == "cpu":
-        small_plans = {name: plan_for(project, *shape, model=preset_model(name, project.model.vocab_size))
-                       for name in SMALL_PRESETS}
-    from .continuation import describe as continues_from
-
-    lines = describe(project, plan, rate, small_plans) + (continues_from(start) if start is not None else [])
-    print("\n".join(lines), file=stream or sys.stderr, flush=True)

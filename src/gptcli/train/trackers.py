@@ -94,7 +94,7 @@ def check_trackers(project: Project) -> None:
         verb = "is" if len(missing) == 1 else "are"
         raise GptError(f"{key} asks for {', '.join(missing)}, but {packages} {verb} not installed: "
                        f"pip install \"gptcli[{','.join(missing)}]\".")
-    if legacy:
+    if legacy and os.environ.get("RANK", "0") == "0":
         print('note: train.tensorboard = true is now written train.trackers = ["tensorboard"] (it still works).',
               file=sys.stderr)
 
