@@ -56,6 +56,18 @@ def test_a_stop_request_is_acknowledged_with_the_step_in_progress(capfd):
     assert "SIGTERM: stopping after this step (step 1); saving a checkpoint…" in err and "Ctrl-C again" not in err
 
 
+def test_a_survivor_of_a_failed_rank_leaves_the_report_to_its_launcher(capfd, monkeypatch, tmp_path):
+    """The launcher marks a failed rank before it sends the others SIGTERM: no "saving a checkpoint" then,
+    which no rank could do with a peer gone; before the mark exists, a SIGTERM is the user's and answered."""
+    marker = tmp_path / "a-rank-failed"
+    monkeypatch.setenv(stopping.PEER_FAILED_VARIABLE, str(marker))
+    acknowledger(step=3, now=[0.0])(signal.SIGTERM)
+    assert "stopping after this step (step 4)" in capfd.readouterr().err
+    marker.touch()
+    acknowledger(step=3, now=[0.0])(signal.SIGTERM)
+    assert capfd.readouterr().err == ""
+
+
 def test_a_repeated_signal_within_a_second_is_the_same_request(capfd):
     now = [100.0]
     answer = acknowledger(step=2, now=now)

@@ -27,8 +27,9 @@ import threading
 import time
 import uuid
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 from ..errors import GptError
 
@@ -102,7 +103,8 @@ def launch_local(command: list[str], nproc: int, master_port: Optional[int]) -> 
     quiet_elastic_logs()
     try:
         end_launch_on_signal()  # until the agent installs its own handlers
-        elastic_launch(config, command[0])(*command[1:])
+        with failures_marked():
+            elastic_launch(config, command[0])(*command[1:])
     except SignalException as stop:
         print(f"Stopped by {stop.sigval.name}: it was passed to every rank, to finish its step and save (ranks "
               f"still running {SHUTDOWN_SECONDS} s later, or after a second signal, were killed).", file=sys.stderr)
@@ -155,6 +157,38 @@ def quiet_elastic_logs() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.launcher"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+@contextmanager
+def failures_marked() -> Iterator[None]:
+    """While torch's agent runs the ranks: a file is created when it ends the survivors of a failed rank,
+    before they get their SIGTERM, and the ranks know that file's name (stopping.PEER_FAILED_VARIABLE). So
+    a survivor's SIGTERM is known for what it is and not answered with "stopping after this step; saving a
+    checkpoint" (no rank can save with a peer gone): the launcher reports the failure, once.
+
+    torch ends the ranks through PContext.close: with no signal named when its poll found a rank failed
+    (or all of them done), with the signal itself when the launcher was signalled (then the ranks do save)."""
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    from .stopping import PEER_FAILED_VARIABLE
+
+    directory = Path(tempfile.mkdtemp(prefix="gptcli-launch-"))
+    marker = directory / "a-rank-failed"
+    original = PContext.close
+
+    def close(self, death_sig=None, *args, **kwargs):
+        if death_sig is None:
+            marker.touch()
+        return original(self, death_sig, *args, **kwargs)
+
+    PContext.close = close
+    os.environ[PEER_FAILED_VARIABLE] = str(marker)  # the ranks the agent starts inherit it
+    try:
+        yield
+    finally:
+        PContext.close = original
+        os.environ.pop(PEER_FAILED_VARIABLE, None)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def failure_report(failures: dict) -> str:

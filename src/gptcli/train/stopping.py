@@ -24,6 +24,10 @@ from .phases import is_rank_zero
 
 Handler = Union[Callable[[int, Optional[FrameType]], object], int, None]
 
+# Set by `gpt train --nproc`'s launcher in its ranks: a file that exists once a rank has failed and the
+# launcher is stopping the others (launch.failures_marked); their SIGTERM then needs no answer of their own.
+PEER_FAILED_VARIABLE = "GPTCLI_PEER_FAILED_FILE"
+
 # A second Ctrl-C within this many seconds of the first is the same keypress delivered twice (once by the
 # terminal to the whole process group, once forwarded by a launcher), not a second request.
 REPEAT_SIGNAL_SECONDS = 1.0
@@ -71,7 +75,7 @@ class StopAcknowledger:
     def __call__(self, signum: int) -> None:
         if self.first_at is None:
             self.first_at = self.clock()
-            if is_rank_zero():
+            if is_rank_zero() and not peer_failed():
                 write_stderr(stop_message(signum, self.run))
             return
         if signum != signal.SIGINT or self.clock() - self.first_at < REPEAT_SIGNAL_SECONDS:
@@ -100,6 +104,12 @@ class StopAcknowledger:
             for signum in os.read(read_fd, 64):
                 if signum in (signal.SIGINT, signal.SIGTERM) and signal.getsignal(signum) == self.handler:
                     self(signum)
+
+
+def peer_failed() -> bool:
+    """Whether this rank's launcher is stopping it because another rank failed (it reports that itself)."""
+    marker = os.environ.get(PEER_FAILED_VARIABLE)
+    return bool(marker) and os.path.exists(marker)
 
 
 def stop_message(signum: int, run) -> str:
