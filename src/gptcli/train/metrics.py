@@ -20,7 +20,8 @@ CSV_FILE = "metrics.csv"
 PLOT_FILE = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
 CSV_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
-               "eval_perplexity", "skipped_steps"]
+               "eval_perplexity", "skipped_steps",
+               "hellaswag_acc", "hellaswag_acc_norm", "lambada_acc", "lambada_perplexity"]  # [eval] tasks
 
 # Dense (no sparsity) bf16 tensor-core peaks of one GPU, from the vendor data sheets, matched against
 # torch.cuda.get_device_name() in this order (so "H100 PCIe" wins over "H100", "GH200" over "H200").
