@@ -35,7 +35,7 @@ def modules(*globs: str) -> list[Path]:
 
 LOWER_LAYERS = ["model.py", "config.py", "presets.py", "errors.py", "fsutil.py", "tokenizer.py",
                 "tokenizer_files.py", "openai_bpe.py", "modeldir.py", "runtime.py", "generate.py",
-                "evaluate.py", "inspect.py", "data/*.py", "hf/*.py"]
+                "evaluate.py", "inspect.py", "data/*.py", "hf/*.py", "tasks/*.py"]
 
 
 @pytest.mark.parametrize("path", modules(*LOWER_LAYERS), ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -56,11 +56,11 @@ def gpt2_shape(config) -> Optional[str]:
     return None
 
 
-def prepare_task(bench: Benchmark, examples: list[Example], source: str, tokenizer, block_size: int,
+def prepare_task(examples: list[Example], tokenizer, block_size: int,
                  pick: Callable[[int], bool] = lambda index: True) -> list[Group]:
     """Tokenize the examples this process scores (those whose index `pick` accepts). An example too long
     for the model is found here, before anything is scored."""
-    return [encode_example(tokenizer, e, f"{source} example {e.index}", block_size) for e in examples if pick(e.index)]
+    return [encode_example(tokenizer, e, block_size) for e in examples if pick(e.index)]
 
 
 def score_task(model, bench: Benchmark, groups: list[Group], *, batch_size: int, autocast=None,
@@ -87,7 +87,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[tuple[Benchmark, list[Example],
     """Score `model` on each (benchmark, examples, source) of `read_all`; progress(name, done, total) after
     every batch. A stop (Ctrl-C, SIGTERM) is reported as how far each task got."""
     block_size = model.config.block_size
-    prepared = [(bench, prepare_task(bench, examples, source, tokenizer, block_size), source)
+    prepared = [(bench, prepare_task(examples, tokenizer, block_size), source)
                 for bench, examples, source in tasks]
     shape = gpt2_shape(model.config)
     results: list[TaskResult] = []

@@ -27,6 +27,7 @@ class Example:
     continuations: tuple[str, ...]  # each with the " " delimiter in front, as lm-eval scores it
     choices: tuple[str, ...]  # the continuations' text without the delimiter (acc_norm divides by its length)
     gold: int  # the right continuation
+    where: str = field(default="", compare=False)  # how messages name it: file and line, or dataset and number
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def hellaswag_example(record: dict, index: int, where: str) -> Example:
         raise GptError(f"{where}: endings must be a non-empty list of strings, not {shown(endings)}.")
     context = hellaswag_clean(activity + ": " + ctx_a + " " + ctx_b.capitalize())
     choices = tuple(hellaswag_clean(ending) for ending in endings)
-    return Example(index, context, tuple(" " + c for c in choices), choices, hellaswag_label(record, where, len(choices)))
+    return Example(index, context, tuple(" " + c for c in choices), choices,
+                   hellaswag_label(record, where, len(choices)), where)
 
 
 def hellaswag_label(record: dict, where: str, count: int) -> int:
@@ -118,7 +120,7 @@ def lambada_example(record: dict, index: int, where: str) -> Example:
         raise GptError(f"{where}: text is empty.")
     words = text.split(" ")
     target = words[-1]
-    return Example(index, " ".join(words[:-1]), (" " + target,), (target,), 0)
+    return Example(index, " ".join(words[:-1]), (" " + target,), (target,), 0, where)
 
 
 def lambada_outcomes(example: Example, scored: list[Scored]) -> dict[str, float]:

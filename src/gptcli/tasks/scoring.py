@@ -62,8 +62,9 @@ def encode_continuations(tokenizer, context: str, continuations: list[str]) -> t
     return context_ids, [tokenizer.encode(context + c)[len(context_ids):] for c in continuations]
 
 
-def encode_example(tokenizer, example: Example, where: str, block_size: int) -> Group:
+def encode_example(tokenizer, example: Example, block_size: int) -> Group:
     """The example's tokens; a continuation without tokens or a request longer than the context is an error."""
+    where = example.where or f"example {example.index}"
     try:
         context_ids, continuations = encode_continuations(tokenizer, example.context, list(example.continuations))
     except GptError as error:
@@ -198,5 +199,5 @@ def score_groups(model, groups: list[Group], batch_size: int, autocast=None,
 
 
 # A stand-in for a rank that has no example left to score but must run a forward pass with the others.
-EMPTY_GROUP = Group(Example(-1, "", (" ",), ("",), 0), [0], [[0]])
+EMPTY_GROUP = Group(Example(-1, "", (" ",), ("",), 0, "filler"), [0], [[0]])
 EMPTY_PACK = pack(EMPTY_GROUP)

@@ -47,8 +47,8 @@ def prepare(project: Project, tokenizer, block_size: int, rank: int, world: int,
     from ..tasks import prepare_task, read_all
 
     tasks = []
-    for bench, examples, source in read_all(settings.tasks, settings.task_data, settings.tasks_limit):
-        groups = prepare_task(bench, examples, source, tokenizer, block_size, pick=lambda i: i % world == rank)
+    for bench, examples, _ in read_all(settings.tasks, settings.task_data, settings.tasks_limit):
+        groups = prepare_task(examples, tokenizer, block_size, pick=lambda i: i % world == rank)
         tasks.append((bench, groups, len(examples)))
     return TaskSet(tasks, settings.tasks_every or project.train.eval_every, settings.batch_size, rank, world)
 
