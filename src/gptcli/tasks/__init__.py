@@ -1,7 +1,7 @@
 """Zero-shot benchmarks scored as lm-evaluation-harness 0.4.x scores them: HellaSwag and LAMBADA (OpenAI).
 
-`gpt eval --task NAME[,NAME...]` is `evaluate_tasks`; training calls `prepare_task` and `score_task` on
-every rank (train/task_eval.py). benchmarks.py holds the definitions, data.py the data, scoring.py the
+`gpt eval --task NAME[,NAME...]` is `evaluate_project_tasks`; training calls `read_all`, `prepare_task`
+and `score_task` on every rank (train/task_eval.py). benchmarks.py holds the definitions, data.py the data, scoring.py the
 batched log-likelihoods, stats.py the standard errors.
 """
 
@@ -103,6 +103,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[tuple[Benchmark, list[Example],
 
 def score_one(model, bench: Benchmark, groups: list[Group], source: str, shape: Optional[str], batch_size: int,
               autocast, progress, finished: list[TaskResult]) -> TaskResult:
+    """One task's result; a stop names the tasks `finished` and how far this one got."""
     done, start = 0, time.perf_counter()
 
     def advance(count: int) -> None:

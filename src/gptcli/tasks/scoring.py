@@ -133,32 +133,17 @@ def batch_inputs(packs: list[Packed], device: torch.device) -> tuple[torch.Tenso
 
 
 def score_batch(model, packs: list[Packed], groups: list[Group], full_forward: bool = False) -> list[list[Scored]]:
-    """One forward pass over a batch of packed groups, one vocabulary projection of the rows that predict.
-
-    full_forward: call the model itself and project every position instead (ZeRO-3 gathers the weights
-    in hooks around the model's own forward, the way training calls it)."""
-    device = model.wte.weight.device
-    tokens, positions, mask = batch_inputs(packs, device)
-    width = tokens.size(1)
-    wanted = sorted({b * width + row for b, p in enumerate(packs) for rows in p.rows for row in rows})
-    where = {flat: i for i, flat in enumerate(wanted)}
-    index = torch.tensor(wanted, device=device)
-    if full_forward:
-        logits, _ = model(tokens, attn_mask=mask, position_ids=positions)  # (B, T, V)
-        logits = logits.reshape(-1, logits.size(-1))[index]  # (R, V)
-    else:
-        hidden = model.hidden_states(tokens, attn_mask=mask, position_ids=positions)  # (B, T, C)
-        logits = model.head(hidden.reshape(-1, hidden.size(-1))[index])  # (R, V)
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, V) fp32, as lm-eval
-    greedy = logprobs.argmax(dim=-1)  # (R,)
+    """One forward pass over a batch of packed groups, one vocabulary projection of the rows that predict."""
+    logprobs, row_of = predicting_rows(model, packs, full_forward)
     picks, targets = [], []
-    for b, (p, group) in enumerate(zip(packs, groups)):
+    for p, group, rows_of_batch in zip(packs, groups, row_of):
         for rows, continuation in zip(p.rows, group.continuations):
-            picks += [where[b * width + row] for row in rows]
+            picks += [rows_of_batch[row] for row in rows]
             targets += continuation
-    pick, target = torch.tensor(picks, device=device), torch.tensor(targets, device=device)
+    pick = torch.tensor(picks, device=logprobs.device)
+    target = torch.tensor(targets, device=logprobs.device)
     token_logprobs = logprobs[pick, target].double().tolist()
-    token_greedy = (greedy[pick] == target).tolist()
+    token_greedy = (logprobs.argmax(dim=-1)[pick] == target).tolist()
     results, at = [], 0
     for group in groups:
         scored = []
@@ -168,6 +153,30 @@ def score_batch(model, packs: list[Packed], groups: list[Group], full_forward: b
             at = end
         results.append(scored)
     return results
+
+
+def predicting_rows(model, packs: list[Packed], full_forward: bool) -> tuple[torch.Tensor, list[dict[int, int]]]:
+    """Log-softmax (R, V) in fp32, as lm-eval takes it, at the R packed positions that predict a
+    continuation token, and per batch row a map from packed index to its row in that matrix.
+
+    full_forward: call the model itself and project every position, then pick (ZeRO-3 gathers the weights
+    in hooks around the model's own forward, the way training calls it); else only the R rows go through
+    the vocabulary projection."""
+    device = model.wte.weight.device
+    tokens, positions, mask = batch_inputs(packs, device)
+    width = tokens.size(1)
+    wanted = sorted({b * width + row for b, p in enumerate(packs) for rows in p.rows for row in rows})
+    index = torch.tensor(wanted, device=device)
+    if full_forward:
+        logits, _ = model(tokens, attn_mask=mask, position_ids=positions)  # (B, T, V)
+        logits = logits.reshape(-1, logits.size(-1))[index]  # (R, V)
+    else:
+        hidden = model.hidden_states(tokens, attn_mask=mask, position_ids=positions)  # (B, T, C)
+        logits = model.head(hidden.reshape(-1, hidden.size(-1))[index])  # (R, V)
+    row_of: list[dict[int, int]] = [{} for _ in packs]
+    for row, flat in enumerate(wanted):
+        row_of[flat // width][flat % width] = row
+    return torch.log_softmax(logits.float(), dim=-1), row_of
 
 
 def score_groups(model, groups: list[Group], batch_size: int, autocast=None,
