@@ -359,3 +359,18 @@ def test_every_loglikelihood_and_accuracy_equals_lm_evaluation_harness(model_dir
             else:
                 assert value == metrics[f"{metric},none"]
                 assert stderr == pytest.approx(metrics[f"{metric}_stderr,none"], rel=1e-12)
+
+
+def test_the_table_puts_the_published_score_beside_a_gpt2_sized_model(capsys):
+    from gptcli.cli import show_task_results
+    from gptcli.tasks import TaskResult
+
+    hellaswag = BENCHMARKS["hellaswag"]
+    result = TaskResult("hellaswag", "HellaSwag", "Rowan/hellaswag (validation)", 10042,
+                        {"acc": (0.29, 0.0045), "acc_norm": (0.3012, 0.0046)}, hellaswag.higher_is_better,
+                        hellaswag.published["gpt2"], "gpt2", 1.0)
+    show_task_results([result])
+    shown = capsys.readouterr().out
+    assert "0.3012" in shown and "0.3114 [1]" in shown and "10,042" in shown
+    assert "[1] gpt2: lm-evaluation-harness" in shown
+    assert result.to_json()["metrics"]["acc_norm"]["published"]["value"] == 0.3114

@@ -554,17 +554,17 @@ def show_task_results(results) -> None:
             published = result.published.get(metric)
             mark = ""
             if published is not None:
-                mark = f"{published.value:.4f} [{sources.setdefault(published.source, len(sources) + 1)}]"
+                mark = escape(f"{published.value:.4f} [{sources.setdefault(published.source, len(sources) + 1)}]")
             table.add_row(result.title if number == 0 else "", metric, f"{value:.4f}",
                           "—" if stderr is None else f"{stderr:.4f}", f"{result.examples:,}" if number == 0 else "", mark)
     out.print(table)
     shape = next((r.shape for r in results if r.shape), None)
     for source, number in sources.items():
-        out.print(f"[{number}] {shape}: {source}", highlight=False)
+        out.print(escape(f"[{number}] {shape}: {source}"), highlight=False)
     if shape is None:
         out.print("published: the model does not have a GPT-2 size's shape, so there is nothing to compare with.")
     for result in results:
-        out.print(f"{result.title}: {result.source}, {result.seconds:.1f} s", highlight=False)
+        out.print(escape(f"{result.title}: {result.source}, {result.seconds:.1f} s"), highlight=False)
 
 
 def show_eval_result(result) -> None:
