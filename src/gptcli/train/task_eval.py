@@ -15,6 +15,7 @@ forward passes (a rank with fewer examples repeats a batch and discards it).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -44,13 +45,19 @@ def prepare(project: Project, tokenizer, block_size: int, rank: int, world: int,
     settings = project.eval
     if not settings.tasks or overfit_batch:
         return None
+    every = settings.tasks_every or project.train.eval_every
+    if not every:
+        if rank == 0:
+            print("note: eval.tasks are set but eval.tasks_every and train.eval_every are 0: no task is scored "
+                  "during training.", file=sys.stderr)
+        return None
     from ..tasks import prepare_task, read_all
 
     tasks = []
     for bench, examples, _ in read_all(settings.tasks, settings.task_data, settings.tasks_limit):
         groups = prepare_task(examples, tokenizer, block_size, pick=lambda i: i % world == rank)
         tasks.append((bench, groups, len(examples)))
-    return TaskSet(tasks, settings.tasks_every or project.train.eval_every, settings.batch_size, rank, world)
+    return TaskSet(tasks, every, settings.batch_size, rank, world)
 
 
 def score(engine, task_set: TaskSet, zero3: bool) -> dict[str, float]:
