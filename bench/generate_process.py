@@ -5,9 +5,10 @@ A random GPT-2 124M is saved with transformers (config.json, model.safetensors, 
 files); gptcli reads the same weights through `gpt load-hf`. Both decode greedily, 200 new tokens by
 default, from the same prompt; the texts are checked to be equal. Each command is a new Python process,
 timed from start to exit (imports, loading, the prompt, every step, the exit), in turns, best of
---repeats; the threads are torch's default in both.
+--repeats; the threads are torch's default in both unless --threads sets OMP_NUM_THREADS for both
+(1 keeps timings steadier on a busy machine).
 
-    python bench/generate_process.py [--new-tokens 200] [--repeats 3] [--json]
+    python bench/generate_process.py [--new-tokens 200] [--repeats 3] [--threads N] [--json]
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ print(prompt + tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special
 """
 
 
+THREADS: dict[str, str] = {}  # --threads: OMP_NUM_THREADS for both processes
+
+
 def environment() -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **THREADS, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     if (SHARED / "tiktoken_cache").is_dir():
         env.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
     return env
@@ -70,8 +74,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for both (0: torch's default)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        THREADS["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir, model_dir = make_models(Path(tmp))
         commands = {
@@ -84,7 +91,7 @@ def main() -> None:
             for name, command in commands.items():
                 seconds, texts[name] = timed(command)
                 best[name] = min(best.get(name, float("inf")), seconds)
-    report = {"new_tokens": args.new_tokens, "repeats": args.repeats,
+    report = {"new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads or "default",
               "seconds": {k: round(v, 3) for k, v in best.items()},
               "speedup": round(best["transformers"] / best["gpt generate"], 3),
               "same_text": texts["transformers"] == texts["gpt generate"]}

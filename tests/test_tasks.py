@@ -374,3 +374,22 @@ def test_the_table_puts_the_published_score_beside_a_gpt2_sized_model(capsys):
     assert "0.3012" in shown and "0.3114 [1]" in shown and "10,042" in shown
     assert "[1] gpt2: lm-evaluation-harness" in shown
     assert result.to_json()["metrics"]["acc_norm"]["published"]["value"] == 0.3114
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_fp32_gives_the_cpu_scores_and_bf16_is_close(model, tokenizer, files):
+    """fp32 on CUDA: the CPU's log-likelihoods within 1e-4 and the same accuracies; bf16 autocast (the fast
+    way on a GPU) moves each log-likelihood by bf16's rounding only."""
+    cpu = score(model, tokenizer, files, batch_size=4)
+    on_gpu = random_model().cuda()  # the same seed: the same weights
+    gpu = score(on_gpu, tokenizer, files, batch_size=4)
+    bf16 = score(on_gpu, tokenizer, files, batch_size=4, autocast=torch.autocast("cuda", dtype=torch.bfloat16))
+    for name in cpu:
+        assert [[s.greedy for s in e] for e in gpu[name].scores] == [[s.greedy for s in e] for e in cpu[name].scores]
+        for ours, reference in zip(gpu[name].scores, cpu[name].scores):
+            assert [s.loglikelihood for s in ours] == pytest.approx([s.loglikelihood for s in reference],
+                                                                   abs=LOGLIKELIHOOD_TOLERANCE)
+        assert {m: v for m, (v, _) in gpu[name].metrics.items()} == pytest.approx(
+            {m: v for m, (v, _) in cpu[name].metrics.items()}, rel=1e-5)
+        for ours, reference in zip(bf16[name].scores, cpu[name].scores):
+            assert [s.loglikelihood for s in ours] == pytest.approx([s.loglikelihood for s in reference], rel=0.05)

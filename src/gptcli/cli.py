@@ -423,6 +423,7 @@ def generate_command(
                                   stream=None if as_json else write_now,
                                   on_notice=lambda message: err.print(f"note: {message}", highlight=False))
     show_samples(result, config.generate.num_samples, as_json)
+    gc.freeze()  # done: spare the exit's collection a scan of every object torch's import made (~0.2-0.5 s)
 
 
 def write_now(text: str) -> None:
