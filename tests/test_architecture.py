@@ -41,7 +41,7 @@ LAYERS = {
                    "planner.py"],
     "text and the model": ["tokenizer.py", "tokenizer_files.py", "openai_bpe.py", "model.py", "modeldir.py",
                            "inspect.py", "data/*.py"],
-    "using a model": ["runtime.py", "generate.py", "evaluate.py", "hf/*.py"],
+    "using a model": ["runtime.py", "generate.py", "evaluate.py", "hf/*.py", "tasks/*.py"],
     "training": ["train/*.py"],
     "command line": ["cli.py", "__main__.py"],
 }

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from conftest import gpt_env
 from gptcli.config import project_from_dict
 from gptcli.errors import GptError
 from gptcli.fsutil import OWNED_FILES
@@ -154,3 +155,22 @@ def test_a_tied_head_must_equal_the_embedding():
     state["lm_head.weight"] = state["wte.weight"] + 1
     with pytest.raises(GptError, match="lm_head.weight that differs from wte.weight"):
         model_from_state_dict(model.config, state)
+
+
+def test_loading_a_model_dir_runs_no_init_function_and_imports_no_dynamo(tmp_path):
+    """The meta model that weights are assigned into is built without the init functions (their meta
+    kernels import torch._dynamo, about a second of every gpt generate / gpt eval start), and the model
+    dir's GPT-2 vocabulary gets its known fingerprint without hashing the ranks again."""
+    model = tiny_model()
+    save_model_dir(tmp_path / "model", model, load_tokenizer("gpt2"))
+    code = ("import sys, torch.nn.init as init\n"
+            "from gptcli.modeldir import load_model_dir\n"
+            "calls = []\n"
+            "for name in ('normal_', 'uniform_', 'kaiming_uniform_', 'ones_', 'zeros_'):\n"
+            "    setattr(init, name, (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(getattr(init, name)))\n"
+            f"loaded = load_model_dir({str(tmp_path / 'model')!r})\n"
+            "print(len(calls), 'torch._dynamo' in sys.modules, loaded.tokenizer.fingerprint)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=gpt_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "False", load_tokenizer("gpt2").fingerprint]
+    assert torch.equal(load_model_dir(tmp_path / "model").model.wte.weight, model.wte.weight)

@@ -86,6 +86,7 @@ Compile = Literal["auto", True, False]
 Resume = Literal["auto", "required", "never"]
 DEFAULT_RESUME: Resume = "auto"
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
+TASK_NAMES = ("hellaswag", "lambada")  # gptcli.tasks.BENCHMARKS; here too, so config.py needs no torch
 
 
 # --- sections -------------------------------------------------------------------------------------
@@ -266,15 +267,37 @@ class DeepSpeedConfig(Section):
 
 @dataclass
 class EvalConfig(Section):
-    """`gpt eval`: perplexity on held-out text."""
+    """`gpt eval`: perplexity on held-out text, and benchmarks (`--task`; also during training)."""
 
     section = "eval"
 
     split: EvalSplit = doc('Shards to score when no text is given: "val" or "train".', "val")
     text: Optional[str] = doc("A text file to score instead of the shards (tokenized on the fly).", None)
     stride: int = doc("Sliding-window stride in tokens; 0 means the full context (no overlap).", 0, at_least=0)
-    batch_size: int = doc("Windows per forward pass.", 8, at_least=1)
+    batch_size: int = doc("Windows (perplexity) or task examples per forward pass.", 8, at_least=1)
     max_tokens: int = doc("Score at most this many tokens; 0 means all.", 0, at_least=0)
+    tasks: list = doc('Benchmarks scored as lm-evaluation-harness scores them: "hellaswag", "lambada"; during '
+                      "training every tasks_every steps, and by `gpt eval --task` (whose names replace these).",
+                      factory=list)
+    tasks_every: int = doc("Score the tasks during training every this many steps (and at the last); 0 = at every "
+                           "evaluation (train.eval_every).", 0, at_least=0)
+    tasks_limit: int = doc("Score the first N examples of each task; 0 = all (HellaSwag 10,042, LAMBADA 5,153).", 0,
+                           at_least=0)
+    task_data: dict = doc('Local data per task, e.g. { hellaswag = "hellaswag_val.jsonl" }: JSONL or Parquet with '
+                          "the Hub dataset's fields; other tasks come from the Hub through datasets (cached).",
+                          factory=dict)
+
+    def check(self) -> None:
+        for key, names in (("tasks", self.tasks), ("task_data", list(self.task_data))):
+            for name in names:
+                if name not in TASK_NAMES:
+                    raise ConfigError(f'eval.{key} names "{name}", which is not a task (known: '
+                                      f'{", ".join(TASK_NAMES)}){_nearest(name, list(TASK_NAMES))}.')
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError("eval.tasks names a task twice.")
+        for name, path in self.task_data.items():
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"eval.task_data.{name} must be the path of a file, not {_shown(path)}.")
 
 
 @dataclass

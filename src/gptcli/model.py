@@ -357,7 +357,14 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 
 def build_model(config: ModelConfig, device: Optional[torch.device | str] = None) -> GPT:
-    """A freshly initialised GPT; `device="meta"` builds the shapes without allocating weights."""
+    """A freshly initialised GPT; `device="meta"` builds the shapes without allocating weights, and without
+    running the init functions: a meta tensor has no values to set, and their meta kernels import
+    torch._dynamo, about a second of every model load (model_from_state_dict builds on meta)."""
+    if str(device) == "meta":
+        from .inspect import initialisation_skipped
+
+        with initialisation_skipped(), torch.device("meta"):
+            return GPT(config)
     with torch.device(device or "cpu"):
         return GPT(config)
 

@@ -613,15 +613,50 @@ def _pick_split(splits, spec: str, split: str):
 
 def _require_hub(spec: str) -> None:
     """Fail in a second, not after minutes of retries, when the Hub cannot be reached."""
+    why = hub_unreachable()
+    if why is not None:
+        raise GptError(f"{spec} needs the Hugging Face Hub, which {why}; on a machine with network access save "
+                       "it with datasets.load_dataset(...).save_to_disk(DIR) and pass DIR instead.")
+
+
+def hub_unreachable() -> Optional[str]:
+    """Why the Hugging Face Hub cannot be used from here (offline switch, no connection), or None."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     parsed = urlparse(endpoint)
     host = parsed.hostname or "huggingface.co"
     port = parsed.port or (80 if parsed.scheme == "http" else 443)
-    hint = (f"{spec} needs the Hugging Face Hub, which {{why}}; on a machine with network access save it with "
-            "datasets.load_dataset(...).save_to_disk(DIR) and pass DIR instead.")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise GptError(hint.format(why="is switched off by HF_HUB_OFFLINE/HF_DATASETS_OFFLINE"))
+        return "is switched off by HF_HUB_OFFLINE/HF_DATASETS_OFFLINE"
     try:
         socket.create_connection((host, port), timeout=5).close()
     except OSError:
-        raise GptError(hint.format(why=f"cannot be reached from here ({host})")) from None
+        return f"cannot be reached from here ({host})"
+    return None
+
+
+def load_cached_dataset(name: str, config: Optional[str], split: str):
+    """A whole Hub dataset split through `datasets`' own cache: the cached copy when there is one, read
+    without touching the network; else downloaded (and so cached) once the Hub answers. Raises
+    `HubUnreachable` (with the reason) when it is neither cached nor reachable."""
+    import datasets
+
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True  # the cache alone: datasets falls back to it when offline
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception:  # not cached (or cached damaged): ask the Hub
+        pass
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+    why = hub_unreachable()
+    if why is not None:
+        raise HubUnreachable(why)
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as error:  # datasets raises many kinds: missing dataset, config, split, network
+        raise GptError(f"Could not load {name} (split {split}) with datasets.load_dataset "
+                       f"({type(error).__name__}: {_first_line(error)}).") from None
+
+
+class HubUnreachable(GptError):
+    """The Hub cannot be used from here; the message says why. Callers add what to do instead."""

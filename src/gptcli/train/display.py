@@ -42,18 +42,32 @@ class Display:
                  "ETA": format_eta(per_step * (max_steps - record["step"]))}
         if record.get("eval_loss") is not None:
             cells["val loss"] = f"{record['eval_loss']:.4f}"
+        tasks = task_cells(record)
+        cells.update(tasks)
         if self.live is not None:
             from rich.table import Table
 
             table = Table(*cells.keys(), title=f"gpt train: {self.run_dir}")
             table.add_row(*cells.values())
             self.live.update(table)
-        elif record["step"] % max(self.project.train.log_every, 1) == 0 or "val loss" in cells:
+        elif record["step"] % max(self.project.train.log_every, 1) == 0 or "val loss" in cells or tasks:
             self.console.print("  ".join(f"{k} {v}" for k, v in cells.items()), highlight=False)
 
     def close(self) -> None:
         if self.live is not None:
             self.live.stop()
+
+
+def task_cells(record: dict) -> dict[str, str]:
+    """Each scored task's headline metric ([eval] tasks), e.g. "hellaswag acc_norm"."""
+    from ..tasks.benchmarks import BENCHMARKS
+
+    cells = {}
+    for name, bench in BENCHMARKS.items():
+        value = record.get(f"{name}_{bench.headline}")
+        if value is not None:
+            cells[f"{name} {bench.headline}"] = f"{value:.4f}"
+    return cells
 
 
 def fmt(value: Optional[float], spec: str) -> str:

@@ -29,7 +29,7 @@ import torch
 
 from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
-from . import checkpoint, probes, reshard
+from . import checkpoint, probes, reshard, task_eval
 from .chatter import LibraryLog
 from .consolidation import consolidate_only, hand_over
 from .continuation import Start, prepare
@@ -105,6 +105,7 @@ class Run:
     flops_per_token: int = 0
     peak: Optional[float] = None
     start: Optional[Start] = None  # what the run continues from (continuation.prepare)
+    tasks: Optional[task_eval.TaskSet] = None  # [eval] tasks: this rank's share of the examples
 
 
 @dataclass
@@ -211,6 +212,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
               tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device, faults=Faults.from_environment(rank),
               clips_gradients=loop_clips_gradients(project, precision), start=start)
     run.flops_per_token = model_flops_per_token(project.model, layout.seq_len)
+    run.tasks = task_eval.prepare(project, tokenizer, model_config.block_size, rank, world, options.overfit_batch)
     run.peak = peak_flops(device, project.train.peak_tflops)
     if options.overfit_batch:
         run.fixed_batch = run.loader.next_batch()
@@ -359,7 +361,8 @@ def checkpoint_due(run: Run) -> bool:
 def boundary(run: Run) -> bool:
     """A step after which the loop evaluates, samples, saves or ends: its record is completed at once."""
     train = run.project.train
-    return checkpoint_due(run) or should(train.eval_every, run) or should(train.sample_every, run)
+    return (checkpoint_due(run) or should(train.eval_every, run) or should(train.sample_every, run)
+            or (run.tasks is not None and should(run.tasks.every, run)))
 
 
 def zero3(run: Run) -> bool:
@@ -422,6 +425,8 @@ def log(run: Run, done: StepDone, grad_norm: Optional[float], display: Optional[
     if options is not None and should(train.eval_every, run) and run.val_loader is not None:
         record["eval_loss"] = evaluate(run)
         record["eval_perplexity"] = math.exp(min(record["eval_loss"], 700))
+    if options is not None and run.tasks is not None and should(run.tasks.every, run):
+        record.update(task_eval.score(run.engine, run.tasks, zero3(run)))  # every rank scores its share
     if options is not None and should(train.sample_every, run):
         print_sample(run)  # every rank enters: under ZeRO-3 they gather the weights together
     if run.writer is not None:

@@ -20,7 +20,8 @@ METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
 PLOT_FILE = "loss.png"
 CSV_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
-               "eval_perplexity", "skipped_steps"]
+               "eval_perplexity", "skipped_steps",
+               "hellaswag_acc", "hellaswag_acc_norm", "lambada_acc", "lambada_perplexity"]  # [eval] tasks
 
 def peak_for_name(device_name: str) -> Optional[float]:
     """Peak FLOP/s for a CUDA device name (the planner's table of GPUs: dense bf16 figures from the data

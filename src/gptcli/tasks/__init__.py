@@ -1,0 +1,146 @@
+"""Zero-shot benchmarks scored as lm-evaluation-harness 0.4.x scores them: HellaSwag and LAMBADA (OpenAI).
+
+`gpt eval --task NAME[,NAME...]` is `evaluate_project_tasks`; training calls `read_all`, `prepare_task`
+and `score_task` on every rank (train/task_eval.py). benchmarks.py holds the definitions, data.py the data, scoring.py the
+batched log-likelihoods, stats.py the standard errors.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import GptError, Stopped, UsageError
+from .benchmarks import BENCHMARKS, Benchmark, Example, Published, Scored, aggregate, benchmark
+from .data import read_examples
+from .scoring import Group, encode_example, score_groups
+
+__all__ = ["BENCHMARKS", "TaskResult", "evaluate_project_tasks", "evaluate_tasks", "prepare_task", "read_all",
+           "score_task", "gpt2_shape"]
+
+
+@dataclass
+class TaskResult:
+    name: str
+    title: str
+    source: str  # where the examples came from
+    examples: int
+    metrics: dict[str, tuple[float, Optional[float]]]  # metric → (value, standard error)
+    higher_is_better: dict[str, bool]
+    published: dict[str, Published]  # the model's GPT-2 size's published scores, by metric
+    shape: Optional[str]  # the GPT-2 preset whose shape the model has
+    seconds: float
+    scores: list[list[Scored]] = field(default_factory=list)  # per example, per continuation
+
+    def to_json(self) -> dict:
+        metrics = {}
+        for name, (value, stderr) in self.metrics.items():
+            published = self.published.get(name)
+            metrics[name] = {"value": value, "stderr": stderr, "higher_is_better": self.higher_is_better[name],
+                             "published": None if published is None else
+                             {"value": published.value, "source": published.source}}
+        return {"task": self.name, "title": self.title, "source": self.source, "examples": self.examples,
+                "metrics": metrics, "gpt2_shape": self.shape, "seconds": round(self.seconds, 3)}
+
+
+def gpt2_shape(config) -> Optional[str]:
+    """The GPT-2 size (preset name) whose architecture `config` has, or None."""
+    from ..config import project_from_dict
+
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        if project_from_dict({"model": {"preset": name}}).model.architecture_dict() == config.architecture_dict():
+            return name
+    return None
+
+
+def prepare_task(examples: list[Example], tokenizer, block_size: int,
+                 pick: Callable[[int], bool] = lambda index: True) -> list[Group]:
+    """Tokenize the examples this process scores (those whose index `pick` accepts). An example too long
+    for the model is found here, before anything is scored."""
+    return [encode_example(tokenizer, e, block_size) for e in examples if pick(e.index)]
+
+
+def score_task(model, bench: Benchmark, groups: list[Group], *, batch_size: int, autocast=None,
+               progress: Optional[Callable[[int], None]] = None, min_batches: int = 0,
+               full_forward: bool = False) -> tuple[list[list[Scored]], list[dict[str, float]]]:
+    """Score the groups (scoring.score_groups); returns per example its continuations' scores and its
+    outcomes, in data order."""
+    scores = score_groups(model, groups, batch_size, autocast, progress, min_batches, full_forward)
+    return scores, [bench.outcomes(g.example, s) for g, s in zip(groups, scores)]
+
+
+def read_all(names: list[str], data_files: dict[str, str], limit: int) -> list[tuple[Benchmark, list[Example], str]]:
+    """Each named benchmark with its examples and their source; every bad record is found here."""
+    benches = [benchmark(name) for name in names]
+    unused = sorted(set(data_files) - set(names))
+    if unused:
+        raise GptError(f"Task data is given for {', '.join(unused)}, which is not among the tasks scored "
+                       f"({', '.join(names)}).")
+    return [(bench, *read_examples(bench, data_files.get(bench.name), limit)) for bench in benches]
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[tuple[Benchmark, list[Example], str]], *, batch_size: int = 8,
+                   autocast=None, progress: Optional[Callable[[str, int, int], None]] = None) -> list[TaskResult]:
+    """Score `model` on each (benchmark, examples, source) of `read_all`; progress(name, done, total) after
+    every batch. A stop (Ctrl-C, SIGTERM) is reported as how far each task got."""
+    block_size = model.config.block_size
+    prepared = [(bench, prepare_task(examples, tokenizer, block_size), source)
+                for bench, examples, source in tasks]
+    shape = gpt2_shape(model.config)
+    results: list[TaskResult] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for bench, groups, source in prepared:
+            results.append(score_one(model, bench, groups, source, shape, batch_size, autocast, progress, results))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def score_one(model, bench: Benchmark, groups: list[Group], source: str, shape: Optional[str], batch_size: int,
+              autocast, progress, finished: list[TaskResult]) -> TaskResult:
+    """One task's result; a stop names the tasks `finished` and how far this one got."""
+    done, start = 0, time.perf_counter()
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(bench.name, done, len(groups))
+
+    try:
+        scores, outcomes = score_task(model, bench, groups, batch_size=batch_size, autocast=autocast, progress=advance)
+    except (KeyboardInterrupt, Stopped) as stop:
+        before = "".join(f"{r.title} finished, " for r in finished)
+        raise Stopped(getattr(stop, "signal_number", signal.SIGINT),
+                      f"{before}{bench.title} stopped after {done:,} of {len(groups):,} examples; no score was "
+                      "reported") from None
+    return TaskResult(name=bench.name, title=bench.title, source=source, examples=len(groups),
+                      metrics=aggregate(bench, outcomes), higher_is_better=bench.higher_is_better,
+                      published=bench.published.get(shape, {}) if shape else {}, shape=shape,
+                      seconds=time.perf_counter() - start, scores=scores)
+
+
+def evaluate_project_tasks(project, names: list[str], *, checkpoint: Optional[Path] = None, device: str = "auto",
+                           bf16: bool = False,
+                           progress: Optional[Callable[[str, int, int], None]] = None) -> list[TaskResult]:
+    """`gpt eval --task`: the tasks `names` with the project's [eval] settings (task_data, tasks_limit,
+    batch_size), on the model of `checkpoint` (else the project's run dir). The data is read and checked
+    before the model loads."""
+    import torch
+
+    from ..runtime import load_project_model, resolve_device
+
+    settings = project.eval
+    if not names:
+        raise UsageError("--task: name at least one task (hellaswag, lambada).")
+    tasks = read_all(names, settings.task_data, settings.tasks_limit)
+    target = resolve_device(device)
+    loaded = load_project_model(project, checkpoint, target)
+    autocast = torch.autocast(target.type, dtype=torch.bfloat16) if bf16 else None
+    return evaluate_tasks(loaded.model, loaded.tokenizer, tasks, batch_size=settings.batch_size, autocast=autocast,
+                          progress=progress)

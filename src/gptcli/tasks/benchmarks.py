@@ -1,0 +1,205 @@
+"""The benchmarks: how a record of each dataset becomes a context and its candidate continuations, how the
+scored continuations become metrics, and GPT-2's published scores.
+
+Both follow lm-evaluation-harness 0.4.x's task definitions (lm_eval/tasks/hellaswag/hellaswag.yaml and
+utils.py, lm_eval/tasks/lambada/lambada_openai.yaml), zero-shot, with its default target delimiter " "
+between context and continuation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import GptError
+from . import stats
+
+
+@dataclass(frozen=True)
+class Example:
+    """One scored item: a context and the continuations whose log-likelihoods are compared."""
+
+    index: int  # position in the data, from 0
+    context: str
+    continuations: tuple[str, ...]  # each with the " " delimiter in front, as lm-eval scores it
+    choices: tuple[str, ...]  # the continuations' text without the delimiter (acc_norm divides by its length)
+    gold: int  # the right continuation
+    where: str = field(default="", compare=False)  # how messages name it: file and line, or dataset and number
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A continuation's summed log-likelihood and whether greedy decoding would have produced it."""
+
+    loglikelihood: float
+    greedy: bool
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published score of a GPT-2 size, with where it comes from."""
+
+    value: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    title: str
+    hub: tuple[str, Optional[str], str]  # the dataset lm-eval reads: id, config, split
+    fields: tuple[str, ...]  # the record fields it needs
+    example: Callable[[dict, int, str], Example]  # record, index, where it is (for messages) → Example
+    outcomes: Callable[[Example, list[Scored]], dict[str, float]]  # per-example values the metrics average
+    metrics: dict[str, str]  # metric → "mean:<outcome>" or "perplexity:<outcome>"
+    higher_is_better: dict[str, bool]
+    headline: str  # the metric the training display shows
+    published: dict[str, dict[str, Published]] = field(default_factory=dict)  # preset → metric → score
+
+
+# --- HellaSwag ----------------------------------------------------------------------------------------------
+
+
+def hellaswag_clean(text: str) -> str:
+    """lm-eval's HellaSwag preprocessing: strip; " [title]" becomes ". "; every "[...]" is removed (WikiHow
+    markup, shortest match); then each double space becomes one (one pass, as str.replace does)."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_example(record: dict, index: int, where: str) -> Example:
+    """Context = activity label + ": " + ctx_a + " " + ctx_b with its first letter capitalised (the rest
+    lower-cased, as str.capitalize does); the endings are the choices."""
+    activity, ctx_a, ctx_b = (text_field(record, key, where) for key in ("activity_label", "ctx_a", "ctx_b"))
+    endings = record["endings"]
+    if not isinstance(endings, (list, tuple)) or not endings or not all(isinstance(e, str) for e in endings):
+        raise GptError(f"{where}: endings must be a non-empty list of strings, not {shown(endings)}.")
+    context = hellaswag_clean(activity + ": " + ctx_a + " " + ctx_b.capitalize())
+    choices = tuple(hellaswag_clean(ending) for ending in endings)
+    return Example(index, context, tuple(" " + c for c in choices), choices,
+                   hellaswag_label(record, where, len(choices)), where)
+
+
+def hellaswag_label(record: dict, where: str, count: int) -> int:
+    """The label as lm-eval reads it: the record's label rendered as text must be the digits of an index
+    of the endings (the hub stores "0".."3"; the original JSONL stores integers)."""
+    label = record["label"]
+    text = str(label) if not isinstance(label, bool) else ""
+    if not text.isdigit():
+        hint = " (the test split has no labels; score the validation split)" if text == "" else ""
+        raise GptError(f"{where}: label {shown(label)} is not the index of one of its endings{hint}.")
+    if int(text) >= count:
+        raise GptError(f"{where}: label {shown(label)} is not the index of one of its {count} endings.")
+    return int(text)
+
+
+def hellaswag_outcomes(example: Example, scored: list[Scored]) -> dict[str, float]:
+    """acc: the most likely ending is the gold one; acc_norm: the same after dividing each summed
+    log-likelihood by the ending's length in characters. np.argmax takes the first of equal values, as
+    lm-eval does."""
+    loglikelihoods = np.array([s.loglikelihood for s in scored], dtype=np.float64)
+    lengths = np.array([float(len(c)) for c in example.choices])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        normalised = loglikelihoods / lengths
+    return {"acc": float(int(np.argmax(loglikelihoods)) == example.gold),
+            "acc_norm": float(int(np.argmax(normalised)) == example.gold)}
+
+
+# --- LAMBADA (OpenAI) ---------------------------------------------------------------------------------------
+
+
+def lambada_example(record: dict, index: int, where: str) -> Example:
+    """Context = every word but the last (words split on single spaces, joined back with them);
+    continuation = " " + the last word."""
+    text = text_field(record, "text", where)
+    if not text.strip():
+        raise GptError(f"{where}: text is empty.")
+    words = text.split(" ")
+    target = words[-1]
+    return Example(index, " ".join(words[:-1]), (" " + target,), (target,), 0, where)
+
+
+def lambada_outcomes(example: Example, scored: list[Scored]) -> dict[str, float]:
+    """acc: every token of the last word is the greedy choice; the log-likelihood feeds the perplexity."""
+    return {"acc": float(scored[0].greedy), "loglikelihood": scored[0].loglikelihood}
+
+
+# --- shared -------------------------------------------------------------------------------------------------
+
+
+def text_field(record: dict, key: str, where: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise GptError(f"{where}: {key} must be text, not {shown(value)}.")
+    return value
+
+
+def shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# Published zero-shot scores of OpenAI's GPT-2 checkpoints (sources in docs/generate-eval.md).
+LM_EVAL_GPT2 = "lm-evaluation-harness 0.4 hf backend, openai-community/gpt2"
+GPT2_PAPER = "GPT-2 paper, Table 3 (its own LAMBADA protocol, not lm-eval's)"
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in [
+        Benchmark(
+            name="hellaswag", title="HellaSwag", hub=("Rowan/hellaswag", None, "validation"),
+            fields=("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+            example=hellaswag_example, outcomes=hellaswag_outcomes,
+            metrics={"acc": "mean:acc", "acc_norm": "mean:acc_norm"},
+            higher_is_better={"acc": True, "acc_norm": True}, headline="acc_norm",
+            published={"gpt2": {"acc": Published(0.2892, LM_EVAL_GPT2), "acc_norm": Published(0.3114, LM_EVAL_GPT2)}},
+        ),
+        Benchmark(
+            name="lambada", title="LAMBADA (OpenAI)", hub=("EleutherAI/lambada_openai", "default", "test"),
+            fields=("text",), example=lambada_example, outcomes=lambada_outcomes,
+            metrics={"acc": "mean:acc", "perplexity": "perplexity:loglikelihood"},
+            higher_is_better={"acc": True, "perplexity": False}, headline="acc",
+            published={
+                "gpt2": {"acc": Published(0.3256, LM_EVAL_GPT2), "perplexity": Published(40.0554, LM_EVAL_GPT2)},
+                "gpt2-medium": {"acc": Published(0.5548, GPT2_PAPER), "perplexity": Published(15.60, GPT2_PAPER)},
+                "gpt2-large": {"acc": Published(0.6012, GPT2_PAPER), "perplexity": Published(10.87, GPT2_PAPER)},
+                "gpt2-xl": {"acc": Published(0.6324, GPT2_PAPER), "perplexity": Published(8.63, GPT2_PAPER)},
+            },
+        ),
+    ]
+}
+
+
+def benchmark(name: str) -> Benchmark:
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise GptError(f'Unknown task "{name}" (known: {", ".join(BENCHMARKS)}).') from None
+
+
+def aggregate(bench: Benchmark, outcomes: list[dict[str, float]], with_stderr: bool = True) -> dict[str, tuple[float, Optional[float]]]:
+    """metric → (value, standard error or None) over the per-example outcomes, in data order."""
+    result = {}
+    for metric, rule in bench.metrics.items():
+        kind, key = rule.split(":")
+        values = [o[key] for o in outcomes]
+        if kind == "mean":
+            result[metric] = (stats.mean(values), stats.mean_stderr(values) if with_stderr else None)
+        else:
+            result[metric] = (stats.perplexity(values),
+                              stats.bootstrap_perplexity_stderr(values) if with_stderr else None)
+    return result
+
+
+def from_sums(bench: Benchmark, sums: dict[str, float], count: int) -> dict[str, float]:
+    """The metrics from per-outcome sums over `count` examples (ranks add their sums; no standard error)."""
+    result = {}
+    for metric, rule in bench.metrics.items():
+        kind, key = rule.split(":")
+        average = sums[key] / count
+        result[metric] = average if kind == "mean" else float(np.exp(-average))
+    return result

@@ -1,0 +1,212 @@
+"""Log-likelihoods of continuations, as lm-evaluation-harness's `hf` backend computes them, in fewer model
+rows.
+
+Tokens (lm-eval's `_encode_pair`): trailing whitespace of the context moves to the front of the
+continuation; the continuation's tokens are those of `encode(context + continuation)` after the first
+len(encode(context)) of them, and the model reads encode(context) + those (an empty context is the
+end-of-text token alone). A continuation's log-likelihood is the sum of log-softmax at each of its
+tokens; it is "greedy" when every one of its tokens is the argmax there.
+
+What is shared is computed once. The inputs of an example's continuations (context + continuation minus
+its last token) are merged into a prefix tree of tokens and packed into one row: each token attends to
+the tokens on its path from the root only, with the position it has in its own sequence, so every
+token's hidden state is the one lm-eval's separate forward pass computes, while the context and any
+tokens the continuations start with in common are run once (HellaSwag's four endings share a context
+twice their length). Only the rows that predict a continuation token go through the vocabulary
+projection, once each, where lm-eval projects and log-softmaxes every position of every request.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..errors import GptError
+from .benchmarks import Example, Scored
+
+
+@dataclass
+class Group:
+    """An example's tokens: the context and, per continuation, its tokens."""
+
+    example: Example
+    context: list[int]
+    continuations: list[list[int]]
+
+    @property
+    def positions_needed(self) -> int:
+        """Positions the longest request occupies (lm-eval: context + continuation − 1 model inputs)."""
+        return len(self.context) + max(len(c) for c in self.continuations) - 1
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split of a (context, continuation) pair into tokens, for a causal model."""
+    context_ids, continuations = encode_continuations(tokenizer, context, [continuation])
+    return context_ids, continuations[0]
+
+
+def encode_continuations(tokenizer, context: str, continuations: list[str]) -> tuple[list[int], list[list[int]]]:
+    """encode_pair for several continuations of one context, which is encoded once: with its trailing
+    whitespace moved into the continuation, the context's tokens do not depend on the continuation."""
+    if not context:
+        if tokenizer.eot_id is None:
+            raise GptError("the context is empty and the tokenizer has no end-of-text token to stand for it.")
+        return [tokenizer.eot_id], [tokenizer.encode(c) for c in continuations]
+    context_ids = tokenizer.encode(context.rstrip())
+    if not context_ids:
+        raise GptError("the context is only whitespace.")
+    return context_ids, [tokenizer.encode(context + c)[len(context_ids):] for c in continuations]
+
+
+def encode_example(tokenizer, example: Example, block_size: int) -> Group:
+    """The example's tokens; a continuation without tokens or a request longer than the context is an error."""
+    where = example.where or f"example {example.index}"
+    try:
+        context_ids, continuations = encode_continuations(tokenizer, example.context, list(example.continuations))
+    except GptError as error:
+        raise GptError(f"{where}: {error}") from None
+    group = Group(example, context_ids, continuations)
+    if any(not ids for ids in group.continuations):
+        raise GptError(f"{where}: a continuation has no tokens of its own after the context.")
+    if group.positions_needed > block_size:
+        raise GptError(f"{where} needs {group.positions_needed} positions (context {len(group.context)} tokens + "
+                       f"continuation), more than the model's context of {block_size}.")
+    return group
+
+
+# --- packing ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Packed:
+    """A group as one row: a prefix tree of tokens, parents before children."""
+
+    tokens: list[int]
+    parents: list[int]  # index of each token's parent, -1 for the root
+    depths: list[int]  # its position in its own sequence
+    rows: list[list[int]]  # per continuation: the packed index whose output predicts each of its tokens
+
+
+def pack(group: Group) -> Packed:
+    packed = Packed([], [], [], [])
+    children: dict[tuple[int, int], int] = {}
+    for continuation in group.continuations:
+        path, parent = [], -1
+        for depth, token in enumerate(group.context + continuation[:-1]):
+            node = children.get((parent, token))
+            if node is None:
+                node = children[(parent, token)] = len(packed.tokens)
+                packed.tokens.append(token)
+                packed.parents.append(parent)
+                packed.depths.append(depth)
+            path.append(node)
+            parent = node
+        first = len(group.context) - 1  # the context's last token predicts the continuation's first
+        packed.rows.append(path[first:first + len(continuation)])
+    return packed
+
+
+def batch_inputs(packs: list[Packed], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens (B, T), positions (B, T) and the tree mask (B, T, T) of a batch of packed rows, padded on
+    the right; a token may attend to itself and its ancestors (padding to nothing; the model lets such a
+    row attend to itself)."""
+    width = max(len(p.tokens) for p in packs)
+    tokens = np.zeros((len(packs), width), dtype=np.int64)
+    positions = np.zeros((len(packs), width), dtype=np.int64)
+    mask = np.zeros((len(packs), width, width), dtype=bool)
+    for b, p in enumerate(packs):
+        n = len(p.tokens)
+        tokens[b, :n], positions[b, :n] = p.tokens, p.depths
+        for i, parent in enumerate(p.parents):
+            if parent >= 0:
+                mask[b, i, :i] = mask[b, parent, :i]  # a parent comes before its child: its row is complete
+            mask[b, i, i] = True
+    return (torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device),
+            torch.from_numpy(mask).to(device))
+
+
+# --- scoring ------------------------------------------------------------------------------------------------
+
+
+def score_batch(model, packs: list[Packed], groups: list[Group], full_forward: bool = False) -> list[list[Scored]]:
+    """One forward pass over a batch of packed groups, one vocabulary projection of the rows that predict."""
+    logprobs, row_of = predicting_rows(model, packs, full_forward)
+    picks, targets = [], []
+    for p, group, rows_of_batch in zip(packs, groups, row_of):
+        for rows, continuation in zip(p.rows, group.continuations):
+            picks += [rows_of_batch[row] for row in rows]
+            targets += continuation
+    pick = torch.tensor(picks, device=logprobs.device)
+    target = torch.tensor(targets, device=logprobs.device)
+    token_logprobs = logprobs[pick, target].double().tolist()
+    token_greedy = (logprobs.argmax(dim=-1)[pick] == target).tolist()
+    results, at = [], 0
+    for group in groups:
+        scored = []
+        for continuation in group.continuations:
+            end = at + len(continuation)
+            scored.append(Scored(sum(token_logprobs[at:end]), all(token_greedy[at:end])))
+            at = end
+        results.append(scored)
+    return results
+
+
+def predicting_rows(model, packs: list[Packed], full_forward: bool) -> tuple[torch.Tensor, list[dict[int, int]]]:
+    """Log-softmax (R, V) in fp32, as lm-eval takes it, at the R packed positions that predict a
+    continuation token, and per batch row a map from packed index to its row in that matrix.
+
+    full_forward: call the model itself and project every position, then pick (ZeRO-3 gathers the weights
+    in hooks around the model's own forward, the way training calls it); else only the R rows go through
+    the vocabulary projection."""
+    device = model.wte.weight.device
+    tokens, positions, mask = batch_inputs(packs, device)
+    width = tokens.size(1)
+    wanted = sorted({b * width + row for b, p in enumerate(packs) for rows in p.rows for row in rows})
+    index = torch.tensor(wanted, device=device)
+    if full_forward:
+        logits, _ = model(tokens, attention=mask, position_ids=positions)  # (B, T, V)
+        logits = logits.reshape(-1, logits.size(-1))[index]  # (R, V)
+    else:
+        hidden = model.hidden_states(tokens, attention=mask, position_ids=positions)  # (B, T, C)
+        logits = model.head(hidden.reshape(-1, hidden.size(-1))[index])  # (R, V)
+    row_of: list[dict[int, int]] = [{} for _ in packs]
+    for row, flat in enumerate(wanted):
+        row_of[flat // width][flat % width] = row
+    return torch.log_softmax(logits.float(), dim=-1), row_of
+
+
+def score_groups(model, groups: list[Group], batch_size: int, autocast=None,
+                 progress: Optional[Callable[[int], None]] = None, min_batches: int = 0,
+                 full_forward: bool = False) -> list[list[Scored]]:
+    """Scores of every continuation of every group, in the groups' order. Groups of similar packed length
+    are batched together (longest first), `batch_size` at a time; `progress(n)` after each batch of n.
+
+    min_batches: run at least this many forward passes (repeating the last batch, results unused), so that
+    ranks under ZeRO-3, which gather weights inside every forward, all run the same number; full_forward:
+    see score_batch."""
+    packs = [pack(g) for g in groups]
+    order = sorted(range(len(groups)), key=lambda i: -len(packs[i].tokens))
+    results: list[Optional[list[Scored]]] = [None] * len(groups)
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    # no_grad, not inference_mode: under ZeRO-3 the weights this gathers are the training's own tensors.
+    with torch.no_grad(), autocast or nullcontext():
+        for batch in batches:
+            scored_batch = score_batch(model, [packs[i] for i in batch], [groups[i] for i in batch], full_forward)
+            for i, scored in zip(batch, scored_batch):
+                results[i] = scored
+            if progress is not None:
+                progress(len(batch))
+        for _ in range(min_batches - len(batches)):
+            filler = batches[-1] if batches else []
+            score_batch(model, [packs[i] for i in filler] or [EMPTY_PACK], [groups[i] for i in filler] or [EMPTY_GROUP],
+                        full_forward)
+    return results  # type: ignore[return-value]
+
+
+# A stand-in for a rank that has no example left to score but must run a forward pass with the others.
+EMPTY_GROUP = Group(Example(-1, "", (" ",), ("",), 0, "filler"), [0], [[0]])
+EMPTY_PACK = pack(EMPTY_GROUP)

@@ -1,0 +1,395 @@
+"""`gpt eval --task`: HellaSwag and LAMBADA scored as lm-evaluation-harness 0.4 scores them.
+
+The fast tests check each piece against lm-eval's own definitions (its HellaSwag preprocessing function,
+its LAMBADA templates, its pair encoding, its standard errors) and the packed scorer against one plain
+forward pass per request, which is what lm-eval's `hf` backend runs. The slow test runs lm-eval itself
+(HFLM on the `gpt export-hf` copy of the model, its own task definitions reading the same files) and
+compares every log-likelihood (within 1e-4) and every accuracy (equal).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_user_error, run_gpt
+from gptcli.errors import GptError, Stopped
+from gptcli.tasks import BENCHMARKS, evaluate_tasks, gpt2_shape, read_all
+from gptcli.tasks import stats
+from gptcli.tasks.benchmarks import benchmark
+from gptcli.tasks.data import read_examples
+from gptcli.tasks.scoring import encode_example, encode_pair, score_groups
+from task_files import (HELLASWAG, LAMBADA, greedy_passages, lm_eval_task, random_model, write_jsonl,
+                        write_parquet)
+
+LOGLIKELIHOOD_TOLERANCE = 1e-4  # the issue's bound against lm-eval; fp32 sums of ~20 log-probabilities
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gptcli.tokenizer import load_tokenizer
+
+    return load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, model, tokenizer) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("tasks")
+    passages = LAMBADA + greedy_passages(model, tokenizer)
+    return {"hellaswag": write_jsonl(directory / "hellaswag.jsonl", HELLASWAG),
+            "lambada": write_jsonl(directory / "lambada.jsonl", [{"text": t} for t in passages])}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model, tokenizer) -> Path:
+    from gptcli.modeldir import save_model_dir
+
+    return save_model_dir(tmp_path_factory.mktemp("task-model") / "model", model, tokenizer)
+
+
+def score(model, tokenizer, files, names=("hellaswag", "lambada"), **options):
+    tasks = read_all(list(names), {name: str(files[name]) for name in names}, options.pop("limit", 0))
+    return {r.name: r for r in evaluate_tasks(model, tokenizer, tasks, **options)}
+
+
+# --- the definitions against lm-eval's own ------------------------------------------------------------------
+
+
+def lm_eval_file(relative: str) -> Path:
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None:
+        pytest.skip("lm_eval is not installed (pip install -e .[test])")
+    return Path(spec.origin).parent / relative
+
+
+def test_hellaswag_examples_are_lm_evals_processed_docs(files):
+    """lm-eval's process_docs (loaded from its file) on the same records: query, choices and gold."""
+    import datasets
+
+    path = lm_eval_file("tasks/hellaswag/utils.py")
+    spec = importlib.util.spec_from_file_location("lm_eval_hellaswag_utils", path)
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    docs = utils.process_docs(datasets.Dataset.from_list(HELLASWAG)).to_list()
+    examples, _ = read_examples(benchmark("hellaswag"), files["hellaswag"])
+    assert [e.context for e in examples] == [d["query"] for d in docs]
+    assert [list(e.choices) for e in examples] == [d["choices"] for d in docs]
+    assert [list(e.continuations) for e in examples] == [[" " + c for c in d["choices"]] for d in docs]
+    assert [e.gold for e in examples] == [d["gold"] for d in docs]
+    assert examples[7].context.endswith(". ")  # " [title]" at the end: a trailing space lm-eval keeps
+
+
+def test_lambada_examples_are_lm_evals_templates(files):
+    """The context and target templates of lm-eval's lambada_openai.yaml, rendered by lm-eval."""
+    import yaml
+
+    apply_template = pytest.importorskip("lm_eval.utils").apply_template
+
+    config = yaml.safe_load(lm_eval_file("tasks/lambada/lambada_openai.yaml").read_text())
+    examples, _ = read_examples(benchmark("lambada"), files["lambada"])
+    records = [json.loads(line) for line in files["lambada"].read_text().splitlines()]
+    assert [e.context for e in examples] == [apply_template(config["doc_to_text"], r) for r in records]
+    assert [e.continuations[0] for e in examples] == [apply_template(config["doc_to_target"], r) for r in records]
+    assert examples[1].context.endswith(" ") and examples[3].context == ""
+
+
+@pytest.mark.parametrize("context, continuation", [
+    ("The cat sat on the", " mat"), ("The cat sat on the ", " mat"), ("A b  ", " c"), ("Tab\t", " x"),
+    ("Numbers 12", "34"), ("Quote '", "s"), ("Unicode café", " crème"), ("x", "\n\ny")])
+def test_pairs_split_as_lm_evals_encode_pair(tokenizer, context, continuation):
+    """lm-eval's TemplateLM._encode_pair itself, run with the same tokenizer."""
+    from types import SimpleNamespace
+
+    TemplateLM = pytest.importorskip("lm_eval.api.model").TemplateLM
+
+    lm = SimpleNamespace(backend="causal", tok_encode=lambda text, **kwargs: tokenizer.encode(text))
+    assert encode_pair(tokenizer, context, continuation) == TemplateLM._encode_pair(lm, context, continuation)
+
+
+def test_empty_context_is_end_of_text_as_lm_evals_prefix_token(tokenizer):
+    assert encode_pair(tokenizer, "", " Hello") == ([tokenizer.eot_id], tokenizer.encode(" Hello"))
+
+
+def test_standard_errors_are_lm_evals(monkeypatch):
+    """mean_stderr exactly; the perplexity bootstrap draws lm-eval's very resamples (equal to 1e-12)."""
+    import random
+
+    metrics = pytest.importorskip("lm_eval.api.metrics")
+
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")  # lm-eval's single-process path: the same seeds
+    draw = random.Random(3)
+    accuracies = [float(draw.random() < 0.3) for _ in range(57)]
+    loglikelihoods = [-draw.random() * 12 for _ in range(333)]
+    assert stats.mean_stderr(accuracies) == metrics.mean_stderr(accuracies)
+    assert stats.perplexity(loglikelihoods) == metrics.perplexity(loglikelihoods)
+    ours = stats.bootstrap_perplexity_stderr(loglikelihoods, iterations=2000)
+    assert ours == pytest.approx(metrics.bootstrap_stderr(metrics.perplexity, loglikelihoods, 2000), rel=1e-12)
+    assert stats.mean_stderr([1.0]) is None and stats.bootstrap_perplexity_stderr([-1.0]) is None
+
+
+# --- the packed scorer against one forward pass per request -------------------------------------------------
+
+
+def separate_passes(model, group) -> list[tuple[float, bool]]:
+    """What lm-eval's hf backend computes for each request: a forward pass over context + continuation
+    minus its last token, log-softmax in fp32, the continuation's log-probabilities summed."""
+    results = []
+    for continuation in group.continuations:
+        ids = torch.tensor([group.context + continuation[:-1]])
+        with torch.no_grad():
+            logits, _ = model(ids)
+        logprobs = torch.log_softmax(logits[0, len(group.context) - 1:].float(), dim=-1)
+        target = torch.tensor(continuation)
+        results.append((logprobs[torch.arange(len(continuation)), target].sum().item(),
+                        bool((logprobs.argmax(-1) == target).all())))
+    return results
+
+
+@pytest.mark.parametrize("name, batch_size", [("hellaswag", 3), ("lambada", 2)])
+def test_packed_scores_equal_one_forward_pass_per_request(model, tokenizer, files, name, batch_size):
+    bench = benchmark(name)
+    examples, source = read_examples(bench, files[name])
+    groups = [encode_example(tokenizer, e, model.config.block_size) for e in examples]
+    scores = score_groups(model, groups, batch_size)
+    for group, scored in zip(groups, scores):
+        expected = separate_passes(model, group)
+        assert [s.greedy for s in scored] == [greedy for _, greedy in expected]
+        for s, (loglikelihood, _) in zip(scored, expected):
+            assert s.loglikelihood == pytest.approx(loglikelihood, abs=LOGLIKELIHOOD_TOLERANCE / 10)
+    if name == "lambada":
+        assert any(s[0].greedy for s in scores)  # the greedy passages: acc is not trivially 0
+
+
+def test_the_whole_forward_path_gives_the_same_scores(model, tokenizer, files):
+    """ZeRO-3 training calls the model whole (all positions projected): the same numbers."""
+    bench = benchmark("hellaswag")
+    examples, source = read_examples(bench, files["hellaswag"])
+    groups = [encode_example(tokenizer, e, model.config.block_size) for e in examples]
+    rows = score_groups(model, groups, 4)
+    whole = score_groups(model, groups, 4, full_forward=True, min_batches=5)
+    for a, b in zip(rows, whole):
+        assert [s.greedy for s in a] == [s.greedy for s in b]
+        assert [s.loglikelihood for s in a] == pytest.approx([s.loglikelihood for s in b], abs=1e-5)
+
+
+def test_metrics_follow_from_the_scores(model, tokenizer, files):
+    results = score(model, tokenizer, files, batch_size=4)
+    hellaswag, lambada = results["hellaswag"], results["lambada"]
+    examples, _ = read_examples(benchmark("hellaswag"), files["hellaswag"])
+    acc = [float(max(range(len(s)), key=lambda i: (s[i].loglikelihood, -i)) == e.gold)
+           for e, s in zip(examples, hellaswag.scores)]
+    assert hellaswag.metrics["acc"] == (sum(acc) / len(acc), stats.mean_stderr(acc))
+    loglikelihoods = [s[0].loglikelihood for s in lambada.scores]
+    assert lambada.metrics["perplexity"][0] == pytest.approx(math.exp(-sum(loglikelihoods) / len(loglikelihoods)))
+    assert lambada.metrics["acc"][0] == sum(s[0].greedy for s in lambada.scores) / len(lambada.scores)
+    assert hellaswag.examples == len(HELLASWAG) and hellaswag.shape is None and hellaswag.published == {}
+
+
+def test_parquet_and_integer_labels_give_the_same_examples(tmp_path, files):
+    """The Hub's Parquet layout, and the original HellaSwag JSONL's integer labels."""
+    expected = read_examples(benchmark("hellaswag"), files["hellaswag"])[0]
+    assert read_examples(benchmark("hellaswag"), write_parquet(tmp_path / "hellaswag.parquet", HELLASWAG))[0] == expected
+    integers = write_jsonl(tmp_path / "integers.jsonl", [dict(r, label=int(r["label"])) for r in HELLASWAG])
+    assert read_examples(benchmark("hellaswag"), integers)[0] == expected
+
+
+def test_limit_scores_the_first_examples(model, tokenizer, files):
+    limited = score(model, tokenizer, files, names=("hellaswag",), limit=3)["hellaswag"]
+    whole = score(model, tokenizer, files, names=("hellaswag",))["hellaswag"]
+    assert limited.examples == 3 and limited.scores == whole.scores[:3]
+
+
+def test_gpt2_sizes_are_recognised_and_get_their_published_scores():
+    from gptcli.config import project_from_dict
+
+    assert gpt2_shape(project_from_dict({"model": {"preset": "gpt2"}}).model) == "gpt2"
+    assert gpt2_shape(project_from_dict({"model": {"preset": "gpt2-xl"}}).model) == "gpt2-xl"
+    unnamed = project_from_dict({"model": {"n_layer": 12, "n_head": 12, "n_embd": 768}}).model  # no preset name
+    assert gpt2_shape(unnamed) == "gpt2"
+    assert gpt2_shape(project_from_dict({"model": {"preset": "gpt2", "n_layer": 6}}).model) is None
+    assert BENCHMARKS["hellaswag"].published["gpt2"]["acc_norm"].value == 0.3114
+    assert BENCHMARKS["lambada"].published["gpt2"]["perplexity"].value == 40.0554
+
+
+def test_config_knows_every_task():
+    from gptcli.config import TASK_NAMES
+
+    assert TASK_NAMES == tuple(BENCHMARKS)
+
+
+# --- errors: what and where -----------------------------------------------------------------------------------
+
+
+def hellaswag_file(tmp_path: Path, records: list[dict]) -> Path:
+    return write_jsonl(tmp_path / "bad.jsonl", records)
+
+
+@pytest.mark.parametrize("edit, fragments", [
+    (lambda r: r.pop("ctx_b"), ["line 2 has no field 'ctx_b'", "need activity_label, ctx_a, ctx_b, endings, label"]),
+    (lambda r: r.update(label="7"), ["line 2: label '7' is not the index of one of its 4 endings"]),
+    (lambda r: r.update(label=""), ["line 2: label ''", "the test split has no labels"]),
+    (lambda r: r.update(endings="one ending"), ["line 2: endings must be a non-empty list of strings"]),
+    (lambda r: r.update(ctx_a=3), ["line 2: ctx_a must be text, not 3"]),
+])
+def test_a_bad_record_is_named_by_file_and_line(tmp_path, edit, fragments):
+    records = json.loads(json.dumps(HELLASWAG[:3]))
+    edit(records[1])
+    with pytest.raises(GptError) as error:
+        read_examples(benchmark("hellaswag"), hellaswag_file(tmp_path, records))
+    for fragment in fragments:
+        assert fragment in str(error.value)
+
+
+def test_file_errors_are_one_sentence(tmp_path):
+    bench = benchmark("lambada")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    (tmp_path / "blank.jsonl").write_text('{"text": "  "}\n')
+    cases = {"empty.jsonl": "holds no examples", "broken.jsonl": "line 2 is not JSON", "data.csv": "must be a .jsonl",
+             "missing.jsonl": "does not exist", "blank.jsonl": "line 1: text is empty"}
+    for name, fragment in cases.items():
+        with pytest.raises(GptError, match=fragment):
+            read_examples(bench, tmp_path / name)
+
+
+def test_an_example_longer_than_the_context_is_named(tokenizer, files):
+    examples, source = read_examples(benchmark("hellaswag"), files["hellaswag"])
+    with pytest.raises(GptError, match=r"hellaswag.jsonl line 1 needs 23 positions \(context 15 tokens \+ "
+                                       r"continuation\), more than the model's context of 16"):
+        [encode_example(tokenizer, e, 16) for e in examples]
+
+
+def test_a_stop_says_how_far_each_task_got(model, tokenizer, files):
+    def progress(name, done, total):
+        if name == "lambada":
+            raise KeyboardInterrupt
+
+    with pytest.raises(Stopped) as stopped:
+        score(model, tokenizer, files, batch_size=2, progress=progress)
+    assert stopped.value.signal_number == signal.SIGINT
+    assert stopped.value.where.startswith("HellaSwag finished, LAMBADA (OpenAI) stopped after 2 of ")
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+
+
+def test_cli_json_equals_the_api_and_the_table_shows_every_metric(model_dir, model, tokenizer, files):
+    result = run_gpt("eval", "--checkpoint", model_dir, "--task", "hellaswag,lambada", "--task-data",
+                     f"hellaswag={files['hellaswag']}", "--task-data", f"lambada={files['lambada']}", "--json",
+                     "--batch-size", "3")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["tasks"]
+    expected = score(model, tokenizer, files, batch_size=3)
+    for name, task in report.items():
+        assert task["examples"] == expected[name].examples
+        for metric, (value, stderr) in expected[name].metrics.items():
+            assert task["metrics"][metric]["value"] == pytest.approx(value, rel=1e-6)
+            assert task["metrics"][metric]["stderr"] == pytest.approx(stderr, rel=1e-4)
+    table = run_gpt("eval", "--checkpoint", model_dir, "--task", "lambada", "--task-data", files["lambada"],
+                    "--limit", "2")
+    assert table.returncode == 0, table.stderr
+    assert "perplexity" in table.stdout and "acc" in table.stdout and "nothing to compare with" in table.stdout
+
+
+def test_cli_usage_and_data_errors(model_dir, files, tmp_path):
+    assert_user_error(run_gpt("eval", "--checkpoint", model_dir, "--task", "helaswag"),
+                      "eval.tasks", '"helaswag"', 'did you mean "hellaswag"')
+    both = run_gpt("eval", "--checkpoint", model_dir, "--task", "hellaswag", "--text", files["lambada"])
+    assert both.returncode == 2 and "not both" in both.stderr
+    bare = run_gpt("eval", "--checkpoint", model_dir, "--task", "hellaswag,lambada", "--task-data", files["lambada"])
+    assert bare.returncode == 2 and "NAME=FILE" in bare.stderr
+    assert_user_error(run_gpt("eval", "--checkpoint", model_dir, "--task", "lambada", "--task-data",
+                              f"hellaswag={files['hellaswag']}"), "not among the tasks scored")
+
+
+def test_without_data_and_without_the_hub_the_error_says_what_to_do(model_dir, tmp_path):
+    """The default case on this machine: no network, nothing cached."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # a port nothing listens on
+    result = run_gpt("eval", "--checkpoint", model_dir, "--task", "hellaswag", env=env)
+    assert_user_error(result, "Rowan/hellaswag (validation)", "not in the datasets cache", "--task-data FILE")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- against lm-evaluation-harness itself -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_every_loglikelihood_and_accuracy_equals_lm_evaluation_harness(model_dir, model, tokenizer, files,
+                                                                         tmp_path_factory, monkeypatch):
+    """lm-eval's evaluator with its HFLM on the `gpt export-hf` copy, its own HellaSwag and LAMBADA task
+    definitions reading the same files: per-request log-likelihoods within 1e-4, greedy flags, per-example
+    acc / acc_norm and the aggregated metrics equal; standard errors as lm-eval reports them."""
+    pytest.importorskip("lm_eval")
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")
+    directory = tmp_path_factory.mktemp("lm-eval")
+    assert run_gpt("export-hf", model_dir, "--out", directory / "hf").returncode == 0
+    lm = HFLM(pretrained=str(directory / "hf"), device="cpu", batch_size=4)
+    tasks = {f"{name}_local": lm_eval_task(name, files[name], directory / "cache") for name in files}
+    reference = evaluator.evaluate(lm, tasks, log_samples=True, bootstrap_iters=1000)
+    ours = score(model, tokenizer, files, batch_size=4)
+    for name, result in ours.items():
+        samples = sorted(reference["samples"][f"{name}_local"], key=lambda s: s["doc_id"])
+        assert len(samples) == result.examples
+        for sample, scored in zip(samples, result.scores):
+            expected = [tuple(r) for r in sample["filtered_resps"]]
+            assert [s.greedy for s in scored] == [greedy for _, greedy in expected]
+            assert [s.loglikelihood for s in scored] == pytest.approx([ll for ll, _ in expected],
+                                                                      abs=LOGLIKELIHOOD_TOLERANCE)
+        metrics = reference["results"][f"{name}_local"]
+        for metric, (value, stderr) in result.metrics.items():
+            if metric == "perplexity":
+                assert value == pytest.approx(metrics[f"{metric},none"], rel=1e-5)
+                assert stats.bootstrap_perplexity_stderr([s[0].loglikelihood for s in result.scores], 1000) == \
+                    pytest.approx(metrics[f"{metric}_stderr,none"], rel=1e-4)
+            else:
+                assert value == metrics[f"{metric},none"]
+                assert stderr == pytest.approx(metrics[f"{metric}_stderr,none"], rel=1e-12)
+
+
+def test_the_table_puts_the_published_score_beside_a_gpt2_sized_model(capsys):
+    from gptcli.cli import show_task_results
+    from gptcli.tasks import TaskResult
+
+    hellaswag = BENCHMARKS["hellaswag"]
+    result = TaskResult("hellaswag", "HellaSwag", "Rowan/hellaswag (validation)", 10042,
+                        {"acc": (0.29, 0.0045), "acc_norm": (0.3012, 0.0046)}, hellaswag.higher_is_better,
+                        hellaswag.published["gpt2"], "gpt2", 1.0)
+    show_task_results([result])
+    shown = capsys.readouterr().out
+    assert "0.3012" in shown and "0.3114 [1]" in shown and "10,042" in shown
+    assert "[1] gpt2: lm-evaluation-harness" in shown
+    assert result.to_json()["metrics"]["acc_norm"]["published"]["value"] == 0.3114
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_fp32_gives_the_cpu_scores_and_bf16_is_close(model, tokenizer, files):
+    """fp32 on CUDA: the CPU's log-likelihoods within 1e-4 and the same accuracies; bf16 autocast (the fast
+    way on a GPU) moves each log-likelihood by bf16's rounding only."""
+    cpu = score(model, tokenizer, files, batch_size=4)
+    on_gpu = random_model().cuda()  # the same seed: the same weights
+    gpu = score(on_gpu, tokenizer, files, batch_size=4)
+    bf16 = score(on_gpu, tokenizer, files, batch_size=4, autocast=torch.autocast("cuda", dtype=torch.bfloat16))
+    for name in cpu:
+        assert [[s.greedy for s in e] for e in gpu[name].scores] == [[s.greedy for s in e] for e in cpu[name].scores]
+        for ours, reference in zip(gpu[name].scores, cpu[name].scores):
+            assert [s.loglikelihood for s in ours] == pytest.approx([s.loglikelihood for s in reference],
+                                                                   abs=LOGLIKELIHOOD_TOLERANCE)
+        assert {m: v for m, (v, _) in gpu[name].metrics.items()} == pytest.approx(
+            {m: v for m, (v, _) in cpu[name].metrics.items()}, rel=1e-5)
+        for ours, reference in zip(bf16[name].scores, cpu[name].scores):
+            assert [s.loglikelihood for s in ours] == pytest.approx([s.loglikelihood for s in reference], rel=0.05)

@@ -1,0 +1,134 @@
+"""[eval] tasks during training: the metrics land in metrics.jsonl at the set steps, on one rank and on two
+(ZeRO-3: the model is called whole, every rank the same number of times), they equal `gpt eval --task` on
+the model the run consolidates, and the losses are those of the same run without tasks, a kill -9 and
+resume included."""
+
+from __future__ import annotations
+
+import json
+import random
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import run_gpt
+from gptcli.config import apply_overrides, dump_toml, project_from_dict
+from shard_fixture import make_shards
+from task_files import HELLASWAG, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+PROJECT = """\
+[project]
+out_dir = "{out}"
+seed = 1234
+[data]
+dir = "{data}"
+[model]
+preset = "nano"
+dropout = 0.1
+[train]
+max_steps = 6
+micro_batch_size = 4
+grad_accum_steps = 2
+seq_len = 64
+lr = 3e-3
+warmup_steps = 2
+checkpoint_every = 2
+eval_every = 4
+eval_batches = 2
+device = "cpu"
+[deepspeed]
+zero_stage = 2
+[eval]
+batch_size = 2
+"""
+
+# The nano model sees 64 positions: the examples that fit it.
+SHORT_HELLASWAG = [r for r in HELLASWAG if len(r["ctx_a"]) < 45]
+PASSAGES = ["The cat sat on the mat", "He went home", "She said hello to the man at the door", "It was late",
+            "They ate bread and cheese for lunch"]
+TASK_KEYS = ["hellaswag_acc", "hellaswag_acc_norm", "lambada_acc", "lambada_perplexity"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """Shards of generated text (nothing from ../shared) and the two task files."""
+    directory = tmp_path_factory.mktemp("corpus")
+    draw = random.Random(0)
+    words = "the a cat dog sat ran on under mat house tree we they saw found went home and then quickly".split()
+    text = "\n".join(" ".join(draw.choice(words) for _ in range(12)) + "." for _ in range(6000))
+    (directory / "text.txt").write_text(text)
+    return {"shards": make_shards(directory / "text.txt", directory / "shards", val_tokens=5_000),
+            "hellaswag": write_jsonl(directory / "hellaswag.jsonl", SHORT_HELLASWAG),
+            "lambada": write_jsonl(directory / "lambada.jsonl", [{"text": t} for t in PASSAGES])}
+
+
+def project_file(directory: Path, corpus: dict[str, Path], name: str, *overrides: str) -> Path:
+    raw = apply_overrides(tomllib.loads(PROJECT.format(out=directory / name, data=corpus["shards"])), list(overrides))
+    path = directory / f"{name}.toml"
+    path.write_text(dump_toml(project_from_dict(raw)))
+    return path
+
+
+def with_tasks(corpus: dict[str, Path], every: int) -> tuple[str, ...]:
+    return ('eval.tasks=["hellaswag", "lambada"]', f"eval.tasks_every={every}",
+            f'eval.task_data={{hellaswag = "{corpus["hellaswag"]}", lambada = "{corpus["lambada"]}"}}')
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(project: Path, *args: str, fault: str = ""):
+    return run_gpt("train", "--project", project, *args, env={"GPTCLI_FAULT": fault} if fault else None)
+
+
+def assert_equal_to_gpt_eval(run_dir: Path, corpus: dict[str, Path], last: dict) -> None:
+    """The last step's task metrics are those `gpt eval --task` gives the consolidated model."""
+    result = run_gpt("eval", "--checkpoint", run_dir, "--task", "hellaswag,lambada", "--task-data",
+                     f"hellaswag={corpus['hellaswag']}", "--task-data", f"lambada={corpus['lambada']}", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["tasks"]
+    for key in TASK_KEYS:
+        task, metric = key.split("_", 1)
+        assert last[key] == pytest.approx(report[task]["metrics"][metric]["value"], rel=1e-6), key
+
+
+def test_one_rank_logs_task_metrics_at_the_set_steps_without_changing_the_run(tmp_path, corpus):
+    plain = train(project_file(tmp_path, corpus, "plain"))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    tasks = with_tasks(corpus, every=3)
+    whole = train(project_file(tmp_path, corpus, "whole", *tasks))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    scored = records(tmp_path / "whole")
+    assert [r["step"] for r in scored if "hellaswag_acc_norm" in r] == [3, 6]
+    assert all(key in r for r in scored if r["step"] in (3, 6) for key in TASK_KEYS)
+    assert [r["loss"] for r in scored] == [r["loss"] for r in records(tmp_path / "plain")]
+    assert [r.get("eval_loss") for r in scored] == [r.get("eval_loss") for r in records(tmp_path / "plain")]
+    assert "hellaswag acc_norm" in whole.stderr  # the live display (one line per step in a log)
+    csv_header = (tmp_path / "whole" / "metrics.csv").read_text().splitlines()[0]
+    assert "hellaswag_acc_norm" in csv_header and "lambada_perplexity" in csv_header
+    assert_equal_to_gpt_eval(tmp_path / "whole", corpus, scored[-1])
+
+    killed = project_file(tmp_path, corpus, "killed", *tasks)
+    assert train(killed, fault="kill@5").returncode in (-9, 137)
+    resumed = train(killed, "--resume", "required")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = records(tmp_path / "killed")
+    assert [r["loss"] for r in again] == [r["loss"] for r in scored]
+    assert [[r.get(k) for k in TASK_KEYS] for r in again] == [[r.get(k) for k in TASK_KEYS] for r in scored]
+
+
+def test_two_ranks_zero3_divide_the_examples_and_log_the_metrics_of_all(tmp_path, corpus):
+    zero3 = ("deepspeed.zero_stage=3", "train.max_steps=4", "train.eval_every=0")
+    plain = train(project_file(tmp_path, corpus, "plain", *zero3), "--nproc", "2")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    # 5 passages on 2 ranks in batches of 2: rank 0 runs 2 forward passes, rank 1 one and one it discards
+    scored_run = train(project_file(tmp_path, corpus, "tasks", *zero3, *with_tasks(corpus, every=2)), "--nproc", "2")
+    assert scored_run.returncode == 0, scored_run.stderr[-3000:]
+    scored = records(tmp_path / "tasks")
+    assert [r["step"] for r in scored if "lambada_perplexity" in r] == [2, 4]
+    assert [r["loss"] for r in scored] == [r["loss"] for r in records(tmp_path / "plain")]
+    assert_equal_to_gpt_eval(tmp_path / "tasks", corpus, scored[-1])
