@@ -295,3 +295,18 @@ def test_gpt_train_refuses_a_run_dir_of_another_model_before_loading_deepspeed(t
                      "--set=train.device=\"cpu\"")
     assert_user_error(result, "holds a run of another model", "model.n_layer is 3 in this project but 2", "--restart")
     assert "loading DeepSpeed" not in result.stderr
+
+
+def test_a_missing_task_data_file_is_refused_before_deepspeed(tmp_path):
+    """[eval] tasks with a local file that is not there: one sentence in pre-flight, not after the engine."""
+    proj = project(['eval.tasks=["lambada"]', f'eval.task_data={{ lambada = "{tmp_path / "nope.jsonl"}" }}'])
+
+    def measure_cpu():  # the first slow thing pre-flight does
+        raise AssertionError("the CPU was measured before the missing task file was named")
+
+    with pytest.raises(GptError, match=f"Task data file {tmp_path / 'nope.jsonl'} does not exist"):
+        preflight.preflight(proj, "cpu", "never", measure_cpu=measure_cpu)
+    (tmp_path / "lambada.csv").write_text("text\n")
+    other = project(['eval.tasks=["lambada"]', f'eval.task_data={{ lambada = "{tmp_path / "lambada.csv"}" }}'])
+    with pytest.raises(GptError, match="must be a .jsonl"):
+        preflight.preflight(other, "cpu", "never", measure_cpu=measure_cpu)

@@ -45,17 +45,20 @@ def read_examples(bench: Benchmark, data_file: Optional[Path | str], limit: int 
     return examples, records.source
 
 
-def read_local(path: Path | str) -> Records:
+def check_local(path: Path | str) -> Path:
+    """A local task data file that exists and has a readable format (cheap: pre-flight asks it too)."""
     path = Path(path)
     if not path.is_file():
         raise GptError(f"Task data file {path} does not exist." if not path.exists() else
                        f"Task data {path} is not a file; give {LOCAL_FORMATS}.")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return read_jsonl(path)
-    if suffix == ".parquet":
-        return read_parquet(path)
-    raise GptError(f"Task data {path} must be {LOCAL_FORMATS} with the hub dataset's fields.")
+    if path.suffix.lower() not in (".jsonl", ".json", ".ndjson", ".parquet"):
+        raise GptError(f"Task data {path} must be {LOCAL_FORMATS} with the hub dataset's fields.")
+    return path
+
+
+def read_local(path: Path | str) -> Records:
+    path = check_local(path)
+    return read_parquet(path) if path.suffix.lower() == ".parquet" else read_jsonl(path)
 
 
 def read_jsonl(path: Path) -> Records:

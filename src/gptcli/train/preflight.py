@@ -208,9 +208,13 @@ def preflight(project: Project, device: str, resume: str = "never", *, overfit: 
     steps left after the checkpoint it would resume from; `start`: what the run continues from
     (continuation.prepare, which already found that checkpoint and read its client state), said after the
     plan. Returns the plan, and whether the run is done."""
+    from ..tasks.data import check_local
     from .trackers import check_trackers
 
     check_trackers(project)  # each tracker asked for is installed
+    for name in project.eval.tasks:  # [eval] tasks' local files (Hub data is reached when the run reads it)
+        if name in project.eval.task_data and not overfit:
+            check_local(project.eval.task_data[name])
     if start is not None:
         point = (start.tag, start.client) if start.tag is not None else None
     else:
