@@ -393,3 +393,17 @@ def test_on_a_gpu_fp32_gives_the_cpu_scores_and_bf16_is_close(model, tokenizer, 
             {m: v for m, (v, _) in cpu[name].metrics.items()}, rel=1e-5)
         for ours, reference in zip(bf16[name].scores, cpu[name].scores):
             assert [s.loglikelihood for s in ours] == pytest.approx([s.loglikelihood for s in reference], rel=0.05)
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_one_sentence_before_scoring(model, tokenizer, files, monkeypatch):
+    """machine.py's rule for every size a user types: a --batch-size whose widest batch needs more memory than
+    is free is refused by name; the same batch with the memory there is scores as before."""
+    import gptcli.machine
+
+    free = 8 * 2**20  # 8 MiB: the random model's logits of all 11 passages at once need about 17 MiB, of one 2
+    monkeypatch.setattr(gptcli.machine, "available_memory", lambda device="cpu": free)
+    with pytest.raises(GptError, match=r"Scoring a batch of 11 × \d+ tokens of task examples needs about .* GiB "
+                                       r"of memory, more than the 0.0 GiB this machine has free; give a smaller "
+                                       r"--batch-size"):
+        score(model, tokenizer, files, names=("lambada",), batch_size=10_000)
+    assert score(model, tokenizer, files, names=("lambada",), batch_size=1)["lambada"].examples > 0

@@ -94,6 +94,16 @@ def check_generation_fits(config, rows: int, prompt_tokens: int, new_tokens: int
                "ask for fewer (--num-samples, fewer prompts) or fewer --max-new-tokens", device)
 
 
+def check_task_scoring_fits(config, batch_size: int, width: int, rows: int, device: str) -> None:
+    """`gpt eval --task`: the widest batch of packed examples (`width` tokens each), its attention weights
+    and the log-softmax of its `rows` predicting positions (fp32, and a copy)."""
+    tokens = batch_size * width
+    needed = (tokens * ((4 + config.mlp_ratio) * config.n_embd + 2 * config.n_head * width) * 4
+              + rows * config.padded_vocab_size * 4 * 2)
+    check_fits(needed, f"Scoring a batch of {batch_size:,} × {width:,} tokens of task examples",
+               "give a smaller --batch-size", device)
+
+
 def check_scoring_fits(config, batch_size: int, device: str) -> None:
     """`gpt eval`: a batch of full-context windows and its logits (fp32, and a copy for the loss)."""
     tokens = batch_size * config.block_size

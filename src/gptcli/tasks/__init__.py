@@ -89,6 +89,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[tuple[Benchmark, list[Example],
     block_size = model.config.block_size
     prepared = [(bench, prepare_task(examples, tokenizer, block_size), source)
                 for bench, examples, source in tasks]
+    check_fits_batches(model, [groups for _, groups, _ in prepared], batch_size)
     shape = gpt2_shape(model.config)
     results: list[TaskResult] = []
     was_training = model.training
@@ -99,6 +100,18 @@ def evaluate_tasks(model, tokenizer, tasks: list[tuple[Benchmark, list[Example],
     finally:
         model.train(was_training)
     return results
+
+
+def check_fits_batches(model, tasks: list[list[Group]], batch_size: int) -> None:
+    """Refuse a --batch-size whose widest batch clearly cannot fit in memory (machine.py's rule), before
+    anything is scored."""
+    from ..machine import check_task_scoring_fits
+
+    for groups in (g for g in tasks if g):
+        width = max(len(g.context) + sum(len(c) for c in g.continuations) for g in groups)  # at most packed
+        rows = max(sum(len(c) for c in g.continuations) for g in groups)
+        batch = min(batch_size, len(groups))
+        check_task_scoring_fits(model.config, batch, width, batch * rows, model.wte.weight.device.type)
 
 
 def score_one(model, bench: Benchmark, groups: list[Group], source: str, shape: Optional[str], batch_size: int,
