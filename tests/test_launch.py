@@ -260,6 +260,7 @@ def test_nproc_inside_a_launched_rank_is_refused(project):
 # --- hostfiles --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts `gpt` (or Python) in processes of its own: seconds each
 def test_a_missing_hostfile_is_refused_in_one_sentence(project, tmp_path):
     result = run_gpt("train", "--project", project, "--hostfile", tmp_path / "hosts.txt")
     assert result.returncode == 1
@@ -319,6 +320,7 @@ def test_a_hostfile_that_is_empty_or_garbage_is_one_sentence(tmp_path, content, 
         launch.read_hostfile(tmp_path / "hosts")
 
 
+@pytest.mark.slow  # starts `gpt` (or Python) in processes of its own: seconds each
 def test_an_unreachable_host_is_one_sentence_before_deepspeeds_runner(project, tmp_path):
     tools = tmp_path / "bin"
     tools.mkdir()

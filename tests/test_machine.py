@@ -39,6 +39,7 @@ def test_a_model_or_batch_that_cannot_fit_is_refused_before_anything_is_built(mo
     machine.check_training_fits(load_project(None, ['model.preset="nano"']), local_ranks=2, device="cpu")  # fits
 
 
+@pytest.mark.slow  # starts `gpt` (or Python) in processes of its own: seconds each
 def test_gpt_train_refuses_it_in_one_sentence(tmp_path):
     result = run_gpt("train", "--set", 'model.preset="nano"', "--set", "model.block_size=1000000000",
                      "--set", f'project.out_dir="{tmp_path / "run"}"', "--set", "train.device=\"cpu\"", cwd=tmp_path)

@@ -157,6 +157,7 @@ def test_a_tied_head_must_equal_the_embedding():
         model_from_state_dict(model.config, state)
 
 
+@pytest.mark.slow  # starts `gpt` (or Python) in processes of its own: seconds each
 def test_loading_a_model_dir_runs_no_init_function_and_imports_no_dynamo(tmp_path):
     """The meta model that weights are assigned into is built without the init functions (their meta
     kernels import torch._dynamo, about a second of every gpt generate / gpt eval start), and the model

@@ -110,7 +110,9 @@ START_BUILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+# SIGKILL in the fast tier; Ctrl-C and SIGTERM, which the helper handles the same way, in the full suite
+@pytest.mark.parametrize("stop", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                  pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_stopped_build_leaves_no_process_and_no_lock(tmp_path, stop):
     """kill -9 of `gpt train` mid-build left ninja and cc1plus running for minutes under PID 1; Ctrl-C is the
     likely way in. The helper that builds dies with its parent and takes its compilers and lock with it."""

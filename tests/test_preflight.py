@@ -277,6 +277,7 @@ def test_only_rank_zero_speaks_but_every_rank_checks(tmp_path, monkeypatch):
         checked(tmp_path, [], train_tokens=200)
 
 
+@pytest.mark.slow  # starts `gpt` (or Python) in processes of its own: seconds each
 def test_gpt_train_on_a_finished_run_exits_at_once_without_starting_deepspeed(tmp_path):
     proj = project(NANO_RUN)
     fake_checkpoint(tmp_path / "run", 10, proj)
@@ -287,6 +288,7 @@ def test_gpt_train_on_a_finished_run_exits_at_once_without_starting_deepspeed(tm
     assert "has finished" in result.stderr and "loading DeepSpeed" not in result.stderr
 
 
+@pytest.mark.slow  # starts `gpt` (or Python) in processes of its own: seconds each
 def test_gpt_train_refuses_a_run_dir_of_another_model_before_loading_deepspeed(tmp_path):
     fake_checkpoint(tmp_path / "run", 4, project(NANO_RUN))
     data = data_dir(tmp_path / "data")

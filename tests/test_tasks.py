@@ -285,6 +285,7 @@ def test_a_stop_says_how_far_each_task_got(model, tokenizer, files):
 # --- the command ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts `gpt` (or Python) in processes of its own: seconds each
 def test_cli_json_equals_the_api_and_the_table_shows_every_metric(model_dir, model, tokenizer, files):
     result = run_gpt("eval", "--checkpoint", model_dir, "--task", "hellaswag,lambada", "--task-data",
                      f"hellaswag={files['hellaswag']}", "--task-data", f"lambada={files['lambada']}", "--json",
@@ -303,6 +304,7 @@ def test_cli_json_equals_the_api_and_the_table_shows_every_metric(model_dir, mod
     assert "perplexity" in table.stdout and "acc" in table.stdout and "nothing to compare with" in table.stdout
 
 
+@pytest.mark.slow  # starts `gpt` (or Python) in processes of its own: seconds each
 def test_cli_usage_and_data_errors(model_dir, files, tmp_path):
     assert_user_error(run_gpt("eval", "--checkpoint", model_dir, "--task", "helaswag"),
                       "eval.tasks", '"helaswag"', 'did you mean "hellaswag"')
@@ -314,6 +316,7 @@ def test_cli_usage_and_data_errors(model_dir, files, tmp_path):
                               f"hellaswag={files['hellaswag']}"), "not among the tasks scored")
 
 
+@pytest.mark.slow  # starts `gpt` (or Python) in processes of its own: seconds each
 def test_without_data_and_without_the_hub_the_error_says_what_to_do(model_dir, tmp_path):
     """The default case on this machine: no network, nothing cached."""
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # a port nothing listens on
