@@ -1,6 +1,6 @@
 """DeepSpeed's CPU communication op, built so that a kill or a Ctrl-C never blocks the next run.
 
-DeepSpeed compiles `deepspeed_shm_comm` the first time a machine trains on the CPU (about 90 s), through
+DeepSpeed compiles `deepspeed_shm_comm` the first time a machine trains on the CPU (about a minute), through
 torch's extension builder: `ninja` and the compiler run in the op's build dir under a lock file torch
 creates there (TORCH_EXTENSIONS_DIR/.../deepspeed_shm_comm/lock) and every later load waits on for as
 long as it exists, saying nothing. A build killed halfway (kill -9, Ctrl-C) used to leave both behind:
@@ -76,7 +76,7 @@ def prepare_cpu_comm_op(say: Say, directory: Optional[Path] = None) -> None:
     try:
         clear_torch_lock(directory, say)
         if not op_built(directory):
-            say(f"building DeepSpeed's CPU communication op in {directory} (about 90 s, once per machine)")
+            say(f"building DeepSpeed's CPU communication op in {directory} (about a minute, once per machine)")
             build_in_helper(directory)
     finally:
         lock.release()
