@@ -42,8 +42,15 @@ _downloaded_vocabulary: dict[str, bytes] = {}
 
 
 def pytest_sessionstart(session):
-    """Stop the whole run at once, with one message, when the GPT-2 vocabulary cannot be had."""
-    import tiktoken.load
+    """Stop the whole run at once, with one message, when the project's dependencies are not installed or
+    the GPT-2 vocabulary cannot be had."""
+    try:
+        import gptcli  # noqa: F401
+        import tiktoken.load
+    except ImportError as error:
+        raise pytest.UsageError(
+            f"The tests need gptcli and its test dependencies installed in this Python ({sys.executable}), and "
+            f"{error.name} is not: run pip install -e \".[test]\" first, as the README's set-up says.") from None
 
     if SHARED_GPT2_BPE.is_dir():
         return

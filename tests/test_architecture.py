@@ -123,3 +123,17 @@ def test_the_cli_starts_without_torch_or_deepspeed():
             "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=gpt_env())
     assert result.stdout.strip() == "[]", result.stdout
+
+
+@pytest.mark.slow  # a pytest run of its own
+def test_the_suite_without_its_dependencies_stops_with_one_sentence(tmp_path):
+    """pytest in a Python where the project's dependencies are missing (here tiktoken, hidden by a module
+    that refuses to import) stops at once with what to install, not pytest's INTERNALERROR traceback."""
+    (tmp_path / "tiktoken.py").write_text('raise ImportError("hidden by the test", name="tiktoken")\n')
+    env = gpt_env({"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(Path(__file__).with_name("test_config.py"))],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 4 and "INTERNALERROR" not in output and "Traceback" not in output, output[-2000:]
+    assert 'tiktoken is not: run pip install -e ".[test]" first' in output
