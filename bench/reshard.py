@@ -72,7 +72,7 @@ def size_of(path: Path) -> int:
 
 
 def measure(work: Path, data: Path, preset: str, stage: int, ranks: int) -> dict:
-    from gptcli.train.reshard import convert
+    from gptcli.train.state.reshard import convert
 
     run_dir = work / f"zero{stage}"
     project = work / f"zero{stage}.toml"

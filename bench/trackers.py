@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from gptcli.config import load_project
-from gptcli.train.metrics import MetricsWriter
-from gptcli.train.trackers import start_trackers
+from gptcli.train.observing.metrics import MetricsWriter
+from gptcli.train.observing.trackers import start_trackers
 
 
 def records(steps: int) -> list[dict]:

@@ -135,7 +135,7 @@ def main() -> None:
               "seq_len": project.train.seq_len, "torch_threads": torch.get_num_threads(),
               "tokens_per_s": results, "ratio": results["deepspeed"] / results["reference"]}
     if cuda:
-        from gptcli.train.metrics import model_flops_per_token, peak_flops
+        from gptcli.train.observing.metrics import model_flops_per_token, peak_flops
 
         flops = model_flops_per_token(project.model, project.train.seq_len)
         peak = peak_flops("cuda") or 989e12

@@ -1,6 +1,6 @@
 """The import rules of docs/architecture.md: each module imports only its own layer and the layers below it
-(so nothing imports the CLI and nothing below train/ imports train/), DeepSpeed stays in train/, and the CLI
-starts without torch."""
+(so nothing imports the CLI and nothing below train/ imports train/), no two modules import each other
+through any chain, DeepSpeed stays in train/, and the CLI starts without torch."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def imports_of(path: Path, text: str | None = None) -> set[str]:
 # docs/architecture.md's layers, lowest first. A module may import its own layer and the ones below it.
 LAYERS = {
     "foundation": ["__init__.py", "errors.py", "locks.py", "fsutil.py", "machine.py", "presets.py", "config.py",
-                   "planner.py"],
+                   "rundir.py", "planner/*.py"],
     "text and the model": ["tokenizer.py", "tokenizer_files.py", "openai_bpe.py", "model.py", "modeldir.py",
                            "inspect.py", "data/*.py"],
     "using a model": ["runtime.py", "generate.py", "evaluate.py", "hf/*.py", "tasks/*.py"],
@@ -83,11 +83,82 @@ def test_each_module_imports_only_its_own_layer_and_the_ones_below(path):
     assert upward == [], f"{path.relative_to(PACKAGE)} ({list(LAYERS)[own]}) imports {upward}"
 
 
-@pytest.mark.parametrize("path", [p for p in ALL_MODULES if p.parent.name != "train"],
+@pytest.mark.parametrize("path", [p for p in ALL_MODULES if p.relative_to(PACKAGE).parts[0] != "train"],
                          ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_nothing_outside_train_imports_deepspeed(path):
     found = imports_of(path)
     assert not [name for name in found if name.split(".")[0] == "deepspeed"], sorted(found)
+
+
+def imported_files(path: Path, text: str | None = None) -> set[Path]:
+    """The module files of gptcli that `path` imports, lazy imports included. `from PACKAGE import module`
+    imports that module, not the package's __init__.py (which Python runs on the way to any submodule)."""
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = parts[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text() if text is None else text)):
+        if isinstance(node, ast.Import):
+            found.update(module_file(alias.name) for alias in node.names if alias.name.startswith("gptcli."))
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            if not module.startswith("gptcli"):
+                continue
+            for alias in node.names:
+                found.add(module_file(f"{module}.{alias.name}"))
+    return {target for target in found if target is not None and target != path}
+
+
+def import_graph() -> dict[Path, set[Path]]:
+    """Each module file → the module files it imports."""
+    return {path: imported_files(path) for path in ALL_MODULES}
+
+
+def cycles(graph: dict) -> list[list]:
+    """The strongly connected components of more than one node (Tarjan's algorithm): each a set of modules
+    that import each other through some chain."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in graph.get(node, ()):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_itself_through_others():
+    """No circle of imports, inside a layer or across: each module can be read after the ones it uses."""
+    found = [[str(p.relative_to(PACKAGE)) for p in component] for component in cycles(import_graph())]
+    assert found == []
+
+
+def test_the_cycle_check_finds_a_circle():
+    """The checker itself: a lazy import back from model.py to inspect.py (which imports model.py) is a circle."""
+    graph = import_graph()
+    lazy = "def f():\n    from .inspect import inspect_parameters\n"
+    model = PACKAGE / "model.py"
+    graph[model] = graph[model] | imported_files(model, lazy)
+    assert any({model, PACKAGE / "inspect.py"} <= set(component) for component in cycles(graph))
 
 
 def test_the_layers_rule_refuses_an_upward_import():

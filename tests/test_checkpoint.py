@@ -11,9 +11,11 @@ import pytest
 
 from gptcli.errors import GptError
 from gptcli.fsutil import OWNED_FILES
-from gptcli.train import checkpoint
-from gptcli.train.checkpoint import (CLIENT_STATE, LATEST, MANIFEST, agree_on_resume, check_checkpoint,
-                                     checkpoints_dir, find_resume, prune, resume_candidates, tag_for, write_manifest)
+from gptcli import rundir
+from gptcli.train.state import checkpoint
+from gptcli.rundir import CLIENT_STATE, LATEST, MANIFEST, checkpoints_dir
+from gptcli.train.state.checkpoint import (agree_on_resume, check_checkpoint, find_resume, prune, resume_candidates,
+                                           tag_for, write_manifest)
 
 
 def fake_checkpoint(run_dir: Path, step: int, *, manifest: bool = True, latest: bool = True) -> Path:
@@ -218,7 +220,7 @@ def test_restart_with_resume_required_is_a_contradiction(tmp_path):
 
 def test_run_files_never_lists_a_users_file(tmp_path):
     a_finished_run(tmp_path)
-    listed = {str(p.relative_to(tmp_path)) for p in checkpoint.run_files(tmp_path)}
+    listed = {str(p.relative_to(tmp_path)) for p in rundir.run_files(tmp_path)}
     assert listed == {"metrics.jsonl", "metrics.csv", "loss.png", "config.resolved.toml", "model",
                       "checkpoints/latest", "checkpoints/step_00000003", "checkpoints/step_00000006",
                       "checkpoints/zero_to_fp32.py", "tensorboard/events.out.tfevents.1.host.1.0"}

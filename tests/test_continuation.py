@@ -16,9 +16,9 @@ import torch
 from conftest import assert_user_error, run_gpt
 from gptcli.config import apply_overrides, dump_toml, project_from_dict
 from gptcli.errors import GptError
-from gptcli.train import checkpoint
-from gptcli.train.continuation import describe, prepare, resolve_model
-from gptcli.train.warmstart import find_source, fit_vocabulary_rows, weights_sha256
+from gptcli.train.state import checkpoint
+from gptcli.train.state.continuation import describe, prepare, resolve_model
+from gptcli.train.state.warmstart import find_source, fit_vocabulary_rows, weights_sha256
 from shard_fixture import write_shard_dir
 
 BASE = """\

@@ -15,7 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import assert_user_error, gpt_env, run_gpt
-from gptcli.train import launch
+from gptcli.train.launching import launch
 
 PROJECT = """\
 [project]
@@ -87,7 +87,7 @@ open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".json"), "w").writ
 
 LAUNCH_PROBE = """
 import sys
-from gptcli.train.launch import launch_local
+from gptcli.train.launching.launch import launch_local
 sys.exit(launch_local([sys.executable, "-c", sys.argv[1], sys.argv[2], "--resume", "required"], 2, None))
 """
 

@@ -15,11 +15,12 @@ import pytest
 
 from conftest import gpt_env
 from gptcli.errors import GptError
-from gptcli.train.lock import LOCK_FILE, RunDirClaim, RunDirLock, check_usable
+from gptcli.rundir import LOCK_FILE
+from gptcli.train.launching.lock import RunDirClaim, RunDirLock, check_usable
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from gptcli.train.lock import RunDirLock
+    from gptcli.train.launching.lock import RunDirLock
     RunDirLock(sys.argv[1]).acquire()
     print("held", flush=True)
     time.sleep(600)

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import assert_user_error, run_gpt
 from gptcli.config import load_project
-from gptcli.train.metrics import CSV_COLUMNS, MetricsWriter, read_metrics, truncate_metrics
-from gptcli.train.trackers import start_trackers
+from gptcli.train.observing.metrics import CSV_COLUMNS, MetricsWriter, read_metrics, truncate_metrics
+from gptcli.train.observing.trackers import start_trackers
 
 GARBAGE = b"\xff\xfe{\"step\": \x9c\n"  # not UTF-8: what a bad disk block or a stray binary write leaves
 
@@ -119,7 +119,7 @@ def test_gpt_plot_writes_only_a_png_and_nowhere_else(tmp_path, out, fragment):
     import stat
 
     from gptcli.errors import GptError
-    from gptcli.train.metrics import plot_losses
+    from gptcli.train.observing.metrics import plot_losses
 
     write_run(tmp_path / "run", [1, 2])
     (tmp_path / "run" / "config.resolved.toml").write_text("[project]\n")
@@ -141,7 +141,7 @@ def test_gpt_plot_writes_only_a_png_and_nowhere_else(tmp_path, out, fragment):
 
 
 def test_gpt_plot_replaces_its_own_png(tmp_path):
-    from gptcli.train.metrics import PNG_SIGNATURE, plot_losses
+    from gptcli.train.observing.metrics import PNG_SIGNATURE, plot_losses
 
     write_run(tmp_path / "run", [1, 2])
     (tmp_path / "curve.png").write_bytes(PNG_SIGNATURE + b"an older plot")

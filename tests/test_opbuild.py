@@ -17,7 +17,7 @@ import pytest
 
 from conftest import gpt_env
 from gptcli.locks import FileLock
-from gptcli.train import opbuild
+from gptcli.train.launching import opbuild
 
 
 def wait_until(condition, seconds: float = 15.0) -> bool:
@@ -90,7 +90,7 @@ def test_another_gptcli_build_is_waited_for_with_a_line_naming_it(tmp_path):
 FAKE_HELPER = textwrap.dedent("""
     import signal, subprocess, sys, time
     from pathlib import Path
-    from gptcli.train import opbuild
+    from gptcli.train.launching import opbuild
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, opbuild.stop_the_build)
     directory = Path(sys.argv[1])
@@ -103,7 +103,7 @@ FAKE_HELPER = textwrap.dedent("""
 START_BUILD = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from gptcli.train import opbuild
+    from gptcli.train.launching import opbuild
     opbuild.HELPER = [sys.executable, "-c", sys.argv[2]]
     print("building", flush=True)
     opbuild.build_in_helper(Path(sys.argv[1]))

@@ -1,5 +1,5 @@
 """Feedback while `gpt train` waits (set-up phases, the stop acknowledgement) and library chatter kept in
-RUN/deepspeed.log (gptcli.train.phases, gptcli.train.stopping, gptcli.train.chatter)."""
+RUN/deepspeed.log (gptcli.train.observing.phases, gptcli.train.launching.stopping, gptcli.train.observing.chatter)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import gpt_env
-from gptcli.train import chatter, phases, stopping
+from gptcli import rundir
+from gptcli.train.observing import chatter, phases
+from gptcli.train.launching import stopping
 
 
 @pytest.fixture(autouse=True)
@@ -83,8 +85,8 @@ STOP_SCRIPT = """
 import hashlib, os, signal, sys, threading, time
 from types import SimpleNamespace
 from gptcli.train.loop import StopRequest
-from gptcli.train.phases import training_starts
-from gptcli.train.stopping import REPEAT_SIGNAL_SECONDS
+from gptcli.train.observing.phases import training_starts
+from gptcli.train.launching.stopping import REPEAT_SIGNAL_SECONDS
 stop = StopRequest()
 stop.install()
 training_starts(SimpleNamespace(step=4, project=SimpleNamespace(train=SimpleNamespace(max_steps=10))), stop)
@@ -138,7 +140,7 @@ def test_library_output_goes_to_the_run_log_while_deepspeed_starts(tmp_path, cap
     print("gptcli's own line")
     captured = capfd.readouterr()
     assert captured.out == "gptcli's own line\n" and captured.err == ""
-    log = (run_dir / chatter.LOG_FILE).read_text()
+    log = (run_dir / rundir.LIBRARY_LOG).read_text()
     for line in ("built successfully", "a compiler's complaint", "a child process line", "its error line"):
         assert line in log
 
@@ -148,7 +150,7 @@ def test_deepspeed_logs_and_torch_distributed_warnings_stay_in_the_log(tmp_path)
     script = textwrap.dedent("""
         import logging, sys, warnings
         from pathlib import Path
-        from gptcli.train import chatter
+        from gptcli.train.observing import chatter
         logging.getLogger("DeepSpeed").addHandler(logging.StreamHandler(sys.stdout))  # as DeepSpeed does
         with chatter.library_output_to(Path(sys.argv[1])):
             pass
@@ -163,7 +165,7 @@ def test_deepspeed_logs_and_torch_distributed_warnings_stay_in_the_log(tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and "all_gather_into_tensor" not in result.stderr
     assert "a warning of gptcli's own" in result.stderr
-    log = (tmp_path / chatter.LOG_FILE).read_text()
+    log = (tmp_path / rundir.LIBRARY_LOG).read_text()
     assert "a DeepSpeed warning after set-up" in log and "all_gather_into_tensor" in log
 
 

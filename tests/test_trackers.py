@@ -14,11 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from gptcli import rundir
 from gptcli.config import ConfigError, apply_overrides, dump_toml, load_project, project_from_dict
 from gptcli.errors import GptError
-from gptcli.train import checkpoint, preflight, trackers
-from gptcli.train.metrics import MetricsWriter, truncate_metrics
-from gptcli.train.trackers import scalars, start_trackers
+from gptcli.train.state import checkpoint
+from gptcli.train import preflight
+from gptcli.train.observing import trackers
+from gptcli.train.observing.metrics import MetricsWriter, truncate_metrics
+from gptcli.train.observing.trackers import scalars, start_trackers
 
 
 def project(*overrides: str, run_dir: Path = Path("runs/x")):
@@ -60,7 +63,7 @@ def log_run(run_dir: Path, proj, steps, start: int = 0, end: bool = True) -> Non
             writer.sample(4, "In my opinion, a sample")
         writer.write(record)
     if end:
-        from gptcli.train.metrics import plot_losses
+        from gptcli.train.observing.metrics import plot_losses
 
         plot_losses(run_dir)
         writer.end(steps[-1], 0, run_dir / "model")
@@ -225,11 +228,11 @@ def test_a_tracker_that_cannot_start_is_a_warning_and_the_others_start(tmp_path,
 
 def test_restart_removes_the_tracker_run_ids_and_keeps_the_trackers_own_stores(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 10.0}\n')
-    (tmp_path / trackers.TRACKERS_FILE).write_text('{"wandb": {"id": "abc"}}')
+    (tmp_path / rundir.TRACKERS_FILE).write_text('{"wandb": {"id": "abc"}}')
     (tmp_path / "wandb" / "offline-run-1-abc").mkdir(parents=True)
     (tmp_path / "mlflow").mkdir()
     (tmp_path / "mlflow" / "mlflow.db").write_bytes(b"db")
-    assert trackers.TRACKERS_FILE in {p.name for p in checkpoint.run_files(tmp_path)}
+    assert rundir.TRACKERS_FILE in {p.name for p in rundir.run_files(tmp_path)}
     checkpoint.agree_on_resume(tmp_path, "auto", restart=True, rank=0)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "mlflow", "mlflow/mlflow.db", "wandb", "wandb/offline-run-1-abc"]

@@ -157,7 +157,7 @@ def test_resuming_another_architecture_names_the_key_and_both_values(tmp_path, s
 
 @pytest.mark.slow
 def test_a_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path, shards, reference):
-    from gptcli.train.consolidation import full_state_dict
+    from gptcli.train.state.consolidation import full_state_dict
 
     result = train(project_file(tmp_path, shards), fault="nan@7")
     assert result.returncode == 4
@@ -463,7 +463,7 @@ def test_resume_without_an_intact_checkpoint_names_the_damaged_files(tmp_path, s
 
 @pytest.mark.slow
 def test_keep_checkpoints_2_with_a_checkpoint_every_step(tmp_path, shards):
-    from gptcli.train.checkpoint import check_checkpoint
+    from gptcli.train.state.checkpoint import check_checkpoint
 
     result = train(project_file(tmp_path, shards), *SHORT, "--set", "train.max_steps=5",
                    "--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=2")

@@ -243,7 +243,7 @@ def test_a_run_from_a_load_hf_model_starts_at_transformers_loss_and_resumes_bit_
 
     from safetensors import safe_open
 
-    from gptcli.train.warmstart import weights_sha256
+    from gptcli.train.state.warmstart import weights_sha256
 
     digest = weights_sha256([model_dir / "model.safetensors"])
     assert f"from weights: train.init_from {model_dir} = {model_dir / 'model.safetensors'} (sha256 {digest})" in \

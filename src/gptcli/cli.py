@@ -456,7 +456,7 @@ def plot_command(
     output: Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default RUN_DIR/loss.png).")] = None,
 ) -> None:
     """Draw the loss curve of a run, finished or in progress, into a PNG."""
-    from .train.metrics import plot_losses
+    from .train.observing.metrics import plot_losses
 
     err.print(f"Wrote {plot_losses(run_dir, output)}")
 

@@ -4,7 +4,6 @@ micro batch and time (planner.py). Built on the meta device: no weights are allo
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -65,33 +64,11 @@ def reference_for(config: ModelConfig) -> tuple[Optional[int], Optional[str]]:
     return None, None
 
 
-# The torch.nn.init functions that module constructors and GPT.reset_parameters call.
-INIT_FUNCTIONS = ("uniform_", "normal_", "kaiming_uniform_", "ones_", "zeros_", "trunc_normal_")
-
-
-@contextmanager
-def initialisation_skipped():
-    """Within the block, torch.nn.init leaves tensors as they are. A meta model has no values to
-    initialise, and the init functions' meta kernels import torch._dynamo on first use: about a second,
-    most of what `inspect-params gpt2-xl` would take after torch's own import."""
-    import torch.nn.init
-
-    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
-    try:
-        for name in INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
-
-
 def inspect_parameters(config: ModelConfig, gpus: int = 1, seq_len: Optional[int] = None,
                        name: Optional[str] = None) -> ParameterReport:
     from .model import build_model, parameter_components
 
-    with initialisation_skipped():
-        model = build_model(config, device="meta")
+    model = build_model(config, device="meta")
     components = parameter_components(model)
     total = sum(components.values())
     seq_len = seq_len or config.block_size

@@ -12,6 +12,7 @@ D head dimension, C = n_embd, V vocabulary.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Optional, Union
 
 import torch
@@ -353,6 +354,27 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
 
 
+# The torch.nn.init functions that module constructors and GPT.reset_parameters call.
+INIT_FUNCTIONS = ("uniform_", "normal_", "kaiming_uniform_", "ones_", "zeros_", "trunc_normal_")
+
+
+@contextmanager
+def initialisation_skipped():
+    """Within the block, torch.nn.init leaves tensors as they are. A meta model has no values to
+    initialise, and the init functions' meta kernels import torch._dynamo on first use: about a second,
+    most of what `inspect-params gpt2-xl` would take after torch's own import."""
+    import torch.nn.init
+
+    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
+    try:
+        for name in INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
 # --- counting -----------------------------------------------------------------------------------------------
 
 
@@ -361,8 +383,6 @@ def build_model(config: ModelConfig, device: Optional[torch.device | str] = None
     running the init functions: a meta tensor has no values to set, and their meta kernels import
     torch._dynamo, about a second of every model load (model_from_state_dict builds on meta)."""
     if str(device) == "meta":
-        from .inspect import initialisation_skipped
-
         with initialisation_skipped(), torch.device("meta"):
             return GPT(config)
     with torch.device(device or "cpu"):

@@ -23,6 +23,8 @@ from .config import ConfigError, ModelConfig, project_from_dict
 from .errors import GptError
 from .fsutil import check_output, check_replaceable, follow_umask, output_lock, read_owned, staged_dir
 from .model import GPT, model_from_state_dict
+from .rundir import CHECKPOINTS
+from .rundir import MODEL_DIR as RUN_MODEL_DIR
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_from_model_dir
 
 WEIGHTS_FILE = "model.safetensors"
@@ -115,10 +117,10 @@ def resolve_model_dir(path: Path | str) -> Path:
         raise GptError(f"Checkpoint {path} does not exist.")
     if is_model_dir(path):
         return path
-    if is_model_dir(path / "model"):
-        return path / "model"
-    if (path / "checkpoints").is_dir():
-        raise GptError(f"Run dir {path} has no consolidated model yet (it appears in {path / 'model'} when "
+    if is_model_dir(path / RUN_MODEL_DIR):
+        return path / RUN_MODEL_DIR
+    if (path / CHECKPOINTS).is_dir():
+        raise GptError(f"Run dir {path} has no consolidated model yet (it appears in {path / RUN_MODEL_DIR} when "
                        "training ends, or with `gpt train --consolidate`).")
     raise GptError(f"{path} is neither a gptcli model dir (model.safetensors, config.json, {TOKENIZER_FILE}) "
                    "nor a run dir; for Hugging Face weights use `gpt load-hf` first.")

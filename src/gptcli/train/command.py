@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional
 
 from ..config import DEFAULT_RESUME, Project, Resume, load_project
 from ..errors import GptError, Stopped
-from . import launch
+from .launching import launch
 
 
 @dataclass
@@ -40,7 +40,7 @@ def run_train(request: TrainRequest, argv: list[str], value_options: Iterable[st
     launch.refuse_launcher_options_in_rank(os.environ, request.nproc, request.hostfile)
     project = load_project(request.project_file, request.overrides)  # a configuration error stops here
     if request.consolidate:
-        from .consolidation import consolidate_only
+        from .state.consolidation import consolidate_only
 
         say(f"Wrote {consolidate_only(project)}")
         return 0

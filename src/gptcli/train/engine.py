@@ -16,7 +16,7 @@ import torch
 from ..config import ModelConfig, Project
 from ..errors import GptError
 from ..planner import BatchLayout, batch_layout, precision_for, training_model  # noqa: F401
-from .launch import free_port
+from .launching.launch import free_port
 
 
 def device_type(project: Project) -> str:

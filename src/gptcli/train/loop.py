@@ -29,25 +29,27 @@ import torch
 
 from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
-from . import checkpoint, probes, reshard, task_eval
-from .chatter import LibraryLog
-from .consolidation import consolidate_only, hand_over
-from .continuation import Start, prepare
-from .display import Display, show_overfit
+from .state import checkpoint, reshard
+from .observing import probes, task_eval
+from .observing.chatter import LibraryLog
+from .state.consolidation import consolidate_only, hand_over
+from .state.continuation import Start, prepare
+from .observing.display import Display, show_overfit
 from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, initialize, loop_clips_gradients,
                      parameter_groups, precision_note, prepare_device, prepare_environment, resolve_precision,
                      training_model_config)
 from .faults import Faults, corrupt
-from .lock import MODEL_DIR, RunDirClaim
-from .metrics import MetricsWriter, model_flops_per_token, peak_flops, truncate_metrics
-from .opbuild import prepare_cpu_comm_op
-from .phases import deepspeed_phase, show_phase, training_starts
+from ..rundir import MODEL_DIR
+from .launching.lock import RunDirClaim
+from .observing.metrics import MetricsWriter, model_flops_per_token, peak_flops, truncate_metrics
+from .launching.opbuild import prepare_cpu_comm_op
+from .observing.phases import deepspeed_phase, show_phase, training_starts
 from .preflight import evaluation_batch, preflight
 from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
-from .stopping import StopRequest
-from .trackers import start_trackers
-from .warmstart import model_from_source, set_fp32_masters
+from .launching.stopping import StopRequest
+from .observing.trackers import start_trackers
+from .state.warmstart import model_from_source, set_fp32_masters
 
 if TYPE_CHECKING:
     import deepspeed

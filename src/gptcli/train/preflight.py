@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from ..config import Project
 from ..errors import GptError
+from ..rundir import MODEL_DIR
 from ..planner import (CPU_TRAINING_EFFICIENCY, RunPlan, fitting_change, gib, human_count, human_duration,
                        memory_line, plan_run, preset_model)
 
@@ -46,7 +47,7 @@ def resume_point(project: Project, resume: str) -> Optional[tuple[str, dict]]:
     """The checkpoint `--resume` would continue from, and its client state (step, tokens, architecture).
     Quiet: the damaged checkpoints passed over are reported once, when the run decides
     (checkpoint.agree_on_resume)."""
-    from . import checkpoint
+    from .state import checkpoint
 
     if resume == "never":  # a fresh start (over an existing run it is refused later, with the reason)
         return None
@@ -59,7 +60,7 @@ def resume_point(project: Project, resume: str) -> Optional[tuple[str, dict]]:
 
 def check_same_model(project: Project, point: Optional[tuple[str, dict]]) -> None:
     """A run dir whose checkpoint holds another architecture (the project's preset or shape changed)."""
-    from .checkpoint import architecture_difference
+    from .state.checkpoint import architecture_difference
 
     if point is None:
         return
@@ -86,7 +87,7 @@ def finished_message(project: Project, point: Optional[tuple[str, dict]]) -> Opt
     else:
         return None
     run_dir = Path(project.project.out_dir)
-    model = "" if (run_dir / "model").is_dir() else "; `gpt train --consolidate` writes its model dir"
+    model = "" if (run_dir / MODEL_DIR).is_dir() else "; `gpt train --consolidate` writes its model dir"
     return (f"{run_dir} has finished: checkpoint {tag} is at {reached}, so there is nothing to train{model}. "
             f"To train further, {further}; to start over, --restart.")
 
@@ -158,7 +159,7 @@ class Machine:
 
 def this_machine(project: Project, device: str, measure_cpu: Callable[[], float]) -> Machine:
     from .engine import resolve_precision
-    from .phases import cpu_comm_op_built
+    from .observing.phases import cpu_comm_op_built
 
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     machine = Machine(device, ranks, resolve_precision(project, device))
@@ -209,7 +210,7 @@ def preflight(project: Project, device: str, resume: str = "never", *, overfit: 
     (continuation.prepare, which already found that checkpoint and read its client state), said after the
     plan. Returns the plan, and whether the run is done."""
     from ..tasks.data import check_local
-    from .trackers import check_trackers
+    from .observing.trackers import check_trackers
 
     check_trackers(project)  # each tracker asked for is installed
     for name in project.eval.tasks:  # [eval] tasks' local files (Hub data is reached when the run reads it)
@@ -241,7 +242,7 @@ def preflight(project: Project, device: str, resume: str = "never", *, overfit: 
 
 
 def continues_from(start) -> list[str]:
-    from .continuation import describe as describe_start
+    from .state.continuation import describe as describe_start
 
     return describe_start(start)
 

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ..config import ModelConfig
-from ..errors import GptError
+from ...config import ModelConfig
+from ...errors import GptError
 
 if TYPE_CHECKING:
-    from ..hf.source import HFSource
+    from ...hf.source import HFSource
 
 # The names `gpt load-hf` downloads by name: GPT-2's family and GPT-1 (hf/source.py, presets.py).
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2", "openai-gpt")
@@ -52,8 +52,8 @@ class WeightsSource:
 
 def find_source(init_from: str) -> WeightsSource:
     """The source init_from names: a path when one exists there, else a Hub name `gpt load-hf` knows."""
-    from ..modeldir import WEIGHTS_FILE, read_model_config, resolve_model_dir
-    from ..tokenizer import load_from_model_dir
+    from ...modeldir import WEIGHTS_FILE, read_model_config, resolve_model_dir
+    from ...tokenizer import load_from_model_dir
 
     path = Path(init_from).expanduser()
     if path.exists():
@@ -69,9 +69,9 @@ def find_source(init_from: str) -> WeightsSource:
 
 def hub_source(name: str) -> WeightsSource:
     """A GPT-2 family name: the Hub's files, from the local cache or downloaded (as `gpt load-hf NAME`)."""
-    from ..hf.convert import model_config_from_hf
-    from ..hf.load import source_tokenizer
-    from ..hf.source import resolve_source
+    from ...hf.convert import model_config_from_hf
+    from ...hf.load import source_tokenizer
+    from ...hf.source import resolve_source
 
     try:
         hf = resolve_source(name)
@@ -107,7 +107,7 @@ def check_sha256(source: WeightsSource, expected: Optional[str]) -> None:
 def read_weights(source: WeightsSource) -> dict[str, torch.Tensor]:
     """The source's tensors in fp32 with gptcli's names (the tied lm_head left out)."""
     if source.hf is not None:
-        from ..hf.convert import convert_weights
+        from ...hf.convert import convert_weights
 
         state = convert_weights(source.hf, source.config).state_dict()
     else:
@@ -138,7 +138,7 @@ def fit_vocabulary_rows(state: dict[str, torch.Tensor], config: ModelConfig) -> 
 def model_from_source(source: WeightsSource, config: ModelConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The model `config` describes (the training config: padded for a GPU) holding the source's weights in
     fp32, and those weights by name (for set_fp32_masters)."""
-    from ..model import model_from_state_dict
+    from ...model import model_from_state_dict
 
     state = fit_vocabulary_rows(read_weights(source), config)
     model = model_from_state_dict(config, state, where=f"train.init_from {source.name} ({source.path})")

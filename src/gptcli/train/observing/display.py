@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..config import Project
+from ...config import Project
 from .metrics import format_eta
 
 
@@ -60,7 +60,7 @@ class Display:
 
 def task_cells(record: dict) -> dict[str, str]:
     """Each scored task's headline metric ([eval] tasks), e.g. "hellaswag acc_norm"."""
-    from ..tasks.benchmarks import BENCHMARKS
+    from ...tasks.benchmarks import BENCHMARKS
 
     cells = {}
     for name, bench in BENCHMARKS.items():

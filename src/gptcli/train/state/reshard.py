@@ -31,12 +31,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..fsutil import staging_dir
-from .checkpoint import TAG_PATTERN, checkpoints_dir
-from .faults import Faults
+from ...fsutil import staging_dir
+from ...rundir import TAG_PATTERN, UNIVERSAL, checkpoints_dir
+from ...rundir import UNIVERSAL_COMPLETE as COMPLETE
+from ..faults import Faults
 
-UNIVERSAL = "universal"
-COMPLETE = ".complete"  # written last inside the staging dir, so a renamed dir without it is never trusted
 
 
 def universal_dir(run_dir: Path, tag: str) -> Path:

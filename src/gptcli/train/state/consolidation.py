@@ -17,12 +17,12 @@ from typing import Optional
 
 import torch
 
-from ..config import ModelConfig, Project
-from ..errors import GptError
+from ...config import ModelConfig, Project
+from ...errors import GptError
 from . import checkpoint
-from .engine import device_type, prepare_environment
-from .lock import RunDirClaim
-from .metrics import plot_losses
+from ..engine import device_type, prepare_environment
+from ..launching.lock import RunDirClaim
+from ..observing.metrics import plot_losses
 
 
 def hand_over(project: Project, run_dir: Path, tokenizer, step: int, exit_code: int) -> Optional[Path]:
@@ -48,7 +48,7 @@ def hand_over(project: Project, run_dir: Path, tokenizer, step: int, exit_code: 
 
 def consolidate_only(project: Project) -> Path:
     """`gpt train --consolidate`: the latest checkpoint of the run dir → RUN/model, without training."""
-    from ..tokenizer import load_tokenizer
+    from ...tokenizer import load_tokenizer
     from .continuation import checkpoint_project
 
     prepare_environment(device_type(project))
@@ -166,8 +166,8 @@ def with_shared(masters: dict[str, torch.Tensor], saved: dict) -> dict[str, torc
 
 def consolidate(run_dir: Path, tag: str, config: ModelConfig, tokenizer, out_dir: Optional[Path] = None) -> Path:
     """Write RUN/model (or `out_dir`): the checkpoint's full weights as a model dir."""
-    from ..model import model_from_state_dict
-    from ..modeldir import save_model_dir
+    from ...model import model_from_state_dict
+    from ...modeldir import save_model_dir
 
     state = full_state_dict(run_dir, tag)
     for name in ("wte.weight", "lm_head.weight"):

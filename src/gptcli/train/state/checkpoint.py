@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import random
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,14 +29,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import ModelConfig, Project, dump_toml
-from ..errors import GptError
-from ..fsutil import atomic_path, atomic_write_json, atomic_write_text
-# The run dir's layout and what in it is gptcli's live in lock.py (--restart, retention and the start checks
-# go by them); run_files is kept importable from here too.
-from .lock import (CLIENT_STATE, LATEST, MANIFEST, RESOLVED_CONFIG, TAG_PATTERN, broadcast_from_rank0,
-                   check_model_dir_is_ours, checkpoints_dir, complete_checkpoints, refuse_existing_run,
-                   refuse_outputs_without_checkpoints, remove_checkpoint, remove_run_files, run_files)  # noqa: F401
+from ...config import ModelConfig, Project, dump_toml
+from ...errors import GptError
+from ...fsutil import atomic_path, atomic_write_json, atomic_write_text, check_output
+from ...rundir import (CLIENT_STATE, LATEST, MANIFEST, MODEL_DIR, RESOLVED_CONFIG, TAG_PATTERN, checkpoints_dir,
+                       complete_checkpoints, refuse_existing_run, refuse_outputs_without_checkpoints, remove_checkpoint,
+                       remove_run_files)
+from ..launching.lock import broadcast_from_rank0
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
@@ -87,6 +84,19 @@ def agree_on_resume(run_dir: Path, mode: str, restart: bool, rank: int, data_dir
     return decision["tag"]
 
 
+def check_model_dir_is_ours(run_dir: Path, data_dir: Optional[Path] = None) -> None:
+    """RUN/model, which a run replaces when it ends and --restart deletes, must pass fsutil's output rule
+    before anything is trained or deleted: a model dir that gptcli wrote (or nothing), never a link, a
+    file, a dir holding a user's files, or the project's data dir (nor inside it, nor holding it)."""
+    from ...modeldir import legacy_model_dir_files
+
+    model_dir = Path(run_dir) / MODEL_DIR
+    protected = [(data_dir, f"the project's data dir (data.dir = {data_dir})")] if data_dir is not None else []
+    check_output(model_dir, what="model dir", force=True, owned=legacy_model_dir_files(model_dir),
+                 protected=protected, flag=None, instead="move it away or choose another project.out_dir")
+
+
+
 def decide_start(run_dir: Path, mode: str, restart: bool, data_dir: Optional[Path] = None) -> Optional[str]:
     """Rank 0: RUN/model must be one the run may replace; --restart clears the old run; --resume never
     refuses to start over an existing one; auto|required pick the checkpoint to resume, and a run dir
@@ -94,7 +104,8 @@ def decide_start(run_dir: Path, mode: str, restart: bool, data_dir: Optional[Pat
     if restart:
         if mode == "required":
             raise GptError("--restart starts the run over, so it cannot go with --resume required.")
-        remove_run_files(run_dir, data_dir)
+        check_model_dir_is_ours(run_dir, data_dir)  # before anything is deleted
+        remove_run_files(run_dir)
         return None
     check_model_dir_is_ours(run_dir, data_dir)  # before training: the run's end replaces it
     if mode == "never":

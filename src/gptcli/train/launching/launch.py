@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 
-from ..errors import GptError
+from ...errors import GptError
 
 # Options that choose how ranks are started; the ranks themselves must not see them.
 LAUNCHER_OPTIONS = ("--nproc", "--hostfile", "--master-port")
@@ -210,7 +210,7 @@ def quiet_exit_code(error: BaseException, environ: Mapping[str, str] = os.enviro
     its own sentence: in a rank of several started by `gpt train --nproc` or torchrun, a stop by signal
     (the launcher passed it on, or stopped the survivors of a failed rank) or a collective broken because
     another rank died. None: report it as usual."""
-    from ..errors import Stopped
+    from ...errors import Stopped
 
     launched = LAUNCHER_PID_VARIABLE in environ or "TORCHELASTIC_RUN_ID" in environ
     if not launched or int(environ.get("WORLD_SIZE", "1") or 1) <= 1:

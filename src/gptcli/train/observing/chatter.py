@@ -17,7 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Iterator, TextIO
 
-LOG_FILE = "deepspeed.log"
+from ...rundir import LIBRARY_LOG
+
 # Warnings raised from inside these packages are theirs to fix, not the user's.
 LIBRARY_DIRS = (os.sep + os.path.join("torch", "distributed") + os.sep, os.sep + "deepspeed" + os.sep)
 
@@ -52,7 +53,7 @@ class LibraryLog:
         if not self.pending:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        log = (run_dir / LOG_FILE).open("a", buffering=1, encoding="utf-8")
+        log = (run_dir / LIBRARY_LOG).open("a", buffering=1, encoding="utf-8")
         self.stream.flush()
         self.stream.seek(0)
         log.write(self.stream.read())

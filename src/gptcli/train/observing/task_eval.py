@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ..config import Project
+from ...config import Project
 
 if TYPE_CHECKING:
-    from ..tasks.benchmarks import Benchmark
-    from ..tasks.scoring import Group
+    from ...tasks.benchmarks import Benchmark
+    from ...tasks.scoring import Group
 
 
 @dataclass
@@ -51,7 +51,7 @@ def prepare(project: Project, tokenizer, block_size: int, rank: int, world: int,
             print("note: eval.tasks are set but eval.tasks_every and train.eval_every are 0: no task is scored "
                   "during training.", file=sys.stderr)
         return None
-    from ..tasks import prepare_task, read_all
+    from ...tasks import prepare_task, read_all
 
     tasks = []
     for bench, examples, _ in read_all(settings.tasks, settings.task_data, settings.tasks_limit):
@@ -64,8 +64,8 @@ def score(engine, task_set: TaskSet, zero3: bool) -> dict[str, float]:
     """Every task's metrics over all ranks' examples, as `TASK_METRIC` record keys. Every rank calls this."""
     import deepspeed.comm as dist
 
-    from ..tasks import score_task
-    from ..tasks.benchmarks import from_sums
+    from ...tasks import score_task
+    from ...tasks.benchmarks import from_sums
 
     record = {}
     engine.eval()

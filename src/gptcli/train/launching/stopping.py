@@ -20,7 +20,7 @@ import time
 from types import FrameType
 from typing import Callable, Optional, Union
 
-from .phases import is_rank_zero
+from ..observing.phases import is_rank_zero
 
 Handler = Union[Callable[[int, Optional[FrameType]], object], int, None]
 

@@ -29,13 +29,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from ..config import Project, dump_toml
-from ..errors import GptError
-from ..fsutil import atomic_write_json
+from ...config import Project, dump_toml
+from ...errors import GptError
+from ...fsutil import atomic_write_json
+from ...rundir import MLFLOW_DIR, TENSORBOARD_DIR, TRACKERS_FILE
 
-TENSORBOARD_DIR = "tensorboard"
-TRACKERS_FILE = "trackers.json"  # each tracker's run id, so that a resume continues the same tracker run
-MLFLOW_DIR = "mlflow"  # MLflow's store when MLFLOW_TRACKING_URI is not set: RUN/mlflow/mlflow.db + artifacts
 # The module each tracker imports, and the extra of pyproject.toml that installs it.
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # MLflow's limits per log_batch call (mlflow.utils.validation: MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH).
@@ -111,7 +109,7 @@ def start_trackers(project: Project, run_dir: Path, step: int,
     names = requested(project)
     if not names:
         return []
-    from ..inspect import inspect_parameters
+    from ...inspect import inspect_parameters
 
     say(f"starting the trackers: {', '.join(DISPLAY_NAMES[name] for name in names)}")
     run_dir = Path(run_dir)
@@ -395,7 +393,7 @@ class MlflowTracker:
 
 def flat_params(config: dict, prefix: str = ""):
     """(name, value) of each key of the config, nested tables as "section.key", values as TOML writes them."""
-    from ..config import toml_value
+    from ...config import toml_value
 
     for key, value in config.items():
         if isinstance(value, dict) and value:

@@ -62,7 +62,7 @@ def full_states(engine) -> dict:
     """{name: {"fp32", "exp_avg", "exp_avg_sq"}} for every parameter, and "step": Adam's step count."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from .warmstart import stage0_master_pairs
+    from ..state.warmstart import stage0_master_pairs
 
     link_optimizer_fragments(engine.optimizer)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..config import ModelConfig, Project
-from ..errors import GptError
+from ...config import ModelConfig, Project
+from ...errors import GptError
 from . import checkpoint
 from .warmstart import WeightsSource, check_sha256, find_source, weights_sha256
 
@@ -118,7 +118,7 @@ def continue_weights(start: Start) -> None:
 
 
 def check_tokenizer(source: WeightsSource, project: Project) -> None:
-    from ..data.shards import open_prepared
+    from ...data.shards import open_prepared
 
     data = open_prepared(project.data.dir)
     if data.fingerprint != source.tokenizer_fingerprint:
@@ -158,7 +158,7 @@ def keep_batch(project: Project, start: Start, client: dict) -> Project:
     """Resuming with the batch settings the checkpoint was trained with, but on other ranks: keep its
     sequences per optimizer step by adapting the accumulation. Settings changed since: the project decides,
     as on a resume with the same ranks."""
-    from .engine import batch_layout
+    from ..engine import batch_layout
 
     saved = saved_sequences_per_step(client, project)
     recorded = client.get("batch_settings")  # older checkpoints have none: they resumed on the same ranks only

@@ -13,12 +13,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..config import ModelConfig
-from .trackers import TENSORBOARD_DIR, warn
+from ...config import ModelConfig
+from ...rundir import CSV_FILE, METRICS_FILE, PLOT_FILE
+from .trackers import warn
 
-METRICS_FILE = "metrics.jsonl"
-CSV_FILE = "metrics.csv"
-PLOT_FILE = "loss.png"
 CSV_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
                "eval_perplexity", "skipped_steps",
                "hellaswag_acc", "hellaswag_acc_norm", "lambada_acc", "lambada_perplexity"]  # [eval] tasks
@@ -27,7 +25,7 @@ def peak_for_name(device_name: str) -> Optional[float]:
     """Peak FLOP/s for a CUDA device name (the planner's table of GPUs: dense bf16 figures from the data
     sheets), or None when it is not in the table. MFU is reported against these whatever the precision;
     [train] peak_tflops overrides the lookup."""
-    from ..planner import gpu_for_device_name
+    from ...planner import gpu_for_device_name
 
     gpu = gpu_for_device_name(device_name)
     return gpu.peak_flops if gpu else None
@@ -46,7 +44,7 @@ def peak_flops(device: str, peak_tflops: float = 0.0) -> Optional[float]:
 def model_flops_per_token(config: ModelConfig, seq_len: int) -> int:
     """Training FLOPs per token as `gpt inspect-params` counts them (the planner's arithmetic on the config,
     so ZeRO-3's partitioned parameters do not matter)."""
-    from ..planner import flops_per_token
+    from ...planner import flops_per_token
 
     return flops_per_token(config, seq_len)
 
@@ -188,8 +186,8 @@ def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..errors import GptError
-    from ..fsutil import atomic_path, check_output
+    from ...errors import GptError
+    from ...fsutil import atomic_path, check_output
 
     if not Path(run_dir).is_dir():
         raise GptError(f"Run dir {run_dir} does not exist.")

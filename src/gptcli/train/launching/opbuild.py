@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import GptError
-from ..locks import FileLock, LockBusy
+from ...errors import GptError
+from ...locks import FileLock, LockBusy
 
 OP_NAME = "deepspeed_shm_comm"
 TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in the build dir
@@ -44,7 +44,7 @@ STALE_SECONDS = 10.0  # a torch lock with no process in the build dir for this l
 POLL_SECONDS = 0.5
 
 Say = Callable[[str], None]
-HELPER = [sys.executable, "-m", "gptcli.train.opbuild"]  # this module's helper_main, given the build dir
+HELPER = [sys.executable, "-m", "gptcli.train.launching.opbuild"]  # this module's helper_main, given the build dir
 
 
 def build_directory() -> Path:

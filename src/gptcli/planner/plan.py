@@ -1,0 +1,411 @@
+"""The plan of a training run: the run as the project sets it up (model, precision, batch layout), its
+memory per GPU at a micro batch, the largest micro batch that fits, the time, and the change that makes a
+run fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import ModelConfig, Project
+from ..errors import GptError
+from .activations import ActivationEstimate, ActivationShape, activation_memory
+from .counts import flops_per_token, parameter_components
+from .gpus import Gpu
+from .states import ZERO_BUFFER_DEFAULTS, PhaseMemory, Training, model_state_phases
+
+# --- the training run as the project sets it up -----------------------------------------------------------------
+
+# Presets with GPT-2's 50,257-token vocabulary; on a GPU they train with 50,304 embedding rows.
+GPT2_VOCAB_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+GPU_VOCAB_MULTIPLE = 128
+
+
+def training_model(project: Project, device: str) -> ModelConfig:
+    """The model config a run trains: on a GPU, a GPT-2 preset left at vocab_multiple = 1 pads its
+    embedding to a multiple of 128 rows (50,257 → 50,304), so the vocabulary matmuls run on whole tensor-core
+    tiles. The padding rows are never looked up or predicted (logits are cut back to vocab_size), and
+    consolidation drops them, so counts, logits and the model dir are the same as without padding."""
+    model = project.model
+    if device == "cuda" and model.vocab_multiple == 1 and model.preset in GPT2_VOCAB_PRESETS:
+        return dataclasses.replace(model, vocab_multiple=GPU_VOCAB_MULTIPLE)
+    return model
+
+
+def precision_for(project: Project, device: str, bf16_supported: bool = True) -> str:
+    """train.precision with "auto" resolved: bf16 on a GPU that has it, else fp32."""
+    precision = project.train.precision
+    if precision == "auto":
+        return "bf16" if device == "cuda" and bf16_supported else "fp32"
+    return precision
+
+
+@dataclass
+class BatchLayout:
+    """How one optimizer step is made of sequences."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    seq_len: int
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.sequences_per_step * self.seq_len
+
+
+def batch_layout(project: Project, world_size: int) -> BatchLayout:
+    """micro × accumulation × ranks; with train.global_batch_tokens the accumulation is derived from it.
+    The loader checked seq_len and the batch without the ranks; how many ranks there are is known only now."""
+    train, seq_len = project.train, project.seq_len
+    accum = train.grad_accum_steps
+    if train.global_batch_tokens:
+        per_micro_step = train.micro_batch_size * seq_len * world_size
+        if train.global_batch_tokens % per_micro_step:
+            raise GptError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
+                           f"micro_batch_size × seq_len × ranks = {train.micro_batch_size} × {seq_len} × "
+                           f"{world_size} = {per_micro_step:,}.")
+        accum = train.global_batch_tokens // per_micro_step
+    return BatchLayout(train.micro_batch_size, accum, world_size, seq_len)
+
+
+def training_for(project: Project, device: str, ranks: int, precision: str,
+                 checkpointing: Optional[bool] = None) -> Training:
+    ds = project.deepspeed
+    zero = ds.config.get("zero_optimization", {}) if isinstance(ds.config.get("zero_optimization"), dict) else {}
+    return Training(model=training_model(project, device), seq_len=project.seq_len, ranks=ranks,
+                    precision=precision, zero_stage=ds.zero_stage, device=device,
+                    offload_optimizer=ds.offload_optimizer and ds.zero_stage > 0, offload_params=ds.offload_params,
+                    checkpointing=project.train.activation_checkpointing if checkpointing is None else checkpointing,
+                    zero={k: v for k, v in zero.items() if k in ZERO_BUFFER_DEFAULTS and isinstance(v, (int, bool))})
+
+
+# --- memory per GPU -----------------------------------------------------------------------------------------------
+
+# What the plan cannot see, allowed for (estimates, not measured here): the CUDA context of the process
+# (kernels and driver state, roughly 0.3-0.8 GiB on current GPUs; already gone from the free memory
+# `gpt train` compares with), library workspaces (cuBLAS, NCCL's communicator buffers), and the caching
+# allocator's fragmentation, which keeps reserved memory above the peak of allocated tensors (a few percent
+# on a training loop of fixed shapes).
+CUDA_CONTEXT_BYTES = 512 * 2**20
+WORKSPACE_BYTES = 512 * 2**20
+FRAGMENTATION = 0.05
+
+
+def activation_shape(training: Training, micro_batch: int, checkpointing: Optional[bool] = None) -> ActivationShape:
+    custom_mask = training.model.attention != "causal"
+    return ActivationShape(batch=micro_batch, seq_len=training.seq_len, dtype_bytes=training.weight_bytes,
+                           device=training.device, dropout=training.model.dropout,
+                           checkpointing=training.checkpointing if checkpointing is None else checkpointing,
+                           custom_mask=custom_mask)
+
+
+@dataclass
+class MemoryPlan:
+    """Peak bytes per GPU of one training step at `micro_batch`, by term, and what it is compared with."""
+
+    micro_batch: int
+    checkpointing: bool
+    phases: list[PhaseMemory]
+    activations: ActivationEstimate
+    allowance: int  # CUDA context, workspaces, fragmentation
+
+    @property
+    def peak_phase(self) -> PhaseMemory:
+        return max(self.phases, key=lambda phase: phase.total)
+
+    @property
+    def peak(self) -> int:
+        """Bytes of tensors at the peak (what torch.cuda.max_memory_allocated measures)."""
+        return self.peak_phase.total
+
+    @property
+    def required(self) -> int:
+        return self.peak + self.allowance
+
+
+def memory_plan(training: Training, micro_batch: int, checkpointing: Optional[bool] = None,
+                grad_accum_steps: int = 1, context_counted: bool = False) -> MemoryPlan:
+    """`context_counted`: the capacity it is held against is what a live process sees free, with its own
+    CUDA context already taken."""
+    shape = activation_shape(training, micro_batch, checkpointing)
+    activations = activation_memory(training.model, shape)
+    phases = model_state_phases(training, activations, grad_accum_steps)
+    peak = max(phase.total for phase in phases)
+    allowance = 0
+    if training.device == "cuda":
+        allowance = WORKSPACE_BYTES + (0 if context_counted else CUDA_CONTEXT_BYTES) + int(FRAGMENTATION * peak)
+    return MemoryPlan(micro_batch, shape.checkpointing, phases, activations, allowance)
+
+
+def largest_micro_batch(training: Training, capacity: int, checkpointing: bool, limit: int = 1 << 16,
+                        context_counted: bool = False, per_rank: Optional[int] = None) -> int:
+    """The largest micro batch whose plan fits in `capacity` bytes (0: not even one sequence). `per_rank`:
+    the sequences a rank runs per step; a smaller micro batch accumulates gradients (held between micro
+    batches), which is assumed when it is not given."""
+    def fits(batch: int) -> bool:
+        accumulating = per_rank is None or batch < per_rank
+        return memory_plan(training, batch, checkpointing, grad_accum_steps=2 if accumulating else 1,
+                           context_counted=context_counted).required <= capacity
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:  # fits(low), not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def layouts_for(per_rank_sequences: int, ranks: int, seq_len: int, largest: int) -> Optional[BatchLayout]:
+    """The largest micro batch up to `largest` that divides a rank's share of the step, and the
+    accumulation that makes up the rest (None when not even one sequence fits)."""
+    micro = next((m for m in range(min(largest, per_rank_sequences), 0, -1) if per_rank_sequences % m == 0), 0)
+    return BatchLayout(micro, per_rank_sequences // micro, ranks, seq_len) if micro else None
+
+
+# --- time -------------------------------------------------------------------------------------------------------
+
+# Model FLOPs utilisation assumed for a GPU run (`--mfu` and the live MFU replace it). Public GPT-2 124M
+# runs in PyTorch sustain 35-40% by gptcli's FLOP count (855 MFLOPs per token at T = 1024): 1.1M tokens/s
+# on 8 A100s, and llm.c's 10B tokens in 45 minutes on 8 H100s. A first run through DeepSpeed, with its
+# bucket copies and an untuned micro batch, sits lower: 30%.
+TYPICAL_MFU = 0.3
+# Data sheets: fp32 without tensor cores is about 1/16 of the dense bf16 peak (A100 19.5 vs 312 TFLOP/s,
+# H100 SXM 67 vs 989).
+FP32_FRACTION = 1 / 16
+# Training on a CPU reaches about half the rate of a large square fp32 matmul (measured on 2 cores:
+# nano ~54 and GPT-2 124M ~56 GFLOP/s against ~110 for 1024×1024 matmuls); 0.4 keeps the estimate on
+# the long side rather than the short one.
+CPU_TRAINING_EFFICIENCY = 0.4
+# The seconds of `gpt train` besides its steps. CPU: measured by bench/train_startup.py on 2 shared cores
+# (docs/benchmarks.md): about 18 s to the first step (DeepSpeed's import 5 s, its engine 8 s) and 16 s
+# after the last (the final checkpoint, the consolidated model, loss.png); the first run on a machine also
+# compiles DeepSpeed's shared-memory communication op: 47 s measured on 2 idle cores (80 s of CPU time),
+# 261 s on busy ones. GPU (not measured here): the same parts with NCCL's start, and torch.compile, about a minute for
+# GPT-2 sized models.
+STARTUP_SECONDS = {"cpu": 30.0, "cuda": 30.0}
+OP_BUILD_SECONDS = 50.0
+COMPILE_SECONDS = 60.0
+
+
+def sustained_flops(training: Training, peak_flops: Optional[float], mfu: float,
+                    cpu_flops: Optional[float]) -> Optional[float]:
+    """FLOP/s the whole run can be expected to sustain: on a CPU the measured matmul rate × 0.4 per rank, on
+    a GPU its peak × MFU (fp32, or bf16 on a GPU without bf16 tensor cores: 1/16 of the peak) × ranks."""
+    if training.device == "cpu":
+        return None if cpu_flops is None else cpu_flops * CPU_TRAINING_EFFICIENCY * training.ranks
+    if peak_flops is None:
+        return None
+    return peak_flops * mfu * training.ranks
+
+
+def startup_seconds(device: str, compile_model: bool, op_build_pending: bool) -> dict[str, float]:
+    terms = {"DeepSpeed, the engine, the last checkpoint": STARTUP_SECONDS[device]}
+    if op_build_pending:
+        terms["building DeepSpeed's CPU communication op (first run on this machine)"] = OP_BUILD_SECONDS
+    if compile_model:
+        terms["torch.compile"] = COMPILE_SECONDS
+    return terms
+
+
+# --- the plan of a run ------------------------------------------------------------------------------------------
+
+
+def model_name(config: ModelConfig) -> str:
+    """The preset's name only when the model has that preset's shape; otherwise "custom" (with the
+    preset it started from, or the preset it happens to equal)."""
+    from ..presets import PRESETS
+
+    shape = config.architecture_dict()
+    if config.preset in PRESETS:
+        if preset_model(config.preset).architecture_dict() == shape:
+            return config.preset
+        return f"custom (changed from {config.preset})"
+    same = [name for name in PRESETS if preset_model(name).architecture_dict() == shape]
+    return f"custom (the shape of {same[0]})" if same else "custom"
+
+
+def preset_model(name: str, vocab_size: Optional[int] = None) -> ModelConfig:
+    from ..config import project_from_dict
+
+    model = {"preset": name} if vocab_size is None else {"preset": name, "vocab_size": vocab_size}
+    return project_from_dict({"model": model}).model
+
+
+@dataclass
+class RunPlan:
+    """A training run as the project sets it up, before anything is built: what it trains, the memory per
+    GPU at its micro batch, what fits, and how long it takes."""
+
+    model_name: str
+    parameters: int  # as `gpt inspect-params` counts them
+    training: Training
+    layout: BatchLayout
+    steps: int  # still to run
+    eval_tokens: int  # forward-only tokens of the evaluations still to run
+    flops_per_token: int
+    memory: MemoryPlan
+    steps_done: int = 0
+    resume_tag: Optional[str] = None
+    context_counted: bool = False  # the capacity is free memory a live process saw, its context taken
+    capacity: Optional[int] = None  # bytes per GPU the plan is held against
+    capacity_source: str = ""
+    gpu: Optional[Gpu] = None
+    largest: dict[bool, int] = field(default_factory=dict)  # checkpointing → the largest micro batch that fits
+    suggestion: Optional[BatchLayout] = None  # the largest micro batch that fits, for the configured step
+    rate: Optional[float] = None  # FLOP/s of the whole run
+    rate_source: str = ""
+    mfu: Optional[float] = None
+    startup: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.layout.tokens_per_step
+
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens_per_step * self.steps
+
+    @property
+    def total_flops(self) -> float:
+        # An evaluation token is a forward pass only: a third of the 6N training FLOPs.
+        return float(self.flops_per_token) * (self.total_tokens + self.eval_tokens / 3)
+
+    @property
+    def step_seconds(self) -> Optional[float]:
+        return None if not self.rate else self.flops_per_token * self.tokens_per_step / self.rate
+
+    @property
+    def train_seconds(self) -> Optional[float]:
+        return None if not self.rate else self.total_flops / self.rate
+
+    @property
+    def startup_seconds(self) -> float:
+        return sum(self.startup.values())
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.capacity is None else self.memory.required <= self.capacity
+
+
+def per_rank_sequences(project: Project, ranks: int, seq_len: int) -> int:
+    """Sequences each rank runs per optimizer step: micro batch × accumulation, or a rank's share of
+    train.global_batch_tokens."""
+    train = project.train
+    if not train.global_batch_tokens:
+        return train.micro_batch_size * train.grad_accum_steps
+    per_step = seq_len * ranks
+    if train.global_batch_tokens % per_step:
+        raise GptError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
+                       f"seq_len × ranks = {seq_len} × {ranks} = {per_step:,}.")
+    return train.global_batch_tokens // per_step
+
+
+def chosen_micro_batch(micro_batch, per_rank: int, configured: int, largest: dict[bool, int],
+                       checkpointing: bool) -> int:
+    """The micro batch to plan: the configured one, a number given, or "auto" (the largest that fits and
+    divides a rank's share of the step)."""
+    if micro_batch is None:
+        return configured
+    if micro_batch == "auto":
+        if not largest:
+            raise GptError("--micro-batch auto needs the GPU's memory: give --gpu NAME or --gpu-memory SIZE.")
+        micro = next((m for m in range(min(largest[checkpointing], per_rank), 0, -1) if per_rank % m == 0), 0)
+        return micro or 1
+    if per_rank % micro_batch:
+        raise GptError(f"--micro-batch {micro_batch} does not divide the {per_rank} sequences each rank runs per "
+                       "step (train.micro_batch_size × grad_accum_steps, or train.global_batch_tokens).")
+    return micro_batch
+
+
+def steps_and_evaluations(project: Project, layout: BatchLayout, done: int) -> tuple[int, int, int]:
+    """(optimizer steps still to run, forward-only tokens of the evaluations still to run, steps done)."""
+    train = project.train
+    steps = train.max_steps
+    if train.max_tokens > 0:
+        steps = min(steps, math.ceil(train.max_tokens / layout.tokens_per_step))
+    done = min(done, steps)
+    eval_tokens = 0
+    if train.eval_every > 0 and steps > done:
+        # every eval_every steps, and at the end
+        evaluations = steps // train.eval_every - done // train.eval_every + (steps % train.eval_every > 0)
+        eval_tokens = evaluations * train.eval_batches * layout.micro_batch_size * layout.seq_len * layout.world_size
+    return steps - done, eval_tokens, done
+
+
+def plan_run(project: Project, *, device: str = "cuda", ranks: int = 1, precision: Optional[str] = None,
+             gpu: Optional[Gpu] = None, capacity: Optional[int] = None, capacity_source: str = "",
+             peak_flops: Optional[float] = None, mfu: Optional[float] = None, micro_batch=None,
+             cpu_flops: Optional[float] = None, resume: Optional[tuple[str, int]] = None,
+             op_build_pending: bool = False, compile_model: bool = False,
+             model: Optional[ModelConfig] = None, context_counted: bool = False) -> RunPlan:
+    """The plan of `project` on `ranks` ranks of `device` (or of the same run with another `model`).
+    capacity: bytes per GPU to hold the plan against (a GPU's memory, or what is free). micro_batch: None
+    (as configured), a number, or "auto". resume: (checkpoint tag, its step) the run continues from."""
+    precision = precision or precision_for(project, device, gpu.bf16 if gpu else True)
+    training = training_for(project, device, ranks, precision)
+    if model is not None:
+        training = dataclasses.replace(training, model=model, seq_len=min(training.seq_len, model.block_size))
+    per_rank = per_rank_sequences(project, ranks, training.seq_len)
+    largest = {} if capacity is None else {
+        c: largest_micro_batch(training, capacity, c, context_counted=context_counted, per_rank=per_rank)
+        for c in (False, True)}
+    micro = chosen_micro_batch(micro_batch, per_rank, min(project.train.micro_batch_size, per_rank), largest,
+                               training.checkpointing)
+    layout = BatchLayout(micro, max(1, per_rank // micro), ranks, training.seq_len)
+    steps, eval_tokens, done = steps_and_evaluations(project, layout, resume[1] if resume else 0)
+    mfu = TYPICAL_MFU if mfu is None else mfu
+    peak = peak_flops or (project.train.peak_tflops * 1e12 if project.train.peak_tflops else None) or (
+        gpu.peak_flops if gpu else None)
+    if peak and (precision == "fp32" or (gpu is not None and not gpu.bf16 and precision == "bf16")):
+        peak *= FP32_FRACTION
+    rate = sustained_flops(training, peak, mfu, cpu_flops)
+    source = "measured on this CPU" if device == "cpu" else f"{mfu:.0%} of peak"
+    return RunPlan(
+        model_name=model_name(training.model), parameters=sum(parameter_components(training.model).values()),
+        training=training, layout=layout, steps=steps, eval_tokens=eval_tokens,
+        flops_per_token=flops_per_token(training.model, training.seq_len),
+        memory=memory_plan(training, micro, grad_accum_steps=layout.grad_accum_steps, context_counted=context_counted),
+        steps_done=done, resume_tag=resume[0] if resume else None, context_counted=context_counted,
+        capacity=capacity, capacity_source=capacity_source, gpu=gpu, largest=largest,
+        suggestion=layouts_for(per_rank, ranks, training.seq_len, largest[training.checkpointing]) if largest else None,
+        rate=rate, rate_source=source, mfu=mfu if device == "cuda" else None,
+        startup=startup_seconds(device, compile_model, op_build_pending))
+
+
+def fitting_change(project: Project, plan: RunPlan) -> str:
+    """The smallest change to the project that makes `plan` fit its capacity, in words with the keys to set:
+    a smaller micro batch with more accumulation (the step unchanged), activation checkpointing, a higher
+    ZeRO stage, the optimizer state in CPU memory; or what is left when none does."""
+    training, capacity = plan.training, plan.capacity
+    per_rank = plan.layout.micro_batch_size * plan.layout.grad_accum_steps
+    for checkpointing in (training.checkpointing, True):
+        best = layouts_for(per_rank, training.ranks, training.seq_len,
+                           largest_micro_batch(training, capacity, checkpointing, context_counted=plan.context_counted,
+                                               per_rank=per_rank))
+        if best is not None:
+            keys = [f"train.micro_batch_size = {best.micro_batch_size}"]
+            if not project.train.global_batch_tokens:
+                keys.append(f"train.grad_accum_steps = {best.grad_accum_steps}")
+            if checkpointing and not training.checkpointing:
+                keys.append("train.activation_checkpointing = true")
+            return f"{' with '.join(keys)} (the same {per_rank} sequences per rank per step)"
+    for stage in range(training.zero_stage + 1, 4):
+        staged = dataclasses.replace(training, zero_stage=stage, checkpointing=True)
+        if memory_plan(staged, 1, context_counted=plan.context_counted).required <= capacity:
+            return f"deepspeed.zero_stage = {stage} with train.activation_checkpointing = true and a micro batch of 1"
+    offloaded = dataclasses.replace(training, zero_stage=3, checkpointing=True, offload_optimizer=True)
+    if memory_plan(offloaded, 1, context_counted=plan.context_counted).required <= capacity:
+        return ("deepspeed.zero_stage = 3 with deepspeed.offload_optimizer = true, activation checkpointing and a "
+                "micro batch of 1")
+    return "none of micro batch 1, activation checkpointing, ZeRO-3 and offloading fits: more GPUs, larger ones or a smaller model"

@@ -1,0 +1,70 @@
+"""The plan in words: the lines `gpt inspect-params` and `gpt train`'s pre-flight print."""
+
+from __future__ import annotations
+
+from .gpus import GiB
+from .plan import RunPlan
+
+
+
+# --- in words -----------------------------------------------------------------------------------------------------
+
+
+def human_count(n: float) -> str:
+    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= limit:
+            return f"{n / limit:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 60:
+        return "under a minute"
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"about {round(minutes)} minute{'s' if round(minutes) != 1 else ''}"
+    hours = minutes / 60
+    if hours < 48:
+        return f"about {hours:.0f} hours" if hours >= 10 else f"about {hours:.1f} hours"
+    return f"about {hours / 24:.0f} days"
+
+
+def gib(size: float) -> str:
+    """A size in GiB, or MiB below one GiB."""
+    return f"{size / GiB:.1f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB"
+
+
+def memory_line(plan: RunPlan) -> str:
+    """Peak memory per GPU (per rank on a CPU) by its largest terms, against the capacity when there is one."""
+    terms = sorted(plan.memory.peak_phase.terms.items(), key=lambda item: -item[1])
+    shown = ", ".join(f"{term} {gib(size)}" for term, size in terms[:4])
+    if plan.training.device == "cpu":
+        return f"memory per rank: about {gib(plan.memory.peak)} at the peak ({shown})"
+    line = (f"memory per GPU: {gib(plan.memory.peak)} at the peak ({shown}) + {gib(plan.memory.allowance)} "
+            f"allowance = {gib(plan.memory.required)}")
+    if plan.capacity is not None:
+        line += f" of {gib(plan.capacity)} {plan.capacity_source}: {'fits' if plan.fits else 'does not fit'}"
+    return line
+
+
+def plan_summary(plan: RunPlan) -> list[str]:
+    """The plan's batch, micro batches that fit, and time, as `gpt inspect-params` prints them."""
+    training, layout = plan.training, plan.layout
+    where = f"{training.ranks} × {plan.gpu.name}" if plan.gpu else f"{training.ranks} GPU(s)"
+    lines = [f"plan: {where}, {training.precision}, ZeRO stage {training.zero_stage}"
+             f"{', activation checkpointing' if plan.memory.checkpointing else ''}; micro batch "
+             f"{layout.micro_batch_size} × {layout.grad_accum_steps} accumulation × {training.ranks} GPU(s) × "
+             f"{layout.seq_len:,} tokens = {plan.tokens_per_step:,} tokens per step"]
+    if plan.largest:
+        lines.append(f"largest micro batch that fits: {plan.largest[False]} (with activation checkpointing: "
+                     f"{plan.largest[True]})")
+    if plan.suggestion is not None:
+        per_rank = layout.micro_batch_size * layout.grad_accum_steps
+        lines.append(f"for the {per_rank} sequences per GPU of a step: micro batch {plan.suggestion.micro_batch_size} "
+                     f"× {plan.suggestion.grad_accum_steps} accumulation")
+    if plan.rate:
+        lines.append(f"time: {plan.step_seconds:.3g} s per step at {plan.mfu:.0%} MFU; {plan.steps:,} steps "
+                     f"{human_duration(plan.train_seconds)} + start-up {human_duration(plan.startup_seconds)}")
+    else:
+        lines.append("time: give --gpu NAME (or [train] peak_tflops) for an estimate")
+    return lines
