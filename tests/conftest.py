@@ -121,6 +121,32 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
+# --- the example plugin package, installed ----------------------------------------------------------------
+
+PLUGINS = REPO / "examples" / "plugins"
+
+
+@pytest.fixture(scope="session")
+def installed_plugins(tmp_path_factory):
+    """examples/plugins installed as a user installs a plugin package (pip, into a directory of its own, so
+    the environment is left as it was): its entry points make its names plain names in this process (the
+    directory is put on sys.path) and in the processes tests start (`env`: PYTHONPATH for gpt_env)."""
+    from gptcli.registry import entry_points
+
+    import shutil
+
+    source = tmp_path_factory.mktemp("plugin-source") / "plugins"
+    shutil.copytree(PLUGINS, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    target = tmp_path_factory.mktemp("site")  # pip builds in the copy: nothing is written into the repository
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(source)], check=True, capture_output=True)
+    sys.path.insert(0, str(target))
+    entry_points.cache_clear()
+    yield {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(target), os.environ.get("PYTHONPATH", "")])}
+    sys.path.remove(str(target))
+    entry_points.cache_clear()
+
+
 # --- the command line and the hardware ------------------------------------------------------------------------
 
 

@@ -1,0 +1,1 @@
+"""Example gptcli plugins, one of each registered kind (docs/extending.md)."""
