@@ -1,6 +1,6 @@
 """metrics.jsonl / metrics.csv on resume and for `gpt plot`: damaged lines are dropped with a note, never a
 traceback; metrics.csv's columns are those of the tasks the run scores and its header is written once;
-TensorBoard points after the resumed step are purged, as metrics.jsonl is cut back (the trackers
+TensorBoard points after what it flushed are purged and sent again from metrics.jsonl (the trackers
 themselves: test_trackers.py)."""
 
 from __future__ import annotations
@@ -90,14 +90,17 @@ def test_gpt_plot_draws_a_run_whose_metrics_hold_bytes_that_are_not_utf8(tmp_pat
 
 
 class RecordingSummaryWriter:
+    """torch's SummaryWriter as the TensorBoard tracker uses it: the purge step and the steps written."""
+
     instances = []
 
     def __init__(self, log_dir, purge_step=None, **_):
-        self.log_dir, self.purge_step, self.points = log_dir, purge_step, []
+        self.log_dir, self.purge_step, self.steps = log_dir, purge_step, []
+        self.file_writer = self
         RecordingSummaryWriter.instances.append(self)
 
-    def add_scalar(self, tag, value, step, **_):
-        self.points.append((tag, step))
+    def add_summary(self, summary, step):
+        self.steps.append(step)
 
     def add_text(self, tag, text, step):
         pass
@@ -109,22 +112,31 @@ class RecordingSummaryWriter:
         pass
 
 
-def test_the_tensorboard_writer_purges_from_the_step_after_the_resumed_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flushed, purge_step, sent", [(None, 1, [1, 2, 3, 4, 5]), (3, 4, [4, 5]), (7, 6, [])])
+def test_tensorboard_purges_after_what_it_flushed_and_gets_the_rest_again(tmp_path, monkeypatch, flushed,
+                                                                          purge_step, sent):
+    """A resume from step 5 of a run killed after step 8: TensorBoard holds the steps its writer flushed when
+    gptcli asked (before a checkpoint; RUN/trackers.json says which); the events after them (or after step
+    5) are purged and the steps of metrics.jsonl after them sent again."""
     fake = types.ModuleType("torch.utils.tensorboard")
     fake.SummaryWriter = RecordingSummaryWriter
     fake.__path__ = []  # a package, as torch's is: the tracker also imports its summary module
     summary = types.ModuleType("torch.utils.tensorboard.summary")
-    summary.scalar = lambda *args, **kwargs: None
+    summary.scalar = lambda *args, **kwargs: types.SimpleNamespace(value=[])
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard.summary", summary)
     RecordingSummaryWriter.instances.clear()
     project = load_project(None, ['model.preset="nano"', 'train.trackers=["tensorboard"]'])
     write_run(tmp_path, range(1, 9))
-    truncate_metrics(tmp_path, 5)  # a resume from step 5 of a run killed after step 8
-    MetricsWriter(tmp_path, start_trackers(project, tmp_path, 5)).close()
-    (tmp_path / "fresh").mkdir()
-    MetricsWriter(tmp_path / "fresh", start_trackers(project, tmp_path / "fresh", 0)).close()
-    assert [w.purge_step for w in RecordingSummaryWriter.instances] == [6, 1]
+    if flushed is not None:
+        (tmp_path / "trackers.json").write_text(json.dumps({"tensorboard": {"flushed": flushed}}))
+    truncate_metrics(tmp_path, 5)
+    writer = MetricsWriter(tmp_path, start_trackers(project, tmp_path, 5))
+    writer.write({"step": 6, "loss": 9.4})
+    writer.close()
+    [resumed] = RecordingSummaryWriter.instances
+    assert resumed.purge_step == purge_step and resumed.steps == sent + [6]
+    assert json.loads((tmp_path / "trackers.json").read_text())["tensorboard"] == {"flushed": 6}
 
 
 @pytest.mark.parametrize("out, fragment", [

@@ -119,8 +119,9 @@ def last_logged_step(run_dir: Path) -> int:
 
 class MetricsWriter:
     """Rank 0's metric sinks: metrics.jsonl and metrics.csv, each record flushed at once so a killed run
-    keeps what it logged, and the trackers (train/trackers.py), which get the same records. A tracker
-    that raises is switched off with one warning; the run goes on without it.
+    keeps what it logged, and the trackers (trackers.TrackerFeed), which get the same records: first the
+    steps of metrics.jsonl each lacks (those after its last_step()), then each new one. A tracker that
+    raises is switched off with one warning; the run goes on without it.
 
     `columns`: metrics.csv's (csv_columns). A resumed run keeps the file's header; columns it lacks (a
     task added) are added to it, the file rewritten once."""
@@ -128,7 +129,8 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, trackers: Sequence = (), columns: Optional[list[str]] = None):
         self.run_dir = Path(run_dir)
         self.trackers = list(trackers)
-        self.status = "failed"  # until end() says how the run ended
+        for record in read_metrics(self.run_dir):  # what a tracker lacks of what metrics.jsonl holds
+            self.each_tracker(lambda tracker: tracker.log(record))
         self.jsonl = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
         self.csv_handle, self.csv = self.open_csv(columns or csv_columns())
 
@@ -160,8 +162,8 @@ class MetricsWriter:
         """The end of a run that stopped in order (done, or by a signal): loss.png and the model's path."""
         plot = (self.run_dir / PLOT_FILE).resolve()
         model_dir = Path(model_dir).resolve() if model_dir is not None else None
-        self.each_tracker(lambda tracker: tracker.end(step, plot if plot.is_file() else None, model_dir))
-        self.status = "finished" if exit_code == 0 else "stopped"
+        status = "finished" if exit_code == 0 else "stopped"
+        self.each_tracker(lambda tracker: tracker.end(step, status, plot if plot.is_file() else None, model_dir))
 
     def flush(self) -> None:
         """Before a checkpoint: the trackers write out (or send) what they were given so far."""
@@ -173,9 +175,9 @@ class MetricsWriter:
                 call(tracker)
             except Exception as error:  # a library's own failure, whatever its type: never the run's
                 self.trackers.remove(tracker)
-                warn(tracker.name, error)
+                warn(tracker.title, error)
                 try:
-                    tracker.close("failed")
+                    tracker.close()
                 except Exception:
                     pass
 
@@ -184,9 +186,9 @@ class MetricsWriter:
         self.csv_handle.close()
         for tracker in self.trackers:
             try:
-                tracker.close(self.status)
+                tracker.close()
             except Exception as error:
-                warn(tracker.name, error, "did not finish cleanly", "what it holds may be incomplete")
+                warn(tracker.title, error, "did not finish cleanly", "what it holds may be incomplete")
         self.trackers = []
 
 
