@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import struct
 import tomllib
 from pathlib import Path
 
@@ -293,6 +295,26 @@ def test_a_tracker_that_cannot_start_is_a_warning_and_the_others_start(tmp_path,
                                        "(no-tty)); the run goes on without it.\n")
 
 
+def test_the_example_plugins_tracker_drops_what_a_killed_run_logged_after_the_checkpoint(tmp_path):
+    """examples/plugins' tracker as "file.py:attr": stopped after step 8, resumed from step 5, its file holds
+    steps 1-10 once each with the records' numbers; a line a kill cut short is not counted as held."""
+    from conftest import REPO
+
+    plugin = REPO / "examples" / "plugins" / "gptcli_example_plugins" / "tracker.py"
+    (tmp_path / "mirror_tracker.py").write_text(plugin.read_text())
+    proj = project('train.trackers=["mirror_tracker.py:start"]', run_dir=tmp_path / "run",
+                   source=tmp_path / "run.toml")
+    run_dir = tmp_path / "run"
+    log_run(run_dir, proj, list(range(1, 9)), end=False)
+    with open(run_dir / "mirror.jsonl", "a") as handle:
+        handle.write('{"step": 9, "lo')  # torn by a kill
+    log_run(run_dir, proj, list(range(6, 11)), start=5, end=False)
+    mirrored = [json.loads(line) for line in (run_dir / "mirror.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in mirrored] == list(range(1, 11))
+    want = expected(range(1, 11))
+    assert {key: {r["step"]: r[key] for r in mirrored if key in r} for key in want} == want
+
+
 def test_restart_removes_the_tracker_run_ids_and_keeps_the_trackers_own_stores(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 10.0}\n')
     (tmp_path / rundir.TRACKERS_FILE).write_text('{"wandb": {"id": "abc"}}')
@@ -367,6 +389,7 @@ def test_wandb_offline_holds_every_number_the_config_and_a_resume_continues_the_
     assert second.summary["model_dir"] == str((run_dir / "model").resolve())
 
 
+@pytest.mark.slow  # two W&B runs: seconds
 def test_wandb_offline_sends_again_the_steps_its_file_lost(tmp_path, wandb_offline):
     """W&B's process writes its file every 15 s: a kill -9 loses what it had not written (the steps held
     1-3 and 11-30 while metrics.jsonl had 1-30). Here the file of a run stopped after step 8 is cut back
@@ -391,6 +414,55 @@ def test_wandb_offline_sends_again_the_steps_its_file_lost(tmp_path, wandb_offli
     wandb.teardown()
     want = expected(range(1, 11))
     assert held_by_segments(wandb_segments(run_dir / "wandb"), want) == want
+
+
+def write_wandb_log(path: Path, payloads: list[bytes]) -> None:
+    """A transaction log in W&B's framing (tracker_readers' constants): records split into chunks at the
+    32 KiB block boundaries, the last bytes of a block too short for a chunk header padded."""
+    from tracker_readers import CHUNK_HEADER, FIRST, FULL, LAST, MIDDLE, WANDB_BLOCK, WANDB_HEADER
+
+    out = bytearray(WANDB_HEADER + b"\xe1\xbe\x00")
+    for rest in payloads:
+        first = True
+        while first or rest:
+            left = WANDB_BLOCK - len(out) % WANDB_BLOCK
+            if left < CHUNK_HEADER:
+                out += bytes(left)
+                continue
+            piece, rest = rest[:left - CHUNK_HEADER], rest[left - CHUNK_HEADER:]
+            kind = (FULL if not rest else FIRST) if first else (LAST if not rest else MIDDLE)
+            out += struct.pack("<IHB", 0, len(piece), kind) + piece
+            first = False
+    path.write_bytes(bytes(out))
+
+
+def test_what_a_wandb_log_holds_is_read_from_its_end_as_a_whole_reading_finds_it(tmp_path):
+    """Its last history step, read from the last blocks (further back when they hold none: here a 300 KB
+    record after it), equals that of reading every record, for the whole file and for files a kill cut."""
+    wandb_proto = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+    from tracker_readers import wandb_records
+
+    from gptcli.train.observing.wandb_log import last_history_step
+
+    def history(step: int, width: int) -> bytes:
+        record = wandb_proto.Record()
+        record.history.step.num = step
+        record.history.item.add(key="loss", value_json="0." + "7" * width)
+        return record.SerializeToString()
+
+    files = wandb_proto.Record()
+    files.files.files.add(path="x" * 300_000)
+    draw = random.Random(0)
+    path = tmp_path / "run-abc.wandb"
+    write_wandb_log(path, [history(step, draw.randrange(10, 90_000)) for step in range(1, 40)]
+                    + [files.SerializeToString()])
+    data = path.read_bytes()
+    for size in [len(data), *sorted(draw.sample(range(8, len(data)), 25))]:
+        path.write_bytes(data[:size])
+        steps = [r.history.step.num for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]
+        assert last_history_step([path]) == max(steps, default=0), size
+    path.write_bytes(data)
+    assert last_history_step([path]) == 39
 
 
 def test_mlflow_holds_every_number_once_the_config_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):

@@ -24,14 +24,14 @@ CHUNK_HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def records(path: Path) -> Iterator[bytes]:
-    """The serialized protobuf Records of one transaction log, in order, up to a torn tail."""
-    data = Path(path).read_bytes()
-    if data[:len(HEADER)] != HEADER:
+def records(data: bytes, offset: int = 0) -> Iterator[bytes]:
+    """The serialized protobuf Records in `data`, the bytes of a log from `offset` (0, or the start of a
+    block) to its end, in order, up to a torn tail; a record that began before `offset` is left out."""
+    if offset == 0 and data[:len(HEADER)] != HEADER:
         return
-    pending, position = b"", HEADER_SIZE
+    position, pending = (HEADER_SIZE if offset == 0 else 0), None  # pending: a record seen to begin
     while position + CHUNK_HEADER <= len(data):
-        left_in_block = BLOCK - position % BLOCK
+        left_in_block = BLOCK - (offset + position) % BLOCK
         if left_in_block < CHUNK_HEADER:
             position += left_in_block
             continue
@@ -40,23 +40,38 @@ def records(path: Path) -> Iterator[bytes]:
         if end > len(data) or kind not in (FULL, FIRST, MIDDLE, LAST):
             return  # the torn tail of a killed writer (or zeros it had not written yet)
         chunk, position = data[position + CHUNK_HEADER:end], end
-        pending = chunk if kind in (FULL, FIRST) else pending + chunk
-        if kind in (FULL, LAST):
+        if kind in (FULL, FIRST):
+            pending = chunk
+        elif pending is not None:
+            pending += chunk
+        if kind in (FULL, LAST) and pending is not None:
             yield pending
+            pending = None
 
 
 def last_history_step(paths: list[Path]) -> int:
     """The highest step of a history record in the transaction logs `paths` (0 if none)."""
+    return max((last_step_of(Path(path)) for path in paths), default=0)
+
+
+def last_step_of(path: Path) -> int:
+    """The step of the last history record of one log (a log's steps only grow), read from its end: the
+    last few blocks, more only when they hold no history record, so a long run's resume reads kilobytes."""
     from wandb.proto import wandb_internal_pb2
 
-    last = 0
-    record = wandb_internal_pb2.Record()
-    for path in paths:
-        for raw in records(path):
-            record.ParseFromString(raw)
-            if record.WhichOneof("record_type") == "history":
-                last = max(last, record.history.step.num)
-    return last
+    record, size, window = wandb_internal_pb2.Record(), path.stat().st_size, 4 * BLOCK
+    with path.open("rb") as handle:
+        while True:
+            start = max(0, (size - window) // BLOCK * BLOCK)
+            handle.seek(start)
+            last = 0
+            for raw in records(handle.read(size - start), start):
+                record.ParseFromString(raw)
+                if record.WhichOneof("record_type") == "history":
+                    last = record.history.step.num
+            if last or start == 0:
+                return last
+            window *= 4
 
 
 def offline_logs(wandb_dir: Path, run_id: str, exclude: Path) -> list[Path]:
