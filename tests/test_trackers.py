@@ -11,6 +11,7 @@ import json
 import math
 import random
 import struct
+import sys
 import tomllib
 from pathlib import Path
 
@@ -279,20 +280,32 @@ class Counting:
         self.steps.append(step)
     def close(self):
         pass
+
+class Vague(Counting):
+    closed = False
+    def last_step(self):
+        return None
+    def close(self):
+        Vague.closed = True
 """
 
 
 def test_a_tracker_that_cannot_start_is_a_warning_and_the_others_start(tmp_path, capsys):
-    """Trackers named "file.py:attr", beside the project file: a factory that raises costs a warning naming
-    its title; the other gets the run's config and the step the run resumes from."""
+    """Trackers named "file.py:attr", beside the project file: a factory that raises, or a tracker that cannot
+    say what it holds (it is closed), costs a warning naming its title; the other gets the run's config and
+    the step the run resumes from."""
     (tmp_path / "mine.py").write_text(PLUGIN_FILE)
-    proj = project('train.trackers=["mine.py:no_login", "mine.py:Counting"]', source=tmp_path / "run.toml")
+    named = ["mine.py:no_login", "mine.py:Counting", "mine.py:Vague"]
+    proj = project(f"train.trackers={json.dumps(named)}", source=tmp_path / "run.toml")
     [started] = start_trackers(proj, tmp_path, 5)
     assert started.title == "mine.py:Counting" and started.held == 3
     assert started.tracker.resume_step == 5 and started.tracker.config["parameters"] == 3_320_640
-    assert started.tracker.config["train"]["trackers"] == ["mine.py:no_login", "mine.py:Counting"]
-    assert capsys.readouterr().err == ("warning: W&B could not start (PermissionError: api_key not configured "
-                                       "(no-tty)); the run goes on without it.\n")
+    assert started.tracker.config["train"]["trackers"] == named
+    assert capsys.readouterr().err == (
+        "warning: W&B could not start (PermissionError: api_key not configured (no-tty)); the run goes on without "
+        "it.\nwarning: mine.py:Vague could not start (TypeError: last_step() returned None, not a step number); "
+        "the run goes on without it.\n")
+    assert sys.modules[type(started.tracker).__module__].Vague.closed
 
 
 def test_the_example_plugins_tracker_drops_what_a_killed_run_logged_after_the_checkpoint(tmp_path):

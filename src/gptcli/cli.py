@@ -549,7 +549,7 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and bits per byte of a model on the project's val shards, a text file or a dataset;
-    or, with --task, zero-shot HellaSwag / LAMBADA scores beside GPT-2's."""
+    or, with --task, zero-shot task scores (HellaSwag, LAMBADA, a plugin's) beside GPT-2's."""
     if task is not None:
         return eval_tasks(project, checkpoint, overrides, task, task_data, limit, batch_size, device, bf16,
                           as_json, other=text or dataset)

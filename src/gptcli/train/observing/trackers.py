@@ -130,19 +130,31 @@ def start_trackers(project: Project, run_dir: Path, resume_step: int,
     factories = {name: factory_of(project, name) for name in names}
     say(f"starting the trackers: {', '.join(title_of(name, f) for name, f in factories.items())}")
     config = {"parameters": inspect_parameters(project.model).total, **project.to_dict()}
-    feeds = []
-    for name, factory in factories.items():
-        title = title_of(name, factory)
+    started = [start_one(title_of(name, factory), lambda f=factory: wrap(f(Path(run_dir), config, resume_step)))
+               for name, factory in factories.items()]
+    return [feed for feed in started if feed is not None]
+
+
+def start_one(title: str, make: Callable[[], Any]) -> Optional["TrackerFeed"]:
+    """The tracker `make` makes and what it holds; None, with one warning, when either fails (a tracker
+    made but unable to say what it holds is closed)."""
+    try:
+        tracker = make()
+    except Exception as error:  # a library's own failure, whatever its type
+        warn(title, error, "could not start")
+        return None
+    try:
+        held = tracker.last_step()
+        if not isinstance(held, int) or isinstance(held, bool) or held < 0:
+            raise TypeError(f"last_step() returned {held!r}, not a step number")
+    except Exception as error:
+        warn(title, error, "could not start")
         try:
-            tracker = wrap(factory(Path(run_dir), config, resume_step))
-            held = tracker.last_step()
-            if not isinstance(held, int) or isinstance(held, bool) or held < 0:
-                raise TypeError(f"last_step() returned {held!r}, not a step number")
-        except Exception as error:  # a library's own failure, whatever its type
-            warn(title, error, "could not start")
-            continue
-        feeds.append(TrackerFeed(title, tracker, held))
-    return feeds
+            tracker.close()
+        except Exception:
+            pass
+        return None
+    return TrackerFeed(title, tracker, held)
 
 
 class TrackerFeed:
