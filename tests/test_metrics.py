@@ -1,5 +1,6 @@
 """metrics.jsonl / metrics.csv on resume and for `gpt plot`: damaged lines are dropped with a note, never a
-traceback; TensorBoard points after the resumed step are purged, as metrics.jsonl is cut back (the trackers
+traceback; metrics.csv's columns are those of the tasks the run scores and its header is written once;
+TensorBoard points after what it flushed are purged and sent again from metrics.jsonl (the trackers
 themselves: test_trackers.py)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import assert_user_error, run_gpt
 from gptcli.config import load_project
-from gptcli.train.observing.metrics import CSV_COLUMNS, MetricsWriter, read_metrics, truncate_metrics
+from gptcli.train.observing.metrics import BASE_COLUMNS, MetricsWriter, csv_columns, read_metrics, truncate_metrics
 from gptcli.train.observing.trackers import start_trackers
 
 GARBAGE = b"\xff\xfe{\"step\": \x9c\n"  # not UTF-8: what a bad disk block or a stray binary write leaves
@@ -35,8 +36,32 @@ def test_truncate_keeps_the_steps_up_to_the_resume_step_and_drops_bytes_that_are
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
     assert "dropped 1 unreadable line" in capsys.readouterr().err
     csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert csv_lines[0] == ",".join(CSV_COLUMNS)
+    assert csv_lines[0] == "step,loss"  # the file's own header, kept
     assert [line.split(",")[0] for line in csv_lines[1:]] == ["1", "2"]
+
+
+def test_the_csv_columns_are_those_of_the_tasks_scored_and_a_resume_keeps_the_header(tmp_path):
+    """A task's metrics (a plugin's too) get columns; a resumed run that scores one more task adds its
+    columns to the header once, the rows written before kept under theirs."""
+    from gptcli.tasks.benchmarks import HELLASWAG, LAMBADA
+
+    def run(columns, steps, resume_from=None):
+        if resume_from is not None:
+            truncate_metrics(tmp_path, resume_from)
+        writer = MetricsWriter(tmp_path, (), columns)
+        for step in steps:
+            writer.write({"step": step, "loss": 1.0 / step, "hellaswag_acc": 0.25, "lambada_acc": 0.5})
+        writer.close()
+
+    run(csv_columns([HELLASWAG]), [1, 2, 3])
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header == BASE_COLUMNS + ["hellaswag_acc", "hellaswag_acc_norm"]
+    run(csv_columns([HELLASWAG, LAMBADA]), [3, 4], resume_from=2)
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",") == header + ["lambada_acc", "lambada_perplexity"]
+    rows = [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+    assert [(r["step"], r["hellaswag_acc"], r["lambada_acc"]) for r in rows] == [
+        ("1", "0.25", ""), ("2", "0.25", ""), ("3", "0.25", "0.5"), ("4", "0.25", "0.5")]
 
 
 def test_a_torn_last_line_is_cut_without_a_note(tmp_path, capsys):
@@ -65,14 +90,17 @@ def test_gpt_plot_draws_a_run_whose_metrics_hold_bytes_that_are_not_utf8(tmp_pat
 
 
 class RecordingSummaryWriter:
+    """torch's SummaryWriter as the TensorBoard tracker uses it: the purge step and the steps written."""
+
     instances = []
 
     def __init__(self, log_dir, purge_step=None, **_):
-        self.log_dir, self.purge_step, self.points = log_dir, purge_step, []
+        self.log_dir, self.purge_step, self.steps = log_dir, purge_step, []
+        self.file_writer = self
         RecordingSummaryWriter.instances.append(self)
 
-    def add_scalar(self, tag, value, step, **_):
-        self.points.append((tag, step))
+    def add_summary(self, summary, step):
+        self.steps.append(step)
 
     def add_text(self, tag, text, step):
         pass
@@ -84,22 +112,31 @@ class RecordingSummaryWriter:
         pass
 
 
-def test_the_tensorboard_writer_purges_from_the_step_after_the_resumed_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flushed, purge_step, sent", [(None, 1, [1, 2, 3, 4, 5]), (3, 4, [4, 5]), (7, 6, [])])
+def test_tensorboard_purges_after_what_it_flushed_and_gets_the_rest_again(tmp_path, monkeypatch, flushed,
+                                                                          purge_step, sent):
+    """A resume from step 5 of a run killed after step 8: TensorBoard holds the steps its writer flushed when
+    gptcli asked (before a checkpoint; RUN/trackers.json says which); the events after them (or after step
+    5) are purged and the steps of metrics.jsonl after them sent again."""
     fake = types.ModuleType("torch.utils.tensorboard")
     fake.SummaryWriter = RecordingSummaryWriter
     fake.__path__ = []  # a package, as torch's is: the tracker also imports its summary module
     summary = types.ModuleType("torch.utils.tensorboard.summary")
-    summary.scalar = lambda *args, **kwargs: None
+    summary.scalar = lambda *args, **kwargs: types.SimpleNamespace(value=[])
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard.summary", summary)
     RecordingSummaryWriter.instances.clear()
     project = load_project(None, ['model.preset="nano"', 'train.trackers=["tensorboard"]'])
     write_run(tmp_path, range(1, 9))
-    truncate_metrics(tmp_path, 5)  # a resume from step 5 of a run killed after step 8
-    MetricsWriter(tmp_path, start_trackers(project, tmp_path, 5)).close()
-    (tmp_path / "fresh").mkdir()
-    MetricsWriter(tmp_path / "fresh", start_trackers(project, tmp_path / "fresh", 0)).close()
-    assert [w.purge_step for w in RecordingSummaryWriter.instances] == [6, 1]
+    if flushed is not None:
+        (tmp_path / "trackers.json").write_text(json.dumps({"tensorboard": {"flushed": flushed}}))
+    truncate_metrics(tmp_path, 5)
+    writer = MetricsWriter(tmp_path, start_trackers(project, tmp_path, 5))
+    writer.write({"step": 6, "loss": 9.4})
+    writer.close()
+    [resumed] = RecordingSummaryWriter.instances
+    assert resumed.purge_step == purge_step and resumed.steps == sent + [6]
+    assert json.loads((tmp_path / "trackers.json").read_text())["tensorboard"] == {"flushed": 6}
 
 
 @pytest.mark.parametrize("out, fragment", [

@@ -223,7 +223,7 @@ def test_a_run_dir_of_another_model_names_restart_and_another_out_dir(tmp_path):
 def test_a_tracker_without_its_package_is_refused_before_deepspeed(tmp_path, monkeypatch):
     from gptcli.train.observing import trackers
 
-    monkeypatch.setitem(trackers.PACKAGES, "tensorboard", "no_such_module_for_gptcli_tests")
+    monkeypatch.setattr(trackers.TensorBoardTracker, "requires", "no_such_module_for_gptcli_tests")
     with pytest.raises(GptError, match=r'train.tensorboard = true asks for tensorboard, but '
                                        r'no_such_module_for_gptcli_tests is not installed: pip install '
                                        r'"gptcli\[tensorboard\]"'):

@@ -1,4 +1,5 @@
-"""`gpt eval --task`: HellaSwag and LAMBADA scored as lm-evaluation-harness 0.4 scores them.
+"""`gpt eval --task`: HellaSwag and LAMBADA scored as lm-evaluation-harness 0.4 scores them, and a plugin's
+task (examples/plugins: PIQA) found through the registry by its entry point or as "file.py:attr".
 
 The fast tests check each piece against lm-eval's own definitions (its HellaSwag preprocessing function,
 its LAMBADA templates, its pair encoding, its standard errors) and the packed scorer against one plain
@@ -20,7 +21,7 @@ import torch
 
 from conftest import assert_user_error, run_gpt
 from gptcli.errors import GptError, Stopped
-from gptcli.tasks import BENCHMARKS, evaluate_tasks, gpt2_shape, read_all
+from gptcli.tasks import evaluate_tasks, gpt2_shape, read_all
 from gptcli.tasks import stats
 from gptcli.tasks.benchmarks import benchmark
 from gptcli.tasks.data import read_examples
@@ -166,7 +167,8 @@ def test_packed_scores_equal_one_forward_pass_per_request(model, tokenizer, file
         expected = separate_passes(model, group)
         assert [s.greedy for s in scored] == [greedy for _, greedy in expected]
         for s, (loglikelihood, _) in zip(scored, expected):
-            assert s.loglikelihood == pytest.approx(loglikelihood, abs=LOGLIKELIHOOD_TOLERANCE / 10)
+            # fp32 sums of up to ~100 nats: a few ulps of the sum (fp32's ulp at 64-128 is 7.6e-6) apart
+            assert s.loglikelihood == pytest.approx(loglikelihood, rel=2e-7, abs=LOGLIKELIHOOD_TOLERANCE / 10)
     if name == "lambada":
         assert any(s[0].greedy for s in scores)  # the greedy passages: acc is not trivially 0
 
@@ -218,14 +220,27 @@ def test_gpt2_sizes_are_recognised_and_get_their_published_scores():
     unnamed = project_from_dict({"model": {"n_layer": 12, "n_head": 12, "n_embd": 768}}).model  # no preset name
     assert gpt2_shape(unnamed) == "gpt2"
     assert gpt2_shape(project_from_dict({"model": {"preset": "gpt2", "n_layer": 6}}).model) is None
-    assert BENCHMARKS["hellaswag"].published["gpt2"]["acc_norm"].value == 0.3114
-    assert BENCHMARKS["lambada"].published["gpt2"]["perplexity"].value == 40.0554
+    assert benchmark("hellaswag").published["gpt2"]["acc_norm"].value == 0.3114
+    assert benchmark("lambada").published["gpt2"]["perplexity"].value == 40.0554
 
 
-def test_config_knows_every_task():
-    from gptcli.config import TASK_NAMES
+def test_the_built_in_tasks_are_the_registrys_and_their_names_are_their_record_names():
+    from gptcli.registry import TASKS
+    from gptcli.tasks.benchmarks import HELLASWAG, LAMBADA
 
-    assert TASK_NAMES == tuple(BENCHMARKS)
+    assert [benchmark(name) for name in TASKS.builtins] == [HELLASWAG, LAMBADA]
+    assert [task.name for task in (HELLASWAG, LAMBADA)] == list(TASKS.builtins)
+
+
+def test_an_object_that_is_not_a_task_is_one_sentence(tmp_path):
+    (tmp_path / "mine.py").write_text("from gptcli.tasks.benchmarks import HELLASWAG\nNOT_A_TASK = 3\n"
+                                      "import dataclasses\n"
+                                      "ODD = dataclasses.replace(HELLASWAG, metrics={'acc': 'median:acc'})\n")
+    with pytest.raises(GptError, match=r'eval.tasks = "mine.py:NOT_A_TASK" is not a task: it has no name, title, '):
+        benchmark("mine.py:NOT_A_TASK", tmp_path)
+    with pytest.raises(GptError, match=r'each metric must be "mean:<outcome>" or "perplexity:<outcome>", not '
+                                       r"acc = 'median:acc'"):
+        benchmark("mine.py:ODD", tmp_path)
 
 
 # --- errors: what and where -----------------------------------------------------------------------------------
@@ -325,6 +340,88 @@ def test_without_data_and_without_the_hub_the_error_says_what_to_do(model_dir, t
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+# --- a plugin's task -------------------------------------------------------------------------------------------
+
+# PIQA-shaped records (goal, two solutions, the gold one's index), short enough for the 128-position model.
+PIQA = [
+    {"goal": "How do I dry wet shoes?", "sol1": "Stuff them with newspaper.", "sol2": "Put them in the oven.",
+     "label": 0},
+    {"goal": "To keep bread fresh", "sol1": "leave it in the sun.", "sol2": "keep it in a bread box.", "label": 1},
+    {"goal": "How can I open a stuck jar lid?", "sol1": "Run the lid under hot water.",
+     "sol2": "Freeze the jar overnight.", "label": 0},
+    {"goal": "To cool soup quickly", "sol1": "stir it in a cold water bath.", "sol2": "cover it with a blanket.",
+     "label": 0},
+    {"goal": "How do you stop a squeaky hinge?", "sol1": "Paint over it.", "sol2": "Oil the hinge pin.",
+     "label": 1},
+    {"goal": "To find a lost contact lens", "sol1": "shine a flashlight across the floor.",
+     "sol2": "vacuum the room first.", "label": 0},
+]
+
+
+def piqa_by_hand(model, tokenizer) -> dict[str, float]:
+    """acc and acc_norm of the PIQA records computed directly: "Question: {goal}\nAnswer:" and each " sol" as
+    lm-eval splits such a pair (the context's tokens, then the rest), one forward pass per solution."""
+    right = {"acc": 0, "acc_norm": 0}
+    for record in PIQA:
+        context = f"Question: {record['goal']}\nAnswer:"
+        context_ids = tokenizer.encode(context)
+        loglikelihoods = []
+        for solution in (record["sol1"], record["sol2"]):
+            ids = tokenizer.encode(f"{context} {solution}")
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([ids[:-1]]))
+            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+            positions = range(len(context_ids) - 1, len(ids) - 1)
+            loglikelihoods.append(sum(logprobs[p, ids[p + 1]].item() for p in positions))
+        normalised = [value / len(solution) for value, solution in zip(loglikelihoods, (record["sol1"], record["sol2"]))]
+        right["acc"] += loglikelihoods.index(max(loglikelihoods)) == record["label"]
+        right["acc_norm"] += normalised.index(max(normalised)) == record["label"]
+    return {metric: count / len(PIQA) for metric, count in right.items()}
+
+
+def eval_in_process(*args) -> dict:
+    """`gpt eval ... --json` in this process: its JSON report."""
+    from typer.testing import CliRunner
+
+    from gptcli.cli import app
+
+    result = CliRunner().invoke(app, ["eval", *map(str, args), "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow  # pip installs examples/plugins once (seconds), then loads the model twice
+def test_a_plugins_task_by_its_entry_point_and_as_a_file_scores_what_a_direct_computation_gives(
+        installed_plugins, model, model_dir, tokenizer, tmp_path):
+    """examples/plugins' PIQA task, installed (its entry point's name) and as "file.py:attr" beside the project
+    file, on local data: the accuracies of one forward pass per solution (equal: each is a count over 6
+    records; the scores agree to 1e-5, far inside any gap between two solutions here)."""
+    data = write_jsonl(tmp_path / "piqa.jsonl", PIQA)
+    want = piqa_by_hand(model, tokenizer)
+    installed = eval_in_process("--checkpoint", model_dir, "--task", "example_task", "--task-data", data)
+    assert installed["tasks"]["piqa"]["examples"] == len(PIQA)
+    assert {m: v["value"] for m, v in installed["tasks"]["piqa"]["metrics"].items()} == want
+    plugin = Path(__file__).resolve().parents[1] / "examples" / "plugins" / "gptcli_example_plugins" / "task.py"
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "piqa_task.py").write_text(plugin.read_text())
+    (tmp_path / "run.toml").write_text(f'[eval]\ntask_data = {{ "tasks/piqa_task.py:TASK" = "{data}" }}\n')
+    from_file = eval_in_process("--project", tmp_path / "run.toml", "--checkpoint", model_dir, "--task",
+                                "tasks/piqa_task.py:TASK")
+    assert from_file["tasks"]["piqa"]["metrics"] == installed["tasks"]["piqa"]["metrics"]
+
+
+@pytest.mark.slow  # pip installs examples/plugins once (seconds)
+def test_the_schema_takes_a_plugins_task_and_refuses_an_unknown_one_listing_the_installed(installed_plugins):
+    from gptcli.config import ConfigError, project_from_dict
+
+    assert project_from_dict({"eval": {"tasks": ["example_task"]}}).eval.tasks == ["example_task"]
+    with pytest.raises(ConfigError) as error:
+        project_from_dict({"eval": {"tasks": ["lambada"], "task_data": {"exampel_task": "x.jsonl"}}})
+    assert str(error.value) == ('eval.task_data names "exampel_task", which is not a task (built in: hellaswag, '
+                                'lambada; installed: example_task; or "package.module:attr", or "file.py:attr" '
+                                'beside the project file) (did you mean "example_task"?).')
+
+
 # --- against lm-evaluation-harness itself -----------------------------------------------------------------------
 
 
@@ -368,7 +465,7 @@ def test_the_table_puts_the_published_score_beside_a_gpt2_sized_model(capsys):
     from gptcli.cli import show_task_results
     from gptcli.tasks import TaskResult
 
-    hellaswag = BENCHMARKS["hellaswag"]
+    hellaswag = benchmark("hellaswag")
     result = TaskResult("hellaswag", "HellaSwag", "Rowan/hellaswag (validation)", 10042,
                         {"acc": (0.29, 0.0045), "acc_norm": (0.3012, 0.0046)}, hellaswag.higher_is_better,
                         hellaswag.published["gpt2"], "gpt2", 1.0)

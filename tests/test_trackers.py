@@ -1,6 +1,7 @@
-"""`[train] trackers`: TensorBoard, W&B (offline) and MLflow (local stores) hold what metrics.jsonl holds,
-read back with each library's own reader; a resume continues the same tracker run; a tracker that fails
-costs a warning, never the run.
+"""`[train] trackers`: the tracker protocol (a factory, last_step, log, close) and the built-ins, TensorBoard,
+W&B (offline) and MLflow (local stores), read back with each library's own reader; a plugin's tracker; after
+a kill -9 at any moment and a resume, every tracker holds each step of metrics.jsonl exactly once; a tracker
+that fails costs a warning, never the run.
 
 The fast tests drive the trackers in-process on records; the slow ones train (tests at the end)."""
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import struct
 import sys
 import tomllib
 from pathlib import Path
@@ -21,11 +24,16 @@ from gptcli.train.state import checkpoint
 from gptcli.train import preflight
 from gptcli.train.observing import trackers
 from gptcli.train.observing.metrics import MetricsWriter, truncate_metrics
-from gptcli.train.observing.trackers import scalars, start_trackers
+from gptcli.train.observing.trackers import TrackerFeed, scalars, start_trackers
 
 
-def project(*overrides: str, run_dir: Path = Path("runs/x")):
-    return load_project(None, ['model.preset="nano"', f'project.out_dir="{run_dir}"', *overrides])
+def project(*overrides: str, run_dir: Path = Path("runs/x"), source: Path | None = None):
+    """The nano project with `overrides`; with `source`, as if read from that file (its directory is where
+    "file.py:attr" references are found)."""
+    settings = ['model.preset="nano"', f'project.out_dir="{run_dir}"', *overrides]
+    if source is None:
+        return load_project(None, settings)
+    return project_from_dict(apply_overrides({}, settings), source=str(source))
 
 
 def records(steps) -> list[dict]:
@@ -53,8 +61,9 @@ def expected(steps) -> dict[str, dict[int, float]]:
 
 
 def log_run(run_dir: Path, proj, steps, start: int = 0, end: bool = True) -> None:
-    """What the loop does on rank 0: start the trackers after `start`, write the records (a sample at
-    step 4), and end the run with loss.png and a model dir, or stop without an end (a killed run)."""
+    """What the loop does on rank 0: cut metrics.jsonl back to `start`, start the trackers after it (they
+    get the steps of metrics.jsonl they lack), write the records (a sample at step 4), and end the run with
+    loss.png and a model dir, or stop without an end."""
     run_dir.mkdir(parents=True, exist_ok=True)
     truncate_metrics(run_dir, start)
     writer = MetricsWriter(run_dir, start_trackers(proj, run_dir, start))
@@ -80,10 +89,14 @@ def test_scalars_are_every_number_of_a_record_nested_tables_by_path():
                                "tasks/hellaswag/acc_norm": 0.31, "tasks/lambada/ppl": 40.0}
 
 
-def test_an_unknown_tracker_is_a_config_error_naming_the_nearest():
-    with pytest.raises(ConfigError, match='train.trackers must be one of "tensorboard", "wandb", "mlflow", '
-                                          'not "wandbb" \\(did you mean "wandb"\\?\\)'):
+def test_an_unknown_tracker_is_a_config_error_naming_what_there_is_and_the_nearest(tmp_path):
+    with pytest.raises(ConfigError) as error:
         project('train.trackers=["tensorboard", "wandbb"]')
+    assert str(error.value) == ('train.trackers names "wandbb", which is not a tracker (built in: tensorboard, wandb, '
+                                'mlflow; or "package.module:attr", or "file.py:attr" beside the project file) (did '
+                                'you mean "wandb"?).')
+    with pytest.raises(ConfigError, match=f'"mine.py:start" names {tmp_path / "mine.py"}, which is not a file'):
+        project('train.trackers=["mine.py:start"]', source=tmp_path / "run.toml")
 
 
 def test_train_tensorboard_true_still_asks_for_tensorboard_with_a_migration_note(capsys):
@@ -96,8 +109,8 @@ def test_train_tensorboard_true_still_asks_for_tensorboard_with_a_migration_note
 
 
 def test_a_tracker_that_is_not_installed_is_one_sentence_before_anything_slow(monkeypatch):
-    monkeypatch.setitem(trackers.PACKAGES, "wandb", "no_such_module_for_gptcli_tests")
-    monkeypatch.setitem(trackers.PACKAGES, "mlflow", "no_such_module_for_gptcli_tests_either")
+    monkeypatch.setattr(trackers.WandbTracker, "requires", "no_such_module_for_gptcli_tests")
+    monkeypatch.setattr(trackers.MlflowTracker, "requires", "no_such_module_for_gptcli_tests_either")
     proj = project('train.trackers=["tensorboard", "wandb", "mlflow"]')
 
     def measure_cpu():  # the first slow thing `gpt train` does
@@ -132,49 +145,87 @@ def test_the_tracker_libraries_are_imported_only_inside_the_trackers_functions()
             for name in names:
                 if name.startswith(libraries) and not getattr(node, "level", 0):
                     where.setdefault(path.name, set()).add((name, inside))
-    assert set(where) == {"trackers.py"}
+    assert set(where) == {"trackers.py", "wandb_log.py"}  # wandb_log.py: W&B's record format, for W&B
     assert {name for name, _ in where["trackers.py"]} >= {"wandb", "mlflow.tracking", "torch.utils.tensorboard"}
-    assert all(inside for _, inside in where["trackers.py"]), where
+    assert all(inside for found in where.values() for _, inside in found), where
 
 
 # --- failures ----------------------------------------------------------------------------------------------------
 
 
 class Recording:
-    def __init__(self, name: str, fail_at: int = 0):
-        self.name, self.fail_at, self.steps, self.closed = name, fail_at, [], []
+    """A tracker of the protocol that keeps what it is given in memory; it already holds `held` steps."""
 
-    def log(self, record):
-        if record["step"] == self.fail_at:
+    def __init__(self, held: int = 0, fail_at: int = 0):
+        self.fail_at, self.steps, self.closed = fail_at, list(range(1, held + 1)), 0
+
+    def last_step(self) -> int:
+        return self.steps[-1] if self.steps else 0
+
+    def log(self, step, metrics):
+        if step == self.fail_at:
             raise ConnectionError("server went away\nwith a second line")
-        self.steps.append(record["step"])
+        self.steps.append(step)
 
-    def text(self, step, key, text):
-        pass
-
-    def end(self, step, plot, model_dir):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self, status):
-        self.closed.append(status)
+    def close(self):
+        self.closed += 1
 
 
 def test_a_tracker_that_raises_is_switched_off_with_one_warning_and_the_others_go_on(tmp_path, capsys):
-    failing, working = Recording("MLflow", fail_at=3), Recording("W&B")
-    writer = MetricsWriter(tmp_path, [failing, working])
+    failing, working = Recording(fail_at=3), Recording()
+    writer = MetricsWriter(tmp_path, [TrackerFeed("MLflow", failing, 0), TrackerFeed("W&B", working, 0)])
     for record in records(range(1, 7)):
         writer.write(record)
     writer.end(6, 0, None)
     writer.close()
     assert capsys.readouterr().err == ("warning: MLflow failed (ConnectionError: server went away); the run goes on "
                                        "without it.\n")  # once, its first line only
-    assert failing.steps == [1, 2] and failing.closed == ["failed"]
-    assert working.steps == [1, 2, 3, 4, 5, 6] and working.closed == ["finished"]
+    assert failing.steps == [1, 2] and failing.closed == 1
+    assert working.steps == [1, 2, 3, 4, 5, 6] and working.closed == 1
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+
+
+@pytest.mark.parametrize("held", [0, 2, 5, 7])
+def test_a_tracker_gets_the_steps_of_metrics_jsonl_it_lacks_then_each_new_one_once(tmp_path, held):
+    """A run killed after step 7 resumes from its checkpoint of step 5: a tracker that holds nothing, lost
+    its last steps (2), holds up to the checkpoint (5), or holds steps it could not drop (7) ends holding
+    steps 1-10 once each, with metrics.jsonl's numbers."""
+    killed = "".join(json.dumps(record) + "\n" for record in records(range(1, 8)))  # what the killed run wrote
+    (tmp_path / "metrics.jsonl").write_text(killed)
+    truncate_metrics(tmp_path, 5)
+    tracker = Recording(held)
+    writer = MetricsWriter(tmp_path, [TrackerFeed("mine", tracker, tracker.last_step())])
+    for record in records(range(6, 11)):
+        writer.write(record)
+    writer.close()
+    assert tracker.steps == list(range(1, 11))
+
+
+def test_a_tracker_with_the_optional_calls_gets_them_and_one_without_them_is_not_asked(tmp_path):
+    class Full(Recording):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def text(self, step, key, text):
+            self.calls.append(("text", step, key))
+
+        def flush(self):
+            self.calls.append(("flush",))
+
+        def end(self, step, status, plot, model_dir):
+            self.calls.append(("end", step, status, model_dir))
+
+    full, bare = Full(), Recording()
+    writer = MetricsWriter(tmp_path, [TrackerFeed("full", full, 0), TrackerFeed("bare", bare, 0)])
+    writer.write(records([1])[0])
+    writer.sample(1, "a sample")
+    writer.flush()
+    writer.end(1, 143, tmp_path / "model")
+    writer.close()
+    assert full.calls == [("text", 1, "sample"), ("flush",), ("end", 1, "stopped", (tmp_path / "model").resolve())]
+    assert bare.steps == full.steps == [1] and bare.closed == full.closed == 1
 
 
 def test_the_worker_runs_calls_in_order_merges_queued_metrics_and_reports_an_error_on_the_next_call():
@@ -214,16 +265,67 @@ def test_the_worker_gives_up_on_calls_still_queued_after_the_timeout():
     hung.set()
 
 
-def test_a_tracker_that_cannot_start_is_a_warning_and_the_others_start(tmp_path, monkeypatch, capsys):
-    def no_login(start):
-        raise PermissionError("api_key not configured (no-tty)")
+PLUGIN_FILE = """\
+def no_login(run_dir, config, resume_step):
+    raise PermissionError("api_key not configured (no-tty)")
 
-    monkeypatch.setitem(trackers.STARTERS, "wandb", no_login)
-    monkeypatch.setitem(trackers.STARTERS, "tensorboard", lambda start: Recording("TensorBoard"))
-    started = start_trackers(project('train.trackers=["wandb", "tensorboard"]'), tmp_path, 0)
-    assert [t.name for t in started] == ["TensorBoard"]
-    assert capsys.readouterr().err == ("warning: W&B could not start (PermissionError: api_key not configured "
-                                       "(no-tty)); the run goes on without it.\n")
+no_login.title = "W&B"
+
+class Counting:
+    def __init__(self, run_dir, config, resume_step):
+        self.config, self.resume_step, self.steps = config, resume_step, []
+    def last_step(self):
+        return 3
+    def log(self, step, metrics):
+        self.steps.append(step)
+    def close(self):
+        pass
+
+class Vague(Counting):
+    closed = False
+    def last_step(self):
+        return None
+    def close(self):
+        Vague.closed = True
+"""
+
+
+def test_a_tracker_that_cannot_start_is_a_warning_and_the_others_start(tmp_path, capsys):
+    """Trackers named "file.py:attr", beside the project file: a factory that raises, or a tracker that cannot
+    say what it holds (it is closed), costs a warning naming its title; the other gets the run's config and
+    the step the run resumes from."""
+    (tmp_path / "mine.py").write_text(PLUGIN_FILE)
+    named = ["mine.py:no_login", "mine.py:Counting", "mine.py:Vague"]
+    proj = project(f"train.trackers={json.dumps(named)}", source=tmp_path / "run.toml")
+    [started] = start_trackers(proj, tmp_path, 5)
+    assert started.title == "mine.py:Counting" and started.held == 3
+    assert started.tracker.resume_step == 5 and started.tracker.config["parameters"] == 3_320_640
+    assert started.tracker.config["train"]["trackers"] == named
+    assert capsys.readouterr().err == (
+        "warning: W&B could not start (PermissionError: api_key not configured (no-tty)); the run goes on without "
+        "it.\nwarning: mine.py:Vague could not start (TypeError: last_step() returned None, not a step number); "
+        "the run goes on without it.\n")
+    assert sys.modules[type(started.tracker).__module__].Vague.closed
+
+
+def test_the_example_plugins_tracker_drops_what_a_killed_run_logged_after_the_checkpoint(tmp_path):
+    """examples/plugins' tracker as "file.py:attr": stopped after step 8, resumed from step 5, its file holds
+    steps 1-10 once each with the records' numbers; a line a kill cut short is not counted as held."""
+    from conftest import REPO
+
+    plugin = REPO / "examples" / "plugins" / "gptcli_example_plugins" / "tracker.py"
+    (tmp_path / "mirror_tracker.py").write_text(plugin.read_text())
+    proj = project('train.trackers=["mirror_tracker.py:start"]', run_dir=tmp_path / "run",
+                   source=tmp_path / "run.toml")
+    run_dir = tmp_path / "run"
+    log_run(run_dir, proj, list(range(1, 9)), end=False)
+    with open(run_dir / "mirror.jsonl", "a") as handle:
+        handle.write('{"step": 9, "lo')  # torn by a kill
+    log_run(run_dir, proj, list(range(6, 11)), start=5, end=False)
+    mirrored = [json.loads(line) for line in (run_dir / "mirror.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in mirrored] == list(range(1, 11))
+    want = expected(range(1, 11))
+    assert {key: {r["step"]: r[key] for r in mirrored if key in r} for key in want} == want
 
 
 def test_restart_removes_the_tracker_run_ids_and_keeps_the_trackers_own_stores(tmp_path):
@@ -271,6 +373,14 @@ def wandb_offline(tmp_path, monkeypatch):
         monkeypatch.setenv(variable, str(tmp_path / "wandb-home" / name))
 
 
+def held_by_segments(segments, keys) -> dict[str, dict[int, float]]:
+    """key → {step: value} of what W&B's offline segments hold together; each step in one segment only."""
+    steps = [step for segment in segments for step, row in segment.history.items() if "loss" in row]
+    assert len(steps) == len(set(steps)), steps
+    return {key: {step: row[key] for segment in segments for step, row in segment.history.items() if key in row}
+            for key in keys}
+
+
 def test_wandb_offline_holds_every_number_the_config_and_a_resume_continues_the_same_run(tmp_path, wandb_offline):
     import wandb
     from tracker_readers import wandb_segments
@@ -278,19 +388,94 @@ def test_wandb_offline_holds_every_number_the_config_and_a_resume_continues_the_
     run_dir = tmp_path / "run"
     proj = project('train.trackers=["wandb"]', 'train.tracker_project="shakespeare"', run_dir=run_dir)
     log_run(run_dir, proj, list(range(1, 7)), end=False)  # stopped after step 6 ...
-    log_run(run_dir, proj, list(range(5, 11)), start=4)  # ... and resumed from step 4
+    log_run(run_dir, proj, list(range(5, 11)), start=4)  # ... and resumed from step 4: W&B holds 1-6 already
     wandb.teardown()  # W&B's process writes the last records of its file as it shuts down
     first, second = wandb_segments(run_dir / "wandb")
     assert first.run_id == second.run_id == json.loads((run_dir / "trackers.json").read_text())["wandb"]["id"]
     assert (first.project, first.name) == ("shakespeare", "run")
     assert first.config["parameters"] == 3_320_640 and first.config["train"]["trackers"] == ["wandb"]
     want = expected(range(1, 11))
-    for segment, steps in ((first, range(1, 7)), (second, range(5, 11))):
-        held = {key: {step: row[key] for step, row in segment.history.items() if key in row} for key in want}
-        assert held == {key: {s: v for s, v in values.items() if s in steps} for key, values in want.items()}
+    assert held_by_segments([first, second], want) == want
+    assert sorted(second.history) == [7, 8, 9, 10]
     assert first.history[4]["sample/_type"] == "table-file"
     assert second.summary["loss_curve"]["_type"] == "image-file"
     assert second.summary["model_dir"] == str((run_dir / "model").resolve())
+
+
+@pytest.mark.slow  # two W&B runs: seconds
+def test_wandb_offline_sends_again_the_steps_its_file_lost(tmp_path, wandb_offline):
+    """W&B's process writes its file every 15 s: a kill -9 loses what it had not written (the steps held
+    1-3 and 11-30 while metrics.jsonl had 1-30). Here the file of a run stopped after step 8 is cut back
+    mid-record to what it held after step 3; the run resumes from step 6 and sends 4-6 from metrics.jsonl."""
+    import wandb
+    from tracker_readers import wandb_records, wandb_segments
+
+    run_dir = tmp_path / "run"
+    proj = project('train.trackers=["wandb"]', run_dir=run_dir)
+    log_run(run_dir, proj, list(range(1, 9)), end=False)
+    wandb.teardown()
+    [log] = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    data, kept = log.read_bytes(), 0
+    for size in range(len(data) - 1, 7, -997):  # the longest prefix whose last history step is 3
+        log.write_bytes(data[:size])
+        steps = [r.history.step.num for r in wandb_records(log) if r.WhichOneof("record_type") == "history"]
+        if steps and max(steps) == 3:
+            kept = size
+            break
+    assert kept, "no cut of the file holds steps 1-3"
+    log_run(run_dir, proj, list(range(7, 11)), start=6)
+    wandb.teardown()
+    want = expected(range(1, 11))
+    assert held_by_segments(wandb_segments(run_dir / "wandb"), want) == want
+
+
+def write_wandb_log(path: Path, payloads: list[bytes]) -> None:
+    """A transaction log in W&B's framing (tracker_readers' constants): records split into chunks at the
+    32 KiB block boundaries, the last bytes of a block too short for a chunk header padded."""
+    from tracker_readers import CHUNK_HEADER, FIRST, FULL, LAST, MIDDLE, WANDB_BLOCK, WANDB_HEADER
+
+    out = bytearray(WANDB_HEADER + b"\xe1\xbe\x00")
+    for rest in payloads:
+        first = True
+        while first or rest:
+            left = WANDB_BLOCK - len(out) % WANDB_BLOCK
+            if left < CHUNK_HEADER:
+                out += bytes(left)
+                continue
+            piece, rest = rest[:left - CHUNK_HEADER], rest[left - CHUNK_HEADER:]
+            kind = (FULL if not rest else FIRST) if first else (LAST if not rest else MIDDLE)
+            out += struct.pack("<IHB", 0, len(piece), kind) + piece
+            first = False
+    path.write_bytes(bytes(out))
+
+
+def test_what_a_wandb_log_holds_is_read_from_its_end_as_a_whole_reading_finds_it(tmp_path):
+    """Its last history step, read from the last blocks (further back when they hold none: here a 300 KB
+    record after it), equals that of reading every record, for the whole file and for files a kill cut."""
+    wandb_proto = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+    from tracker_readers import wandb_records
+
+    from gptcli.train.observing.wandb_log import last_history_step
+
+    def history(step: int, width: int) -> bytes:
+        record = wandb_proto.Record()
+        record.history.step.num = step
+        record.history.item.add(key="loss", value_json="0." + "7" * width)
+        return record.SerializeToString()
+
+    files = wandb_proto.Record()
+    files.files.files.add(path="x" * 300_000)
+    draw = random.Random(0)
+    path = tmp_path / "run-abc.wandb"
+    write_wandb_log(path, [history(step, draw.randrange(10, 90_000)) for step in range(1, 40)]
+                    + [files.SerializeToString()])
+    data = path.read_bytes()
+    for size in [len(data), *sorted(draw.sample(range(8, len(data)), 25))]:
+        path.write_bytes(data[:size])
+        steps = [r.history.step.num for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]
+        assert last_history_step([path]) == max(steps, default=0), size
+    path.write_bytes(data)
+    assert last_history_step([path]) == 39
 
 
 def test_mlflow_holds_every_number_once_the_config_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
@@ -306,7 +491,7 @@ def test_mlflow_holds_every_number_once_the_config_and_a_resume_continues_the_sa
     run_dir = tmp_path / "run"
     proj = project('train.trackers=["mlflow"]', 'train.tracker_run_name="first try"', run_dir=run_dir)
     log_run(run_dir, proj, list(range(1, 7)), end=False)  # stopped after step 6 ...
-    log_run(run_dir, proj, list(range(5, 11)), start=4)  # ... and resumed from step 4
+    log_run(run_dir, proj, list(range(5, 11)), start=4)  # ... and resumed from step 4: MLflow holds 1-6 already
     [run] = mlflow_runs(uri, "gpt")
     assert run["name"] == "first try" and run["status"] == "FINISHED"
     assert {key: dict(points) for key, points in run["metrics"].items()} == expected(range(1, 11))
@@ -319,7 +504,8 @@ def test_mlflow_holds_every_number_once_the_config_and_a_resume_continues_the_sa
 
 # --- training with trackers --------------------------------------------------------------------------------------
 
-# test_train.py's run (nano, 8 steps, accumulation 2, dropout, checkpoints at 3 and 6), with a sample every 4 steps.
+# test_train.py's run (nano, accumulation 2, dropout) for 10 steps, checkpoints at 3, 6, 9 and 10, an
+# evaluation and a sample every 4 steps.
 TRAINING = """\
 [project]
 name = "trackers"
@@ -331,7 +517,7 @@ dir = "{data}"
 preset = "nano"
 dropout = 0.1
 [train]
-max_steps = 8
+max_steps = 10
 micro_batch_size = 4
 grad_accum_steps = 2
 seq_len = 64
@@ -363,12 +549,11 @@ def training_project(directory: Path, shards: Path, *overrides: str) -> Path:
 
 
 def train(directory: Path, *args: str, env: dict | None = None, fault: str = ""):
+    """`gpt train` of directory/run.toml; W&B offline (its process writes its file every 15 s, its default:
+    a kill loses what it had not written) and at home in the directory."""
     from conftest import run_gpt
 
-    # W&B writes its .wandb file every 15 s by default: every 0.1 s here, so that what the killed run
-    # logged before its checkpoint is on disk when it is killed, however fast the machine.
-    environment = {"WANDB_MODE": "offline", "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.1",
-                   "WANDB_CACHE_DIR": str(directory / "wandb-home" / "cache"),
+    environment = {"WANDB_MODE": "offline", "WANDB_CACHE_DIR": str(directory / "wandb-home" / "cache"),
                    "WANDB_CONFIG_DIR": str(directory / "wandb-home" / "config"),
                    "WANDB_DATA_DIR": str(directory / "wandb-home" / "data"), **(env or {})}
     if fault:
@@ -386,15 +571,17 @@ def logged(run_dir: Path) -> dict[str, dict[int, float]]:
     return table
 
 
-# Steps the killed run made after its checkpoint (3) and before the kill (after 5): run again on resume.
-RERUN = (4, 5)
+# The second run resumes from the checkpoint of step 6 and is killed after step 8: steps 7 and 8 are trained
+# again by the third. A tracker that cannot drop them keeps the second run's values.
+RERUN = (7, 8)
 
 
 def assert_as_logged(held: dict[str, dict[int, float]], jsonl: dict[str, dict[int, float]], rerun=()) -> None:
-    """What a tracker holds equals metrics.jsonl, step by step; of a step run twice (`rerun`) it may hold
-    the first run's timings, which are the clock's, not the training's."""
+    """What a tracker holds is metrics.jsonl, each step of it once, with its values; of a step trained twice
+    (`rerun`) it may hold the first training's timings, which are the clock's, not the training's."""
+    assert {key: sorted(values) for key, values in held.items()} == {key: sorted(v) for key, v in jsonl.items()}
     for key, values in jsonl.items():
-        kept = {step: value for step, value in held.get(key, {}).items()
+        kept = {step: value for step, value in held[key].items()
                 if step not in rerun or key not in ("tokens_per_s", "elapsed")}
         assert kept == {step: values[step] for step in kept}, key
 
@@ -410,51 +597,58 @@ def reference_losses(tmp_path_factory, shards) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_every_tracker_holds_metrics_jsonl_after_a_kill_9_and_a_resume(tmp_path, shards, reference_losses):
+def test_every_tracker_holds_each_step_of_metrics_jsonl_once_after_kills_at_any_moment(
+        tmp_path, shards, reference_losses, installed_plugins):
+    """TensorBoard, W&B offline, MLflow (SQLite) and the example plugin's tracker in one run, killed right
+    after its checkpoint of step 6, resumed and killed again mid-interval (after step 8), resumed to the end.
+    W&B's process had written little or nothing of its file when killed: the resumed runs send it, from
+    metrics.jsonl, the steps it lacks. MLflow keeps the steps it holds above a checkpoint; TensorBoard and
+    the plugin drop them."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
     from tracker_readers import mlflow_runs, tensorboard_events, wandb_segments
 
-    training_project(tmp_path, shards, 'train.trackers=["tensorboard", "wandb", "mlflow"]')
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    killed = train(tmp_path, env={"MLFLOW_TRACKING_URI": uri}, fault="kill@5")
-    assert killed.returncode in (-9, 137)
-    resumed = train(tmp_path, "--resume", "required", env={"MLFLOW_TRACKING_URI": uri})
+    training_project(tmp_path, shards, 'train.trackers=["tensorboard", "wandb", "mlflow", "example_tracker"]')
+    env = {**installed_plugins, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    for fault in ("kill@6", "kill@8"):
+        killed = train(tmp_path, env=env, fault=fault)
+        assert killed.returncode in (-9, 137), killed.stderr[-3000:]
+    resumed = train(tmp_path, "--resume", "required", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "warning" not in resumed.stderr.lower(), resumed.stderr[-3000:]
     run_dir = tmp_path / "run"
     jsonl = logged(run_dir)
     assert jsonl["loss"] == reference_losses  # the trackers change nothing of the training
-    assert sorted(jsonl["eval_loss"]) == [4, 8]
+    assert sorted(jsonl["loss"]) == list(range(1, 11)) and sorted(jsonl["eval_loss"]) == [4, 8, 10]
 
-    events = tensorboard_events(run_dir)  # each step once: the killed run's steps 4-5 are purged
-    assert {tag.removeprefix("train/"): points for tag, points in events.scalars.items()} == \
-        {key: list(values.items()) for key, values in jsonl.items()}
-    assert sorted(events.texts["sample"]) == [4, 8] and events.images == {"loss_curve": [8]}
+    events = tensorboard_events(run_dir)  # the second run's steps 7-8 are purged
+    assert_as_logged({tag.removeprefix("train/"): dict(points) for tag, points in events.scalars.items()}, jsonl)
+    assert all(len(points) == len(dict(points)) for points in events.scalars.values())
+    assert sorted(events.texts["sample"]) == [4, 8, 10] and events.images == {"loss_curve": [10]}
 
-    first, second = wandb_segments(run_dir / "wandb")  # the killed run's segment and the resumed one's
-    assert first.run_id == second.run_id and (first.project, first.name) == ("trackers", "run")
-    assert first.config["train"]["trackers"] == ["tensorboard", "wandb", "mlflow"]
-    assert first.config["parameters"] == 3_320_640
-    for segment, rerun in ((first, RERUN), (second, ())):  # steps 4-5 may be in both
-        held = {key: {step: row[key] for step, row in segment.history.items() if key in row} for key in jsonl}
-        assert_as_logged(held, jsonl, rerun)
-    assert sorted(second.history) == list(range(4, 9))  # the resumed run, from the checkpoint of step 3
-    assert sorted(set(first.history) | set(second.history)) == list(range(1, 9))
-    assert second.summary["model_dir"] == str((run_dir / "model").resolve())
-    assert second.summary["loss_curve"]["_type"] == "image-file"
+    run_id = json.loads((run_dir / "trackers.json").read_text())["wandb"]["id"]
+    segments = wandb_segments(run_dir / "wandb")  # one per start of the run, all of the same run
+    assert len(segments) == 3 and len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 3
+    assert_as_logged(held_by_segments(segments, jsonl), jsonl, RERUN)
+    last = segments[-1]
+    assert (last.run_id, last.project, last.name) == (run_id, "trackers", "run")
+    assert last.config["parameters"] == 3_320_640 and "example_tracker" in last.config["train"]["trackers"]
+    assert last.summary["model_dir"] == str((run_dir / "model").resolve())
+    assert last.summary["loss_curve"]["_type"] == "image-file"
 
-    [run] = mlflow_runs(uri, "trackers")  # one MLflow run, each step once
+    [run] = mlflow_runs(env["MLFLOW_TRACKING_URI"], "trackers")  # one MLflow run
     assert all(len(points) == len(dict(points)) for points in run["metrics"].values())
-    assert {key: sorted(dict(points)) for key, points in run["metrics"].items()} == \
-        {key: sorted(values) for key, values in jsonl.items()}
     assert_as_logged({key: dict(points) for key, points in run["metrics"].items()}, jsonl, RERUN)
     assert run["status"] == "FINISHED" and run["params"]["parameters"] == "3320640"
-    assert run["params"]["train.max_steps"] == "8" and run["params"]["model.preset"] == "nano"
-    assert {"config.resolved.toml", "loss.png", "samples/step_00000004.txt", "samples/step_00000008.txt"} <= \
+    assert run["params"]["train.max_steps"] == "10" and run["params"]["model.preset"] == "nano"
+    assert {"config.resolved.toml", "loss.png", "samples/step_00000004.txt", "samples/step_00000010.txt"} <= \
         set(run["artifacts"])
     assert run["tags"]["model_dir"] == str((run_dir / "model").resolve())
+
+    mirrored = [json.loads(line) for line in (run_dir / "mirror.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in mirrored] == list(range(1, 11))
+    assert_as_logged({key: {r["step"]: r[key] for r in mirrored if key in r} for key in jsonl}, jsonl)
 
 
 @pytest.mark.slow

@@ -55,6 +55,8 @@ def wandb_records(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
     data = Path(path).read_bytes()
+    if not data:
+        return []  # W&B was killed before it wrote anything
     assert data[:4] == WANDB_HEADER, data[:7]
     records, pending, position = [], b"", 7
     while position + CHUNK_HEADER <= len(data):

@@ -23,6 +23,7 @@ from rich.table import Table
 from . import __version__
 from .config import DEFAULT_RESUME, Resume, field_doc, field_range, option_overrides
 from .errors import GptError, UsageError
+from .registry import TASKS
 
 
 class QuietFlags:
@@ -536,7 +537,8 @@ def eval_command(
     batch_size: key_option("eval", "batch_size", int) = None,
     max_tokens: key_option("eval", "max_tokens", int) = None,
     task: Annotated[Optional[str], typer.Option(
-        help="Score benchmarks instead, as lm-evaluation-harness does: hellaswag, lambada (comma-separated).",
+        help=f"Score benchmarks instead, as lm-evaluation-harness does: {', '.join(TASKS.builtins)}, or a plugin's "
+             "task (comma-separated; docs/extending.md).",
         show_default=False)] = None,
     task_data: Annotated[Optional[list[str]], typer.Option(
         help=f"{field_doc('eval', 'task_data')} Here: FILE (one task scored) or NAME=FILE, repeatable "
@@ -547,7 +549,7 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and bits per byte of a model on the project's val shards, a text file or a dataset;
-    or, with --task, zero-shot HellaSwag / LAMBADA scores beside GPT-2's."""
+    or, with --task, zero-shot task scores (HellaSwag, LAMBADA, a plugin's) beside GPT-2's."""
     if task is not None:
         return eval_tasks(project, checkpoint, overrides, task, task_data, limit, batch_size, device, bf16,
                           as_json, other=text or dataset)

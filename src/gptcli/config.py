@@ -26,6 +26,7 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib
 
 from .errors import GptError
+from .registry import TASKS, TRACKERS, Registry
 
 DEFAULT_PROJECT_FILE = "run.toml"
 # The largest seed: TOML's largest integer (a signed 64-bit one). Seeds are offset by the rank and the
@@ -42,6 +43,11 @@ def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = datacla
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _quoted(names) -> str:
+    """Names as a doc line lists them: "a", "b"."""
+    return ", ".join(f'"{name}"' for name in names)
 
 
 class ConfigError(GptError):
@@ -85,8 +91,6 @@ Compile = Literal["auto", True, False]
 # loop all take this type and this default.
 Resume = Literal["auto", "required", "never"]
 DEFAULT_RESUME: Resume = "auto"
-Tracker = Literal["tensorboard", "wandb", "mlflow"]
-TASK_NAMES = ("hellaswag", "lambada")  # gptcli.tasks.BENCHMARKS; here too, so config.py needs no torch
 
 
 # --- sections -------------------------------------------------------------------------------------
@@ -223,8 +227,9 @@ class TrainConfig(Section):
     compile: Compile = doc('torch.compile the model: "auto" (on with CUDA, off on the CPU), true or false.', "auto")
     activation_checkpointing: bool = doc("Recompute block activations in the backward pass to save memory.", False)
     shuffle: bool = doc("Visit training windows in a seeded random order (false: sequential).", True)
-    trackers: list = doc('Also log the run to these: "tensorboard" (RUN/tensorboard), "wandb", "mlflow" (any '
-                         'subset; each needs its package: pip install "gptcli[wandb]").', factory=list)
+    trackers: list = doc(f"Also log the run to these: {_quoted(TRACKERS.builtins)} (any subset; each needs its "
+                         'package: pip install "gptcli[wandb]"), or a plugin\'s tracker (docs/extending.md).',
+                         factory=list)
     tracker_project: str = doc('W&B project / MLflow experiment; "" means WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME '
                                'when set, else project.name.', "")
     tracker_run_name: str = doc('Run name in W&B and MLflow; "" means WANDB_NAME (W&B) when set, else the run '
@@ -244,8 +249,6 @@ class TrainConfig(Section):
     def check(self) -> None:
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr}).")
-        for name in self.trackers:
-            _choose("train.trackers", name, Tracker)
 
 
 @dataclass
@@ -276,9 +279,9 @@ class EvalConfig(Section):
     stride: int = doc("Sliding-window stride in tokens; 0 means the full context (no overlap).", 0, at_least=0)
     batch_size: int = doc("Windows (perplexity) or task examples per forward pass.", 8, at_least=1)
     max_tokens: int = doc("Score at most this many tokens; 0 means all.", 0, at_least=0)
-    tasks: list = doc('Benchmarks scored as lm-evaluation-harness scores them: "hellaswag", "lambada"; during '
-                      "training every tasks_every steps, and by `gpt eval --task` (whose names replace these).",
-                      factory=list)
+    tasks: list = doc(f"Benchmarks scored as lm-evaluation-harness scores them: {_quoted(TASKS.builtins)}, or a "
+                      "plugin's task (docs/extending.md); during training every tasks_every steps, and by `gpt eval "
+                      "--task` (whose names replace these).", factory=list)
     tasks_every: int = doc("Score the tasks during training every this many steps (and at the last); 0 = at every "
                            "evaluation (train.eval_every).", 0, at_least=0)
     tasks_limit: int = doc("Score the first N examples of each task; 0 = all (HellaSwag 10,042, LAMBADA 5,153).", 0,
@@ -288,11 +291,7 @@ class EvalConfig(Section):
                           factory=dict)
 
     def check(self) -> None:
-        for key, names in (("tasks", self.tasks), ("task_data", list(self.task_data))):
-            for name in names:
-                if name not in TASK_NAMES:
-                    raise ConfigError(f'eval.{key} names "{name}", which is not a task (known: '
-                                      f'{", ".join(TASK_NAMES)}){_nearest(name, list(TASK_NAMES))}.')
+        # Each name is checked against the registry by Project, which knows the project file's directory.
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError("eval.tasks names a task twice.")
         for name, path in self.task_data.items():
@@ -338,6 +337,7 @@ class Project:
 
     def __post_init__(self):
         """Rules between sections: checked when the project is loaded, not minutes into a run."""
+        self.check_registered()
         model, train = self.model, self.train
         seq_len = self.seq_len
         if seq_len > model.block_size and model.position == "learned":
@@ -347,6 +347,21 @@ class Project:
         if train.global_batch_tokens % per_sequence_step:
             raise ConfigError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
                               f"train.micro_batch_size × seq_len = {train.micro_batch_size} × {seq_len}.")
+
+    def check_registered(self) -> None:
+        """Each tracker and task named is registered or a reference (a file's beside the project file); nothing
+        is imported."""
+        named = [(TRACKERS, "train.trackers", self.train.trackers), (TASKS, "eval.tasks", self.eval.tasks),
+                 (TASKS, "eval.task_data", list(self.eval.task_data))]
+        for registry, where, values in named:
+            for value in values:
+                _check_registered(registry, value, where, self.reference_dir)
+
+    @property
+    def reference_dir(self) -> Optional[Path]:
+        """The directory "file.py:attr" references are relative to: the project file's (None: the working
+        directory, for a project without a file)."""
+        return Path(self.source).parent if self.source is not None else None
 
     @property
     def seq_len(self) -> int:
@@ -366,6 +381,15 @@ def section_class(name: str) -> type:
 
 
 # --- validation -------------------------------------------------------------------------------------
+
+
+def _check_registered(registry: Registry, value: Any, where: str, base_dir: Optional[Path]) -> None:
+    try:
+        registry.check(value, where, base_dir)
+    except ConfigError:
+        raise
+    except GptError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _nearest(word: str, options: list[str]) -> str:
@@ -601,12 +625,17 @@ def _toml_key(key: str) -> str:
 
 def dump_toml(project: Project) -> str:
     """The resolved project as TOML (unset optional keys are left out)."""
+    return sections_toml(project.to_dict())
+
+
+def sections_toml(sections: dict) -> str:
+    """{section: {key: value}} (Project.to_dict's shape) as TOML; other top-level entries are left out."""
     lines = []
-    for name in section_names():
+    for name, values in sections.items():
+        if not isinstance(values, dict):
+            continue
         lines.append(f"[{name}]")
-        for key, value in dataclasses.asdict(getattr(project, name)).items():
-            if value is not None:
-                lines.append(f"{key} = {toml_value(value)}")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None]
         lines.append("")
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ manifest list, and nothing else (a user's files beside them stay).
     RUN/loss.png                   the loss curve, drawn at the end of a run (and by `gpt plot`)
     RUN/deepspeed.log              what DeepSpeed and the other libraries printed
     RUN/trackers.json              each tracker's run id, so that a resume continues the same tracker run
+                                   (and the step TensorBoard last flushed)
     RUN/tensorboard/, RUN/mlflow/  TensorBoard events; MLflow's local store
     RUN/checkpoints/step_NNNNNNNN/ a checkpoint: DeepSpeed's files, client_state.json, rng_rank<R>.pt,
                                    manifest.json (written last); universal/ when it was resumed on other ranks

@@ -1,8 +1,9 @@
-"""Zero-shot benchmarks scored as lm-evaluation-harness 0.4.x scores them: HellaSwag and LAMBADA (OpenAI).
+"""Zero-shot benchmarks scored as lm-evaluation-harness 0.4.x scores them: HellaSwag and LAMBADA (OpenAI)
+built in, and any task the registry finds (registry.TASKS: an installed plugin, "module:attr", "file.py:attr").
 
 `gpt eval --task NAME[,NAME...]` is `evaluate_project_tasks`; training calls `read_all`, `prepare_task`
-and `score_task` on every rank (train/task_eval.py). benchmarks.py holds the definitions, data.py the data, scoring.py the
-batched log-likelihoods, stats.py the standard errors.
+and `score_task` on every rank (train/observing/task_eval.py). benchmarks.py holds the definitions and the
+lookup, data.py the data, scoring.py the batched log-likelihoods, stats.py the standard errors.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import GptError, Stopped, UsageError
-from .benchmarks import BENCHMARKS, Benchmark, Example, Published, Scored, aggregate, benchmark
+from .benchmarks import Benchmark, Example, Published, Scored, aggregate, benchmark, record_key
 from .data import read_examples
 from .scoring import Group, encode_example, score_groups
 
-__all__ = ["BENCHMARKS", "TaskResult", "evaluate_project_tasks", "evaluate_tasks", "prepare_task", "read_all",
-           "score_task", "gpt2_shape"]
+__all__ = ["Benchmark", "Example", "Scored", "TaskResult", "benchmark", "evaluate_project_tasks", "evaluate_tasks",
+           "prepare_task", "read_all", "record_key", "score_task", "gpt2_shape"]
 
 
 @dataclass
@@ -72,14 +73,27 @@ def score_task(model, bench: Benchmark, groups: list[Group], *, batch_size: int,
     return scores, [bench.outcomes(g.example, s) for g, s in zip(groups, scores)]
 
 
-def read_all(names: list[str], data_files: dict[str, str], limit: int) -> list[tuple[Benchmark, list[Example], str]]:
-    """Each named benchmark with its examples and their source; every bad record is found here."""
-    benches = [benchmark(name) for name in names]
+def read_all(names: list[str], data_files: dict[str, str], limit: int,
+             base_dir: Optional[Path] = None) -> list[tuple[Benchmark, list[Example], str]]:
+    """Each task `names` names (as [eval] tasks does: a name or a reference, a file's relative to `base_dir`)
+    with its examples and their source; `data_files` is keyed as `names` is. Every bad record is found here."""
     unused = sorted(set(data_files) - set(names))
     if unused:
         raise GptError(f"Task data is given for {', '.join(unused)}, which is not among the tasks scored "
                        f"({', '.join(names)}).")
-    return [(bench, *read_examples(bench, data_files.get(bench.name), limit)) for bench in benches]
+    benches = [benchmark(name, base_dir) for name in names]
+    check_distinct(names, benches)
+    return [(bench, *read_examples(bench, data_files.get(name), limit)) for name, bench in zip(names, benches)]
+
+
+def check_distinct(names: list[str], benches: list[Benchmark]) -> None:
+    """Two tasks of one name would write the same metrics.jsonl keys."""
+    seen: dict[str, str] = {}
+    for given, bench in zip(names, benches):
+        if bench.name in seen:
+            raise GptError(f'eval.tasks: "{seen[bench.name]}" and "{given}" are both tasks named "{bench.name}"; '
+                           "score one of them.")
+        seen[bench.name] = given
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[tuple[Benchmark, list[Example], str]], *, batch_size: int = 8,
@@ -134,7 +148,7 @@ def score_one(model, bench: Benchmark, groups: list[Group], source: str, shape: 
                       "reported") from None
     return TaskResult(name=bench.name, title=bench.title, source=source, examples=len(groups),
                       metrics=aggregate(bench, outcomes), higher_is_better=bench.higher_is_better,
-                      published=bench.published.get(shape, {}) if shape else {}, shape=shape,
+                      published=getattr(bench, "published", {}).get(shape, {}) if shape else {}, shape=shape,
                       seconds=time.perf_counter() - start, scores=scores)
 
 
@@ -148,10 +162,12 @@ def evaluate_project_tasks(project, names: list[str], *, checkpoint: Optional[Pa
 
     from ..runtime import load_project_model, resolve_device
 
+    from ..registry import TASKS
+
     settings = project.eval
     if not names:
-        raise UsageError("--task: name at least one task (hellaswag, lambada).")
-    tasks = read_all(names, settings.task_data, settings.tasks_limit)
+        raise UsageError(f"--task: name at least one task ({', '.join(TASKS.names())}).")
+    tasks = read_all(names, settings.task_data, settings.tasks_limit, project.reference_dir)
     target = resolve_device(device)
     loaded = load_project_model(project, checkpoint, target)
     autocast = torch.autocast(target.type, dtype=torch.bfloat16) if bf16 else None

@@ -1,20 +1,24 @@
 """The benchmarks: how a record of each dataset becomes a context and its candidate continuations, how the
 scored continuations become metrics, and GPT-2's published scores.
 
-Both follow lm-evaluation-harness 0.4.x's task definitions (lm_eval/tasks/hellaswag/hellaswag.yaml and
-utils.py, lm_eval/tasks/lambada/lambada_openai.yaml), zero-shot, with its default target delimiter " "
-between context and continuation.
+A task is a `Benchmark` (or any object with its fields: docs/extending.md), found through the registry
+(`registry.TASKS`): the built-ins HELLASWAG and LAMBADA here, an installed package's entry point, or a
+"module:attr" / "file.py:attr" reference. Both built-ins follow lm-evaluation-harness 0.4.x's task
+definitions (lm_eval/tasks/hellaswag/hellaswag.yaml and utils.py, lm_eval/tasks/lambada/lambada_openai.yaml),
+zero-shot, with its default target delimiter " " between context and continuation.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
 from ..errors import GptError
+from ..registry import TASKS
 from . import stats
 
 
@@ -48,15 +52,17 @@ class Published:
 
 @dataclass(frozen=True)
 class Benchmark:
-    name: str
-    title: str
-    hub: tuple[str, Optional[str], str]  # the dataset lm-eval reads: id, config, split
+    """A zero-shot task: what gptcli reads of any task object (docs/extending.md, "Tasks")."""
+
+    name: str  # the task's name in records and reports: metrics.jsonl's "<name>_<metric>"
+    title: str  # how tables and messages name it
     fields: tuple[str, ...]  # the record fields it needs
     example: Callable[[dict, int, str], Example]  # record, index, where it is (for messages) → Example
     outcomes: Callable[[Example, list[Scored]], dict[str, float]]  # per-example values the metrics average
     metrics: dict[str, str]  # metric → "mean:<outcome>" or "perplexity:<outcome>"
     higher_is_better: dict[str, bool]
     headline: str  # the metric the training display shows
+    hub: Optional[tuple[str, Optional[str], str]] = None  # the Hub dataset it reads without task data: id, config, split
     published: dict[str, dict[str, Published]] = field(default_factory=dict)  # preset → metric → score
 
 
@@ -147,38 +153,64 @@ def shown(value) -> str:
 LM_EVAL_GPT2 = "lm-evaluation-harness 0.4 hf backend, openai-community/gpt2"
 GPT2_PAPER = "GPT-2 paper, Table 3 (its own LAMBADA protocol, not lm-eval's)"
 
-BENCHMARKS: dict[str, Benchmark] = {
-    b.name: b
-    for b in [
-        Benchmark(
-            name="hellaswag", title="HellaSwag", hub=("Rowan/hellaswag", None, "validation"),
-            fields=("activity_label", "ctx_a", "ctx_b", "endings", "label"),
-            example=hellaswag_example, outcomes=hellaswag_outcomes,
-            metrics={"acc": "mean:acc", "acc_norm": "mean:acc_norm"},
-            higher_is_better={"acc": True, "acc_norm": True}, headline="acc_norm",
-            published={"gpt2": {"acc": Published(0.2892, LM_EVAL_GPT2), "acc_norm": Published(0.3114, LM_EVAL_GPT2)}},
-        ),
-        Benchmark(
-            name="lambada", title="LAMBADA (OpenAI)", hub=("EleutherAI/lambada_openai", "default", "test"),
-            fields=("text",), example=lambada_example, outcomes=lambada_outcomes,
-            metrics={"acc": "mean:acc", "perplexity": "perplexity:loglikelihood"},
-            higher_is_better={"acc": True, "perplexity": False}, headline="acc",
-            published={
-                "gpt2": {"acc": Published(0.3256, LM_EVAL_GPT2), "perplexity": Published(40.0554, LM_EVAL_GPT2)},
-                "gpt2-medium": {"acc": Published(0.5548, GPT2_PAPER), "perplexity": Published(15.60, GPT2_PAPER)},
-                "gpt2-large": {"acc": Published(0.6012, GPT2_PAPER), "perplexity": Published(10.87, GPT2_PAPER)},
-                "gpt2-xl": {"acc": Published(0.6324, GPT2_PAPER), "perplexity": Published(8.63, GPT2_PAPER)},
-            },
-        ),
-    ]
-}
+HELLASWAG = Benchmark(
+    name="hellaswag", title="HellaSwag", hub=("Rowan/hellaswag", None, "validation"),
+    fields=("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+    example=hellaswag_example, outcomes=hellaswag_outcomes,
+    metrics={"acc": "mean:acc", "acc_norm": "mean:acc_norm"},
+    higher_is_better={"acc": True, "acc_norm": True}, headline="acc_norm",
+    published={"gpt2": {"acc": Published(0.2892, LM_EVAL_GPT2), "acc_norm": Published(0.3114, LM_EVAL_GPT2)}},
+)
+LAMBADA = Benchmark(
+    name="lambada", title="LAMBADA (OpenAI)", hub=("EleutherAI/lambada_openai", "default", "test"),
+    fields=("text",), example=lambada_example, outcomes=lambada_outcomes,
+    metrics={"acc": "mean:acc", "perplexity": "perplexity:loglikelihood"},
+    higher_is_better={"acc": True, "perplexity": False}, headline="acc",
+    published={
+        "gpt2": {"acc": Published(0.3256, LM_EVAL_GPT2), "perplexity": Published(40.0554, LM_EVAL_GPT2)},
+        "gpt2-medium": {"acc": Published(0.5548, GPT2_PAPER), "perplexity": Published(15.60, GPT2_PAPER)},
+        "gpt2-large": {"acc": Published(0.6012, GPT2_PAPER), "perplexity": Published(10.87, GPT2_PAPER)},
+        "gpt2-xl": {"acc": Published(0.6324, GPT2_PAPER), "perplexity": Published(8.63, GPT2_PAPER)},
+    },
+)
 
 
-def benchmark(name: str) -> Benchmark:
-    try:
-        return BENCHMARKS[name]
-    except KeyError:
-        raise GptError(f'Unknown task "{name}" (known: {", ".join(BENCHMARKS)}).') from None
+# --- finding a task -----------------------------------------------------------------------------------------
+
+RULES = ("mean", "perplexity")  # how a metric is made of the per-example outcomes (aggregate, from_sums)
+
+
+def benchmark(name: str, base_dir: Optional[Path] = None, where: str = "eval.tasks") -> Benchmark:
+    """The task `name` names (a registered name, "module:attr", or "file.py:attr" relative to `base_dir`,
+    the project file's directory), checked to be a task; else one GptError sentence."""
+    task = TASKS.resolve(name, base_dir, where)
+    check_task(task, f'{where} = "{name}"')
+    return task
+
+
+def check_task(task, where: str) -> None:
+    """Refuse, in one sentence, an object that lacks what gptcli reads of a task (docs/extending.md)."""
+    missing = [key for key in ("name", "title", "fields", "example", "outcomes", "metrics", "higher_is_better",
+                               "headline") if not hasattr(task, key)]
+    if missing:
+        raise GptError(f"{where} is not a task: it has no {', '.join(missing)} (docs/extending.md says what a "
+                       "task provides; gptcli.tasks.Benchmark has it all).")
+    if not isinstance(task.name, str) or not re.fullmatch(r"[A-Za-z][\w.-]*", task.name):
+        raise GptError(f"{where}: the task's name {shown(task.name)} must be a word (letters, digits, _ . -), as "
+                       "metrics.jsonl names its metrics after it.")
+    bad = [f"{metric} = {shown(rule)}" for metric, rule in task.metrics.items()
+           if not isinstance(rule, str) or rule.partition(":")[0] not in RULES or not rule.partition(":")[2]]
+    if bad or not task.metrics:
+        raise GptError(f"{where}: each metric must be \"mean:<outcome>\" or \"perplexity:<outcome>\", not "
+                       f"{', '.join(bad) or 'none at all'}.")
+    if set(task.higher_is_better) != set(task.metrics) or task.headline not in task.metrics:
+        raise GptError(f"{where}: higher_is_better must name each metric ({', '.join(task.metrics)}) and the "
+                       f"headline {shown(task.headline)} must be one of them.")
+
+
+def record_key(task: str, metric: str) -> str:
+    """How metrics.jsonl, metrics.csv, the trackers and the display name a task's metric: "hellaswag_acc"."""
+    return f"{task}_{metric}"
 
 
 def aggregate(bench: Benchmark, outcomes: list[dict[str, float]], with_stderr: bool = True) -> dict[str, tuple[float, Optional[float]]]:

@@ -95,6 +95,9 @@ def read_hub(bench: Benchmark) -> Records:
     """The dataset and split lm-eval reads, from `datasets`' cache or the Hub."""
     from ..data.sources import HubUnreachable, load_cached_dataset
 
+    if getattr(bench, "hub", None) is None:
+        raise GptError(f"{bench.title} has no Hugging Face dataset to read; give its data with --task-data FILE or "
+                       f"[eval] task_data ({LOCAL_FORMATS} with the fields {', '.join(bench.fields)}).")
     name, config, split = bench.hub
     try:
         dataset = load_cached_dataset(name, config, split)

@@ -60,12 +60,12 @@ class Faults:
 
 class FailingTracker:
     def __init__(self, tracker, steps: set[int]):
-        self.tracker, self.steps, self.name = tracker, steps, tracker.name
+        self.tracker, self.steps = tracker, steps
 
-    def log(self, record: dict) -> None:
-        if record["step"] in self.steps:
-            raise RuntimeError(f"injected failure at step {record['step']}")
-        self.tracker.log(record)
+    def log(self, step: int, metrics: dict) -> None:
+        if step in self.steps:
+            raise RuntimeError(f"injected failure at step {step}")
+        self.tracker.log(step, metrics)
 
     def __getattr__(self, name: str):
         return getattr(self.tracker, name)

@@ -41,7 +41,7 @@ from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, in
 from .faults import Faults, corrupt
 from ..rundir import MODEL_DIR
 from .launching.lock import RunDirClaim
-from .observing.metrics import MetricsWriter, model_flops_per_token, peak_flops, truncate_metrics
+from .observing.metrics import MetricsWriter, csv_columns, model_flops_per_token, peak_flops, truncate_metrics
 from .launching.opbuild import prepare_cpu_comm_op
 from .observing.phases import deepspeed_phase, show_phase, training_starts
 from .preflight import evaluation_batch, preflight
@@ -227,7 +227,8 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
         checkpoint.write_resolved_config(run_dir, project)
         trackers = () if options.overfit_batch else start_trackers(project, run_dir, run.step, run.faults.tracker,
                                                                    show_phase)
-        run.writer = MetricsWriter(run_dir, trackers)
+        scored = run.tasks.definitions() if run.tasks is not None else []
+        run.writer = MetricsWriter(run_dir, trackers, csv_columns(scored))  # the trackers get what they lack
     dist.barrier()
     return run
 
@@ -312,7 +313,8 @@ def resume_or_start(run: Run, tag: Optional[str], universal: Optional[Path] = No
 
 def loop(run: Run, stop: StopRequest, options: TrainOptions) -> TrainResult:
     lr_at = schedule_for(run.project.train)
-    display = Display(run.project, run.run_dir, run.step) if run.rank == 0 else None
+    scored = run.tasks.definitions() if run.tasks is not None else []
+    display = Display(run.project, run.run_dir, run.step, scored) if run.rank == 0 else None
     pending: Optional[StepDone] = None
     run.clock = time.perf_counter()
     while not finished(run):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -16,10 +16,10 @@ from .metrics import format_eta
 class Display:
     """A live table on a terminal, otherwise one line every train.log_every steps."""
 
-    def __init__(self, project: Project, run_dir: Path, first_step: int):
+    def __init__(self, project: Project, run_dir: Path, first_step: int, tasks: Sequence = ()):
         from rich.console import Console
 
-        self.project, self.run_dir = project, run_dir
+        self.project, self.run_dir, self.tasks = project, run_dir, list(tasks)
         self.console = Console(stderr=True)
         if not self.console.is_terminal:
             self.console = Console(stderr=True, width=200)  # one line per step in logs, not wrapped at 80
@@ -42,7 +42,7 @@ class Display:
                  "ETA": format_eta(per_step * (max_steps - record["step"]))}
         if record.get("eval_loss") is not None:
             cells["val loss"] = f"{record['eval_loss']:.4f}"
-        tasks = task_cells(record)
+        tasks = task_cells(record, self.tasks)
         cells.update(tasks)
         if self.live is not None:
             from rich.table import Table
@@ -58,15 +58,15 @@ class Display:
             self.live.stop()
 
 
-def task_cells(record: dict) -> dict[str, str]:
-    """Each scored task's headline metric ([eval] tasks), e.g. "hellaswag acc_norm"."""
-    from ...tasks.benchmarks import BENCHMARKS
+def task_cells(record: dict, tasks: Sequence) -> dict[str, str]:
+    """The headline metric of each of `tasks` ([eval] tasks) the record holds, e.g. "hellaswag acc_norm"."""
+    from ...tasks.benchmarks import record_key
 
     cells = {}
-    for name, bench in BENCHMARKS.items():
-        value = record.get(f"{name}_{bench.headline}")
+    for task in tasks:
+        value = record.get(record_key(task.name, task.headline))
         if value is not None:
-            cells[f"{name} {bench.headline}"] = f"{value:.4f}"
+            cells[f"{task.name} {task.headline}"] = f"{value:.4f}"
     return cells
 
 

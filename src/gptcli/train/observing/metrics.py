@@ -1,5 +1,5 @@
 """What a run reports: metrics.jsonl (one object per optimizer step), metrics.csv, the trackers asked for
-(TensorBoard, W&B, MLflow: train/trackers.py), tokens/s and MFU, and the loss-curve PNG."""
+(trackers.py), tokens/s and MFU, and the loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -9,17 +9,27 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from ...config import ModelConfig
+from ...fsutil import atomic_write_text
 from ...rundir import CSV_FILE, METRICS_FILE, PLOT_FILE
 from .trackers import warn
 
-CSV_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
-               "eval_perplexity", "skipped_steps",
-               "hellaswag_acc", "hellaswag_acc_norm", "lambada_acc", "lambada_perplexity"]  # [eval] tasks
+# The columns of metrics.csv every run has; the tasks a run scores add theirs (csv_columns).
+BASE_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
+                "eval_perplexity", "skipped_steps"]
+
+
+def csv_columns(tasks: Sequence = ()) -> list[str]:
+    """metrics.csv's columns for a run that scores `tasks` ([eval] tasks' definitions): each metric of each
+    task under its record key."""
+    from ...tasks.benchmarks import record_key
+
+    return BASE_COLUMNS + [record_key(task.name, metric) for task in tasks for metric in task.metrics]
+
 
 def peak_for_name(device_name: str) -> Optional[float]:
     """Peak FLOP/s for a CUDA device name (the planner's table of GPUs: dense bf16 figures from the data
@@ -61,12 +71,26 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
             print(f"note: dropped {skipped} unreadable line(s) of {path}.", file=sys.stderr)
     csv_path = Path(run_dir) / CSV_FILE
     if csv_path.is_file():
-        text = csv_path.read_bytes().decode("utf-8", errors="replace")
-        rows = list(csv.DictReader(io.StringIO(text, newline="")))
-        with csv_path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= last_step)
+        columns, rows = read_csv(csv_path)
+        kept = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= last_step]
+        write_csv(csv_path, columns or BASE_COLUMNS, kept)
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    """A metrics.csv's columns (its header) and rows; bytes that are not UTF-8 become U+FFFD."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = list(reader)
+    return [name for name in reader.fieldnames or [] if name], rows
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """metrics.csv as a whole, replaced at once (a kill leaves the old file or the new one)."""
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, out.getvalue())
 
 
 def parse_metrics(path: Path) -> tuple[list[tuple[str, dict]], int]:
@@ -95,20 +119,34 @@ def last_logged_step(run_dir: Path) -> int:
 
 class MetricsWriter:
     """Rank 0's metric sinks: metrics.jsonl and metrics.csv, each record flushed at once so a killed run
-    keeps what it logged, and the trackers (train/trackers.py), which get the same records. A tracker
-    that raises is switched off with one warning; the run goes on without it."""
+    keeps what it logged, and the trackers (trackers.TrackerFeed), which get the same records: first the
+    steps of metrics.jsonl each lacks (those after its last_step()), then each new one. A tracker that
+    raises is switched off with one warning; the run goes on without it.
 
-    def __init__(self, run_dir: Path, trackers: Sequence = ()):
+    `columns`: metrics.csv's (csv_columns). A resumed run keeps the file's header; columns it lacks (a
+    task added) are added to it, the file rewritten once."""
+
+    def __init__(self, run_dir: Path, trackers: Sequence = (), columns: Optional[list[str]] = None):
         self.run_dir = Path(run_dir)
-        self.jsonl = (run_dir / METRICS_FILE).open("a", encoding="utf-8")
-        csv_path = run_dir / CSV_FILE
-        new_csv = not csv_path.is_file() or csv_path.stat().st_size == 0
-        self.csv_handle = csv_path.open("a", newline="", encoding="utf-8")
-        self.csv = csv.DictWriter(self.csv_handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if new_csv:
-            self.csv.writeheader()
         self.trackers = list(trackers)
-        self.status = "failed"  # until end() says how the run ended
+        for record in read_metrics(self.run_dir):  # what a tracker lacks of what metrics.jsonl holds
+            self.each_tracker(lambda tracker: tracker.log(record))
+        self.jsonl = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
+        self.csv_handle, self.csv = self.open_csv(columns or csv_columns())
+
+    def open_csv(self, columns: list[str]) -> tuple[Any, csv.DictWriter]:
+        """metrics.csv for appending, its header written once: the file's own, with `columns` it lacks added."""
+        path = self.run_dir / CSV_FILE
+        if path.is_file() and path.stat().st_size > 0:
+            held, rows = read_csv(path)
+            header = held + [name for name in columns if name not in held]
+            if header != held:
+                write_csv(path, header, rows)
+        else:
+            header = columns
+            write_csv(path, header, [])
+        handle = path.open("a", newline="", encoding="utf-8")
+        return handle, csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
 
     def write(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
@@ -124,8 +162,8 @@ class MetricsWriter:
         """The end of a run that stopped in order (done, or by a signal): loss.png and the model's path."""
         plot = (self.run_dir / PLOT_FILE).resolve()
         model_dir = Path(model_dir).resolve() if model_dir is not None else None
-        self.each_tracker(lambda tracker: tracker.end(step, plot if plot.is_file() else None, model_dir))
-        self.status = "finished" if exit_code == 0 else "stopped"
+        status = "finished" if exit_code == 0 else "stopped"
+        self.each_tracker(lambda tracker: tracker.end(step, status, plot if plot.is_file() else None, model_dir))
 
     def flush(self) -> None:
         """Before a checkpoint: the trackers write out (or send) what they were given so far."""
@@ -137,9 +175,9 @@ class MetricsWriter:
                 call(tracker)
             except Exception as error:  # a library's own failure, whatever its type: never the run's
                 self.trackers.remove(tracker)
-                warn(tracker.name, error)
+                warn(tracker.title, error)
                 try:
-                    tracker.close("failed")
+                    tracker.close()
                 except Exception:
                     pass
 
@@ -148,9 +186,9 @@ class MetricsWriter:
         self.csv_handle.close()
         for tracker in self.trackers:
             try:
-                tracker.close(self.status)
+                tracker.close()
             except Exception as error:
-                warn(tracker.name, error, "did not finish cleanly", "what it holds may be incomplete")
+                warn(tracker.title, error, "did not finish cleanly", "what it holds may be incomplete")
         self.trackers = []
 
 

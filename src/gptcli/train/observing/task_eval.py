@@ -1,5 +1,5 @@
-"""[eval] tasks during training: HellaSwag / LAMBADA scored by gptcli.tasks, the code `gpt eval --task`
-runs, on every rank.
+"""[eval] tasks during training: HellaSwag, LAMBADA or a plugin's task, scored by gptcli.tasks, the code
+`gpt eval --task` runs, on every rank.
 
 Rank r scores examples r, r + W, r + 2W, ... (W ranks); each rank adds up its per-example outcomes and one
 all-reduce per task combines them, so every rank ends with the metrics of all the examples. The data is
@@ -38,6 +38,10 @@ class TaskSet:
     rank: int
     world: int
 
+    def definitions(self) -> list["Benchmark"]:
+        """The tasks scored (their names and metrics make the record's keys)."""
+        return [bench for bench, _, _ in self.tasks]
+
 
 def prepare(project: Project, tokenizer, block_size: int, rank: int, world: int,
             overfit_batch: bool = False) -> Optional[TaskSet]:
@@ -54,18 +58,19 @@ def prepare(project: Project, tokenizer, block_size: int, rank: int, world: int,
     from ...tasks import prepare_task, read_all
 
     tasks = []
-    for bench, examples, _ in read_all(settings.tasks, settings.task_data, settings.tasks_limit):
+    for bench, examples, _ in read_all(settings.tasks, settings.task_data, settings.tasks_limit, project.reference_dir):
         groups = prepare_task(examples, tokenizer, block_size, pick=lambda i: i % world == rank)
         tasks.append((bench, groups, len(examples)))
     return TaskSet(tasks, every, settings.batch_size, rank, world)
 
 
 def score(engine, task_set: TaskSet, zero3: bool) -> dict[str, float]:
-    """Every task's metrics over all ranks' examples, as `TASK_METRIC` record keys. Every rank calls this."""
+    """Every task's metrics over all ranks' examples, under their record keys ("hellaswag_acc"). Every rank
+    calls this."""
     import deepspeed.comm as dist
 
     from ...tasks import score_task
-    from ...tasks.benchmarks import from_sums
+    from ...tasks.benchmarks import from_sums, record_key
 
     record = {}
     engine.eval()
@@ -81,7 +86,7 @@ def score(engine, task_set: TaskSet, zero3: bool) -> dict[str, float]:
             dist.all_reduce(sums)
             values = sums.tolist()
             metrics = from_sums(bench, dict(zip(keys, values[:-1])), int(values[-1]))
-            record.update({f"{bench.name}_{metric}": value for metric, value in metrics.items()})
+            record.update({record_key(bench.name, metric): value for metric, value in metrics.items()})
     finally:
         engine.train()
     return record

@@ -1,20 +1,33 @@
-"""Experiment trackers beside metrics.jsonl: TensorBoard, Weights & Biases and MLflow (`[train] trackers`).
+"""Experiment trackers beside metrics.jsonl (`[train] trackers`): the protocol every tracker follows, gptcli's
+side of it, and the built-in ones: TensorBoard, Weights & Biases and MLflow.
 
-Each tracker gets what metrics.jsonl gets, from the same records: every number of every step's record
-(nested tables flattened as "tasks/hellaswag/acc"), the resolved project as the run's config with the
-parameter count, the periodic samples as text, and at the end loss.png and the consolidated model's
-path. Only rank 0 has trackers (MetricsWriter fans the records out to them).
+The protocol (docs/extending.md, "Trackers"). A tracker is made by a factory the registry finds
+(registry.TRACKERS: a built-in, an installed plugin's entry point, "module:attr", "file.py:attr"):
 
-A resumed run continues the same tracker run: its id is kept in RUN/trackers.json. Steps re-run after
-a resume carry the values they had (resume is exact): TensorBoard purges the events after the resumed
-step; W&B online and MLflow skip the steps they already hold; W&B offline writes a new segment of the
-same run id, where those steps appear a second time with the same values.
+    factory(run_dir: Path, config: dict, resume_step: int) -> tracker   (resume_step 0: a fresh run)
+    tracker.last_step() -> int                   the last step it holds, 0 if none
+    tracker.log(step: int, metrics: dict[str, float])
+    tracker.close()
 
-Each tracker's library calls run on a thread of its own (Worker), so a step never waits for a library or
-a server; before a checkpoint they are written out, so what was logged up to it survives a kill after it.
+A tracker drops what it holds above resume_step where it can. gptcli first sends it metrics.jsonl's steps
+after last_step() (those it lacks: a killed run's buffered steps, or a tracker added to a running
+project), then one `log` per new step, with the numbers metrics.jsonl gets: so after a kill -9 at any
+moment and a resume it holds every step of metrics.jsonl exactly once. One that cannot drop steps (MLflow,
+W&B) reports the higher last step, and gptcli sends only the steps above it.
 
-The libraries are optional and imported only here, only when asked for (mlflow alone takes seconds);
-their own environment variables apply (WANDB_MODE, WANDB_DIR, WANDB_ENTITY, MLFLOW_TRACKING_URI, ...).
+Optional, called only where a tracker has them: `text(step, key, text)` (the periodic samples), `flush()`
+(before a checkpoint), `end(step, status, plot, model_dir)` (a run that ends in order: status "finished"
+or "stopped"; loss.png and RUN/model, each None when absent). A factory may carry `title` (how messages
+name it), `requires` (the module it imports, which pre-flight checks is installed) and `install` (what to
+pip install when it is not). A tracker that raises is switched off with one warning; the run goes on.
+
+The built-ins get, from the same records: every number of every step's record (nested tables as
+"tasks/hellaswag/acc"), the resolved project as the run's config with the parameter count, the samples as
+text, and at the end loss.png and the consolidated model's path. A resumed run continues the same
+tracker run: the ids are kept in RUN/trackers.json. Each one's library calls run on a thread of its own
+(Worker), so a step never waits for a library or a server. The libraries are optional and imported only
+here, only when asked for (mlflow alone takes seconds); their own environment variables apply
+(WANDB_MODE, WANDB_DIR, WANDB_ENTITY, MLFLOW_TRACKING_URI, ...). Only rank 0 has trackers.
 """
 
 from __future__ import annotations
@@ -27,15 +40,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
-from ...config import Project, dump_toml
+from ...config import Project, sections_toml
 from ...errors import GptError
 from ...fsutil import atomic_write_json
+from ...registry import TRACKERS
 from ...rundir import MLFLOW_DIR, TENSORBOARD_DIR, TRACKERS_FILE
 
-# The module each tracker imports, and the extra of pyproject.toml that installs it.
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # MLflow's limits per log_batch call (mlflow.utils.validation: MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH).
 MLFLOW_METRICS_PER_BATCH = 1000
 MLFLOW_PARAMS_PER_BATCH = 100
@@ -49,22 +61,6 @@ FLUSH_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 60.0
 
 
-class Tracker(Protocol):
-    name: str
-
-    def log(self, record: dict) -> None: ...
-
-    def text(self, step: int, key: str, text: str) -> None: ...
-
-    def end(self, step: int, plot: Optional[Path], model_dir: Optional[Path]) -> None: ...
-
-    def flush(self) -> None:  # before a checkpoint
-        ...
-
-    def close(self, status: str) -> None:  # "finished", "stopped" (by a signal) or "failed"
-        ...
-
-
 # --- which, and whether they can run ---------------------------------------------------------------------------
 
 
@@ -72,6 +68,15 @@ def requested(project: Project) -> list[str]:
     """The trackers asked for, each once: train.trackers, plus TensorBoard for train.tensorboard = true."""
     names = list(project.train.trackers) + ["tensorboard"] * project.train.tensorboard
     return list(dict.fromkeys(names))
+
+
+def factory_of(project: Project, name: str) -> Callable:
+    """The factory `name` stands for (imported the first time: a plugin that fails is one sentence)."""
+    return TRACKERS.resolve(name, project.reference_dir, "train.trackers")
+
+
+def title_of(name: str, factory: Any) -> str:
+    return str(getattr(factory, "title", name))
 
 
 def installed(module: str) -> bool:
@@ -82,81 +87,114 @@ def installed(module: str) -> bool:
 
 
 def check_trackers(project: Project) -> None:
-    """Pre-flight: every tracker asked for has its package installed (one sentence if not, before anything
-    slow starts), and the older `train.tensorboard = true` gets its migration note."""
+    """Pre-flight: every tracker asked for can be found and has its package installed (one sentence if
+    not, before anything slow starts), and the older `train.tensorboard = true` gets its migration note."""
     legacy = project.train.tensorboard and "tensorboard" not in project.train.trackers
-    missing = [name for name in requested(project) if not installed(PACKAGES[name])]
+    factories = {name: factory_of(project, name) for name in requested(project)}
+    missing = {name: factory for name, factory in factories.items()
+               if getattr(factory, "requires", None) and not installed(factory.requires)}
     if missing:
-        key = "train.tensorboard = true" if legacy and missing == ["tensorboard"] else "train.trackers"
-        packages = " and ".join(PACKAGES[name] for name in missing)
+        key = "train.tensorboard = true" if legacy and list(missing) == ["tensorboard"] else "train.trackers"
+        modules = " and ".join(factory.requires for factory in missing.values())
         verb = "is" if len(missing) == 1 else "are"
-        raise GptError(f"{key} asks for {', '.join(missing)}, but {packages} {verb} not installed: "
-                       f"pip install \"gptcli[{','.join(missing)}]\".")
+        raise GptError(f"{key} asks for {', '.join(missing)}, but {modules} {verb} not installed: "
+                       f"pip install {install_arguments(missing)}.")
     if legacy and os.environ.get("RANK", "0") == "0":
         print('note: train.tensorboard = true is now written train.trackers = ["tensorboard"] (it still works).',
               file=sys.stderr)
 
 
-# --- starting them ---------------------------------------------------------------------------------------------
+def install_arguments(missing: dict[str, Any]) -> str:
+    """pip's arguments for the missing trackers: gptcli's extras for the built-ins (one "gptcli[a,b]"), a
+    plugin's `install` (else the module it requires) for the others."""
+    extras = [name for name in missing if name in TRACKERS.builtins]
+    others = [str(getattr(factory, "install", None) or factory.requires) for name, factory in missing.items()
+              if name not in TRACKERS.builtins]
+    return " ".join(([f'"gptcli[{",".join(extras)}]"'] if extras else []) + [f'"{other}"' for other in others])
 
 
-def start_trackers(project: Project, run_dir: Path, step: int,
-                   wrap: Callable[[Tracker], Tracker] = lambda tracker: tracker,
-                   say: Callable[[str], None] = lambda line: None) -> list[Tracker]:
-    """Rank 0: the trackers of the project for a run that continues after `step` (0: a fresh start), in
-    the tracker runs RUN/trackers.json names. One that cannot start (no login, server unreachable) is a
-    warning: the training runs without it. `wrap`: faults injected by tests; `say`: the phase line."""
+# --- starting them, and gptcli's side of each ------------------------------------------------------------------
+
+
+def start_trackers(project: Project, run_dir: Path, resume_step: int,
+                   wrap: Callable[[Any], Any] = lambda tracker: tracker,
+                   say: Callable[[str], None] = lambda line: None) -> list["TrackerFeed"]:
+    """Rank 0: the project's trackers for a run that continues after `resume_step` (0: a fresh start). One
+    that cannot start (no login, server unreachable) is a warning: the training runs without it. `wrap`:
+    faults injected by tests; `say`: the phase line. MetricsWriter then sends each what it lacks."""
     names = requested(project)
     if not names:
         return []
     from ...inspect import inspect_parameters
 
-    say(f"starting the trackers: {', '.join(DISPLAY_NAMES[name] for name in names)}")
-    run_dir = Path(run_dir)
-    start = TrackerStart(project=project, run_dir=run_dir, step=step, ids=read_ids(run_dir),
-                         parameters=inspect_parameters(project.model).total)
-    trackers = []
-    for name in names:
-        try:
-            tracker = STARTERS[name](start)
-        except Exception as error:  # a library's own failure, whatever its type
-            warn(DISPLAY_NAMES[name], error, "could not start")
-            continue
-        trackers.append(wrap(tracker))
-    if start.ids_changed:
-        atomic_write_json(run_dir / TRACKERS_FILE, start.ids)
-    return trackers
+    factories = {name: factory_of(project, name) for name in names}
+    say(f"starting the trackers: {', '.join(title_of(name, f) for name, f in factories.items())}")
+    config = {"parameters": inspect_parameters(project.model).total, **project.to_dict()}
+    started = [start_one(title_of(name, factory), lambda f=factory: wrap(f(Path(run_dir), config, resume_step)))
+               for name, factory in factories.items()]
+    return [feed for feed in started if feed is not None]
 
 
-class TrackerStart:
-    """What every tracker starts from: the run's config, the step it resumes from, the stored run ids."""
-
-    def __init__(self, project: Project, run_dir: Path, step: int, ids: dict, parameters: int):
-        self.project, self.run_dir, self.step, self.ids, self.parameters = project, run_dir, step, ids, parameters
-        self.ids_changed = False
-        self.config = {"parameters": parameters, **project.to_dict()}
-        self.config_text = f"# parameters: {parameters:,}\n{dump_toml(project)}"
-
-    def remember(self, name: str, value: dict) -> None:
-        if self.ids.get(name) != value:
-            self.ids[name], self.ids_changed = value, True
-
-    def tracker_project(self, environment_variable: str) -> str:
-        train = self.project.train
-        return train.tracker_project or os.environ.get(environment_variable) or self.project.project.name
-
-    def run_name(self, environment_variable: Optional[str] = None) -> str:
-        train = self.project.train
-        return (train.tracker_run_name or (environment_variable and os.environ.get(environment_variable))
-                or Path(self.project.project.out_dir).resolve().name)
-
-
-def read_ids(run_dir: Path) -> dict:
+def start_one(title: str, make: Callable[[], Any]) -> Optional["TrackerFeed"]:
+    """The tracker `make` makes and what it holds; None, with one warning, when either fails (a tracker
+    made but unable to say what it holds is closed)."""
     try:
-        ids = json.loads((Path(run_dir) / TRACKERS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return ids if isinstance(ids, dict) else {}
+        tracker = make()
+    except Exception as error:  # a library's own failure, whatever its type
+        warn(title, error, "could not start")
+        return None
+    try:
+        held = tracker.last_step()
+        if not isinstance(held, int) or isinstance(held, bool) or held < 0:
+            raise TypeError(f"last_step() returned {held!r}, not a step number")
+    except Exception as error:
+        warn(title, error, "could not start")
+        try:
+            tracker.close()
+        except Exception:
+            pass
+        return None
+    return TrackerFeed(title, tracker, held)
+
+
+class TrackerFeed:
+    """gptcli's side of one tracker: each step goes to it once, the steps above what it held when it
+    started (`held`); the optional calls go only to a tracker that has them."""
+
+    def __init__(self, title: str, tracker: Any, held: int):
+        self.title, self.tracker, self.held = title, tracker, held
+
+    def log(self, record: dict) -> None:
+        if record["step"] > self.held:
+            self.tracker.log(record["step"], scalars(record))
+
+    def text(self, step: int, key: str, text: str) -> None:
+        if step > self.held and hasattr(self.tracker, "text"):
+            self.tracker.text(step, key, text)
+
+    def flush(self) -> None:
+        if hasattr(self.tracker, "flush"):
+            self.tracker.flush()
+
+    def end(self, step: int, status: str, plot: Optional[Path], model_dir: Optional[Path]) -> None:
+        if hasattr(self.tracker, "end"):
+            self.tracker.end(step, status, plot, model_dir)
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+def scalars(record: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a step's record by name, whatever keys it holds (the step itself left out, and
+    those with no value); a nested table's numbers are named "table/key"."""
+    found = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found.update(scalars(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
+            found[name] = float(value)
+    return found
 
 
 def warn(name: str, error: BaseException, what: str = "failed", then: str = "the run goes on without it") -> None:
@@ -166,17 +204,44 @@ def warn(name: str, error: BaseException, what: str = "failed", then: str = "the
     print(f"warning: {name} {what} ({detail}); {then}.", file=sys.stderr, flush=True)
 
 
-def scalars(record: dict, prefix: str = "") -> dict[str, float]:
-    """The numbers of a step's record by name, whatever keys it holds (the step itself left out); a
-    nested table's numbers are named "table/key"."""
-    found = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            found.update(scalars(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
-            found[name] = value
-    return found
+# --- what the built-ins share ----------------------------------------------------------------------------------
+
+
+def read_ids(run_dir: Path) -> dict:
+    """RUN/trackers.json: what each built-in keeps between a run and its resumption (run ids)."""
+    try:
+        ids = json.loads((Path(run_dir) / TRACKERS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return ids if isinstance(ids, dict) else {}
+
+
+def stored(run_dir: Path, tracker: str) -> dict:
+    value = read_ids(run_dir).get(tracker)
+    return value if isinstance(value, dict) else {}
+
+
+def remember(run_dir: Path, tracker: str, value: dict) -> None:
+    ids = read_ids(run_dir)
+    if ids.get(tracker) != value:
+        atomic_write_json(Path(run_dir) / TRACKERS_FILE, {**ids, tracker: value})
+
+
+def tracker_project(config: dict, environment_variable: str) -> str:
+    """W&B's project, MLflow's experiment: train.tracker_project, else the library's variable, else
+    project.name."""
+    return (config["train"]["tracker_project"] or os.environ.get(environment_variable)
+            or config["project"]["name"])
+
+
+def run_name(config: dict, run_dir: Path, environment_variable: Optional[str] = None) -> str:
+    return (config["train"]["tracker_run_name"] or (environment_variable and os.environ.get(environment_variable))
+            or Path(run_dir).resolve().name)
+
+
+def config_text(config: dict) -> str:
+    """The run's config as TOML, headed by the parameter count."""
+    return f"# parameters: {config['parameters']:,}\n{sections_toml(config)}"
 
 
 # --- TensorBoard -----------------------------------------------------------------------------------------------
@@ -184,26 +249,37 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
 
 class TensorBoardTracker:
     """Events in RUN/tensorboard, scalars as "train/KEY" in float64 (TensorBoard's default float32 would
-    round the values metrics.jsonl holds). The summaries are built and written on the worker thread."""
+    round the values metrics.jsonl holds). The summaries are built and written on the worker thread.
 
-    name = "TensorBoard"
+    What it holds: every step up to the last one its writer flushed when gptcli asked (before each
+    checkpoint, and at the end), which RUN/trackers.json records once the flush is done. A resumed writer
+    purges every event after that step (or after resume_step, if lower), so what the writer's own thread
+    flushed after it, or a killed run logged past the checkpoint, is not shown twice."""
 
-    def __init__(self, start: TrackerStart):
+    title = "TensorBoard"
+    requires = "tensorboard"
+
+    def __init__(self, run_dir: Path, config: dict, resume_step: int):
         from tensorboard.compat.proto.summary_pb2 import Summary
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import scalar
 
-        self.summary, self.scalar = Summary, scalar
-        # Points a killed run logged after the step this run resumes from are purged, not shown twice. The
-        # writer's own thread flushes the file every TENSORBOARD_FLUSH_S; its queue is long enough that the
-        # worker never waits for it (torch's 10 did, for about 1 ms a step).
-        self.writer = SummaryWriter(str(start.run_dir / TENSORBOARD_DIR), purge_step=start.step + 1,
+        self.summary, self.scalar, self.run_dir = Summary, scalar, run_dir
+        self.held = min(int(stored(run_dir, "tensorboard").get("flushed", 0)), resume_step)
+        self.logged = self.held
+        # The writer's own thread flushes the file every TENSORBOARD_FLUSH_S; its queue is long enough that
+        # the worker never waits for it (torch's 10 did, for about 1 ms a step).
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=self.held + 1,
                                     max_queue=TENSORBOARD_QUEUE, flush_secs=TENSORBOARD_FLUSH_S)
-        self.writer.add_text("config", indented(start.config_text), start.step)
+        self.writer.add_text("config", indented(config_text(config)), resume_step)
         self.calls = Worker("TensorBoard")
 
-    def log(self, record: dict) -> None:
-        self.calls.submit(self.write_scalars, scalars(record), record["step"])
+    def last_step(self) -> int:
+        return self.held
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.logged = step
+        self.calls.submit(self.write_scalars, metrics, step)
 
     def write_scalars(self, values: dict[str, float], step: int) -> None:
         """One event holding every value of the step (add_scalar writes one event per value: twice the cost)."""
@@ -214,7 +290,7 @@ class TensorBoardTracker:
     def text(self, step: int, key: str, text: str) -> None:
         self.calls.submit(self.writer.add_text, key, indented(text), step)
 
-    def end(self, step: int, plot: Optional[Path], model_dir: Optional[Path]) -> None:
+    def end(self, step: int, status: str, plot: Optional[Path], model_dir: Optional[Path]) -> None:
         if plot is not None:
             self.calls.submit(self.write_image, "loss_curve", plot, step)
         if model_dir is not None:
@@ -226,14 +302,20 @@ class TensorBoardTracker:
         self.writer.add_image(tag, matplotlib.image.imread(path), step, dataformats="HWC")
 
     def flush(self) -> None:
-        self.calls.submit(self.writer.flush)
+        self.calls.submit(self.flushed, self.logged)
         self.calls.wait(FLUSH_TIMEOUT_S)
 
-    def close(self, status: str) -> None:
+    def flushed(self, step: int) -> None:
+        """On the worker, after the events of `step` and those before it: write them out, then say so."""
+        self.writer.flush()
+        remember(self.run_dir, "tensorboard", {"flushed": step})
+
+    def close(self) -> None:
         try:
             self.calls.finish(CLOSE_TIMEOUT_S)
         finally:
             self.writer.close()
+        remember(self.run_dir, "tensorboard", {"flushed": self.logged})
 
 
 def indented(text: str) -> str:
@@ -245,60 +327,69 @@ def indented(text: str) -> str:
 
 
 class WandbTracker:
-    """A W&B run in RUN/wandb (WANDB_DIR when set), online or offline as WANDB_MODE says."""
+    """A W&B run in RUN/wandb (WANDB_DIR when set), online or offline as WANDB_MODE says.
 
-    name = "W&B"
+    What it holds: offline, the steps in the transaction logs of the run's earlier segments (each start of
+    the run writes a new `offline-run-*` directory; W&B's process writes its file every 15 s, so a killed
+    run's last steps may be missing, and gptcli sends them again); online, the steps before the one the
+    server says the resumed run continues from. W&B cannot drop steps: those above resume_step that it
+    holds keep the killed run's values (the same, as resume is exact, but for the clock's tokens_per_s and
+    elapsed)."""
 
-    def __init__(self, start: TrackerStart):
+    title = "W&B"
+    requires = "wandb"
+
+    def __init__(self, run_dir: Path, config: dict, resume_step: int):
         import wandb
 
         self.wandb = wandb
-        options = dict(project=start.tracker_project("WANDB_PROJECT"), name=start.run_name("WANDB_NAME"),
-                       config=start.config, allow_val_change=True,
-                       dir=None if os.environ.get("WANDB_DIR") else str(start.run_dir))
-        run_id = (start.ids.get("wandb") or {}).get("id")
-        self.run = None
-        if run_id and start.step > 0 and os.environ.get("WANDB_MODE", "online") == "online":
-            try:  # rewind: drop what the killed run logged after the checkpoint (a W&B preview feature)
-                self.run = wandb.init(resume_from=f"{run_id}?_step={start.step + 1}", **options)
-            except Exception:  # not enabled for this account, or the run is not on the server
-                self.run = None
-        if self.run is None:
-            self.run = wandb.init(id=run_id, resume="allow" if run_id else None, **options)
-        # W&B keeps the steps it holds and ignores lower ones: skip those (they hold the same values).
-        self.next_step = self.run.step
-        start.remember("wandb", {"id": self.run.id})
+        run_id = stored(run_dir, "wandb").get("id")
+        self.run = wandb.init(id=run_id, resume="allow" if run_id else None, config=config, allow_val_change=True,
+                              project=tracker_project(config, "WANDB_PROJECT"),
+                              name=run_name(config, run_dir, "WANDB_NAME"),
+                              dir=None if os.environ.get("WANDB_DIR") else str(run_dir))
+        remember(run_dir, "wandb", {"id": self.run.id})
+        self.held = self.steps_held() if run_id else 0
+        self.exit_code = 1  # until end() says the run finished
         # run.log waits for W&B's own thread to hand the data to its process (about 1-2 ms a step on a
         # busy 2-core machine, bench/trackers.py): the worker waits instead of the step.
         self.calls = Worker(f"W&B ({self.run.id})")
 
-    def log(self, record: dict) -> None:
-        # Committed at once: W&B would otherwise hold the step's row until the next step, and a killed
-        # run would lose it.
-        if record["step"] >= self.next_step:
-            self.calls.submit(self.run.log, scalars(record), record["step"], True)
+    def steps_held(self) -> int:
+        if self.run.offline:
+            from .wandb_log import last_history_step, offline_logs
 
-    def text(self, step: int, key: str, text: str) -> None:
-        if step >= self.next_step:  # before the step's record, which commits the row
-            table = self.wandb.Table(columns=["step", "text"], data=[[step, text]])
-            self.calls.submit(self.run.log, {key: table}, step, False)
+            settings = self.run.settings
+            return last_history_step(offline_logs(Path(settings.wandb_dir), self.run.id, Path(settings.sync_file)))
+        return max(self.run.step - 1, 0)  # the server's: the step the resumed run continues from, less one
 
-    def end(self, step: int, plot: Optional[Path], model_dir: Optional[Path]) -> None:
+    def last_step(self) -> int:
+        return self.held
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        # Committed at once: W&B would otherwise hold the step's row until the next step.
+        self.calls.submit(self.run.log, metrics, step, True)
+
+    def text(self, step: int, key: str, text: str) -> None:  # before the step's record, which commits the row
+        table = self.wandb.Table(columns=["step", "text"], data=[[step, text]])
+        self.calls.submit(self.run.log, {key: table}, step, False)
+
+    def end(self, step: int, status: str, plot: Optional[Path], model_dir: Optional[Path]) -> None:
         if plot is not None:  # the last step's row is committed: the plot goes into the summary
             self.calls.submit(self.run.summary.__setitem__, "loss_curve", self.wandb.Image(str(plot)))
         if model_dir is not None:
             self.calls.submit(self.run.summary.__setitem__, "model_dir", str(model_dir))
+        self.exit_code = 0 if status == "finished" else 1
 
     def flush(self) -> None:
-        """The calls queued are handed to W&B; W&B itself has no call to write them out: its process writes
-        RUN/wandb every 15 s (its setting x_transaction_log_flush_interval)."""
+        """The calls queued are handed to W&B (which writes its file on its own schedule)."""
         self.calls.wait(FLUSH_TIMEOUT_S)
 
-    def close(self, status: str) -> None:
+    def close(self) -> None:
         try:
             self.calls.finish(CLOSE_TIMEOUT_S)
         finally:
-            self.run.finish(exit_code=0 if status == "finished" else 1)
+            self.run.finish(exit_code=self.exit_code)
 
 
 # --- MLflow ----------------------------------------------------------------------------------------------------
@@ -306,34 +397,40 @@ class WandbTracker:
 
 class MlflowTracker:
     """An MLflow run in MLFLOW_TRACKING_URI's store, else in RUN/mlflow/mlflow.db (SQLite, artifacts beside
-    it). Calls run on a worker thread, so a slow server never holds up a step."""
+    it). Calls run on a worker thread, so a slow server never holds up a step.
 
-    name = "MLflow"
+    What it holds: the steps of the run's metrics in the store (its highest). MLflow cannot delete a
+    metric's points: those above resume_step keep the killed run's values (the same, as resume is exact,
+    but for the clock's tokens_per_s and elapsed)."""
 
-    def __init__(self, start: TrackerStart):
+    title = "MLflow"
+    requires = "mlflow"
+
+    def __init__(self, run_dir: Path, config: dict, resume_step: int):
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         self.metric = Metric
         uri = os.environ.get("MLFLOW_TRACKING_URI")
-        local = start.run_dir.resolve() / MLFLOW_DIR
+        local = Path(run_dir).resolve() / MLFLOW_DIR
         if not uri:
             local.mkdir(parents=True, exist_ok=True)
             uri = f"sqlite:///{local / 'mlflow.db'}"
         self.client = MlflowClient(tracking_uri=uri)
-        saved = start.ids.get("mlflow") or {}
+        saved = stored(run_dir, "mlflow")
+        self.held = 0
         if saved.get("tracking_uri") == uri and self.usable(saved.get("run_id")):
             self.run_id = saved["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
-            held = self.client.get_run(self.run_id).data.to_proto().metrics
-            self.next_step = max((metric.step for metric in held), default=0) + 1  # those it holds are kept
+            held = self.client.get_run(self.run_id).data.to_proto().metrics  # each key's latest (highest) step
+            self.held = max((metric.step for metric in held), default=0)
         else:
-            experiment = self.experiment(start.tracker_project("MLFLOW_EXPERIMENT_NAME"),
+            experiment = self.experiment(tracker_project(config, "MLFLOW_EXPERIMENT_NAME"),
                                          None if os.environ.get("MLFLOW_TRACKING_URI") else local / "artifacts")
-            self.run_id = self.client.create_run(experiment, run_name=start.run_name()).info.run_id
-            self.next_step = 0
-        start.remember("mlflow", {"run_id": self.run_id, "tracking_uri": uri})
-        self.log_config(start)
+            self.run_id = self.client.create_run(experiment, run_name=run_name(config, run_dir)).info.run_id
+        remember(run_dir, "mlflow", {"run_id": self.run_id, "tracking_uri": uri})
+        self.log_config(config)
+        self.state = "FAILED"  # until end() says how the run ended
         self.calls = Worker(f"MLflow ({uri})", self.log_metrics)
 
     def usable(self, run_id: Optional[str]) -> bool:
@@ -350,40 +447,40 @@ class MlflowTracker:
             return found.experiment_id
         return self.client.create_experiment(name, artifact_location=artifacts.as_uri() if artifacts else None)
 
-    def log_config(self, start: TrackerStart) -> None:
+    def log_config(self, config: dict) -> None:
         """The project as parameters ("train.lr"); a resumed run adds the new keys only (MLflow refuses to
         change a parameter's value), and its config.resolved.toml artifact is the latest one."""
         from mlflow.entities import Param
 
         held = self.client.get_run(self.run_id).data.params
-        params = [Param(key, value) for key, value in flat_params(start.config) if key not in held]
+        params = [Param(key, value) for key, value in flat_params(config) if key not in held]
         for first in range(0, len(params), MLFLOW_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=params[first:first + MLFLOW_PARAMS_PER_BATCH])
-        self.client.log_text(self.run_id, start.config_text, "config.resolved.toml")
+        self.client.log_text(self.run_id, config_text(config), "config.resolved.toml")
 
-    def log(self, record: dict) -> None:
-        step, now = record["step"], int(time.time() * 1000)
-        if step >= self.next_step:
-            self.calls.submit("metrics", [self.metric(key, float(value), now, step)
-                                          for key, value in scalars(record).items()])
+    def last_step(self) -> int:
+        return self.held
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.calls.submit("metrics", [self.metric(key, value, now, step) for key, value in metrics.items()])
 
     def text(self, step: int, key: str, text: str) -> None:
-        if step >= self.next_step:
-            self.calls.submit(self.client.log_text, self.run_id, text, f"{key}s/step_{step:08d}.txt")
+        self.calls.submit(self.client.log_text, self.run_id, text, f"{key}s/step_{step:08d}.txt")
 
-    def end(self, step: int, plot: Optional[Path], model_dir: Optional[Path]) -> None:
+    def end(self, step: int, status: str, plot: Optional[Path], model_dir: Optional[Path]) -> None:
         if plot is not None:
             self.calls.submit(self.client.log_artifact, self.run_id, str(plot))
         if model_dir is not None:
             self.calls.submit(self.client.set_tag, self.run_id, "model_dir", str(model_dir))
+        self.state = {"finished": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
 
     def flush(self) -> None:
         self.calls.wait(FLUSH_TIMEOUT_S)
 
-    def close(self, status: str) -> None:
+    def close(self) -> None:
         if not self.calls.failed:
-            state = {"finished": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
-            self.calls.submit(self.client.set_terminated, self.run_id, state)
+            self.calls.submit(self.client.set_terminated, self.run_id, self.state)
         self.calls.finish(CLOSE_TIMEOUT_S)
 
     def log_metrics(self, metrics: list) -> None:
@@ -467,8 +564,3 @@ def batched(items: list) -> list:
         else:
             merged.append((item[0], (list(item[1][0]),) if item[0] == "metrics" else item[1]))
     return merged
-
-
-DISPLAY_NAMES = {"tensorboard": TensorBoardTracker.name, "wandb": WandbTracker.name, "mlflow": MlflowTracker.name}
-STARTERS: dict[str, Callable[[TrackerStart], Tracker]] = {
-    "tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
