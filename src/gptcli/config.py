@@ -26,6 +26,7 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib
 
 from .errors import GptError
+from .presets import hub_ids
 
 DEFAULT_PROJECT_FILE = "run.toml"
 # The largest seed: TOML's largest integer (a signed 64-bit one). Seeds are offset by the rank and the
@@ -233,9 +234,9 @@ class TrainConfig(Section):
     peak_tflops: float = doc("Peak TFLOP/s of one accelerator for MFU; 0 looks the GPU up by name (dense bf16 figures).", 0.0,
                              at_least=0)
     init_from: Optional[str] = doc("Start from these weights, not a random init: a model dir (`gpt load-hf`'s, or a run's "
-                                   "model/), a run dir, or a name gpt load-hf fetches (gpt2, gpt2-medium, gpt2-large, "
-                                   "gpt2-xl, distilgpt2, openai-gpt); [model] comes from its config. A resumed run "
-                                   "continues from its own checkpoints.", None)
+                                   f"model/), a run dir, or a name gpt load-hf fetches ({', '.join(hub_ids())}); "
+                                   "[model] comes from its config. A resumed run continues from its own checkpoints.",
+                                   None)
     init_from_sha256: Optional[str] = doc("The sha256 init_from's weights file must have; unset: not checked "
                                           "(config.resolved.toml records the one used).", None)
     memory_check: bool = doc("On a GPU, refuse to start when the planned memory per GPU exceeds its free memory "

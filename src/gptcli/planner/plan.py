@@ -11,6 +11,7 @@ from typing import Optional
 
 from ..config import ModelConfig, Project
 from ..errors import GptError
+from ..presets import family_of, preset_for_shape
 from .activations import ActivationEstimate, ActivationShape, activation_memory
 from .counts import flops_per_token, parameter_components
 from .gpus import Gpu
@@ -18,18 +19,17 @@ from .states import ZERO_BUFFER_DEFAULTS, PhaseMemory, Training, model_state_pha
 
 # --- the training run as the project sets it up -----------------------------------------------------------------
 
-# Presets with GPT-2's 50,257-token vocabulary; on a GPU they train with 50,304 embedding rows.
-GPT2_VOCAB_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+# On a GPU the GPT-2 family's presets (family "gpt2" in presets.py) train with 50,304 embedding rows.
 GPU_VOCAB_MULTIPLE = 128
 
 
 def training_model(project: Project, device: str) -> ModelConfig:
-    """The model config a run trains: on a GPU, a GPT-2 preset left at vocab_multiple = 1 pads its
-    embedding to a multiple of 128 rows (50,257 → 50,304), so the vocabulary matmuls run on whole tensor-core
-    tiles. The padding rows are never looked up or predicted (logits are cut back to vocab_size), and
-    consolidation drops them, so counts, logits and the model dir are the same as without padding."""
+    """The model config a run trains: on a GPU, a preset of the GPT-2 family left at vocab_multiple = 1 pads
+    its embedding to a multiple of 128 rows (50,257 → 50,304), so the vocabulary matmuls run on whole
+    tensor-core tiles. The padding rows are never looked up or predicted (logits are cut back to vocab_size),
+    and consolidation drops them, so counts, logits and the model dir are the same as without padding."""
     model = project.model
-    if device == "cuda" and model.vocab_multiple == 1 and model.preset in GPT2_VOCAB_PRESETS:
+    if device == "cuda" and model.vocab_multiple == 1 and family_of(model.preset) == "gpt2":
         return dataclasses.replace(model, vocab_multiple=GPU_VOCAB_MULTIPLE)
     return model
 
@@ -224,15 +224,12 @@ def startup_seconds(device: str, compile_model: bool, op_build_pending: bool) ->
 def model_name(config: ModelConfig) -> str:
     """The preset's name only when the model has that preset's shape; otherwise "custom" (with the
     preset it started from, or the preset it happens to equal)."""
-    from ..presets import PRESETS
-
-    shape = config.architecture_dict()
-    if config.preset in PRESETS:
-        if preset_model(config.preset).architecture_dict() == shape:
-            return config.preset
-        return f"custom (changed from {config.preset})"
-    same = [name for name in PRESETS if preset_model(name).architecture_dict() == shape]
-    return f"custom (the shape of {same[0]})" if same else "custom"
+    shape, customised_from = preset_for_shape(config)
+    if customised_from is not None:
+        return f"custom (changed from {customised_from})"
+    if shape is None:
+        return "custom"
+    return shape.name if shape.name == config.preset else f"custom (the shape of {shape.name})"
 
 
 def preset_model(name: str, vocab_size: Optional[int] = None) -> ModelConfig:

@@ -1,5 +1,5 @@
 """The benchmarks: how a record of each dataset becomes a context and its candidate continuations, how the
-scored continuations become metrics, and GPT-2's published scores.
+scored continuations become metrics. (GPT-2's published scores are the presets', presets.py.)
 
 Both follow lm-evaluation-harness 0.4.x's task definitions (lm_eval/tasks/hellaswag/hellaswag.yaml and
 utils.py, lm_eval/tasks/lambada/lambada_openai.yaml), zero-shot, with its default target delimiter " "
@@ -39,14 +39,6 @@ class Scored:
 
 
 @dataclass(frozen=True)
-class Published:
-    """A published score of a GPT-2 size, with where it comes from."""
-
-    value: float
-    source: str
-
-
-@dataclass(frozen=True)
 class Benchmark:
     name: str
     title: str
@@ -57,7 +49,6 @@ class Benchmark:
     metrics: dict[str, str]  # metric → "mean:<outcome>" or "perplexity:<outcome>"
     higher_is_better: dict[str, bool]
     headline: str  # the metric the training display shows
-    published: dict[str, dict[str, Published]] = field(default_factory=dict)  # preset → metric → score
 
 
 # --- HellaSwag ----------------------------------------------------------------------------------------------
@@ -143,10 +134,6 @@ def shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-# Published zero-shot scores of OpenAI's GPT-2 checkpoints (sources in docs/generate-eval.md).
-LM_EVAL_GPT2 = "lm-evaluation-harness 0.4 hf backend, openai-community/gpt2"
-GPT2_PAPER = "GPT-2 paper, Table 3 (its own LAMBADA protocol, not lm-eval's)"
-
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in [
@@ -156,19 +143,12 @@ BENCHMARKS: dict[str, Benchmark] = {
             example=hellaswag_example, outcomes=hellaswag_outcomes,
             metrics={"acc": "mean:acc", "acc_norm": "mean:acc_norm"},
             higher_is_better={"acc": True, "acc_norm": True}, headline="acc_norm",
-            published={"gpt2": {"acc": Published(0.2892, LM_EVAL_GPT2), "acc_norm": Published(0.3114, LM_EVAL_GPT2)}},
         ),
         Benchmark(
             name="lambada", title="LAMBADA (OpenAI)", hub=("EleutherAI/lambada_openai", "default", "test"),
             fields=("text",), example=lambada_example, outcomes=lambada_outcomes,
             metrics={"acc": "mean:acc", "perplexity": "perplexity:loglikelihood"},
             higher_is_better={"acc": True, "perplexity": False}, headline="acc",
-            published={
-                "gpt2": {"acc": Published(0.3256, LM_EVAL_GPT2), "perplexity": Published(40.0554, LM_EVAL_GPT2)},
-                "gpt2-medium": {"acc": Published(0.5548, GPT2_PAPER), "perplexity": Published(15.60, GPT2_PAPER)},
-                "gpt2-large": {"acc": Published(0.6012, GPT2_PAPER), "perplexity": Published(10.87, GPT2_PAPER)},
-                "gpt2-xl": {"acc": Published(0.6324, GPT2_PAPER), "perplexity": Published(8.63, GPT2_PAPER)},
-            },
         ),
     ]
 }

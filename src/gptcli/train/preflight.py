@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from ..config import Project
 from ..errors import GptError
+from ..presets import preset_for_shape
 from ..rundir import MODEL_DIR
 from ..planner import (CPU_TRAINING_EFFICIENCY, RunPlan, fitting_change, gib, human_count, human_duration,
                        memory_line, plan_run, preset_model)
@@ -262,8 +263,8 @@ def describe(project: Project, plan: RunPlan, small_plans: Optional[dict[str, Ru
     ranks = f"{training.ranks} rank{'s' if training.ranks != 1 else ''}"
     lines = []
     if project.source is None:
-        gpt2_sized = preset_model("gpt2").architecture_dict() == project.model.architecture_dict()
-        model = "GPT-2 124M" if gpt2_sized else f"model {plan.model_name}"
+        shape, _ = preset_for_shape(project.model)
+        model = "GPT-2 124M" if shape is not None and shape.name == "gpt2" else f"model {plan.model_name}"
         lines.append(f"no run.toml: using the built-in defaults, {model}, data from {project.data.dir}, run dir "
                      f"{project.project.out_dir}; `gpt init --preset nano` writes a project file sized for a laptop.")
     lines.append(f"gpt train: model {plan.model_name}, {plan.parameters:,} parameters ({human_count(plan.parameters)}) "
