@@ -17,7 +17,7 @@ from gptcli import planner
 from gptcli.config import apply_overrides, project_from_dict
 from gptcli.errors import GptError
 from gptcli.train import preflight
-from gptcli.train.engine import batch_layout
+from gptcli.batch import batch_layout
 from shard_fixture import write_shard_dir
 
 NANO_RUN = ["model.preset=nano", "train.max_steps=10", "train.micro_batch_size=4", "train.grad_accum_steps=3",
@@ -51,7 +51,7 @@ def test_the_plan_counts_the_runs_tokens_and_flops():
     proj = project(NANO_RUN)
     plan = preflight.plan_on(proj, cpu(ranks=2), None)
     assert (plan.model_name, plan.parameters, plan.layout.seq_len) == ("nano", 3_320_640, 64)
-    assert plan.tokens_per_step == 4 * 3 * 2 * 64 == batch_layout(proj, 2).tokens_per_step
+    assert plan.tokens_per_step == 4 * 3 * 2 * 64 == batch_layout(proj.train, proj.seq_len, 2).tokens_per_step
     assert plan.total_tokens == 10 * 4 * 3 * 2 * 64
     # evaluations at steps 4, 8 and the last: 3 × 2 micro batches × 4 sequences × 64 tokens × 2 ranks,
     # forward only (a third of the training FLOPs per token)

@@ -25,6 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib
 
+from .batch import batch_layout
 from .errors import GptError
 from .presets import hub_ids
 
@@ -344,10 +345,10 @@ class Project:
         if seq_len > model.block_size and model.position == "learned":
             raise ConfigError(f"train.seq_len ({seq_len}) exceeds model.block_size ({model.block_size}): learned "
                               "positions (model.position) cover block_size tokens only.")
-        per_sequence_step = train.micro_batch_size * seq_len
-        if train.global_batch_tokens % per_sequence_step:
-            raise ConfigError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
-                              f"train.micro_batch_size × seq_len = {train.micro_batch_size} × {seq_len}.")
+        try:
+            batch_layout(train, seq_len)  # the ranks are not known yet: what holds for any number of them
+        except GptError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def seq_len(self) -> int:

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..batch import BatchLayout, batch_layout
 from ..config import ModelConfig, Project
 from ..errors import GptError
 from ..presets import family_of, preset_for_shape
@@ -40,39 +41,6 @@ def precision_for(project: Project, device: str, bf16_supported: bool = True) ->
     if precision == "auto":
         return "bf16" if device == "cuda" and bf16_supported else "fp32"
     return precision
-
-
-@dataclass
-class BatchLayout:
-    """How one optimizer step is made of sequences."""
-
-    micro_batch_size: int
-    grad_accum_steps: int
-    world_size: int
-    seq_len: int
-
-    @property
-    def sequences_per_step(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.sequences_per_step * self.seq_len
-
-
-def batch_layout(project: Project, world_size: int) -> BatchLayout:
-    """micro × accumulation × ranks; with train.global_batch_tokens the accumulation is derived from it.
-    The loader checked seq_len and the batch without the ranks; how many ranks there are is known only now."""
-    train, seq_len = project.train, project.seq_len
-    accum = train.grad_accum_steps
-    if train.global_batch_tokens:
-        per_micro_step = train.micro_batch_size * seq_len * world_size
-        if train.global_batch_tokens % per_micro_step:
-            raise GptError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
-                           f"micro_batch_size × seq_len × ranks = {train.micro_batch_size} × {seq_len} × "
-                           f"{world_size} = {per_micro_step:,}.")
-        accum = train.global_batch_tokens // per_micro_step
-    return BatchLayout(train.micro_batch_size, accum, world_size, seq_len)
 
 
 def training_for(project: Project, device: str, ranks: int, precision: str,
@@ -164,13 +132,6 @@ def largest_micro_batch(training: Training, capacity: int, checkpointing: bool, 
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
-
-
-def layouts_for(per_rank_sequences: int, ranks: int, seq_len: int, largest: int) -> Optional[BatchLayout]:
-    """The largest micro batch up to `largest` that divides a rank's share of the step, and the
-    accumulation that makes up the rest (None when not even one sequence fits)."""
-    micro = next((m for m in range(min(largest, per_rank_sequences), 0, -1) if per_rank_sequences % m == 0), 0)
-    return BatchLayout(micro, per_rank_sequences // micro, ranks, seq_len) if micro else None
 
 
 # --- time -------------------------------------------------------------------------------------------------------
@@ -295,34 +256,20 @@ class RunPlan:
         return None if self.capacity is None else self.memory.required <= self.capacity
 
 
-def per_rank_sequences(project: Project, ranks: int, seq_len: int) -> int:
-    """Sequences each rank runs per optimizer step: micro batch × accumulation, or a rank's share of
-    train.global_batch_tokens."""
-    train = project.train
-    if not train.global_batch_tokens:
-        return train.micro_batch_size * train.grad_accum_steps
-    per_step = seq_len * ranks
-    if train.global_batch_tokens % per_step:
-        raise GptError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
-                       f"seq_len × ranks = {seq_len} × {ranks} = {per_step:,}.")
-    return train.global_batch_tokens // per_step
-
-
-def chosen_micro_batch(micro_batch, per_rank: int, configured: int, largest: dict[bool, int],
-                       checkpointing: bool) -> int:
-    """The micro batch to plan: the configured one, a number given, or "auto" (the largest that fits and
-    divides a rank's share of the step)."""
+def chosen_layout(micro_batch, configured: BatchLayout, largest: dict[bool, int], checkpointing: bool) -> BatchLayout:
+    """The layout to plan: as configured, in micro batches of a number given, or "auto" (the largest micro
+    batch that fits and divides a rank's share of the step)."""
     if micro_batch is None:
         return configured
     if micro_batch == "auto":
         if not largest:
             raise GptError("--micro-batch auto needs the GPU's memory: give --gpu NAME or --gpu-memory SIZE.")
-        micro = next((m for m in range(min(largest[checkpointing], per_rank), 0, -1) if per_rank % m == 0), 0)
-        return micro or 1
+        return configured.in_micro_batches(max(1, largest[checkpointing]))
+    per_rank = configured.sequences_per_rank
     if per_rank % micro_batch:
         raise GptError(f"--micro-batch {micro_batch} does not divide the {per_rank} sequences each rank runs per "
                        "step (train.micro_batch_size × grad_accum_steps, or train.global_batch_tokens).")
-    return micro_batch
+    return configured.in_micro_batches(micro_batch)
 
 
 def steps_and_evaluations(project: Project, layout: BatchLayout, done: int) -> tuple[int, int, int]:
@@ -353,13 +300,13 @@ def plan_run(project: Project, *, device: str = "cuda", ranks: int = 1, precisio
     training = training_for(project, device, ranks, precision)
     if model is not None:
         training = dataclasses.replace(training, model=model, seq_len=min(training.seq_len, model.block_size))
-    per_rank = per_rank_sequences(project, ranks, training.seq_len)
+    configured = batch_layout(project.train, training.seq_len, ranks)
+    per_rank = configured.sequences_per_rank
     largest = {} if capacity is None else {
         c: largest_micro_batch(training, capacity, c, context_counted=context_counted, per_rank=per_rank)
         for c in (False, True)}
-    micro = chosen_micro_batch(micro_batch, per_rank, min(project.train.micro_batch_size, per_rank), largest,
-                               training.checkpointing)
-    layout = BatchLayout(micro, max(1, per_rank // micro), ranks, training.seq_len)
+    layout = chosen_layout(micro_batch, configured, largest, training.checkpointing)
+    micro = layout.micro_batch_size
     steps, eval_tokens, done = steps_and_evaluations(project, layout, resume[1] if resume else 0)
     mfu = TYPICAL_MFU if mfu is None else mfu
     peak = peak_flops or (project.train.peak_tflops * 1e12 if project.train.peak_tflops else None) or (
@@ -375,7 +322,7 @@ def plan_run(project: Project, *, device: str = "cuda", ranks: int = 1, precisio
         memory=memory_plan(training, micro, grad_accum_steps=layout.grad_accum_steps, context_counted=context_counted),
         steps_done=done, resume_tag=resume[0] if resume else None, context_counted=context_counted,
         capacity=capacity, capacity_source=capacity_source, gpu=gpu, largest=largest,
-        suggestion=layouts_for(per_rank, ranks, training.seq_len, largest[training.checkpointing]) if largest else None,
+        suggestion=configured.in_micro_batches(largest[training.checkpointing]) if largest else None,
         rate=rate, rate_source=source, mfu=mfu if device == "cuda" else None,
         startup=startup_seconds(device, compile_model, op_build_pending))
 
@@ -385,11 +332,10 @@ def fitting_change(project: Project, plan: RunPlan) -> str:
     a smaller micro batch with more accumulation (the step unchanged), activation checkpointing, a higher
     ZeRO stage, the optimizer state in CPU memory; or what is left when none does."""
     training, capacity = plan.training, plan.capacity
-    per_rank = plan.layout.micro_batch_size * plan.layout.grad_accum_steps
+    per_rank = plan.layout.sequences_per_rank
     for checkpointing in (training.checkpointing, True):
-        best = layouts_for(per_rank, training.ranks, training.seq_len,
-                           largest_micro_batch(training, capacity, checkpointing, context_counted=plan.context_counted,
-                                               per_rank=per_rank))
+        best = plan.layout.in_micro_batches(largest_micro_batch(training, capacity, checkpointing,
+                                                                context_counted=plan.context_counted, per_rank=per_rank))
         if best is not None:
             keys = [f"train.micro_batch_size = {best.micro_batch_size}"]
             if not project.train.global_batch_tokens:

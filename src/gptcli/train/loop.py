@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 import torch
 
+from ..batch import BatchLayout, batch_layout
 from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
 from .state import checkpoint, reshard
@@ -35,7 +36,7 @@ from .observing.chatter import LibraryLog
 from .state.consolidation import consolidate_only, hand_over
 from .state.continuation import Start, prepare
 from .observing.display import Display, show_overfit
-from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, initialize, loop_clips_gradients,
+from .engine import (compile_enabled, device_type, initialize, loop_clips_gradients,
                      parameter_groups, precision_note, prepare_device, prepare_environment, resolve_precision,
                      training_model_config)
 from .faults import Faults, corrupt
@@ -166,7 +167,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     tokenizer = load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
     data = open_prepared(project.data.dir)
     check_compatible(data, tokenizer.fingerprint, project.model.vocab_size)
-    layout = batch_layout(project, world)
+    layout = batch_layout(project.train, project.seq_len, world)
     seed = project.project.seed
     loader, val_loader = make_loaders(project, data, layout, rank, options.overfit_batch)
     probes.watch_loader(loader, rank)

@@ -158,14 +158,14 @@ def keep_batch(project: Project, start: Start, client: dict) -> Project:
     """Resuming with the batch settings the checkpoint was trained with, but on other ranks: keep its
     sequences per optimizer step by adapting the accumulation. Settings changed since: the project decides,
     as on a resume with the same ranks."""
-    from ..engine import batch_layout
+    from ...batch import batch_layout
 
     saved = saved_sequences_per_step(client, project)
     recorded = client.get("batch_settings")  # older checkpoints have none: they resumed on the same ranks only
     unchanged = start.ranks_changed if recorded is None else recorded == start.batch_settings
     if saved is None or not unchanged:
         return project
-    layout = batch_layout(project, start.ranks)
+    layout = batch_layout(project.train, project.seq_len, start.ranks)
     start.saved_accumulation = saved // (project.train.micro_batch_size * start.saved_ranks)
     if layout.sequences_per_step == saved:
         return project
