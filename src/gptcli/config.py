@@ -240,8 +240,9 @@ class TrainConfig(Section):
                                    None)
     init_from_sha256: Optional[str] = doc("The sha256 init_from's weights file must have; unset: not checked "
                                           "(config.resolved.toml records the one used).", None)
-    memory_check: bool = doc("On a GPU, refuse to start when the planned memory per GPU exceeds its free memory "
-                             "(false: start anyway).", True)
+    memory_check: bool = doc("Refuse to start when the planned memory does not fit: per GPU against its free memory, "
+                             "on the CPU each rank of this machine against its share of the free memory (false: "
+                             "start anyway).", True)
 
     def check(self) -> None:
         if self.min_lr > self.lr:

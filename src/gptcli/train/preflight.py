@@ -192,12 +192,14 @@ def plan_on(project: Project, machine: Machine, resume: Optional[tuple[str, dict
 
 
 def check_memory(project: Project, plan: RunPlan) -> None:
-    """On a GPU: refuse a run whose plan does not fit the free memory, naming the change that would."""
+    """Refuse a run whose plan does not fit its capacity (a GPU's free memory; on the CPU a rank's share of
+    what this machine has free, train.command.check_fits), naming the change that would."""
     if plan.capacity is None or plan.fits or not project.train.memory_check:
         return
     terms = sorted(plan.memory.peak_phase.terms.items(), key=lambda item: -item[1])[:2]
     largest = " and ".join(f"{term} {gib(size)}" for term, size in terms)
-    raise GptError(f"This run needs about {gib(plan.memory.required)} per GPU ({largest} at micro batch "
+    per = "per GPU" if plan.training.device == "cuda" else "per rank"
+    raise GptError(f"This run needs about {gib(plan.memory.required)} {per} ({largest} at micro batch "
                    f"{plan.layout.micro_batch_size}) but {gib(plan.capacity)} is {plan.capacity_source}: "
                    f"{fitting_change(project, plan)} would fit; or --set train.memory_check=false to start anyway.")
 
