@@ -160,14 +160,14 @@ class Machine:
 
 def this_machine(project: Project, device: str, measure_cpu: Callable[[], float]) -> Machine:
     from .engine import resolve_precision
-    from .observing.phases import cpu_comm_op_built
+    from .launching.opbuild import op_is_built
 
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     machine = Machine(device, ranks, resolve_precision(project, device))
     if device == "cpu":
         # Rank 0 speaks for all; each rank has its own share of the cores (the CPU launcher splits them).
         machine.cpu_flops = measure_cpu() if os.environ.get("RANK", "0") == "0" else None
-        machine.op_build_pending = cpu_comm_op_built() is False
+        machine.op_build_pending = op_is_built() is False
         return machine
     import torch
 
