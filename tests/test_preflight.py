@@ -233,8 +233,13 @@ def test_a_tracker_without_its_package_is_refused_before_deepspeed(tmp_path, mon
 
 @pytest.mark.parametrize("val_tokens, batch", [(2_000, 4), (200, 3), (64, 0)])
 def test_a_small_val_split_is_evaluated_on_what_it_holds(tmp_path, val_tokens, batch):
+    from gptcli.batch import BatchLayout
+    from gptcli.data.source import open_source
+
     result, text = checked(tmp_path, [], val_tokens=val_tokens)
-    assert preflight.evaluation_batch(val_tokens, 64, 4, 1) == batch
+    source = open_source(project([f'data.dir="{tmp_path / "data"}"']).data)
+    assert source.evaluation_batch(BatchLayout(4, 3, 1, 64)) == batch
+    assert (source.val_loader(BatchLayout(4, 3, 1, 64), rank=0, seed=0) is None) == (batch == 0)  # the loop's
     if batch == 4:
         assert "note:" not in text
     elif batch:

@@ -93,35 +93,22 @@ def finished_message(project: Project, point: Optional[tuple[str, dict]]) -> Opt
             f"To train further, {further}; to start over, --restart.")
 
 
-def evaluation_batch(val_tokens: int, seq_len: int, micro_batch: int, ranks: int) -> int:
-    """Sequences per rank of an evaluation micro batch: the training micro batch, or fewer when the val
-    split holds fewer windows than one batch on every rank (evaluate on what there is); 0 when it does not
-    hold one window per rank."""
-    windows = max(val_tokens - 1, 0) // seq_len
-    return min(micro_batch, windows // ranks)
-
-
 def check_data(project: Project, plan: RunPlan) -> list[str]:
-    """The shards against the batch: a train split smaller than one step's micro batch is refused; a val
+    """The data source against the batch: a train split smaller than one step's micro batch is refused; a val
     split smaller than one evaluation batch is evaluated on what there is. Returns notes to print."""
-    from ..data.shards import open_prepared
+    from ..data.source import open_source
 
-    data, layout = open_prepared(project.data.dir), plan.layout
-    seq_len, ranks, micro = layout.seq_len, layout.world_size, layout.micro_batch_size
-    train_windows = max(data.num_tokens("train") - 1, 0) // seq_len
-    if train_windows < micro * ranks:
-        raise GptError(f'The "train" split of {data.directory} has {data.num_tokens("train"):,} tokens: fewer than '
-                       f"one batch of {micro} sequences × {seq_len + 1} tokens on each of {ranks} rank(s); lower "
-                       "train.micro_batch_size or train.seq_len, or prepare more text.")
-    if not project.train.eval_every or data.num_tokens("val") == 0:
+    source, layout = open_source(project.data), plan.layout
+    source.check_train_batch(layout)
+    if not project.train.eval_every or source.tokens("val") == 0:
         return []  # evaluation off, or no val shards (the loop says so)
-    batch = evaluation_batch(data.num_tokens("val"), seq_len, micro, ranks)
+    batch, micro = source.evaluation_batch(layout), layout.micro_batch_size
     if batch == micro:
         return []
-    have = f'the "val" split of {data.directory} holds {data.num_tokens("val"):,} tokens'
+    have = f'the "val" split of {source.description} holds {source.tokens("val"):,} tokens'
     if batch == 0:
-        return [f"note: {have}, less than one sequence of {seq_len + 1} tokens per rank: evaluation is off (a larger "
-                "data.val_fraction in `gpt prepare`, or a smaller train.seq_len, turns it on)."]
+        return [f"note: {have}, less than one sequence of {layout.seq_len + 1} tokens per rank: evaluation is off "
+                "(a larger data.val_fraction in `gpt prepare`, or a smaller train.seq_len, turns it on)."]
     return [f"note: {have}: evaluation runs micro batches of {batch} sequences, not {micro} (a larger "
             "data.val_fraction in `gpt prepare` gives it more)."]
 

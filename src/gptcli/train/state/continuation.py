@@ -118,12 +118,12 @@ def continue_weights(start: Start) -> None:
 
 
 def check_tokenizer(source: WeightsSource, project: Project) -> None:
-    from ...data.shards import open_prepared
+    from ...data.source import open_source
 
-    data = open_prepared(project.data.dir)
+    data = open_source(project.data)
     if data.fingerprint != source.tokenizer_fingerprint:
         raise GptError(f'train.init_from "{source.name}" was trained with the {source.tokenizer_name} tokenizer '
-                       f"({source.tokenizer_fingerprint}), but the shards in {data.directory} were made with "
+                       f"({source.tokenizer_fingerprint}), but the shards in {data.description} were made with "
                        f"{data.fingerprint}; prepare the data with the model's tokenizer.")
 
 
