@@ -89,10 +89,11 @@ def measure_steps(overrides: list[str], device: str) -> dict:
     from gptcli import planner
     from gptcli.config import apply_overrides, project_from_dict
     from gptcli.model import build_model
-    from gptcli.train.engine import batch_layout, initialize, resolve_precision, training_model_config
+    from gptcli.batch import batch_layout
+    from gptcli.train.engine import initialize, resolve_precision, training_model_config
 
     project = project_from_dict(apply_overrides({}, [*overrides, f'train.device="{device}"']))
-    precision, layout = resolve_precision(project, device), batch_layout(project, 1)
+    precision, layout = resolve_precision(project, device), batch_layout(project.train, project.seq_len, 1)
     torch.manual_seed(0)
     gc.collect()
     baseline = set(live_tensors()) if device == "cpu" else set()

@@ -93,7 +93,8 @@ def reference_loop(project, device: str):
 
 
 def deepspeed_loop(project, device: str):
-    from gptcli.train.engine import batch_layout, initialize, prepare_environment, resolve_precision
+    from gptcli.batch import batch_layout
+    from gptcli.train.engine import initialize, prepare_environment, resolve_precision
 
     prepare_environment(device)
     import deepspeed
@@ -101,7 +102,8 @@ def deepspeed_loop(project, device: str):
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     torch.manual_seed(0)
     model = build_model(project.model, device=device)
-    engine = initialize(project, model, batch_layout(project, 1), resolve_precision(project, device), device)
+    layout = batch_layout(project.train, project.seq_len, 1)
+    engine = initialize(project, model, layout, resolve_precision(project, device), device)
     if project.train.compile:
         engine.compile()
 

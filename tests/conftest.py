@@ -200,3 +200,28 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
     message = " ".join(result.stderr.split())
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def module_parameter_components(model) -> dict[str, int]:
+    """A built GPT's parameters per component, counted from its modules (tied head once, vocabulary padding
+    left out): what gptcli's own count, planner.parameter_components from the configuration, is held to."""
+    c = model.config
+    padding_rows = (c.padded_vocab_size - c.vocab_size) * c.n_embd
+
+    def numel(module) -> int:
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    blocks = model.h
+    return {
+        "wte (token embedding)": model.wte.weight.numel() - padding_rows,
+        "wpe (position embedding)": numel(model.wpe),
+        "attention (all blocks)": sum(numel(b.attn) for b in blocks),
+        "mlp (all blocks)": sum(numel(b.mlp) for b in blocks),
+        "layernorms (all blocks)": sum(numel(b.ln_1) + numel(b.ln_2) for b in blocks),
+        "ln_f (final norm)": numel(model.ln_f),
+        "lm_head": 0 if c.tie_embeddings else model.lm_head.weight.numel() - padding_rows,
+    }
+
+
+def module_parameter_count(model) -> int:
+    return sum(module_parameter_components(model).values())

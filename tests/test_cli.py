@@ -97,6 +97,17 @@ def test_every_option_named_after_a_key_takes_its_help_and_range_from_the_schema
             "eval.text", "eval.stride"} <= set(checked), checked
 
 
+def test_inspect_params_help_states_the_planners_gpu_names_and_typical_mfu():
+    """The planner's GPU table and its MFU assumption are said in --help from the planner, not copied."""
+    from gptcli import planner
+
+    params = {param.name: param for param in typer.main.get_command(app).commands["inspect-params"].params}
+    gpu_help = params["gpu"].help
+    assert gpu_help.endswith(f"{', '.join(planner.gpu_names())}.") and "H100-SXM" in gpu_help
+    assert f"default {planner.TYPICAL_MFU:g};" in params["mfu"].help
+    assert [name for name in planner.gpu_names() if name not in gpu_help] == []
+
+
 def test_an_option_out_of_its_keys_range_gets_the_schemas_sentence(tmp_path):
     result = run_gpt("prepare", "notes.txt", "--val-fraction", "1", cwd=tmp_path)
     assert result.returncode == 1 and "internal error" not in result.stderr

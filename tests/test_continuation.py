@@ -125,7 +125,7 @@ def test_a_run_dir_resolves_to_its_model_and_other_paths_are_named(tmp_path, mod
     with pytest.raises(GptError, match="has no consolidated model yet"):
         find_source(str(tmp_path / "empty-run"))
     with pytest.raises(GptError, match=r'train.init_from "no-such-model" is neither a path that exists nor a model '
-                                       r"gpt load-hf fetches \(gpt2, gpt2-medium"):
+                                       r"gpt load-hf fetches \(openai-gpt, gpt2, gpt2-medium"):
         find_source("no-such-model")
 
 

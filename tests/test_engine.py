@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gptcli.config import project_from_dict
-from gptcli.train.engine import (batch_layout, compile_enabled, deepspeed_config, fused_adam_prebuilt,
+from gptcli.batch import batch_layout
+from gptcli.train.engine import (compile_enabled, deepspeed_config, fused_adam_prebuilt,
                                  loop_clips_gradients, make_optimizer, precision_note, training_model_config)
 from gptcli.train.observing.metrics import peak_flops, peak_for_name
 
@@ -18,30 +19,33 @@ def project(**sections):
 
 def test_deepspeeds_throughput_timer_is_off_unless_the_passthrough_asks():
     p = project()
-    assert deepspeed_config(p, batch_layout(p, 1), "fp32")["timers"] == {"throughput": {"enabled": False}}
+    layout = batch_layout(p.train, p.seq_len, 1)
+    assert deepspeed_config(p, layout, "fp32")["timers"] == {"throughput": {"enabled": False}}
     asked = project(deepspeed={"config": {"timers": {"throughput": {"enabled": True}}}})
-    assert deepspeed_config(asked, batch_layout(asked, 1), "fp32")["timers"]["throughput"]["enabled"] is True
+    timers = deepspeed_config(asked, batch_layout(asked.train, asked.seq_len, 1), "fp32")["timers"]
+    assert timers["throughput"]["enabled"] is True
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_can(stage):
     p = project(deepspeed={"zero_stage": stage})
-    config = deepspeed_config(p, batch_layout(p, 1), "bf16")
+    config = deepspeed_config(p, batch_layout(p.train, p.seq_len, 1), "bf16")
     if stage == 0:  # DeepSpeed refuses grad_accum_dtype at stage 0; the run says so and steers to ZeRO-1
         assert "data_types" not in config and "zero_stage = 1" in precision_note(p, "bf16")
     else:
         assert config["data_types"] == {"grad_accum_dtype": "fp32"} and precision_note(p, "bf16") is None
-    assert "data_types" not in deepspeed_config(p, batch_layout(p, 1), "fp32")
+    assert "data_types" not in deepspeed_config(p, batch_layout(p.train, p.seq_len, 1), "fp32")
 
 
 def test_only_fp32_zero0_is_clipped_by_the_loop_and_deepspeed_then_does_not_clip():
     clipped = project(train={"grad_clip": 0.5}, deepspeed={"zero_stage": 0})
     assert loop_clips_gradients(clipped, "fp32") and not loop_clips_gradients(clipped, "bf16")
-    assert deepspeed_config(clipped, batch_layout(clipped, 1), "fp32")["gradient_clipping"] == 0.0
-    assert deepspeed_config(clipped, batch_layout(clipped, 1), "bf16")["gradient_clipping"] == 0.5
+    layout = batch_layout(clipped.train, clipped.seq_len, 1)
+    assert deepspeed_config(clipped, layout, "fp32")["gradient_clipping"] == 0.0
+    assert deepspeed_config(clipped, layout, "bf16")["gradient_clipping"] == 0.5
     stage1 = project(train={"grad_clip": 0.5}, deepspeed={"zero_stage": 1})
     assert not loop_clips_gradients(stage1, "fp32")
-    assert deepspeed_config(stage1, batch_layout(stage1, 1), "fp32")["gradient_clipping"] == 0.5
+    assert deepspeed_config(stage1, batch_layout(stage1.train, stage1.seq_len, 1), "fp32")["gradient_clipping"] == 0.5
 
 
 def test_compile_auto_means_cuda_and_a_bool_in_the_file_still_works():

@@ -202,14 +202,17 @@ def test_shards_of_another_tokenizer_are_refused(tokenizer, tmp_path):
     """Scoring ids made by a different BPE would give a meaningless perplexity: eval refuses them."""
     from types import SimpleNamespace
 
+    from gptcli.config import project_from_dict
     from gptcli.errors import GptError
-    from gptcli.evaluate import shard_sequences
+    from gptcli.evaluate import split_sequences
 
     other = SimpleNamespace(vocab_size=tokenizer.vocab_size, fingerprint="gpt2:0000000000000000")
     write_val_shard(tmp_path / "shards", other, list(range(200)))
+    project = project_from_dict({"data": {"dir": str(tmp_path / "shards")}})
     with pytest.raises(GptError, match="were made with tokenizer gpt2:0000000000000000"):
-        shard_sequences(tmp_path / "shards", "val", tokenizer)
-    assert len(shard_sequences(tmp_path / "shards", "val", other)) == 1
+        split_sequences(project, "val", tokenizer)
+    sequences, name = split_sequences(project, "val", other)
+    assert len(sequences) == 1 and name == f"{tmp_path / 'shards'} (val)"
 
 
 def test_a_shard_overwritten_with_ids_outside_the_vocabulary_is_one_sentence(tokenizer, tmp_path):
@@ -217,8 +220,9 @@ def test_a_shard_overwritten_with_ids_outside_the_vocabulary_is_one_sentence(tok
     eval said "internal error"."""
     import numpy as np
 
+    from gptcli.config import project_from_dict
     from gptcli.errors import GptError
-    from gptcli.evaluate import shard_sequences
+    from gptcli.evaluate import split_sequences
 
     write_val_shard(tmp_path / "shards", tokenizer, list(range(200)))
     shard = tmp_path / "shards" / "val_000001.bin"
@@ -226,7 +230,7 @@ def test_a_shard_overwritten_with_ids_outside_the_vocabulary_is_one_sentence(tok
     data[-20:] = np.full(10, 65535, dtype=np.uint16).tobytes()
     shard.write_bytes(bytes(data))
     with pytest.raises(GptError, match="val_000001.bin holds token id 65535, outside the vocabulary of 50,257"):
-        shard_sequences(tmp_path / "shards", "val", tokenizer)
+        split_sequences(project_from_dict({"data": {"dir": str(tmp_path / "shards")}}), "val", tokenizer)
 
 
 def test_json_has_no_bare_nan(tmp_path, tokenizer, capsys):

@@ -15,14 +15,14 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_user_error, gpt2_vocab_bytes, gpt_env, run_gpt
+from conftest import assert_user_error, gpt2_vocab_bytes, gpt_env, module_parameter_count, run_gpt
 from gptcli import hf
 from gptcli.hf import convert
 from gptcli.hf.source import resolve_source
 from gptcli.config import project_from_dict
 from gptcli.errors import GptError
 from gptcli.inspect import reference_for
-from gptcli.model import build_model, count_parameters
+from gptcli.model import build_model
 from gptcli.modeldir import load_model_dir, save_model_dir
 from gptcli.tokenizer import load_tokenizer
 from test_openai_bpe import train_bpe, write_vocabulary
@@ -103,7 +103,7 @@ def test_gpt2_layouts_give_transformers_logits(shape, tmp_path, text_lines, gpt2
     assert_same_logits(tmp_path / "model", source, batch)
     loaded = load_model_dir(tmp_path / "model")
     assert loaded.config.n_head == config["n_head"] and loaded.config.n_embd == config["n_embd"]
-    assert report.parameters == count_parameters(loaded.model)
+    assert report.parameters == module_parameter_count(loaded.model)
     if shape == "gpt2-like":
         assert report.tokenizer_note == f"GPT-2 tokenizer from {source}"
         assert loaded.tokenizer.fingerprint == tokenizer.fingerprint  # captured into the model dir
@@ -299,7 +299,7 @@ def test_published_shapes_are_recognised_with_their_reference_counts(preset):
     config = convert.model_config_from_hf(hf_config, hf_config["model_type"])
     assert config.preset == preset
     reference, _ = reference_for(config)
-    assert count_parameters(build_model(config, device="meta")) == reference
+    assert module_parameter_count(build_model(config, device="meta")) == reference
 
 
 def test_unsupported_hf_options_are_refused(tmp_path):

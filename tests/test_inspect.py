@@ -65,6 +65,19 @@ def test_gpt2_xl_is_inspected_without_allocating_its_weights():
     assert grown < 200 * 2**20  # fp32 weights alone would be 6.2 GB
 
 
+def test_the_count_is_the_planners_from_the_configuration_and_no_model_is_built():
+    """One parameter count: inspect-params reports planner/counts.py's, so it imports neither the model nor
+    torch (tests/test_planner.py holds that count to the modules the model builds)."""
+    from gptcli import planner
+    from test_architecture import PACKAGE, imports_of
+
+    imported = imports_of(PACKAGE / "inspect.py")
+    assert not [name for name in imported if name.startswith(("gptcli.model", "torch"))], sorted(imported)
+    config = project_from_dict({"model": {"preset": "gpt2", "vocab_multiple": 128, "tie_embeddings": False}}).model
+    report = inspect_parameters(config)
+    assert report.components == planner.parameter_components(config) and report.total == sum(report.components.values())
+
+
 @pytest.mark.slow
 def test_a_customised_preset_is_not_reported_as_that_preset(tmp_path):
     """mlp_ratio is not among the keys the gpt2 preset lists, yet changing it changes the shape."""

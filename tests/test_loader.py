@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from gptcli.data.loader import BatchLoader, check_compatible
+from gptcli.data.loader import BatchLoader
+from gptcli.data.source import PreparedSource
 from shard_fixture import write_shard_dir
 from gptcli.data.shards import open_prepared
 from gptcli.errors import GptError
@@ -140,12 +141,12 @@ def test_a_split_shorter_than_one_batch_is_refused(tmp_path):
 
 
 def test_shards_of_another_tokenizer_or_a_larger_vocab_are_refused(tmp_path):
-    data = write_shards(tmp_path, [100], vocab_size=50257)
+    source = PreparedSource(write_shards(tmp_path, [100], vocab_size=50257))
     with pytest.raises(GptError, match="tokenizer"):
-        check_compatible(data, "gpt2:ffffffffffffffff", 50257)
+        source.check_tokenizer("gpt2:ffffffffffffffff", 50257)
     with pytest.raises(GptError, match="model.vocab_size"):
-        check_compatible(data, FINGERPRINT, 50000)
-    check_compatible(data, FINGERPRINT, 50304)
+        source.check_tokenizer(FINGERPRINT, 50000)
+    source.check_tokenizer(FINGERPRINT, 50304)
 
 
 def test_sequential_eval_batches_are_the_same_every_time_and_split_by_rank(data):

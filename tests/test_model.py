@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import module_parameter_components, module_parameter_count
 from gptcli.config import ModelConfig, project_from_dict
-from gptcli.model import build_model, count_parameters, parameter_components
+from gptcli.model import build_model
 from gptcli.presets import PRESETS
 
 
@@ -20,7 +21,7 @@ def model_config(**values) -> ModelConfig:
 @pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.reference is not None])
 def test_every_preset_has_its_reference_count(name):
     model = build_model(model_config(preset=name), device="meta")
-    assert count_parameters(model) == PRESETS[name].reference
+    assert module_parameter_count(model) == PRESETS[name].reference
 
 
 def expected_count(V, P, L, C, ratio=4, bias=True, tied=True, final_norm=True, learned=True):
@@ -49,7 +50,7 @@ def expected_count(V, P, L, C, ratio=4, bias=True, tied=True, final_norm=True, l
 def test_custom_model_section_is_counted(values, kwargs):
     config = model_config(vocab_size=1000, block_size=200, n_layer=3, n_head=4, n_embd=96, **values)
     model = build_model(config, device="meta")
-    assert count_parameters(model) == expected_count(1000, 200, 3, 96, **kwargs)
+    assert module_parameter_count(model) == expected_count(1000, 200, 3, 96, **kwargs)
 
 
 @pytest.mark.slow
@@ -235,7 +236,7 @@ def test_padded_vocabulary_keeps_logits_and_counts_exact():
     assert model.wte.weight.shape[0] == 128
     logits, loss = model(torch.randint(0, 97, (2, 5)), torch.randint(0, 97, (2, 5)))
     assert logits.shape == (2, 5, 97) and torch.isfinite(loss)
-    assert parameter_components(model)["wte (token embedding)"] == 97 * 32
+    assert module_parameter_components(model)["wte (token embedding)"] == 97 * 32
 
 
 def test_context_overflow_is_refused():

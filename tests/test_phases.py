@@ -28,6 +28,21 @@ def test_a_phase_is_one_line_with_the_seconds_since_the_start(capfd):
     assert capfd.readouterr().err == "[   12.3s] building the model\n"
 
 
+def test_the_op_build_time_is_one_figure_the_plan_the_phase_line_and_the_docs_state(monkeypatch, tmp_path):
+    from conftest import REPO
+    from gptcli.planner import plan
+    from gptcli.train.launching import opbuild
+
+    measured = plan.OP_BUILD_SECONDS
+    for page in ("README.md", "docs/training.md"):
+        assert f"about {measured:.0f} s on 2 idle cores" in " ".join((REPO / page).read_text().split())
+    monkeypatch.setattr(plan, "OP_BUILD_SECONDS", 123.0)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there
+    assert "about 123 s on 2 idle cores" in phases.deepspeed_phase("cpu")
+    assert opbuild.build_time() == "about 123 s on 2 idle cores"  # the build's own line
+    assert 123.0 in plan.startup_seconds("cpu", compile_model=False, op_build_pending=True).values()
+
+
 def test_other_ranks_show_no_phase(capfd, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     phases.show_phase("building the model")
@@ -35,11 +50,14 @@ def test_other_ranks_show_no_phase(capfd, monkeypatch):
 
 
 def test_the_deepspeed_phase_warns_of_the_op_a_first_cpu_run_compiles(monkeypatch, tmp_path):
+    """It looks where opbuild.py builds the op (torch's build dir), and states the planner's measured figure."""
+    from gptcli.planner import OP_BUILD_SECONDS
+    from gptcli.train.launching import opbuild
+
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert "compiles DeepSpeed's CPU communication op, about 45 s on 2 free cores" in phases.deepspeed_phase("cpu")
-    built = tmp_path / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm"
-    built.mkdir(parents=True)
-    (built / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert (f"compiles DeepSpeed's CPU communication op, about {OP_BUILD_SECONDS:.0f} s on 2 idle cores"
+            in phases.deepspeed_phase("cpu"))
+    (opbuild.build_directory() / "deepspeed_shm_comm.so").write_bytes(b"")
     assert phases.deepspeed_phase("cpu") == "starting DeepSpeed (gloo)"
     assert phases.deepspeed_phase("cuda") == "starting DeepSpeed (NCCL)"
 

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, assert_user_error, gpt_env, run_gpt
+from conftest import REPO, assert_user_error, gpt_env, module_parameter_components, run_gpt
 from gptcli import planner
 from gptcli.config import apply_overrides, project_from_dict
 from gptcli.errors import GptError
@@ -156,14 +156,14 @@ def test_the_loss_chunk_is_the_models():
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_the_arithmetic_counts_the_parameters_the_model_builds(preset):
     from gptcli.model import initialisation_skipped
-    from gptcli.model import build_model, parameter_components
+    from gptcli.model import build_model
 
     for variant in ({}, *VARIANTS[:8], dict(vocab_multiple=128)):
         config = model_config(preset=preset, **{k: v for k, v in variant.items() if k != "vocab_size"})
         with initialisation_skipped():
             model = build_model(config, device="meta")
         assert planner.parameter_tensors(config) == {name: p.numel() for name, p in model.named_parameters()}
-        assert planner.parameter_components(config) == parameter_components(model)
+        assert planner.parameter_components(config) == module_parameter_components(model)
 
 
 def test_flops_per_token_of_gpt2():

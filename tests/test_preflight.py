@@ -17,7 +17,7 @@ from gptcli import planner
 from gptcli.config import apply_overrides, project_from_dict
 from gptcli.errors import GptError
 from gptcli.train import preflight
-from gptcli.train.engine import batch_layout
+from gptcli.batch import batch_layout
 from shard_fixture import write_shard_dir
 
 NANO_RUN = ["model.preset=nano", "train.max_steps=10", "train.micro_batch_size=4", "train.grad_accum_steps=3",
@@ -51,7 +51,7 @@ def test_the_plan_counts_the_runs_tokens_and_flops():
     proj = project(NANO_RUN)
     plan = preflight.plan_on(proj, cpu(ranks=2), None)
     assert (plan.model_name, plan.parameters, plan.layout.seq_len) == ("nano", 3_320_640, 64)
-    assert plan.tokens_per_step == 4 * 3 * 2 * 64 == batch_layout(proj, 2).tokens_per_step
+    assert plan.tokens_per_step == 4 * 3 * 2 * 64 == batch_layout(proj.train, proj.seq_len, 2).tokens_per_step
     assert plan.total_tokens == 10 * 4 * 3 * 2 * 64
     # evaluations at steps 4, 8 and the last: 3 × 2 micro batches × 4 sequences × 64 tokens × 2 ranks,
     # forward only (a third of the training FLOPs per token)
@@ -233,8 +233,13 @@ def test_a_tracker_without_its_package_is_refused_before_deepspeed(tmp_path, mon
 
 @pytest.mark.parametrize("val_tokens, batch", [(2_000, 4), (200, 3), (64, 0)])
 def test_a_small_val_split_is_evaluated_on_what_it_holds(tmp_path, val_tokens, batch):
+    from gptcli.batch import BatchLayout
+    from gptcli.data.source import open_source
+
     result, text = checked(tmp_path, [], val_tokens=val_tokens)
-    assert preflight.evaluation_batch(val_tokens, 64, 4, 1) == batch
+    source = open_source(project([f'data.dir="{tmp_path / "data"}"']).data)
+    assert source.evaluation_batch(BatchLayout(4, 3, 1, 64)) == batch
+    assert (source.val_loader(BatchLayout(4, 3, 1, 64), rank=0, seed=0) is None) == (batch == 0)  # the loop's
     if batch == 4:
         assert "note:" not in text
     elif batch:

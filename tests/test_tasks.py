@@ -21,6 +21,7 @@ import torch
 
 from conftest import assert_user_error, run_gpt
 from gptcli.errors import GptError, Stopped
+from gptcli.presets import PRESETS
 from gptcli.tasks import evaluate_tasks, gpt2_shape, read_all
 from gptcli.tasks import stats
 from gptcli.tasks.benchmarks import benchmark
@@ -219,9 +220,23 @@ def test_gpt2_sizes_are_recognised_and_get_their_published_scores():
     assert gpt2_shape(project_from_dict({"model": {"preset": "gpt2-xl"}}).model) == "gpt2-xl"
     unnamed = project_from_dict({"model": {"n_layer": 12, "n_head": 12, "n_embd": 768}}).model  # no preset name
     assert gpt2_shape(unnamed) == "gpt2"
-    assert gpt2_shape(project_from_dict({"model": {"preset": "gpt2", "n_layer": 6}}).model) is None
-    assert benchmark("hellaswag").published["gpt2"]["acc_norm"].value == 0.3114
-    assert benchmark("lambada").published["gpt2"]["perplexity"].value == 40.0554
+    assert gpt2_shape(project_from_dict({"model": {"preset": "gpt2", "n_layer": 6}}).model) is None  # distilgpt2's
+    medium = {"preset": "gpt2", "n_layer": 24, "n_head": 16, "n_embd": 1024}  # named gpt2, shaped as gpt2-medium
+    assert gpt2_shape(project_from_dict({"model": medium}).model) == "gpt2-medium"
+    assert gpt2_shape(project_from_dict({"model": {"preset": "nano"}}).model) is None
+    assert PRESETS["gpt2"].scores["hellaswag"]["acc_norm"].value == 0.3114
+    assert PRESETS["gpt2"].scores["lambada"]["perplexity"].value == 40.0554
+    assert PRESETS["gpt2-xl"].scores["lambada"]["acc"].value == 0.6324 and "hellaswag" not in PRESETS["gpt2-xl"].scores
+
+
+def test_published_scores_are_the_presets_for_every_task_a_preset_names():
+    """One home for a published score: each is a preset's, under a task and a metric the task reports."""
+    scored = {name: preset.scores for name, preset in PRESETS.items() if preset.scores}
+    assert set(scored) == {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    for scores in scored.values():
+        for task, metrics in scores.items():
+            assert set(metrics) <= set(benchmark(task).metrics)
+    assert not any(hasattr(benchmark(name), "published") for name in ("hellaswag", "lambada"))
 
 
 def test_the_built_in_tasks_are_the_registrys_and_their_names_are_their_record_names():
@@ -468,7 +483,7 @@ def test_the_table_puts_the_published_score_beside_a_gpt2_sized_model(capsys):
     hellaswag = benchmark("hellaswag")
     result = TaskResult("hellaswag", "HellaSwag", "Rowan/hellaswag (validation)", 10042,
                         {"acc": (0.29, 0.0045), "acc_norm": (0.3012, 0.0046)}, hellaswag.higher_is_better,
-                        hellaswag.published["gpt2"], "gpt2", 1.0)
+                        PRESETS["gpt2"].scores["hellaswag"], "gpt2", 1.0)
     show_task_results([result])
     shown = capsys.readouterr().out
     assert "0.3012" in shown and "0.3114 [1]" in shown and "10,042" in shown

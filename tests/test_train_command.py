@@ -1,13 +1,19 @@
-"""`gpt train`'s command (gptcli.train.command): what it suggests next, and that a configuration error stops
-it before any rank, launcher or DeepSpeed is started."""
+"""`gpt train`'s command (gptcli.train.command): what it suggests next, and that a configuration error or a
+run that cannot fit this machine stops it before any rank, launcher or DeepSpeed is started."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import assert_user_error, run_gpt
-from gptcli.config import project_from_dict
-from gptcli.train.command import TrainRequest, next_commands
+from gptcli import planner
+from gptcli.config import load_project, project_from_dict
+from gptcli.errors import GptError
+from gptcli.train.command import TrainRequest, check_fits, next_commands
+
+GIB = 2**30
 
 
 def test_next_commands_carry_the_project_and_where_the_run_and_data_are_but_not_training_settings():
@@ -35,3 +41,54 @@ def test_train_refuses_bidirectional_attention_before_anything_starts(tmp_path):
     assert "loading DeepSpeed" not in result.stderr and list(tmp_path.iterdir()) == []
     # the model and gpt eval keep it: the project itself loads
     assert project_from_dict({"model": {"attention": "bidirectional"}}).model.attention == "bidirectional"
+
+
+def cpu_project(*overrides: str):
+    return load_project(None, ['model.preset="nano"', 'train.device="cpu"', *overrides])
+
+
+@pytest.mark.parametrize("overrides, largest", [
+    (["model.block_size=1000000000", "train.seq_len=32"], "optimizer states"),  # 1e9 positions × 64 wide
+    (["model.block_size=100000", "train.micro_batch_size=100000"], "activations"),  # 1e10 tokens per micro batch
+])
+def test_a_cpu_run_that_cannot_fit_is_refused_by_the_plan_before_any_rank_starts(overrides, largest):
+    """`--set model.block_size=1000000000` allocated 256 GB before failing; the planner's peak per rank says so
+    first, with the change that would fit, and train.memory_check = false goes ahead."""
+    project = cpu_project(*overrides)
+    with pytest.raises(GptError) as refused:
+        check_fits(project, nproc=2, available=16 * GIB)
+    message = " ".join(str(refused.value).split())
+    needed = planner.plan_run(project, device="cpu", ranks=2).memory.peak
+    assert f"This run needs about {planner.gib(needed)} per rank" in message and largest in message
+    assert "but 8.0 GiB is each of 2 ranks' share of the 16.0 GiB this machine has free" in message
+    assert "fewer ranks, a shorter train.seq_len or a smaller model" in message and "--set train.memory_check=false" in message
+    check_fits(cpu_project(*overrides, "train.memory_check=false"), nproc=2, available=16 * GIB)  # goes ahead
+
+
+def test_the_cpu_check_counts_what_a_rank_really_holds_so_the_small_presets_fit_a_small_machine():
+    """DeepSpeed's reduce bucket is 1.9 GiB of fp32 whatever the model, but a rank writes only as much of it as
+    its gradients fill: counted whole, nano's two ranks would need 3.9 GiB and be refused on a 2 GiB machine
+    where they train in about 1.9 GiB of resident memory (measured: 0.95 GiB per rank)."""
+    for preset in ("nano", "tiny"):
+        project = cpu_project(f'model.preset="{preset}"')
+        peak = planner.plan_run(project, device="cpu", ranks=1).memory.peak
+        assert peak < 1.8 * GIB  # measured: nano's resident memory grows by 0.55 GiB, tiny's by 1.9 GiB
+    check_fits(cpu_project(), nproc=2, available=2 * GIB)
+    with pytest.raises(GptError, match="micro_batch_size = 4 with train.grad_accum_steps = 2"):
+        check_fits(cpu_project(), nproc=2, available=int(0.5 * GIB))  # half the batch, twice: the same step
+
+
+def test_a_gpu_run_is_left_to_each_ranks_preflight(monkeypatch):
+    from gptcli.train import engine
+
+    monkeypatch.setattr(engine, "device_type", lambda project: "cuda")
+    check_fits(cpu_project("model.block_size=1000000000", "train.seq_len=32"), nproc=1, available=GIB)
+
+
+@pytest.mark.slow  # starts `gpt` in a process of its own
+def test_gpt_train_refuses_it_in_one_sentence(tmp_path):
+    result = run_gpt("train", "--set", 'model.preset="nano"', "--set", "model.block_size=1000000000",
+                     "--set", f'project.out_dir="{tmp_path / "run"}"', "--set", "train.device=\"cpu\"", cwd=tmp_path)
+    assert_user_error(result, "This run needs about", "per rank", "this machine has free", "a smaller model")
+    assert not (tmp_path / "run").exists() and "internal error" not in result.stderr
+    assert "loading DeepSpeed" not in result.stderr

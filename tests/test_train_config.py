@@ -7,7 +7,8 @@ import pytest
 from gptcli.config import load_project, project_from_dict
 from gptcli.errors import GptError
 from gptcli.model import build_model
-from gptcli.train.engine import batch_layout, deepspeed_config, parameter_groups
+from gptcli.batch import batch_layout
+from gptcli.train.engine import deepspeed_config, parameter_groups
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -18,29 +19,30 @@ def project(**sections):
 
 def test_global_batch_tokens_derives_the_accumulation():
     p = project(model={"preset": "gpt2"}, train={"micro_batch_size": 16, "seq_len": 1024, "global_batch_tokens": 524288})
-    layout = batch_layout(p, world_size=8)
+    layout = batch_layout(p.train, p.seq_len, 8)
     assert layout.grad_accum_steps == 4 and layout.tokens_per_step == 524288
     with pytest.raises(GptError, match="not a multiple"):
-        batch_layout(p, world_size=3)
+        batch_layout(p.train, p.seq_len, 3)
 
 
 def test_seq_len_defaults_to_the_context_and_may_not_exceed_it():
-    assert batch_layout(project(model={"preset": "nano"}), 1).seq_len == 64
+    nano = project(model={"preset": "nano"})
+    assert batch_layout(nano.train, nano.seq_len, 1).seq_len == 64
     with pytest.raises(GptError, match="block_size"):
-        batch_layout(project(model={"preset": "nano"}, train={"seq_len": 65}), 1)
+        project(model={"preset": "nano"}, train={"seq_len": 65})
 
 
 def test_deepspeed_config_from_the_sections_with_the_passthrough_merged_last():
     p = project(train={"micro_batch_size": 4, "grad_accum_steps": 3, "grad_clip": 0.5},
                 deepspeed={"zero_stage": 3, "offload_optimizer": True, "offload_params": True,
                            "config": {"zero_optimization": {"overlap_comm": True}, "bf16": {"enabled": False}}})
-    config = deepspeed_config(p, batch_layout(p, 2), "bf16")
+    config = deepspeed_config(p, batch_layout(p.train, p.seq_len, 2), "bf16")
     assert config["train_batch_size"] == 4 * 3 * 2 and config["gradient_clipping"] == 0.5
     zero = config["zero_optimization"]
     assert zero["stage"] == 3 and zero["overlap_comm"] is True
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     assert config["bf16"] == {"enabled": False}  # the passthrough wins
-    fp16 = deepspeed_config(p, batch_layout(p, 1), "fp16")["fp16"]
+    fp16 = deepspeed_config(p, batch_layout(p.train, p.seq_len, 1), "fp16")["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling: overflow steps are skipped
 
 
@@ -61,4 +63,4 @@ def test_weight_decay_goes_to_matrices_only():
     ("gpt2-124m-8gpu.toml", "gpt2", 8, 4), ("distilgpt2-1gpu.toml", "distilgpt2", 1, 8)])
 def test_the_examples_load_and_give_their_batches(name, preset, world, accum):
     p = load_project(EXAMPLES / name)
-    assert p.model.preset == preset and batch_layout(p, world).grad_accum_steps == accum
+    assert p.model.preset == preset and batch_layout(p.train, p.seq_len, world).grad_accum_steps == accum

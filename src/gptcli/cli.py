@@ -23,6 +23,7 @@ from rich.table import Table
 from . import __version__
 from .config import DEFAULT_RESUME, Resume, field_doc, field_range, option_overrides
 from .errors import GptError, UsageError
+from .planner import TYPICAL_MFU, gpu_names
 from .registry import TASKS
 
 
@@ -149,8 +150,8 @@ def inspect_params(
     overrides: SetOpt = None,
     gpus: Annotated[int, typer.Option(min=1, help="Data-parallel GPUs for the ZeRO memory estimate and the plan.")] = 1,
     gpu: Annotated[Optional[str], typer.Option(
-        "--gpu", help="Plan for this GPU: H100-80GB, H100-PCIe, H200, A100-40GB, A100-80GB, L40S, L4, A10G, "
-        "RTX-4090, RTX-3090, V100-16GB, ... (its memory and bf16 peak).", show_default=False)] = None,
+        "--gpu", help=f"Plan for this GPU (its memory and bf16 peak): {', '.join(gpu_names())}.",
+        show_default=False)] = None,
     gpu_memory: Annotated[Optional[str], typer.Option(
         "--gpu-memory", help="Memory of one GPU, e.g. 80GiB or 24GB (instead of, or over, --gpu's).",
         show_default=False)] = None,
@@ -158,7 +159,7 @@ def inspect_params(
         "--micro-batch", help='Plan at this micro batch, or "auto": the largest that fits (default: [train] '
         "micro_batch_size).", show_default=False)] = None,
     mfu: Annotated[Optional[float], typer.Option(
-        "--mfu", help="Model FLOPs utilisation for the time estimate (default 0.3; see docs/planning.md).",
+        "--mfu", help=f"Model FLOPs utilisation for the time estimate (default {TYPICAL_MFU:g}; see docs/planning.md).",
         show_default=False)] = None,
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
     as_json: JsonOpt = False,

@@ -25,7 +25,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib
 
+from .batch import batch_layout
 from .errors import GptError
+from .presets import hub_ids
 from .registry import TASKS, TRACKERS, Registry
 
 DEFAULT_PROJECT_FILE = "run.toml"
@@ -238,13 +240,14 @@ class TrainConfig(Section):
     peak_tflops: float = doc("Peak TFLOP/s of one accelerator for MFU; 0 looks the GPU up by name (dense bf16 figures).", 0.0,
                              at_least=0)
     init_from: Optional[str] = doc("Start from these weights, not a random init: a model dir (`gpt load-hf`'s, or a run's "
-                                   "model/), a run dir, or a name gpt load-hf fetches (gpt2, gpt2-medium, gpt2-large, "
-                                   "gpt2-xl, distilgpt2, openai-gpt); [model] comes from its config. A resumed run "
-                                   "continues from its own checkpoints.", None)
+                                   f"model/), a run dir, or a name gpt load-hf fetches ({', '.join(hub_ids())}); "
+                                   "[model] comes from its config. A resumed run continues from its own checkpoints.",
+                                   None)
     init_from_sha256: Optional[str] = doc("The sha256 init_from's weights file must have; unset: not checked "
                                           "(config.resolved.toml records the one used).", None)
-    memory_check: bool = doc("On a GPU, refuse to start when the planned memory per GPU exceeds its free memory "
-                             "(false: start anyway).", True)
+    memory_check: bool = doc("Refuse to start when the planned memory does not fit: per GPU against its free memory, "
+                             "on the CPU each rank of this machine against its share of the free memory (false: "
+                             "start anyway).", True)
 
     def check(self) -> None:
         if self.min_lr > self.lr:
@@ -343,10 +346,10 @@ class Project:
         if seq_len > model.block_size and model.position == "learned":
             raise ConfigError(f"train.seq_len ({seq_len}) exceeds model.block_size ({model.block_size}): learned "
                               "positions (model.position) cover block_size tokens only.")
-        per_sequence_step = train.micro_batch_size * seq_len
-        if train.global_batch_tokens % per_sequence_step:
-            raise ConfigError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
-                              f"train.micro_batch_size × seq_len = {train.micro_batch_size} × {seq_len}.")
+        try:
+            batch_layout(train, seq_len)  # the ranks are not known yet: what holds for any number of them
+        except GptError as error:
+            raise ConfigError(str(error)) from None
 
     def check_registered(self) -> None:
         """Each tracker and task named is registered or a reference (a file's beside the project file); nothing

@@ -258,29 +258,17 @@ def dataset_tokens(name: str, split: str, column: str, tokenizer, max_tokens: in
     return tokenize_for_scoring("\n\n".join(texts), tokenizer, max_tokens, label)
 
 
-def shard_sequences(data_dir: Path | str, split: str, tokenizer, max_tokens: int = 0) -> list[np.ndarray]:
-    """The memory-mapped shards of one split, each one sequence, cut so at most max_tokens are scored."""
-    from .data.shards import open_prepared
+def split_sequences(project: Project, split: str, tokenizer, max_tokens: int = 0) -> tuple[list[np.ndarray], str]:
+    """One split of the project's data source, as the source cuts it into sequences to score (a prepared dir:
+    each shard one sequence, memory-mapped), at most max_tokens of it scored; and its name."""
+    from .data.source import open_source
 
-    prepared = open_prepared(data_dir)
-    prepared.check_fits(tokenizer.fingerprint, tokenizer.vocab_size)
-    shards = prepared.splits.get(split, [])
-    if not any(s.num_tokens for s in shards):
-        raise GptError(f"{data_dir} has no {split} tokens to score (see [data] val_fraction, or use --split train).")
-    sequences, budget = [], max_tokens
-    for shard in shards:
-        tokens = shard.tokens
-        if max_tokens > 0:
-            if budget <= 0:
-                break
-            tokens = tokens[: budget + 1]
-            budget -= len(tokens) - 1
-        if len(tokens) and int(tokens.max()) >= tokenizer.vocab_size:  # the shard changed after it was written
-            raise GptError(f"Shard {shard.path} holds token id {int(tokens.max())}, outside the vocabulary of "
-                           f"{tokenizer.vocab_size:,}: the shard is corrupt; check it with `gpt prepare --verify`.")
-        if len(tokens) >= 2:
-            sequences.append(tokens)
-    return sequences
+    source = open_source(project.data)
+    source.check_tokenizer(tokenizer.fingerprint, tokenizer.vocab_size)
+    if not source.tokens(split):
+        raise GptError(f"{source.description} has no {split} tokens to score (see [data] val_fraction, or use "
+                       "--split train).")
+    return source.sequences(split, tokenizer.vocab_size, max_tokens), f"{source.description} ({split})"
 
 
 # --- gpt eval --------------------------------------------------------------------------------------------
@@ -296,8 +284,7 @@ def eval_input(project: Project, tokenizer, *, dataset: Optional[str] = None,
         return [tokens], f"{dataset} ({dataset_split})"
     if settings.text:
         return [text_tokens(settings.text, tokenizer, settings.max_tokens)], settings.text
-    sequences = shard_sequences(project.data.dir, settings.split, tokenizer, settings.max_tokens)
-    return sequences, f"{project.data.dir} ({settings.split})"
+    return split_sequences(project, settings.split, tokenizer, settings.max_tokens)
 
 
 def evaluate_project(project: Project, *, checkpoint: Optional[Path] = None, device: str = "auto",

@@ -1,6 +1,7 @@
 """`gpt inspect-params`: parameter counts per component against the reference, FLOPs per token, the
 model-state memory each ZeRO stage needs per GPU, and, for the project's run, the planner's memory per GPU,
-micro batch and time (planner.py). Built on the meta device: no weights are allocated."""
+micro batch and time (the planner's). Counted from the configuration alone (planner/counts.py): nothing
+is built, and torch is not imported."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Optional, Union
 
 from .config import ModelConfig, Project, apply_overrides, load_project, project_file, project_from_dict
 from .errors import GptError
-from .planner import RunPlan, flops_per_token, zero_memory_per_gpu
-from .presets import PRESETS, Preset
+from .planner import RunPlan, flops_per_token, parameter_components, zero_memory_per_gpu
+from .presets import PRESETS, Preset, preset_for_shape
 
 
 @dataclass
@@ -42,21 +43,17 @@ class ParameterReport:
                 "customised_from": self.customised_from, **({"plan": plan_json(self.plan)} if self.plan else {})}
 
 
-def preset_shape(config: ModelConfig) -> tuple[Optional[Preset], Optional[str]]:
-    """(the preset whose shape this is, the preset it was customised from): a config that names a preset
-    but changes any architecture key of it (mlp_ratio included, though the preset does not list it) is
-    no longer that preset, and has no published count."""
-    preset = PRESETS.get(config.preset or "")
-    if preset is None:
-        return None, None
-    if project_from_dict({"model": {"preset": preset.name}}).model.architecture_dict() != config.architecture_dict():
-        return None, preset.name
-    return preset, None
+def named_preset(config: ModelConfig) -> tuple[Optional[Preset], Optional[str]]:
+    """(the preset the config names, when it has that preset's shape; the preset it was customised from,
+    when it names one and changed any architecture key of it): presets.preset_for_shape, read the way
+    inspect-params names a model. A config that names no preset is custom here, whatever its shape."""
+    shape, customised_from = preset_for_shape(config)
+    return (shape if shape is not None and shape.name == config.preset else None), customised_from
 
 
 def reference_for(config: ModelConfig) -> tuple[Optional[int], Optional[str]]:
     """The published count and its source, when the config has the shape of the preset it names."""
-    preset, customised_from = preset_shape(config)
+    preset, customised_from = named_preset(config)
     if preset is not None:
         return preset.reference, preset.source
     if customised_from is not None:
@@ -66,14 +63,12 @@ def reference_for(config: ModelConfig) -> tuple[Optional[int], Optional[str]]:
 
 def inspect_parameters(config: ModelConfig, gpus: int = 1, seq_len: Optional[int] = None,
                        name: Optional[str] = None) -> ParameterReport:
-    from .model import build_model, parameter_components
-
-    model = build_model(config, device="meta")
-    components = parameter_components(model)
+    """The counts of planner.parameter_components (from the configuration: nothing is built)."""
+    components = parameter_components(config)
     total = sum(components.values())
     seq_len = seq_len or config.block_size
     non_position = total - components["wpe (position embedding)"]
-    preset, customised_from = preset_shape(config)
+    preset, customised_from = named_preset(config)
     return ParameterReport(
         name=name or (preset.name if preset else "custom"), total=total,
         reference=preset.reference if preset else None, source=preset.source if preset else None,

@@ -1,6 +1,7 @@
 """What this machine can hold: sizes a user types (a context length, a number of samples) are checked
 against the memory there is before anything that large is allocated, so the answer is one sentence and not
-the kernel's out-of-memory kill (exit 137, no message) or a swap storm.
+the kernel's out-of-memory kill (exit 137, no message) or a swap storm. (Training asks the planner instead:
+train/command.check_fits holds its plan against available_memory.)
 
 The estimates are deliberately rough and err on the generous side: a refusal means the work clearly
 cannot fit, not that it might be tight.
@@ -51,35 +52,6 @@ def check_fits(needed: int, what: str, advice: str, device: str = "cpu", availab
 
 def gib(count: int) -> str:
     return f"{count / GIB:,.1f} GiB"
-
-
-def parameter_floor(model) -> int:
-    """At least this many parameters (model: a ModelConfig), without building the model: the embeddings,
-    the position table and each block's attention and MLP matrices (biases and norms left out)."""
-    width = model.n_embd
-    count = model.padded_vocab_size * width + (model.block_size * width if model.position == "learned" else 0)
-    return count + model.n_layer * (4 + 2 * model.mlp_ratio) * width * width
-
-
-def check_training_fits(project, local_ranks: int, device: str) -> None:
-    """Refuse a run whose model and batch clearly cannot fit, before any rank builds anything: on the CPU
-    each of the `local_ranks` ranks of this machine holds fp32 weights and gradients (8 bytes a parameter)
-    and they share Adam's two moments (8 more); every rank also keeps each block's input for backward.
-    On a GPU the floor is ZeRO-3's (16 bytes a parameter over all ranks) unless parameters are offloaded."""
-    model, train = project.model, project.train
-    seq_len = train.seq_len or model.block_size
-    parameters = parameter_floor(model)
-    activations = model.n_layer * train.micro_batch_size * seq_len * model.n_embd * 4
-    if device == "cpu":
-        needed = parameters * (8 * local_ranks + 8) + local_ranks * activations
-    elif project.deepspeed.offload_params:
-        return
-    else:
-        needed = parameters * 16 // max(1, local_ranks) + activations
-    check_fits(needed, f"Training this model (at least {parameters:,} parameters; micro_batch_size "
-                       f"{train.micro_batch_size} × seq_len {seq_len:,} per rank, {local_ranks} rank(s) here)",
-               "make the model smaller (model.block_size, n_embd, n_layer) or train.micro_batch_size / seq_len",
-               device)
 
 
 def check_generation_fits(config, rows: int, prompt_tokens: int, new_tokens: int, device: str) -> None:

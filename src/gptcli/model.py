@@ -421,28 +421,3 @@ def model_from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], *
     if tied:
         model.lm_head.weight = model.wte.weight  # assign=True replaced the shared Parameter; share it again
     return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
-
-
-def parameter_components(model: GPT) -> dict[str, int]:
-    """Parameter counts per component, tied head counted once, vocabulary padding left out."""
-    c = model.config
-    padding_rows = (c.padded_vocab_size - c.vocab_size) * c.n_embd
-
-    def numel(module: Optional[nn.Module]) -> int:
-        return sum(p.numel() for p in module.parameters()) if module is not None else 0
-
-    blocks = model.h
-    components = {
-        "wte (token embedding)": model.wte.weight.numel() - padding_rows,
-        "wpe (position embedding)": numel(model.wpe),
-        "attention (all blocks)": sum(numel(b.attn) for b in blocks),
-        "mlp (all blocks)": sum(numel(b.mlp) for b in blocks),
-        "layernorms (all blocks)": sum(numel(b.ln_1) + numel(b.ln_2) for b in blocks),
-        "ln_f (final norm)": numel(model.ln_f),
-        "lm_head": 0 if c.tie_embeddings else model.lm_head.weight.numel() - padding_rows,
-    }
-    return components
-
-
-def count_parameters(model: GPT) -> int:
-    return sum(parameter_components(model).values())

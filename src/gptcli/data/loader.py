@@ -20,7 +20,7 @@ saving those two numbers restores exactly the batches a run would have seen.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -44,9 +44,9 @@ class Cursor:
         return cls(epoch=int(values["epoch"]), position=int(values["position"]))
 
 
-def check_compatible(data: PreparedData, fingerprint: Optional[str], model_vocab_size: int) -> None:
-    """Training refuses shards of another tokenizer or a larger vocabulary (PreparedData.check_fits)."""
-    data.check_fits(fingerprint, model_vocab_size)
+def window_count(tokens: int, seq_len: int) -> int:
+    """Windows of a stream of `tokens`: each needs seq_len + 1 tokens, and they start at 0, T, 2T, ..."""
+    return max(tokens - 1, 0) // seq_len
 
 
 class BatchLoader:
@@ -60,8 +60,7 @@ class BatchLoader:
         self.vocab_size = data.vocab_size
         sizes = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(sizes)])  # stream position where each shard begins
-        # A window needs T + 1 tokens; starts are 0, T, 2T, ...
-        self.num_windows = int(max(self.shard_starts[-1] - 1, 0) // seq_len)
+        self.num_windows = window_count(int(self.shard_starts[-1]), seq_len)
         self.global_batch = micro_batch_size * world_size
         # An optimizer step: micro steps × the global batch of one (gradient accumulation).
         self.windows_per_step = windows_per_step or self.global_batch
@@ -74,6 +73,7 @@ class BatchLoader:
                            f"{self.windows_per_step} sequences × {seq_len + 1} tokens over {world_size} rank(s).")
         self.cursor = Cursor()
         self.micro = 0  # micro batches of the current optimizer step handed out so far
+        self.observers: list[Callable[[dict], None]] = []
         self._order_epoch: Optional[int] = None
         self._order: Optional[np.ndarray] = None
 
@@ -134,7 +134,13 @@ class BatchLoader:
         chosen = self.order(self.cursor.epoch)[begin: begin + self.batch]
         self.cursor = Cursor(self.cursor.epoch, self.cursor.position + self.global_batch)
         self.micro = (self.micro + 1) % self.micro_steps_per_step
+        for observer in self.observers:
+            observer({"epoch": self.cursor.epoch, "windows": [int(i) for i in chosen]})
         return chosen
+
+    def observe(self, observer: Callable[[dict], None]) -> None:
+        """Call `observer` with {"epoch", "windows"} for every micro batch of window indices handed out."""
+        self.observers.append(observer)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs (B, T), targets (B, T)) as int64 CPU tensors."""

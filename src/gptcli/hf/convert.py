@@ -23,6 +23,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig, project_from_dict
 from ..errors import GptError
+from ..presets import preset_for_shape
 from .source import HFSource, HFWeights
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -69,7 +70,8 @@ def model_config_from_hf(hf: dict, family: str) -> ModelConfig:
         config = project_from_dict({"model": values}).model
     except ConfigError as error:
         raise GptError(f"config.json does not describe a model gptcli can build: {error}") from None
-    return dataclasses.replace(config, preset=matching_preset(config))
+    shape, _ = preset_for_shape(config)  # named, so that the count is checked against its reference
+    return dataclasses.replace(config, preset=shape.name if shape else None)
 
 
 def refuse_gpt2_options(hf: dict) -> None:
@@ -80,17 +82,6 @@ def refuse_gpt2_options(hf: dict) -> None:
         if value != supported:
             raise GptError(f"config.json sets {key} = {json.dumps(value)}, which gptcli's GPT-2 does not "
                            f"implement (it needs {json.dumps(supported)}).")
-
-
-def matching_preset(config: ModelConfig) -> Optional[str]:
-    """The preset with exactly this architecture, so the count can be checked against its reference."""
-    from ..presets import PRESETS
-
-    for name in PRESETS:
-        preset_config = project_from_dict({"model": {"preset": name}}).model
-        if preset_config.architecture_dict() == config.architecture_dict():
-            return name
-    return None
 
 
 # --- tensors → model ------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def load_hf(source: str, out: Path | str, verify: bool = False, force: bool = Fa
 
 def convert_into(source: str, out: Path, verify: bool) -> LoadReport:
     from ..inspect import reference_for
-    from ..model import count_parameters
+    from ..planner import parameter_components
     from ..modeldir import MODEL_DIR, load_model_dir, write_model_files
 
     hf = resolve_source(source)
@@ -94,8 +94,8 @@ def convert_into(source: str, out: Path, verify: bool) -> LoadReport:
         reference, _ = reference_for(config)
         report = LoadReport(out=out, family=hf.family, source=source, weights=[str(p) for p in hf.weights],
                             dtype=str(model.wte.weight.dtype).replace("torch.", ""),
-                            parameters=count_parameters(model), reference=reference, preset=config.preset,
-                            tokenizer=tokenizer.fingerprint, tokenizer_note=tokenizer_note)
+                            parameters=sum(parameter_components(config).values()), reference=reference,
+                            preset=config.preset, tokenizer=tokenizer.fingerprint, tokenizer_note=tokenizer_note)
         write_model_files(staging, model, tokenizer, metadata={"source": source})
         del model  # verify reads back what was written, so the file itself is what is proven
         if verify:

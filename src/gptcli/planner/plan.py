@@ -9,27 +9,28 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..batch import BatchLayout, batch_layout
 from ..config import ModelConfig, Project
 from ..errors import GptError
+from ..presets import family_of, preset_for_shape
 from .activations import ActivationEstimate, ActivationShape, activation_memory
 from .counts import flops_per_token, parameter_components
 from .gpus import Gpu
-from .states import ZERO_BUFFER_DEFAULTS, PhaseMemory, Training, model_state_phases
+from .states import ZERO_BUFFER_DEFAULTS, PhaseMemory, Training, held_parameters, model_state_phases
 
 # --- the training run as the project sets it up -----------------------------------------------------------------
 
-# Presets with GPT-2's 50,257-token vocabulary; on a GPU they train with 50,304 embedding rows.
-GPT2_VOCAB_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+# On a GPU the GPT-2 family's presets (family "gpt2" in presets.py) train with 50,304 embedding rows.
 GPU_VOCAB_MULTIPLE = 128
 
 
 def training_model(project: Project, device: str) -> ModelConfig:
-    """The model config a run trains: on a GPU, a GPT-2 preset left at vocab_multiple = 1 pads its
-    embedding to a multiple of 128 rows (50,257 → 50,304), so the vocabulary matmuls run on whole tensor-core
-    tiles. The padding rows are never looked up or predicted (logits are cut back to vocab_size), and
-    consolidation drops them, so counts, logits and the model dir are the same as without padding."""
+    """The model config a run trains: on a GPU, a preset of the GPT-2 family left at vocab_multiple = 1 pads
+    its embedding to a multiple of 128 rows (50,257 → 50,304), so the vocabulary matmuls run on whole
+    tensor-core tiles. The padding rows are never looked up or predicted (logits are cut back to vocab_size),
+    and consolidation drops them, so counts, logits and the model dir are the same as without padding."""
     model = project.model
-    if device == "cuda" and model.vocab_multiple == 1 and model.preset in GPT2_VOCAB_PRESETS:
+    if device == "cuda" and model.vocab_multiple == 1 and family_of(model.preset) == "gpt2":
         return dataclasses.replace(model, vocab_multiple=GPU_VOCAB_MULTIPLE)
     return model
 
@@ -42,39 +43,6 @@ def precision_for(project: Project, device: str, bf16_supported: bool = True) ->
     return precision
 
 
-@dataclass
-class BatchLayout:
-    """How one optimizer step is made of sequences."""
-
-    micro_batch_size: int
-    grad_accum_steps: int
-    world_size: int
-    seq_len: int
-
-    @property
-    def sequences_per_step(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.sequences_per_step * self.seq_len
-
-
-def batch_layout(project: Project, world_size: int) -> BatchLayout:
-    """micro × accumulation × ranks; with train.global_batch_tokens the accumulation is derived from it.
-    The loader checked seq_len and the batch without the ranks; how many ranks there are is known only now."""
-    train, seq_len = project.train, project.seq_len
-    accum = train.grad_accum_steps
-    if train.global_batch_tokens:
-        per_micro_step = train.micro_batch_size * seq_len * world_size
-        if train.global_batch_tokens % per_micro_step:
-            raise GptError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
-                           f"micro_batch_size × seq_len × ranks = {train.micro_batch_size} × {seq_len} × "
-                           f"{world_size} = {per_micro_step:,}.")
-        accum = train.global_batch_tokens // per_micro_step
-    return BatchLayout(train.micro_batch_size, accum, world_size, seq_len)
-
-
 def training_for(project: Project, device: str, ranks: int, precision: str,
                  checkpointing: Optional[bool] = None) -> Training:
     ds = project.deepspeed
@@ -84,6 +52,17 @@ def training_for(project: Project, device: str, ranks: int, precision: str,
                     offload_optimizer=ds.offload_optimizer and ds.zero_stage > 0, offload_params=ds.offload_params,
                     checkpointing=project.train.activation_checkpointing if checkpointing is None else checkpointing,
                     zero={k: v for k, v in zero.items() if k in ZERO_BUFFER_DEFAULTS and isinstance(v, (int, bool))})
+
+
+def resident_on_cpu(training: Training) -> Training:
+    """The run as the memory its tensors really take on the CPU. Linux gives a page memory when it is first
+    written, and DeepSpeed's reduce bucket (reduce_bucket_size elements whatever the model: 1.9 GiB in fp32
+    by default) is written only as far as one step's gradients fill it, so it counts here as at most the
+    model's parameters. Measured by peak RSS (fp32, ZeRO-1, one rank, torch 2.13, DeepSpeed 0.19): a nano
+    run grows by 0.55 GiB and tiny's by 1.9 GiB, where the plan says 0.34 and 1.7 GiB at the peak (Python's
+    and DeepSpeed's own memory make the rest); the whole bucket would have said 1.9 and 2.0 GiB."""
+    bucket = min(training.zero_setting("reduce_bucket_size"), held_parameters(training))
+    return dataclasses.replace(training, zero={**training.zero, "reduce_bucket_size": bucket})
 
 
 # --- memory per GPU -----------------------------------------------------------------------------------------------
@@ -166,13 +145,6 @@ def largest_micro_batch(training: Training, capacity: int, checkpointing: bool, 
     return low
 
 
-def layouts_for(per_rank_sequences: int, ranks: int, seq_len: int, largest: int) -> Optional[BatchLayout]:
-    """The largest micro batch up to `largest` that divides a rank's share of the step, and the
-    accumulation that makes up the rest (None when not even one sequence fits)."""
-    micro = next((m for m in range(min(largest, per_rank_sequences), 0, -1) if per_rank_sequences % m == 0), 0)
-    return BatchLayout(micro, per_rank_sequences // micro, ranks, seq_len) if micro else None
-
-
 # --- time -------------------------------------------------------------------------------------------------------
 
 # Model FLOPs utilisation assumed for a GPU run (`--mfu` and the live MFU replace it). Public GPT-2 124M
@@ -190,11 +162,12 @@ CPU_TRAINING_EFFICIENCY = 0.4
 # The seconds of `gpt train` besides its steps. CPU: measured by bench/train_startup.py on 2 shared cores
 # (docs/benchmarks.md): about 18 s to the first step (DeepSpeed's import 5 s, its engine 8 s) and 16 s
 # after the last (the final checkpoint, the consolidated model, loss.png); the first run on a machine also
-# compiles DeepSpeed's shared-memory communication op: 47 s measured on 2 idle cores (80 s of CPU time),
-# 261 s on busy ones. GPU (not measured here): the same parts with NCCL's start, and torch.compile, about a minute for
-# GPT-2 sized models.
+# compiles DeepSpeed's shared-memory communication op: OP_BUILD_SECONDS, measured by bench/train_startup.py
+# --op-build on 2 idle cores (80 s of CPU time; 261 s on busy ones), the one figure pre-flight, the set-up
+# lines and the build's own line state. GPU (not measured here): the same parts with NCCL's start, and
+# torch.compile, about a minute for GPT-2 sized models.
 STARTUP_SECONDS = {"cpu": 30.0, "cuda": 30.0}
-OP_BUILD_SECONDS = 50.0
+OP_BUILD_SECONDS = 47.0
 COMPILE_SECONDS = 60.0
 
 
@@ -224,15 +197,12 @@ def startup_seconds(device: str, compile_model: bool, op_build_pending: bool) ->
 def model_name(config: ModelConfig) -> str:
     """The preset's name only when the model has that preset's shape; otherwise "custom" (with the
     preset it started from, or the preset it happens to equal)."""
-    from ..presets import PRESETS
-
-    shape = config.architecture_dict()
-    if config.preset in PRESETS:
-        if preset_model(config.preset).architecture_dict() == shape:
-            return config.preset
-        return f"custom (changed from {config.preset})"
-    same = [name for name in PRESETS if preset_model(name).architecture_dict() == shape]
-    return f"custom (the shape of {same[0]})" if same else "custom"
+    shape, customised_from = preset_for_shape(config)
+    if customised_from is not None:
+        return f"custom (changed from {customised_from})"
+    if shape is None:
+        return "custom"
+    return shape.name if shape.name == config.preset else f"custom (the shape of {shape.name})"
 
 
 def preset_model(name: str, vocab_size: Optional[int] = None) -> ModelConfig:
@@ -298,34 +268,20 @@ class RunPlan:
         return None if self.capacity is None else self.memory.required <= self.capacity
 
 
-def per_rank_sequences(project: Project, ranks: int, seq_len: int) -> int:
-    """Sequences each rank runs per optimizer step: micro batch × accumulation, or a rank's share of
-    train.global_batch_tokens."""
-    train = project.train
-    if not train.global_batch_tokens:
-        return train.micro_batch_size * train.grad_accum_steps
-    per_step = seq_len * ranks
-    if train.global_batch_tokens % per_step:
-        raise GptError(f"train.global_batch_tokens ({train.global_batch_tokens:,}) is not a multiple of "
-                       f"seq_len × ranks = {seq_len} × {ranks} = {per_step:,}.")
-    return train.global_batch_tokens // per_step
-
-
-def chosen_micro_batch(micro_batch, per_rank: int, configured: int, largest: dict[bool, int],
-                       checkpointing: bool) -> int:
-    """The micro batch to plan: the configured one, a number given, or "auto" (the largest that fits and
-    divides a rank's share of the step)."""
+def chosen_layout(micro_batch, configured: BatchLayout, largest: dict[bool, int], checkpointing: bool) -> BatchLayout:
+    """The layout to plan: as configured, in micro batches of a number given, or "auto" (the largest micro
+    batch that fits and divides a rank's share of the step)."""
     if micro_batch is None:
         return configured
     if micro_batch == "auto":
         if not largest:
             raise GptError("--micro-batch auto needs the GPU's memory: give --gpu NAME or --gpu-memory SIZE.")
-        micro = next((m for m in range(min(largest[checkpointing], per_rank), 0, -1) if per_rank % m == 0), 0)
-        return micro or 1
+        return configured.in_micro_batches(max(1, largest[checkpointing]))
+    per_rank = configured.sequences_per_rank
     if per_rank % micro_batch:
         raise GptError(f"--micro-batch {micro_batch} does not divide the {per_rank} sequences each rank runs per "
                        "step (train.micro_batch_size × grad_accum_steps, or train.global_batch_tokens).")
-    return micro_batch
+    return configured.in_micro_batches(micro_batch)
 
 
 def steps_and_evaluations(project: Project, layout: BatchLayout, done: int) -> tuple[int, int, int]:
@@ -356,13 +312,15 @@ def plan_run(project: Project, *, device: str = "cuda", ranks: int = 1, precisio
     training = training_for(project, device, ranks, precision)
     if model is not None:
         training = dataclasses.replace(training, model=model, seq_len=min(training.seq_len, model.block_size))
-    per_rank = per_rank_sequences(project, ranks, training.seq_len)
+    if device == "cpu":
+        training = resident_on_cpu(training)
+    configured = batch_layout(project.train, training.seq_len, ranks)
+    per_rank = configured.sequences_per_rank
     largest = {} if capacity is None else {
         c: largest_micro_batch(training, capacity, c, context_counted=context_counted, per_rank=per_rank)
         for c in (False, True)}
-    micro = chosen_micro_batch(micro_batch, per_rank, min(project.train.micro_batch_size, per_rank), largest,
-                               training.checkpointing)
-    layout = BatchLayout(micro, max(1, per_rank // micro), ranks, training.seq_len)
+    layout = chosen_layout(micro_batch, configured, largest, training.checkpointing)
+    micro = layout.micro_batch_size
     steps, eval_tokens, done = steps_and_evaluations(project, layout, resume[1] if resume else 0)
     mfu = TYPICAL_MFU if mfu is None else mfu
     peak = peak_flops or (project.train.peak_tflops * 1e12 if project.train.peak_tflops else None) or (
@@ -378,7 +336,7 @@ def plan_run(project: Project, *, device: str = "cuda", ranks: int = 1, precisio
         memory=memory_plan(training, micro, grad_accum_steps=layout.grad_accum_steps, context_counted=context_counted),
         steps_done=done, resume_tag=resume[0] if resume else None, context_counted=context_counted,
         capacity=capacity, capacity_source=capacity_source, gpu=gpu, largest=largest,
-        suggestion=layouts_for(per_rank, ranks, training.seq_len, largest[training.checkpointing]) if largest else None,
+        suggestion=configured.in_micro_batches(largest[training.checkpointing]) if largest else None,
         rate=rate, rate_source=source, mfu=mfu if device == "cuda" else None,
         startup=startup_seconds(device, compile_model, op_build_pending))
 
@@ -386,13 +344,12 @@ def plan_run(project: Project, *, device: str = "cuda", ranks: int = 1, precisio
 def fitting_change(project: Project, plan: RunPlan) -> str:
     """The smallest change to the project that makes `plan` fit its capacity, in words with the keys to set:
     a smaller micro batch with more accumulation (the step unchanged), activation checkpointing, a higher
-    ZeRO stage, the optimizer state in CPU memory; or what is left when none does."""
+    ZeRO stage, on a GPU the optimizer state in CPU memory; or what is left when none does."""
     training, capacity = plan.training, plan.capacity
-    per_rank = plan.layout.micro_batch_size * plan.layout.grad_accum_steps
+    per_rank = plan.layout.sequences_per_rank
     for checkpointing in (training.checkpointing, True):
-        best = layouts_for(per_rank, training.ranks, training.seq_len,
-                           largest_micro_batch(training, capacity, checkpointing, context_counted=plan.context_counted,
-                                               per_rank=per_rank))
+        best = plan.layout.in_micro_batches(largest_micro_batch(training, capacity, checkpointing,
+                                                                context_counted=plan.context_counted, per_rank=per_rank))
         if best is not None:
             keys = [f"train.micro_batch_size = {best.micro_batch_size}"]
             if not project.train.global_batch_tokens:
@@ -404,6 +361,9 @@ def fitting_change(project: Project, plan: RunPlan) -> str:
         staged = dataclasses.replace(training, zero_stage=stage, checkpointing=True)
         if memory_plan(staged, 1, context_counted=plan.context_counted).required <= capacity:
             return f"deepspeed.zero_stage = {stage} with train.activation_checkpointing = true and a micro batch of 1"
+    if training.device == "cpu":  # offloading moves nothing there: the optimizer state is in CPU memory already
+        return ("none of micro batch 1, activation checkpointing and ZeRO-3 fits: fewer ranks, a shorter "
+                "train.seq_len or a smaller model (model.n_layer, n_embd, block_size)")
     offloaded = dataclasses.replace(training, zero_stage=3, checkpointing=True, offload_optimizer=True)
     if memory_plan(offloaded, 1, context_counted=plan.context_counted).required <= capacity:
         return ("deepspeed.zero_stage = 3 with deepspeed.offload_optimizer = true, activation checkpointing and a "

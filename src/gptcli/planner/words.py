@@ -31,7 +31,7 @@ def human_duration(seconds: float) -> str:
 
 def gib(size: float) -> str:
     """A size in GiB, or MiB below one GiB."""
-    return f"{size / GiB:.1f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB"
+    return f"{size / GiB:,.1f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB"
 
 
 def memory_line(plan: RunPlan) -> str:

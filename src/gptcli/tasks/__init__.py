@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import GptError, Stopped, UsageError
-from .benchmarks import Benchmark, Example, Published, Scored, aggregate, benchmark, record_key
+from ..presets import PRESETS, Published, preset_for_shape
+from .benchmarks import Benchmark, Example, Scored, aggregate, benchmark, record_key
 from .data import read_examples
 from .scoring import Group, encode_example, score_groups
 
@@ -48,13 +49,10 @@ class TaskResult:
 
 
 def gpt2_shape(config) -> Optional[str]:
-    """The GPT-2 size (preset name) whose architecture `config` has, or None."""
-    from ..config import project_from_dict
-
-    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-        if project_from_dict({"model": {"preset": name}}).model.architecture_dict() == config.architecture_dict():
-            return name
-    return None
+    """The preset whose architecture `config` has, whatever its `preset` key says, when that preset has
+    published scores (presets.py: the GPT-2 sizes); else None."""
+    shape, _ = preset_for_shape(config)
+    return shape.name if shape is not None and shape.scores else None
 
 
 def prepare_task(examples: list[Example], tokenizer, block_size: int,
@@ -148,7 +146,7 @@ def score_one(model, bench: Benchmark, groups: list[Group], source: str, shape: 
                       "reported") from None
     return TaskResult(name=bench.name, title=bench.title, source=source, examples=len(groups),
                       metrics=aggregate(bench, outcomes), higher_is_better=bench.higher_is_better,
-                      published=getattr(bench, "published", {}).get(shape, {}) if shape else {}, shape=shape,
+                      published=PRESETS[shape].scores.get(bench.name, {}) if shape else {}, shape=shape,
                       seconds=time.perf_counter() - start, scores=scores)
 
 

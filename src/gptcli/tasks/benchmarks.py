@@ -1,5 +1,5 @@
 """The benchmarks: how a record of each dataset becomes a context and its candidate continuations, how the
-scored continuations become metrics, and GPT-2's published scores.
+scored continuations become metrics. (GPT-2's published scores are the presets', presets.py.)
 
 A task is a `Benchmark` (or any object with its fields: docs/extending.md), found through the registry
 (`registry.TASKS`): the built-ins HELLASWAG and LAMBADA here, an installed package's entry point, or a
@@ -43,14 +43,6 @@ class Scored:
 
 
 @dataclass(frozen=True)
-class Published:
-    """A published score of a GPT-2 size, with where it comes from."""
-
-    value: float
-    source: str
-
-
-@dataclass(frozen=True)
 class Benchmark:
     """A zero-shot task: what gptcli reads of any task object (docs/extending.md, "Tasks")."""
 
@@ -63,7 +55,6 @@ class Benchmark:
     higher_is_better: dict[str, bool]
     headline: str  # the metric the training display shows
     hub: Optional[tuple[str, Optional[str], str]] = None  # the Hub dataset it reads without task data: id, config, split
-    published: dict[str, dict[str, Published]] = field(default_factory=dict)  # preset → metric → score
 
 
 # --- HellaSwag ----------------------------------------------------------------------------------------------
@@ -149,29 +140,18 @@ def shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-# Published zero-shot scores of OpenAI's GPT-2 checkpoints (sources in docs/generate-eval.md).
-LM_EVAL_GPT2 = "lm-evaluation-harness 0.4 hf backend, openai-community/gpt2"
-GPT2_PAPER = "GPT-2 paper, Table 3 (its own LAMBADA protocol, not lm-eval's)"
-
 HELLASWAG = Benchmark(
     name="hellaswag", title="HellaSwag", hub=("Rowan/hellaswag", None, "validation"),
     fields=("activity_label", "ctx_a", "ctx_b", "endings", "label"),
     example=hellaswag_example, outcomes=hellaswag_outcomes,
     metrics={"acc": "mean:acc", "acc_norm": "mean:acc_norm"},
     higher_is_better={"acc": True, "acc_norm": True}, headline="acc_norm",
-    published={"gpt2": {"acc": Published(0.2892, LM_EVAL_GPT2), "acc_norm": Published(0.3114, LM_EVAL_GPT2)}},
 )
 LAMBADA = Benchmark(
     name="lambada", title="LAMBADA (OpenAI)", hub=("EleutherAI/lambada_openai", "default", "test"),
     fields=("text",), example=lambada_example, outcomes=lambada_outcomes,
     metrics={"acc": "mean:acc", "perplexity": "perplexity:loglikelihood"},
     higher_is_better={"acc": True, "perplexity": False}, headline="acc",
-    published={
-        "gpt2": {"acc": Published(0.3256, LM_EVAL_GPT2), "perplexity": Published(40.0554, LM_EVAL_GPT2)},
-        "gpt2-medium": {"acc": Published(0.5548, GPT2_PAPER), "perplexity": Published(15.60, GPT2_PAPER)},
-        "gpt2-large": {"acc": Published(0.6012, GPT2_PAPER), "perplexity": Published(10.87, GPT2_PAPER)},
-        "gpt2-xl": {"acc": Published(0.6324, GPT2_PAPER), "perplexity": Published(8.63, GPT2_PAPER)},
-    },
 )
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Optional
 
 from ..config import DEFAULT_RESUME, Project, Resume, load_project
 from ..errors import GptError, Stopped
+from ..planner import gib, plan_run
 from .launching import launch
 
 
@@ -90,13 +91,26 @@ def check_out_dir(run_dir: Path) -> None:
             return
 
 
-def check_fits(project: Project, nproc: int) -> None:
-    """Before any rank starts: a model and batch that clearly cannot fit this machine are one sentence."""
-    from ..machine import check_training_fits
+def check_fits(project: Project, nproc: int, available: Optional[int] = None) -> None:
+    """Before any rank starts, on the CPU: the plan (planner.plan_run) of each rank of this machine against
+    its share of the memory this machine has free (`available`, else machine.available_memory); a run that
+    clearly cannot fit is one sentence naming the change that would. On a GPU each rank's pre-flight holds
+    the plan against its GPU's free memory. train.memory_check = false starts the run anyway."""
+    from ..machine import available_memory
     from .engine import device_type
+    from .preflight import check_memory
 
+    if not project.train.memory_check or device_type(project) != "cpu":
+        return
+    free = available_memory() if available is None else available
+    if free is None:
+        return
     local_ranks = max(nproc, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    check_training_fits(project, local_ranks, device_type(project))
+    ranks = max(local_ranks, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    source = (f"each of {local_ranks} ranks' share of the {gib(free)} this machine has free" if local_ranks > 1
+              else "what this machine has free")
+    check_memory(project, plan_run(project, device="cpu", ranks=ranks, capacity=free // local_ranks,
+                                   capacity_source=source))
 
 
 def next_commands(request: TrainRequest, project: Project) -> list[str]:

@@ -15,7 +15,8 @@ import torch
 
 from ..config import ModelConfig, Project
 from ..errors import GptError
-from ..planner import BatchLayout, batch_layout, precision_for, training_model  # noqa: F401
+from ..batch import BatchLayout
+from ..planner import precision_for, training_model  # noqa: F401
 from .launching.launch import free_port
 
 

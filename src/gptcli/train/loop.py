@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 import torch
 
+from ..batch import BatchLayout, batch_layout
 from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
 from .state import checkpoint, reshard
@@ -35,7 +36,7 @@ from .observing.chatter import LibraryLog
 from .state.consolidation import consolidate_only, hand_over
 from .state.continuation import Start, prepare
 from .observing.display import Display, show_overfit
-from .engine import (BatchLayout, batch_layout, compile_enabled, device_type, initialize, loop_clips_gradients,
+from .engine import (compile_enabled, device_type, initialize, loop_clips_gradients,
                      parameter_groups, precision_note, prepare_device, prepare_environment, resolve_precision,
                      training_model_config)
 from .faults import Faults, corrupt
@@ -44,7 +45,7 @@ from .launching.lock import RunDirClaim
 from .observing.metrics import MetricsWriter, csv_columns, model_flops_per_token, peak_flops, truncate_metrics
 from .launching.opbuild import prepare_cpu_comm_op
 from .observing.phases import deepspeed_phase, show_phase, training_starts
-from .preflight import evaluation_batch, preflight
+from .preflight import preflight
 from .prefetch import BatchPrefetcher, on_device, windows_of
 from .schedule import schedule_for
 from .launching.stopping import StopRequest
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     import deepspeed
 
     from ..data.loader import BatchLoader
+    from ..data.source import DataSource
     from ..tokenizer import Tokenizer
 
 __all__ = ["TrainOptions", "TrainResult", "train", "consolidate_only"]
@@ -154,8 +156,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     import deepspeed
     import deepspeed.comm as dist
 
-    from ..data.loader import check_compatible
-    from ..data.shards import open_prepared
+    from ..data.source import open_source
     from ..tokenizer import load_tokenizer
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -164,11 +165,11 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     prepare_device(device)
     show_phase(f"reading the shards in {project.data.dir}")
     tokenizer = load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
-    data = open_prepared(project.data.dir)
-    check_compatible(data, tokenizer.fingerprint, project.model.vocab_size)
-    layout = batch_layout(project, world)
+    source = open_source(project.data)
+    source.check_tokenizer(tokenizer.fingerprint, project.model.vocab_size)
+    layout = batch_layout(project.train, project.seq_len, world)
     seed = project.project.seed
-    loader, val_loader = make_loaders(project, data, layout, rank, options.overfit_batch)
+    loader, val_loader = make_loaders(project, source, layout, rank, options.overfit_batch)
     probes.watch_loader(loader, rank)
     model_config = training_model_config(project, device)
     seed_everything(seed)  # the same initial weights on every rank
@@ -246,26 +247,19 @@ def build(config: ModelConfig, start: Start, device: str) -> tuple[torch.nn.Modu
     return model.to(where), weights
 
 
-def make_loaders(project: Project, data, layout: BatchLayout, rank: int,
+def make_loaders(project: Project, source: "DataSource", layout: BatchLayout, rank: int,
                  overfit: bool) -> tuple["BatchLoader", Optional["BatchLoader"]]:
-    """The train loader (seeded order) and the val loader (file order), or None without val shards."""
-    from ..data.loader import BatchLoader
-
-    seed, world = project.project.seed, layout.world_size
-    loader = BatchLoader(data, "train", layout.micro_batch_size, layout.seq_len, rank=rank, world_size=world,
-                         seed=seed, shuffle=project.train.shuffle, windows_per_step=layout.sequences_per_step)
+    """The data source's train loader (seeded order) and val loader (file order), or None without a val
+    split to evaluate on."""
+    seed = project.project.seed
+    loader = source.train_loader(layout, rank, seed, project.train.shuffle)
     if not project.train.eval_every or overfit:
         return loader, None
-    if data.num_tokens("val") == 0:
+    if source.tokens("val") == 0:
         if rank == 0:
-            print(f"note: {data.directory} has no val shards; evaluation is off.", file=sys.stderr)
+            print(f"note: {source.description} has no val shards; evaluation is off.", file=sys.stderr)
         return loader, None
-    # A val split smaller than one batch is evaluated on what it holds (pre-flight said so).
-    batch = evaluation_batch(data.num_tokens("val"), layout.seq_len, layout.micro_batch_size, world)
-    if batch == 0:
-        return loader, None
-    return loader, BatchLoader(data, "val", batch, layout.seq_len, rank=rank, world_size=world, seed=seed,
-                               shuffle=False)
+    return loader, source.val_loader(layout, rank, seed)  # pre-flight said when the val split is small
 
 
 def seed_everything(seed: int) -> None:

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from ..config import Project
 from ..errors import GptError
+from ..presets import preset_for_shape
 from ..rundir import MODEL_DIR
 from ..planner import (CPU_TRAINING_EFFICIENCY, RunPlan, fitting_change, gib, human_count, human_duration,
                        memory_line, plan_run, preset_model)
@@ -92,35 +93,22 @@ def finished_message(project: Project, point: Optional[tuple[str, dict]]) -> Opt
             f"To train further, {further}; to start over, --restart.")
 
 
-def evaluation_batch(val_tokens: int, seq_len: int, micro_batch: int, ranks: int) -> int:
-    """Sequences per rank of an evaluation micro batch: the training micro batch, or fewer when the val
-    split holds fewer windows than one batch on every rank (evaluate on what there is); 0 when it does not
-    hold one window per rank."""
-    windows = max(val_tokens - 1, 0) // seq_len
-    return min(micro_batch, windows // ranks)
-
-
 def check_data(project: Project, plan: RunPlan) -> list[str]:
-    """The shards against the batch: a train split smaller than one step's micro batch is refused; a val
+    """The data source against the batch: a train split smaller than one step's micro batch is refused; a val
     split smaller than one evaluation batch is evaluated on what there is. Returns notes to print."""
-    from ..data.shards import open_prepared
+    from ..data.source import open_source
 
-    data, layout = open_prepared(project.data.dir), plan.layout
-    seq_len, ranks, micro = layout.seq_len, layout.world_size, layout.micro_batch_size
-    train_windows = max(data.num_tokens("train") - 1, 0) // seq_len
-    if train_windows < micro * ranks:
-        raise GptError(f'The "train" split of {data.directory} has {data.num_tokens("train"):,} tokens: fewer than '
-                       f"one batch of {micro} sequences × {seq_len + 1} tokens on each of {ranks} rank(s); lower "
-                       "train.micro_batch_size or train.seq_len, or prepare more text.")
-    if not project.train.eval_every or data.num_tokens("val") == 0:
+    source, layout = open_source(project.data), plan.layout
+    source.check_train_batch(layout)
+    if not project.train.eval_every or source.tokens("val") == 0:
         return []  # evaluation off, or no val shards (the loop says so)
-    batch = evaluation_batch(data.num_tokens("val"), seq_len, micro, ranks)
+    batch, micro = source.evaluation_batch(layout), layout.micro_batch_size
     if batch == micro:
         return []
-    have = f'the "val" split of {data.directory} holds {data.num_tokens("val"):,} tokens'
+    have = f'the "val" split of {source.description} holds {source.tokens("val"):,} tokens'
     if batch == 0:
-        return [f"note: {have}, less than one sequence of {seq_len + 1} tokens per rank: evaluation is off (a larger "
-                "data.val_fraction in `gpt prepare`, or a smaller train.seq_len, turns it on)."]
+        return [f"note: {have}, less than one sequence of {layout.seq_len + 1} tokens per rank: evaluation is off "
+                "(a larger data.val_fraction in `gpt prepare`, or a smaller train.seq_len, turns it on)."]
     return [f"note: {have}: evaluation runs micro batches of {batch} sequences, not {micro} (a larger "
             "data.val_fraction in `gpt prepare` gives it more)."]
 
@@ -159,14 +147,14 @@ class Machine:
 
 def this_machine(project: Project, device: str, measure_cpu: Callable[[], float]) -> Machine:
     from .engine import resolve_precision
-    from .observing.phases import cpu_comm_op_built
+    from .launching.opbuild import op_is_built
 
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     machine = Machine(device, ranks, resolve_precision(project, device))
     if device == "cpu":
         # Rank 0 speaks for all; each rank has its own share of the cores (the CPU launcher splits them).
         machine.cpu_flops = measure_cpu() if os.environ.get("RANK", "0") == "0" else None
-        machine.op_build_pending = cpu_comm_op_built() is False
+        machine.op_build_pending = op_is_built() is False
         return machine
     import torch
 
@@ -191,12 +179,14 @@ def plan_on(project: Project, machine: Machine, resume: Optional[tuple[str, dict
 
 
 def check_memory(project: Project, plan: RunPlan) -> None:
-    """On a GPU: refuse a run whose plan does not fit the free memory, naming the change that would."""
+    """Refuse a run whose plan does not fit its capacity (a GPU's free memory; on the CPU a rank's share of
+    what this machine has free, train.command.check_fits), naming the change that would."""
     if plan.capacity is None or plan.fits or not project.train.memory_check:
         return
     terms = sorted(plan.memory.peak_phase.terms.items(), key=lambda item: -item[1])[:2]
     largest = " and ".join(f"{term} {gib(size)}" for term, size in terms)
-    raise GptError(f"This run needs about {gib(plan.memory.required)} per GPU ({largest} at micro batch "
+    per = "per GPU" if plan.training.device == "cuda" else "per rank"
+    raise GptError(f"This run needs about {gib(plan.memory.required)} {per} ({largest} at micro batch "
                    f"{plan.layout.micro_batch_size}) but {gib(plan.capacity)} is {plan.capacity_source}: "
                    f"{fitting_change(project, plan)} would fit; or --set train.memory_check=false to start anyway.")
 
@@ -262,8 +252,8 @@ def describe(project: Project, plan: RunPlan, small_plans: Optional[dict[str, Ru
     ranks = f"{training.ranks} rank{'s' if training.ranks != 1 else ''}"
     lines = []
     if project.source is None:
-        gpt2_sized = preset_model("gpt2").architecture_dict() == project.model.architecture_dict()
-        model = "GPT-2 124M" if gpt2_sized else f"model {plan.model_name}"
+        shape, _ = preset_for_shape(project.model)
+        model = "GPT-2 124M" if shape is not None and shape.name == "gpt2" else f"model {plan.model_name}"
         lines.append(f"no run.toml: using the built-in defaults, {model}, data from {project.data.dir}, run dir "
                      f"{project.project.out_dir}; `gpt init --preset nano` writes a project file sized for a laptop.")
     lines.append(f"gpt train: model {plan.model_name}, {plan.parameters:,} parameters ({human_count(plan.parameters)}) "

@@ -1,6 +1,6 @@
 """DeepSpeed's CPU communication op, built so that a kill or a Ctrl-C never blocks the next run.
 
-DeepSpeed compiles `deepspeed_shm_comm` the first time a machine trains on the CPU (about a minute), through
+DeepSpeed compiles `deepspeed_shm_comm` the first time a machine trains on the CPU (build_time()), through
 torch's extension builder: `ninja` and the compiler run in the op's build dir under a lock file torch
 creates there (TORCH_EXTENSIONS_DIR/.../deepspeed_shm_comm/lock) and every later load waits on for as
 long as it exists, saying nothing. A build killed halfway (kill -9, Ctrl-C) used to leave both behind:
@@ -63,6 +63,21 @@ def op_built(directory: Path) -> bool:
     return bool(glob.glob(str(directory / f"{OP_NAME}*.so")))
 
 
+def op_is_built() -> Optional[bool]:
+    """Whether the op is built where torch builds it (None: that cannot be told, without a build dir)."""
+    try:
+        return op_built(build_directory())
+    except GptError:
+        return None
+
+
+def build_time() -> str:
+    """How long the build takes, in words: the planner's measured figure (OP_BUILD_SECONDS)."""
+    from ...planner import plan
+
+    return f"about {plan.OP_BUILD_SECONDS:.0f} s on 2 idle cores"
+
+
 def prepare_cpu_comm_op(say: Say, directory: Optional[Path] = None) -> None:
     """Every rank, before DeepSpeed starts on the CPU: the op is built, and no lock of a dead build is left."""
     import deepspeed.ops
@@ -76,7 +91,7 @@ def prepare_cpu_comm_op(say: Say, directory: Optional[Path] = None) -> None:
     try:
         clear_torch_lock(directory, say)
         if not op_built(directory):
-            say(f"building DeepSpeed's CPU communication op in {directory} (about a minute, once per machine)")
+            say(f"building DeepSpeed's CPU communication op in {directory} ({build_time()}, once per machine)")
             build_in_helper(directory)
     finally:
         lock.release()

@@ -7,11 +7,11 @@ others stay quiet. (The answer to Ctrl-C or SIGTERM is stopping.py's.)
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 import time
-from typing import Optional
+
+from ..launching.opbuild import build_time, op_is_built
 
 # `gpt train` imports the training modules right after reading the project: the clock of the phase lines.
 STARTED = time.monotonic()
@@ -31,24 +31,10 @@ def deepspeed_phase(device: str) -> str:
     """The line for DeepSpeed's start, warning of the communication op a first CPU run compiles."""
     if device != "cpu":
         return "starting DeepSpeed (NCCL)"
-    if cpu_comm_op_built() is False:
+    if op_is_built() is False:
         return ("starting DeepSpeed (gloo); this first run on this machine compiles DeepSpeed's CPU "
-                "communication op, about 45 s on 2 free cores, once")
+                f"communication op, {build_time()}, once")
     return "starting DeepSpeed (gloo)"
-
-
-def cpu_comm_op_built() -> Optional[bool]:
-    """Whether DeepSpeed's shared-memory comm op is already in torch's extension cache (None: unknown)."""
-    try:
-        from torch.utils.cpp_extension import get_default_build_root
-    except ImportError:
-        return None
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    # torch keeps one cache per Python and build flavour: ROOT/py311_cpu/NAME/NAME.so (or ROOT/NAME/...).
-    patterns = [os.path.join(root, f"{python}*", "deepspeed_shm_comm", "deepspeed_shm_comm*.so"),
-                os.path.join(root, "deepspeed_shm_comm", "deepspeed_shm_comm*.so")]
-    return any(glob.glob(pattern) for pattern in patterns)
 
 
 def training_starts(run, stop) -> None:

@@ -1,8 +1,9 @@
 """What tests read from inside a run, through GPTCLI_PROBE_DIR (off, and free, when it is unset):
 
-    windows-rank<R>.jsonl     one line per micro batch this rank's loader hands out, in order:
-                              {"epoch": E, "windows": [window indices]} (read ahead: a run that stops
-                              may list a micro batch or two it never trained on)
+    windows-rank<R>.jsonl     one line per micro batch this rank's loader hands out, in order, as the
+                              data source's loader describes it: for a prepared dir {"epoch": E,
+                              "windows": [window indices]} (read ahead: a run that stops may list a
+                              micro batch or two it never trained on)
     state-<event>-step<N>.pt  rank 0, after the checkpoint of step N is saved (event "saved"), right
                               after it is loaded ("loaded"), or once init_from's weights are in the engine
                               ("initialized", step 0): every parameter's full fp32 master and Adam moments
@@ -30,21 +31,19 @@ def probe_dir() -> Optional[Path]:
 
 
 def watch_loader(loader, rank: int) -> None:
-    """Record the window indices of every micro batch `loader` hands out (see the module doc)."""
+    """Record what every micro batch `loader` (a data source's) hands out, as its `observe` describes it
+    (see the module doc)."""
     directory = probe_dir()
     if directory is None:
         return
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"windows-rank{rank}.jsonl"
-    next_windows = loader.next_windows
 
-    def recorded():
-        chosen = next_windows()
+    def record(handed_out: dict) -> None:
         with open(path, "a") as handle:
-            handle.write(json.dumps({"epoch": loader.cursor.epoch, "windows": [int(i) for i in chosen]}) + "\n")
-        return chosen
+            handle.write(json.dumps(handed_out) + "\n")
 
-    loader.next_windows = recorded
+    loader.observe(record)
 
 
 def dump_state(engine, event: str, step: int, rank: int) -> None:

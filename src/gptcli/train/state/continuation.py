@@ -118,12 +118,12 @@ def continue_weights(start: Start) -> None:
 
 
 def check_tokenizer(source: WeightsSource, project: Project) -> None:
-    from ...data.shards import open_prepared
+    from ...data.source import open_source
 
-    data = open_prepared(project.data.dir)
+    data = open_source(project.data)
     if data.fingerprint != source.tokenizer_fingerprint:
         raise GptError(f'train.init_from "{source.name}" was trained with the {source.tokenizer_name} tokenizer '
-                       f"({source.tokenizer_fingerprint}), but the shards in {data.directory} were made with "
+                       f"({source.tokenizer_fingerprint}), but the shards in {data.description} were made with "
                        f"{data.fingerprint}; prepare the data with the model's tokenizer.")
 
 
@@ -158,14 +158,14 @@ def keep_batch(project: Project, start: Start, client: dict) -> Project:
     """Resuming with the batch settings the checkpoint was trained with, but on other ranks: keep its
     sequences per optimizer step by adapting the accumulation. Settings changed since: the project decides,
     as on a resume with the same ranks."""
-    from ..engine import batch_layout
+    from ...batch import batch_layout
 
     saved = saved_sequences_per_step(client, project)
     recorded = client.get("batch_settings")  # older checkpoints have none: they resumed on the same ranks only
     unchanged = start.ranks_changed if recorded is None else recorded == start.batch_settings
     if saved is None or not unchanged:
         return project
-    layout = batch_layout(project, start.ranks)
+    layout = batch_layout(project.train, project.seq_len, start.ranks)
     start.saved_accumulation = saved // (project.train.micro_batch_size * start.saved_ranks)
     if layout.sequences_per_step == saved:
         return project

@@ -24,12 +24,10 @@ import torch
 
 from ...config import ModelConfig
 from ...errors import GptError
+from ...presets import hub_ids
 
 if TYPE_CHECKING:
     from ...hf.source import HFSource
-
-# The names `gpt load-hf` downloads by name: GPT-2's family and GPT-1 (hf/source.py, presets.py).
-HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2", "openai-gpt")
 
 
 @dataclass
@@ -61,10 +59,10 @@ def find_source(init_from: str) -> WeightsSource:
         tokenizer = load_from_model_dir(model_dir)
         return WeightsSource(init_from, str(model_dir), [model_dir / WEIGHTS_FILE], read_model_config(model_dir),
                              tokenizer.fingerprint, tokenizer.name)
-    if init_from in HUB_NAMES:
+    if init_from in hub_ids():
         return hub_source(init_from)
     raise GptError(f'train.init_from "{init_from}" is neither a path that exists nor a model gpt load-hf fetches '
-                   f"({', '.join(HUB_NAMES)}).")
+                   f"({', '.join(hub_ids())}).")
 
 
 def hub_source(name: str) -> WeightsSource:
