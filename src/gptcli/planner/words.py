@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ..optimizers import ADAMW, OptimizerSpec
 from .gpus import GiB
 from .plan import RunPlan
-
 
 
 # --- in words -----------------------------------------------------------------------------------------------------
@@ -32,6 +32,11 @@ def human_duration(seconds: float) -> str:
 def gib(size: float) -> str:
     """A size in GiB, or MiB below one GiB."""
     return f"{size / GiB:.1f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB"
+
+
+def model_state_title(gpus: int, optimizer: OptimizerSpec = ADAMW) -> str:
+    """The title of inspect-params' table of textbook model-state memory (states.zero_memory_per_gpu)."""
+    return f"model-state memory per GPU, mixed-precision {optimizer.shown}, {gpus} GPU(s)"
 
 
 def memory_line(plan: RunPlan) -> str:
