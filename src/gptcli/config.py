@@ -49,6 +49,11 @@ class ConfigError(GptError):
     """A project file or override that does not fit the schema."""
 
 
+class UnknownReference(ConfigError):
+    """A key that names a registered thing (REGISTERED_KEYS) names none this Python has: not built in, not
+    installed, not importable, or a file that is not there."""
+
+
 class Section:
     """Base of every [section] dataclass. Building one checks each value against its annotation
     (type, choices, finiteness, range; see `_coerce`) and then the section's cross-field rules (`check`),
@@ -381,7 +386,7 @@ class Project:
                 try:
                     registry.check(value, f"{section}.{key}", base)
                 except GptError as error:
-                    raise ConfigError(str(error)) from None
+                    raise UnknownReference(str(error)) from None
                 absolute = reference_file(match.group("file"), base).absolute()
                 setattr(values, key, f"{absolute}:{match.group('attr')}")
 
@@ -407,7 +412,7 @@ def check_registered(registry: Registry, where: str, value: str) -> None:
     try:
         registry.check(value, where)
     except GptError as error:
-        raise ConfigError(str(error)) from None
+        raise UnknownReference(str(error)) from None
 
 
 def section_names() -> list[str]:

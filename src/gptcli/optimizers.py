@@ -168,8 +168,8 @@ def grouped_names(spec: OptimizerSpec, parameters: Sequence[NamedShape], train) 
                 for name in expected if counts.get(name, 0) != 1]
     problems += [f"{name}, which the model does not have" for name in counts if name not in set(expected)]
     if problems:
-        raise GptError(f'The optimizer "{spec.name}" groups the parameters wrongly: {", ".join(problems[:6])}'
-                       f"{' ...' if len(problems) > 6 else ''}.")
+        more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
+        raise GptError(f'The optimizer "{spec.name}" groups the parameters wrongly: {", ".join(problems[:6])}{more}.')
     return groups
 
 

@@ -142,10 +142,19 @@ def optimizer_note(project: Project, spec: OptimizerSpec) -> Optional[str]:
             f"{', '.join(spec.train_keys)}{' and train.optimizer_options' if spec.options else ''}).")
 
 
-def is_deepspeed_cpu_adam(optimizer) -> bool:
+def optimizer_settings(project: Project, optimizer) -> dict:
+    """What DeepSpeed must be told to take an optimizer it does not know (a plugin's): ZeRO refuses one it
+    has not tested unless allowed, and ZeRO-Offload one that is not its CPU Adam unless told (the plugin's
+    step then runs on the CPU copies, as its builder was told: Placement.offload)."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
 
-    return isinstance(optimizer, DeepSpeedCPUAdam)
+    settings: dict = {}
+    if project.deepspeed.zero_stage > 0 and not is_zero_supported_optimizer(optimizer):
+        settings["zero_allow_untested_optimizer"] = True
+    if project.deepspeed.offload_optimizer and not isinstance(optimizer, DeepSpeedCPUAdam):
+        settings["zero_force_ds_cpu_optimizer"] = False
+    return settings
 
 
 def compile_enabled(project: Project, device: str) -> bool:
@@ -179,10 +188,7 @@ def initialize(project: Project, model: torch.nn.Module, layout: BatchLayout, pr
     if load_universal:
         config = merge(config, {"checkpoint": {"load_universal": True}})
     optimizer = make_optimizer(model, project, device)
-    if project.deepspeed.offload_optimizer and not is_deepspeed_cpu_adam(optimizer):
-        # DeepSpeed refuses any other optimizer over offloaded state unless told; a plugin's step then runs
-        # on the CPU copies, as its builder was told (Placement.offload).
-        config = merge(config, {"zero_force_ds_cpu_optimizer": False})
+    config = merge(config, optimizer_settings(project, optimizer))
     try:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     except (AssertionError, ValueError) as error:
