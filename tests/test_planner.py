@@ -404,6 +404,7 @@ def test_inspect_params_human_plan_and_its_options():
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     assert "memory per GPU at the peak" in text and "does not fit" in text and "2 GPU(s)" in text
+    assert "bf16, AdamW, ZeRO stage 1" in text and "mixed-precision AdamW, 2 GPU(s)" in text  # the spec's words
     assert "45% MFU" not in text  # no peak FLOP/s without a GPU from the table: no time
     assert "time: give --gpu NAME" in text
     assert_user_error(run_gpt("inspect-params", "gpt2", "--gpu", "H10"), 'Unknown GPU "H10"', "H100-SXM")

@@ -207,10 +207,9 @@ def pattern_mask(pattern: AttentionPattern, context: MaskContext) -> torch.Tenso
     """A pattern's mask for SDPA (B|1, 1, T, S), checked: boolean, over these queries and keys."""
     mask = pattern.mask(context)
     expected = (context.queries.numel(), context.keys.numel())
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape[-2:]) != expected \
-            or mask.dim() not in (2, 3):
-        shown = f"a {mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else \
-            type(mask).__name__
+    tensor = isinstance(mask, torch.Tensor)
+    if not (tensor and mask.dtype == torch.bool and mask.dim() in (2, 3) and tuple(mask.shape[-2:]) == expected):
+        shown = f"a {mask.dtype} tensor of shape {tuple(mask.shape)}" if tensor else type(mask).__name__
         raise GptError(f'The attention pattern "{pattern.name}" returned {shown}, not a boolean mask of shape '
                        f"(T, S) or (B, T, S) with (T, S) = {expected}.")
     return as_sdpa_mask(mask)

@@ -56,7 +56,7 @@ def plan_summary(plan: RunPlan) -> list[str]:
     """The plan's batch, micro batches that fit, and time, as `gpt inspect-params` prints them."""
     training, layout = plan.training, plan.layout
     where = f"{training.ranks} × {plan.gpu.name}" if plan.gpu else f"{training.ranks} GPU(s)"
-    lines = [f"plan: {where}, {training.precision}, ZeRO stage {training.zero_stage}"
+    lines = [f"plan: {where}, {training.precision}, {training.optimizer.shown}, ZeRO stage {training.zero_stage}"
              f"{', activation checkpointing' if plan.memory.checkpointing else ''}; micro batch "
              f"{layout.micro_batch_size} × {layout.grad_accum_steps} accumulation × {training.ranks} GPU(s) × "
              f"{layout.seq_len:,} tokens = {plan.tokens_per_step:,} tokens per step"]
