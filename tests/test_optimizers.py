@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, assert_user_error, run_gpt
+from conftest import REPO, run_gpt
 from gptcli.config import ConfigError, project_from_dict
 from gptcli.errors import GptError
 from gptcli.model import build_model
@@ -93,6 +93,15 @@ def test_options_are_the_specs_own_and_checked_when_the_project_loads(tmp_path):
         project_from_dict({"train": {"optimizer_options": {"momentum": 0.9}}})
 
 
+def test_the_schedule_sets_every_group_and_a_group_may_scale_it():
+    from gptcli.train.loop import set_learning_rate
+
+    weights = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    optimizer = torch.optim.SGD([{"params": weights[:1]}, {"params": weights[1:], "lr_scale": 0.5}], lr=1.0)
+    set_learning_rate(optimizer, 0.1)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.1, 0.05]
+
+
 def test_an_unknown_optimizer_or_an_object_that_is_no_spec_is_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match=r'train.optimizer names "adma", which is not an optimizer \(built in: '
                                           r'adamw.*\(did you mean "adamw"\?\)'):
@@ -126,12 +135,12 @@ PLUGIN_RUN = ("model.dropout=0.0", "model.sliding_window=16", "train.max_steps=4
               "train.eval_every=0", "train.grad_clip=0.0", "train.warmup_steps=0", "train.lr=0.05")
 
 
-def plugin_project(directory: Path, shards: Path, optimizer: str, attention: str) -> Path:
-    return project_file(directory, shards, overrides=(*PLUGIN_RUN, f'train.optimizer="{optimizer}"',
+def plugin_project(directory: Path, data: Path, optimizer: str, attention: str) -> Path:
+    return project_file(directory, data, overrides=(*PLUGIN_RUN, f'train.optimizer="{optimizer}"',
                                                       f'model.attention="{attention}"'))
 
 
-def first_step_gradients(project: Path, shards: Path, probe: Path, initial: dict) -> dict[str, torch.Tensor]:
+def first_step_gradients(project: Path, data: Path, probe: Path, initial: dict) -> dict[str, torch.Tensor]:
     """The gradients of step 1, computed here from the initial weights and the windows the run's loader
     handed out (the probe's list): the mean over the micro batches, as DeepSpeed accumulates them."""
     from gptcli.config import load_project
@@ -143,7 +152,7 @@ def first_step_gradients(project: Path, shards: Path, probe: Path, initial: dict
     model = model_from_state_dict(loaded.model, {name: state["fp32"] for name, state in initial.items()
                                                  if name != "step"})
     accumulation = loaded.train.grad_accum_steps
-    loader = BatchLoader(open_prepared(shards), "train", loaded.train.micro_batch_size, loaded.seq_len)
+    loader = BatchLoader(open_prepared(data), "train", loaded.train.micro_batch_size, loaded.seq_len)
     lines = (probe / "windows-rank0.jsonl").read_text().splitlines()[:accumulation]
     for line in lines:
         windows = torch.from_numpy(np.stack([loader.window(i) for i in json.loads(line)["windows"]]).astype(np.int64))
@@ -153,14 +162,15 @@ def first_step_gradients(project: Path, shards: Path, probe: Path, initial: dict
 
 
 @pytest.mark.slow
-def test_a_plugin_optimizer_trains_its_rule_and_resumes_bit_for_bit(tmp_path, shards, installed_plugins):
+def test_a_plugin_optimizer_trains_its_rule_and_resumes_bit_for_bit(tmp_path, request, installed_plugins):
     """By its entry-point names (the installed example package), with probes: the loss falls, step 1's
     momentum buffer is the gradient computed here and its weights are w·(1 − lr·decay) − lr·g (fp32; 1e-7,
     the rounding of the two products). By "file.py:attr" beside the project file: killed after step 2 and
     resumed, the losses are the first run's bit for bit (the momentum buffers came back with the checkpoint)."""
+    data = request.getfixturevalue("shards")  # test_train's module-scoped shards
     named, probe = tmp_path / "named", tmp_path / "probe"
     named.mkdir()
-    project = plugin_project(named, shards, "example_optimizer", "example_attention")
+    project = plugin_project(named, data, "example_optimizer", "example_attention")
     result = run_gpt("train", "--project", project, env={**installed_plugins, "GPTCLI_PROBE_DIR": str(probe)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "note: train.optimizer example_optimizer does not read train.beta1, train.beta2, train.eps" in result.stderr
@@ -171,7 +181,7 @@ def test_a_plugin_optimizer_trains_its_rule_and_resumes_bit_for_bit(tmp_path, sh
 
     initial = torch.load(probe / "state-initialized-step00000000.pt")
     after = torch.load(probe / "state-saved-step00000001.pt")
-    gradients = first_step_gradients(project, shards, probe, initial)
+    gradients = first_step_gradients(project, data, probe, initial)
     lr = json.loads((named / "run/metrics.jsonl").read_text().splitlines()[0])["lr"]
     for name, gradient in gradients.items():
         decay = 0.1 if gradient.dim() >= 2 and not name.startswith(("wte.", "wpe.")) else 0.0
@@ -183,7 +193,7 @@ def test_a_plugin_optimizer_trains_its_rule_and_resumes_bit_for_bit(tmp_path, sh
     files.mkdir()
     for name in ("optimizer.py", "attention.py"):
         shutil.copy(PLUGINS / name, files)
-    project = plugin_project(files, shards, "example_optimizer", "example_attention")
+    project = plugin_project(files, data, "example_optimizer", "example_attention")
     project.write_text(project.read_text().replace('"example_optimizer"', '"optimizer.py:OPTIMIZER"')
                        .replace('"example_attention"', '"attention.py:PATTERN"'))  # beside it, not in the cwd
     assert tomllib.loads(project.read_text())["model"]["attention"] == "attention.py:PATTERN"

@@ -381,8 +381,7 @@ def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tenso
     """Forward and backward over the step's micro batches; returns this rank's mean loss (on the device)
     and, where the loop clips (fp32 ZeRO-0), the gradient norm before clipping."""
     engine = run.engine
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # a spec's group may scale the schedule (optimizers.py)
+    set_learning_rate(engine.optimizer, lr)
     loss_sum = torch.zeros((), device=engine.device)
     accum = run.layout.grad_accum_steps
     for micro in range(accum):
@@ -399,6 +398,13 @@ def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tenso
         clip = run.project.train.grad_clip or math.inf
         own_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip, foreach=False)
     return loss_sum / accum, own_norm
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    """The schedule's rate into every parameter group, times the group's `lr_scale` where its optimizer spec
+    gives one (optimizers.ParameterGroup; AdamW's groups have none)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
 
 def read_step(run: Run, loss: torch.Tensor, stop: StopRequest, pending: Optional[StepDone],
