@@ -69,6 +69,7 @@ def interleaved(step_fns: dict, data, warmup: int, rounds: int, sync) -> dict:
 
 def reference_loop(project, device: str):
     """Plain PyTorch: the same model, AdamW groups and clipping; autocast bf16 on a GPU."""
+    from gptcli.optimizers import ADAMW
     from gptcli.train.engine import parameter_groups
 
     torch.manual_seed(0)
@@ -77,7 +78,7 @@ def reference_loop(project, device: str):
         model = torch.compile(model)
     train = project.train
     fused = {"fused": True} if device == "cuda" else {"foreach": False}
-    optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.lr,
+    optimizer = torch.optim.AdamW(parameter_groups(model, ADAMW, train), lr=train.lr,
                                   betas=(train.beta1, train.beta2), eps=train.eps, **fused)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 

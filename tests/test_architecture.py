@@ -38,9 +38,9 @@ def imports_of(path: Path, text: str | None = None) -> set[str]:
 # docs/architecture.md's layers, lowest first. A module may import its own layer and the ones below it.
 LAYERS = {
     "foundation": ["__init__.py", "errors.py", "locks.py", "fsutil.py", "machine.py", "presets.py", "batch.py",
-                   "config.py", "rundir.py", "registry.py", "planner/*.py"],
-    "text and the model": ["tokenizer.py", "tokenizer_files.py", "openai_bpe.py", "model.py", "modeldir.py",
-                           "inspect.py", "data/*.py"],
+                   "config.py", "rundir.py", "registry.py", "optimizers.py", "planner/*.py"],
+    "text and the model": ["tokenizer.py", "tokenizer_files.py", "openai_bpe.py", "attention.py", "model.py",
+                           "modeldir.py", "inspect.py", "data/*.py"],
     "using a model": ["runtime.py", "generate.py", "evaluate.py", "hf/*.py", "tasks/*.py"],
     "training": ["train/*.py"],
     "command line": ["cli.py", "__main__.py"],
@@ -83,10 +83,33 @@ def test_each_module_imports_only_its_own_layer_and_the_ones_below(path):
     assert upward == [], f"{path.relative_to(PACKAGE)} ({list(LAYERS)[own]}) imports {upward}"
 
 
+# Optimizer builders (optimizers.py: AdamW's picks DeepSpeed's CPU Adam or FusedAdam) import DeepSpeed inside
+# the builder, which only train/engine.py calls; the module itself imports none, so the planner and the
+# schema read the specs where DeepSpeed is not installed.
+BUILDERS = ["optimizers.py"]
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """The names `path` imports outside its functions' bodies."""
+    tree = ast.parse(path.read_text())
+    inside = {id(node) for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for node in ast.walk(function)}
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in inside:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module or "")
+    return names
+
+
 @pytest.mark.parametrize("path", [p for p in ALL_MODULES if p.relative_to(PACKAGE).parts[0] != "train"],
                          ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_nothing_outside_train_imports_deepspeed(path):
-    found = imports_of(path)
+    builder = path.relative_to(PACKAGE).as_posix() in BUILDERS
+    found = module_level_imports(path) if builder else imports_of(path)
     assert not [name for name in found if name.split(".")[0] == "deepspeed"], sorted(found)
 
 

@@ -244,6 +244,30 @@ def test_zero_stages_shrink_what_each_rank_holds():
     assert small.resident["communication buffers"] == 2 * 10**6
 
 
+def test_the_optimizer_states_are_the_fp32_masters_and_the_specs_own_bytes():
+    """AdamW keeps the paper's 12 bytes (4 of masters, its 8 of moments; 8 alone at fp32 ZeRO-0, where it
+    updates the weights themselves); an optimizer of 4 bytes (the example plugin's momentum) 8 and 4. On the
+    CPU the step's temporaries are the spec's too (torch's single-tensor AdamW: 8 bytes per element)."""
+    import dataclasses
+
+    from gptcli.optimizers import optimizer_spec
+
+    sgd = optimizer_spec(f"{REPO / 'examples/plugins/gptcli_example_plugins/optimizer.py'}:OPTIMIZER")
+    for stage, precision, adamw_bytes, sgd_bytes in ((1, "bf16", 12, 8), (3, "bf16", 12, 8), (0, "fp32", 8, 4)):
+        project = project_from_dict({"model": {"preset": "gpt2"}, "deepspeed": {"zero_stage": stage}})
+        adamw = planner.training_for(project, "cuda", 8, precision)
+        held = planner.held_parameters(adamw) if stage == 0 else planner.partition(adamw)
+        assert planner.state_layout(adamw).resident["optimizer states"] == adamw_bytes * held
+        plugin = dataclasses.replace(adamw, optimizer=sgd)
+        assert planner.state_layout(plugin).resident["optimizer states"] == sgd_bytes * held
+    on_cpu = planner.training_for(project_from_dict({"model": {"preset": "nano"}}), "cpu", 1, "fp32")
+    step = planner.state_layout(on_cpu).step["temporaries"]
+    assert step - planner.state_layout(dataclasses.replace(on_cpu, optimizer=sgd)).step["temporaries"] == \
+        (8 - 4) * planner.partition(on_cpu)
+    assert planner.zero_memory_per_gpu(1000, 1)["zero0"] == 16_000
+    assert planner.zero_memory_per_gpu(1000, 1, sgd)["zero0"] == 12_000
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -380,6 +404,7 @@ def test_inspect_params_human_plan_and_its_options():
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     assert "memory per GPU at the peak" in text and "does not fit" in text and "2 GPU(s)" in text
+    assert "bf16, AdamW, ZeRO stage 1" in text and "mixed-precision AdamW, 2 GPU(s)" in text  # the spec's words
     assert "45% MFU" not in text  # no peak FLOP/s without a GPU from the table: no time
     assert "time: give --gpu NAME" in text
     assert_user_error(run_gpt("inspect-params", "gpt2", "--gpu", "H10"), 'Unknown GPU "H10"', "H100-SXM")

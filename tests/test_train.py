@@ -276,6 +276,7 @@ def deepspeed_fp32_masters(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from gptcli.model import build_model
+    from gptcli.optimizers import ADAMW
     from gptcli.train.engine import parameter_groups
 
     directory = run_dir / "checkpoints" / tag
@@ -294,7 +295,8 @@ def deepspeed_fp32_masters(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         return saved["module"]
     model = build_model(project_from_dict({"model": {"preset": "nano"}}).model, device="meta")
     name_of = {id(p): n for n, p in model.named_parameters()}
-    group_names = [[name_of[id(p)] for p in g["params"]] for g in parameter_groups(model, 0.1)]
+    groups = parameter_groups(model, ADAMW, project_from_dict({}).train)
+    group_names = [[name_of[id(p)] for p in g["params"]] for g in groups]
     return {name: tensor for names, tensors in zip(group_names, groups) for name, tensor in zip(names, tensors)}
 
 

@@ -8,6 +8,7 @@ from gptcli.config import load_project, project_from_dict
 from gptcli.errors import GptError
 from gptcli.model import build_model
 from gptcli.batch import batch_layout
+from gptcli.optimizers import ADAMW
 from gptcli.train.engine import deepspeed_config, parameter_groups
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -48,7 +49,7 @@ def test_deepspeed_config_from_the_sections_with_the_passthrough_merged_last():
 
 def test_weight_decay_goes_to_matrices_only():
     model = build_model(project(model={"preset": "nano"}).model, device="meta")
-    decay, no_decay = parameter_groups(model, 0.1)
+    decay, no_decay = parameter_groups(model, ADAMW, project().train)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = sorted(names[id(p)] for p in decay["params"])
     assert "wte.weight" in decayed and "h.0.attn.c_attn.weight" in decayed and "h.1.mlp.c_proj.weight" in decayed

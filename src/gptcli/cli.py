@@ -210,6 +210,8 @@ def show_preset_comparison(comparison) -> None:
 
 
 def show_parameter_report(report) -> None:
+    from .planner import model_state_title
+
     title = f"custom (customised from {report.customised_from})" if report.customised_from else report.name
     table = Table(title=f"{title}: parameters")
     table.add_column("component")
@@ -232,7 +234,7 @@ def show_parameter_report(report) -> None:
                   "[model] keys)")
     out.print(f"FLOPs per token (training, T={report.seq_len}): {report.flops_per_token:,} "
               f"= 6·N + 12·L·H·Q·T with N = {report.flops_parameters:,} (all parameters but wpe)")
-    memory = Table(title=f"model-state memory per GPU, mixed-precision AdamW, {report.gpus} GPU(s)")
+    memory = Table(title=model_state_title(report.gpus))
     for stage in report.memory_per_gpu:
         memory.add_column(stage.replace("zero", "ZeRO-"), justify="right")
     memory.add_row(*(f"{b / 2**30:.2f} GiB" for b in report.memory_per_gpu.values()))

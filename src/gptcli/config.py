@@ -28,7 +28,7 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
 from .batch import batch_layout
 from .errors import GptError
 from .presets import hub_ids
-from .registry import TASKS, TRACKERS, Registry
+from .registry import ATTENTION, FILE_REFERENCE, OPTIMIZERS, TASKS, TRACKERS, Registry, reference_file
 
 DEFAULT_PROJECT_FILE = "run.toml"
 # The largest seed: TOML's largest integer (a signed 64-bit one). Seeds are offset by the rank and the
@@ -54,6 +54,11 @@ def _quoted(names) -> str:
 
 class ConfigError(GptError):
     """A project file or override that does not fit the schema."""
+
+
+class UnknownReference(ConfigError):
+    """A key that names a registered thing (REGISTERED_KEYS) names none this Python has: not built in, not
+    installed, not importable, or a file that is not there."""
 
 
 class Section:
@@ -82,7 +87,10 @@ Separator = Literal["none", "blank-line", "line"]
 NormPosition = Literal["pre", "post"]
 Activation = Literal["gelu", "gelu_new", "relu", "silu"]
 Position = Literal["learned", "rotary"]
-AttentionKind = Literal["causal", "bidirectional", "sliding_window"]
+# The attention pattern scaled_dot_product_attention runs without a mask (attention.CAUSAL). The planner,
+# which imports no torch and no plugin, knows a pattern's mask by this name only: any other is planned as a
+# materialised mask (a plugin that is plain causal too is planned on the safe side).
+CAUSAL_PATTERN = "causal"
 LrSchedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 TrainDevice = Literal["auto", "cuda", "cpu"]
@@ -152,8 +160,9 @@ class ModelConfig(Section):
     activation: Activation = doc('MLP activation: "gelu_new" (tanh approximation, GPT-2), "gelu", "relu" or "silu".', "gelu_new")
     position: Position = doc('Position information: "learned" (wpe, as GPT-1/2) or "rotary" (RoPE, no wpe).', "learned")
     rope_base: float = doc("RoPE frequency base when position is rotary.", 10000.0, above=0)
-    attention: AttentionKind = doc('Default attention pattern: "causal", "sliding_window" or "bidirectional" (not for '
-                                  'gpt train: each position would see the token it predicts).', "causal")
+    attention: str = doc('Attention pattern: "causal", "sliding_window", "bidirectional" (not for gpt train: each '
+                         'position would see the token it predicts), a plugin\'s name, "package.module:attr" or '
+                         '"file.py:attr" beside the project file (docs/extending.md).', CAUSAL_PATTERN)
     sliding_window: int = doc("Keys a query sees (itself included) when attention is sliding_window.", 256, at_least=1)
     tie_embeddings: bool = doc("Share the LM head with the token embedding wte (as GPT-1/2 do).", True)
     dropout: float = doc("Dropout on embeddings, attention probabilities and residual branches (GPT-2: 0.1).", 0.0,
@@ -168,6 +177,7 @@ class ModelConfig(Section):
             raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}).")
         if self.position == "rotary" and self.head_dim % 2:
             raise ConfigError(f"model.position rotary needs an even head dimension, not {self.head_dim}.")
+        check_registered(ATTENTION, "model.attention", self.attention)
 
     @property
     def head_dim(self) -> int:
@@ -207,11 +217,16 @@ class TrainConfig(Section):
     lr_schedule: LrSchedule = doc('Decay after warmup: "cosine", "linear" or "constant".', "cosine")
     warmup_steps: int = doc("Steps of linear warmup: step k (from 0) uses lr*(k+1)/warmup_steps, so the first "
                              "uses lr/warmup_steps.", 100, at_least=0)
-    weight_decay: float = doc("AdamW weight decay, applied to 2-D weight matrices only (not biases, norms, wpe).", 0.1,
-                              at_least=0)
-    beta1: float = doc("AdamW beta1.", 0.9, at_least=0, below=1)
-    beta2: float = doc("AdamW beta2.", 0.95, at_least=0, below=1)
-    eps: float = doc("AdamW epsilon.", 1e-8, above=0)
+    optimizer: str = doc('The optimizer: "adamw" (built in), a plugin\'s name, "package.module:attr" or "file.py:attr" '
+                         "beside the project file (docs/extending.md).", "adamw")
+    optimizer_options: dict = doc("The optimizer's own settings, for one that declares them, e.g. { momentum = 0.9 }; "
+                                  "adamw has none (it reads lr, beta1, beta2, eps, weight_decay).", factory=dict)
+    weight_decay: float = doc("Decoupled weight decay, on the parameters the optimizer's grouping decays (adamw: 2-D "
+                              "weight matrices only, not biases, norms, wpe).", 0.1, at_least=0)
+    beta1: float = doc("AdamW's beta1 (train.optimizer = \"adamw\"; another optimizer reads it only if it says so).",
+                       0.9, at_least=0, below=1)
+    beta2: float = doc("AdamW's beta2 (as beta1).", 0.95, at_least=0, below=1)
+    eps: float = doc("AdamW's epsilon (as beta1).", 1e-8, above=0)
     grad_clip: float = doc("Clip the global gradient norm to this; 0 disables clipping.", 1.0, at_least=0)
     eval_every: int = doc("Evaluate on the val shards every this many steps; 0 disables.", 100, at_least=0)
     eval_batches: int = doc("Micro batches per evaluation.", 20, at_least=1)
@@ -252,6 +267,7 @@ class TrainConfig(Section):
     def check(self) -> None:
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr}).")
+        check_registered(OPTIMIZERS, "train.optimizer", self.optimizer)
 
 
 @dataclass
@@ -340,8 +356,15 @@ class Project:
 
     def __post_init__(self):
         """Rules between sections: checked when the project is loaded, not minutes into a run."""
-        self.check_registered()
+        self.place_references()
         model, train = self.model, self.train
+        if train.optimizer_options:
+            from .optimizers import optimizer_spec
+
+            try:
+                optimizer_spec(train.optimizer).check_options(train.optimizer_options)
+            except GptError as error:
+                raise ConfigError(str(error)) from None
         seq_len = self.seq_len
         if seq_len > model.block_size and model.position == "learned":
             raise ConfigError(f"train.seq_len ({seq_len}) exceeds model.block_size ({model.block_size}): learned "
@@ -351,20 +374,21 @@ class Project:
         except GptError as error:
             raise ConfigError(str(error)) from None
 
-    def check_registered(self) -> None:
-        """Each tracker and task named is registered or a reference (a file's beside the project file); nothing
-        is imported."""
-        named = [(TRACKERS, "train.trackers", self.train.trackers), (TASKS, "eval.tasks", self.eval.tasks),
-                 (TASKS, "eval.task_data", list(self.eval.task_data))]
-        for registry, where, values in named:
-            for value in values:
-                _check_registered(registry, value, where, self.reference_dir)
-
     @property
     def reference_dir(self) -> Optional[Path]:
         """The directory "file.py:attr" references are relative to: the project file's (None: the working
         directory, for a project without a file)."""
         return Path(self.source).parent if self.source is not None else None
+
+    def place_references(self) -> None:
+        """Every key that names a registered thing (REGISTERED_KEYS) names one this Python has, checked
+        without importing it; a "file.py:attr" is read beside the project file (the working directory without
+        one), checked there and made absolute, so the model, the engine, every rank, a resume and a model
+        dir's config.json find the same file wherever they run."""
+        base = self.reference_dir or Path.cwd()
+        for section, key, registry in REGISTERED_KEYS:
+            values = getattr(self, section)
+            setattr(values, key, placed(getattr(values, key), registry, f"{section}.{key}", base))
 
     @property
     def seq_len(self) -> int:
@@ -373,6 +397,40 @@ class Project:
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in section_names()}
+
+
+# The keys that name a registered thing (registry.py), by section: a name or reference, a list of them, or a
+# table keyed by them.
+REGISTERED_KEYS: tuple[tuple[str, str, Registry], ...] = (
+    ("model", "attention", ATTENTION), ("train", "optimizer", OPTIMIZERS), ("train", "trackers", TRACKERS),
+    ("eval", "tasks", TASKS), ("eval", "task_data", TASKS))
+
+
+def placed(value: Any, registry: Registry, where: str, base: Path) -> Any:
+    """`value` with each name checked and each "file.py:attr" made absolute (a list's items, a table's keys)."""
+    if isinstance(value, list):
+        return [placed(item, registry, where, base) for item in value]
+    if isinstance(value, dict):
+        return {placed(name, registry, where, base): item for name, item in value.items()}
+    try:
+        registry.check(value, where, base)
+    except GptError as error:
+        raise UnknownReference(str(error)) from None
+    match = FILE_REFERENCE.match(value)
+    if not match:
+        return value
+    return f"{reference_file(match.group('file'), base).absolute()}:{match.group('attr')}"
+
+
+def check_registered(registry: Registry, where: str, value: str) -> None:
+    """A name or "module:attr" reference the registry knows, checked without importing anything; a
+    "file.py:attr" one is checked by the Project, which knows the project file's directory."""
+    if isinstance(value, str) and FILE_REFERENCE.match(value):
+        return
+    try:
+        registry.check(value, where)
+    except GptError as error:
+        raise UnknownReference(str(error)) from None
 
 
 def section_names() -> list[str]:
@@ -384,15 +442,6 @@ def section_class(name: str) -> type:
 
 
 # --- validation -------------------------------------------------------------------------------------
-
-
-def _check_registered(registry: Registry, value: Any, where: str, base_dir: Optional[Path]) -> None:
-    try:
-        registry.check(value, where, base_dir)
-    except ConfigError:
-        raise
-    except GptError as error:
-        raise ConfigError(str(error)) from None
 
 
 def _nearest(word: str, options: list[str]) -> str:
@@ -496,6 +545,9 @@ def field_doc(section: str, key: str) -> str:
 
 def allowed_values(section: str, key: str) -> str:
     """What `section.key` accepts, in words: its choices, its range, or its type."""
+    registered = {(name, field_name): registry for name, field_name, registry in REGISTERED_KEYS}
+    if (section, key) in registered:
+        return f"{', '.join(registered[section, key].builtins)}, a plugin's name, or a reference"
     cls = section_class(section)
     tp = _field_hints(cls)[key]
     args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]

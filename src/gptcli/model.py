@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention import AttentionPattern, MaskContext, attention_pattern
 from .config import ModelConfig
 from .errors import GptError
 
@@ -167,9 +168,9 @@ class Block(nn.Module):
 # --- masks --------------------------------------------------------------------------------------------------
 
 
-# An attention pattern: a name ("causal", "bidirectional", "sliding_window"), or an explicit boolean mask
-# (T, S), (B, T, S) or (B, 1, T, S), True where a query may attend a key.
-Pattern = Union[str, torch.Tensor]
+# What the model's `attention` takes: a pattern's name or reference (registry.ATTENTION), an AttentionPattern,
+# or an explicit boolean mask (T, S), (B, T, S) or (B, 1, T, S), True where a query may attend a key.
+Pattern = Union[str, AttentionPattern, torch.Tensor]
 
 
 def attention_mask_for(config: ModelConfig, q_positions: torch.Tensor, key_length: int,
@@ -179,35 +180,45 @@ def attention_mask_for(config: ModelConfig, q_positions: torch.Tensor, key_lengt
 
     q_positions: absolute key index of each query (T,) (cache offset included).
     padding_mask: (B, S) with 1 for real tokens, 0 for padding; becomes (B, 1, 1, S), keeping the key axis.
-    pattern: config.attention when None; an explicit mask replaces the named patterns.
+    pattern: config.attention when None; an explicit mask replaces the pattern.
     A query row left with no key (a padding position before any real token) may attend itself, so
     its output is finite instead of the NaN a softmax over nothing gives.
     """
     pattern = config.attention if pattern is None else pattern
-    custom = pattern if isinstance(pattern, torch.Tensor) else None
+    if not isinstance(pattern, torch.Tensor):
+        pattern = attention_pattern(pattern, where="attention")
     T = q_positions.numel()
-    plain_causal = custom is None and pattern == "causal" and padding_mask is None
+    plain_causal = isinstance(pattern, AttentionPattern) and pattern.causal and padding_mask is None
     if plain_causal and (key_length == T or T == 1):
         return None  # is_causal (prefill from empty) or one new token that sees the whole cache
     keys = torch.arange(key_length, device=q_positions.device)
-    if custom is not None:
-        mask = custom.to(torch.bool)
-        mask = mask.view(1, 1, *mask.shape) if mask.dim() == 2 else mask
-        mask = mask[:, None] if mask.dim() == 3 else mask  # (B|1, 1, T, S)
+    if isinstance(pattern, torch.Tensor):
+        mask = as_sdpa_mask(pattern.to(torch.bool))
     else:
-        delta = q_positions[:, None] - keys[None, :]  # (T, S): how far back each key is
-        if pattern == "causal":
-            mask = delta >= 0
-        elif pattern == "bidirectional":
-            mask = torch.ones_like(delta, dtype=torch.bool)
-        else:  # sliding_window: causal, and at most `sliding_window` keys including itself
-            mask = (delta >= 0) & (delta < config.sliding_window)
-        mask = mask[None, None]  # (1, 1, T, S)
+        mask = pattern_mask(pattern, MaskContext(queries=q_positions, keys=keys, config=config))
     if padding_mask is not None:
         mask = mask & padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, T, S)
     itself = (q_positions[:, None] == keys[None, :])[None, None]  # (1, 1, T, S)
     empty_row = ~mask.any(dim=-1, keepdim=True)  # (B|1, 1, T, 1)
     return mask | (empty_row & itself)
+
+
+def pattern_mask(pattern: AttentionPattern, context: MaskContext) -> torch.Tensor:
+    """A pattern's mask for SDPA (B|1, 1, T, S), checked: boolean, over these queries and keys."""
+    mask = pattern.mask(context)
+    expected = (context.queries.numel(), context.keys.numel())
+    tensor = isinstance(mask, torch.Tensor)
+    if not (tensor and mask.dtype == torch.bool and mask.dim() in (2, 3) and tuple(mask.shape[-2:]) == expected):
+        shown = f"a {mask.dtype} tensor of shape {tuple(mask.shape)}" if tensor else type(mask).__name__
+        raise GptError(f'The attention pattern "{pattern.name}" returned {shown}, not a boolean mask of shape '
+                       f"(T, S) or (B, T, S) with (T, S) = {expected}.")
+    return as_sdpa_mask(mask)
+
+
+def as_sdpa_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (T, S), (B, T, S) or (B, 1, T, S) → (B|1, 1, T, S)."""
+    mask = mask.view(1, 1, *mask.shape) if mask.dim() == 2 else mask  # (1, 1, T, S)
+    return mask[:, None] if mask.dim() == 3 else mask  # (B|1, 1, T, S)
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -229,6 +240,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.activation_checkpointing = False
+        self.pattern = attention_pattern(config.attention)  # resolved once: a forward pass asks no registry
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -263,9 +275,9 @@ class GPT(nn.Module):
         idx: (B, T) token ids. targets: (B, T) ids to predict, -100 where nothing is scored.
         padding_mask: (B, S) 1 = real token, 0 = padding (S = cached + T positions).
         position_ids: (B, T) positions (default: cache offset + 0..T-1). kv_cache: a KVCache to extend.
-        attention: the pattern for this call instead of config.attention: a name ("causal",
-        "bidirectional", "sliding_window") or a bool mask (T, S), (B, T, S) or (B, 1, T, S), True = may
-        attend (padding_mask still applies on top of it).
+        attention: the pattern for this call instead of config.attention: a registered name ("causal",
+        "bidirectional", "sliding_window", a plugin's) or reference, an AttentionPattern, or a bool mask
+        (T, S), (B, T, S) or (B, 1, T, S), True = may attend (padding_mask still applies on top of it).
         return_logits: False returns None for the logits (training needs only the loss).
         Returns (logits (B, T, vocab_size) or None, loss or None).
         """
@@ -295,7 +307,8 @@ class GPT(nn.Module):
         q_positions = torch.arange(past, past + T, device=idx.device)
         if position_ids is None:
             position_ids = q_positions[None].expand(B, T)  # (B, T)
-        mask = attention_mask_for(self.config, q_positions, past + T, padding_mask, attention)
+        mask = attention_mask_for(self.config, q_positions, past + T, padding_mask,
+                                  self.pattern if attention is None else attention)
 
         x = self.wte(idx)  # (B, T, C)
         rope = None

@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .config import ConfigError, ModelConfig, project_from_dict
+from .config import ConfigError, ModelConfig, UnknownReference, project_from_dict
 from .errors import GptError
 from .fsutil import check_output, check_replaceable, follow_umask, output_lock, read_owned, staged_dir
 from .model import GPT, model_from_state_dict
@@ -106,6 +106,8 @@ def read_model_config(path: Path) -> ModelConfig:
         raise GptError(f"Cannot read {path / CONFIG_FILE}: {error}.") from None
     try:
         return project_from_dict({"model": values}).model
+    except UnknownReference as error:  # e.g. an attention pattern of a plugin not installed here
+        raise GptError(f"{path / CONFIG_FILE} names what this Python does not have: {error}") from None
     except ConfigError as error:
         raise GptError(f"{path / CONFIG_FILE} is not a gptcli model config: {error}") from None
 

@@ -24,7 +24,7 @@ from .plan import (CPU_TRAINING_EFFICIENCY, FRAGMENTATION, OP_BUILD_SECONDS, STA
                    model_name, plan_run, precision_for, preset_model, training_for, training_model)
 from .states import (Training, held_parameters, largest_layer, model_state_phases, partition, state_layout,
                      zero_memory_per_gpu)
-from .words import gib, human_count, human_duration, memory_line, plan_summary
+from .words import gib, human_count, human_duration, memory_line, model_state_title, plan_summary
 
 __all__ = ["FP32", "LOSS_CHUNK_VALUES", "ActivationEstimate", "ActivationShape", "activation_memory",
            "loss_rows_per_chunk", "flops_per_token", "parameter_components", "parameter_tensors", "GPUS", "GiB",
@@ -33,4 +33,5 @@ __all__ = ["FP32", "LOSS_CHUNK_VALUES", "ActivationEstimate", "ActivationShape",
            "RunPlan", "activation_shape", "fitting_change", "largest_micro_batch", "memory_plan",
            "model_name", "plan_run", "precision_for", "preset_model", "training_for", "training_model", "Training",
            "held_parameters", "largest_layer", "model_state_phases", "partition", "state_layout",
-           "zero_memory_per_gpu", "gib", "human_count", "human_duration", "memory_line", "plan_summary"]
+           "zero_memory_per_gpu", "gib", "human_count", "human_duration", "memory_line", "model_state_title",
+           "plan_summary"]

@@ -27,7 +27,7 @@ class ActivationShape:
     device: str  # "cuda" or "cpu": the kernels differ in what they keep (see attention_kernel)
     dropout: float = 0.0
     checkpointing: bool = False
-    custom_mask: bool = False  # a materialised (1, 1, T, T) mask: model.attention other than "causal"
+    custom_mask: bool = False  # a materialised (1, 1, T, T) mask: any pattern but plain causal (config.CAUSAL_PATTERN)
 
 
 def attention_kernel(config: ModelConfig, shape: ActivationShape) -> str:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..batch import BatchLayout, batch_layout
-from ..config import ModelConfig, Project
+from ..config import CAUSAL_PATTERN, ModelConfig, Project
 from ..errors import GptError
+from ..optimizers import optimizer_spec
 from ..presets import family_of, preset_for_shape
 from .activations import ActivationEstimate, ActivationShape, activation_memory
 from .counts import flops_per_token, parameter_components
@@ -51,7 +52,8 @@ def training_for(project: Project, device: str, ranks: int, precision: str,
                     precision=precision, zero_stage=ds.zero_stage, device=device,
                     offload_optimizer=ds.offload_optimizer and ds.zero_stage > 0, offload_params=ds.offload_params,
                     checkpointing=project.train.activation_checkpointing if checkpointing is None else checkpointing,
-                    zero={k: v for k, v in zero.items() if k in ZERO_BUFFER_DEFAULTS and isinstance(v, (int, bool))})
+                    zero={k: v for k, v in zero.items() if k in ZERO_BUFFER_DEFAULTS and isinstance(v, (int, bool))},
+                    optimizer=optimizer_spec(project.train.optimizer))
 
 
 def resident_on_cpu(training: Training) -> Training:
@@ -78,7 +80,7 @@ FRAGMENTATION = 0.05
 
 
 def activation_shape(training: Training, micro_batch: int, checkpointing: Optional[bool] = None) -> ActivationShape:
-    custom_mask = training.model.attention != "causal"
+    custom_mask = training.model.attention != CAUSAL_PATTERN  # config.CAUSAL_PATTERN says why by name
     return ActivationShape(batch=micro_batch, seq_len=training.seq_len, dtype_bytes=training.weight_bytes,
                            device=training.device, dropout=training.model.dropout,
                            checkpointing=training.checkpointing if checkpointing is None else checkpointing,

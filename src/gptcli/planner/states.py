@@ -9,23 +9,32 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ModelConfig
+from ..optimizers import ADAMW, OptimizerSpec, Placement
 from .activations import FP32, ActivationEstimate
 from .counts import parameter_tensors
 
 # Mixed-precision Adam keeps 16 bytes per parameter (Rajbhandari et al. 2020, ZeRO, section 3.1):
-# 2 (bf16/fp16 weights) + 2 (gradients) + 12 (fp32 master weights, momentum, variance).
-WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
+# 2 (bf16/fp16 weights) + 2 (gradients) + 12 (fp32 master weights 4, and the optimizer's own state: Adam's
+# momentum and variance, 8 = ADAMW.state_bytes).
+WEIGHT_BYTES, GRAD_BYTES, MASTER_BYTES = 2, 2, FP32
 
 
-def zero_memory_per_gpu(parameters: int, gpus: int) -> dict[str, int]:
+def optimizer_bytes(optimizer: OptimizerSpec) -> int:
+    """Bytes per parameter of what the optimizer holds under mixed precision: the fp32 master weights and
+    the optimizer's own state (AdamW: 4 + 8 = 12)."""
+    return MASTER_BYTES + optimizer.state_bytes
+
+
+def zero_memory_per_gpu(parameters: int, gpus: int, optimizer: OptimizerSpec = ADAMW) -> dict[str, int]:
     """The textbook model-state bytes per GPU for ZeRO stages 0-3 across `gpus` data-parallel ranks (the
-    paper's 16 bytes per parameter; what DeepSpeed really holds for gptcli's config is state_layout's)."""
-    p, g = parameters, gpus
+    paper's 16 bytes per parameter with AdamW; what DeepSpeed really holds for gptcli's config is
+    state_layout's)."""
+    p, g, o = parameters, gpus, optimizer_bytes(optimizer)
     return {
-        "zero0": p * (WEIGHT_BYTES + GRAD_BYTES + OPTIMIZER_BYTES),
-        "zero1": p * (WEIGHT_BYTES + GRAD_BYTES) + p * OPTIMIZER_BYTES // g,
-        "zero2": p * WEIGHT_BYTES + p * (GRAD_BYTES + OPTIMIZER_BYTES) // g,
-        "zero3": p * (WEIGHT_BYTES + GRAD_BYTES + OPTIMIZER_BYTES) // g,
+        "zero0": p * (WEIGHT_BYTES + GRAD_BYTES + o),
+        "zero1": p * (WEIGHT_BYTES + GRAD_BYTES) + p * o // g,
+        "zero2": p * WEIGHT_BYTES + p * (GRAD_BYTES + o) // g,
+        "zero3": p * (WEIGHT_BYTES + GRAD_BYTES + o) // g,
     }
 
 # --- model states and DeepSpeed's buffers ------------------------------------------------------------------------
@@ -40,10 +49,6 @@ ZERO_BUFFER_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_siz
 ALLREDUCE_BUCKET_ELEMENTS = 500_000_000
 # Gradient norms are taken per tensor in fp64 (deepspeed/runtime/zero/utils.py, get_norm_dtype).
 NORM_BYTES = 8
-# The optimizer step's own temporaries: none for the fused AdamW a GPU runs (torch's fused=True or
-# DeepSpeed's FusedAdam); torch's single-tensor AdamW on the CPU makes two fp32 tensors the size of
-# what it updates (sqrt of the variance, then its quotient) (measured on the CPU).
-CPU_ADAM_TEMPORARY_BYTES = 2 * FP32
 
 PHASES = ("forward and the loss's backward", "lm_head's backward", "backward through the blocks", "gradient reduction",
           "optimizer step")
@@ -64,10 +69,19 @@ class Training:
     offload_params: bool = False
     checkpointing: bool = False
     zero: dict = field(default_factory=dict)  # [deepspeed] config's zero_optimization table
+    optimizer: OptimizerSpec = ADAMW  # train.optimizer's spec: its state bytes and its step's temporaries
 
     @property
     def weight_bytes(self) -> int:
         return FP32 if self.precision == "fp32" else 2
+
+    @property
+    def optimizer_bytes(self) -> int:
+        """Per parameter the optimizer updates: its own state, and the fp32 masters DeepSpeed keeps beside
+        it (all but fp32 at ZeRO-0, where the optimizer updates the module's fp32 weights themselves)."""
+        if self.zero_stage == 0 and self.precision == "fp32":
+            return self.optimizer.state_bytes
+        return optimizer_bytes(self.optimizer)
 
     def zero_setting(self, key: str):
         value = self.zero.get(key, ZERO_BUFFER_DEFAULTS[key])
@@ -116,10 +130,11 @@ def state_layout(training: Training) -> StateLayout:
         layout = bf16_stage1_layout(training)
     else:
         layout = zero_optimizer_layout(training)
-    if training.device == "cpu" and not training.offload_optimizer:
+    temporaries = training.optimizer.step_temporary_bytes(Placement(training.device, training.offload_optimizer))
+    if temporaries:  # e.g. torch's single-tensor AdamW on the CPU (optimizers.adamw_temporaries)
         # ZeRO-0 updates each parameter tensor, ZeRO 1-3 this rank's flat partition.
         updated = largest_tensor(training) if stage == 0 else partition(training)
-        layout.step = merge(layout.step, {"temporaries": CPU_ADAM_TEMPORARY_BYTES * updated})
+        layout.step = merge(layout.step, {"temporaries": temporaries * updated})
     return layout
 
 
@@ -164,14 +179,14 @@ def largest_tensor(training: Training) -> int:
 
 
 def stage0_layout(training: Training) -> StateLayout:
-    """ZeRO-0. fp32: torch's AdamW alone (weights, gradients, 8 bytes of moments). bf16/fp16: DeepSpeed's
-    FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py): 16-bit weights and gradients, fp32 masters
-    and moments; its step first copies every gradient to fp32. After the backward pass the engine
+    """ZeRO-0. fp32: the optimizer alone (weights, gradients, its state: AdamW's 8 bytes of moments).
+    bf16/fp16: DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py): 16-bit weights and
+    gradients, fp32 masters and the optimizer's state; its step first copies every gradient to fp32. After the backward pass the engine
     all-reduces the gradients through a flattened copy (engine.allreduce_bucket)."""
     P, w = held_parameters(training), training.weight_bytes
     gradients = {"gradients": w * P}
     step = {**gradients, **({"temporaries": FP32 * P} if w != FP32 else {})}  # fp32 copies of the gradients
-    return StateLayout(resident={"weights": w * P, "optimizer states": (8 if w == FP32 else 12) * P},
+    return StateLayout(resident={"weights": w * P, "optimizer states": training.optimizer_bytes * P},
                        backward=gradients, accumulated=gradients, step=step,
                        reduction={**gradients, "communication buffers": w * min(P, ALLREDUCE_BUCKET_ELEMENTS)})
 
@@ -183,7 +198,7 @@ def bf16_stage1_layout(training: Training) -> StateLayout:
     P, Pn = held_parameters(training), partition(training)
     gradients = {"gradients": 2 * P}
     flat = min(P, ALLREDUCE_BUCKET_ELEMENTS)
-    return StateLayout(resident={"weights": 2 * P, "gradients": FP32 * P, "optimizer states": 12 * Pn},
+    return StateLayout(resident={"weights": 2 * P, "gradients": FP32 * P, "optimizer states": training.optimizer_bytes * Pn},
                        backward=gradients, accumulated=gradients, step=gradients,
                        reduction={**gradients, "communication buffers": (FP32 + 2) * flat})
 
@@ -200,7 +215,7 @@ def zero_optimizer_layout(training: Training) -> StateLayout:
     partition_bytes = 0 if training.offload_optimizer else (FP32 if separate_fp32 else w) * Pn
     bucket = w * training.zero_setting("reduce_bucket_size") * (2 if training.zero_setting("overlap_comm") else 1)
     flatten = w * min(training.zero_setting("reduce_bucket_size"), P) if separate_fp32 else 0
-    resident = {"weights": w * P, "optimizer states": 0 if training.offload_optimizer else 12 * Pn}
+    resident = {"weights": w * P, "optimizer states": 0 if training.offload_optimizer else training.optimizer_bytes * Pn}
     grad_partition = {"gradients": partition_bytes}
     if stage == 1:
         full = {"gradients": w * P}
@@ -232,7 +247,7 @@ def stage3_layout(training: Training) -> StateLayout:
         gathered = w * min(live, training.zero_setting("stage3_max_live_parameters"))
     offloaded = training.offload_optimizer
     resident = {"weights": 0 if training.offload_params else weights, "gradients": 0 if offloaded else FP32 * Pn,
-                "optimizer states": 0 if offloaded else 12 * Pn,
+                "optimizer states": 0 if offloaded else training.optimizer_bytes * Pn,
                 "communication buffers": w * training.zero_setting("reduce_bucket_size")}
     flatten = {"communication buffers": w * min(training.zero_setting("reduce_bucket_size"), P)}
     step = {} if offloaded else {"temporaries": FP32 * Pn}  # the partition's gradients flattened

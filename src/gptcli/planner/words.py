@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ..optimizers import ADAMW, OptimizerSpec
 from .gpus import GiB
 from .plan import RunPlan
-
 
 
 # --- in words -----------------------------------------------------------------------------------------------------
@@ -34,6 +34,11 @@ def gib(size: float) -> str:
     return f"{size / GiB:,.1f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB"
 
 
+def model_state_title(gpus: int, optimizer: OptimizerSpec = ADAMW) -> str:
+    """The title of inspect-params' table of textbook model-state memory (states.zero_memory_per_gpu)."""
+    return f"model-state memory per GPU, mixed-precision {optimizer.shown}, {gpus} GPU(s)"
+
+
 def memory_line(plan: RunPlan) -> str:
     """Peak memory per GPU (per rank on a CPU) by its largest terms, against the capacity when there is one."""
     terms = sorted(plan.memory.peak_phase.terms.items(), key=lambda item: -item[1])
@@ -51,7 +56,7 @@ def plan_summary(plan: RunPlan) -> list[str]:
     """The plan's batch, micro batches that fit, and time, as `gpt inspect-params` prints them."""
     training, layout = plan.training, plan.layout
     where = f"{training.ranks} × {plan.gpu.name}" if plan.gpu else f"{training.ranks} GPU(s)"
-    lines = [f"plan: {where}, {training.precision}, ZeRO stage {training.zero_stage}"
+    lines = [f"plan: {where}, {training.precision}, {training.optimizer.shown}, ZeRO stage {training.zero_stage}"
              f"{', activation checkpointing' if plan.memory.checkpointing else ''}; micro batch "
              f"{layout.micro_batch_size} × {layout.grad_accum_steps} accumulation × {training.ranks} GPU(s) × "
              f"{layout.seq_len:,} tokens = {plan.tokens_per_step:,} tokens per step"]

@@ -70,12 +70,17 @@ def run_train(request: TrainRequest, argv: list[str], value_options: Iterable[st
 
 
 def check_trainable(project: Project) -> None:
-    """Rules of pretraining that the model itself does not have: next-token targets need a causal pattern."""
-    if project.model.attention == "bidirectional":
-        raise GptError('model.attention "bidirectional" cannot be pretrained on next-token targets: each position '
+    """Rules of pretraining that the model itself does not have: next-token targets need a pattern in which
+    no position sees a later one (the pattern says so: AttentionPattern.sees_future). The built-in patterns
+    are read without torch (attention.py imports it only to build a mask)."""
+    from ..attention import attention_pattern
+
+    value = project.model.attention
+    if attention_pattern(value).sees_future:
+        raise GptError(f'model.attention "{value}" cannot be pretrained on next-token targets: each position '
                        'would see the token it must predict, so the loss would fall without the model learning to '
                        'predict anything; use "causal" or "sliding_window" (the model and gpt eval still accept '
-                       '"bidirectional").')
+                       f'"{value}").')
 
 
 def check_out_dir(run_dir: Path) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
+from typing import Optional
 
 import torch
 
 from ..config import ModelConfig, Project
 from ..errors import GptError
 from ..batch import BatchLayout
+from ..optimizers import ADAMW, OptimizerSpec, Placement, grouped_names, optimizer_spec
 from ..planner import precision_for, training_model  # noqa: F401
 from .launching.launch import free_port
 
@@ -106,47 +107,55 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on the 2-D weight matrices (attention, MLP, wte = the tied lm_head) only; biases,
-    LayerNorm gains and the position embedding wpe are not decayed (as GPT-2 reproductions do: decay
-    shrinks what multiplies activations, not offsets, scales or a position lookup)."""
-    decay, no_decay, seen = [], [], set()
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad or id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        (decay if parameter.dim() >= 2 and not name.startswith("wpe.") else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def named_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of each trainable parameter, in the model's order, a shared tensor once (the tied
+    lm_head is wte): what an optimizer spec's grouping rule sees. Under ZeRO-3 a parameter's own tensor is
+    this rank's empty placeholder; its shape is DeepSpeed's ds_shape."""
+    return [(name, tuple(getattr(p, "ds_shape", p.shape))) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def parameter_groups(model: torch.nn.Module, spec: OptimizerSpec, train) -> list[dict]:
+    """torch's parameter groups ({"params": [tensors], **settings}) as the spec groups the model's parameters."""
+    tensors = dict(model.named_parameters())
+    groups = grouped_names(spec, named_shapes(model), train)
+    return [{"params": [tensors[name] for name in group.names], **group.options} for group in groups]
+
+
+def group_names(model: torch.nn.Module, spec: OptimizerSpec, train) -> list[list[str]]:
+    """The parameter names of each group, in the optimizer's order."""
+    return [list(group.names) for group in grouped_names(spec, named_shapes(model), train)]
 
 
 def make_optimizer(model: torch.nn.Module, project: Project, device: str):
-    """AdamW: DeepSpeed's CPU Adam when the optimizer state is offloaded; on a GPU DeepSpeed's FusedAdam
-    when it was built into the installed DeepSpeed, else torch's fused AdamW (never a JIT build of
-    FusedAdam: minutes of nvcc, and a hang on a build lock a killed run left behind); on the CPU torch's
-    single-tensor AdamW (deterministic element by element, so resume is exact)."""
-    train = project.train
-    groups = parameter_groups(model, train.weight_decay)
-    kwargs = dict(lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
-    if project.deepspeed.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    if device == "cuda":
-        if fused_adam_prebuilt():
-            from deepspeed.ops.adam import FusedAdam
-
-            return FusedAdam(groups, adam_w_mode=True, **kwargs)
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    return torch.optim.AdamW(groups, foreach=False, **kwargs)
+    """The optimizer train.optimizer names, over the model's parameters as its spec groups them, built for
+    where it runs (optimizers.py; AdamW's choice of kernel is ADAMW's builder)."""
+    spec = optimizer_spec(project.train.optimizer)
+    placement = Placement(device=device, offload=project.deepspeed.offload_optimizer)
+    return spec.build(parameter_groups(model, spec, project.train), project.train, placement)
 
 
-def fused_adam_prebuilt() -> bool:
-    """Whether DeepSpeed's FusedAdam loads without compiling: pip built it in (DS_BUILD_FUSED_ADAM=1) for
-    this accelerator. The same test DeepSpeed's OpBuilder.load makes before it falls back to a JIT build."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.git_version_info import accelerator_name, installed_ops
+def optimizer_note(project: Project, spec: OptimizerSpec) -> Optional[str]:
+    """A note when the project sets [train] optimizer keys the chosen optimizer does not read."""
+    unread = [key for key in ADAMW.train_keys if f"train.{key}" in project.given and key not in spec.train_keys]
+    if not unread:
+        return None
+    return (f"note: train.optimizer {spec.name} does not read train.{', train.'.join(unread)} (it reads "
+            f"{', '.join(spec.train_keys)}{' and train.optimizer_options' if spec.options else ''}).")
 
-    return bool(installed_ops.get("fused_adam")) and accelerator_name == get_accelerator()._name
+
+def optimizer_settings(project: Project, optimizer) -> dict:
+    """What DeepSpeed must be told to take an optimizer it does not know (a plugin's): ZeRO refuses one it
+    has not tested unless allowed, and ZeRO-Offload one that is not its CPU Adam unless told (the plugin's
+    step then runs on the CPU copies, as its builder was told: Placement.offload)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
+
+    settings: dict = {}
+    if project.deepspeed.zero_stage > 0 and not is_zero_supported_optimizer(optimizer):
+        settings["zero_allow_untested_optimizer"] = True
+    if project.deepspeed.offload_optimizer and not isinstance(optimizer, DeepSpeedCPUAdam):
+        settings["zero_force_ds_cpu_optimizer"] = False
+    return settings
 
 
 def compile_enabled(project: Project, device: str) -> bool:
@@ -180,6 +189,7 @@ def initialize(project: Project, model: torch.nn.Module, layout: BatchLayout, pr
     if load_universal:
         config = merge(config, {"checkpoint": {"load_universal": True}})
     optimizer = make_optimizer(model, project, device)
+    config = merge(config, optimizer_settings(project, optimizer))
     try:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     except (AssertionError, ValueError) as error:

@@ -30,15 +30,15 @@ import torch
 from ..batch import BatchLayout, batch_layout
 from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
+from ..optimizers import ADAMW, OptimizerSpec, optimizer_spec
 from .state import checkpoint, reshard
 from .observing import probes, task_eval
 from .observing.chatter import LibraryLog
 from .state.consolidation import consolidate_only, hand_over
 from .state.continuation import Start, prepare
 from .observing.display import Display, show_overfit
-from .engine import (compile_enabled, device_type, initialize, loop_clips_gradients,
-                     parameter_groups, precision_note, prepare_device, prepare_environment, resolve_precision,
-                     training_model_config)
+from .engine import (compile_enabled, device_type, group_names, initialize, loop_clips_gradients, optimizer_note,
+                     precision_note, prepare_device, prepare_environment, resolve_precision, training_model_config)
 from .faults import Faults, corrupt
 from ..rundir import MODEL_DIR
 from .launching.lock import RunDirClaim
@@ -99,6 +99,7 @@ class Run:
     device: str
     faults: Faults
     clips_gradients: bool  # fp32 ZeRO-0: the loop clips (engine.loop_clips_gradients)
+    optimizer: OptimizerSpec  # train.optimizer's spec
     step: int = 0
     tokens: int = 0
     skipped_steps: int = 0
@@ -184,9 +185,10 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     precision = resolve_precision(project, device)
-    note = precision_note(project, precision)
-    if note and rank == 0:
-        print(note, file=sys.stderr)
+    optimizer = optimizer_spec(project.train.optimizer)
+    for note in (precision_note(project, precision), optimizer_note(project, optimizer)):
+        if note and rank == 0:
+            print(note, file=sys.stderr)
     run_dir = Path(project.project.out_dir)
     if options.overfit_batch:
         run_dir = run_dir / "overfit-batch"  # its metrics must not mix with the run's own
@@ -199,6 +201,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     library_log.settle(run_dir)
     universal = None
     if start.ranks_changed and project.deepspeed.zero_stage > 0:
+        reshard.check_reshardable(optimizer, tag, start.saved_ranks, world)
         show_phase(f"converting checkpoint {tag} for {world} ranks (DeepSpeed's universal checkpoint format)")
         with library_log.capture():
             universal = reshard.ensure_universal(run_dir, tag, rank)
@@ -206,14 +209,15 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
         engine = initialize(project, model, layout, precision, device, load_universal=universal is not None)
     if weights is not None:
         set_fp32_masters(engine, weights)
-        probes.dump_state(engine, "initialized", 0, rank)
+    if tag is None:
+        probes.dump_state(engine, optimizer, "initialized", 0, rank)
     if compile_enabled(project, device):
         show_phase("compiling the model (torch.compile; the first steps also wait for it)")
         engine.compile()
     run = Run(project=project, model_config=model_config, engine=engine, layout=layout,
               loader=BatchPrefetcher(loader, torch.device(engine.device)), val_loader=val_loader,
               tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device, faults=Faults.from_environment(rank),
-              clips_gradients=loop_clips_gradients(project, precision), start=start)
+              clips_gradients=loop_clips_gradients(project, precision), optimizer=optimizer, start=start)
     run.flops_per_token = model_flops_per_token(project.model, layout.seq_len)
     run.tasks = task_eval.prepare(project, tokenizer, model_config.block_size, rank, world, options.overfit_batch)
     run.peak = peak_flops(device, project.train.peak_tflops)
@@ -280,16 +284,17 @@ def resume_or_start(run: Run, tag: Optional[str], universal: Optional[Path] = No
     show_phase(f"resuming from checkpoint {tag}")
     client = checkpoint.read_client_state(run.run_dir, tag)
     checkpoint.check_architecture(client, run.project.model, tag)
+    check_optimizer(client, run.optimizer, tag, run.project.project.out_dir)
     checkpoint.load(run.engine, run.run_dir, tag, universal)
     if universal is not None:
-        reshard.restore_optimizer_details(run.engine, universal)
+        reshard.restore_optimizer_details(run.engine, universal, run.optimizer)
     saved_ranks = client.get("world_size", run.layout.world_size)
     if run.rank >= saved_ranks:  # a rank the checkpoint has no RNG states for
         seed_everything(reshard.new_rank_seed(run.project.project.seed, client["step"], run.rank))
     run.loader.load_state_dict(client["loader"])
     run.step, run.tokens = client["step"], client["tokens"]
     run.skipped_steps, run.elapsed = client.get("skipped_steps", 0), client.get("elapsed", 0.0)
-    probes.dump_state(run.engine, "loaded", run.step, run.rank)
+    probes.dump_state(run.engine, run.optimizer, "loaded", run.step, run.rank)
     if client.get("config_hash") != run.start.config_hash and run.rank == 0:
         print(f"note: the project differs from the one checkpoint {tag} was trained with "
               "(the architecture matches; other settings apply from here on).", file=sys.stderr)
@@ -371,8 +376,7 @@ def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tenso
     """Forward and backward over the step's micro batches; returns this rank's mean loss (on the device)
     and, where the loop clips (fp32 ZeRO-0), the gradient norm before clipping."""
     engine = run.engine
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(engine.optimizer, lr)
     loss_sum = torch.zeros((), device=engine.device)
     accum = run.layout.grad_accum_steps
     for micro in range(accum):
@@ -389,6 +393,13 @@ def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tenso
         clip = run.project.train.grad_clip or math.inf
         own_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip, foreach=False)
     return loss_sum / accum, own_norm
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    """The schedule's rate into every parameter group, times the group's `lr_scale` where its optimizer spec
+    gives one (optimizers.ParameterGroup; AdamW's groups have none)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
 
 def read_step(run: Run, loss: torch.Tensor, stop: StopRequest, pending: Optional[StepDone],
@@ -528,19 +539,28 @@ def save(run: Run) -> None:
               "config_hash": run.start.config_hash, "architecture": run.project.model.architecture_dict(),
               "world_size": run.layout.world_size, "skipped_steps": run.skipped_steps, "elapsed": run.elapsed,
               "model_fingerprint": run.project.model.fingerprint(), "parameter_groups": parameter_group_names(run),
+              "optimizer": run.optimizer.name,
               **run.start.client_state()}
     if run.writer is not None:
         run.writer.flush()  # what the trackers hold up to this step survives a kill after the checkpoint
     checkpoint.save(run.engine, run.run_dir, run.step, client, run.project.train.keep_checkpoints, run.faults)
-    probes.dump_state(run.engine, "saved", run.step, run.rank)
+    probes.dump_state(run.engine, run.optimizer, "saved", run.step, run.rank)
 
 
 def parameter_group_names(run: Run) -> list[list[str]]:
     """The parameter names of each optimizer group, in the optimizer's order: at ZeRO-0 DeepSpeed saves
     the fp16/bf16 optimizer's fp32 masters without names (consolidation.stage0_masters reads them)."""
-    module = run.engine.module
-    names = {id(parameter): name for name, parameter in module.named_parameters()}
-    return [[names[id(p)] for p in group["params"]] for group in parameter_groups(module, 0.0)]
+    return group_names(run.engine.module, run.optimizer, run.project.train)
+
+
+def check_optimizer(client: dict, spec: OptimizerSpec, tag: str, run_dir: str) -> None:
+    """A checkpoint resumes only with the optimizer that saved its state; a checkpoint from before the
+    record was made was AdamW's, the one optimizer there was."""
+    saved = client.get("optimizer", ADAMW.name)
+    if saved != spec.name:
+        raise GptError(f'Cannot resume checkpoint {tag} with train.optimizer "{spec.name}": its optimizer state is '
+                       f'"{saved}"\'s; resume with train.optimizer = "{saved}", or start a new run from its weights '
+                       f'(train.init_from = "{run_dir}", a fresh "{spec.name}" state and schedule).')
 
 
 def finish(run: Run, options: TrainOptions, display: Optional[Display], exit_code: int = 0) -> TrainResult:

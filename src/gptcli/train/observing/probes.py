@@ -5,9 +5,11 @@
                               "windows": [window indices]} (read ahead: a run that stops may list a
                               micro batch or two it never trained on)
     state-<event>-step<N>.pt  rank 0, after the checkpoint of step N is saved (event "saved"), right
-                              after it is loaded ("loaded"), or once init_from's weights are in the engine
-                              ("initialized", step 0): every parameter's full fp32 master and Adam moments
-                              (none before the first step), as DeepSpeed's own accessors assemble them
+                              after it is loaded ("loaded"), or once a fresh run's first weights (a random
+                              init, or init_from's) are in the engine ("initialized", step 0): every
+                              parameter's full fp32 master and the optimizer's state tensors (its spec's
+                              state_keys: AdamW's two moments; none before the first step), as DeepSpeed's
+                              own accessors assemble them, and the spec's step counter
 
 So a test can compare, across a resume on another number of ranks, the windows of every optimizer step
 and the optimizer state, without trusting the code that carried them over.
@@ -18,9 +20,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from ...optimizers import OptimizerSpec
 
 VARIABLE = "GPTCLI_PROBE_DIR"
 
@@ -46,19 +51,20 @@ def watch_loader(loader, rank: int) -> None:
     loader.observe(record)
 
 
-def dump_state(engine, event: str, step: int, rank: int) -> None:
+def dump_state(engine, spec: "OptimizerSpec", event: str, step: int, rank: int) -> None:
     """Every rank takes part (the full tensors are all-reduced from the ranks' parts); rank 0 writes."""
     directory = probe_dir()
     if directory is None:
         return
-    states = full_states(engine)
+    states = full_states(engine, spec)
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
         torch.save(states, directory / f"state-{event}-step{step:08d}.pt")
 
 
-def full_states(engine) -> dict:
-    """{name: {"fp32", "exp_avg", "exp_avg_sq"}} for every parameter, and "step": Adam's step count."""
+def full_states(engine, spec: "OptimizerSpec") -> dict:
+    """{name: {"fp32", *spec.state_keys}} for every parameter (AdamW: "exp_avg", "exp_avg_sq"), and "step":
+    the optimizer's step count (spec.step_key; [] for an optimizer that keeps none)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from ..state.warmstart import stage0_master_pairs
@@ -67,7 +73,7 @@ def full_states(engine) -> dict:
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     stage0 = dict(stage0_master_pairs(engine.optimizer))
     states: dict = {}
-    moments = ("exp_avg", "exp_avg_sq") if inner.state else ()  # Adam makes them at its first step
+    moments = spec.state_keys if inner.state else ()  # an optimizer makes its state at its first step
     for name, param in engine.module.named_parameters():
         if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO 1-3, BF16_Optimizer
             states[name] = {"fp32": safe_get_full_fp32_param(param).cpu().clone()}
@@ -77,13 +83,14 @@ def full_states(engine) -> dict:
             master = stage0.get(id(param), param)
             states[name] = {"fp32": master.detach().float().cpu().clone(),
                             **{key: inner.state[master][key].cpu().clone() for key in moments}}
-    steps = {float(state["step"]) for state in inner.state.values() if "step" in state}
+    key = spec.step_key
+    steps = {float(state[key]) for state in inner.state.values() if key is not None and key in state}
     states["step"] = steps.pop() if len(steps) == 1 else sorted(steps)
     return states
 
 
 def link_optimizer_fragments(optimizer) -> None:
-    """DeepSpeed 0.19's ZeRO-1/2 optimizer links each parameter to its slice of the Adam moments after the
+    """DeepSpeed 0.19's ZeRO-1/2 optimizer links each parameter to its slice of the optimizer state after the
     first step for the first parameter group only (it links while the other groups are hidden), so its
     accessors fail for the others; link every group here (what its lazy link does, for all of them)."""
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state

@@ -1,7 +1,7 @@
 """Resuming a checkpoint on another number of ranks.
 
-ZeRO 1-3 save each rank's slice of the fp32 master weights and of both Adam moments (stage 3 also of the
-weights), cut for the number of ranks that saved them. To resume on another number, rank 0 converts the
+ZeRO 1-3 save each rank's slice of the fp32 master weights and of the optimizer's state (AdamW's two
+moments; stage 3 also of the weights), cut for the number of ranks that saved them. To resume on another number, rank 0 converts the
 checkpoint once into DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`: every
 parameter's full fp32 master, exp_avg and exp_avg_sq in its own files) and every rank loads it with
 `load_universal`, which cuts each rank's new slice out of the full tensors. The values are copied, never
@@ -13,11 +13,16 @@ place when complete, so a kill mid-conversion leaves the checkpoint as it was (t
 and the conversion redone by the next resume); a complete one is reused. It goes with its checkpoint
 (retention, --restart). Its cost: see docs/training.md.
 
+The universal format carries Adam's state only (fp32, exp_avg, exp_avg_sq: DeepSpeed 0.19's
+ds_to_universal and its loader name these three), so a checkpoint of an optimizer that keeps other state
+resumes on the ranks that saved it, and on others is refused in one sentence (`check_reshardable`, from the
+spec's state_keys) rather than resumed without its state.
+
 What the universal loader does not carry over as a resume on the same ranks would is set here: each
 optimizer group's hyperparameters (DeepSpeed's ZeRO-3 loader gives every group the first group's, weight
-decay included), Adam's step count as one counter per group (its ZeRO-3 loader shares one tensor between
-them), and the RNG of a rank that did not exist when the checkpoint was saved (seeded from the project
-seed, the step and the rank: `new_rank_seed`).
+decay included), the optimizer's step count as one counter per group (spec.step_key: its ZeRO-3 loader
+shares one tensor between them), and the RNG of a rank that did not exist when the checkpoint was saved
+(seeded from the project seed, the step and the rank: `new_rank_seed`).
 """
 
 from __future__ import annotations
@@ -31,11 +36,28 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ...errors import GptError
 from ...fsutil import staging_dir
+from ...optimizers import OptimizerSpec
 from ...rundir import TAG_PATTERN, UNIVERSAL, checkpoints_dir
 from ...rundir import UNIVERSAL_COMPLETE as COMPLETE
 from ..faults import Faults
 
+
+
+# The per-parameter optimizer state DeepSpeed's universal format carries (ds_to_universal, and the
+# loader's universal_checkpoint.load_hp_checkpoint_state; DeepSpeed 0.19).
+UNIVERSAL_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def check_reshardable(spec: OptimizerSpec, tag: str, saved_ranks: int, ranks: int) -> None:
+    """Before converting: an optimizer whose state the universal format does not carry is one sentence."""
+    missing = [key for key in spec.state_keys if key not in UNIVERSAL_STATE_KEYS]
+    if missing:
+        raise GptError(f"Cannot resume checkpoint {tag} on {ranks} rank(s): it was saved on {saved_ranks}, and "
+                       f'DeepSpeed\'s universal checkpoint format, which moves optimizer state between numbers of '
+                       f'ranks, carries Adam\'s moments only, not the "{spec.name}" optimizer\'s {", ".join(missing)}; '
+                       f"resume it on {saved_ranks} rank(s).")
 
 
 def universal_dir(run_dir: Path, tag: str) -> Path:
@@ -82,17 +104,18 @@ def saved_group_settings(universal: Path) -> list[dict]:
     return [{key: value for key, value in group.items() if key != "params"} for group in groups]
 
 
-def restore_optimizer_details(engine, universal: Path) -> None:
+def restore_optimizer_details(engine, universal: Path, spec: OptimizerSpec) -> None:
     """What DeepSpeed's universal loader gets wrong for us: the groups' hyperparameters (saved_group_settings)
-    and, at ZeRO-3, Adam's step count, which it gives every parameter group as one shared tensor, so torch's
-    AdamW, counting in place, would advance it once per group and step (wrong bias corrections from the
-    first step on)."""
+    and, at ZeRO-3, the step count (spec.step_key, AdamW's "step"), which it gives every parameter group as
+    one shared tensor, so torch's AdamW, counting in place, would advance it once per group and step (wrong
+    bias corrections from the first step on)."""
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's optimizer
     for group, saved in zip(optimizer.param_groups, saved_group_settings(universal)):
         group.update(saved)
+    key = spec.step_key
     for state in optimizer.state.values():
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()
+        if key is not None and isinstance(state.get(key), torch.Tensor):
+            state[key] = state[key].clone()
 
 
 def new_rank_seed(seed: int, step: int, rank: int) -> int:
