@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional
 from ...config import Project, sections_toml
 from ...errors import GptError
 from ...fsutil import atomic_write_json
-from ...registry import TRACKERS
+from ...registry import FILE_REFERENCE, TRACKERS
 from ...rundir import MLFLOW_DIR, TENSORBOARD_DIR, TRACKERS_FILE
 
 # MLflow's limits per log_batch call (mlflow.utils.validation: MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH).
@@ -76,7 +76,11 @@ def factory_of(project: Project, name: str) -> Callable:
 
 
 def title_of(name: str, factory: Any) -> str:
-    return str(getattr(factory, "title", name))
+    """How messages name a tracker: its factory's `title`, else the name it was given (a file reference by
+    the file's own name, not the absolute path the project stores)."""
+    match = FILE_REFERENCE.match(name)
+    shown = f"{Path(match.group('file')).name}:{match.group('attr')}" if match else name
+    return str(getattr(factory, "title", shown))
 
 
 def installed(module: str) -> bool:
