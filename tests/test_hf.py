@@ -25,7 +25,7 @@ from gptcli.inspect import reference_for
 from gptcli.model import build_model
 from gptcli.modeldir import load_model_dir, save_model_dir
 from gptcli.tokenizer import load_tokenizer
-from test_openai_bpe import train_bpe, write_vocabulary
+from bpe_trainer import train_bpe, write_vocabulary
 
 TOLERANCE = 1e-4  # fp32 logits, as the issue states
 
