@@ -239,6 +239,8 @@ def module_parameter_count(model) -> int:
 LIBRARY_IMPORT_VARIABLES = {
     "PYTORCH_NVML_BASED_CUDA_CHECK",  # deepspeed/__init__.py (0.19): os.environ.setdefault(..., "1")
     "TORCHINDUCTOR_CACHE_DIR",  # torch/_inductor/runtime/cache_dir_utils.cache_dir(), the first time it is asked
+    "HF_XET_HIGH_PERFORMANCE",  # lm_eval/__init__.py (0.4): os.environ.setdefault(..., "1")
+    "KMP_DUPLICATE_LIB_OK",  # threadpoolctl and sklearn at import (datasets and lm_eval import them)
 }
 
 

@@ -129,9 +129,11 @@ def test_a_resume_with_another_optimizer_or_of_unmovable_state_on_other_ranks_is
 # --- a plugin optimizer in a training run (slow) ----------------------------------------------------------------
 
 # The example optimizer (SGD with momentum) and attention pattern (strided) on nano: no dropout and no
-# clipping, so the first step is the rule applied to the plain gradients; a checkpoint every step.
+# clipping, so the first step is the rule applied to the plain gradients; a checkpoint every step. AdamW's
+# own keys are set, as in a project that switched optimizers, so that gpt train notes it does not read them.
 PLUGIN_RUN = ("model.dropout=0.0", "model.sliding_window=16", "train.max_steps=4", "train.checkpoint_every=1",
-              "train.eval_every=0", "train.grad_clip=0.0", "train.warmup_steps=0", "train.lr=0.05")
+              "train.eval_every=0", "train.grad_clip=0.0", "train.warmup_steps=0", "train.lr=0.05",
+              "train.beta1=0.9", "train.beta2=0.95", "train.eps=1e-8")
 
 
 def plugin_project(directory: Path, data: Path, optimizer: str, attention: str) -> Path:
