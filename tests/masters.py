@@ -38,7 +38,8 @@ def deepspeed_fp32_masters(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     name_of = {id(p): n for n, p in model.named_parameters()}
     group_names = [[name_of[id(p)] for p in group["params"]]
                    for group in parameter_groups(model, ADAMW, project_from_dict({}).train)]
-    return {name: tensor for names, tensors in zip(group_names, groups) for name, tensor in zip(names, tensors)}
+    return {name: tensor for names, tensors in zip(group_names, groups, strict=True)
+            for name, tensor in zip(names, tensors, strict=True)}
 
 
 def assert_model_dir_holds_the_masters(run_dir: Path, precision: str) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptcli.errors import GptError
 from bpe_trainer import train_bpe, write_vocabulary
+from gptcli.errors import GptError
 from gptcli.tokenizer import load_from_model_dir, load_tokenizer
 
 EXTRA_TEXT = [

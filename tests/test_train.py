@@ -14,8 +14,18 @@ import math
 import pytest
 import torch
 
-from conftest import (SMALL_BF16, assert_user_error, copy_run, losses, project_file, records, run_gpt, train,
-                      trained, worker_port)
+from conftest import (
+    SMALL_BF16,
+    assert_user_error,
+    copy_run,
+    losses,
+    project_file,
+    records,
+    run_gpt,
+    train,
+    trained,
+    worker_port,
+)
 from gptcli.config import apply_overrides, project_from_dict
 from masters import assert_model_dir_holds_the_masters
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from conftest import SMALL_BF16, assert_user_error, losses, project_file, run_gpt, train, trained

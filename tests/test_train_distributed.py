@@ -20,8 +20,18 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import (HANG_SECONDS, SMALL_BF16, gpt_env, losses, project_file, run_gpt, train, trained, wait_until,
-                      worker_ports)
+from conftest import (
+    HANG_SECONDS,
+    SMALL_BF16,
+    gpt_env,
+    losses,
+    project_file,
+    run_gpt,
+    train,
+    trained,
+    wait_until,
+    worker_ports,
+)
 from launchers import job_on_ports
 from masters import assert_model_dir_holds_the_masters
 
