@@ -245,7 +245,7 @@ def show_plan(plan) -> None:
     """The plan of the run: memory per GPU at its peak by term, what fits, the time."""
     from .planner import plan_summary
 
-    memory, training = plan.memory, plan.training
+    memory = plan.memory
     gib = 2**30
     table = Table(title=f"memory per GPU at the peak ({memory.peak_phase.phase})")
     table.add_column("term")

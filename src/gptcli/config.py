@@ -12,8 +12,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import sys
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from functools import cache

@@ -181,7 +181,7 @@ def score_sequence(model: GPT, tokens: np.ndarray, totals: Totals, stride: int, 
         ids = np.stack([np.asarray(tokens[w.begin:w.end], dtype=np.int64) for w in batch])  # (B, T)
         with autocast:
             nats = window_nats(model, torch.from_numpy(ids).to(device), batch)
-        for window, window_sum in zip(batch, nats):
+        for window, window_sum in zip(batch, nats, strict=True):
             totals.add_window(window, window_sum, byte_count(tokens[window.end - window.scored:window.end]))
         if progress is not None:
             progress(sum(w.scored for w in batch))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
+from itertools import pairwise
 from typing import Optional
 
 from .errors import GptError
@@ -110,7 +111,7 @@ class OpenAIGPTBPE:
         """One word → its BPE symbols: merge the best-ranked adjacent pair everywhere, until none is left."""
         symbols = list(word[:-1]) + [word[-1] + WORD_END]
         while len(symbols) > 1:
-            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
+            pairs = set(pairwise(symbols))
             best = min(pairs, key=lambda pair: self.merge_ranks.get(pair, float("inf")))
             if best not in self.merge_ranks:
                 break

@@ -25,9 +25,20 @@ from typing import Any, Optional
 
 from .errors import GptError
 from .openai_bpe import OpenAIGPTBPE, vocabulary_fingerprint
-from .tokenizer_files import (MERGES_FILE, VOCAB_FILE, byte_level_ranks, byte_level_vocabulary, find_bpe_files,
-                              parse_tiktoken, read_bpe_files, read_tiktoken_file, tiktoken_bytes, write_bpe_files,
-                              write_hf_tokenizer, write_tiktoken_file)
+from .tokenizer_files import (
+    MERGES_FILE,
+    VOCAB_FILE,
+    byte_level_ranks,
+    byte_level_vocabulary,
+    find_bpe_files,
+    parse_tiktoken,
+    read_bpe_files,
+    read_tiktoken_file,
+    tiktoken_bytes,
+    write_bpe_files,
+    write_hf_tokenizer,
+    write_tiktoken_file,
+)
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256

@@ -484,7 +484,7 @@ def build_manifest(summary: PrepareSummary, run: Run, records: list[ShardRecord]
                       "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                       "eot_position": "end" if tokenizer.eot_id is not None else None},
         "inputs": [{"kind": s.kind, "location": s.label, "documents": c.documents, "tokens": c.tokens,
-                    "bytes": c.bytes} for s, c in zip(run.sources, summary.inputs)],
+                    "bytes": c.bytes} for s, c in zip(run.sources, summary.inputs, strict=True)],
         "separator": data.separator,
         "text_column": data.text_column,
         "split": {"val_fraction": data.val_fraction, "seed": run.options.seed, **summary.split},

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import socket
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
@@ -519,10 +520,8 @@ class _Cutter:
             end = self.buffer.rfind("\n", start)
             return end + 1 if end >= 0 else None
         pattern = SAFE_CUT if self.mode == "none" else BLANK_LINE_END
-        last = None
-        for last in pattern.finditer(self.buffer, start):
-            pass
-        return last.end() if last is not None else None
+        last = deque(pattern.finditer(self.buffer, start), maxlen=1)  # only the last match is kept
+        return last[0].end() if last else None
 
 
 # --- datasets ------------------------------------------------------------------------------------------------

@@ -83,8 +83,8 @@ def load_hf(source: str, out: Path | str, verify: bool = False, force: bool = Fa
 
 def convert_into(source: str, out: Path, verify: bool) -> LoadReport:
     from ..inspect import reference_for
-    from ..planner import parameter_components
     from ..modeldir import MODEL_DIR, load_model_dir, write_model_files
+    from ..planner import parameter_components
 
     hf = resolve_source(source)
     config = model_config_from_hf(hf.config, hf.family)

@@ -6,7 +6,6 @@ from ..optimizers import ADAMW, OptimizerSpec
 from .gpus import GiB
 from .plan import RunPlan
 
-
 # --- in words -----------------------------------------------------------------------------------------------------
 
 

@@ -31,25 +31,36 @@ from ..batch import BatchLayout, batch_layout
 from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
 from ..optimizers import ADAMW, OptimizerSpec, optimizer_spec
-from .state import checkpoint, reshard
+from ..rundir import MODEL_DIR
+from .engine import (
+    compile_enabled,
+    device_type,
+    group_names,
+    initialize,
+    loop_clips_gradients,
+    optimizer_note,
+    precision_note,
+    prepare_device,
+    prepare_environment,
+    resolve_precision,
+    training_model_config,
+)
+from .faults import Faults, corrupt
+from .launching.lock import RunDirClaim
+from .launching.opbuild import prepare_cpu_comm_op
+from .launching.stopping import StopRequest
 from .observing import probes, task_eval
 from .observing.chatter import LibraryLog
+from .observing.display import Display, show_overfit
+from .observing.metrics import MetricsWriter, csv_columns, model_flops_per_token, peak_flops, truncate_metrics
+from .observing.phases import deepspeed_phase, show_phase, training_starts
+from .observing.trackers import start_trackers
+from .prefetch import BatchPrefetcher, on_device, windows_of
+from .preflight import preflight
+from .schedule import schedule_for
+from .state import checkpoint, reshard
 from .state.consolidation import consolidate_only, hand_over
 from .state.continuation import Start, prepare
-from .observing.display import Display, show_overfit
-from .engine import (compile_enabled, device_type, group_names, initialize, loop_clips_gradients, optimizer_note,
-                     precision_note, prepare_device, prepare_environment, resolve_precision, training_model_config)
-from .faults import Faults, corrupt
-from ..rundir import MODEL_DIR
-from .launching.lock import RunDirClaim
-from .observing.metrics import MetricsWriter, csv_columns, model_flops_per_token, peak_flops, truncate_metrics
-from .launching.opbuild import prepare_cpu_comm_op
-from .observing.phases import deepspeed_phase, show_phase, training_starts
-from .preflight import preflight
-from .prefetch import BatchPrefetcher, on_device, windows_of
-from .schedule import schedule_for
-from .launching.stopping import StopRequest
-from .observing.trackers import start_trackers
 from .state.warmstart import model_from_source, set_fp32_masters
 
 if TYPE_CHECKING:
@@ -530,7 +541,7 @@ def sampling_model(run: Run) -> Optional[torch.nn.Module]:
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         if run.rank != 0:
             return None
-        weights = {name: p.detach().clone() for name, p in zip(names, module.parameters())}
+        weights = {name: p.detach().clone() for name, p in zip(names, module.parameters(), strict=True)}
     return model_from_state_dict(run.model_config, weights, device=run.engine.device, dtype=torch.float32)  # the tied lm_head follows wte
 
 

@@ -20,10 +20,19 @@ from typing import Callable, Optional
 
 from ..config import Project
 from ..errors import GptError
+from ..planner import (
+    CPU_TRAINING_EFFICIENCY,
+    RunPlan,
+    fitting_change,
+    gib,
+    human_count,
+    human_duration,
+    memory_line,
+    plan_run,
+    preset_model,
+)
 from ..presets import preset_for_shape
 from ..rundir import MODEL_DIR
-from ..planner import (CPU_TRAINING_EFFICIENCY, RunPlan, fitting_change, gib, human_count, human_duration,
-                       memory_line, plan_run, preset_model)
 
 # A run estimated at more than this on a CPU gets the advice to start smaller.
 LONG_CPU_RUN_SECONDS = 3600.0

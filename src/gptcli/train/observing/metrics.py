@@ -8,6 +8,7 @@ import io
 import json
 import math
 import sys
+from operator import methodcaller
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -130,7 +131,7 @@ class MetricsWriter:
         self.run_dir = Path(run_dir)
         self.trackers = list(trackers)
         for record in read_metrics(self.run_dir):  # what a tracker lacks of what metrics.jsonl holds
-            self.each_tracker(lambda tracker: tracker.log(record))
+            self.each_tracker(methodcaller("log", record))  # bound to this record now
         self.jsonl = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
         self.csv_handle, self.csv = self.open_csv(columns or csv_columns())
 

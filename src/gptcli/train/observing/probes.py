@@ -101,6 +101,6 @@ def link_optimizer_fragments(optimizer) -> None:
     state = getattr(getattr(optimizer, "optimizer", None), "state", None)
     if not (low and high and state):
         return
-    for params, flat in zip(low, high):
+    for params, flat in zip(low, high, strict=True):
         if flat in state:
             lazy_init_hp_params_optimizer_state(params, flat, state)

@@ -32,10 +32,22 @@ import torch
 from ...config import ModelConfig, Project, dump_toml
 from ...errors import GptError
 from ...fsutil import atomic_path, atomic_write_json, atomic_write_text, check_output
-from ...rundir import (CLIENT_STATE, LATEST, MANIFEST, MODEL_DIR, RESOLVED_CONFIG, TAG_PATTERN, checkpoints_dir,
-                       complete_checkpoints, refuse_existing_run, refuse_outputs_without_checkpoints, remove_checkpoint,
-                       remove_run_files)
+from ...rundir import (
+    CLIENT_STATE,
+    LATEST,
+    MANIFEST,
+    MODEL_DIR,
+    RESOLVED_CONFIG,
+    TAG_PATTERN,
+    checkpoints_dir,
+    complete_checkpoints,
+    refuse_existing_run,
+    refuse_outputs_without_checkpoints,
+    remove_checkpoint,
+    remove_run_files,
+)
 from ..launching.lock import broadcast_from_rank0
+
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
@@ -177,7 +189,7 @@ def sha256_files(directory: Path, names: list[str]) -> dict[str, str]:
             return hashlib.file_digest(handle, "sha256").hexdigest()
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-        return dict(zip(names, pool.map(digest, names)))
+        return dict(zip(names, pool.map(digest, names), strict=True))
 
 
 def check_checkpoint(directory: Path) -> list[str]:

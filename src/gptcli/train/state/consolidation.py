@@ -19,10 +19,10 @@ import torch
 
 from ...config import ModelConfig, Project
 from ...errors import GptError
-from . import checkpoint
 from ..engine import device_type, prepare_environment
 from ..launching.lock import RunDirClaim
 from ..observing.metrics import plot_losses
+from . import checkpoint
 
 
 def hand_over(project: Project, run_dir: Path, tokenizer, step: int, exit_code: int) -> Optional[Path]:
@@ -120,10 +120,10 @@ def stage0_masters(directory: Path) -> dict[str, torch.Tensor]:
                        "parameter_groups in client_state.json), so its fp32 weights cannot be consolidated.")
     module = saved["module"]
     masters = {}
-    for group_names, group in zip(names, groups):
+    for group_names, group in zip(names, groups, strict=True):
         shapes = {name: module[name].shape for name in group_names}
         tensors = split_flat(group, shapes) if isinstance(group, torch.Tensor) else group
-        masters.update({name: tensor.view(shapes[name]) for name, tensor in zip(group_names, tensors)})
+        masters.update({name: tensor.view(shapes[name]) for name, tensor in zip(group_names, tensors, strict=True)})
     return with_shared(masters, saved)
 
 
@@ -136,7 +136,7 @@ def bf16_optimizer_masters(directory: Path, partitions: list[Path]) -> dict[str,
     masters = {}
     for index, shapes in enumerate(saved["param_shapes"]):
         flat = torch.cat([rank_slices[index] for rank_slices in slices])
-        masters.update(zip(shapes, split_flat(flat, shapes)))
+        masters.update(zip(shapes, split_flat(flat, shapes), strict=True))
     return with_shared(masters, saved)
 
 

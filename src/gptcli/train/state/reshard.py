@@ -43,8 +43,6 @@ from ...rundir import TAG_PATTERN, UNIVERSAL, checkpoints_dir
 from ...rundir import UNIVERSAL_COMPLETE as COMPLETE
 from ..faults import Faults
 
-
-
 # The per-parameter optimizer state DeepSpeed's universal format carries (ds_to_universal, and the
 # loader's universal_checkpoint.load_hp_checkpoint_state; DeepSpeed 0.19).
 UNIVERSAL_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -110,7 +108,7 @@ def restore_optimizer_details(engine, universal: Path, spec: OptimizerSpec) -> N
     one shared tensor, so torch's AdamW, counting in place, would advance it once per group and step (wrong
     bias corrections from the first step on)."""
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's optimizer
-    for group, saved in zip(optimizer.param_groups, saved_group_settings(universal)):
+    for group, saved in zip(optimizer.param_groups, saved_group_settings(universal), strict=True):
         group.update(saved)
     key = spec.step_key
     for state in optimizer.state.values():

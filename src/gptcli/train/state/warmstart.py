@@ -170,10 +170,10 @@ def stage0_master_pairs(optimizer) -> list[tuple[int, torch.Tensor]]:
 
     pairs = []
     if isinstance(optimizer, FP16_UnfusedOptimizer):
-        for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups):
-            pairs += [(id(p), master) for p, master in zip(group, masters)]
+        for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
+            pairs += [(id(p), master) for p, master in zip(group, masters, strict=True)]
     elif isinstance(optimizer, FP16_Optimizer):
-        for group, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
+        for group, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat, strict=True):
             offset = 0
             for p in group:
                 pairs.append((id(p), flat.narrow(0, offset, p.numel()).view(p.shape)))
