@@ -534,6 +534,7 @@ def _range_text(bounds: dict) -> str:
         return "more than 0"
     if low:
         return f"at least {number(low[1])}" if low[0] == "[" else f"more than {number(low[1])}"
+    assert high is not None, bounds  # a range has a bound on one side at least
     return f"less than {number(high[1])}" if high[0] == ")" else f"at most {number(high[1])}"
 
 

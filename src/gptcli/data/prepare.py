@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -171,6 +172,7 @@ def _die_with_parent(parent: int) -> None:
 
 def tokenize_task(task: Task, tokenizer: Optional[Tokenizer] = None) -> Tokenized:
     tokenizer = tokenizer or _worker_tokenizer
+    assert tokenizer is not None, "a worker's tokenizer is set by its initializer"
     replaced = 0
     if isinstance(task, FileRange):
         (documents, replaced), closes = task.read(), True
@@ -244,10 +246,11 @@ class SplitWriter:
                 self._close_shard()
 
     def _close_shard(self) -> None:
-        record = self.writer.close()
+        writer, self.writer = self.writer, None
+        assert writer is not None, "only an open shard is closed"
+        record = writer.close()
         record.split = self.split
         self.records.append(record)
-        self.writer = None
 
     def finish(self) -> list[ShardRecord]:
         if self.writer is not None:
@@ -439,7 +442,7 @@ def _tokenized(tasks, run: Run):
         executor.submit(int).result()  # start every worker now, before reading starts any thread (see below)
     finally:
         gc.unfreeze()
-    pending = collections.deque()
+    pending: collections.deque[tuple[Future[Tokenized], int]] = collections.deque()  # (its result, bytes read)
     try:
         for task in tasks:
             pending.append((executor.submit(tokenize_task, task), run.state.disk_bytes))
