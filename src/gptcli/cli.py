@@ -27,23 +27,22 @@ from .planner import TYPICAL_MFU, gpu_names
 from .registry import TASKS
 
 
-class QuietFlags:
+def quiet_flags(params: list) -> list:
     """Help without a `<bool>` type beside flags (--json, --force, --help): a flag takes no value."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    return params
 
+
+class Command(typer.core.TyperCommand):
     def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for param in params:
-            if getattr(param, "is_flag", False):
-                param.metavar = ""
-        return params
+        return quiet_flags(super().get_params(ctx))
 
 
-class Command(QuietFlags, typer.core.TyperCommand):
-    pass
-
-
-class Group(QuietFlags, typer.core.TyperGroup):
-    pass
+class Group(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return quiet_flags(super().get_params(ctx))
 
 
 class App(typer.Typer):

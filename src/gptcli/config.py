@@ -67,9 +67,11 @@ class Section:
     so a section built from a file, from `--set` or in code is validated the same way, once."""
 
     section: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field]]  # every section is a dataclass
 
     def __post_init__(self):
-        hints = _field_hints(type(self))
+        # A class is hashable; mypy checks a class object against Hashable with its instances' __hash__.
+        hints = _field_hints(type(self))  # type: ignore[arg-type]
         for f in dataclasses.fields(self):
             value = _coerce(f"{self.section}.{f.name}", getattr(self, f.name), hints[f.name])
             _check_bounds(f"{self.section}.{f.name}", value, f.metadata.get("bounds", {}))

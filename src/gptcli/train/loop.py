@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
     from ..data.loader import BatchLoader
     from ..data.source import DataSource
+    from ..model import GPT
     from ..tokenizer import Tokenizer
 
 __all__ = ["TrainOptions", "TrainResult", "train", "consolidate_only"]
@@ -111,6 +112,7 @@ class Run:
     faults: Faults
     clips_gradients: bool  # fp32 ZeRO-0: the loop clips (engine.loop_clips_gradients)
     optimizer: OptimizerSpec  # train.optimizer's spec
+    start: Start  # what the run continues from (continuation.prepare)
     step: int = 0
     tokens: int = 0
     skipped_steps: int = 0
@@ -120,7 +122,6 @@ class Run:
     writer: Optional[MetricsWriter] = None
     flops_per_token: int = 0
     peak: Optional[float] = None
-    start: Optional[Start] = None  # what the run continues from (continuation.prepare)
     tasks: Optional[task_eval.TaskSet] = None  # [eval] tasks: this rank's share of the examples
 
 
@@ -212,6 +213,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     library_log.settle(run_dir)
     universal = None
     if start.ranks_changed and project.deepspeed.zero_stage > 0:
+        assert tag is not None and start.saved_ranks is not None, "ranks change only on a resume"
         reshard.check_reshardable(optimizer, tag, start.saved_ranks, world)
         show_phase(f"converting checkpoint {tag} for {world} ranks (DeepSpeed's universal checkpoint format)")
         with library_log.capture():
@@ -249,7 +251,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     return run
 
 
-def build(config: ModelConfig, start: Start, device: str) -> tuple[torch.nn.Module, Optional[dict]]:
+def build(config: ModelConfig, start: Start, device: str) -> tuple[GPT, Optional[dict]]:
     """The model at a random init, or holding init_from's weights (and those weights, for the masters)."""
     from ..model import build_model
 
@@ -489,12 +491,13 @@ def evaluate(run: Run) -> float:
     """Mean loss over the first eval_batches micro batches of the val split (the same ones every time)."""
     import deepspeed.comm as dist
 
-    engine = run.engine
+    engine, val_loader = run.engine, run.val_loader
+    assert val_loader is not None, "a run evaluates only when it has a val split"
     device = torch.device(engine.device)
     engine.eval()
     total = torch.zeros(2, device=device)  # (sum of batch losses, batches)
     with torch.no_grad():
-        for inputs, targets in run.val_loader.sequential_batches(run.project.train.eval_batches):
+        for inputs, targets in val_loader.sequential_batches(run.project.train.eval_batches):
             _, loss = engine(*on_device(windows_of(inputs, targets), device), return_logits=False)
             total += torch.stack([loss.float(), torch.ones((), device=device)])
     engine.train()
@@ -526,7 +529,7 @@ def sample_options(project: Project, step: int) -> GenerateConfig:
                                seed=project.project.seed + step)
 
 
-def sampling_model(run: Run) -> Optional[torch.nn.Module]:
+def sampling_model(run: Run) -> Optional[GPT]:
     """Rank 0's model to sample from. Under ZeRO-3 the engine's module fetches its weights in collective
     hooks that rank 0 cannot run alone, so all ranks gather the weights and rank 0 copies them into a
     plain model; otherwise the engine's module itself."""
@@ -581,11 +584,13 @@ def finish(run: Run, options: TrainOptions, display: Optional[Display], exit_cod
     if display is not None:
         display.close()
     if options.overfit_batch:
+        assert run.fixed_batch is not None, "--overfit-batch trains on the one batch it read first"
         show_overfit(run.engine, run.fixed_batch, run.tokenizer, run.rank)
         return result
     dist.barrier()
     if run.rank == 0:
         result.model_dir = hand_over(run.project, run.run_dir, run.tokenizer, run.step, exit_code)
+        assert run.writer is not None, "rank 0 writes the metrics"
         run.writer.end(run.step, exit_code, result.model_dir)
     dist.barrier()
     return result

@@ -73,8 +73,8 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     csv_path = Path(run_dir) / CSV_FILE
     if csv_path.is_file():
         columns, rows = read_csv(csv_path)
-        kept = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= last_step]
-        write_csv(csv_path, columns or BASE_COLUMNS, kept)
+        kept_rows = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= last_step]
+        write_csv(csv_path, columns or BASE_COLUMNS, kept_rows)
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:

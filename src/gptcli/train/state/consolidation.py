@@ -91,7 +91,9 @@ def full_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 def partition_rank(path: Path) -> int:
-    return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
+    match = re.search(r"zero_pp_rank_(\d+)_", path.name)
+    assert match is not None, path  # partitions are found by this name
+    return int(match.group(1))
 
 
 def zero_masters(directory: Path) -> dict[str, torch.Tensor]:
@@ -133,7 +135,7 @@ def bf16_optimizer_masters(directory: Path, partitions: list[Path]) -> dict[str,
     saved = torch.load(directory / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     slices = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
               ["single_partition_of_fp32_groups"] for path in partitions]
-    masters = {}
+    masters: dict[str, torch.Tensor] = {}
     for index, shapes in enumerate(saved["param_shapes"]):
         flat = torch.cat([rank_slices[index] for rank_slices in slices])
         masters.update(zip(shapes, split_flat(flat, shapes), strict=True))

@@ -39,7 +39,7 @@ import torch
 from ...errors import GptError
 from ...fsutil import staging_dir
 from ...optimizers import OptimizerSpec
-from ...rundir import TAG_PATTERN, UNIVERSAL, checkpoints_dir
+from ...rundir import UNIVERSAL, checkpoints_dir, step_of_tag
 from ...rundir import UNIVERSAL_COMPLETE as COMPLETE
 from ..faults import Faults
 
@@ -87,7 +87,7 @@ def convert(checkpoint: Path, target: Path, faults: Optional[Faults] = None) -> 
                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                            strict=True, inject_missing_state=True))
         if faults is not None:
-            faults.maybe_kill_in_convert(int(TAG_PATTERN.match(checkpoint.name).group(1)))
+            faults.maybe_kill_in_convert(step_of_tag(checkpoint.name))
         (output / COMPLETE).write_text("")
         os.rename(output, target)
     finally:
