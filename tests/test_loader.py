@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from gptcli.data.loader import BatchLoader
-from gptcli.data.source import PreparedSource
-from shard_fixture import write_shard_dir
 from gptcli.data.shards import open_prepared
+from gptcli.data.source import PreparedSource
 from gptcli.errors import GptError
+from shard_fixture import write_shard_dir
 
 FINGERPRINT = "test:0123456789abcdef"
 

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import gpt_env
 from gptcli import rundir
-from gptcli.train.observing import chatter, phases
 from gptcli.train.launching import stopping
+from gptcli.train.observing import chatter, phases
 
 
 @pytest.fixture(autouse=True)

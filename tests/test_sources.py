@@ -7,8 +7,20 @@ import json
 
 import pytest
 
-from gptcli.data.sources import (DatasetRows, FilePiece, FileRange, JsonlRecords, ReadSettings, ReadState,
-                                 TextLines, TextParagraphs, hub_name, open_dataset, read_tasks, resolve_inputs)
+from gptcli.data.sources import (
+    DatasetRows,
+    FilePiece,
+    FileRange,
+    JsonlRecords,
+    ReadSettings,
+    ReadState,
+    TextLines,
+    TextParagraphs,
+    hub_name,
+    open_dataset,
+    read_tasks,
+    resolve_inputs,
+)
 from gptcli.errors import GptError
 
 

@@ -22,13 +22,11 @@ import torch
 from conftest import assert_user_error, run_gpt
 from gptcli.errors import GptError, Stopped
 from gptcli.presets import PRESETS
-from gptcli.tasks import evaluate_tasks, gpt2_shape, read_all
-from gptcli.tasks import stats
+from gptcli.tasks import evaluate_tasks, gpt2_shape, read_all, stats
 from gptcli.tasks.benchmarks import benchmark
 from gptcli.tasks.data import read_examples
 from gptcli.tasks.scoring import encode_example, encode_pair, score_groups
-from task_files import (HELLASWAG, LAMBADA, greedy_passages, lm_eval_task, random_model, write_jsonl,
-                        write_parquet)
+from task_files import HELLASWAG, LAMBADA, greedy_passages, lm_eval_task, random_model, write_jsonl, write_parquet
 
 LOGLIKELIHOOD_TOLERANCE = 1e-4  # the bound against lm-eval; fp32 sums of ~20 log-probabilities
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from conftest import assert_user_error, run_gpt
