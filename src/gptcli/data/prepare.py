@@ -246,11 +246,12 @@ class SplitWriter:
                 self._close_shard()
 
     def _close_shard(self) -> None:
-        writer, self.writer = self.writer, None
+        writer = self.writer
         assert writer is not None, "only an open shard is closed"
-        record = writer.close()
+        record = writer.close()  # if this fails, self.writer is still there for abort()
         record.split = self.split
         self.records.append(record)
+        self.writer = None
 
     def finish(self) -> list[ShardRecord]:
         if self.writer is not None:

@@ -134,7 +134,8 @@ def start_trackers(project: Project, run_dir: Path, resume_step: int,
     factories = {name: factory_of(project, name) for name in names}
     say(f"starting the trackers: {', '.join(title_of(name, f) for name, f in factories.items())}")
     config = {"parameters": inspect_parameters(project.model).total, **project.to_dict()}
-    def maker(factory: Callable) -> Callable[[], Any]:
+
+    def maker(factory: Callable) -> Callable[[], Any]:  # each tracker's own factory, bound when it is made
         return lambda: wrap(factory(Path(run_dir), config, resume_step))
 
     started = [start_one(title_of(name, factory), maker(factory)) for name, factory in factories.items()]
