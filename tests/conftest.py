@@ -45,8 +45,9 @@ def pytest_sessionstart(session):
     """Stop the whole run at once, with one message, when the project's dependencies are not installed or
     the GPT-2 vocabulary cannot be had."""
     try:
-        import gptcli  # noqa: F401
         import tiktoken.load
+
+        import gptcli  # noqa: F401
     except ImportError as error:
         raise pytest.UsageError(
             f"The tests need gptcli and its test dependencies installed in this Python ({sys.executable}), and "
@@ -131,9 +132,9 @@ def installed_plugins(tmp_path_factory):
     """examples/plugins installed as a user installs a plugin package (pip, into a directory of its own, so
     the environment is left as it was): its entry points make its names plain names in this process (the
     directory is put on sys.path) and in the processes tests start (`env`: PYTHONPATH for gpt_env)."""
-    from gptcli.registry import entry_points
-
     import shutil
+
+    from gptcli.registry import entry_points
 
     source = tmp_path_factory.mktemp("plugin-source") / "plugins"
     shutil.copytree(PLUGINS, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))

@@ -15,8 +15,18 @@ import pytest
 
 from conftest import gpt_env
 from gptcli.errors import GptError, Stopped
-from gptcli.fsutil import (OWNED_FILES, atomic_path, atomic_write_text, check_output, check_replaceable, output_lock,
-                           publish_dir, read_owned, staged_dir, staging_dir)
+from gptcli.fsutil import (
+    OWNED_FILES,
+    atomic_path,
+    atomic_write_text,
+    check_output,
+    check_replaceable,
+    output_lock,
+    publish_dir,
+    read_owned,
+    staged_dir,
+    staging_dir,
+)
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import assert_user_error, gpt2_vocab_bytes, gpt_env, module_parameter_count, run_gpt
 from gptcli import hf
-from gptcli.hf import convert
-from gptcli.hf.source import resolve_source
 from gptcli.config import project_from_dict
 from gptcli.errors import GptError
+from gptcli.hf import convert
+from gptcli.hf.source import resolve_source
 from gptcli.inspect import reference_for
 from gptcli.model import build_model
 from gptcli.modeldir import load_model_dir, save_model_dir

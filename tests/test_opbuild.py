@@ -4,14 +4,12 @@ in the build dir, torch's lock file); one slow test kills a real build."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
 

@@ -30,7 +30,7 @@ def train_bpe(text: str, merges_wanted: int) -> tuple[dict[str, int], list[tuple
     for _ in range(merges_wanted):
         pairs = collections.Counter()
         for word, symbols in splits.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in zip(symbols, symbols[1:], strict=False):
                 pairs[pair] += words[word]
         if not pairs:
             break

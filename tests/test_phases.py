@@ -8,14 +8,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from conftest import gpt_env
 from gptcli import rundir
-from gptcli.train.observing import chatter, phases
 from gptcli.train.launching import stopping
+from gptcli.train.observing import chatter, phases
 
 
 @pytest.fixture(autouse=True)
@@ -219,7 +220,7 @@ def test_train_says_what_it_will_do_shows_each_phase_and_acknowledges_sigterm(tm
              "SIGTERM: stopping after this step (step 3); saving a checkpoint…", "step 3/6",
              "Finished at step 3 (stopped by signal 15)"]
     positions = [err.find(fragment) for fragment in order]
-    assert -1 not in positions and positions == sorted(positions), list(zip(order, positions))
+    assert -1 not in positions and positions == sorted(positions), list(zip(order, positions, strict=True))
     assert "no run.toml" not in err
     # DeepSpeed's chatter is in the run's log, not in front of the user
     assert result.stdout == ""

@@ -155,8 +155,7 @@ def test_the_loss_chunk_is_the_models():
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_the_arithmetic_counts_the_parameters_the_model_builds(preset):
-    from gptcli.model import initialisation_skipped
-    from gptcli.model import build_model
+    from gptcli.model import build_model, initialisation_skipped
 
     for variant in ({}, *VARIANTS[:8], dict(vocab_multiple=128)):
         config = model_config(preset=preset, **{k: v for k, v in variant.items() if k != "vocab_size"})

@@ -14,10 +14,10 @@ import pytest
 
 from conftest import assert_user_error, run_gpt
 from gptcli import planner
+from gptcli.batch import batch_layout
 from gptcli.config import apply_overrides, project_from_dict
 from gptcli.errors import GptError
 from gptcli.train import preflight
-from gptcli.batch import batch_layout
 from shard_fixture import write_shard_dir
 
 NANO_RUN = ["model.preset=nano", "train.max_steps=10", "train.micro_batch_size=4", "train.grad_accum_steps=3",

@@ -22,13 +22,11 @@ import torch
 from conftest import assert_user_error, run_gpt
 from gptcli.errors import GptError, Stopped
 from gptcli.presets import PRESETS
-from gptcli.tasks import evaluate_tasks, gpt2_shape, read_all
-from gptcli.tasks import stats
+from gptcli.tasks import evaluate_tasks, gpt2_shape, read_all, stats
 from gptcli.tasks.benchmarks import benchmark
 from gptcli.tasks.data import read_examples
 from gptcli.tasks.scoring import encode_example, encode_pair, score_groups
-from task_files import (HELLASWAG, LAMBADA, greedy_passages, lm_eval_task, random_model, write_jsonl,
-                        write_parquet)
+from task_files import HELLASWAG, LAMBADA, greedy_passages, lm_eval_task, random_model, write_jsonl, write_parquet
 
 LOGLIKELIHOOD_TOLERANCE = 1e-4  # the issue's bound against lm-eval; fp32 sums of ~20 log-probabilities
 
@@ -164,10 +162,10 @@ def test_packed_scores_equal_one_forward_pass_per_request(model, tokenizer, file
     examples, source = read_examples(bench, files[name])
     groups = [encode_example(tokenizer, e, model.config.block_size) for e in examples]
     scores = score_groups(model, groups, batch_size)
-    for group, scored in zip(groups, scores):
+    for group, scored in zip(groups, scores, strict=True):
         expected = separate_passes(model, group)
         assert [s.greedy for s in scored] == [greedy for _, greedy in expected]
-        for s, (loglikelihood, _) in zip(scored, expected):
+        for s, (loglikelihood, _) in zip(scored, expected, strict=True):
             # fp32 sums of up to ~100 nats: a few ulps of the sum (fp32's ulp at 64-128 is 7.6e-6) apart
             assert s.loglikelihood == pytest.approx(loglikelihood, rel=2e-7, abs=LOGLIKELIHOOD_TOLERANCE / 10)
     if name == "lambada":
@@ -181,7 +179,7 @@ def test_the_whole_forward_path_gives_the_same_scores(model, tokenizer, files):
     groups = [encode_example(tokenizer, e, model.config.block_size) for e in examples]
     rows = score_groups(model, groups, 4)
     whole = score_groups(model, groups, 4, full_forward=True, min_batches=5)
-    for a, b in zip(rows, whole):
+    for a, b in zip(rows, whole, strict=True):
         assert [s.greedy for s in a] == [s.greedy for s in b]
         assert [s.loglikelihood for s in a] == pytest.approx([s.loglikelihood for s in b], abs=1e-5)
 
@@ -191,7 +189,7 @@ def test_metrics_follow_from_the_scores(model, tokenizer, files):
     hellaswag, lambada = results["hellaswag"], results["lambada"]
     examples, _ = read_examples(benchmark("hellaswag"), files["hellaswag"])
     acc = [float(max(range(len(s)), key=lambda i: (s[i].loglikelihood, -i)) == e.gold)
-           for e, s in zip(examples, hellaswag.scores)]
+           for e, s in zip(examples, hellaswag.scores, strict=True)]
     assert hellaswag.metrics["acc"] == (sum(acc) / len(acc), stats.mean_stderr(acc))
     loglikelihoods = [s[0].loglikelihood for s in lambada.scores]
     assert lambada.metrics["perplexity"][0] == pytest.approx(math.exp(-sum(loglikelihoods) / len(loglikelihoods)))
@@ -388,7 +386,7 @@ def piqa_by_hand(model, tokenizer) -> dict[str, float]:
             logprobs = torch.log_softmax(logits[0].float(), dim=-1)
             positions = range(len(context_ids) - 1, len(ids) - 1)
             loglikelihoods.append(sum(logprobs[p, ids[p + 1]].item() for p in positions))
-        normalised = [value / len(solution) for value, solution in zip(loglikelihoods, (record["sol1"], record["sol2"]))]
+        normalised = [value / len(solution) for value, solution in zip(loglikelihoods, (record["sol1"], record["sol2"]), strict=True)]
         right["acc"] += loglikelihoods.index(max(loglikelihoods)) == record["label"]
         right["acc_norm"] += normalised.index(max(normalised)) == record["label"]
     return {metric: count / len(PIQA) for metric, count in right.items()}
@@ -460,7 +458,7 @@ def test_every_loglikelihood_and_accuracy_equals_lm_evaluation_harness(model_dir
     for name, result in ours.items():
         samples = sorted(reference["samples"][f"{name}_local"], key=lambda s: s["doc_id"])
         assert len(samples) == result.examples
-        for sample, scored in zip(samples, result.scores):
+        for sample, scored in zip(samples, result.scores, strict=True):
             expected = [tuple(r) for r in sample["filtered_resps"]]
             assert [s.greedy for s in scored] == [greedy for _, greedy in expected]
             assert [s.loglikelihood for s in scored] == pytest.approx([ll for ll, _ in expected],
@@ -501,12 +499,12 @@ def test_on_a_gpu_fp32_gives_the_cpu_scores_and_bf16_is_close(model, tokenizer, 
     bf16 = score(on_gpu, tokenizer, files, batch_size=4, autocast=torch.autocast("cuda", dtype=torch.bfloat16))
     for name in cpu:
         assert [[s.greedy for s in e] for e in gpu[name].scores] == [[s.greedy for s in e] for e in cpu[name].scores]
-        for ours, reference in zip(gpu[name].scores, cpu[name].scores):
+        for ours, reference in zip(gpu[name].scores, cpu[name].scores, strict=True):
             assert [s.loglikelihood for s in ours] == pytest.approx([s.loglikelihood for s in reference],
                                                                    abs=LOGLIKELIHOOD_TOLERANCE)
         assert {m: v for m, (v, _) in gpu[name].metrics.items()} == pytest.approx(
             {m: v for m, (v, _) in cpu[name].metrics.items()}, rel=1e-5)
-        for ours, reference in zip(bf16[name].scores, cpu[name].scores):
+        for ours, reference in zip(bf16[name].scores, cpu[name].scores, strict=True):
             assert [s.loglikelihood for s in ours] == pytest.approx([s.loglikelihood for s in reference], rel=0.05)
 
 

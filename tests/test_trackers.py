@@ -12,19 +12,19 @@ import math
 import random
 import struct
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from gptcli import rundir
 from gptcli.config import ConfigError, apply_overrides, dump_toml, load_project, project_from_dict
 from gptcli.errors import GptError
-from gptcli.train.state import checkpoint
 from gptcli.train import preflight
 from gptcli.train.observing import trackers
 from gptcli.train.observing.metrics import MetricsWriter, truncate_metrics
 from gptcli.train.observing.trackers import TrackerFeed, scalars, start_trackers
+from gptcli.train.state import checkpoint
 
 
 def project(*overrides: str, run_dir: Path = Path("runs/x"), source: Path | None = None):
@@ -386,6 +386,7 @@ def held_by_segments(segments, keys) -> dict[str, dict[int, float]]:
 
 def test_wandb_offline_holds_every_number_the_config_and_a_resume_continues_the_same_run(tmp_path, wandb_offline):
     import wandb
+
     from tracker_readers import wandb_segments
 
     run_dir = tmp_path / "run"
@@ -411,6 +412,7 @@ def test_wandb_offline_sends_again_the_steps_its_file_lost(tmp_path, wandb_offli
     1-3 and 11-30 while metrics.jsonl had 1-30). Here the file of a run stopped after step 8 is cut back
     mid-record to what it held after step 3; the run resumes from step 6 and sends 4-6 from metrics.jsonl."""
     import wandb
+
     from tracker_readers import wandb_records, wandb_segments
 
     run_dir = tmp_path / "run"
@@ -456,9 +458,8 @@ def test_what_a_wandb_log_holds_is_read_from_its_end_as_a_whole_reading_finds_it
     """Its last history step, read from the last blocks (further back when they hold none: here a 300 KB
     record after it), equals that of reading every record, for the whole file and for files a kill cut."""
     wandb_proto = pytest.importorskip("wandb.proto.wandb_internal_pb2")
-    from tracker_readers import wandb_records
-
     from gptcli.train.observing.wandb_log import last_history_step
+    from tracker_readers import wandb_records
 
     def history(step: int, width: int) -> bytes:
         record = wandb_proto.Record()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from conftest import assert_user_error, run_gpt
@@ -295,9 +295,10 @@ def deepspeed_fp32_masters(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         return saved["module"]
     model = build_model(project_from_dict({"model": {"preset": "nano"}}).model, device="meta")
     name_of = {id(p): n for n, p in model.named_parameters()}
-    groups = parameter_groups(model, ADAMW, project_from_dict({}).train)
-    group_names = [[name_of[id(p)] for p in g["params"]] for g in groups]
-    return {name: tensor for names, tensors in zip(group_names, groups) for name, tensor in zip(names, tensors)}
+    param_groups = parameter_groups(model, ADAMW, project_from_dict({}).train)  # the order DeepSpeed saved
+    group_names = [[name_of[id(p)] for p in g["params"]] for g in param_groups]
+    return {name: tensor for names, tensors in zip(group_names, groups, strict=True)
+            for name, tensor in zip(names, tensors, strict=True)}
 
 
 def assert_model_dir_holds_the_masters(run_dir: Path, precision: str) -> None:

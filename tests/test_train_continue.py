@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from conftest import assert_user_error, run_gpt

@@ -9,10 +9,10 @@ import csv
 import json
 import random
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from conftest import REPO, run_gpt
 from gptcli.config import apply_overrides, dump_toml, project_from_dict

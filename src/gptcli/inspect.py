@@ -177,7 +177,7 @@ def plan_json(plan: RunPlan) -> dict:
                                 if plan.largest else None),
         "suggested": ({"micro_batch": plan.suggestion.micro_batch_size,
                        "grad_accum_steps": plan.suggestion.grad_accum_steps} if plan.suggestion else None),
-        "time": {"mfu": plan.mfu, "peak_flops_per_gpu": plan.rate / plan.mfu / plan.training.ranks if plan.rate else None,
+        "time": {"mfu": plan.mfu, "peak_flops_per_gpu": plan.rate / plan.mfu / plan.training.ranks if plan.rate and plan.mfu else None,
                  "flops_per_step": plan.flops_per_token * plan.tokens_per_step, "seconds_per_step": plan.step_seconds,
                  "steps": plan.steps, "train_seconds": plan.train_seconds, "startup_seconds": plan.startup_seconds},
     }

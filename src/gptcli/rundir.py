@@ -59,6 +59,14 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
+def step_of_tag(tag: str) -> int:
+    """The step a checkpoint tag names (step_00000100 → 100); ValueError for a name that is not a tag."""
+    match = TAG_PATTERN.match(tag)
+    if match is None:
+        raise ValueError(f"{tag!r} is not a checkpoint tag")
+    return int(match.group(1))
+
+
 def complete_checkpoints(root: Path) -> list[tuple[int, str]]:
     """(step, tag) of each checkpoint dir that was finished: it has a manifest, or, saved before manifests
     existed, a client state."""

@@ -278,12 +278,16 @@ def chosen_layout(micro_batch, configured: BatchLayout, largest: dict[bool, int]
     if micro_batch == "auto":
         if not largest:
             raise GptError("--micro-batch auto needs the GPU's memory: give --gpu NAME or --gpu-memory SIZE.")
-        return configured.in_micro_batches(max(1, largest[checkpointing]))
-    per_rank = configured.sequences_per_rank
-    if per_rank % micro_batch:
-        raise GptError(f"--micro-batch {micro_batch} does not divide the {per_rank} sequences each rank runs per "
-                       "step (train.micro_batch_size × grad_accum_steps, or train.global_batch_tokens).")
-    return configured.in_micro_batches(micro_batch)
+        limit = max(1, largest[checkpointing])
+    else:
+        per_rank = configured.sequences_per_rank
+        if per_rank % micro_batch:
+            raise GptError(f"--micro-batch {micro_batch} does not divide the {per_rank} sequences each rank runs "
+                           "per step (train.micro_batch_size × grad_accum_steps, or train.global_batch_tokens).")
+        limit = micro_batch
+    layout = configured.in_micro_batches(limit)
+    assert layout is not None, limit  # a limit of one sequence or more: a micro batch of one always divides
+    return layout
 
 
 def steps_and_evaluations(project: Project, layout: BatchLayout, done: int) -> tuple[int, int, int]:
@@ -348,6 +352,7 @@ def fitting_change(project: Project, plan: RunPlan) -> str:
     a smaller micro batch with more accumulation (the step unchanged), activation checkpointing, a higher
     ZeRO stage, on a GPU the optimizer state in CPU memory; or what is left when none does."""
     training, capacity = plan.training, plan.capacity
+    assert capacity is not None, "a plan that does not fit was held against a capacity"
     per_rank = plan.layout.sequences_per_rank
     for checkpointing in (training.checkpointing, True):
         best = plan.layout.in_micro_batches(largest_micro_batch(training, capacity, checkpointing,

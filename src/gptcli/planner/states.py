@@ -153,7 +153,7 @@ def model_state_phases(training: Training, activations: Optional[ActivationEstim
               merge(layout.working, layout.backward, {"activations": activations.in_blocks if activations else 0}),
               layout.reduction,
               merge(layout.step, {"temporaries": max(0, layout.step_norms - layout.step.get("temporaries", 0))})]
-    return [PhaseMemory(name, merge(layout.resident, extra)) for name, extra in zip(PHASES, extras)]
+    return [PhaseMemory(name, merge(layout.resident, extra)) for name, extra in zip(PHASES, extras, strict=True)]
 
 
 def merge(*parts: dict[str, int]) -> dict[str, int]:

@@ -6,7 +6,6 @@ from ..optimizers import ADAMW, OptimizerSpec
 from .gpus import GiB
 from .plan import RunPlan
 
-
 # --- in words -----------------------------------------------------------------------------------------------------
 
 
@@ -67,9 +66,10 @@ def plan_summary(plan: RunPlan) -> list[str]:
         per_rank = layout.micro_batch_size * layout.grad_accum_steps
         lines.append(f"for the {per_rank} sequences per GPU of a step: micro batch {plan.suggestion.micro_batch_size} "
                      f"× {plan.suggestion.grad_accum_steps} accumulation")
-    if plan.rate:
+    train_seconds = plan.train_seconds  # None without a rate of FLOP/s
+    if train_seconds is not None:
         lines.append(f"time: {plan.step_seconds:.3g} s per step at {plan.mfu:.0%} MFU; {plan.steps:,} steps "
-                     f"{human_duration(plan.train_seconds)} + start-up {human_duration(plan.startup_seconds)}")
+                     f"{human_duration(train_seconds)} + start-up {human_duration(plan.startup_seconds)}")
     else:
         lines.append("time: give --gpu NAME (or [train] peak_tflops) for an estimate")
     return lines

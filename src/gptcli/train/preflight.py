@@ -20,10 +20,19 @@ from typing import Callable, Optional
 
 from ..config import Project
 from ..errors import GptError
+from ..planner import (
+    CPU_TRAINING_EFFICIENCY,
+    RunPlan,
+    fitting_change,
+    gib,
+    human_count,
+    human_duration,
+    memory_line,
+    plan_run,
+    preset_model,
+)
 from ..presets import preset_for_shape
 from ..rundir import MODEL_DIR
-from ..planner import (CPU_TRAINING_EFFICIENCY, RunPlan, fitting_change, gib, human_count, human_duration,
-                       memory_line, plan_run, preset_model)
 
 # A run estimated at more than this on a CPU gets the advice to start smaller.
 LONG_CPU_RUN_SECONDS = 3600.0
@@ -52,7 +61,7 @@ def resume_point(project: Project, resume: str) -> Optional[tuple[str, dict]]:
 
     if resume == "never":  # a fresh start (over an existing run it is refused later, with the reason)
         return None
-    run_dir = project.project.out_dir
+    run_dir = Path(project.project.out_dir)
     root = checkpoint.checkpoints_dir(run_dir)
     tag = next((tag for tag in checkpoint.resume_candidates(run_dir) if not checkpoint.check_checkpoint(root / tag)),
                None)
@@ -266,31 +275,39 @@ def describe(project: Project, plan: RunPlan, small_plans: Optional[dict[str, Ru
 
 
 def estimate_lines(plan: RunPlan, small_plans: dict[str, RunPlan]) -> list[str]:
-    if plan.rate is None:
+    train_seconds = plan.train_seconds  # None without a rate
+    if plan.rate is None or train_seconds is None:
         return ["  estimate: none for this GPU (its peak FLOP/s is unknown; [train] peak_tflops sets it); the live "
                 "ETA follows after a few steps"]
     startup = ", ".join(f"{term} ~{seconds:.0f} s" for term, seconds in plan.startup.items())
-    lines = [f"  estimate: {human_duration(plan.train_seconds + plan.startup_seconds)} ({plan.total_flops:.1e} FLOPs "
+    lines = [f"  estimate: {human_duration(train_seconds + plan.startup_seconds)} ({plan.total_flops:.1e} FLOPs "
              f"at ~{plan.rate / 1e9:,.0f} GFLOP/s, {plan.rate_source}; start-up: {startup}); the live ETA follows "
              "after a few steps"]
-    if plan.training.device == "cpu" and plan.train_seconds >= LONG_CPU_RUN_SECONDS:
+    if plan.training.device == "cpu" and train_seconds >= LONG_CPU_RUN_SECONDS:
         lines += long_cpu_run_advice(plan, small_plans)
     return lines
+
+
+def cpu_seconds(plan: RunPlan) -> float:
+    """The training time of a plan on this CPU, known: its rate is the FLOP/s measured here."""
+    assert plan.train_seconds is not None, plan.model_name
+    return plan.train_seconds
 
 
 def long_cpu_run_advice(plan: RunPlan, small_plans: dict[str, RunPlan]) -> list[str]:
     """Name the largest CPU-sized preset whose run fits in LONG_CPU_RUN_SECONDS (else the smallest), and
     fewer steps when even that does not fit."""
-    smaller = [(name, p) for name, p in small_plans.items() if p.parameters < plan.parameters]
-    fitting = [(name, p) for name, p in smaller if p.train_seconds < LONG_CPU_RUN_SECONDS]
+    smaller: list[tuple[Optional[str], RunPlan]] = [
+        (name, p) for name, p in small_plans.items() if p.parameters < plan.parameters]
+    fitting = [(name, p) for name, p in smaller if cpu_seconds(p) < LONG_CPU_RUN_SECONDS]
     lines = ["  That is hours on a CPU."]
     name, chosen = (fitting or smaller[-1:] or [(None, plan)])[0]
     if name is not None:
         lines.append(f"  The {name} preset ({human_count(chosen.parameters)} parameters) would take "
-                     f"{human_duration(chosen.train_seconds)}: `gpt train --set model.preset={name}`, "
+                     f"{human_duration(cpu_seconds(chosen))}: `gpt train --set model.preset={name}`, "
                      f"or `gpt init --preset {name}` for a project file sized for it.")
     if not fitting:
-        per_step = chosen.train_seconds / max(chosen.steps, 1)
+        per_step = cpu_seconds(chosen) / max(chosen.steps, 1)
         steps = max(1, int(LONG_CPU_RUN_SECONDS / 4 / per_step))  # a quarter of "too long": minutes
         lines.append(f"  Fewer steps fit too: `--set train.max_steps={steps}` would take "
                      f"{human_duration(steps * per_step)}{f' with {name}' if name else ''}.")

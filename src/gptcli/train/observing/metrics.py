@@ -8,6 +8,7 @@ import io
 import json
 import math
 import sys
+from operator import methodcaller
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -72,8 +73,8 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     csv_path = Path(run_dir) / CSV_FILE
     if csv_path.is_file():
         columns, rows = read_csv(csv_path)
-        kept = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= last_step]
-        write_csv(csv_path, columns or BASE_COLUMNS, kept)
+        kept_rows = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= last_step]
+        write_csv(csv_path, columns or BASE_COLUMNS, kept_rows)
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:
@@ -130,7 +131,7 @@ class MetricsWriter:
         self.run_dir = Path(run_dir)
         self.trackers = list(trackers)
         for record in read_metrics(self.run_dir):  # what a tracker lacks of what metrics.jsonl holds
-            self.each_tracker(lambda tracker: tracker.log(record))
+            self.each_tracker(methodcaller("log", record))  # bound to this record now
         self.jsonl = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
         self.csv_handle, self.csv = self.open_csv(columns or csv_columns())
 
