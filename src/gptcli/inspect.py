@@ -169,6 +169,24 @@ def plan_for_project(project: Project, gpus: int, options: dict, read_run: bool 
                                  cpu_flops=measure_cpu_flops(), compile_model=project.train.compile is True)
 
 
+def load_for_plan(preset: Optional[str], project: Optional[Path], keys: list[str], micro_batch) -> Project:
+    """PRESET with `keys`, or the project file with them. A step set in tokens must be a multiple of the
+    micro batch × seq_len, which loading checks with the project's micro batch; a micro batch asked for
+    (--micro-batch N, or one sequence for "auto") stands in for it when the project's does not divide the
+    step."""
+    def load(extra: list[str]) -> Project:
+        if preset is not None:
+            return project_from_dict(apply_overrides({"model": {"preset": preset}}, [*keys, *extra]))
+        return load_project(project, [*keys, *extra])
+
+    try:
+        return load([])
+    except GptError:
+        if micro_batch is None:
+            raise
+        return load([f"train.micro_batch_size={1 if micro_batch == 'auto' else micro_batch}"])
+
+
 def inspect_command(preset: Optional[str], project: Optional[Path], overrides: list[str],
                     gpus: int = 1, request: Optional[PlanRequest] = None) -> Union[ParameterReport, PresetComparison]:
     """`gpt inspect-params`: PRESET (with any --set overrides) when given; else the project's [model]; with
@@ -177,15 +195,12 @@ def inspect_command(preset: Optional[str], project: Optional[Path], overrides: l
     request = request or PlanRequest()
     options = request.resolved()  # a bad option is said before anything is imported or built
     keys = [*overrides, *request.overrides()]
-    if preset is not None:
-        config = project_from_dict(apply_overrides({"model": {"preset": preset}}, keys))
-    elif project_file(project) is None and not overrides:
+    if preset is None and project_file(project) is None and not overrides:
         if request.given:
             raise GptError("--gpu, --gpu-memory, --micro-batch, --mfu and --precision plan one model: name a preset "
                            "(gpt inspect-params gpt2 --gpu H100-80GB) or a project (--project FILE).")
         return compare_presets(gpus)
-    else:
-        config = load_project(project, keys)
+    config = load_for_plan(preset, project, keys, options["micro_batch"])
     against = plan_for_project(config, gpus, options, read_run=preset is None)
     report = inspect_parameters(config.model, gpus=gpus, seq_len=against.plan.training.seq_len)
     report.plan, report.against = against.plan, against

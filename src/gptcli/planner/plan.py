@@ -58,11 +58,11 @@ def training_for(project: Project, device: str, ranks: int, precision: str,
 
 def resident_on_cpu(training: Training) -> Training:
     """The run as the memory its tensors really take on the CPU. Linux gives a page memory when it is first
-    written, and DeepSpeed's reduce bucket (reduce_bucket_size elements whatever the model: 1.9 GiB in fp32
-    by default) is written only as far as one step's gradients fill it, so it counts here as at most the
-    model's parameters. Measured by peak RSS (fp32, ZeRO-1, one rank, torch 2.13, DeepSpeed 0.19): a nano
-    run grows by 0.55 GiB and tiny's by 1.9 GiB, where the plan says 0.34 and 1.7 GiB at the peak (Python's
-    and DeepSpeed's own memory make the rest); the whole bucket would have said 1.9 and 2.0 GiB."""
+    written, and DeepSpeed's reduce bucket (reduce_bucket_size elements whatever the model: 1.9 GiB in fp32 by
+    default) is written only as far as one step's gradients fill it, so it counts here as at most the
+    model's parameters. With the process itself (CPU_PROCESS_BYTES) the plan is within a few percent of the
+    peak resident set of nano and tiny runs (bench/plan_vs_measured.py); the whole bucket would have
+    added 1.6 GiB to nano's."""
     bucket = min(training.zero_setting("reduce_bucket_size"), held_parameters(training))
     return dataclasses.replace(training, zero={**training.zero, "reduce_bucket_size": bucket})
 
@@ -88,7 +88,7 @@ NCCL_GROUPS = 2
 # DeepSpeed's code and state, the tokenizer, the data loader and its prefetched batches, the engine's
 # bookkeeping. Measured as the peak RSS (VmHWM) of nano and tiny runs less the plan's tensors
 # (bench/plan_vs_measured.py, docs/benchmarks.md).
-CPU_PROCESS_BYTES = 900 * 2**20
+CPU_PROCESS_BYTES = 640 * 2**20
 
 
 @dataclass(frozen=True)
