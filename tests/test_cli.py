@@ -90,7 +90,7 @@ def parser_bounds(param) -> list:
 
 
 # Commands whose options stand for keys of one [section], as `--set section.key=value` overrides.
-KEY_SECTIONS = {"prepare": "data", "generate": "generate", "eval": "eval"}
+KEY_SECTIONS = {"prepare": "data", "generate": "generate", "eval": "eval", "inspect-params": "train"}
 
 
 def test_every_option_named_after_a_key_takes_its_help_and_range_from_the_schema():
@@ -111,7 +111,7 @@ def test_every_option_named_after_a_key_takes_its_help_and_range_from_the_schema
             assert parser_bounds(param) == [None] * 4, where
             checked.append(f"{section}.{param.name}")
     assert {"data.val_fraction", "data.workers", "data.shard_tokens", "data.vocab_dir", "generate.top_p",
-            "eval.text", "eval.stride"} <= set(checked), checked
+            "eval.text", "eval.stride", "train.precision"} <= set(checked), checked
 
 
 def test_inspect_params_help_states_the_planners_gpu_names_and_where_the_mfu_comes_from():

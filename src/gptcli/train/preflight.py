@@ -272,11 +272,16 @@ def estimate_lines(plan: RunPlan, small_plans: dict[str, RunPlan]) -> list[str]:
                 "ETA follows after a few steps"]
     startup = ", ".join(f"{term} ~{seconds:.0f} s" for term, seconds in plan.startup.items())
     lines = [f"  estimate: {human_duration(train_seconds + plan.startup_seconds)} ({plan.total_flops:.1e} FLOPs "
-             f"at ~{plan.rate / 1e9:,.0f} GFLOP/s, {plan.rate_source}; start-up: {startup}); the live ETA follows "
+             f"at ~{plan.rate / 1e9:,.0f} GFLOP/s, {speed_source(plan)}; start-up: {startup}); the live ETA follows "
              "after a few steps"]
     if plan.training.device == "cpu" and train_seconds >= LONG_CPU_RUN_SECONDS:
         lines += long_cpu_run_advice(plan, small_plans)
     return lines
+
+
+def speed_source(plan: RunPlan) -> str:
+    """Where the rate comes from, with the MFU it stands for on a GPU."""
+    return f"{plan.mfu:.0%} MFU: {plan.rate_source}" if plan.mfu is not None else plan.rate_source
 
 
 def cpu_seconds(plan: RunPlan) -> float:
