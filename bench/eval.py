@@ -24,10 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from hf_twin import hf_gpt2, twin_of
-
 from gptcli.evaluate import evaluate_sequences, plan_windows
 from gptcli.tokenizer import load_tokenizer
+from hf_twin import hf_gpt2, twin_of
 
 SHARED = ROOT.parent / "shared"
 CORPUS = SHARED / "corpora" / "tinyshakespeare.txt"

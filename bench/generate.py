@@ -20,9 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hf_twin import hf_gpt2, twin_of
-
 from gptcli.generate import SamplingOptions, generate_ids
+from hf_twin import hf_gpt2, twin_of
 
 
 def best_times(repeats: int, runs: dict) -> tuple[dict, dict]:

@@ -21,10 +21,10 @@ sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
 
 def main() -> None:
-    from test_openai_bpe import train_bpe, write_vocabulary
     from transformers import OpenAIGPTTokenizer
 
     from gptcli.tokenizer import load_tokenizer
+    from test_openai_bpe import train_bpe, write_vocabulary
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", type=Path, default=REPO.parent / "shared/corpora/tinyshakespeare.txt")

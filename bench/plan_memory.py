@@ -22,6 +22,7 @@ import os
 import shlex
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -87,9 +88,9 @@ def measure_steps(overrides: list[str], device: str) -> dict:
     import torch
 
     from gptcli import planner
+    from gptcli.batch import batch_layout
     from gptcli.config import apply_overrides, project_from_dict
     from gptcli.model import build_model
-    from gptcli.batch import batch_layout
     from gptcli.train.engine import initialize, resolve_precision, training_model_config
 
     project = project_from_dict(apply_overrides({}, [*overrides, f'train.device="{device}"']))
@@ -108,7 +109,7 @@ def measure_steps(overrides: list[str], device: str) -> dict:
     micro = []
     for _ in range(2 * layout.grad_accum_steps):
         loss, forward = peak(lambda: engine(inputs, targets, return_logits=False)[1])
-        _, backward = peak(lambda: engine.backward(loss))
+        _, backward = peak(partial(engine.backward, loss))  # bound now: `del loss` below frees it
         del loss
         _, step = peak(engine.step)
         micro.append((max(forward, backward), step))

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -197,10 +198,10 @@ def throughput(args, scratch: Path) -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     for kind, record_bytes in KINDS.items():
         corpus = make_records(scratch / "corpus.jsonl", record_bytes, args.mb)
-        ways = {"gpt prepare (fresh process)": lambda: time_gptcli(corpus, args.workers, scratch),
-                "encode_ordinary loop, 1 process": lambda: time_encode_ordinary_loop(corpus, scratch)}
+        ways = {"gpt prepare (fresh process)": partial(time_gptcli, corpus, args.workers, scratch),
+                "encode_ordinary loop, 1 process": partial(time_encode_ordinary_loop, corpus, scratch)}
         if record_bytes == 150 and not args.skip_hf:  # one run: it is many times slower than the rest
-            ways["GPT2TokenizerFast per record"] = lambda: time_hf_per_record(corpus, scratch)
+            ways["GPT2TokenizerFast per record"] = partial(time_hf_per_record, corpus, scratch)
         best = {name: (float("inf"), 0, 0.0) for name in ways}
         for run in range(args.repeat):
             for name, way in ways.items():

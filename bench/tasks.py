@@ -99,8 +99,8 @@ def compare(lm_eval_result: dict, ours: dict, examples: dict) -> dict:
     worst, same = 0.0, True
     for name, result in ours.items():
         samples = sorted(lm_eval_result["samples"][name], key=lambda s: s["doc_id"])
-        for sample, example, scored in zip(samples, examples[name], result.scores):
-            for (ll, greedy), s in zip(sample["filtered_resps"], scored):
+        for sample, example, scored in zip(samples, examples[name], result.scores, strict=True):
+            for (ll, greedy), s in zip(sample["filtered_resps"], scored, strict=True):
                 worst = max(worst, abs(ll - s.loglikelihood))
                 same &= greedy == s.greedy
             outcome = benchmark(name).outcomes(example, scored)

@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -398,3 +399,14 @@ def copy_run(run_dir: Path, directory: Path, shards: Path, *overrides: str, name
     into it."""
     shutil.copytree(run_dir, directory / name)
     return project_file(directory, shards, *overrides, name=name)
+
+
+def private_null_device(directory: Path) -> Path:
+    """A character device node of the null device inside the test's dir: a test of `--out /dev/null` must
+    not aim at the machine's own /dev/null, which a broken implementation would replace for everyone."""
+    path = directory / "null"
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except (PermissionError, OSError):
+        pytest.skip("making a device node needs root (CAP_MKNOD)")
+    return path

@@ -9,13 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from gptcli import rundir
 from gptcli.errors import GptError
 from gptcli.fsutil import OWNED_FILES
-from gptcli import rundir
-from gptcli.train.state import checkpoint
 from gptcli.rundir import CLIENT_STATE, LATEST, MANIFEST, checkpoints_dir
-from gptcli.train.state.checkpoint import (agree_on_resume, check_checkpoint, find_resume, prune, resume_candidates,
-                                           tag_for, write_manifest)
+from gptcli.train.state import checkpoint
+from gptcli.train.state.checkpoint import (
+    agree_on_resume,
+    check_checkpoint,
+    find_resume,
+    prune,
+    resume_candidates,
+    tag_for,
+    write_manifest,
+)
 
 
 def fake_checkpoint(run_dir: Path, step: int, *, manifest: bool = True, latest: bool = True) -> Path:

@@ -8,9 +8,16 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, assert_user_error, run_gpt
+from gptcli.config import (
+    ConfigError,
+    Project,
+    commented_template,
+    docs_markdown,
+    dump_toml,
+    load_project,
+    project_from_dict,
+)
 from gptcli.errors import GptError
-from gptcli.config import (ConfigError, Project, commented_template, docs_markdown, dump_toml, load_project,
-                           project_from_dict)
 
 
 def write(tmp_path: Path, text: str) -> Path:

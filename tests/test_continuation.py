@@ -6,11 +6,11 @@ themselves are in test_train_continue.py."""
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 from conftest import assert_user_error, run_gpt

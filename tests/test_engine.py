@@ -6,11 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptcli.config import project_from_dict
 from gptcli.batch import batch_layout
+from gptcli.config import project_from_dict
 from gptcli.optimizers import fused_adam_prebuilt
-from gptcli.train.engine import (compile_enabled, deepspeed_config, loop_clips_gradients, make_optimizer,
-                                 precision_note, training_model_config)
+from gptcli.train.engine import (
+    compile_enabled,
+    deepspeed_config,
+    loop_clips_gradients,
+    make_optimizer,
+    precision_note,
+    training_model_config,
+)
 from gptcli.train.observing.metrics import peak_flops, peak_for_name
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import assert_user_error, run_gpt
+from gptcli.evaluate import evaluate_sequences, plan_windows
 from hf_twin import hf_gpt2, twin_of
 from shard_fixture import write_shard_dir
-
-from gptcli.evaluate import evaluate_sequences, plan_windows
 
 CONTEXT = 64
 

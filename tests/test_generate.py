@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import assert_user_error, run_gpt
-from hf_twin import hf_gpt2, twin_of
 
+from conftest import assert_user_error, run_gpt
 from gptcli.generate import RowText, SamplingOptions, filter_logits, generate, generate_ids, sample_text
+from hf_twin import hf_gpt2, twin_of
 
 GREEDY = dict(temperature=0.0)
 

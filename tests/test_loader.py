@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from gptcli.data.loader import BatchLoader
-from gptcli.data.source import PreparedSource
-from shard_fixture import write_shard_dir
 from gptcli.data.shards import open_prepared
+from gptcli.data.source import PreparedSource
 from gptcli.errors import GptError
+from shard_fixture import write_shard_dir
 
 FINGERPRINT = "test:0123456789abcdef"
 
@@ -153,7 +153,7 @@ def test_sequential_eval_batches_are_the_same_every_time_and_split_by_rank(data)
     loader = BatchLoader(data, "train", 2, 16, seed=5)
     a = [x for x, _ in loader.sequential_batches(3)]
     b = [x for x, _ in loader.sequential_batches(3)]
-    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == 3
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and len(a) == 3
     r0 = BatchLoader(data, "train", 2, 16, rank=0, world_size=2)
     r1 = BatchLoader(data, "train", 2, 16, rank=1, world_size=2)
     s0 = {t for x, _ in r0.sequential_batches(100) for t in x[:, 0].tolist()}

@@ -59,7 +59,7 @@ def test_the_csv_columns_are_those_of_the_tasks_scored_and_a_resume_keeps_the_he
     run(csv_columns([HELLASWAG, LAMBADA]), [3, 4], resume_from=2)
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines[0].split(",") == header + ["lambada_acc", "lambada_perplexity"]
-    rows = [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+    rows = [dict(zip(lines[0].split(","), line.split(","), strict=True)) for line in lines[1:]]
     assert [(r["step"], r["hellaswag_acc"], r["lambada_acc"]) for r in rows] == [
         ("1", "0.25", ""), ("2", "0.25", ""), ("3", "0.25", "0.5"), ("4", "0.25", "0.5")]
 
@@ -164,7 +164,7 @@ def test_gpt_plot_writes_only_a_png_and_nowhere_else(tmp_path, out, fragment):
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "link.png").symlink_to(tmp_path / "elsewhere.png")
     if out == "null":
-        from test_fsutil import private_null_device
+        from conftest import private_null_device
 
         private_null_device(tmp_path)
     target = tmp_path / out

@@ -47,7 +47,7 @@ def test_a_resumed_prefetcher_continues_at_the_saved_position(data):
     resumed = BatchPrefetcher(loader(data), torch.device("cpu"))
     resumed.load_state_dict(saved)
     try:
-        assert all(torch.equal(a, b) for a, b in zip(resumed.next_batch(), sixth))
+        assert all(torch.equal(a, b) for a, b in zip(resumed.next_batch(), sixth, strict=True))
         with pytest.raises(RuntimeError, match="cannot change"):
             resumed.load_state_dict(saved)
     finally:

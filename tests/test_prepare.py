@@ -41,7 +41,7 @@ def split_streams(documents, encoding, seed, val_fraction):
     """What the shards must hold: each document's ids and one EOT, sent to train or val by the seeded hash."""
     to_val = validation_mask(np.arange(len(documents)), seed, val_fraction)
     streams = {"train": [], "val": []}
-    for document, val in zip(documents, to_val):
+    for document, val in zip(documents, to_val, strict=True):
         streams["val" if val else "train"].extend(encoding.encode_ordinary(document) + [EOT])
     return streams
 
@@ -180,7 +180,7 @@ def test_the_splitter_gives_the_rule_s_split_whatever_the_task_cuts(val_fraction
         splitter = Splitter(trial, val_fraction, block)
         got = {"train": [], "val": []}
         begun_in_val = []
-        for low, high in zip([0, *cuts], [*cuts, len(stream)]):
+        for low, high in zip([0, *cuts], [*cuts, len(stream)], strict=True):
             inside = [e for e in ends if low < e <= high]  # documents ending in this task
             counts = np.diff([low, *inside, *([high] if high not in inside else [])])
             tokens = np.array(stream[low:high], dtype=np.uint16)
@@ -408,7 +408,7 @@ def test_progress_counts_bytes_of_a_known_size_input_up_to_the_total(tmp_path, o
     assert len(seen) > 10
     assert seen[-1].done_bytes == seen[-1].total_bytes == corpus.stat().st_size
     assert all(a.done_bytes <= b.done_bytes and a.tokens <= b.tokens and a.seconds <= b.seconds
-               for a, b in zip(seen, seen[1:]))
+               for a, b in zip(seen, seen[1:], strict=False))
     assert all(p.eta_seconds is not None for p in seen if p.seconds > 0)
 
 

@@ -39,4 +39,4 @@ def test_a_model_dir_given_as_checkpoint_is_loaded(tmp_path):
     model = build_model(config)
     save_model_dir(tmp_path / "model", model, load_tokenizer("gpt2"), {"step": 0})
     loaded = load_project_model(project_from_dict({}), tmp_path / "model", torch.device("cpu"))
-    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values(), strict=True))

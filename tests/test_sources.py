@@ -7,8 +7,20 @@ import json
 
 import pytest
 
-from gptcli.data.sources import (DatasetRows, FilePiece, FileRange, JsonlRecords, ReadSettings, ReadState,
-                                 TextLines, TextParagraphs, hub_name, open_dataset, read_tasks, resolve_inputs)
+from gptcli.data.sources import (
+    DatasetRows,
+    FilePiece,
+    FileRange,
+    JsonlRecords,
+    ReadSettings,
+    ReadState,
+    TextLines,
+    TextParagraphs,
+    hub_name,
+    open_dataset,
+    read_tasks,
+    resolve_inputs,
+)
 from gptcli.errors import GptError
 
 
@@ -112,7 +124,7 @@ def test_file_ranges_cover_the_file_and_end_at_line_ends(tmp_path):
     ranges = list(read_tasks(resolve_inputs([str(path)]), ReadSettings(separator="line", chunk_chars=4096), state))
     assert len(ranges) > 10 and all(type(r) is FileRange for r in ranges)
     assert ranges[0].start == 0 and ranges[-1].end == len(data) == state.disk_bytes
-    assert all(a.end == b.start for a, b in zip(ranges, ranges[1:]))
+    assert all(a.end == b.start for a, b in zip(ranges, ranges[1:], strict=False))
     assert all(data[r.end - 1:r.end] == b"\n" for r in ranges[:-1])
     assert [d for r in ranges for d in r.documents()[0]] == lines + ["no final line end"]
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from gptcli.batch import batch_layout
 from gptcli.config import load_project, project_from_dict
 from gptcli.errors import GptError
 from gptcli.model import build_model
-from gptcli.batch import batch_layout
 from gptcli.optimizers import ADAMW
 from gptcli.train.engine import deepspeed_config, parameter_groups
 

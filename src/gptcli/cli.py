@@ -12,38 +12,37 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 import typer.core
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
 from .config import DEFAULT_RESUME, Resume, field_doc, field_range, option_overrides
 from .errors import GptError, UsageError
-from .planner import TYPICAL_MFU, gpu_names
+from .planner import gpu_names
 from .registry import TASKS
 
 
-class QuietFlags:
+def quiet_flags(params: list) -> list:
     """Help without a `<bool>` type beside flags (--json, --force, --help): a flag takes no value."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    return params
 
+
+class Command(typer.core.TyperCommand):
     def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for param in params:
-            if getattr(param, "is_flag", False):
-                param.metavar = ""
-        return params
+        return quiet_flags(super().get_params(ctx))
 
 
-class Command(QuietFlags, typer.core.TyperCommand):
-    pass
-
-
-class Group(QuietFlags, typer.core.TyperGroup):
-    pass
+class Group(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return quiet_flags(super().get_params(ctx))
 
 
 class App(typer.Typer):
@@ -82,10 +81,11 @@ def key_help(section: str, key: str) -> str:
     return f"{field_doc(section, key)} ({f'{bounds}; ' if bounds else ''}default: [{section}] {key})"
 
 
-def key_option(section: str, key: str, kind: type, *names: str):
-    """An option standing for `section.key`: not given = the project's value. No bounds of its own: the
-    value becomes an override of the key, so the schema's range applies."""
-    return Annotated[Optional[kind], typer.Option(*names, help=key_help(section, key), show_default=False)]
+def key_option(section: str, key: str, *names: str) -> Any:
+    """The typer.Option of an option standing for `section.key`, the metadata of an alias
+    `Annotated[Optional[T], key_option(...)]` (T the key's type): not given = the project's value. No bounds of
+    its own: the value becomes an override of the key, so the schema's range applies."""
+    return typer.Option(*names, help=key_help(section, key), show_default=False)
 
 
 def load(project: Optional[Path], overrides: Optional[list[str]]):
@@ -126,11 +126,17 @@ def options(
 # --- gpt init -----------------------------------------------------------------------------------------------
 
 
+InitDirArg = Annotated[Path, typer.Argument(help="Where to write run.toml.")]
+InitPresetOpt = Annotated[Optional[str], typer.Option(
+    help="Architecture preset for [model] (see inspect-params --list).")]
+InitForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing run.toml.")]
+
+
 @app.command()
 def init(
-    directory: Annotated[Path, typer.Argument(help="Where to write run.toml.")] = Path("."),
-    preset: Annotated[Optional[str], typer.Option(help="Architecture preset for [model] (see inspect-params --list).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run.toml.")] = False,
+    directory: InitDirArg = Path("."),
+    preset: InitPresetOpt = None,
+    force: InitForceOpt = False,
 ) -> None:
     """Write a commented run.toml: every key, its value and one line of why; the keys a preset decides
     are comments, so changing `preset` takes effect."""
@@ -142,45 +148,54 @@ def init(
 # --- gpt inspect-params -----------------------------------------------------------------------------------
 
 
+InspectPresetArg = Annotated[Optional[str], typer.Argument(
+    help="A preset name (--set may change it); default: the project's [model], or every preset without a project.")]
+GpusOpt = Annotated[int, typer.Option(min=1, help="Data-parallel GPUs for the ZeRO memory estimate and the plan.")]
+GpuOpt = Annotated[Optional[str], typer.Option(
+    "--gpu", help=f"Plan for this GPU (its memory and bf16 peak): {', '.join(gpu_names())}.", show_default=False)]
+GpuMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--gpu-memory", help="Memory of one GPU, e.g. 80GiB or 24GB (instead of, or over, --gpu's).", show_default=False)]
+MicroBatchOpt = Annotated[Optional[str], typer.Option(
+    "--micro-batch", help='Plan at this micro batch, or "auto": the largest that fits (default: [train] '
+    "micro_batch_size).", show_default=False)]
+MfuOpt = Annotated[Optional[float], typer.Option(
+    "--mfu", help="Model FLOPs utilisation for the time estimate (default: the speed the project's last run "
+    "measured, else by GPU generation and model size from published runs; see docs/planning.md).",
+    show_default=False)]
+PlanPrecisionOpt = Annotated[Optional[str], key_option("train", "precision", "--precision")]
+ListPresetsOpt = Annotated[bool, typer.Option("--list", help="List the presets and exit.")]
+
+
 @app.command("inspect-params")
 def inspect_params(
-    preset: Annotated[Optional[str], typer.Argument(
-        help="A preset name (--set may change it); default: the project's [model], or every preset without a project.")] = None,
+    preset: InspectPresetArg = None,
     project: ProjectOpt = None,
     overrides: SetOpt = None,
-    gpus: Annotated[int, typer.Option(min=1, help="Data-parallel GPUs for the ZeRO memory estimate and the plan.")] = 1,
-    gpu: Annotated[Optional[str], typer.Option(
-        "--gpu", help=f"Plan for this GPU (its memory and bf16 peak): {', '.join(gpu_names())}.",
-        show_default=False)] = None,
-    gpu_memory: Annotated[Optional[str], typer.Option(
-        "--gpu-memory", help="Memory of one GPU, e.g. 80GiB or 24GB (instead of, or over, --gpu's).",
-        show_default=False)] = None,
-    micro_batch: Annotated[Optional[str], typer.Option(
-        "--micro-batch", help='Plan at this micro batch, or "auto": the largest that fits (default: [train] '
-        "micro_batch_size).", show_default=False)] = None,
-    mfu: Annotated[Optional[float], typer.Option(
-        "--mfu", help=f"Model FLOPs utilisation for the time estimate (default {TYPICAL_MFU:g}; see docs/planning.md).",
-        show_default=False)] = None,
-    list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
+    gpus: GpusOpt = 1,
+    gpu: GpuOpt = None,
+    gpu_memory: GpuMemoryOpt = None,
+    micro_batch: MicroBatchOpt = None,
+    mfu: MfuOpt = None,
+    precision: PlanPrecisionOpt = None,
+    list_presets: ListPresetsOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Parameter counts per component against the reference, FLOPs per token, ZeRO memory per GPU, and the
-    plan of the run: peak memory per GPU by term, the largest micro batch that fits, and the time."""
+    plan of the run (memory by term, what fits, the time) beside what the project's last run measured."""
     if list_presets:
         from .presets import PRESETS
 
         return show_presets(PRESETS, as_json)
     from .inspect import PlanRequest, PresetComparison, inspect_command
 
-    request = PlanRequest(gpu=gpu, gpu_memory=gpu_memory, micro_batch=micro_batch, mfu=mfu)
+    request = PlanRequest(gpu=gpu, gpu_memory=gpu_memory, micro_batch=micro_batch, mfu=mfu, precision=precision)
     result = inspect_command(preset, project, overrides or [], gpus=gpus, request=request)
     if as_json:
         return emit_json(result.to_json())
     if isinstance(result, PresetComparison):
         return show_preset_comparison(result)
     show_parameter_report(result)
-    if result.plan is not None:
-        show_plan(result.plan)
+    show_plan(result.plan, result.against)
 
 
 def show_presets(presets, as_json: bool) -> None:
@@ -198,8 +213,9 @@ def show_presets(presets, as_json: bool) -> None:
 
 def show_preset_comparison(comparison) -> None:
     table = Table(title="Presets: computed parameter count against the published one")
-    for column, justify in (("preset", "left"), ("computed", "right"), ("published", "right"), ("", "center"),
-                            ("source", "left")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("preset", "left"), ("computed", "right"), ("published", "right"), ("", "center"), ("source", "left"))
+    for column, justify in columns:
         table.add_column(column, justify=justify)
     for report in comparison.reports:
         mark = "—" if report.matches is None else "[green]✓[/green]" if report.matches else "[red]✗[/red]"
@@ -241,20 +257,25 @@ def show_parameter_report(report) -> None:
     out.print(memory)
 
 
-def show_plan(plan) -> None:
-    """The plan of the run: memory per GPU at its peak by term, what fits, the time."""
+def show_plan(plan, against=None) -> None:
+    """The plan of the run: memory per GPU (per rank on the CPU) at its peak by term, the allowances (each
+    said to be assumed or measured), what fits, the time; then what the project's last run measured."""
     from .planner import plan_summary
 
-    memory, training = plan.memory, plan.training
+    if plan is None:
+        return
+    memory = plan.memory
     gib = 2**30
-    table = Table(title=f"memory per GPU at the peak ({memory.peak_phase.phase})")
+    per = "GPU" if plan.training.device == "cuda" else "rank"
+    table = Table(title=f"memory per {per} at the peak ({memory.peak_phase.phase})")
     table.add_column("term")
     table.add_column("GiB", justify="right")
     for term, size in memory.peak_phase.terms.items():
         table.add_row(term, f"{size / gib:.2f}")
     table.add_section()
     table.add_row("peak (tensors allocated)", f"{memory.peak / gib:.2f}")
-    table.add_row("+ CUDA context, workspaces, fragmentation", f"{memory.allowance / gib:.2f}")
+    for name, allowance in memory.allowances.items():
+        table.add_row(f"+ {name} ({'assumed' if allowance.assumed else 'measured'})", f"{allowance.size / gib:.2f}")
     table.add_row("= needed", f"{memory.required / gib:.2f}")
     if plan.capacity is not None:
         verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
@@ -263,6 +284,31 @@ def show_plan(plan) -> None:
     out.print(table)
     for line in plan_summary(plan):
         out.print(escape(line), highlight=False, soft_wrap=True)
+    if against is not None and against.measurement is not None:
+        show_measured(against)
+
+
+def show_measured(against) -> None:
+    """The plan's figures beside the last run's, with their ratio; or why that run is not this plan."""
+    if against.differences:
+        out.print(escape(f"the last run of this project ran other settings ({'; '.join(against.differences)}): "
+                         "not compared"), highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"plan against the last run ({against.measurement.steps} steps measured)")
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("", "left"), ("planned", "right"), ("measured", "right"), ("measured / planned", "right"))
+    for column, justify in columns:
+        table.add_column(column, justify=justify)
+    for row in against.comparisons:
+        table.add_row(row.what, shown_figure(row.planned, row.unit), shown_figure(row.measured, row.unit),
+                      "—" if row.ratio is None else f"{row.ratio:.2f}")
+    out.print(table)
+
+
+def shown_figure(value, unit: str) -> str:
+    if value is None:
+        return "—"
+    return f"{value / 2**30:.2f} GiB" if unit == "bytes" else f"{value:.3g} s"
 
 
 # --- gpt prepare ----------------------------------------------------------------------------------------------
@@ -278,6 +324,13 @@ PrepareForceOpt = Annotated[bool, typer.Option("--force", help="Replace prepared
 VerifyOpt = Annotated[Optional[Path], typer.Option(
     "--verify", help="Check a prepared dir (headers, sizes, checksums, token ids) instead of preparing.",
     show_default=False)]
+# Options that stand for [data] keys.
+ValFractionOpt = Annotated[Optional[float], key_option("data", "val_fraction")]
+WorkersOpt = Annotated[Optional[int], key_option("data", "workers")]
+TextColumnOpt = Annotated[Optional[str], key_option("data", "text_column")]
+SeparatorOpt = Annotated[Optional[str], key_option("data", "separator")]
+ShardTokensOpt = Annotated[Optional[int], key_option("data", "shard_tokens")]
+VocabDirOpt = Annotated[Optional[str], key_option("data", "vocab_dir")]
 
 
 @app.command("prepare")
@@ -286,12 +339,12 @@ def prepare_command(
     out_dir: PrepareOutOpt = None,
     project: ProjectOpt = None,
     overrides: SetOpt = None,
-    val_fraction: key_option("data", "val_fraction", float) = None,
-    workers: key_option("data", "workers", int) = None,
-    text_column: key_option("data", "text_column", str) = None,
-    separator: key_option("data", "separator", str) = None,
-    shard_tokens: key_option("data", "shard_tokens", int) = None,
-    vocab_dir: key_option("data", "vocab_dir", str) = None,
+    val_fraction: ValFractionOpt = None,
+    workers: WorkersOpt = None,
+    text_column: TextColumnOpt = None,
+    separator: SeparatorOpt = None,
+    shard_tokens: ShardTokensOpt = None,
+    vocab_dir: VocabDirOpt = None,
     replace_invalid_utf8: ReplaceInvalidOpt = False,
     force: PrepareForceOpt = False,
     verify: VerifyOpt = None,
@@ -425,18 +478,36 @@ def show_verify_report(report, as_json: bool) -> None:
 # --- gpt train / gpt plot ----------------------------------------------------------------------------------
 
 
+NprocOpt = Annotated[int, typer.Option(
+    "--nproc", min=1, help="Ranks on this machine (GPUs; CPU processes without CUDA).")]
+HostfileOpt = Annotated[Optional[Path], typer.Option(
+    "--hostfile", help="DeepSpeed hostfile: train on several machines.")]
+MasterPortOpt = Annotated[Optional[int], typer.Option(
+    "--master-port", min=1, max=65535,
+    help="Rendezvous port (default: MASTER_PORT, else a free one; 29500 with --hostfile).")]
+ResumeOpt = Annotated[Resume, typer.Option(
+    "--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start "
+    "fresh, refused where a run exists.")]
+RestartOpt = Annotated[bool, typer.Option(
+    "--restart", help="Delete what gpt train wrote in the run dir (checkpoints, metrics, model/), then start over.")]
+OverfitBatchOpt = Annotated[bool, typer.Option(
+    "--overfit-batch", help="Train on one batch over and over (sanity check: loss → ~0).")]
+ConsolidateOpt = Annotated[bool, typer.Option(
+    "--consolidate", help="Only write RUN/model from the latest checkpoint, then exit.")]
+
+
 @app.command("train")
 def train_command(
     ctx: typer.Context,
     project: ProjectOpt = None,
     overrides: SetOpt = None,
-    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks on this machine (GPUs; CPU processes without CUDA).")] = 1,
-    hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile: train on several machines.")] = None,
-    master_port: Annotated[Optional[int], typer.Option("--master-port", min=1, max=65535, help="Rendezvous port (default: MASTER_PORT, else a free one; 29500 with --hostfile).")] = None,
-    resume: Annotated[Resume, typer.Option("--resume", help="auto: continue from the latest checkpoint if any; required: fail without one; never: start fresh, refused where a run exists.")] = DEFAULT_RESUME,
-    restart: Annotated[bool, typer.Option("--restart", help="Delete what gpt train wrote in the run dir (checkpoints, metrics, model/), then start over.")] = False,
-    overfit_batch: Annotated[bool, typer.Option("--overfit-batch", help="Train on one batch over and over (sanity check: loss → ~0).")] = False,
-    consolidate: Annotated[bool, typer.Option("--consolidate", help="Only write RUN/model from the latest checkpoint, then exit.")] = False,
+    nproc: NprocOpt = 1,
+    hostfile: HostfileOpt = None,
+    master_port: MasterPortOpt = None,
+    resume: ResumeOpt = DEFAULT_RESUME,
+    restart: RestartOpt = False,
+    overfit_batch: OverfitBatchOpt = False,
+    consolidate: ConsolidateOpt = False,
 ) -> None:
     """Pretrain with DeepSpeed ZeRO: checkpoints, exact resume, metrics, a consolidated model at the end.
 
@@ -447,17 +518,22 @@ def train_command(
     request = TrainRequest(project, overrides or [], nproc, hostfile, master_port, resume, restart, overfit_batch,
                            consolidate)
     # By name, not isinstance(click.Option): typer 0.2x vendors its own click, whose Option is another class.
-    value_options = [name for param in ctx.command.params
-                     if getattr(param, "param_type_name", "") == "option" and not param.is_flag for name in param.opts]
-    exit_code = run_train(request, sys.argv[1:], value_options, say=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
+    value_options = [name for param in ctx.command.params if getattr(param, "param_type_name", "") == "option"
+                     and not getattr(param, "is_flag", False) for name in param.opts]
+    exit_code = run_train(request, sys.argv[1:], value_options,
+                          say=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
     if exit_code:
         raise typer.Exit(exit_code)
 
 
+RunDirArg = Annotated[Path, typer.Argument(help="A run directory (holds metrics.jsonl).")]
+PlotOutOpt = Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default RUN_DIR/loss.png).")]
+
+
 @app.command("plot")
 def plot_command(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory (holds metrics.jsonl).")],
-    output: Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default RUN_DIR/loss.png).")] = None,
+    run_dir: RunDirArg,
+    output: PlotOutOpt = None,
 ) -> None:
     """Draw the loss curve of a run, finished or in progress, into a PNG."""
     from .train.observing.metrics import plot_losses
@@ -478,6 +554,15 @@ Bf16Opt = Annotated[bool, typer.Option("--bf16", help="bf16 autocast (fast on GP
 PromptsArg = Annotated[Optional[list[str]], typer.Argument(
     help="Text to continue; several prompts run as one batch; '-' reads stdin. Default: [generate] prompt.",
     show_default=False)]
+# Options that stand for [generate] keys.
+MaxNewTokensOpt = Annotated[Optional[int], key_option("generate", "max_new_tokens")]
+TemperatureOpt = Annotated[Optional[float], key_option("generate", "temperature")]
+TopKOpt = Annotated[Optional[int], key_option("generate", "top_k")]
+TopPOpt = Annotated[Optional[float], key_option("generate", "top_p")]
+NumSamplesOpt = Annotated[Optional[int], key_option("generate", "num_samples", "--num-samples", "-n")]
+SeedOpt = Annotated[Optional[int], key_option("generate", "seed")]
+StopOpt = Annotated[Optional[list[str]], key_option("generate", "stop")]
+LookaheadOpt = Annotated[Optional[int], key_option("generate", "lookahead")]
 
 
 @app.command("generate")
@@ -486,14 +571,14 @@ def generate_command(
     project: ProjectOpt = None,
     checkpoint: CheckpointOpt = None,
     overrides: SetOpt = None,
-    max_new_tokens: key_option("generate", "max_new_tokens", int) = None,
-    temperature: key_option("generate", "temperature", float) = None,
-    top_k: key_option("generate", "top_k", int) = None,
-    top_p: key_option("generate", "top_p", float) = None,
-    num_samples: key_option("generate", "num_samples", int, "--num-samples", "-n") = None,
-    seed: key_option("generate", "seed", int) = None,
-    stop: key_option("generate", "stop", list[str]) = None,
-    lookahead: key_option("generate", "lookahead", int) = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    num_samples: NumSamplesOpt = None,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    lookahead: LookaheadOpt = None,
     device: DeviceOpt = "auto",
     bf16: Bf16Opt = False,
     as_json: JsonOpt = False,
@@ -526,27 +611,40 @@ def show_samples(result, num_samples: int, as_json: bool) -> None:
         out.print(sample.prompt + sample.text, markup=False, highlight=False, soft_wrap=True)
 
 
+DatasetOpt = Annotated[Optional[str], typer.Option(
+    help="Score a Hugging Face dataset: NAME or NAME:CONFIG on the Hub, or a save_to_disk dir.")]
+DatasetSplitOpt = Annotated[str, typer.Option(help="Split of --dataset.")]
+TaskOpt = Annotated[Optional[str], typer.Option(
+    help=f"Score benchmarks instead, as lm-evaluation-harness does: {', '.join(TASKS.builtins)}, or a plugin's "
+         "task (comma-separated; docs/extending.md).",
+    show_default=False)]
+TaskDataOpt = Annotated[Optional[list[str]], typer.Option(
+    help=f"{field_doc('eval', 'task_data')} Here: FILE (one task scored) or NAME=FILE, repeatable "
+         "(default: [eval] task_data)", show_default=False)]
+# Options that stand for [eval] keys.
+EvalTextOpt = Annotated[Optional[str], key_option("eval", "text")]
+EvalSplitOpt = Annotated[Optional[str], key_option("eval", "split")]
+StrideOpt = Annotated[Optional[int], key_option("eval", "stride")]
+BatchSizeOpt = Annotated[Optional[int], key_option("eval", "batch_size")]
+MaxTokensOpt = Annotated[Optional[int], key_option("eval", "max_tokens")]
+LimitOpt = Annotated[Optional[int], key_option("eval", "tasks_limit", "--limit")]
+
+
 @app.command("eval")
 def eval_command(
     project: ProjectOpt = None,
     checkpoint: CheckpointOpt = None,
     overrides: SetOpt = None,
-    text: key_option("eval", "text", str) = None,
-    dataset: Annotated[Optional[str], typer.Option(
-        help="Score a Hugging Face dataset: NAME or NAME:CONFIG on the Hub, or a save_to_disk dir.")] = None,
-    dataset_split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
-    split: key_option("eval", "split", str) = None,
-    stride: key_option("eval", "stride", int) = None,
-    batch_size: key_option("eval", "batch_size", int) = None,
-    max_tokens: key_option("eval", "max_tokens", int) = None,
-    task: Annotated[Optional[str], typer.Option(
-        help=f"Score benchmarks instead, as lm-evaluation-harness does: {', '.join(TASKS.builtins)}, or a plugin's "
-             "task (comma-separated; docs/extending.md).",
-        show_default=False)] = None,
-    task_data: Annotated[Optional[list[str]], typer.Option(
-        help=f"{field_doc('eval', 'task_data')} Here: FILE (one task scored) or NAME=FILE, repeatable "
-             "(default: [eval] task_data)", show_default=False)] = None,
-    limit: key_option("eval", "tasks_limit", int, "--limit") = None,
+    text: EvalTextOpt = None,
+    dataset: DatasetOpt = None,
+    dataset_split: DatasetSplitOpt = "test",
+    split: EvalSplitOpt = None,
+    stride: StrideOpt = None,
+    batch_size: BatchSizeOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    task: TaskOpt = None,
+    task_data: TaskDataOpt = None,
+    limit: LimitOpt = None,
     device: DeviceOpt = "auto",
     bf16: Bf16Opt = False,
     as_json: JsonOpt = False,
@@ -560,14 +658,18 @@ def eval_command(
         raise UsageError("--dataset: give --text or --dataset, not both.")
     given = {"text": text, "split": split, "stride": stride, "batch_size": batch_size, "max_tokens": max_tokens}
     config = load(project, [*(overrides or []), *option_overrides("eval", given)])
-    from .evaluate import evaluate_project  # torch: imported once the configuration is known to be good
+    result = evaluate_with_progress(config, checkpoint=checkpoint, device=device, bf16=bf16, dataset=dataset,
+                                    dataset_split=dataset_split)
+    show_eval_result(result, as_json)
+
+
+def evaluate_with_progress(config, **options):
+    """evaluate.evaluate_project under a progress bar. Torch is imported here, once the configuration is known
+    to be good."""
+    from .evaluate import evaluate_project
 
     with eval_progress() as progress:
-        result = evaluate_project(config, checkpoint=checkpoint, device=device, bf16=bf16, dataset=dataset,
-                                  dataset_split=dataset_split, progress=progress)
-    if as_json:
-        return emit_json(result.to_json())
-    show_eval_result(result)
+        return evaluate_project(config, progress=progress, **options)
 
 
 class eval_progress:
@@ -632,10 +734,12 @@ def task_data_files(values: list[str], names: list[str]) -> dict[str, str]:
 
 def show_task_results(results) -> None:
     table = Table(title="zero-shot tasks (scored as lm-evaluation-harness 0.4)")
-    for column, justify in (("task", "left"), ("metric", "left"), ("value", "right"), ("± stderr", "right"),
-                            ("examples", "right"), ("published", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("task", "left"), ("metric", "left"), ("value", "right"), ("± stderr", "right"), ("examples", "right"),
+        ("published", "right"))
+    for column, justify in columns:
         table.add_column(column, justify=justify)
-    sources = {}
+    sources: dict[str, int] = {}  # a published score's source → its footnote number
     for result in results:
         for number, (metric, (value, stderr)) in enumerate(result.metrics.items()):
             published = result.published.get(metric)
@@ -654,7 +758,9 @@ def show_task_results(results) -> None:
         out.print(escape(f"{result.title}: {result.source}, {result.seconds:.1f} s"), highlight=False)
 
 
-def show_eval_result(result) -> None:
+def show_eval_result(result, as_json: bool) -> None:
+    if as_json:
+        return emit_json(result.to_json())
     table = Table(title=f"eval: {result.source}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -672,12 +778,20 @@ def show_eval_result(result) -> None:
 # --- gpt load-hf / gpt export-hf --------------------------------------------------------------------------
 
 
+HfSourceArg = Annotated[str, typer.Argument(
+    help="A Hugging Face model dir, a weights file with config.json beside it, or a hub id such as gpt2-medium.")]
+LoadOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Model dir to write.")]
+HfVerifyOpt = Annotated[bool, typer.Option(
+    "--verify", help="Also compare logits with transformers on real text; fail above 1e-4.")]
+LoadForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing model dir at --out.")]
+
+
 @app.command("load-hf")
 def load_hf_command(
-    source: Annotated[str, typer.Argument(help="A Hugging Face model dir, a weights file with config.json beside it, or a hub id such as gpt2-medium.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model dir to write.")],
-    verify: Annotated[bool, typer.Option("--verify", help="Also compare logits with transformers on real text; fail above 1e-4.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing model dir at --out.")] = False,
+    source: HfSourceArg,
+    out_dir: LoadOutOpt,
+    verify: HfVerifyOpt = False,
+    force: LoadForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert GPT-2 (any size, distilgpt2) or GPT-1 weights from Hugging Face into a gptcli model dir."""
@@ -702,11 +816,16 @@ def show_load_report(report) -> None:
     out.print(f"Wrote {report.out}")
 
 
+ExportSourceArg = Annotated[Path, typer.Argument(help="A gptcli model dir, or a run dir (its consolidated model).")]
+ExportOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Hugging Face dir to write.")]
+ExportForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing dir at --out.")]
+
+
 @app.command("export-hf")
 def export_hf_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A gptcli model dir, or a run dir (its consolidated model).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Hugging Face dir to write.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing dir at --out.")] = False,
+    checkpoint: ExportSourceArg,
+    out_dir: ExportOutOpt,
+    force: ExportForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a model as a Hugging Face dir (config.json, model.safetensors, tokenizer files) for from_pretrained."""

@@ -12,8 +12,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import sys
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from functools import cache
@@ -67,9 +67,11 @@ class Section:
     so a section built from a file, from `--set` or in code is validated the same way, once."""
 
     section: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field]]  # every section is a dataclass
 
     def __post_init__(self):
-        hints = _field_hints(type(self))
+        # A class is hashable; mypy checks a class object against Hashable with its instances' __hash__.
+        hints = _field_hints(type(self))  # type: ignore[arg-type]
         for f in dataclasses.fields(self):
             value = _coerce(f"{self.section}.{f.name}", getattr(self, f.name), hints[f.name])
             _check_bounds(f"{self.section}.{f.name}", value, f.metadata.get("bounds", {}))
@@ -534,6 +536,7 @@ def _range_text(bounds: dict) -> str:
         return "more than 0"
     if low:
         return f"at least {number(low[1])}" if low[0] == "[" else f"more than {number(low[1])}"
+    assert high is not None, bounds  # a range has a bound on one side at least
     return f"less than {number(high[1])}" if high[0] == ")" else f"at most {number(high[1])}"
 
 

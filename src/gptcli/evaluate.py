@@ -147,12 +147,12 @@ def window_nats(model: GPT, batch: torch.Tensor, windows: list[Window]) -> list[
     """
     hidden = model.hidden_states(batch)  # (B, T, C)
     T = batch.size(1)
-    inputs, targets = [], []
+    input_rows, target_rows = [], []
     for row, window in enumerate(windows):
         first = T - window.scored  # first scored target; predicted by the position before it
-        inputs.append(hidden[row, first - 1: T - 1])  # (scored, C)
-        targets.append(batch[row, first:])  # (scored,)
-    inputs, targets = torch.cat(inputs), torch.cat(targets)  # (N, C), (N,)
+        input_rows.append(hidden[row, first - 1: T - 1])  # (scored, C)
+        target_rows.append(batch[row, first:])  # (scored,)
+    inputs, targets = torch.cat(input_rows), torch.cat(target_rows)  # (N, C), (N,)
     nll = torch.empty(targets.numel(), dtype=torch.float64, device=batch.device)
     for start in range(0, targets.numel(), HEAD_CHUNK):
         logits = model.head(inputs[start:start + HEAD_CHUNK]).float()  # (chunk, V)
@@ -181,7 +181,7 @@ def score_sequence(model: GPT, tokens: np.ndarray, totals: Totals, stride: int, 
         ids = np.stack([np.asarray(tokens[w.begin:w.end], dtype=np.int64) for w in batch])  # (B, T)
         with autocast:
             nats = window_nats(model, torch.from_numpy(ids).to(device), batch)
-        for window, window_sum in zip(batch, nats):
+        for window, window_sum in zip(batch, nats, strict=True):
             totals.add_window(window, window_sum, byte_count(tokens[window.end - window.scored:window.end]))
         if progress is not None:
             progress(sum(w.scored for w in batch))

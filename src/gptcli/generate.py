@@ -287,7 +287,7 @@ def generate_with_lookahead(model: GPT, prompt: list[int], options: SamplingOpti
     tokens, _ = left_pad([prompt], 0, device)
     state = BatchState(model, tokens, None, options.max_new_tokens)
     sequence, output = list(prompt), []
-    pending = state.prefill(0)[0].argmax().item()  # the greedy token not yet emitted
+    pending = int(state.prefill(0)[0].argmax().item())  # the greedy token not yet emitted
 
     def emit(token: int) -> Optional[str]:
         if token == eot_id:
@@ -303,7 +303,7 @@ def generate_with_lookahead(model: GPT, prompt: list[int], options: SamplingOpti
                    state.cache.max_len - state.cache.length - 1)
         draft = draft_tokens(sequence, room) if room > 0 else []
         if not draft:
-            pending = state.advance(torch.tensor([pending], device=device))[0].argmax().item()
+            pending = int(state.advance(torch.tensor([pending], device=device))[0].argmax().item())
             continue
         fed = torch.tensor([[pending, *draft]], device=device)  # (1, 1 + k)
         choices = state.advance_many(fed)[0].argmax(dim=-1).tolist()  # greedy token after each fed one
@@ -400,7 +400,7 @@ def generate(model: GPT, tokenizer, prompts: list[str], options: SamplingOptions
         return stopped
 
     with torch.inference_mode():
-        ids, reasons = generate_ids(model, [ids for _, ids in rows], options, tokenizer.eot_id, on_token)
+        generated, reasons = generate_ids(model, [ids for _, ids in rows], options, tokenizer.eot_id, on_token)
     samples = []
     for row, (index, prompt_ids) in enumerate(rows):
         texts[row].finish()
@@ -408,7 +408,7 @@ def generate(model: GPT, tokenizer, prompts: list[str], options: SamplingOptions
             piece = texts[row].unshown(final=True)
             if piece:
                 on_text(row, piece)
-        samples.append(Sample(prompt=prompts[index], prompt_index=index, text=texts[row].text, tokens=ids[row],
+        samples.append(Sample(prompt=prompts[index], prompt_index=index, text=texts[row].text, tokens=generated[row],
                               finish_reason=reasons[row], prompt_tokens=len(prompt_ids),
                               cropped_tokens=encoded[index][1]))
     return samples
@@ -466,11 +466,12 @@ def generate_for_project(project: Project, prompts: Optional[list[str]], *, chec
     texts = read_prompts(prompts, options.prompt)
     target = resolve_device(device)
     loaded = load_project_model(project, checkpoint, target)
-    streaming = stream is not None and len(texts) == 1 and options.num_samples == 1
-    if streaming:
-        stream(texts[0])
+    streaming = stream if len(texts) == 1 and options.num_samples == 1 else None
+    if streaming is not None:
+        streaming(texts[0])
     autocast = torch.autocast(target.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with autocast:
         samples = generate(loaded.model, loaded.tokenizer, texts, options,
-                           on_text=(lambda row, piece: stream(piece)) if streaming else None, on_notice=on_notice)
-    return Generation(samples, streamed=streaming)
+                           on_text=(lambda row, piece: streaming(piece)) if streaming is not None else None,
+                           on_notice=on_notice)
+    return Generation(samples, streamed=streaming is not None)

@@ -110,7 +110,7 @@ class OpenAIGPTBPE:
         """One word → its BPE symbols: merge the best-ranked adjacent pair everywhere, until none is left."""
         symbols = list(word[:-1]) + [word[-1] + WORD_END]
         while len(symbols) > 1:
-            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
+            pairs = set(zip(symbols, symbols[1:], strict=False))  # each symbol with the next
             best = min(pairs, key=lambda pair: self.merge_ranks.get(pair, float("inf")))
             if best not in self.merge_ranks:
                 break

@@ -25,9 +25,20 @@ from typing import Any, Optional
 
 from .errors import GptError
 from .openai_bpe import OpenAIGPTBPE, vocabulary_fingerprint
-from .tokenizer_files import (MERGES_FILE, VOCAB_FILE, byte_level_ranks, byte_level_vocabulary, find_bpe_files,
-                              parse_tiktoken, read_bpe_files, read_tiktoken_file, tiktoken_bytes, write_bpe_files,
-                              write_hf_tokenizer, write_tiktoken_file)
+from .tokenizer_files import (
+    MERGES_FILE,
+    VOCAB_FILE,
+    byte_level_ranks,
+    byte_level_vocabulary,
+    find_bpe_files,
+    parse_tiktoken,
+    read_bpe_files,
+    read_tiktoken_file,
+    tiktoken_bytes,
+    write_bpe_files,
+    write_hf_tokenizer,
+    write_tiktoken_file,
+)
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
@@ -101,7 +112,7 @@ class Tokenizer:
         special_tokens_map.json) into a Hugging Face dir; returns their names."""
         if self.name == "gpt2":
             encoder, merges = byte_level_vocabulary(self.backend._mergeable_ranks)  # merges rebuilt from ranks
-            encoder[ENDOFTEXT] = self.eot_id
+            encoder[ENDOFTEXT] = GPT2_EOT_ID
             special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
             config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False}
         else:
@@ -172,9 +183,9 @@ def load_tokenizer(name: str = "gpt2", vocab_dir: Optional[str] = None) -> Token
         if Path(vocab_dir).is_file() and _is_gpt2_tiktoken_file(Path(vocab_dir)):
             fingerprint = GPT2_FINGERPRINT  # the file's sha256 proves these are GPT-2's ranks (a model dir's)
     else:
-        ranks, source = _cached_gpt2_ranks(), "tiktoken"
-        if ranks is not None:
-            fingerprint = GPT2_FINGERPRINT  # the file's sha256 proved these are GPT-2's ranks
+        cached, source = _cached_gpt2_ranks(), "tiktoken"
+        if cached is not None:
+            ranks, fingerprint = cached, GPT2_FINGERPRINT  # the file's sha256 proved these are GPT-2's ranks
         else:
             ranks = _gpt2_ranks_from_tiktoken()
             _cache_gpt2_ranks(ranks)

@@ -88,7 +88,7 @@ class BatchLoader:
 
     def order(self, epoch: int) -> np.ndarray:
         """The window visiting order of `epoch`: a permutation seeded by (seed, epoch), or 0..N-1."""
-        if self._order_epoch != epoch:
+        if self._order is None or self._order_epoch != epoch:
             if self.shuffle:
                 rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
                 self._order = rng.permutation(self.num_windows)

@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -171,6 +172,7 @@ def _die_with_parent(parent: int) -> None:
 
 def tokenize_task(task: Task, tokenizer: Optional[Tokenizer] = None) -> Tokenized:
     tokenizer = tokenizer or _worker_tokenizer
+    assert tokenizer is not None, "a worker's tokenizer is set by its initializer"
     replaced = 0
     if isinstance(task, FileRange):
         (documents, replaced), closes = task.read(), True
@@ -244,7 +246,9 @@ class SplitWriter:
                 self._close_shard()
 
     def _close_shard(self) -> None:
-        record = self.writer.close()
+        writer = self.writer
+        assert writer is not None, "only an open shard is closed"
+        record = writer.close()  # if this fails, self.writer is still there for abort()
         record.split = self.split
         self.records.append(record)
         self.writer = None
@@ -439,7 +443,7 @@ def _tokenized(tasks, run: Run):
         executor.submit(int).result()  # start every worker now, before reading starts any thread (see below)
     finally:
         gc.unfreeze()
-    pending = collections.deque()
+    pending: collections.deque[tuple[Future[Tokenized], int]] = collections.deque()  # (its result, bytes read)
     try:
         for task in tasks:
             pending.append((executor.submit(tokenize_task, task), run.state.disk_bytes))
@@ -484,7 +488,7 @@ def build_manifest(summary: PrepareSummary, run: Run, records: list[ShardRecord]
                       "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                       "eot_position": "end" if tokenizer.eot_id is not None else None},
         "inputs": [{"kind": s.kind, "location": s.label, "documents": c.documents, "tokens": c.tokens,
-                    "bytes": c.bytes} for s, c in zip(run.sources, summary.inputs)],
+                    "bytes": c.bytes} for s, c in zip(run.sources, summary.inputs, strict=True)],
         "separator": data.separator,
         "text_column": data.text_column,
         "split": {"val_fraction": data.val_fraction, "seed": run.options.seed, **summary.split},

@@ -25,11 +25,13 @@ import json
 import os
 import re
 import socket
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
 from urllib.parse import urlparse
 
+from ..config import Separator
 from ..errors import GptError
 
 # What a directory walk picks up. Explicitly named files are read whatever their suffix.
@@ -201,7 +203,9 @@ def paragraphs(text: str) -> list[str]:
     return found
 
 
-_scan_json = json.JSONDecoder().scan_once  # the C scanner json.loads ends in, without its per-call wrapping
+# The C scanner json.loads ends in, without its per-call wrapping (set by JSONDecoder.__init__, which typeshed's
+# stub of JSONDecoder does not declare).
+_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 _JSON_SPACE = " \t\r\n"
 
 
@@ -247,10 +251,11 @@ def jsonl_records(text: str, column: str, replace_invalid: bool = False) -> list
         value = record[column]
         if not isinstance(value, str):
             raise BadRecord(offset, f": field {column!r} holds {type(value).__name__}, not text.")
-        if "\\u" in line and LONE_SURROGATE.search(value):  # only an escape can write one
+        lone = LONE_SURROGATE.search(value) if "\\u" in line else None  # only an escape can write one
+        if lone:
             if not replace_invalid:
-                lone = LONE_SURROGATE.search(value).group()
-                raise BadRecord(offset, f": field {column!r} holds a lone UTF-16 surrogate ({ascii(lone)[1:-1]}), "
+                raise BadRecord(offset, f": field {column!r} holds a lone UTF-16 surrogate "
+                                f"({ascii(lone.group())[1:-1]}), "
                                 "which is not a character; fix the record, or pass --replace-invalid-utf8 to read it "
                                 "as U+FFFD.")
             value = LONE_SURROGATE.sub("\ufffd", value)
@@ -312,7 +317,7 @@ def _text_files_under(directory: Path) -> list[Path]:
 
 def _file_source(path: Path) -> Source:
     bare = path.name[:-3] if path.name.endswith(".gz") else path.name
-    kind = "jsonl" if bare.lower().endswith(".jsonl") else "text"
+    kind: SourceKind = "jsonl" if bare.lower().endswith(".jsonl") else "text"
     return Source(kind, str(path), path.stat().st_size)
 
 
@@ -374,7 +379,7 @@ def _open_binary(path: str):
 class ReadSettings:
     """How inputs become tasks: [data] separator and text_column, task size, invalid UTF-8 handling."""
 
-    separator: str = "none"
+    separator: Separator = "none"
     text_column: str = "text"
     chunk_chars: int = 1 << 20
     replace_invalid_utf8: bool = False
@@ -401,7 +406,7 @@ def read_tasks(sources: list[Source], settings: ReadSettings, state: ReadState) 
 
 def file_tasks(index: int, source: Source, settings: ReadSettings, state: ReadState) -> Iterator[Task]:
     """Tasks for one text or .jsonl file, read in blocks of about `chunk_chars`."""
-    mode = settings.separator if source.kind == "text" else "jsonl"
+    mode: Union[Separator, Literal["jsonl"]] = settings.separator if source.kind == "text" else "jsonl"
     if mode in ("line", "jsonl") and not source.location.endswith(".gz"):
         yield from range_tasks(index, source, mode, settings, state)
         return
@@ -519,10 +524,8 @@ class _Cutter:
             end = self.buffer.rfind("\n", start)
             return end + 1 if end >= 0 else None
         pattern = SAFE_CUT if self.mode == "none" else BLANK_LINE_END
-        last = None
-        for last in pattern.finditer(self.buffer, start):
-            pass
-        return last.end() if last is not None else None
+        last = deque(pattern.finditer(self.buffer, start), maxlen=1)  # only the last match is kept
+        return last[0].end() if last else None
 
 
 # --- datasets ------------------------------------------------------------------------------------------------

@@ -71,8 +71,8 @@ class Splitter:
         if val_ranges is None:
             return self._hold_back(tokens, counts, begun), tokens[:0], begins_in_val
         low, high = val_ranges
-        val = np.concatenate([tokens[a:b] for a, b in zip(low, high)])
-        train = np.concatenate([tokens[a:b] for a, b in zip([0, *high], [*low, len(tokens)])])
+        val = np.concatenate([tokens[a:b] for a, b in zip(low, high, strict=True)])
+        train = np.concatenate([tokens[a:b] for a, b in zip([0, *high], [*low, len(tokens)], strict=True)])
         self.val_tokens += len(val)
         return self._hold_back(train, counts, begun, val_ranges), val, begins_in_val
 

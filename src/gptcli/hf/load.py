@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -15,8 +15,11 @@ from .convert import convert_weights, model_config_from_hf
 from .source import HFSource, resolve_source
 from .verify import VERIFY_TOLERANCE, max_logit_difference
 
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
 
-def source_tokenizer(source: HFSource, vocab_size: int):
+
+def source_tokenizer(source: HFSource, vocab_size: int) -> tuple[Tokenizer, str]:
     """The tokenizer for the model dir and a line saying where it came from."""
     from ..tokenizer import load_tokenizer
     from ..tokenizer_files import find_bpe_files
@@ -30,15 +33,15 @@ def source_tokenizer(source: HFSource, vocab_size: int):
         note = f"openai-gpt tokenizer from {directory}"
     else:
         has_files = find_bpe_files(directory) is not None
-        tokenizer, note = None, f"{directory} has no vocab.json + merges.txt; using gptcli's default gpt2 tokenizer"
+        found: Optional[Tokenizer] = None
+        note = f"{directory} has no vocab.json + merges.txt; using gptcli's default gpt2 tokenizer"
         if has_files:
             try:
-                tokenizer = load_tokenizer("gpt2", str(directory))
+                found = load_tokenizer("gpt2", str(directory))
                 note = f"GPT-2 tokenizer from {directory}"
             except GptError as error:
                 note = f"the tokenizer files in {directory} are not GPT-2's ({error}); using gptcli's default gpt2 tokenizer"
-        if tokenizer is None:
-            tokenizer = load_tokenizer("gpt2")
+        tokenizer = found if found is not None else load_tokenizer("gpt2")
     if tokenizer.vocab_size > vocab_size:
         note += (f"; warning: the tokenizer has {tokenizer.vocab_size:,} tokens but the model only "
                  f"{vocab_size:,}, so text with the higher ids cannot be fed to it")
@@ -83,8 +86,8 @@ def load_hf(source: str, out: Path | str, verify: bool = False, force: bool = Fa
 
 def convert_into(source: str, out: Path, verify: bool) -> LoadReport:
     from ..inspect import reference_for
-    from ..planner import parameter_components
     from ..modeldir import MODEL_DIR, load_model_dir, write_model_files
+    from ..planner import parameter_components
 
     hf = resolve_source(source)
     config = model_config_from_hf(hf.config, hf.family)

@@ -8,11 +8,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from ..errors import GptError
+
+FileSpan = tuple[Path, torch.dtype, int, int]  # a tensor in a file: (path, dtype, offset, bytes)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -146,7 +148,7 @@ class HFWeights:
         self._block: Optional[torch.Tensor] = None
         self.shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, torch.dtype] = {}
-        self._sources: dict[str, object] = {}  # name -> (path, dtype, offset, bytes), or a loaded tensor
+        self._sources: dict[str, Union[FileSpan, torch.Tensor]] = {}  # a tensor's bytes in a file, or the tensor
         for path in paths:
             if path.suffix == ".safetensors":
                 self._add_safetensors(path)
@@ -237,7 +239,8 @@ class HFWeights:
 
     @staticmethod
     def _read_into(file, tensor: torch.Tensor, path: Path, name: str) -> None:
-        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        # numpy's stubs declare ndarray's buffer protocol (__buffer__) only from Python 3.12; it has it on 3.10.
+        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         if file.readinto(view) != len(view):
             raise GptError(f"{path} ends inside tensor {name}: the file is truncated.")
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 from ..config import ModelConfig
 
 # --- parameters and FLOPs -----------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def score_task(model, bench: Benchmark, groups: list[Group], *, batch_size: int,
     """Score the groups (scoring.score_groups); returns per example its continuations' scores and its
     outcomes, in data order."""
     scores = score_groups(model, groups, batch_size, autocast, progress, min_batches, full_forward)
-    return scores, [bench.outcomes(g.example, s) for g, s in zip(groups, scores)]
+    return scores, [bench.outcomes(g.example, s) for g, s in zip(groups, scores, strict=True)]
 
 
 def read_all(names: list[str], data_files: dict[str, str], limit: int,
@@ -81,13 +81,13 @@ def read_all(names: list[str], data_files: dict[str, str], limit: int,
                        f"({', '.join(names)}).")
     benches = [benchmark(name, base_dir) for name in names]
     check_distinct(names, benches)
-    return [(bench, *read_examples(bench, data_files.get(name), limit)) for name, bench in zip(names, benches)]
+    return [(bench, *read_examples(bench, data_files.get(name), limit)) for name, bench in zip(names, benches, strict=True)]
 
 
 def check_distinct(names: list[str], benches: list[Benchmark]) -> None:
     """Two tasks of one name would write the same metrics.jsonl keys."""
     seen: dict[str, str] = {}
-    for given, bench in zip(names, benches):
+    for given, bench in zip(names, benches, strict=True):
         if bench.name in seen:
             raise GptError(f'eval.tasks: "{seen[bench.name]}" and "{given}" are both tasks named "{bench.name}"; '
                            "score one of them.")
@@ -158,9 +158,8 @@ def evaluate_project_tasks(project, names: list[str], *, checkpoint: Optional[Pa
     before the model loads."""
     import torch
 
-    from ..runtime import load_project_model, resolve_device
-
     from ..registry import TASKS
+    from ..runtime import load_project_model, resolve_device
 
     settings = project.eval
     if not names:

@@ -70,7 +70,7 @@ def read_jsonl(path: Path) -> Records:
                     continue
                 try:
                     rows.append(json.loads(line))
-                except ValueError as error:
+                except json.JSONDecodeError as error:
                     raise GptError(f"{path} line {number} is not JSON ({error.msg}).") from None
                 where.append(f"{path} line {number}")
     except UnicodeDecodeError:
@@ -95,10 +95,11 @@ def read_hub(bench: Benchmark) -> Records:
     """The dataset and split lm-eval reads, from `datasets`' cache or the Hub."""
     from ..data.sources import HubUnreachable, load_cached_dataset
 
-    if getattr(bench, "hub", None) is None:
+    hub = getattr(bench, "hub", None)  # a plugin's task may have none
+    if hub is None:
         raise GptError(f"{bench.title} has no Hugging Face dataset to read; give its data with --task-data FILE or "
                        f"[eval] task_data ({LOCAL_FORMATS} with the fields {', '.join(bench.fields)}).")
-    name, config, split = bench.hub
+    name, config, split = hub
     try:
         dataset = load_cached_dataset(name, config, split)
     except HubUnreachable as why:

@@ -136,8 +136,8 @@ def score_batch(model, packs: list[Packed], groups: list[Group], full_forward: b
     """One forward pass over a batch of packed groups, one vocabulary projection of the rows that predict."""
     logprobs, row_of = predicting_rows(model, packs, full_forward)
     picks, targets = [], []
-    for p, group, rows_of_batch in zip(packs, groups, row_of):
-        for rows, continuation in zip(p.rows, group.continuations):
+    for p, group, rows_of_batch in zip(packs, groups, row_of, strict=True):
+        for rows, continuation in zip(p.rows, group.continuations, strict=True):
             picks += [rows_of_batch[row] for row in rows]
             targets += continuation
     pick = torch.tensor(picks, device=logprobs.device)
@@ -196,7 +196,7 @@ def score_groups(model, groups: list[Group], batch_size: int, autocast=None,
     with torch.no_grad(), autocast or nullcontext():
         for batch in batches:
             scored_batch = score_batch(model, [packs[i] for i in batch], [groups[i] for i in batch], full_forward)
-            for i, scored in zip(batch, scored_batch):
+            for i, scored in zip(batch, scored_batch, strict=True):
                 results[i] = scored
             if progress is not None:
                 progress(len(batch))

@@ -13,11 +13,11 @@ from typing import Optional
 
 import torch
 
+from ..batch import BatchLayout
 from ..config import ModelConfig, Project
 from ..errors import GptError
-from ..batch import BatchLayout
 from ..optimizers import ADAMW, OptimizerSpec, Placement, grouped_names, optimizer_spec
-from ..planner import precision_for, training_model  # noqa: F401
+from ..planner import precision_for, training_model
 from .launching.launch import free_port
 
 

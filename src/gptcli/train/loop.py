@@ -31,25 +31,36 @@ from ..batch import BatchLayout, batch_layout
 from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
 from ..optimizers import ADAMW, OptimizerSpec, optimizer_spec
-from .state import checkpoint, reshard
-from .observing import probes, task_eval
+from ..rundir import MODEL_DIR
+from .engine import (
+    compile_enabled,
+    device_type,
+    group_names,
+    initialize,
+    loop_clips_gradients,
+    optimizer_note,
+    precision_note,
+    prepare_device,
+    prepare_environment,
+    resolve_precision,
+    training_model_config,
+)
+from .faults import Faults, corrupt
+from .launching.lock import RunDirClaim
+from .launching.opbuild import prepare_cpu_comm_op
+from .launching.stopping import StopRequest
+from .observing import measure, probes, task_eval
 from .observing.chatter import LibraryLog
+from .observing.display import Display, show_overfit
+from .observing.metrics import MetricsWriter, csv_columns, model_flops_per_token, peak_flops, truncate_metrics
+from .observing.phases import deepspeed_phase, show_phase, training_starts
+from .observing.trackers import start_trackers
+from .prefetch import BatchPrefetcher, on_device, windows_of
+from .preflight import preflight
+from .schedule import schedule_for
+from .state import checkpoint, reshard
 from .state.consolidation import consolidate_only, hand_over
 from .state.continuation import Start, prepare
-from .observing.display import Display, show_overfit
-from .engine import (compile_enabled, device_type, group_names, initialize, loop_clips_gradients, optimizer_note,
-                     precision_note, prepare_device, prepare_environment, resolve_precision, training_model_config)
-from .faults import Faults, corrupt
-from ..rundir import MODEL_DIR
-from .launching.lock import RunDirClaim
-from .observing.metrics import MetricsWriter, csv_columns, model_flops_per_token, peak_flops, truncate_metrics
-from .launching.opbuild import prepare_cpu_comm_op
-from .observing.phases import deepspeed_phase, show_phase, training_starts
-from .preflight import preflight
-from .prefetch import BatchPrefetcher, on_device, windows_of
-from .schedule import schedule_for
-from .launching.stopping import StopRequest
-from .observing.trackers import start_trackers
 from .state.warmstart import model_from_source, set_fp32_masters
 
 if TYPE_CHECKING:
@@ -57,6 +68,7 @@ if TYPE_CHECKING:
 
     from ..data.loader import BatchLoader
     from ..data.source import DataSource
+    from ..model import GPT
     from ..tokenizer import Tokenizer
 
 __all__ = ["TrainOptions", "TrainResult", "train", "consolidate_only"]
@@ -100,6 +112,7 @@ class Run:
     faults: Faults
     clips_gradients: bool  # fp32 ZeRO-0: the loop clips (engine.loop_clips_gradients)
     optimizer: OptimizerSpec  # train.optimizer's spec
+    start: Start  # what the run continues from (continuation.prepare)
     step: int = 0
     tokens: int = 0
     skipped_steps: int = 0
@@ -108,9 +121,10 @@ class Run:
     fixed_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     writer: Optional[MetricsWriter] = None
     flops_per_token: int = 0
-    peak: Optional[float] = None
-    start: Optional[Start] = None  # what the run continues from (continuation.prepare)
+    peak: Optional[float] = None  # FLOP/s of one accelerator at the run's precision (the live MFU's denominator)
     tasks: Optional[task_eval.TaskSet] = None  # [eval] tasks: this rank's share of the examples
+    precision: str = "fp32"
+    speeds: list[float] = dataclasses.field(default_factory=list)  # tokens/s of each step logged (measure.py)
 
 
 @dataclass
@@ -201,6 +215,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     library_log.settle(run_dir)
     universal = None
     if start.ranks_changed and project.deepspeed.zero_stage > 0:
+        assert tag is not None and start.saved_ranks is not None, "ranks change only on a resume"
         reshard.check_reshardable(optimizer, tag, start.saved_ranks, world)
         show_phase(f"converting checkpoint {tag} for {world} ranks (DeepSpeed's universal checkpoint format)")
         with library_log.capture():
@@ -220,7 +235,8 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
               clips_gradients=loop_clips_gradients(project, precision), optimizer=optimizer, start=start)
     run.flops_per_token = model_flops_per_token(project.model, layout.seq_len)
     run.tasks = task_eval.prepare(project, tokenizer, model_config.block_size, rank, world, options.overfit_batch)
-    run.peak = peak_flops(device, project.train.peak_tflops)
+    run.peak = peak_flops(device, project.train.peak_tflops, precision)
+    run.precision = precision
     if options.overfit_batch:
         run.fixed_batch = run.loader.next_batch()
         if rank == 0:
@@ -238,7 +254,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     return run
 
 
-def build(config: ModelConfig, start: Start, device: str) -> tuple[torch.nn.Module, Optional[dict]]:
+def build(config: ModelConfig, start: Start, device: str) -> tuple[GPT, Optional[dict]]:
     """The model at a random init, or holding init_from's weights (and those weights, for the masters)."""
     from ..model import build_model
 
@@ -470,20 +486,24 @@ def step_record(run: Run, done: StepDone, grad_norm: Optional[float]) -> dict:
     mfu = None
     if run.peak and tokens_per_s:
         mfu = run.flops_per_token * tokens_per_s / (run.peak * run.layout.world_size)
+    if tokens_per_s:
+        run.speeds.append(tokens_per_s)
     return {"step": done.step, "loss": done.loss, "lr": done.lr, "grad_norm": grad_norm, "tokens": run.tokens,
-            "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed": run.elapsed, "skipped_steps": run.skipped_steps}
+            "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed": run.elapsed, "skipped_steps": run.skipped_steps,
+            **measure.memory_record(run.device)}
 
 
 def evaluate(run: Run) -> float:
     """Mean loss over the first eval_batches micro batches of the val split (the same ones every time)."""
     import deepspeed.comm as dist
 
-    engine = run.engine
+    engine, val_loader = run.engine, run.val_loader
+    assert val_loader is not None, "a run evaluates only when it has a val split"
     device = torch.device(engine.device)
     engine.eval()
     total = torch.zeros(2, device=device)  # (sum of batch losses, batches)
     with torch.no_grad():
-        for inputs, targets in run.val_loader.sequential_batches(run.project.train.eval_batches):
+        for inputs, targets in val_loader.sequential_batches(run.project.train.eval_batches):
             _, loss = engine(*on_device(windows_of(inputs, targets), device), return_logits=False)
             total += torch.stack([loss.float(), torch.ones((), device=device)])
     engine.train()
@@ -515,7 +535,7 @@ def sample_options(project: Project, step: int) -> GenerateConfig:
                                seed=project.project.seed + step)
 
 
-def sampling_model(run: Run) -> Optional[torch.nn.Module]:
+def sampling_model(run: Run) -> Optional[GPT]:
     """Rank 0's model to sample from. Under ZeRO-3 the engine's module fetches its weights in collective
     hooks that rank 0 cannot run alone, so all ranks gather the weights and rank 0 copies them into a
     plain model; otherwise the engine's module itself."""
@@ -530,7 +550,7 @@ def sampling_model(run: Run) -> Optional[torch.nn.Module]:
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         if run.rank != 0:
             return None
-        weights = {name: p.detach().clone() for name, p in zip(names, module.parameters())}
+        weights = {name: p.detach().clone() for name, p in zip(names, module.parameters(), strict=True)}
     return model_from_state_dict(run.model_config, weights, device=run.engine.device, dtype=torch.float32)  # the tied lm_head follows wte
 
 
@@ -544,6 +564,7 @@ def save(run: Run) -> None:
     if run.writer is not None:
         run.writer.flush()  # what the trackers hold up to this step survives a kill after the checkpoint
     checkpoint.save(run.engine, run.run_dir, run.step, client, run.project.train.keep_checkpoints, run.faults)
+    measure.record(run)  # the peaks so far and the speed, beside the checkpoint
     probes.dump_state(run.engine, run.optimizer, "saved", run.step, run.rank)
 
 
@@ -570,11 +591,13 @@ def finish(run: Run, options: TrainOptions, display: Optional[Display], exit_cod
     if display is not None:
         display.close()
     if options.overfit_batch:
+        assert run.fixed_batch is not None, "--overfit-batch trains on the one batch it read first"
         show_overfit(run.engine, run.fixed_batch, run.tokenizer, run.rank)
         return result
     dist.barrier()
     if run.rank == 0:
         result.model_dir = hand_over(run.project, run.run_dir, run.tokenizer, run.step, exit_code)
+        assert run.writer is not None, "rank 0 writes the metrics"
         run.writer.end(run.step, exit_code, result.model_dir)
     dist.barrier()
     return result

@@ -51,7 +51,9 @@ class BatchPrefetcher:
         return on_device(windows, self.device)
 
     def state_dict(self) -> dict:
-        return self.handed_out if self.thread is not None else self.loader.state_dict()
+        if self.handed_out is None:  # not started: nothing is read ahead of the loader's own position
+            return self.loader.state_dict()
+        return self.handed_out
 
     def load_state_dict(self, state: dict) -> None:
         if self.thread is not None:

@@ -9,6 +9,7 @@ schedule; Loshchilov & Hutter 2017 without restarts), a straight line, or none (
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 
 def learning_rate(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int,
@@ -27,7 +28,7 @@ def learning_rate(step: int, *, lr: float, min_lr: float, warmup_steps: int, max
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def schedule_for(train) -> "callable":
+def schedule_for(train) -> Callable[[int], float]:
     """The schedule of a [train] section as a function of the step."""
     return lambda step: learning_rate(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps,
                                       max_steps=train.max_steps, schedule=train.lr_schedule)

@@ -29,7 +29,7 @@ import uuid
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, MutableMapping, Optional
 
 from ...errors import GptError
 
@@ -181,12 +181,12 @@ def failures_marked() -> Iterator[None]:
             marker.touch()
         return original(self, death_sig, *args, **kwargs)
 
-    PContext.close = close
+    PContext.close = close  # type: ignore[method-assign]  # torch's agent, patched while the ranks run
     os.environ[PEER_FAILED_VARIABLE] = str(marker)  # the ranks the agent starts inherit it
     try:
         yield
     finally:
-        PContext.close = original
+        PContext.close = original  # type: ignore[method-assign]  # torch's own method back
         os.environ.pop(PEER_FAILED_VARIABLE, None)
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -431,7 +431,7 @@ def watch_parent(parent: int, interval: float = 1.0) -> None:
 # --- ranks started by srun, mpirun or torchrun -------------------------------------------------------------
 
 
-def adopt_cluster_ranks(environ: dict[str, str] = os.environ) -> Optional[str]:
+def adopt_cluster_ranks(environ: MutableMapping[str, str] = os.environ) -> Optional[str]:
     """Translate the rank variables of srun or mpirun (Open MPI) into RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR and MASTER_PORT in `environ` before DeepSpeed starts; returns the launcher's name, or None
     when there is nothing to translate. A process that is one of several started by a launcher that is

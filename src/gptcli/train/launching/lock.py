@@ -78,7 +78,7 @@ class RunDirClaim:
         """Every rank calls this once torch.distributed is up (or alone, without it): rank 0 checks the run
         dir, locks it and writes the probe; every rank learns rank 0's outcome, then checks the probe."""
         run_dir = Path(run_dir)
-        outcome = {"error": None, "token": None}
+        outcome: dict[str, Optional[str]] = {"error": None, "token": None}
         if rank == 0:
             try:
                 check_usable(run_dir)
@@ -123,8 +123,9 @@ def write_probe(run_dir: Path) -> str:
     return token
 
 
-def check_shared(run_dir: Path, rank: int, token: str) -> None:
-    """Refuse, on every rank, when some rank does not read rank 0's probe file in its run dir."""
+def check_shared(run_dir: Path, rank: int, token: Optional[str]) -> None:
+    """Refuse, on every rank, when some rank does not read rank 0's probe file in its run dir. `token`: what
+    rank 0 wrote in it (None on a rank above 0 without torch.distributed, which has no one to compare with)."""
     probe = run_dir / PROBE_FILE
     if world_size() > 1:
         import torch.distributed as dist
@@ -133,7 +134,7 @@ def check_shared(run_dir: Path, rank: int, token: str) -> None:
             seen = probe.read_text() == token
         except (OSError, UnicodeDecodeError):
             seen = False
-        views = [None] * world_size()
+        views = [("", False)] * world_size()  # (host, whether it read the probe) of each rank, gathered
         dist.all_gather_object(views, (socket.gethostname(), seen))
         blind = [(other, host) for other, (host, ok) in enumerate(views) if not ok]
         if blind:

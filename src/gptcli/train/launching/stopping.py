@@ -109,7 +109,7 @@ class StopAcknowledger:
 def peer_failed() -> bool:
     """Whether this rank's launcher is stopping it because another rank failed (it reports that itself)."""
     marker = os.environ.get(PEER_FAILED_VARIABLE)
-    return bool(marker) and os.path.exists(marker)
+    return bool(marker and os.path.exists(marker))
 
 
 def stop_message(signum: int, run) -> str:

@@ -86,7 +86,7 @@ def output_redirected(log: "TextIO | LibraryLog") -> Iterator[None]:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        for fd, copy in zip(descriptors, saved):
+        for fd, copy in zip(descriptors, saved, strict=True):
             os.dup2(copy, fd)
             os.close(copy)
 

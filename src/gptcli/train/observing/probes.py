@@ -83,8 +83,8 @@ def full_states(engine, spec: "OptimizerSpec") -> dict:
             master = stage0.get(id(param), param)
             states[name] = {"fp32": master.detach().float().cpu().clone(),
                             **{key: inner.state[master][key].cpu().clone() for key in moments}}
-    key = spec.step_key
-    steps = {float(state[key]) for state in inner.state.values() if key is not None and key in state}
+    step_key = spec.step_key
+    steps = {float(state[step_key]) for state in inner.state.values() if step_key is not None and step_key in state}
     states["step"] = steps.pop() if len(steps) == 1 else sorted(steps)
     return states
 
@@ -101,6 +101,6 @@ def link_optimizer_fragments(optimizer) -> None:
     state = getattr(getattr(optimizer, "optimizer", None), "state", None)
     if not (low and high and state):
         return
-    for params, flat in zip(low, high):
+    for params, flat in zip(low, high, strict=True):
         if flat in state:
             lazy_init_hp_params_optimizer_state(params, flat, state)

@@ -85,7 +85,7 @@ def score(engine, task_set: TaskSet, zero3: bool) -> dict[str, float]:
                                 dtype=torch.float64, device=engine.device)
             dist.all_reduce(sums)
             values = sums.tolist()
-            metrics = from_sums(bench, dict(zip(keys, values[:-1])), int(values[-1]))
+            metrics = from_sums(bench, dict(zip(keys, values[:-1], strict=True)), int(values[-1]))
             record.update({record_key(bench.name, metric): value for metric, value in metrics.items()})
     finally:
         engine.train()

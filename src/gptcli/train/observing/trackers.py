@@ -95,11 +95,11 @@ def check_trackers(project: Project) -> None:
     not, before anything slow starts), and the older `train.tensorboard = true` gets its migration note."""
     legacy = project.train.tensorboard and "tensorboard" not in project.train.trackers
     factories = {name: factory_of(project, name) for name in requested(project)}
-    missing = {name: factory for name, factory in factories.items()
-               if getattr(factory, "requires", None) and not installed(factory.requires)}
+    modules_of = {name: getattr(factory, "requires", None) for name, factory in factories.items()}  # optional
+    missing = {name: factories[name] for name, module in modules_of.items() if module and not installed(module)}
     if missing:
         key = "train.tensorboard = true" if legacy and list(missing) == ["tensorboard"] else "train.trackers"
-        modules = " and ".join(factory.requires for factory in missing.values())
+        modules = " and ".join(str(modules_of[name]) for name in missing)
         verb = "is" if len(missing) == 1 else "are"
         raise GptError(f"{key} asks for {', '.join(missing)}, but {modules} {verb} not installed: "
                        f"pip install {install_arguments(missing)}.")
@@ -134,8 +134,11 @@ def start_trackers(project: Project, run_dir: Path, resume_step: int,
     factories = {name: factory_of(project, name) for name in names}
     say(f"starting the trackers: {', '.join(title_of(name, f) for name, f in factories.items())}")
     config = {"parameters": inspect_parameters(project.model).total, **project.to_dict()}
-    started = [start_one(title_of(name, factory), lambda f=factory: wrap(f(Path(run_dir), config, resume_step)))
-               for name, factory in factories.items()]
+
+    def maker(factory: Callable) -> Callable[[], Any]:  # each tracker's own factory, bound when it is made
+        return lambda: wrap(factory(Path(run_dir), config, resume_step))
+
+    started = [start_one(title_of(name, factory), maker(factory)) for name, factory in factories.items()]
     return [feed for feed in started if feed is not None]
 
 
@@ -289,7 +292,9 @@ class TensorBoardTracker:
         """One event holding every value of the step (add_scalar writes one event per value: twice the cost)."""
         summaries = [self.scalar(f"train/{key}", value, new_style=True, double_precision=True) for key, value in
                      values.items()]
-        self.writer.file_writer.add_summary(self.summary(value=[v for s in summaries for v in s.value]), step)
+        file_writer = self.writer.file_writer
+        assert file_writer is not None, "SummaryWriter opens its file writer when it is made"
+        file_writer.add_summary(self.summary(value=[v for s in summaries for v in s.value]), step)
 
     def text(self, step: int, key: str, text: str) -> None:
         self.calls.submit(self.writer.add_text, key, indented(text), step)
@@ -543,7 +548,9 @@ class Worker:
                     args[0].set()
                 elif self.error is None:
                     try:
-                        (self.log_metrics if call == "metrics" else call)(*args)
+                        function = self.log_metrics if call == "metrics" else call
+                        assert function is not None, "only a worker given log_metrics is sent metrics"
+                        function(*args)
                     except Exception as error:
                         self.error = error
 
@@ -559,7 +566,7 @@ class Worker:
 
 def batched(items: list) -> list:
     """Consecutive "metrics" items merged into one; None (the end) kept as (None, ())."""
-    merged = []
+    merged: list[tuple[Any, tuple]] = []  # (a callable, "metrics", "wake" or None, its arguments)
     for item in items:
         if item is None:
             merged.append((None, ()))

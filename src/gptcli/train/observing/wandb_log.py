@@ -59,7 +59,8 @@ def last_step_of(path: Path) -> int:
     last few blocks, more only when they hold no history record, so a long run's resume reads kilobytes."""
     from wandb.proto import wandb_internal_pb2
 
-    record, size, window = wandb_internal_pb2.Record(), path.stat().st_size, 4 * BLOCK
+    # Record is built by protobuf when the module is imported, so mypy cannot see it in wandb's source.
+    record, size, window = wandb_internal_pb2.Record(), path.stat().st_size, 4 * BLOCK  # type: ignore[attr-defined]
     with path.open("rb") as handle:
         while True:
             start = max(0, (size - window) // BLOCK * BLOCK)

@@ -24,7 +24,7 @@ import random
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,10 +32,23 @@ import torch
 from ...config import ModelConfig, Project, dump_toml
 from ...errors import GptError
 from ...fsutil import atomic_path, atomic_write_json, atomic_write_text, check_output
-from ...rundir import (CLIENT_STATE, LATEST, MANIFEST, MODEL_DIR, RESOLVED_CONFIG, TAG_PATTERN, checkpoints_dir,
-                       complete_checkpoints, refuse_existing_run, refuse_outputs_without_checkpoints, remove_checkpoint,
-                       remove_run_files)
+from ...rundir import (
+    CLIENT_STATE,
+    LATEST,
+    MANIFEST,
+    MODEL_DIR,
+    RESOLVED_CONFIG,
+    TAG_PATTERN,
+    checkpoints_dir,
+    complete_checkpoints,
+    refuse_existing_run,
+    refuse_outputs_without_checkpoints,
+    remove_checkpoint,
+    remove_run_files,
+    step_of_tag,
+)
 from ..launching.lock import broadcast_from_rank0
+
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
@@ -72,7 +85,7 @@ def read_latest(run_dir: Path) -> Optional[str]:
 def agree_on_resume(run_dir: Path, mode: str, restart: bool, rank: int, data_dir: Optional[Path] = None) -> Optional[str]:
     """The checkpoint tag every rank resumes from (None: start fresh). Rank 0 decides, every rank follows:
     each rank reading the dir on its own could pick different tags while a save or a fallback is under way."""
-    decision = {"tag": None, "error": None}
+    decision: dict[str, Optional[str]] = {"tag": None, "error": None}
     if rank == 0:
         try:
             decision["tag"] = decide_start(run_dir, mode, restart, data_dir)
@@ -121,7 +134,7 @@ def find_resume(run_dir: Path, mode: str) -> Optional[str]:
     """The newest intact checkpoint (`latest` first, then older complete ones, newest first), warning about
     each damaged one passed over; None when there is none at all (refused under --resume required)."""
     root = checkpoints_dir(run_dir)
-    damaged = []
+    damaged: list[tuple[str, list[str]]] = []  # (tag, its problems)
     for tag in resume_candidates(run_dir):
         problems = check_checkpoint(root / tag) if tag != UNREADABLE_LATEST else ["it does not hold a checkpoint tag"]
         if not problems:
@@ -156,7 +169,7 @@ def resume_candidates(run_dir: Path) -> list[str]:
 # --- manifests: what a checkpoint held when it was saved ---------------------------------------------------
 
 
-def write_manifest(directory: Path, leave_out: list[str] = ()) -> None:
+def write_manifest(directory: Path, leave_out: Sequence[str] = ()) -> None:
     """Record every file's size and sha256 (but `leave_out`: files that were there before the save, not
     the checkpoint's); called once all ranks have written theirs, before `latest`."""
     files = [name for name in checkpoint_files(directory) if name not in set(leave_out)]
@@ -170,14 +183,21 @@ def checkpoint_files(directory: Path) -> list[str]:
                   if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
 
 
+HASH_BLOCK_BYTES = 1 << 20
+
+
 def sha256_files(directory: Path, names: list[str]) -> dict[str, str]:
     """In threads: hashlib releases the GIL while it hashes, so a large checkpoint's files hash in parallel."""
     def digest(name: str) -> str:
+        # Block by block, as hashlib.file_digest does (Python 3.11+; gptcli runs on 3.10 too).
+        sha256 = hashlib.sha256()
         with open(directory / name, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+            while block := handle.read(HASH_BLOCK_BYTES):
+                sha256.update(block)
+        return sha256.hexdigest()
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-        return dict(zip(names, pool.map(digest, names)))
+        return dict(zip(names, pool.map(digest, names), strict=True))
 
 
 def check_checkpoint(directory: Path) -> list[str]:
@@ -257,7 +277,7 @@ def prune(root: Path, keep: int, latest: str) -> None:
     """Keep the newest `keep` complete checkpoints up to `latest`, which itself always stays; anything newer
     than `latest`, or never finished, is a partial save of a crashed run and goes too. Only the files a
     checkpoint's manifest lists (lock.remove_checkpoint) are deleted: a user's file in one stays, with a note."""
-    latest_step = int(TAG_PATTERN.match(latest).group(1))
+    latest_step = step_of_tag(latest)
     complete = sorted((step, tag) for step, tag in complete_checkpoints(root) if step <= latest_step)
     kept = {tag for _, tag in complete[-keep:]} | {latest}
     for path in sorted(root.iterdir()):

@@ -19,10 +19,10 @@ import torch
 
 from ...config import ModelConfig, Project
 from ...errors import GptError
-from . import checkpoint
 from ..engine import device_type, prepare_environment
 from ..launching.lock import RunDirClaim
 from ..observing.metrics import plot_losses
+from . import checkpoint
 
 
 def hand_over(project: Project, run_dir: Path, tokenizer, step: int, exit_code: int) -> Optional[Path]:
@@ -91,7 +91,9 @@ def full_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 def partition_rank(path: Path) -> int:
-    return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
+    match = re.search(r"zero_pp_rank_(\d+)_", path.name)
+    assert match is not None, path  # partitions are found by this name
+    return int(match.group(1))
 
 
 def zero_masters(directory: Path) -> dict[str, torch.Tensor]:
@@ -120,10 +122,10 @@ def stage0_masters(directory: Path) -> dict[str, torch.Tensor]:
                        "parameter_groups in client_state.json), so its fp32 weights cannot be consolidated.")
     module = saved["module"]
     masters = {}
-    for group_names, group in zip(names, groups):
+    for group_names, group in zip(names, groups, strict=True):
         shapes = {name: module[name].shape for name in group_names}
         tensors = split_flat(group, shapes) if isinstance(group, torch.Tensor) else group
-        masters.update({name: tensor.view(shapes[name]) for name, tensor in zip(group_names, tensors)})
+        masters.update({name: tensor.view(shapes[name]) for name, tensor in zip(group_names, tensors, strict=True)})
     return with_shared(masters, saved)
 
 
@@ -133,10 +135,10 @@ def bf16_optimizer_masters(directory: Path, partitions: list[Path]) -> dict[str,
     saved = torch.load(directory / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     slices = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
               ["single_partition_of_fp32_groups"] for path in partitions]
-    masters = {}
+    masters: dict[str, torch.Tensor] = {}
     for index, shapes in enumerate(saved["param_shapes"]):
         flat = torch.cat([rank_slices[index] for rank_slices in slices])
-        masters.update(zip(shapes, split_flat(flat, shapes)))
+        masters.update(zip(shapes, split_flat(flat, shapes), strict=True))
     return with_shared(masters, saved)
 
 

@@ -104,6 +104,7 @@ def checkpoint_project(project: Project, client: dict, tag: str) -> Project:
 
 def continue_weights(start: Start) -> None:
     project = start.project
+    assert project.train.init_from is not None, "only a run that starts from weights continues them"
     source = find_source(project.train.init_from)
     check_tokenizer(source, project)
     if os.environ.get("RANK", "0") == "0":  # rank 0 prints and records it; the others need not read the file twice
@@ -161,6 +162,7 @@ def keep_batch(project: Project, start: Start, client: dict) -> Project:
     from ...batch import batch_layout
 
     saved = saved_sequences_per_step(client, project)
+    assert start.saved_ranks is not None, "a checkpoint's ranks are read before its batch"
     recorded = client.get("batch_settings")  # older checkpoints have none: they resumed on the same ranks only
     unchanged = start.ranks_changed if recorded is None else recorded == start.batch_settings
     if saved is None or not unchanged:

@@ -39,11 +39,9 @@ import torch
 from ...errors import GptError
 from ...fsutil import staging_dir
 from ...optimizers import OptimizerSpec
-from ...rundir import TAG_PATTERN, UNIVERSAL, checkpoints_dir
+from ...rundir import UNIVERSAL, checkpoints_dir, step_of_tag
 from ...rundir import UNIVERSAL_COMPLETE as COMPLETE
 from ..faults import Faults
-
-
 
 # The per-parameter optimizer state DeepSpeed's universal format carries (ds_to_universal, and the
 # loader's universal_checkpoint.load_hp_checkpoint_state; DeepSpeed 0.19).
@@ -89,7 +87,7 @@ def convert(checkpoint: Path, target: Path, faults: Optional[Faults] = None) -> 
                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                            strict=True, inject_missing_state=True))
         if faults is not None:
-            faults.maybe_kill_in_convert(int(TAG_PATTERN.match(checkpoint.name).group(1)))
+            faults.maybe_kill_in_convert(step_of_tag(checkpoint.name))
         (output / COMPLETE).write_text("")
         os.rename(output, target)
     finally:
@@ -110,7 +108,7 @@ def restore_optimizer_details(engine, universal: Path, spec: OptimizerSpec) -> N
     one shared tensor, so torch's AdamW, counting in place, would advance it once per group and step (wrong
     bias corrections from the first step on)."""
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's optimizer
-    for group, saved in zip(optimizer.param_groups, saved_group_settings(universal)):
+    for group, saved in zip(optimizer.param_groups, saved_group_settings(universal), strict=True):
         group.update(saved)
     key = spec.step_key
     for state in optimizer.state.values():

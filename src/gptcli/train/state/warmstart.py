@@ -28,6 +28,7 @@ from ...presets import hub_ids
 
 if TYPE_CHECKING:
     from ...hf.source import HFSource
+    from ...model import GPT
 
 
 @dataclass
@@ -133,7 +134,7 @@ def fit_vocabulary_rows(state: dict[str, torch.Tensor], config: ModelConfig) -> 
     return fitted
 
 
-def model_from_source(source: WeightsSource, config: ModelConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def model_from_source(source: WeightsSource, config: ModelConfig) -> tuple[GPT, dict[str, torch.Tensor]]:
     """The model `config` describes (the training config: padded for a GPU) holding the source's weights in
     fp32, and those weights by name (for set_fp32_masters)."""
     from ...model import model_from_state_dict
@@ -170,10 +171,10 @@ def stage0_master_pairs(optimizer) -> list[tuple[int, torch.Tensor]]:
 
     pairs = []
     if isinstance(optimizer, FP16_UnfusedOptimizer):
-        for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups):
-            pairs += [(id(p), master) for p, master in zip(group, masters)]
+        for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
+            pairs += [(id(p), master) for p, master in zip(group, masters, strict=True)]
     elif isinstance(optimizer, FP16_Optimizer):
-        for group, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
+        for group, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat, strict=True):
             offset = 0
             for p in group:
                 pairs.append((id(p), flat.narrow(0, offset, p.numel()).view(p.shape)))
