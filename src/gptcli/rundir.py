@@ -6,6 +6,8 @@ manifest list, and nothing else (a user's files beside them stay).
     RUN/metrics.jsonl, metrics.csv one record per optimizer step
     RUN/loss.png                   the loss curve, drawn at the end of a run (and by `gpt plot`)
     RUN/deepspeed.log              what DeepSpeed and the other libraries printed
+    RUN/mixture.json               a mixture's sources and weights, segment by segment (a resume that changed them
+                                   with data.allow_mixture_change starts a segment)
     RUN/trackers.json              each tracker's run id, so that a resume continues the same tracker run
                                    (and the step TensorBoard last flushed)
     RUN/tensorboard/, RUN/mlflow/  TensorBoard events; MLflow's local store
@@ -33,6 +35,7 @@ CSV_FILE = "metrics.csv"
 PLOT_FILE = "loss.png"
 LIBRARY_LOG = "deepspeed.log"
 TRACKERS_FILE = "trackers.json"
+MIXTURE_FILE = "mixture.json"
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlflow"  # MLflow's store when MLFLOW_TRACKING_URI is not set: RUN/mlflow/mlflow.db + artifacts
 MODEL_DIR = "model"
@@ -82,7 +85,8 @@ def run_files(run_dir: Path) -> list[Path]:
     """What `gpt train` wrote into a run dir, and nothing else: checkpoints, metrics, the loss plot, the
     resolved config, the library log, the tracker run ids, TensorBoard events, the consolidated model."""
     run_dir = Path(run_dir)
-    found = [run_dir / name for name in (METRICS_FILE, CSV_FILE, PLOT_FILE, RESOLVED_CONFIG, LIBRARY_LOG, TRACKERS_FILE)
+    found = [run_dir / name for name in (METRICS_FILE, CSV_FILE, PLOT_FILE, RESOLVED_CONFIG, LIBRARY_LOG, TRACKERS_FILE,
+                                                 MIXTURE_FILE)
              if (run_dir / name).is_file()]
     root = checkpoints_dir(run_dir)
     if root.is_dir():
