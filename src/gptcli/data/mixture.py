@@ -43,6 +43,8 @@ from .loader import BatchLoader
 # The longest period of the schedule: weights that are no ratio of small numbers are rounded to parts of it
 # (0.2% of a part at most per weight: a share is off by less than 1/131,072).
 MAX_PERIOD = 1 << 16
+# Windows whose sources and places the loader works out at once (a few hundred µs of numpy per block).
+LOOKUP_BLOCK = 4096
 STATE_KIND = "mixture"  # a mixture loader's state says so; a one-dir loader's state has no "kind"
 
 
@@ -170,6 +172,7 @@ class MixtureLoader:
         self.base = np.zeros(len(parts), dtype=np.int64)  # each source's windows given before the segment
         self.history: list[dict] = [{"step": 0, "sources": self.identities()}]
         self.observers: list[Callable[[dict], None]] = []
+        self._block_start, self._block_sources, self._block_windows = 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
 
     @property
     def micro_steps_per_step(self) -> int:
@@ -187,16 +190,36 @@ class MixtureLoader:
         counts = self.base + self.schedule.counts(self.position)
         return {name: int(count) for name, count in zip(self.names, counts, strict=True)}
 
+    def lookup(self, begin: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, window index in its split) of windows [begin, begin + count) of the segment, from a block
+        of LOOKUP_BLOCK windows worked out at once (numpy over the block, not Python per window)."""
+        if not (self._block_start <= begin and begin + count <= self._block_start + len(self._block_sources)):
+            self._block_start = begin
+            self._block_sources, self._block_windows = self.windows_of(np.arange(begin, begin + max(count, LOOKUP_BLOCK)))
+        at = begin - self._block_start
+        return self._block_sources[at: at + count], self._block_windows[at: at + count]
+
+    def windows_of(self, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, window index in its split) of each window number of the segment: its place in its source's
+        stream (base + the schedule's count) read through that source's order of the epoch it falls in."""
+        sources, places = self.schedule.sources_of(numbers)
+        places = places + self.base[sources]
+        windows = np.empty_like(places)
+        for source in np.unique(sources).tolist():
+            mine = sources == source
+            stream = self.parts[source].stream
+            epochs, offsets = np.divmod(places[mine], stream.num_windows)
+            picked = np.empty_like(offsets)
+            for epoch in np.unique(epochs).tolist():
+                same = epochs == epoch
+                picked[same] = stream.order(epoch)[offsets[same]]
+            windows[mine] = picked
+        return sources, windows
+
     def next_windows(self) -> list[tuple[int, int]]:
         """This rank's next micro batch as (source, window index in its split) pairs; advances one global batch."""
-        begin = self.position + self.rank * self.batch
-        sources, places = self.schedule.sources_of(np.arange(begin, begin + self.batch))
-        places = places + self.base[sources]
-        chosen = []
-        for source, place in zip(sources.tolist(), places.tolist(), strict=True):
-            stream = self.parts[source].stream
-            epoch, offset = divmod(place, stream.num_windows)
-            chosen.append((source, int(stream.order(epoch)[offset])))
+        sources, windows = self.lookup(self.position + self.rank * self.batch, self.batch)
+        chosen = list(zip(sources.tolist(), windows.tolist(), strict=True))
         self.position += self.global_batch
         self.micro = (self.micro + 1) % self.micro_steps_per_step
         for observer in self.observers:
@@ -243,6 +266,7 @@ class MixtureLoader:
                            "layout.")
         self.position, self.micro = int(state["position"]), int(state.get("micro", 0))
         self.base = np.array([int(state["base"][name]) for name in self.names], dtype=np.int64)
+        self._block_sources = np.zeros(0, np.int64)  # worked out with the old base
         self.history = list(state["history"])
 
     def sequential_batches(self, count: int):

@@ -134,6 +134,7 @@ class StepDone:
     lr: float
     seconds: float
     grad_norm: GradNorm
+    source_tokens: dict  # a mixture's tokens taken from each source by the end of this step (source_tokens)
 
 
 def train(project: Project, options: TrainOptions) -> TrainResult:
@@ -364,7 +365,7 @@ def loop(run: Run, stop: StopRequest, options: TrainOptions) -> TrainResult:
         run.tokens += run.layout.tokens_per_step
         run.elapsed += seconds
         norm = values["own_norm"] if own_norm is not None else run.engine.get_global_grad_norm()
-        pending = StepDone(run.step, values["loss"], lr, seconds, norm)
+        pending = StepDone(run.step, values["loss"], lr, seconds, norm, source_tokens(run))
         signum = values["signum"]
         if signum or boundary(run):
             log(run, pending, read_norm(pending.grad_norm), display, options)
@@ -503,12 +504,12 @@ def step_record(run: Run, done: StepDone, grad_norm: Optional[float]) -> dict:
         mfu = run.flops_per_token * tokens_per_s / (run.peak * run.layout.world_size)
     record = {"step": done.step, "loss": done.loss, "lr": done.lr, "grad_norm": grad_norm, "tokens": run.tokens,
               "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed": run.elapsed, "skipped_steps": run.skipped_steps}
-    return {**record, **source_tokens(run)}
+    return {**record, **done.source_tokens}
 
 
 def source_tokens(run: Run) -> dict[str, int]:
-    """A mixture's tokens taken from each source so far ("tokens/books"), as its loader counts them at the
-    last batch handed out (every micro batch of the step: the step is done); none for one dir."""
+    """A mixture's tokens taken from each source so far ("tokens/books"), as its loader counts them after the
+    last batch handed out (called when a step's micro batches are done); none for one dir."""
     if run.fixed_batch is not None:
         return {}
     taken = run.loader.state_dict().get("taken", {})
