@@ -6,7 +6,8 @@ Both read the same amount of data from shards written under /tmp (random GPT-2 i
 `--tokens` tokens, and 8 dirs of uneven sizes that add up to the same, mixed with uneven weights (30, 20, 15,
 12, 10, 7, 4, 2: a period of 100 windows). The time of a step is what the loader spends handing out one
 optimizer step's micro batches (`--accum` of `--micro` windows of `--seq-len` + 1 tokens each, inputs and
-targets as int64 tensors), on one rank, as the training loop's read-ahead thread calls it. The two ways are
+targets as int64 tensors, and its position after each), on one rank, as the training loop's read-ahead
+thread calls it. The two ways are
 interleaved and each one's best of `--repeat` runs of `--steps` steps counts (the least disturbed on a
 shared machine), as wall time and as this thread's CPU time (which other processes on a loaded machine do
 not inflate); the load average before and after is printed. Target: the mixture within 5% of one dir.
@@ -60,6 +61,7 @@ def time_steps(loader, layout: BatchLayout, steps: int) -> tuple[float, float]:
     started, cpu = time.perf_counter(), time.thread_time()
     for _ in range(steps * layout.grad_accum_steps):
         loader.next_batch()
+        loader.state_dict()  # the read-ahead thread keeps the position after every batch (train/prefetch.py)
     return (time.perf_counter() - started) / steps, (time.thread_time() - cpu) / steps
 
 

@@ -167,36 +167,42 @@ class MixtureLoader:
             raise ValueError(f"windows_per_step {self.windows_per_step} is not a multiple of the global batch "
                              f"{self.global_batch}")
         self.vocab_size = min(part.stream.vocab_size for part in parts)
+        self._micro_steps = self.windows_per_step // self.global_batch
         self.position = 0  # windows of the segment handed out (all ranks)
         self.micro = 0
         self.base = np.zeros(len(parts), dtype=np.int64)  # each source's windows given before the segment
+        self._base, self._shares = self.base.tolist(), schedule.shares.tolist()  # the same, as Python ints
+        self.names = [part.name for part in parts]
         self.history: list[dict] = [{"step": 0, "sources": self.identities()}]
         self.observers: list[Callable[[dict], None]] = []
-        self._block_start, self._block_sources, self._block_windows = 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self._block_start = 0
+        self._block_sources: list[int] = []  # see lookup
+        self._block_windows: list[int] = []
 
     @property
     def micro_steps_per_step(self) -> int:
         return self.windows_per_step // self.global_batch
 
-    @property
-    def names(self) -> list[str]:
-        return [part.name for part in self.parts]
-
     def identities(self) -> list[dict]:
         return [part.identity for part in self.parts]
 
     def taken(self) -> dict[str, int]:
-        """Windows each source has given so far (earlier segments included)."""
-        counts = self.base + self.schedule.counts(self.position)
-        return {name: int(count) for name, count in zip(self.names, counts, strict=True)}
+        """Windows each source has given so far (earlier segments included). Plain Python over one row of the
+        schedule's table: the read-ahead thread asks after every batch."""
+        cycles, slot = divmod(self.position, self.schedule.period)
+        given = self.schedule.before[slot].tolist()
+        return {name: base + cycles * share + count for name, base, share, count
+                in zip(self.names, self._base, self._shares, given, strict=True)}
 
-    def lookup(self, begin: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, begin: int, count: int) -> tuple[list[int], list[int]]:
         """(source, window index in its split) of windows [begin, begin + count) of the segment, from a block
-        of LOOKUP_BLOCK windows worked out at once (numpy over the block, not Python per window)."""
-        if not (self._block_start <= begin and begin + count <= self._block_start + len(self._block_sources)):
-            self._block_start = begin
-            self._block_sources, self._block_windows = self.windows_of(np.arange(begin, begin + max(count, LOOKUP_BLOCK)))
+        of LOOKUP_BLOCK windows worked out at once (numpy over the block, not Python per window) and kept as
+        Python lists (a micro batch is then two list slices)."""
         at = begin - self._block_start
+        if at < 0 or at + count > len(self._block_sources):
+            sources, windows = self.windows_of(np.arange(begin, begin + max(count, LOOKUP_BLOCK)))
+            self._block_start, self._block_sources, self._block_windows = begin, sources.tolist(), windows.tolist()
+            at = 0
         return self._block_sources[at: at + count], self._block_windows[at: at + count]
 
     def windows_of(self, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,9 +225,9 @@ class MixtureLoader:
     def next_windows(self) -> list[tuple[int, int]]:
         """This rank's next micro batch as (source, window index in its split) pairs; advances one global batch."""
         sources, windows = self.lookup(self.position + self.rank * self.batch, self.batch)
-        chosen = list(zip(sources.tolist(), windows.tolist(), strict=True))
+        chosen = list(zip(sources, windows, strict=True))
         self.position += self.global_batch
-        self.micro = (self.micro + 1) % self.micro_steps_per_step
+        self.micro = (self.micro + 1) % self._micro_steps
         for observer in self.observers:
             observer({"sources": [self.names[s] for s, _ in chosen], "windows": [w for _, w in chosen]})
         return chosen
@@ -244,9 +250,11 @@ class MixtureLoader:
         return tokens[:, :-1], tokens[:, 1:]
 
     def state_dict(self) -> dict:
+        """Where it stands (the read-ahead thread asks after every batch: the lists in it are shared, not copied;
+        nothing changes them in place)."""
         return {"kind": STATE_KIND, "position": self.position, "micro": self.micro, "seed": self.seed,
                 "shuffle": self.shuffle, "global_batch": self.global_batch, "windows_per_step": self.windows_per_step,
-                "sources": self.identities(), "base": {n: int(b) for n, b in zip(self.names, self.base, strict=True)},
+                "sources": self.history[-1]["sources"], "base": dict(zip(self.names, self._base, strict=True)),
                 "taken": self.taken(), "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
@@ -266,7 +274,8 @@ class MixtureLoader:
                            "layout.")
         self.position, self.micro = int(state["position"]), int(state.get("micro", 0))
         self.base = np.array([int(state["base"][name]) for name in self.names], dtype=np.int64)
-        self._block_sources = np.zeros(0, np.int64)  # worked out with the old base
+        self._base = self.base.tolist()
+        self._block_sources = []  # worked out with the old base
         self.history = list(state["history"])
 
     def sequential_batches(self, count: int):
