@@ -99,3 +99,18 @@ def test_a_streamed_hub_dataset_is_read_as_it_streams(monkeypatch, tmp_path):
     assert asked == {"name": "wikimedia/wikipedia", "config": "20231101.en", "split": "train", "streaming": True}
     assert first.texts[0] == "row 0 of a corpus too large to hold" and sum(map(len, first.texts)) < 4100
     assert len(produced) <= 2 * 1024  # one batch of rows read ahead at most, of the 100,000
+
+
+def test_after_preparing_a_source_the_next_command_is_the_mixtures_own():
+    from pathlib import Path
+
+    from gptcli.config import project_from_dict
+    from gptcli.data.prepare import next_command
+
+    mixture = project_from_dict({"data": {"sources": [{"name": "books", "dir": "data/books", "weight": 0.7},
+                                                      {"name": "wiki", "dir": "data/wiki", "weight": 0.3}]}},
+                                source="books-wiki.toml")
+    assert next_command(Path("data/wiki"), mixture) == "gpt train --project books-wiki.toml"
+    assert next_command(Path("data/news"), mixture) == ('add { name = "...", dir = "data/news", weight = ... } to the '
+                                                         "[[data.sources]] of books-wiki.toml, then gpt train "
+                                                         "--project books-wiki.toml")
