@@ -260,6 +260,28 @@ def test_per_source_eval_losses_weighted_by_their_tokens_are_the_total():
     assert result.loss == pytest.approx((books.loss * books.tokens + wiki.loss * wiki.tokens) / result.tokens, rel=1e-12)
     assert books.loss != pytest.approx(wiki.loss, rel=1e-3)  # wiki's ids are from half the vocabulary: its own loss
     assert set(result.to_json()["sources"]) == {"books", "wiki"}
+    rows = eval_table_rows(result)
+    assert [row[0] for row in rows] == ["books", "wiki", "total"]
+    assert rows[0][1:] == [f"{books.loss:.4f}", f"{books.perplexity:.3f}", f"{books.bits_per_byte:.4f}",
+                           f"{books.tokens:,}"] and rows[2][4] == f"{result.tokens:,}"
+
+
+def eval_table_rows(result) -> list[list[str]]:
+    """The rows of `gpt eval`'s by-source table, as the command prints it."""
+    from rich.console import Console
+
+    from gptcli import cli
+
+    screen = io.StringIO()
+    original = cli.out
+    cli.out = Console(file=screen, width=120, color_system=None)
+    try:
+        cli.show_eval_result(result, as_json=False)
+    finally:
+        cli.out = original
+    text = screen.getvalue()
+    table = text[text.index("by source"):].splitlines()
+    return [line.replace("│", " ").split() for line in table if line.startswith("│") and "loss" not in line]
 
 
 def test_metrics_name_each_source_in_the_csv_the_display_and_the_plot():
