@@ -40,8 +40,8 @@ import torch
 from ..errors import GptError
 from .loader import BatchLoader
 
-# The longest period of the schedule: weights that are no ratio of small numbers are rounded to parts of it
-# (0.2% of a part at most per weight: a share is off by less than 1/131,072).
+# The longest period of the schedule: weights that are no ratio of small numbers are rounded to parts of it, so
+# each share is within 1/65,536 of the weight's (largest remainder; a tiny weight gets at least one part).
 MAX_PERIOD = 1 << 16
 # Windows whose sources and places the loader works out at once (a few hundred µs of numpy per block).
 LOOKUP_BLOCK = 4096
