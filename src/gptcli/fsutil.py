@@ -15,13 +15,16 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from .errors import GptError, Stopped
 from .locks import FileLock, process_alive
+from .paths import kind_of, refuse_link
 
 
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it is fsynced and renamed onto `path` only if the block
-    finishes, and removed if it raises (KeyboardInterrupt included)."""
+    finishes, and removed if it raises (KeyboardInterrupt included). A symbolic link at `path` is refused,
+    never replaced (paths.py)."""
     path = Path(path)
+    refuse_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -154,18 +157,10 @@ def _check_kind(target: Path, what: str, directory: bool, instead: str) -> None:
         return
     mode = target.stat().st_mode
     if directory and not stat.S_ISDIR(mode):
-        raise GptError(f"{target} is {_kind(mode)}, not a directory; {instead}.")
+        raise GptError(f"{target} is {kind_of(mode)}, not a directory; {instead}.")
     if not directory and not stat.S_ISREG(mode):
-        raise GptError(f"{target} is {_kind(mode)}, not a regular file; a {what} is only written as a regular "
+        raise GptError(f"{target} is {kind_of(mode)}, not a regular file; a {what} is only written as a regular "
                        f"file, so {instead}.")
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "a special file"
 
 
 def _check_parent(target: Path, instead: str) -> None:

@@ -23,6 +23,7 @@ from .config import ConfigError, ModelConfig, UnknownReference, project_from_dic
 from .errors import GptError
 from .fsutil import check_output, check_replaceable, follow_umask, output_lock, read_owned, staged_dir
 from .model import GPT, model_from_state_dict
+from .parsing import loads_json
 from .rundir import CHECKPOINTS
 from .rundir import MODEL_DIR as RUN_MODEL_DIR
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_from_model_dir
@@ -101,7 +102,7 @@ def save_model_dir(out_dir: Path | str, model: GPT, tokenizer: Tokenizer, metada
 
 def read_model_config(path: Path) -> ModelConfig:
     try:
-        values = json.loads((path / CONFIG_FILE).read_text())
+        values = loads_json((path / CONFIG_FILE).read_text())
     except (OSError, ValueError) as error:
         raise GptError(f"Cannot read {path / CONFIG_FILE}: {error}.") from None
     try:

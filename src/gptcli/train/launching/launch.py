@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, MutableMapping, Optional
 
 from ...errors import GptError
+from ...paths import MIB, read_input_text
 
 # Options that choose how ranks are started; the ranks themselves must not see them.
 LAUNCHER_OPTIONS = ("--nproc", "--hostfile", "--master-port")
@@ -274,6 +275,7 @@ def launch_hosts(module_argv: list[str], hostfile: Path, master_port: Optional[i
 
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")  # DeepSpeed's runner reads `hostname slots=N`
+HOSTFILE_LIMIT = MIB  # a line per machine: a million bytes list thousands of them
 SSH_SECONDS = 10  # how long reaching one host may take before it counts as unreachable
 
 
@@ -281,13 +283,9 @@ def read_hostfile(hostfile: Path) -> dict[str, int]:
     """The hosts of a DeepSpeed hostfile and their slots, read as DeepSpeed's runner reads it (comments and
     blank lines skipped), so that a fault is one sentence here instead of the runner's traceback."""
     shape = "a hostfile lists one machine per line as `hostname slots=N`"
-    try:
-        lines = hostfile.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise GptError(f"The hostfile {hostfile} does not exist; {shape}.") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise GptError(f"Cannot read the hostfile {hostfile} ({getattr(error, 'strerror', None) or error}); "
-                       f"{shape}.") from None
+    if not hostfile.exists():
+        raise GptError(f"The hostfile {hostfile} does not exist; {shape}.")
+    lines = read_input_text(hostfile, "The hostfile", HOSTFILE_LIMIT).splitlines()  # never a device or a FIFO
     hosts: dict[str, int] = {}
     for number, line in enumerate(lines, 1):
         text = line.strip()

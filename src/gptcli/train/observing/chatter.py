@@ -15,8 +15,9 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import IO, Iterator, TextIO
 
+from ...paths import open_for_writing
 from ...rundir import LIBRARY_LOG
 
 # Warnings raised from inside these packages are theirs to fix, not the user's.
@@ -31,7 +32,7 @@ class LibraryLog:
     DeepSpeed go here; `capture()` adds everything written to stdout and stderr while DeepSpeed starts."""
 
     def __init__(self):
-        self.stream: TextIO = tempfile.TemporaryFile("w+", buffering=1, encoding="utf-8", errors="replace")
+        self.stream: IO[str] = tempfile.TemporaryFile("w+", buffering=1, encoding="utf-8", errors="replace")
         self.pending = True
         route_deepspeed_logger(self)
         route_library_warnings(self)
@@ -53,7 +54,7 @@ class LibraryLog:
         if not self.pending:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        log = (run_dir / LIBRARY_LOG).open("a", buffering=1, encoding="utf-8")
+        log = open_for_writing(run_dir / LIBRARY_LOG, "a", buffering=1, encoding="utf-8", errors="replace")
         self.stream.flush()
         self.stream.seek(0)
         log.write(self.stream.read())

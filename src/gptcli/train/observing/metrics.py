@@ -16,6 +16,8 @@ import torch
 
 from ...config import ModelConfig
 from ...fsutil import atomic_write_text
+from ...parsing import loads_json
+from ...paths import open_for_writing, refuse_link
 from ...rundir import CSV_FILE, METRICS_FILE, PLOT_FILE
 from .trackers import warn
 
@@ -62,12 +64,15 @@ def model_flops_per_token(config: ModelConfig, seq_len: int) -> int:
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """On resume, drop the lines a killed run wrote after the checkpoint it resumes from (and lines that
-    do not parse: a torn last line, bytes that are not UTF-8), so the files read as one run."""
+    do not parse: a torn last line, bytes that are not UTF-8), so the files read as one run. A link in place
+    of either file is refused before anything is read or written (paths.py)."""
+    for name in (METRICS_FILE, CSV_FILE):
+        refuse_link(Path(run_dir) / name)
     path = Path(run_dir) / METRICS_FILE
     if path.is_file():
         records, skipped = parse_metrics(path)
         kept = [line for line, record in records if record["step"] <= last_step]
-        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
         if skipped:
             print(f"note: dropped {skipped} unreadable line(s) of {path}.", file=sys.stderr)
     csv_path = Path(run_dir) / CSV_FILE
@@ -101,7 +106,7 @@ def parse_metrics(path: Path) -> tuple[list[tuple[str, dict]], int]:
     for raw in path.read_bytes().splitlines():
         try:
             line = raw.decode("utf-8")
-            record = json.loads(line) if line.strip() else None
+            record = loads_json(line) if line.strip() else None
             if record is not None and not isinstance(record.get("step"), int):
                 raise ValueError("no step")
         except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
@@ -132,7 +137,7 @@ class MetricsWriter:
         self.trackers = list(trackers)
         for record in read_metrics(self.run_dir):  # what a tracker lacks of what metrics.jsonl holds
             self.each_tracker(methodcaller("log", record))  # bound to this record now
-        self.jsonl = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
+        self.jsonl = open_for_writing(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self.csv_handle, self.csv = self.open_csv(columns or csv_columns())
 
     def open_csv(self, columns: list[str]) -> tuple[Any, csv.DictWriter]:
@@ -146,7 +151,7 @@ class MetricsWriter:
         else:
             header = columns
             write_csv(path, header, [])
-        handle = path.open("a", newline="", encoding="utf-8")
+        handle = open_for_writing(path, "a", newline="", encoding="utf-8")
         return handle, csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
 
     def write(self, record: dict) -> None:
