@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from .errors import GptError, Stopped
 from .locks import FileLock, process_alive
+from .parsing import is_whole_number
 from .paths import kind_of, refuse_link
 
 
@@ -76,7 +77,7 @@ def staging_dir(target: Path | str, purpose: str) -> Path:
     prefix = f".{target.name}.{purpose}-"
     for stale in parent.glob(prefix + "*"):
         pid = stale.name[len(prefix):]
-        if pid.isdigit() and not process_alive(int(pid)):
+        if is_whole_number(pid) and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     staging = parent / f"{prefix}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

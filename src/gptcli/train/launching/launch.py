@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, MutableMapping, Optional
 
 from ...errors import GptError
+from ...parsing import is_whole_number
 from ...paths import MIB, read_input_text
 
 # Options that choose how ranks are started; the ranks themselves must not see them.
@@ -148,8 +149,9 @@ def env_port(environ: Mapping[str, str]) -> Optional[int]:
     value = environ.get("MASTER_PORT")
     if value is None:
         return None
-    if not value.isdigit() or not 0 < int(value) < 65536:
-        raise GptError(f"MASTER_PORT={value!r} is not a port number (1-65535).")
+    if not is_whole_number(value) or not 0 < int(value) < 65536:
+        raise GptError(f"MASTER_PORT={shown_value(value)} is not a port number (1-65535); set a free port, or unset "
+                       "it for a free one.")
     return int(value)
 
 
@@ -426,6 +428,46 @@ def watch_parent(parent: int, interval: float = 1.0) -> None:
     threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
+# --- the environment: read once, before DeepSpeed ---------------------------------------------------------
+
+
+def whole_variable(environ: Mapping[str, str], name: str, default: Optional[int] = None,
+                   minimum: int = 0) -> Optional[int]:
+    """The whole number an environment variable holds (`default` when it is unset or empty); anything else is
+    one sentence naming the variable, before DeepSpeed or torch reads it (they raise a KeyError or a
+    ValueError of their own, some only once a run has started)."""
+    value = environ.get(name, "")
+    if not value.strip():
+        return default
+    if not is_whole_number(value.strip()) or int(value) < minimum:
+        least = f" of at least {minimum}" if minimum else ""
+        raise GptError(f"{name}={shown_value(value)} is not a whole number{least}; a launcher sets it for each rank, "
+                       "so set it right or unset it.")
+    return int(value)
+
+
+def shown_value(value: str) -> str:
+    return repr(value if len(value) <= 40 else value[:37] + "...")
+
+
+def check_rank_environment(environ: Mapping[str, str]) -> None:
+    """What every rank reads of its environment, checked in one place before anything starts: RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and MASTER_PORT as a launcher (or adopt_cluster_ranks, from
+    srun's or mpirun's) sets them."""
+    env_port(environ)
+    whole_variable(environ, "LOCAL_WORLD_SIZE", minimum=1)
+    if "RANK" not in environ:
+        return
+    rank = whole_variable(environ, "RANK")
+    world = whole_variable(environ, "WORLD_SIZE", minimum=1)
+    if world is None:
+        raise GptError(f"RANK={shown_value(environ['RANK'])} is set but WORLD_SIZE is not; a launcher sets both "
+                       "(and LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so set them all or none.")
+    if rank is not None and rank >= world:
+        raise GptError(f"RANK={rank} is not below WORLD_SIZE={world}; ranks count from 0.")
+    whole_variable(environ, "LOCAL_RANK")
+
+
 # --- ranks started by srun, mpirun or torchrun -------------------------------------------------------------
 
 
@@ -452,14 +494,15 @@ def slurm_ranks(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
     unless MASTER_PORT is set, is derived from the job and step ids so that every task picks the same."""
     if "SLURM_STEP_ID" not in environ or "SLURM_PROCID" not in environ:
         return None
-    world = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    world = whole_variable(environ, "SLURM_STEP_NUM_TASKS") or whole_variable(environ, "SLURM_NTASKS") or 1
+    whole_variable(environ, "SLURM_PROCID")
     if world <= 1:
         return None
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST") or environ.get("SLURM_JOB_NODELIST")
     if not nodelist:
         raise GptError("srun started this task without SLURM_STEP_NODELIST or SLURM_NODELIST; set MASTER_ADDR.")
-    job = int(environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID") or 0)
-    step = int(environ["SLURM_STEP_ID"]) if environ["SLURM_STEP_ID"].isdigit() else 0
+    job = whole_variable(environ, "SLURM_JOB_ID") or whole_variable(environ, "SLURM_JOBID") or 0
+    step = int(environ["SLURM_STEP_ID"]) if is_whole_number(environ["SLURM_STEP_ID"]) else 0
     return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": str(slurm_device_index(environ)),
             "MASTER_ADDR": first_host(nodelist), "MASTER_PORT": str(10000 + (job * 16 + step) % 20000)}
 
@@ -467,7 +510,7 @@ def slurm_ranks(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
 def slurm_device_index(environ: Mapping[str, str]) -> int:
     """LOCAL_RANK picks the GPU (torch.cuda.set_device). SLURM_LOCALID counts the tasks of a node; when SLURM
     binds each task to its own GPUs (--gpus-per-task), the task sees fewer GPUs than that index."""
-    local = int(environ.get("SLURM_LOCALID", "0"))
+    local = whole_variable(environ, "SLURM_LOCALID", 0) or 0
     visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return local % len(visible) if visible and local >= len(visible) else local
 
@@ -478,10 +521,11 @@ def open_mpi_ranks(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
     is derived from the job's PMIx namespace (the same in every process), else torch's 29500."""
     if "OMPI_COMM_WORLD_RANK" not in environ:
         return None
-    world = int(environ.get("OMPI_COMM_WORLD_SIZE", "1"))
+    world = whole_variable(environ, "OMPI_COMM_WORLD_SIZE", 1) or 1
+    whole_variable(environ, "OMPI_COMM_WORLD_RANK")
     if world <= 1:
         return None
-    local_world = int(environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", world))
+    local_world = whole_variable(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
     if local_world != world and not environ.get("MASTER_ADDR"):
         raise GptError("mpirun started ranks on several machines; pass the first machine's address as MASTER_ADDR "
                        "(mpirun -x MASTER_ADDR=HOST ...).")
@@ -500,7 +544,7 @@ UNKNOWN_LAUNCHERS = (("PMI_SIZE", "an MPICH or Intel MPI launcher"), ("MV2_COMM_
 def refuse_unknown_launcher(environ: Mapping[str, str]) -> None:
     for variable, launcher in UNKNOWN_LAUNCHERS:
         value = environ.get(variable)
-        if value is None or (value.isdigit() and int(value) <= 1 and variable != "PMIX_RANK"):
+        if value is None or (is_whole_number(value) and int(value) <= 1 and variable != "PMIX_RANK"):
             continue
         if variable == "PMIX_RANK" and ("SLURM_JOB_ID" in environ or "OMPI_COMM_WORLD_SIZE" in environ):
             continue  # srun and mpirun set it too; a single task of theirs is a one-rank world

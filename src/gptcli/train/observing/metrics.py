@@ -16,7 +16,7 @@ import torch
 
 from ...config import ModelConfig
 from ...fsutil import atomic_write_text
-from ...parsing import loads_json
+from ...parsing import is_whole_number, loads_json
 from ...paths import open_for_writing, refuse_link
 from ...rundir import CSV_FILE, METRICS_FILE, PLOT_FILE
 from .trackers import warn
@@ -78,7 +78,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     csv_path = Path(run_dir) / CSV_FILE
     if csv_path.is_file():
         columns, rows = read_csv(csv_path)
-        kept_rows = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= last_step]
+        kept_rows = [r for r in rows if is_whole_number(r.get("step") or "") and int(r["step"]) <= last_step]
         write_csv(csv_path, columns or BASE_COLUMNS, kept_rows)
 
 
