@@ -815,6 +815,7 @@ def main() -> None:
     import signal
 
     from .errors import Stopped
+    from .fsutil import no_room_sentence
 
     def stop(signal_number, frame):
         raise Stopped(signal_number)
@@ -836,6 +837,11 @@ def main() -> None:
     except Exception as error:  # a bug: say so in one line; the traceback on request
         if os.environ.get("GPTCLI_DEBUG"):
             raise
+        no_room = no_room_sentence(error, getattr(error, "filename", None) or "a file",
+                                   "what was complete before it is kept")
+        if no_room is not None:  # a disk that fills where no command says more: still one sentence
+            err.print(f"[bold red]error:[/bold red] {escape(str(no_room))}", highlight=False, soft_wrap=True)
+            sys.exit(1)
         err.print(f"[bold red]internal error:[/bold red] {type(error).__name__}: {escape(str(error))} "
                   "(set GPTCLI_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -60,6 +61,51 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 def atomic_write_json(path: Path | str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# --- a write that finds no room ---------------------------------------------------------------------------------
+
+# No space left on the device, the file-size limit (`ulimit -f`: Python ignores SIGXFSZ, so the write fails with
+# EFBIG), a disk quota.
+NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# How torch.save says the same: a RuntimeError of its zip writer, without the errno.
+TORCH_WRITE_FAILED = ("file write failed", "unexpected pos")
+
+
+def out_of_room(error: BaseException) -> Optional[str]:
+    """Why `error` is a write that found no room, in words ("No space left on device"); None for any other
+    error."""
+    if isinstance(error, OSError) and error.errno in NO_ROOM:
+        return error.strerror or os.strerror(error.errno)
+    text = str(error)
+    for number in NO_ROOM:
+        if os.strerror(number) in text:
+            return os.strerror(number)
+    if isinstance(error, RuntimeError) and any(words in text for words in TORCH_WRITE_FAILED):
+        return "the write failed (no space left on the device, or the file-size limit)"
+    return None
+
+
+def no_room_sentence(error: BaseException, where: Path | str, kept: str) -> Optional[GptError]:
+    """The one sentence for a write into `where` that found no room (out_of_room), saying what was kept; None
+    for any other error, which goes on as it is."""
+    why = out_of_room(error)
+    if why is None:
+        return None
+    return GptError(f"Writing {where} failed: {why}; {kept}. Free some space (or raise the file-size limit) and "
+                    "run again.")
+
+
+@contextmanager
+def room_to_write(where: Path | str, kept: str) -> Iterator[None]:
+    """A block that writes `where`: a write that finds no room becomes no_room_sentence's GptError."""
+    try:
+        yield
+    except Exception as error:
+        sentence = no_room_sentence(error, where, kept)
+        if sentence is None:
+            raise
+        raise sentence from None
 
 
 OWNED_FILES = ".gptcli-files"  # in every directory the tool publishes: what it is and the names it wrote there
@@ -267,23 +313,24 @@ def staged_dir(target: Path | str, purpose: str, what: Optional[str] = None) -> 
     block finishes and removed when it raises, so `target` is either the old dir or the complete new one.
     A stop by signal or Ctrl-C is re-raised as `Stopped`, saying that `target` was left as it was."""
     target = Path(target)
-    staging = staging_dir(target, purpose)
-    try:
-        yield staging
-    except (KeyboardInterrupt, Stopped) as stop:
-        shutil.rmtree(staging, ignore_errors=True)
-        signal_number = getattr(stop, "signal_number", signal.SIGINT)
-        raise Stopped(signal_number, f"{purpose} stopped before {target} was complete; {target} was left as it "
-                                     "was and the partial files were removed.") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    try:
-        with signals_deferred():  # two renames: a stop between them would leave no `target` at all
-            publish_dir(staging, target, what)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    kept = f"{target} was {'left as it was' if target.exists() else 'not created'} and the partial files were removed"
+    with room_to_write(target, kept):  # a disk that fills is one sentence
+        staging = staging_dir(target, purpose)
+        try:
+            yield staging
+        except (KeyboardInterrupt, Stopped) as stop:
+            shutil.rmtree(staging, ignore_errors=True)
+            signal_number = getattr(stop, "signal_number", signal.SIGINT)
+            raise Stopped(signal_number, f"{purpose} stopped before {target} was complete; {kept}.") from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        try:
+            with signals_deferred():  # two renames: a stop between them would leave no `target` at all
+                publish_dir(staging, target, what)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 @contextmanager
