@@ -122,11 +122,15 @@ def test_a_resume_never_truncates_or_appends_through_a_linked_metrics_file(tmp_p
 def test_the_library_log_is_never_appended_through_a_link(tmp_path, notes, monkeypatch):
     import logging
 
-    from gptcli.train.observing.chatter import LibraryLog
+    from gptcli.train.observing import chatter
 
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # LibraryLog routes warnings: undone after
-    deepspeed_logger = logging.getLogger("DeepSpeed")
-    monkeypatch.setattr(deepspeed_logger, "handlers", list(deepspeed_logger.handlers))
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # LibraryLog routes these: undone after
+    for name in chatter.LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+        monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(chatter, "_active", None)
+    LibraryLog = chatter.LibraryLog
     run_dir = tmp_path / "run"
     link(run_dir / "deepspeed.log", notes)
     with pytest.raises(GptError, match=LINK_SENTENCE):

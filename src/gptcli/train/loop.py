@@ -140,6 +140,9 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
     """Train per the project on this rank; returns what happened (the exit code included)."""
     device = device_type(project)
     prepare_environment(device)
+    # The libraries' prints and logs → RUN/deepspeed.log once the run dir is ours; from here on, as torch's
+    # extension builder warns when pre-flight first imports it.
+    library_log = LibraryLog()
     fresh = options.overfit_batch or options.restart
     resume = "never" if fresh else options.resume
     start = prepare(project, resume, int(os.environ["WORLD_SIZE"]))  # weights or checkpoint; [model], the batch
@@ -152,7 +155,7 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
                            model_dir=model_dir if model_dir.is_dir() else None)
     show_phase("loading DeepSpeed")
     with RunDirClaim() as claim:  # the run dir's lock, taken in setup(), is given back on every way out
-        run = setup(start.project, options, device, claim, start)
+        run = setup(start.project, options, device, claim, start, library_log)
         stop = StopRequest()
         stop.install()
         training_starts(run, stop)
@@ -165,13 +168,15 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
                 run.writer.close()
 
 
-def setup(project: Project, options: TrainOptions, device: str, claim: RunDirClaim, start: Start) -> Run:
+def setup(project: Project, options: TrainOptions, device: str, claim: RunDirClaim, start: Start,
+          library_log: LibraryLog) -> Run:
     import deepspeed
     import deepspeed.comm as dist
 
     from ..data.source import open_source
     from ..tokenizer import load_tokenizer
 
+    library_log.route_loggers()  # DeepSpeed set up its own stdout handler when it was imported
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -192,7 +197,6 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     if device == "cpu":
         prepare_cpu_comm_op(show_phase)  # built where a kill cannot leave a lock that blocks the next run
     show_phase(deepspeed_phase(device))
-    library_log = LibraryLog()  # DeepSpeed's prints and logs → RUN/deepspeed.log, once the run dir is ours
     with library_log.capture():
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")

@@ -19,7 +19,7 @@ from ...fsutil import atomic_write_text
 from ...parsing import is_whole_number, loads_json
 from ...paths import open_for_writing, refuse_link
 from ...rundir import CSV_FILE, METRICS_FILE, PLOT_FILE
-from .trackers import warn
+from .trackers import LIBRARY_ERRORS, close_quietly, warn
 
 # The columns of metrics.csv every run has; the tasks a run scores add theirs (csv_columns).
 BASE_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
@@ -179,13 +179,10 @@ class MetricsWriter:
         for tracker in list(self.trackers):
             try:
                 call(tracker)
-            except Exception as error:  # a library's own failure, whatever its type: never the run's
+            except LIBRARY_ERRORS as error:  # a library's own failure, whatever its type: never the run's
                 self.trackers.remove(tracker)
                 warn(tracker.title, error)
-                try:
-                    tracker.close()
-                except Exception:
-                    pass
+                close_quietly(tracker)
 
     def close(self) -> None:
         self.jsonl.close()
@@ -193,7 +190,7 @@ class MetricsWriter:
         for tracker in self.trackers:
             try:
                 tracker.close()
-            except Exception as error:
+            except LIBRARY_ERRORS as error:
                 warn(tracker.title, error, "did not finish cleanly", "what it holds may be incomplete")
         self.trackers = []
 
