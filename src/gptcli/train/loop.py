@@ -117,6 +117,7 @@ class Run:
     tokens: int = 0
     skipped_steps: int = 0
     elapsed: float = 0.0
+    slowest_step: float = 0.0  # seconds: the bound a step in progress gets after a stop request (stopping.py)
     clock: float = 0.0  # when the time of the next step started counting
     fixed_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     writer: Optional[MetricsWriter] = None
@@ -339,6 +340,7 @@ def loop(run: Run, stop: StopRequest, options: TrainOptions) -> TrainResult:
         values = read_step(run, loss, stop, pending, own_norm)  # the step's one host sync
         seconds = time.perf_counter() - run.clock
         run.clock += seconds
+        run.slowest_step = max(run.slowest_step, seconds)
         if pending is not None:
             log(run, pending, values["pending_norm"], display)
         if not math.isfinite(values["loss"]):
@@ -405,6 +407,7 @@ def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tenso
         if micro < accum - 1:
             engine.step()  # DeepSpeed counts micro steps; it updates only at the accumulation boundary
     run.faults.maybe_sigterm(run.step + 1)
+    run.faults.maybe_stall(run.step + 1)
     own_norm = None
     if run.clips_gradients:  # the last backward has all-reduced the gradients (ZeRO-0)
         clip = run.project.train.grad_clip or math.inf
