@@ -24,6 +24,7 @@ import shutil
 import sys
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Optional
 
 from .errors import GptError
 
@@ -76,6 +77,15 @@ def complete_checkpoints(root: Path) -> list[tuple[int, str]]:
         if match and path.is_dir() and ((path / MANIFEST).is_file() or (path / CLIENT_STATE).is_file()):
             found.append((int(match.group(1)), path.name))
     return found
+
+
+def checkpoint_of(path: Path | str) -> Optional[tuple[Path, str]]:
+    """(run dir, tag) when `path` is a checkpoint of a run (RUN/checkpoints/step_N, its client state written),
+    else None."""
+    path = Path(path)
+    if TAG_PATTERN.match(path.name) and path.parent.name == CHECKPOINTS and (path / CLIENT_STATE).is_file():
+        return path.parent.parent, path.name
+    return None
 
 
 def run_files(run_dir: Path) -> list[Path]:

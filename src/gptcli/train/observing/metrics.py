@@ -208,6 +208,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [record for _, record in records]
 
 
+def plotted_records(records: list[dict], path: Path) -> list[dict]:
+    """The records that have a loss to draw (a number); the others are left out with a note."""
+    from ...errors import GptError
+
+    drawn = [r for r in records if is_number(r.get("loss"))]
+    if not drawn:
+        raise GptError(f"{path} has no steps to plot yet.")
+    if len(drawn) < len(records):
+        print(f"note: left out {len(records) - len(drawn)} record(s) of {path} without a loss.", file=sys.stderr)
+    return drawn
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -236,12 +252,10 @@ def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Path:
     # Only a PNG is replaced: never the run's metrics, a device, a FIFO, a link, a dir; no dir is created.
     check_output(out, what="PNG image", directory=False, inputs=[Path(run_dir) / METRICS_FILE], replaces=is_png,
                  instead="choose another --out")
-    records = read_metrics(run_dir)
-    if not records:
-        raise GptError(f"{Path(run_dir) / METRICS_FILE} has no steps to plot yet.")
+    records = plotted_records(read_metrics(run_dir), Path(run_dir) / METRICS_FILE)
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
     axes.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train loss")
-    evals = [r for r in records if r.get("eval_loss") is not None]
+    evals = [r for r in records if is_number(r.get("eval_loss"))]
     if evals:
         axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label="val loss")
     axes.set_xlabel("optimizer step")
