@@ -566,6 +566,8 @@ def save(run: Run) -> None:
         run.writer.flush()  # what the trackers hold up to this step survives a kill after the checkpoint
     checkpoint.save(run.engine, run.run_dir, run.step, client, run.project.train.keep_checkpoints, run.faults)
     probes.dump_state(run.engine, run.optimizer, "saved", run.step, run.rank)
+    if run.rank == 0 and run.start.ranks_changed and run.start.tag is not None:
+        reshard.drop_conversion(run.run_dir, run.start.tag)  # this run's own checkpoint now stands in for it
 
 
 def parameter_group_names(run: Run) -> list[list[str]]:

@@ -211,15 +211,18 @@ def failure_report(failures: dict) -> str:
 def quiet_exit_code(error: BaseException, environ: Mapping[str, str] = os.environ) -> Optional[int]:
     """The exit code for a rank to leave with silently, when `error` is what a launcher already reports in
     its own sentence: in a rank of several started by `gpt train --nproc` or torchrun, a stop by signal
-    (the launcher passed it on, or stopped the survivors of a failed rank) or a collective broken because
-    another rank died. None: report it as usual."""
-    from ...errors import Stopped
+    (the launcher passed it on, or stopped the survivors of a failed rank), a collective broken because
+    another rank died, or (on ranks above 0) an error every rank raised alike, which rank 0 says. None:
+    report it as usual."""
+    from ...errors import RankAgreedError, Stopped
 
     launched = LAUNCHER_PID_VARIABLE in environ or "TORCHELASTIC_RUN_ID" in environ
     if not launched or int(environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return None
     if isinstance(error, Stopped):
         return error.exit_code
+    if isinstance(error, RankAgreedError):  # rank 0 says it, once
+        return None if environ.get("RANK", "0") == "0" else error.exit_code
     if isinstance(error, KeyboardInterrupt):
         return 128 + signal.SIGINT
     return 1 if lost_a_peer(error) else None

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ...errors import GptError
+from ...errors import GptError, RankAgreedError
 from ...locks import FileLock, Holder
 from ...paths import open_for_writing
 from ...rundir import LOCK_FILE, PROBE_FILE
@@ -93,7 +93,7 @@ class RunDirClaim:
                 outcome["error"] = str(error)
         outcome = broadcast_from_rank0(outcome)
         if outcome["error"]:
-            raise GptError(outcome["error"])
+            raise RankAgreedError(outcome["error"])
         check_shared(run_dir, rank, outcome["token"])
 
 

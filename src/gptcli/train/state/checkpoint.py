@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ...config import ModelConfig, Project, dump_toml
-from ...errors import GptError
+from ...errors import GptError, RankAgreedError
 from ...fsutil import atomic_path, atomic_write_json, atomic_write_text, check_output, room_to_write
 from ...rundir import (
     CLIENT_STATE,
@@ -93,7 +93,7 @@ def agree_on_resume(run_dir: Path, mode: str, restart: bool, rank: int, data_dir
             decision["error"] = str(error)
     decision = broadcast_from_rank0(decision)
     if decision["error"]:
-        raise GptError(decision["error"])
+        raise RankAgreedError(decision["error"])
     return decision["tag"]
 
 
