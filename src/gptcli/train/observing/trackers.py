@@ -159,7 +159,7 @@ def start_one(title: str, make: Callable[[], Any], timeout: float = START_TIMEOU
     tracker it makes after the run went on without it is closed there. A tracker made but unable to say what
     it holds is closed."""
     outcome: dict[str, Any] = {}
-    late = threading.Event()  # the run went on without it
+    decided = threading.Lock()  # whether the run took the tracker or went on without it: decided once
 
     def start() -> None:
         try:
@@ -171,18 +171,22 @@ def start_one(title: str, make: Callable[[], Any], timeout: float = START_TIMEOU
             held = tracker.last_step()
             if not isinstance(held, int) or isinstance(held, bool) or held < 0:
                 raise TypeError(f"last_step() returned {held!r}, not a step number")
-            outcome["feed"] = TrackerFeed(title, tracker, held)
         except LIBRARY_ERRORS as error:
             outcome["error"] = error
             close_quietly(tracker)
-        if late.is_set() and "feed" in outcome:
+            return
+        with decided:
+            outcome["feed"] = TrackerFeed(title, tracker, held)
+            abandoned = outcome.get("late", False)
+        if abandoned:
             close_quietly(tracker)
 
     thread = threading.Thread(target=start, name=f"starting {title}", daemon=True)
     thread.start()
     thread.join(timeout)
-    if thread.is_alive():
-        late.set()
+    with decided:
+        outcome["late"] = "feed" not in outcome and "error" not in outcome
+    if outcome["late"]:
         warn(title, TimeoutError(f"no answer within {timeout:.0f} s"), "could not start")
         return None
     if "error" in outcome:
