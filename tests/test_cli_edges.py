@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,23 +15,7 @@ import pytest
 
 from conftest import gpt_env
 from gptcli.errors import GptError
-
-
-def gpt(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
-    """`gpt ARGV` in this process, as cli.main answers it: (exit code, stderr and stdout in one line)."""
-    from gptcli import cli
-
-    monkeypatch.setattr(sys, "argv", ["gpt", *argv])
-    handler = signal.getsignal(signal.SIGTERM)  # cli.main installs its own
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 0
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    said = capsys.readouterr()
-    return code, " ".join(re.sub("[│╭╮╰╯─]", " ", said.err + said.out).split())  # a usage error's box undrawn
+from in_process import gpt
 
 
 def gpt_process(*argv: str, preexec_fn=None, cwd=None) -> subprocess.CompletedProcess:

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import gpt_env
 from gptcli.errors import GptError
+from tiny_models import tiny_model_dir
 
 NO_SPACE = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -26,14 +27,7 @@ def no_space(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from gptcli.config import ModelConfig
-    from gptcli.model import GPT
-    from gptcli.modeldir import save_model_dir
-    from gptcli.tokenizer import load_tokenizer
-
-    directory = tmp_path_factory.mktemp("model") / "model"
-    return save_model_dir(directory, GPT(ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)),
-                          load_tokenizer("gpt2"))
+    return tiny_model_dir(tmp_path_factory.mktemp("model") / "model")
 
 
 def assert_nothing_half_written(parent: Path, name: str) -> None:

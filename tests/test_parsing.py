@@ -6,33 +6,15 @@ from __future__ import annotations
 
 import gzip
 import os
-import signal
-import sys
 
 import pytest
 
 from gptcli.errors import GptError
+from in_process import gpt
 
 DIGITS = "9" * 5000  # past CPython's 4,300-digit limit on int() from text
 DEEP_TOML = "[" * 3000 + "]" * 3000
 DEEP_JSON = "[" * 100_000 + "]" * 100_000
-
-
-def gpt(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
-    """`gpt ARGV` in this process, as cli.main answers it: (exit code, stderr in one line)."""
-    from gptcli import cli
-
-    monkeypatch.setattr(sys, "argv", ["gpt", *argv])
-    handler = signal.getsignal(signal.SIGTERM)  # cli.main installs its own
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    said = capsys.readouterr()
-    return code, " ".join((said.err + said.out).split())
 
 
 @pytest.mark.parametrize("argv, fragment", [

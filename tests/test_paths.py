@@ -7,8 +7,6 @@ kernel killed gpt)."""
 from __future__ import annotations
 
 import os
-import signal
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -16,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from gptcli.errors import GptError
+from in_process import gpt
+from tiny_models import tiny_model_dir
 
 USERS_TEXT = "the user's own notes\nline two\nline three\n"
 LINK_SENTENCE = "is a symbolic link, which gptcli did not make; it never writes through a link"
@@ -72,24 +72,10 @@ def test_the_lock_beside_an_output_is_never_written_through_a_link(tmp_path, not
 
 
 def test_export_hf_refuses_a_link_at_its_lock_and_writes_nothing(tmp_path, notes, monkeypatch, capsys):
-    from gptcli import cli
-    from gptcli.config import ModelConfig
-    from gptcli.model import GPT
-    from gptcli.modeldir import save_model_dir
-    from gptcli.tokenizer import load_tokenizer
-
-    model_dir = save_model_dir(tmp_path / "model", GPT(ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)),
-                               load_tokenizer("gpt2"))
+    model_dir = tiny_model_dir(tmp_path / "model")
     link(tmp_path / ".hf.gptcli-lock", notes)
-    monkeypatch.setattr(sys, "argv", ["gpt", "export-hf", str(model_dir), "--out", str(tmp_path / "hf")])
-    handler = signal.getsignal(signal.SIGTERM)  # cli.main installs its own
-    try:
-        with pytest.raises(SystemExit) as exit:
-            cli.main()
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    said = capsys.readouterr().err
-    assert exit.value.code == 1 and LINK_SENTENCE in " ".join(said.split()), said
+    code, said = gpt(monkeypatch, capsys, "export-hf", str(model_dir), "--out", str(tmp_path / "hf"))
+    assert code == 1 and LINK_SENTENCE in said, said
     assert notes.read_text() == USERS_TEXT and not (tmp_path / "hf").exists()
 
 

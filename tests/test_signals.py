@@ -16,11 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import tomllib
 
-from conftest import HANG_SECONDS, gpt_env, run_gpt
-from gptcli.config import apply_overrides, dump_toml, project_from_dict
-from shard_fixture import make_shards
+from conftest import HANG_SECONDS, gpt_env, losses, out_dir, project_file, run_gpt, train, train_env, trained
 
 pytestmark = pytest.mark.slow
 
@@ -28,47 +25,14 @@ STEPS = 120
 SIGNALS = 14
 # nano with short steps: 2 × 32 tokens; dropout, so that a resume must restore the RNG states too; a checkpoint
 # every 5 steps, so that a kill loses at most 4 steps; no evaluation or samples (they cost time, not state).
-PROJECT = f"""\
-[project]
-out_dir = "{{out}}"
-seed = 34
-[data]
-dir = "{{data}}"
-[model]
-preset = "nano"
-dropout = 0.1
-[train]
-max_steps = {STEPS}
-micro_batch_size = 2
-grad_accum_steps = 1
-seq_len = 32
-warmup_steps = 10
-checkpoint_every = 5
-keep_checkpoints = 2
-eval_every = 0
-sample_every = 0
-device = "cpu"
-[deepspeed]
-zero_stage = 1
-"""
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, corpus):
-    return make_shards(corpus, tmp_path_factory.mktemp("shards"), max_tokens=40_000, val_tokens=4_000)
-
-
-def project_file(directory: Path, shards: Path, *overrides: str) -> Path:
-    raw = apply_overrides(tomllib.loads(PROJECT.format(out=directory / "run", data=shards)), list(overrides))
-    path = directory / "run.toml"
-    path.write_text(dump_toml(project_from_dict(raw)))
-    return path
-
-
-def losses(run_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
-    return [r["loss"] for r in records]
+# On the session's shards (conftest.shards), through conftest's one project builder.
+SIGNAL_RUN = {
+    "project": {"seed": 34},
+    "model": {"preset": "nano", "dropout": 0.1},
+    "train": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum_steps": 1, "seq_len": 32, "warmup_steps": 10,
+              "checkpoint_every": 5, "keep_checkpoints": 2, "eval_every": 0, "sample_every": 0, "device": "cpu"},
+    "deepspeed": {"zero_stage": 1},
+}
 
 
 def logged_steps(run_dir: Path) -> int:
@@ -81,10 +45,7 @@ def logged_steps(run_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, shards):
     """The uninterrupted run."""
-    directory = tmp_path_factory.mktemp("reference")
-    result = run_gpt("train", "--project", project_file(directory, shards))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return directory / "run"
+    return trained(project_file(tmp_path_factory.mktemp("reference"), shards, base=SIGNAL_RUN))
 
 
 def test_fourteen_random_signals_and_resumes_give_the_same_losses_bit_for_bit(tmp_path, shards, reference):
@@ -93,12 +54,13 @@ def test_fourteen_random_signals_and_resumes_give_the_same_losses_bit_for_bit(tm
     # the next target, so each signal reaches a process that is training, not one still starting.
     targets = sorted(draw.sample(range(3, STEPS - 2, 4), SIGNALS))
     kinds = [draw.choice([signal.SIGTERM, signal.SIGINT, signal.SIGKILL]) for _ in targets]
-    project = project_file(tmp_path, shards)
-    run_dir = tmp_path / "run"
+    project = project_file(tmp_path, shards, base=SIGNAL_RUN)
+    run_dir = out_dir(project)
     expected_codes = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGKILL: -signal.SIGKILL}
     for target, kind in zip(targets, kinds, strict=True):
         process = subprocess.Popen([sys.executable, "-m", "gptcli", "train", "--project", str(project)],
-                                   env=gpt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   env=gpt_env(train_env()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
         deadline = time.monotonic() + HANG_SECONDS
         while logged_steps(run_dir) < target and process.poll() is None:
             assert time.monotonic() < deadline, f"step {target} never came"
@@ -107,29 +69,28 @@ def test_fourteen_random_signals_and_resumes_give_the_same_losses_bit_for_bit(tm
         _, stderr = process.communicate(timeout=HANG_SECONDS)
         assert process.returncode == expected_codes[kind], (target, kind, stderr[-3000:])
         assert "Traceback" not in stderr and "internal error" not in stderr, stderr[-3000:]
-    finished = run_gpt("train", "--project", project)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert losses(run_dir) == losses(reference)
+    assert losses(trained(project)) == losses(reference)
 
 
 def test_a_sigterm_during_a_step_that_never_ends_stops_without_saving_it(tmp_path, shards):
     """A CPU run whose plan swapped: SIGTERM waited for a step that could not finish."""
-    project = project_file(tmp_path, shards, "train.max_steps=6", "train.checkpoint_every=2")
-    result = run_gpt("train", "--project", project, env={"GPTCLI_FAULT": "sigterm@5,stall@5"})
+    project = project_file(tmp_path, shards, "train.max_steps=6", "train.checkpoint_every=2", base=SIGNAL_RUN)
+    result = train(project, fault="sigterm@5,stall@5")
     assert result.returncode == 143, result.stderr[-3000:]
     assert "Step 5 has not ended 10 s after SIGTERM (is the machine swapping?" in result.stderr
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    resumed = run_gpt("train", "--project", project)
+    resumed = train(project)
     assert resumed.returncode == 0 and "Resuming from" in resumed.stderr, resumed.stderr[-3000:]
 
 
-def test_one_checkpoint_of_a_run_is_a_checkpoint_for_generate(tmp_path, reference):
+def test_one_checkpoint_of_a_run_is_a_checkpoint_for_generate(tmp_path, reference_run):
     """generate/eval/export-hf could not take an intermediate checkpoint; users pick the best one. It is
-    consolidated into a temporary model dir, removed after."""
-    last = reference / "checkpoints" / f"step_{STEPS:08d}"
+    consolidated into a temporary model dir, removed after. The session's reference run: its last checkpoint
+    is what its RUN/model holds."""
+    last = reference_run / "checkpoints" / "step_00000008"
     args = ("--max-new-tokens", "12", "--seed", "3", "--json", "--device", "cpu")
     from_checkpoint = run_gpt("generate", "def ", "--checkpoint", last, *args, env={"TMPDIR": str(tmp_path)})
-    from_model = run_gpt("generate", "def ", "--checkpoint", reference, *args)
+    from_model = run_gpt("generate", "def ", "--checkpoint", reference_run, *args)
     assert from_checkpoint.returncode == 0, from_checkpoint.stderr[-3000:]
     assert json.loads(from_checkpoint.stdout) == json.loads(from_model.stdout)  # RUN/model is that checkpoint
     assert list(tmp_path.iterdir()) == []

@@ -61,12 +61,19 @@ def test_mlflow_calls_to_a_server_are_bounded_unless_the_user_set_them():
     assert trackers.MLFLOW_HTTP_DEFAULTS == {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 
 
+def unset_wandb_silent(monkeypatch) -> None:
+    """WANDB_SILENT unset, in a way monkeypatch undoes even when it was unset before: the W&B tracker sets it."""
+    monkeypatch.setenv("WANDB_SILENT", "")
+    monkeypatch.delenv("WANDB_SILENT")
+
+
 def test_a_library_that_exits_at_import_is_a_warning_not_the_end_of_the_run(tmp_path, monkeypatch, capsys):
     """A `wandb` that raises SystemExit at import ended `gpt train` with exit 7 and no word."""
     package = tmp_path / "site" / "wandb"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("raise SystemExit(7)\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    unset_wandb_silent(monkeypatch)  # the tracker sets it before the import
     for name in [name for name in sys.modules if name == "wandb" or name.startswith("wandb.")]:
         monkeypatch.delitem(sys.modules, name)
     project = load_project(None, ['train.trackers=["wandb"]', f'project.out_dir="{tmp_path / "run"}"'])
@@ -153,7 +160,7 @@ def test_the_wandb_summary_is_silenced_unless_the_user_asks_for_it(tmp_path, mon
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     if given is None:
-        monkeypatch.delenv("WANDB_SILENT", raising=False)
+        unset_wandb_silent(monkeypatch)
     else:
         monkeypatch.setenv("WANDB_SILENT", given)
     config = {"train": {"tracker_project": None, "tracker_run_name": None}, "project": {"name": "x"}}

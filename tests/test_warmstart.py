@@ -8,18 +8,12 @@ from pathlib import Path
 import pytest
 
 from gptcli.errors import GptError
+from tiny_models import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from gptcli.config import ModelConfig
-    from gptcli.model import GPT
-    from gptcli.modeldir import save_model_dir
-    from gptcli.tokenizer import load_tokenizer
-
-    directory = tmp_path_factory.mktemp("source") / "model"
-    return save_model_dir(directory, GPT(ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)),
-                          load_tokenizer("gpt2"))
+    return tiny_model_dir(tmp_path_factory.mktemp("source") / "model")
 
 
 def damaged_copy(model_dir: Path, directory: Path, damage) -> Path:
