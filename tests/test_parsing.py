@@ -93,3 +93,15 @@ def test_the_bounds_say_which_one_was_broken():
     assert loads_toml("a = 12") == {"a": 12} and loads_json("[1, [2]]") == [1, [2]]
     assert [is_whole_number(text) for text in ("12", "²", "٣", "", "-1", DIGITS, "9" * 4300)] == [
         True, False, False, False, False, False, True]
+
+
+@pytest.mark.parametrize("content", [f'{{"peak_memory": {DIGITS}}}', DEEP_JSON, "[1, 2]"],
+                         ids=["digits", "nesting", "not-an-object"])
+def test_a_measurement_past_the_bounds_is_left_out_as_unread(tmp_path, content):
+    """RUN/measured.json, which `gpt inspect-params --project` puts beside the plan: one it cannot read is left
+    out, as one of another version is (a RecursionError or an AttributeError escaped as internal errors)."""
+    from gptcli.planner.measured import read_measurement
+    from gptcli.rundir import MEASURED_FILE
+
+    (tmp_path / MEASURED_FILE).write_text(content)
+    assert read_measurement(tmp_path) is None
