@@ -37,6 +37,38 @@ def test_the_lock_of_a_killed_build_is_removed_with_a_note(tmp_path):
     assert len(said) == 1 and "removed" in said[0] and "was killed (no process is building there)" in said[0]
 
 
+def test_a_lock_left_beside_a_built_op_goes_without_a_note(tmp_path):
+    """Every `gpt train` after the first said it "removed .../deepspeed_shm_comm/lock, left by a build ... that
+    was killed": a lock beside a built op is a load's that ended without removing it; no build was killed."""
+    (tmp_path / f"{opbuild.OP_NAME}.so").write_bytes(b"\x7fELF")
+    lock = tmp_path / opbuild.TORCH_LOCK
+    lock.write_text("")
+    said = []
+    opbuild.clear_torch_lock(tmp_path, said.append, stale_after=0.2, note_after=5, poll=0.05)
+    assert not lock.exists() and said == []
+
+
+def test_a_process_holding_the_lock_open_is_waited_for_wherever_it_works(tmp_path):
+    """torch's FileBaton keeps its lock open while it builds or checks the op; its process need not work in the
+    build dir."""
+    lock = tmp_path / opbuild.TORCH_LOCK
+    lock.write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1]); time.sleep(30)",
+                               str(lock)], cwd="/")
+    try:
+        assert wait_until(lambda: opbuild.holders_of(lock) != [], 10)
+        said = []
+        cleared = threading.Thread(target=opbuild.clear_torch_lock, args=(tmp_path, said.append),
+                                   kwargs={"stale_after": 0.2, "note_after": 0.3, "poll": 0.05}, daemon=True)
+        cleared.start()
+        assert wait_until(lambda: len(said) == 1, 10) and f"pid {holder.pid}" in said[0] and lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    cleared.join(10)
+    assert not cleared.is_alive() and not lock.exists()
+
+
 def test_a_live_build_is_waited_for_saying_who_it_is(tmp_path):
     lock = tmp_path / opbuild.TORCH_LOCK
     lock.write_text("")

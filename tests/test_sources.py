@@ -153,14 +153,14 @@ def test_a_file_range_names_the_file_line_and_offset_of_a_bad_record(tmp_path):
     '1 2', '\ufeff{"a": 1}', '{"a": NaN}', '{"a": 1e400}', 'nul', 'null', '{"a": "\\ud800"}', '\u00a0{"a": 1}',
     '{"text": "é\\n"}\t', '{"a": {"b": [1, 2, {"c": null}]}}', '{"a": 1}}'])
 def test_a_jsonl_line_is_read_exactly_as_json_loads_reads_it(line):
-    from gptcli.data.sources import _one_json_value
+    from gptcli.parsing import one_json_value
 
     try:
         expected = ("value", repr(json.loads(line)))
     except ValueError:
         expected = ("error",)
     try:
-        got = ("value", repr(_one_json_value(line)))
+        got = ("value", repr(one_json_value(line)))
     except ValueError:
         got = ("error",)
     assert got == expected

@@ -39,6 +39,20 @@ class Command(typer.core.TyperCommand):
     def get_params(self, ctx):
         return quiet_flags(super().get_params(ctx))
 
+    def parse_args(self, ctx, args):
+        """An unknown option that names a project key (`gpt train --max-steps 10`) says how to set that key,
+        instead of click's nearest option (--master-port)."""
+        from typer._click.exceptions import NoSuchOption
+
+        try:
+            return super().parse_args(ctx, list(args))
+        except NoSuchOption as error:
+            takes_set = any("--set" in getattr(param, "opts", ()) for param in self.params)
+            hint = project_key_hint(error.option_name, list(args), takes_set)
+            if hint:
+                error.message, error.possibilities = f"No such option: {error.option_name}; {hint}", None
+            raise
+
 
 class Group(typer.core.TyperGroup):
     def get_params(self, ctx):
@@ -72,6 +86,29 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a project key: section.key=value (repeatable; beats the file)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
+
+
+def project_key_hint(option: str, args: list[str], takes_set: bool) -> Optional[str]:
+    """How to set the project key an unknown `--option` names (`--max-steps` → train.max_steps), with the value
+    the command line gave it; None when it names no key."""
+    from dataclasses import fields
+
+    from .config import section_class, section_names
+
+    key = option.lstrip("-").replace("-", "_")
+    keys = [f"{section}.{key}" for section in section_names()
+            if key in {field.name for field in fields(section_class(section))}]
+    if not keys:
+        return None
+    value = "VALUE"
+    for index, arg in enumerate(args):
+        if arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+        elif arg == option and index + 1 < len(args) and not args[index + 1].startswith("--"):
+            value = args[index + 1]
+    if not takes_set:
+        return f"{' or '.join(keys)} is a project key: set it in the project file."
+    return f"{' or '.join(keys)} is a project key: {' or '.join(f'--set {k}={value}' for k in keys)}"
 
 
 def key_help(section: str, key: str) -> str:
@@ -526,18 +563,23 @@ def train_command(
         raise typer.Exit(exit_code)
 
 
-RunDirArg = Annotated[Path, typer.Argument(help="A run directory (holds metrics.jsonl).")]
+RunDirArg = Annotated[Optional[Path], typer.Argument(
+    help="A run directory (holds metrics.jsonl); default: the project's [project] out_dir.", show_default=False)]
 PlotOutOpt = Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default RUN_DIR/loss.png).")]
 
 
 @app.command("plot")
 def plot_command(
-    run_dir: RunDirArg,
+    run_dir: RunDirArg = None,
+    project: ProjectOpt = None,
+    overrides: SetOpt = None,
     output: PlotOutOpt = None,
 ) -> None:
     """Draw the loss curve of a run, finished or in progress, into a PNG."""
     from .train.observing.metrics import plot_losses
 
+    if run_dir is None:
+        run_dir = Path(load(project, overrides).project.out_dir)
     err.print(f"Wrote {plot_losses(run_dir, output)}")
 
 
@@ -545,8 +587,23 @@ def plot_command(
 
 CheckpointOpt = Annotated[
     Optional[Path],
-    typer.Option("--checkpoint", "-c", help="Model dir or run dir (default: the project's out_dir, i.e. RUN/model)."),
+    typer.Option("--checkpoint", "-c", help="Model dir, run dir, or one checkpoint of a run (RUN/checkpoints/step_N, "
+                 "consolidated on the fly) (default: the project's out_dir, i.e. RUN/model)."),
 ]
+
+
+def model_of(checkpoint: Optional[Path]):
+    """--checkpoint as given (a model dir, a run dir, none), or a run's checkpoint consolidated on the fly
+    (train/state/consolidation.model_dir_for; DeepSpeed is imported only then)."""
+    from contextlib import nullcontext
+
+    from .rundir import checkpoint_of
+
+    if checkpoint is None or checkpoint_of(checkpoint) is None:
+        return nullcontext(checkpoint)
+    from .train.state.consolidation import model_dir_for
+
+    return model_dir_for(checkpoint)
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 Bf16Opt = Annotated[bool, typer.Option("--bf16", help="bf16 autocast (fast on GPU; fp32 is the default).")]
 
@@ -589,9 +646,10 @@ def generate_command(
     config = load(project, [*(overrides or []), *option_overrides("generate", given)])
     from .generate import generate_for_project  # torch: imported once the configuration is known to be good
 
-    result = generate_for_project(config, prompts, checkpoint=checkpoint, device=device, bf16=bf16,
-                                  stream=None if as_json else write_now,
-                                  on_notice=lambda message: err.print(f"note: {message}", highlight=False))
+    with model_of(checkpoint) as model_dir:
+        result = generate_for_project(config, prompts, checkpoint=model_dir, device=device, bf16=bf16,
+                                      stream=None if as_json else write_now,
+                                      on_notice=lambda message: err.print(f"note: {message}", highlight=False))
     show_samples(result, config.generate.num_samples, as_json)
     gc.freeze()  # done: spare the exit's collection a scan of every object torch's import made (~0.2-0.5 s)
 
@@ -663,13 +721,13 @@ def eval_command(
     show_eval_result(result, as_json)
 
 
-def evaluate_with_progress(config, **options):
-    """evaluate.evaluate_project under a progress bar. Torch is imported here, once the configuration is known
-    to be good."""
+def evaluate_with_progress(config, checkpoint: Optional[Path], **options):
+    """evaluate.evaluate_project of `checkpoint` (model_of) under a progress bar. Torch is imported here, once the
+    configuration is known to be good."""
     from .evaluate import evaluate_project
 
-    with eval_progress() as progress:
-        return evaluate_project(config, progress=progress, **options)
+    with eval_progress() as progress, model_of(checkpoint) as model_dir:
+        return evaluate_project(config, checkpoint=model_dir, progress=progress, **options)
 
 
 class eval_progress:
@@ -711,8 +769,8 @@ def eval_tasks(project, checkpoint, overrides, task: str, task_data, limit, batc
     config = load(project, [*(overrides or []), *option_overrides("eval", given)])
     from .tasks import evaluate_project_tasks  # torch: imported once the configuration is known to be good
 
-    with eval_progress("examples") as progress:
-        results = evaluate_project_tasks(config, config.eval.tasks, checkpoint=checkpoint, device=device, bf16=bf16,
+    with eval_progress("examples") as progress, model_of(checkpoint) as model_dir:
+        results = evaluate_project_tasks(config, config.eval.tasks, checkpoint=model_dir, device=device, bf16=bf16,
                                          progress=lambda name, done, total: progress(done, total, name))
     if as_json:
         return emit_json({"tasks": {r.name: r.to_json() for r in results}})
@@ -829,7 +887,9 @@ def show_load_report(report) -> None:
     out.print(f"Wrote {report.out}")
 
 
-ExportSourceArg = Annotated[Path, typer.Argument(help="A gptcli model dir, or a run dir (its consolidated model).")]
+ExportSourceArg = Annotated[Path, typer.Argument(
+    help="A gptcli model dir, a run dir (its consolidated model), or one checkpoint of a run "
+         "(RUN/checkpoints/step_N).")]
 ExportOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Hugging Face dir to write.")]
 ExportForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing dir at --out.")]
 
@@ -844,7 +904,8 @@ def export_hf_command(
     """Write a model as a Hugging Face dir (config.json, model.safetensors, tokenizer files) for from_pretrained."""
     from .hf import export_hf
 
-    report = export_hf(checkpoint, out_dir, force=force)
+    with model_of(checkpoint) as model_dir:
+        report = export_hf(model_dir, out_dir, force=force)
     if as_json:
         return emit_json(report.to_json())
     out.print(f"Wrote {report.out} ({report.family}, {report.tensors} tensors): {', '.join(report.files)}")
@@ -856,34 +917,84 @@ def export_hf_command(
 def main() -> None:
     """Run the app; user errors become one sentence on stderr and a non-zero exit. SIGTERM stops a command
     the way Ctrl-C does (its cleanup runs) as a `Stopped`, printed with where the work stopped when the
-    command says so, and exits 128 + the signal (143; 130 for a Ctrl-C a command turned into `Stopped`)."""
+    command says so, and exits 128 + the signal (143; 130 for a Ctrl-C a command turned into `Stopped`).
+    Called as the program (the `gpt` script, `python -m gptcli`), a Ctrl-C or SIGTERM once the command has
+    ended is ignored: there is nothing left to stop, and Python would print "Exception ignored ...
+    KeyboardInterrupt" from its shutdown."""
     import signal
 
     from .errors import Stopped
+
+    as_program = sys._getframe(1).f_globals.get("__name__") == "__main__"
 
     def stop(signal_number, frame):
         raise Stopped(signal_number)
 
     signal.signal(signal.SIGTERM, stop)  # commands with their own handling (train) install theirs over it
     try:
+        check_process()
         app()
-    except GptError as error:
+    except (GptError, Stopped, KeyboardInterrupt, Exception) as error:
+        sys.exit(report(error))
+    finally:
+        if as_program:
+            for signal_number in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signal_number, signal.SIG_IGN)
+
+
+def check_process() -> None:
+    """What a command needs of the process it runs in, before it starts: a current directory that exists (a
+    deleted one made torch's import fail with "oneMKL FATAL ERROR"), and descriptors 1 and 2 (`>&-` closes
+    them: the next file opened would become descriptor 1, and what is printed would land in it)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise GptError("The current directory no longer exists (it was deleted or moved away); cd into an existing "
+                       "directory and run the command again.") from None
+    closed = []
+    for descriptor in (1, 2):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != descriptor:
+                os.dup2(null, descriptor)
+                os.close(null)
+            closed.append(descriptor)
+    if 2 in closed:
+        sys.stderr = open(2, "w", closefd=False)
+    if 1 in closed:
+        sys.stdout = open(1, "w", closefd=False)
+        err.print("note: standard output is closed; what this command prints there is discarded.", highlight=False)
+
+
+def report(error: BaseException) -> int:
+    """Say what ended the command, in one line on stderr; returns the exit code."""
+    import signal
+
+    from .errors import Stopped
+    from .fsutil import no_room_sentence
+
+    if isinstance(error, GptError):
         err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
-        sys.exit(error.exit_code)
-    except Stopped as stopped:
-        where = f": {stopped.where}" if stopped.where else ""
-        err.print(escape(f"stopped by {signal.Signals(stopped.signal_number).name}{where}"), highlight=False,
+        return error.exit_code
+    if isinstance(error, Stopped):
+        where = f": {error.where}" if error.where else ""
+        err.print(escape(f"stopped by {signal.Signals(error.signal_number).name}{where}"), highlight=False,
                   soft_wrap=True)
-        sys.exit(stopped.exit_code)
-    except KeyboardInterrupt:
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
         err.print("interrupted", highlight=False)
-        sys.exit(130)
-    except Exception as error:  # a bug: say so in one line; the traceback on request
-        if os.environ.get("GPTCLI_DEBUG"):
-            raise
-        err.print(f"[bold red]internal error:[/bold red] {type(error).__name__}: {escape(str(error))} "
-                  "(set GPTCLI_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        return 130
+    if os.environ.get("GPTCLI_DEBUG"):  # a bug: say so in one line; the traceback on request
+        raise error
+    no_room = no_room_sentence(error, getattr(error, "filename", None) or "a file",
+                               "what was complete before it is kept")
+    if no_room is not None:  # a disk that fills where no command says more: still one sentence
+        return report(no_room)
+    err.print(f"[bold red]internal error:[/bold red] {type(error).__name__}: {escape(str(error))} "
+              "(set GPTCLI_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+    return 1
 
 
 if __name__ == "__main__":

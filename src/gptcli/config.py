@@ -28,10 +28,15 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
 
 from .batch import batch_layout
 from .errors import GptError
+from .parsing import TooLarge, loads_toml
+from .paths import MIB, read_input_text
 from .presets import hub_ids
 from .registry import ATTENTION, FILE_REFERENCE, OPTIMIZERS, TASKS, TRACKERS, Registry, reference_file
 
 DEFAULT_PROJECT_FILE = "run.toml"
+# A project file is a few kilobytes (gpt init's, every key commented, is about 10); anything near this is
+# not one, and is refused before it is read into memory.
+PROJECT_FILE_LIMIT = 4 * MIB
 # The largest seed: TOML's largest integer (a signed 64-bit one). Seeds are offset by the rank and the
 # step, and torch's generators take up to 2**64 - 1, so every seed derived from it stays valid.
 MAX_SEED = 2**63 - 1
@@ -698,7 +703,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f'--set expects section.key=value, got "{text}".')
     try:
-        value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
+        value = loads_toml(f"v = {raw_value.strip()}")["v"]
+    except TooLarge as bound:
+        raise ConfigError(f"--set {dotted.strip()}: the value is not read: {bound}.") from None
     except tomllib.TOMLDecodeError:
         value = raw_value.strip()
     return parts[0], parts[1], value
@@ -722,17 +729,19 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_toml(path: Path) -> dict:
+    """A project file: a regular file of at most PROJECT_FILE_LIMIT bytes (paths.py: never a device or a FIFO),
+    parsed within the bounds of parsing.py."""
+    if not Path(path).exists():
+        raise ConfigError(f"Project file {path} does not exist (create one with `gpt init`).")
+    if Path(path).is_dir():
+        raise ConfigError(f"Project file {path} is a directory, not a TOML file.")
+    text = read_input_text(path, "Project file", PROJECT_FILE_LIMIT)
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"Project file {path} does not exist (create one with `gpt init`).") from None
-    except IsADirectoryError:
-        raise ConfigError(f"Project file {path} is a directory, not a TOML file.") from None
+        return loads_toml(text)
+    except TooLarge as bound:
+        raise ConfigError(f"Project file {path} is not read: {bound}.") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"Project file {path} is not valid TOML: {error}.") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"Project file {path} is not UTF-8 text.") from None
 
 
 def project_file(path: Optional[Path | str] = None) -> Optional[Path]:

@@ -15,6 +15,12 @@ class GptError(Exception):
         self.exit_code = exit_code
 
 
+class RankAgreedError(GptError):
+    """A user error every rank of a run raises alike, because rank 0 decided it and told the others (the
+    resume decision, the run dir's lock) or every rank reads it from the same checkpoint: rank 0 alone says it,
+    the other ranks leave with its exit code in silence (train/launching/launch.quiet_exit_code)."""
+
+
 class UsageError(GptError):
     """A command line that does not make sense (options that exclude each other, an unknown --device): exit
     code 2, as for an option the parser itself refuses. The one way gptcli raises a usage error, from the CLI

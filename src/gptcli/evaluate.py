@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 from .config import Project
 from .errors import GptError
-from .machine import check_scoring_fits
+from .machine import check_scoring_fits, check_text_fits
 from .model import GPT
+from .paths import MIB, check_input, read_input_text
 
 # Rows of hidden states projected to the vocabulary at once: 1024 × 50257 fp32 logits = 206 MB.
 HEAD_CHUNK = 1024
@@ -252,19 +253,18 @@ def scored_count(lengths: Iterable[int], context: int, stride: int) -> int:
     return sum(w.scored for n in lengths for w in plan_windows(n, context, stride))
 
 
+# What --text may grow by between its size is checked and it is read (a file still being written).
+TEXT_GROWTH_BYTES = MIB
+
+
 def text_tokens(path: Path | str, tokenizer, max_tokens: int = 0) -> np.ndarray:
     """A UTF-8 text file → its ids (the first max_tokens + 1 when max_tokens > 0)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GptError(f"Text file {path} does not exist.") from None
-    except IsADirectoryError:
-        raise GptError(f"{path} is a directory; --text takes one UTF-8 text file.") from None
-    except UnicodeDecodeError:
-        raise GptError(f"{path} is not UTF-8 text.") from None
-    except OSError as error:
-        raise GptError(f"Cannot read {path}: {error.strerror}.") from None
+    if path.is_dir():
+        raise GptError(f"{path} is a directory; --text takes one UTF-8 text file.")
+    size = check_input(path, "Text file").st_size  # a regular file: never a device or a FIFO
+    check_text_fits(size, "cpu")
+    text = read_input_text(path, "Text file", size + TEXT_GROWTH_BYTES)
     return tokenize_for_scoring(text, tokenizer, max_tokens, f"Text file {path}")
 
 

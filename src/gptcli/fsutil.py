@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,13 +16,17 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from .errors import GptError, Stopped
 from .locks import FileLock, process_alive
+from .parsing import is_whole_number
+from .paths import kind_of, refuse_link
 
 
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it is fsynced and renamed onto `path` only if the block
-    finishes, and removed if it raises (KeyboardInterrupt included)."""
+    finishes, and removed if it raises (KeyboardInterrupt included). A symbolic link at `path` is refused,
+    never replaced (paths.py)."""
     path = Path(path)
+    refuse_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -58,6 +63,51 @@ def atomic_write_json(path: Path | str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# --- a write that finds no room ---------------------------------------------------------------------------------
+
+# No space left on the device, the file-size limit (`ulimit -f`: Python ignores SIGXFSZ, so the write fails with
+# EFBIG), a disk quota.
+NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# How torch.save says the same: a RuntimeError of its zip writer, without the errno.
+TORCH_WRITE_FAILED = ("file write failed", "unexpected pos")
+
+
+def out_of_room(error: BaseException) -> Optional[str]:
+    """Why `error` is a write that found no room, in words ("No space left on device"); None for any other
+    error."""
+    if isinstance(error, OSError) and error.errno in NO_ROOM:
+        return error.strerror or os.strerror(error.errno)
+    text = str(error)
+    for number in NO_ROOM:
+        if os.strerror(number) in text:
+            return os.strerror(number)
+    if isinstance(error, RuntimeError) and any(words in text for words in TORCH_WRITE_FAILED):
+        return "the write failed (no space left on the device, or the file-size limit)"
+    return None
+
+
+def no_room_sentence(error: BaseException, where: Path | str, kept: str) -> Optional[GptError]:
+    """The one sentence for a write into `where` that found no room (out_of_room), saying what was kept; None
+    for any other error, which goes on as it is."""
+    why = out_of_room(error)
+    if why is None:
+        return None
+    return GptError(f"Writing {where} failed: {why}; {kept}. Free some space (or raise the file-size limit) and "
+                    "run again.")
+
+
+@contextmanager
+def room_to_write(where: Path | str, kept: str) -> Iterator[None]:
+    """A block that writes `where`: a write that finds no room becomes no_room_sentence's GptError."""
+    try:
+        yield
+    except Exception as error:
+        sentence = no_room_sentence(error, where, kept)
+        if sentence is None:
+            raise
+        raise sentence from None
+
+
 OWNED_FILES = ".gptcli-files"  # in every directory the tool publishes: what it is and the names it wrote there
 LOCK_SUFFIX = ".gptcli-lock"  # `.NAME.gptcli-lock` beside an output NAME while a command writes it (output_lock)
 
@@ -73,7 +123,7 @@ def staging_dir(target: Path | str, purpose: str) -> Path:
     prefix = f".{target.name}.{purpose}-"
     for stale in parent.glob(prefix + "*"):
         pid = stale.name[len(prefix):]
-        if pid.isdigit() and not process_alive(int(pid)):
+        if is_whole_number(pid) and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     staging = parent / f"{prefix}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -154,18 +204,10 @@ def _check_kind(target: Path, what: str, directory: bool, instead: str) -> None:
         return
     mode = target.stat().st_mode
     if directory and not stat.S_ISDIR(mode):
-        raise GptError(f"{target} is {_kind(mode)}, not a directory; {instead}.")
+        raise GptError(f"{target} is {kind_of(mode)}, not a directory; {instead}.")
     if not directory and not stat.S_ISREG(mode):
-        raise GptError(f"{target} is {_kind(mode)}, not a regular file; a {what} is only written as a regular "
+        raise GptError(f"{target} is {kind_of(mode)}, not a regular file; a {what} is only written as a regular "
                        f"file, so {instead}.")
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "a special file"
 
 
 def _check_parent(target: Path, instead: str) -> None:
@@ -271,23 +313,24 @@ def staged_dir(target: Path | str, purpose: str, what: Optional[str] = None) -> 
     block finishes and removed when it raises, so `target` is either the old dir or the complete new one.
     A stop by signal or Ctrl-C is re-raised as `Stopped`, saying that `target` was left as it was."""
     target = Path(target)
-    staging = staging_dir(target, purpose)
-    try:
-        yield staging
-    except (KeyboardInterrupt, Stopped) as stop:
-        shutil.rmtree(staging, ignore_errors=True)
-        signal_number = getattr(stop, "signal_number", signal.SIGINT)
-        raise Stopped(signal_number, f"{purpose} stopped before {target} was complete; {target} was left as it "
-                                     "was and the partial files were removed.") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    try:
-        with signals_deferred():  # two renames: a stop between them would leave no `target` at all
-            publish_dir(staging, target, what)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    kept = f"{target} was {'left as it was' if target.exists() else 'not created'} and the partial files were removed"
+    with room_to_write(target, kept):  # a disk that fills is one sentence
+        staging = staging_dir(target, purpose)
+        try:
+            yield staging
+        except (KeyboardInterrupt, Stopped) as stop:
+            shutil.rmtree(staging, ignore_errors=True)
+            signal_number = getattr(stop, "signal_number", signal.SIGINT)
+            raise Stopped(signal_number, f"{purpose} stopped before {target} was complete; {kept}.") from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        try:
+            with signals_deferred():  # two renames: a stop between them would leave no `target` at all
+                publish_dir(staging, target, what)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 from .config import ModelConfig, Project, apply_overrides, load_project, project_file, project_from_dict
 from .errors import GptError
+from .parsing import is_whole_number, shown
 from .planner import PlanAgainstMeasured, RunPlan, flops_per_token, parameter_components, zero_memory_per_gpu
 from .presets import PRESETS, Preset, preset_for_shape
 
@@ -129,8 +130,8 @@ class PlanRequest:
         text = self.micro_batch
         if text is None or text == "auto":
             return text
-        if not text.isdigit() or int(text) < 1:
-            raise GptError(f'--micro-batch must be a whole number of sequences or "auto", not "{text}".')
+        if not is_whole_number(text) or int(text) < 1:  # not "²", nor thousands of digits
+            raise GptError(f'--micro-batch must be a whole number of sequences or "auto", not {shown(text)}.')
         return int(text)
 
     @property

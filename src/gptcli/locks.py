@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import GptError
+from .paths import open_descriptor
 
 
 def process_alive(pid: int) -> bool:
@@ -109,7 +110,7 @@ class FileLock:
     def _open_and_flock(self) -> tuple[int, bool]:
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = open_descriptor(self.path, os.O_RDWR | os.O_CREAT, instead="remove the link")
             except OSError as error:
                 raise GptError(f"Cannot write to {self.where}: {error.strerror}; {self.instead}.") from None
             try:

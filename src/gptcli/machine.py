@@ -93,6 +93,18 @@ def check_task_scoring_fits(config, batch_size: int, width: int, rows: int, devi
                "give a smaller --batch-size", device)
 
 
+# Tokenizing a text file in memory holds the text (a str, 1 byte a character for ASCII, up to 4), the
+# tokenizer's list of ids (a Python int and a pointer, 36 bytes an id, at ~0.3 ids a byte of English text
+# about 11 bytes) and their int64 array (~2.4): 16 bytes per byte of the file is generous.
+TEXT_MEMORY_PER_BYTE = 16
+
+
+def check_text_fits(size: int, device: str = "cpu") -> None:
+    """`gpt eval --text FILE`: the file of `size` bytes, read and tokenized at once."""
+    check_fits(size * TEXT_MEMORY_PER_BYTE, f"Tokenizing a text file of {size:,} bytes",
+               "score a shorter file (a part of this one)", device)
+
+
 def check_scoring_fits(config, batch_size: int, device: str) -> None:
     """`gpt eval`: a batch of full-context windows and its logits (fp32, and a copy for the loss)."""
     tokens = batch_size * config.block_size

@@ -23,6 +23,7 @@ from .config import ConfigError, ModelConfig, UnknownReference, project_from_dic
 from .errors import GptError
 from .fsutil import check_output, check_replaceable, follow_umask, output_lock, read_owned, staged_dir
 from .model import GPT, model_from_state_dict
+from .parsing import loads_json
 from .rundir import CHECKPOINTS
 from .rundir import MODEL_DIR as RUN_MODEL_DIR
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_from_model_dir
@@ -101,7 +102,7 @@ def save_model_dir(out_dir: Path | str, model: GPT, tokenizer: Tokenizer, metada
 
 def read_model_config(path: Path) -> ModelConfig:
     try:
-        values = json.loads((path / CONFIG_FILE).read_text())
+        values = loads_json((path / CONFIG_FILE).read_text())
     except (OSError, ValueError) as error:
         raise GptError(f"Cannot read {path / CONFIG_FILE}: {error}.") from None
     try:
@@ -128,8 +129,27 @@ def resolve_model_dir(path: Path | str) -> Path:
                    "nor a run dir; for Hugging Face weights use `gpt load-hf` first.")
 
 
+def check_tensor(tensor: torch.Tensor, name: str, where: str) -> None:
+    """The one check of a weight gptcli reads (load-hf, export-hf, eval, generate, train.init_from): floating
+    point (integer weights train a dead model: every gradient is lost in the cast) and finite (NaN or inf
+    gives NaN logits for every input). `where` names the file, and what reads it."""
+    if not tensor.is_floating_point():
+        raise GptError(f"{where}: {name} is {str(tensor.dtype).replace('torch.', '')}, not floating point; gptcli "
+                       "reads only floating-point weights.")
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise GptError(f"{where}: {name} holds {bad:,} NaN or infinite values; gptcli does not use non-finite "
+                       "weights.")
+
+
+def check_weights(state: dict[str, torch.Tensor], where: str) -> None:
+    for name, tensor in state.items():
+        check_tensor(tensor, name, where)
+
+
 def load_model_dir(path: Path | str, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> LoadedModel:
-    """Load a model dir (or a run dir's consolidated model) for inference, in eval mode."""
+    """Load a model dir (or a run dir's consolidated model) for inference, in eval mode; its weights checked
+    as every reader checks them (check_weights)."""
     from safetensors.torch import load_file
 
     path = resolve_model_dir(path)
@@ -139,5 +159,6 @@ def load_model_dir(path: Path | str, device: str | torch.device = "cpu", dtype: 
         state = load_file(str(path / WEIGHTS_FILE))
     except Exception as error:  # safetensors' own error types: a truncated or foreign file
         raise GptError(f"Cannot read {path / WEIGHTS_FILE}: {error}.") from None
+    check_weights(state, str(path / WEIGHTS_FILE))
     model = model_from_state_dict(config, state, device=device, dtype=dtype, where=str(path / WEIGHTS_FILE))
     return LoadedModel(model=model.eval(), config=config, tokenizer=tokenizer, path=path)

@@ -28,6 +28,7 @@ import shutil
 import sys
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Optional
 
 from .errors import GptError
 
@@ -82,6 +83,15 @@ def complete_checkpoints(root: Path) -> list[tuple[int, str]]:
         if match and path.is_dir() and ((path / MANIFEST).is_file() or (path / CLIENT_STATE).is_file()):
             found.append((int(match.group(1)), path.name))
     return found
+
+
+def checkpoint_of(path: Path | str) -> Optional[tuple[Path, str]]:
+    """(run dir, tag) when `path` is a checkpoint of a run (RUN/checkpoints/step_N, its client state written),
+    else None."""
+    path = Path(path)
+    if TAG_PATTERN.match(path.name) and path.parent.name == CHECKPOINTS and (path / CLIENT_STATE).is_file():
+        return path.parent.parent, path.name
+    return None
 
 
 def run_files(run_dir: Path) -> list[Path]:
@@ -163,7 +173,8 @@ def remove_run_files(run_dir: Path) -> None:
 
 def checkpoint_owned_files(directory: Path) -> list[Path]:
     """The files of a checkpoint dir that gptcli and DeepSpeed wrote: those its manifest lists (and the
-    manifest), or without a readable manifest (a save cut short) those named like a checkpoint's files."""
+    manifest), or without a readable manifest (a save cut short) those named like a checkpoint's files; and
+    its conversion for another number of ranks (universal/, complete, or a killed conversion's staging dir)."""
     directory = Path(directory)
     try:
         listed = json.loads((directory / MANIFEST).read_text())["files"]
@@ -175,9 +186,20 @@ def checkpoint_owned_files(directory: Path) -> list[Path]:
         if path.is_symlink() or not path.is_file():
             continue
         name = str(path.relative_to(directory))
-        if (name in names) if names is not None else any(fnmatch(path.name, p) for p in CHECKPOINT_FILES):
+        if is_conversion(directory, name) or (
+                (name in names) if names is not None else any(fnmatch(path.name, p) for p in CHECKPOINT_FILES)):
             found.append(path)
     return found
+
+
+def is_conversion(directory: Path, name: str) -> bool:
+    """`name` (relative to a checkpoint dir) lies in the checkpoint's conversion for another number of ranks,
+    which gptcli wrote (reshard.py): a complete universal/ (its mark written last) or a conversion's staging
+    dir."""
+    top = name.split("/", 1)[0]
+    if top == UNIVERSAL:
+        return (Path(directory) / UNIVERSAL / UNIVERSAL_COMPLETE).is_file()
+    return top.startswith(f".{UNIVERSAL}.convert-")
 
 
 def remove_checkpoint(directory: Path) -> list[str]:

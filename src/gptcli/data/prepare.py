@@ -35,7 +35,7 @@ import numpy as np
 
 from ..config import DataConfig, Project, ProjectConfig
 from ..errors import GptError, Stopped
-from ..fsutil import check_replaceable, output_lock, publish_dir, read_owned, staging_dir
+from ..fsutil import check_replaceable, no_room_sentence, output_lock, publish_dir, read_owned, staging_dir
 from ..tokenizer import ENDOFTEXT, Tokenizer, load_tokenizer
 from .shards import FORMAT_VERSION, MANIFEST, ShardRecord, ShardWriter, open_prepared, token_dtype, write_manifest
 from .sources import FileRange, ReadSettings, ReadState, Source, Task, read_tasks, resolve_inputs
@@ -355,8 +355,12 @@ def _prepare_and_publish(run: "Run", on_progress: Optional[ProgressFn], started:
     except (KeyboardInterrupt, Stopped) as stop:  # Ctrl-C, or SIGTERM (the CLI raises Stopped for it)
         shutil.rmtree(run.staging, ignore_errors=True)
         raise Stopped(getattr(stop, "signal_number", signal.SIGINT), stopped_message(run, out)) from None
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(run.staging, ignore_errors=True)
+        kept = f"{out} was {'left as it was' if out.exists() else 'not created'} and the partial shards were removed"
+        sentence = no_room_sentence(error, out, kept)
+        if sentence is not None:  # the disk filled: one sentence
+            raise sentence from None
         raise
     return summary
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
-import json
 import os
 import re
 import socket
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,8 @@ from urllib.parse import urlparse
 
 from ..config import Separator
 from ..errors import GptError
+from ..parsing import TooLarge, one_json_value
+from ..paths import check_input
 
 # What a directory walk picks up. Explicitly named files are read whatever their suffix.
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".raw", ".tokens", ".jsonl")
@@ -205,25 +207,6 @@ def paragraphs(text: str) -> list[str]:
     return found
 
 
-# The C scanner json.loads ends in, without its per-call wrapping (set by JSONDecoder.__init__, which typeshed's
-# stub of JSONDecoder does not declare).
-_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-_JSON_SPACE = " \t\r\n"
-
-
-def _one_json_value(line: str):
-    """json.loads(line), exactly (one value, JSON whitespace around it), at about half its per-call cost:
-    records of a JSONL file are short, so the wrapping around the C scanner is a large part of the work."""
-    start = len(line) - len(line.lstrip(_JSON_SPACE))
-    try:
-        value, end = _scan_json(line, start)
-    except StopIteration:
-        raise ValueError("no JSON value") from None
-    if line[end:].strip(_JSON_SPACE):
-        raise ValueError("extra data after the JSON value")
-    return value
-
-
 class BadRecord(Exception):
     """A JSONL line that holds no usable record: `line` counts from 0 within the text read."""
 
@@ -245,7 +228,9 @@ def jsonl_records(text: str, column: str, replace_invalid: bool = False) -> list
         if not line.strip():
             continue
         try:
-            record = _one_json_value(line)
+            record = one_json_value(line)
+        except TooLarge as bound:
+            raise BadRecord(offset, f" is not read: {bound}.") from None
         except ValueError:
             raise BadRecord(offset, " is not valid JSON.") from None
         if not isinstance(record, dict) or column not in record:
@@ -293,7 +278,7 @@ def _resolve_one(spec: str) -> list[Source]:
             raise GptError(f"Directory {path} holds no text files ({', '.join(TEXT_SUFFIXES)} or .gz of those, "
                            f"{PARQUET_SUFFIX}).")
         return [_file_source(f) for f in files]
-    if path.is_file():
+    if path.exists():  # neither a dir nor a regular file: a device, a FIFO (read without end, or blocking)
         return [_file_source(path)]
     if glob.has_magic(spec):
         matches = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
@@ -319,11 +304,12 @@ def _text_files_under(directory: Path) -> list[Path]:
 
 
 def _file_source(path: Path) -> Source:
+    """A text or .jsonl input: a regular file (paths.check_input), never a device or a FIFO."""
     bare = path.name[:-3] if path.name.endswith(".gz") else path.name
     kind: SourceKind = "jsonl" if bare.lower().endswith(".jsonl") else "text"
     if path.name.lower().endswith(PARQUET_SUFFIX):
         kind = "parquet"
-    return Source(kind, str(path), path.stat().st_size)
+    return Source(kind, str(path), check_input(path, "Input").st_size)
 
 
 # --- decoding bytes ------------------------------------------------------------------------------------------
@@ -427,8 +413,11 @@ def file_tasks(index: int, source: Source, settings: ReadSettings, state: ReadSt
                 yield make(piece, closes)
         for piece, closes in cutter.feed("", final=True):
             yield make(piece, closes)
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
-        raise GptError(f"Cannot read {source.location}: {getattr(error, 'strerror', None) or error}.") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # a .gz cut short or damaged
+        raise GptError(f"{source.location} is not a readable gzip file ({error or 'it ends too early'}); it may "
+                       "be damaged or cut short.") from None
+    except OSError as error:
+        raise GptError(f"Cannot read {source.location}: {error.strerror or error}.") from None
     finally:
         state.replaced += decoder.replaced
         stream.close()

@@ -163,11 +163,11 @@ def convert_weights(source: HFSource, config: ModelConfig):
 
 
 def check_finite(tensor: torch.Tensor, hf_name: str, where: str) -> None:
-    """NaN or inf weights give NaN logits for every input; refuse them, naming the first such tensor."""
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise GptError(f"{where}: {hf_name} holds {bad:,} NaN or infinite values; gptcli does not convert "
-                       "non-finite weights.")
+    """NaN or inf weights give NaN logits for every input; refuse them, naming the first such tensor (the one
+    weight check every reader makes: modeldir.check_tensor)."""
+    from ..modeldir import check_tensor
+
+    check_tensor(tensor, hf_name, where)
 
 
 def check_head(state: dict, config: ModelConfig, where: str) -> None:

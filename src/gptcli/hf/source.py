@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 
 from ..errors import GptError
+from ..parsing import loads_json
 
 FileSpan = tuple[Path, torch.dtype, int, int]  # a tensor in a file: (path, dtype, offset, bytes)
 
@@ -45,7 +46,7 @@ def resolve_source(source: str) -> HFSource:
     if not config_path.is_file():
         raise GptError(f"{directory} has no config.json; it is needed to know the model's shape.")
     try:
-        config = json.loads(config_path.read_text())
+        config = loads_json(config_path.read_text())
     except ValueError:
         raise GptError(f"{config_path} is not valid JSON.") from None
     if not isinstance(config, dict):
@@ -66,7 +67,7 @@ def weight_shards(path: Path) -> list[Path]:
     if not path.name.endswith(".index.json"):
         return [path]
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
+        weight_map = loads_json(path.read_text())["weight_map"]
     except (ValueError, KeyError):
         raise GptError(f"{path} is not a Hugging Face weights index (no weight_map).") from None
     shards = [path.parent / name for name in dict.fromkeys(weight_map.values())]

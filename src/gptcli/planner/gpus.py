@@ -153,11 +153,23 @@ MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**
                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+# The sizes --gpu-memory accepts: from 1 MiB (below it a plan cannot hold a weight) to 1 PiB (a thousand times
+# the largest GPU of the table), so that 1e400 (infinite as a float) or 0.0000001 (0 bytes) is refused.
+MEMORY_RANGE = (2**20, 2**50)
+
+
 def parse_memory(text: str) -> int:
-    """`80GiB`, `80 GB`, `81920MiB`, `8e10` → bytes (GB is 10^9, GiB 2^30)."""
+    """`80GiB`, `80 GB`, `81920MiB`, `8e10` → bytes (GB is 10^9, GiB 2^30), within MEMORY_RANGE."""
+    import math
     import re
 
+    shown = text if len(text) <= 40 else text[:37] + "..."
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
-    if not match or match.group(2) not in MEMORY_UNITS or float(match.group(1)) <= 0:
-        raise GptError(f'--gpu-memory must be a size such as 80GiB, 24GB or 81920MiB, not "{text}".')
-    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2)])
+    if not match or match.group(2) not in MEMORY_UNITS:
+        raise GptError(f'--gpu-memory must be a size such as 80GiB, 24GB or 81920MiB, not "{shown}".')
+    size = float(match.group(1)) * MEMORY_UNITS[match.group(2)]
+    low, high = MEMORY_RANGE
+    if not math.isfinite(size) or not low <= size <= high:
+        raise GptError(f'--gpu-memory must be a size such as 80GiB, 24GB or 81920MiB, from 1MiB to 1PiB, not '
+                       f'"{shown}".')
+    return int(size)

@@ -5,13 +5,13 @@ project at the speed measured (plan.run_rate)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 from ..config import Project
 from ..fsutil import atomic_write_json
+from ..parsing import loads_json
 from ..rundir import MEASURED_FILE
 from .gpus import gpu_for_device_name
 from .plan import FRAGMENTATION, RunPlan, plan_run
@@ -64,13 +64,14 @@ def write_measurement(run_dir: Path, measurement: Measurement) -> None:
 
 
 def read_measurement(run_dir: Path) -> Optional[Measurement]:
-    """The run dir's measurement, or None (no run yet, or a file this version does not read)."""
+    """The run dir's measurement, or None (no run yet, or a file this version does not read: not an object,
+    or past parsing's bounds)."""
     path = Path(run_dir) / MEASURED_FILE
     try:
-        data = json.loads(path.read_text())
+        data = loads_json(path.read_text())
         known = {f.name for f in fields(Measurement)}
         return Measurement(**{key: value for key, value in data.items() if key in known})
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):  # TooLarge is a ValueError
         return None
 
 

@@ -7,12 +7,13 @@ line (JSONL) or row (Parquet), or the dataset and example number.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ..errors import GptError
+from ..parsing import TooLarge, one_json_value
+from ..paths import check_input
 from .benchmarks import Benchmark, Example
 
 LOCAL_FORMATS = "a .jsonl (JSON Lines) or .parquet file"
@@ -48,9 +49,11 @@ def read_examples(bench: Benchmark, data_file: Optional[Path | str], limit: int 
 def check_local(path: Path | str) -> Path:
     """A local task data file that exists and has a readable format (cheap: pre-flight asks it too)."""
     path = Path(path)
-    if not path.is_file():
-        raise GptError(f"Task data file {path} does not exist." if not path.exists() else
-                       f"Task data {path} is not a file; give {LOCAL_FORMATS}.")
+    if not path.exists():
+        raise GptError(f"Task data file {path} does not exist.")
+    if path.is_dir():
+        raise GptError(f"Task data {path} is not a file; give {LOCAL_FORMATS}.")
+    check_input(path, "Task data")  # a regular file: never a device or a FIFO
     if path.suffix.lower() not in (".jsonl", ".json", ".ndjson", ".parquet"):
         raise GptError(f"Task data {path} must be {LOCAL_FORMATS} with the hub dataset's fields.")
     return path
@@ -69,9 +72,11 @@ def read_jsonl(path: Path) -> Records:
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise GptError(f"{path} line {number} is not JSON ({error.msg}).") from None
+                    rows.append(one_json_value(line))
+                except TooLarge as bound:
+                    raise GptError(f"{path} line {number} is not read: {bound}.") from None
+                except ValueError as error:  # json.JSONDecodeError names the column
+                    raise GptError(f"{path} line {number} is not JSON ({getattr(error, 'msg', error)}).") from None
                 where.append(f"{path} line {number}")
     except UnicodeDecodeError:
         raise GptError(f"{path} is not UTF-8 text.") from None

@@ -38,6 +38,7 @@ def run_train(request: TrainRequest, argv: list[str], value_options: Iterable[st
     value, so that rank_argv keeps each value with its option."""
     launch.die_with_launcher()
     launch.adopt_cluster_ranks()
+    launch.check_rank_environment(os.environ)  # one sentence naming a variable, before DeepSpeed reads it
     launch.refuse_launcher_options_in_rank(os.environ, request.nproc, request.hostfile)
     project = load_project(request.project_file, request.overrides)  # a configuration error stops here
     if request.consolidate:

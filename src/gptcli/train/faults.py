@@ -7,6 +7,7 @@ The variable holds comma-separated `kind@step`, or `kind@step@rank` to restrict 
     kill           SIGKILL this rank after that step
     crash_in_save  die inside the save of that step, after DeepSpeed's files, before `latest`
     sigterm        SIGTERM to this rank during that step
+    stall          that step never ends (as one that swaps): a stop request must not wait for it
     tracker        every tracker raises when given that step's record (each must cost a warning, not the run)
     kill_in_convert  SIGKILL this rank in the middle of converting the checkpoint of that step for another
                    number of ranks (reshard.py), after DeepSpeed's converter wrote its files, before they count
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
@@ -51,6 +53,10 @@ class Faults:
     def maybe_sigterm(self, step: int) -> None:
         if self.has("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def maybe_stall(self, step: int) -> None:
+        while self.has("stall", step):
+            time.sleep(3600)
 
     def tracker(self, tracker):
         """`tracker`, raising at the steps of the `tracker` faults."""

@@ -117,6 +117,7 @@ class Run:
     tokens: int = 0
     skipped_steps: int = 0
     elapsed: float = 0.0
+    slowest_step: float = 0.0  # seconds: the bound a step in progress gets after a stop request (stopping.py)
     clock: float = 0.0  # when the time of the next step started counting
     fixed_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     writer: Optional[MetricsWriter] = None
@@ -143,6 +144,9 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
     """Train per the project on this rank; returns what happened (the exit code included)."""
     device = device_type(project)
     prepare_environment(device)
+    # The libraries' prints and logs → RUN/deepspeed.log once the run dir is ours; from here on, as torch's
+    # extension builder warns when pre-flight first imports it.
+    library_log = LibraryLog()
     fresh = options.overfit_batch or options.restart
     resume = "never" if fresh else options.resume
     start = prepare(project, resume, int(os.environ["WORLD_SIZE"]))  # weights or checkpoint; [model], the batch
@@ -155,7 +159,7 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
                            model_dir=model_dir if model_dir.is_dir() else None)
     show_phase("loading DeepSpeed")
     with RunDirClaim() as claim:  # the run dir's lock, taken in setup(), is given back on every way out
-        run = setup(start.project, options, device, claim, start)
+        run = setup(start.project, options, device, claim, start, library_log)
         stop = StopRequest()
         stop.install()
         training_starts(run, stop)
@@ -168,13 +172,15 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
                 run.writer.close()
 
 
-def setup(project: Project, options: TrainOptions, device: str, claim: RunDirClaim, start: Start) -> Run:
+def setup(project: Project, options: TrainOptions, device: str, claim: RunDirClaim, start: Start,
+          library_log: LibraryLog) -> Run:
     import deepspeed
     import deepspeed.comm as dist
 
     from ..data.source import open_source
     from ..tokenizer import load_tokenizer
 
+    library_log.route_loggers()  # DeepSpeed set up its own stdout handler when it was imported
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -195,7 +201,6 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     if device == "cpu":
         prepare_cpu_comm_op(show_phase)  # built where a kill cannot leave a lock that blocks the next run
     show_phase(deepspeed_phase(device))
-    library_log = LibraryLog()  # DeepSpeed's prints and logs → RUN/deepspeed.log, once the run dir is ours
     with library_log.capture():
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
@@ -357,6 +362,7 @@ def loop(run: Run, stop: StopRequest, options: TrainOptions) -> TrainResult:
         values = read_step(run, loss, stop, pending, own_norm)  # the step's one host sync
         seconds = time.perf_counter() - run.clock
         run.clock += seconds
+        run.slowest_step = max(run.slowest_step, seconds)
         if pending is not None:
             log(run, pending, values["pending_norm"], display)
         if not math.isfinite(values["loss"]):
@@ -423,6 +429,7 @@ def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tenso
         if micro < accum - 1:
             engine.step()  # DeepSpeed counts micro steps; it updates only at the accumulation boundary
     run.faults.maybe_sigterm(run.step + 1)
+    run.faults.maybe_stall(run.step + 1)
     own_norm = None
     if run.clips_gradients:  # the last backward has all-reduced the gradients (ZeRO-0)
         clip = run.project.train.grad_clip or math.inf
@@ -608,6 +615,8 @@ def save(run: Run) -> None:
     checkpoint.save(run.engine, run.run_dir, run.step, client, run.project.train.keep_checkpoints, run.faults)
     measure.record(run)  # the peaks so far and the speed, beside the checkpoint
     probes.dump_state(run.engine, run.optimizer, "saved", run.step, run.rank)
+    if run.rank == 0 and run.start.ranks_changed and run.start.tag is not None:
+        reshard.drop_conversion(run.run_dir, run.start.tag)  # this run's own checkpoint now stands in for it
 
 
 def parameter_group_names(run: Run) -> list[list[str]]:

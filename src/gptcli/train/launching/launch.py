@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, MutableMapping, Optional
 
 from ...errors import GptError
+from ...parsing import is_whole_number
+from ...paths import MIB, read_input_text
 
 # Options that choose how ranks are started; the ranks themselves must not see them.
 LAUNCHER_OPTIONS = ("--nproc", "--hostfile", "--master-port")
@@ -147,8 +149,9 @@ def env_port(environ: Mapping[str, str]) -> Optional[int]:
     value = environ.get("MASTER_PORT")
     if value is None:
         return None
-    if not value.isdigit() or not 0 < int(value) < 65536:
-        raise GptError(f"MASTER_PORT={value!r} is not a port number (1-65535).")
+    if not is_whole_number(value) or not 0 < int(value) < 65536:
+        raise GptError(f"MASTER_PORT={shown_value(value)} is not a port number (1-65535); set a free port, or unset "
+                       "it for a free one.")
     return int(value)
 
 
@@ -208,15 +211,18 @@ def failure_report(failures: dict) -> str:
 def quiet_exit_code(error: BaseException, environ: Mapping[str, str] = os.environ) -> Optional[int]:
     """The exit code for a rank to leave with silently, when `error` is what a launcher already reports in
     its own sentence: in a rank of several started by `gpt train --nproc` or torchrun, a stop by signal
-    (the launcher passed it on, or stopped the survivors of a failed rank) or a collective broken because
-    another rank died. None: report it as usual."""
-    from ...errors import Stopped
+    (the launcher passed it on, or stopped the survivors of a failed rank), a collective broken because
+    another rank died, or (on ranks above 0) an error every rank raised alike, which rank 0 says. None:
+    report it as usual."""
+    from ...errors import RankAgreedError, Stopped
 
     launched = LAUNCHER_PID_VARIABLE in environ or "TORCHELASTIC_RUN_ID" in environ
     if not launched or int(environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return None
     if isinstance(error, Stopped):
         return error.exit_code
+    if isinstance(error, RankAgreedError):  # rank 0 says it, once
+        return None if environ.get("RANK", "0") == "0" else error.exit_code
     if isinstance(error, KeyboardInterrupt):
         return 128 + signal.SIGINT
     return 1 if lost_a_peer(error) else None
@@ -274,6 +280,7 @@ def launch_hosts(module_argv: list[str], hostfile: Path, master_port: Optional[i
 
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")  # DeepSpeed's runner reads `hostname slots=N`
+HOSTFILE_LIMIT = MIB  # a line per machine: a million bytes list thousands of them
 SSH_SECONDS = 10  # how long reaching one host may take before it counts as unreachable
 
 
@@ -281,13 +288,9 @@ def read_hostfile(hostfile: Path) -> dict[str, int]:
     """The hosts of a DeepSpeed hostfile and their slots, read as DeepSpeed's runner reads it (comments and
     blank lines skipped), so that a fault is one sentence here instead of the runner's traceback."""
     shape = "a hostfile lists one machine per line as `hostname slots=N`"
-    try:
-        lines = hostfile.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise GptError(f"The hostfile {hostfile} does not exist; {shape}.") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise GptError(f"Cannot read the hostfile {hostfile} ({getattr(error, 'strerror', None) or error}); "
-                       f"{shape}.") from None
+    if not hostfile.exists():
+        raise GptError(f"The hostfile {hostfile} does not exist; {shape}.")
+    lines = read_input_text(hostfile, "The hostfile", HOSTFILE_LIMIT).splitlines()  # never a device or a FIFO
     hosts: dict[str, int] = {}
     for number, line in enumerate(lines, 1):
         text = line.strip()
@@ -428,6 +431,46 @@ def watch_parent(parent: int, interval: float = 1.0) -> None:
     threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
+# --- the environment: read once, before DeepSpeed ---------------------------------------------------------
+
+
+def whole_variable(environ: Mapping[str, str], name: str, default: Optional[int] = None,
+                   minimum: int = 0) -> Optional[int]:
+    """The whole number an environment variable holds (`default` when it is unset or empty); anything else is
+    one sentence naming the variable, before DeepSpeed or torch reads it (they raise a KeyError or a
+    ValueError of their own, some only once a run has started)."""
+    value = environ.get(name, "")
+    if not value.strip():
+        return default
+    if not is_whole_number(value.strip()) or int(value) < minimum:
+        least = f" of at least {minimum}" if minimum else ""
+        raise GptError(f"{name}={shown_value(value)} is not a whole number{least}; a launcher sets it for each rank, "
+                       "so set it right or unset it.")
+    return int(value)
+
+
+def shown_value(value: str) -> str:
+    return repr(value if len(value) <= 40 else value[:37] + "...")
+
+
+def check_rank_environment(environ: Mapping[str, str]) -> None:
+    """What every rank reads of its environment, checked in one place before anything starts: RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and MASTER_PORT as a launcher (or adopt_cluster_ranks, from
+    srun's or mpirun's) sets them."""
+    env_port(environ)
+    whole_variable(environ, "LOCAL_WORLD_SIZE", minimum=1)
+    if "RANK" not in environ:
+        return
+    rank = whole_variable(environ, "RANK")
+    world = whole_variable(environ, "WORLD_SIZE", minimum=1)
+    if world is None:
+        raise GptError(f"RANK={shown_value(environ['RANK'])} is set but WORLD_SIZE is not; a launcher sets both "
+                       "(and LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so set them all or none.")
+    if rank is not None and rank >= world:
+        raise GptError(f"RANK={rank} is not below WORLD_SIZE={world}; ranks count from 0.")
+    whole_variable(environ, "LOCAL_RANK")
+
+
 # --- ranks started by srun, mpirun or torchrun -------------------------------------------------------------
 
 
@@ -454,14 +497,15 @@ def slurm_ranks(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
     unless MASTER_PORT is set, is derived from the job and step ids so that every task picks the same."""
     if "SLURM_STEP_ID" not in environ or "SLURM_PROCID" not in environ:
         return None
-    world = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    world = whole_variable(environ, "SLURM_STEP_NUM_TASKS") or whole_variable(environ, "SLURM_NTASKS") or 1
+    whole_variable(environ, "SLURM_PROCID")
     if world <= 1:
         return None
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST") or environ.get("SLURM_JOB_NODELIST")
     if not nodelist:
         raise GptError("srun started this task without SLURM_STEP_NODELIST or SLURM_NODELIST; set MASTER_ADDR.")
-    job = int(environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID") or 0)
-    step = int(environ["SLURM_STEP_ID"]) if environ["SLURM_STEP_ID"].isdigit() else 0
+    job = whole_variable(environ, "SLURM_JOB_ID") or whole_variable(environ, "SLURM_JOBID") or 0
+    step = int(environ["SLURM_STEP_ID"]) if is_whole_number(environ["SLURM_STEP_ID"]) else 0
     return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": str(slurm_device_index(environ)),
             "MASTER_ADDR": first_host(nodelist), "MASTER_PORT": str(10000 + (job * 16 + step) % 20000)}
 
@@ -469,7 +513,7 @@ def slurm_ranks(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
 def slurm_device_index(environ: Mapping[str, str]) -> int:
     """LOCAL_RANK picks the GPU (torch.cuda.set_device). SLURM_LOCALID counts the tasks of a node; when SLURM
     binds each task to its own GPUs (--gpus-per-task), the task sees fewer GPUs than that index."""
-    local = int(environ.get("SLURM_LOCALID", "0"))
+    local = whole_variable(environ, "SLURM_LOCALID", 0) or 0
     visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return local % len(visible) if visible and local >= len(visible) else local
 
@@ -480,10 +524,11 @@ def open_mpi_ranks(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
     is derived from the job's PMIx namespace (the same in every process), else torch's 29500."""
     if "OMPI_COMM_WORLD_RANK" not in environ:
         return None
-    world = int(environ.get("OMPI_COMM_WORLD_SIZE", "1"))
+    world = whole_variable(environ, "OMPI_COMM_WORLD_SIZE", 1) or 1
+    whole_variable(environ, "OMPI_COMM_WORLD_RANK")
     if world <= 1:
         return None
-    local_world = int(environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", world))
+    local_world = whole_variable(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
     if local_world != world and not environ.get("MASTER_ADDR"):
         raise GptError("mpirun started ranks on several machines; pass the first machine's address as MASTER_ADDR "
                        "(mpirun -x MASTER_ADDR=HOST ...).")
@@ -502,7 +547,7 @@ UNKNOWN_LAUNCHERS = (("PMI_SIZE", "an MPICH or Intel MPI launcher"), ("MV2_COMM_
 def refuse_unknown_launcher(environ: Mapping[str, str]) -> None:
     for variable, launcher in UNKNOWN_LAUNCHERS:
         value = environ.get(variable)
-        if value is None or (value.isdigit() and int(value) <= 1 and variable != "PMIX_RANK"):
+        if value is None or (is_whole_number(value) and int(value) <= 1 and variable != "PMIX_RANK"):
             continue
         if variable == "PMIX_RANK" and ("SLURM_JOB_ID" in environ or "OMPI_COMM_WORLD_SIZE" in environ):
             continue  # srun and mpirun set it too; a single task of theirs is a one-rank world

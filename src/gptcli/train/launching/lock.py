@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ...errors import GptError
+from ...errors import GptError, RankAgreedError
 from ...locks import FileLock, Holder
+from ...paths import open_for_writing
 from ...rundir import LOCK_FILE, PROBE_FILE
 
 
@@ -92,7 +93,7 @@ class RunDirClaim:
                 outcome["error"] = str(error)
         outcome = broadcast_from_rank0(outcome)
         if outcome["error"]:
-            raise GptError(outcome["error"])
+            raise RankAgreedError(outcome["error"])
         check_shared(run_dir, rank, outcome["token"])
 
 
@@ -116,7 +117,8 @@ def broadcast_from_rank0(obj):
 def write_probe(run_dir: Path) -> str:
     token = secrets.token_hex(16)
     try:
-        (run_dir / PROBE_FILE).write_text(token)
+        with open_for_writing(run_dir / PROBE_FILE, "w") as probe:
+            probe.write(token)
     except OSError as error:
         raise GptError(f"Cannot write to the run dir {run_dir}: {error.strerror}; choose a writable "
                        "project.out_dir.") from None

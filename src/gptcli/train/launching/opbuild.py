@@ -117,25 +117,46 @@ def acquire_waiting(lock: FileLock, say: Say, what: str, note_after: float = NOT
 
 def clear_torch_lock(directory: Path, say: Say, stale_after: float = STALE_SECONDS, note_after: float = NOTE_AFTER_SECONDS,
                      poll: float = POLL_SECONDS) -> None:
-    """Remove torch's lock when it is a dead build's; wait while a live process builds under it."""
+    """Remove torch's lock when no process builds or loads under it; wait while one does. The note that a
+    build was killed is said only when that is what happened: the op is not built. With the op built, the
+    lock is a load's that ended without removing it (torch holds it while it checks a built op too), and
+    goes without a word: nothing the user did or must do."""
     path = directory / TORCH_LOCK
     started, said = time.monotonic(), False
     while path.exists():
-        workers = processes_in(directory)
+        workers = processes_in(directory) or holders_of(path)
         try:
             age = time.time() - path.stat().st_mtime
         except FileNotFoundError:
             return
         if not workers and age >= stale_after:
             path.unlink(missing_ok=True)
-            say(f"removed {path}, left by a build of DeepSpeed's CPU communication op that was killed "
-                "(no process is building there)")
+            if not op_built(directory):
+                say(f"removed {path}, left by a build of DeepSpeed's CPU communication op that was killed "
+                    "(no process is building there)")
             return
         if not said and time.monotonic() - started >= note_after:
             who = ", ".join(f"pid {pid} ({name})" for pid, name in workers[:3]) or "a process that just started"
             say(f"waiting for a build of DeepSpeed's CPU communication op in {directory}: {who}; it holds {path}")
             said = True
         time.sleep(poll)
+
+
+def holders_of(path: Path) -> list[tuple[int, str]]:
+    """(pid, name) of the processes that have `path` open: torch's lock is held open by the process that
+    created it (FileBaton) until it removes it, whatever its working directory."""
+    found = []
+    target = os.path.realpath(path)
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if any(os.path.realpath(fd.path) == target for fd in os.scandir(f"/proc/{entry.name}/fd")):
+                with open(f"/proc/{entry.name}/comm") as comm:
+                    found.append((int(entry.name), comm.read().strip()))
+        except OSError:
+            continue  # gone, or not ours to look at
+    return found
 
 
 def processes_in(directory: Path) -> list[tuple[int, str]]:

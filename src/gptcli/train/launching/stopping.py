@@ -5,7 +5,9 @@ every rank learns of it through the step's all-reduce, they all save the same st
 128 + the signal number (143 for SIGTERM, 130 for SIGINT). Once set-up is over, rank 0 also answers each
 request as it arrives (StopAcknowledger), from a watcher thread while the main thread is inside a long C
 call, because a CPU step of a large model lasts long enough that an answer at the step's end looks like
-none; a second Ctrl-C aborts without saving.
+none; a second Ctrl-C aborts without saving. A step that does not end within a bound after the request
+(StepDeadline: a machine that swaps, a step that cannot finish) is abandoned: the rank exits without
+saving it, and the last complete checkpoint stays in charge.
 
 In the launcher of `--nproc` ranks, a signal that arrives before torch's elastic agent has installed its
 own handlers ends the launch the way it does once the agent runs (end_launch_on_signal).
@@ -31,6 +33,12 @@ PEER_FAILED_VARIABLE = "GPTCLI_PEER_FAILED_FILE"
 # A second Ctrl-C within this many seconds of the first is the same keypress delivered twice (once by the
 # terminal to the whole process group, once forwarded by a launcher), not a second request.
 REPEAT_SIGNAL_SECONDS = 1.0
+# How long the step in progress may go on after a stop request: STOP_GRACE_STEPS times the slowest step of this
+# run, and at least STOP_GRACE_SECONDS (the first step has no measure yet). A step past it is not going to end:
+# a CPU run whose memory is swapping (its plan exceeded the machine's) took hours a step, and a SIGTERM waited
+# for it. Abandoning a step loses that step only.
+STOP_GRACE_SECONDS = 10.0
+STOP_GRACE_STEPS = 3
 
 
 class StopRequest:
@@ -51,8 +59,9 @@ class StopRequest:
         self.signum = self.signum or signum
 
     def answer_during(self, run) -> None:
-        """Set-up is over: from now on each request is answered at once, naming `run`'s step in progress."""
-        self.acknowledger = StopAcknowledger(run, self.handle)
+        """Set-up is over: from now on each request is answered at once, naming `run`'s step in progress, and
+        the step in progress must end within StepDeadline's bound."""
+        self.acknowledger = StopAcknowledger(run, self.handle, deadline=StepDeadline(run))
         self.acknowledger.watch()
 
     def restore(self) -> None:
@@ -65,10 +74,11 @@ class StopAcknowledger:
     exits. Another Ctrl-C after that aborts without saving (`latest` still names the last complete
     checkpoint)."""
 
-    def __init__(self, run, handler, clock=time.monotonic):
+    def __init__(self, run, handler, clock=time.monotonic, deadline: Optional["StepDeadline"] = None):
         self.run = run
         self.handler = handler  # the stop request's handler: answer only while it is the one installed
         self.clock = clock
+        self.deadline = deadline
         self.first_at: Optional[float] = None
         self.watching = False
 
@@ -77,6 +87,8 @@ class StopAcknowledger:
             self.first_at = self.clock()
             if is_rank_zero() and not peer_failed():
                 write_stderr(stop_message(signum, self.run))
+            if self.deadline is not None:
+                self.deadline.start(signum)
             return
         if signum != signal.SIGINT or self.clock() - self.first_at < REPEAT_SIGNAL_SECONDS:
             return
@@ -104,6 +116,38 @@ class StopAcknowledger:
             for signum in os.read(read_fd, 64):
                 if signum in (signal.SIGINT, signal.SIGTERM) and signal.getsignal(signum) == self.handler:
                     self(signum)
+
+
+class StepDeadline:
+    """After a stop request, the step in progress of `run` (its `step`: the steps done, and `slowest_step`: the
+    longest one's seconds) must end within `grace()`; one that does not is abandoned: the rank exits with
+    128 + the signal number without saving it (`exit`: os._exit, as nothing of the step may be written)."""
+
+    POLL_SECONDS = 0.2
+
+    def __init__(self, run, clock=time.monotonic, sleep=time.sleep, exit=os._exit):
+        self.run, self.clock, self.sleep, self.exit = run, clock, sleep, exit
+
+    def grace(self) -> float:
+        return max(STOP_GRACE_SECONDS, STOP_GRACE_STEPS * getattr(self.run, "slowest_step", 0.0))
+
+    def start(self, signum: int) -> None:
+        threading.Thread(target=self.watch, args=(signum, self.run.step, self.grace()), name="step-deadline",
+                         daemon=True).start()
+
+    def watch(self, signum: int, step: int, grace: float) -> None:
+        """Until the step after `step` ends, at most `grace` seconds; then give up on it."""
+        deadline = self.clock() + grace
+        while self.run.step == step and self.clock() < deadline:
+            self.sleep(self.POLL_SECONDS)
+        if self.run.step != step:
+            return  # it ended: the loop saves it and exits
+        if is_rank_zero():
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            write_stderr(f"Step {step + 1:,} has not ended {grace:.0f} s after {name} (is the machine swapping? its "
+                         "memory may be too small for this run); stopping without saving it: the last complete "
+                         "checkpoint is kept.\n")
+        self.exit(128 + signum)
 
 
 def peer_failed() -> bool:

@@ -2,8 +2,10 @@
 
 DeepSpeed prints "... built successfully" on stdout when it starts its communication backend and logs
 through its own stdout handler; torch.distributed raises FutureWarnings about its own collectives on
-every ZeRO-3 step. None of it is for the user of a finished tool, all of it is useful when debugging,
-so it is kept in a file in the run dir. Every rank appends to the same file.
+every ZeRO-3 step; torch's extension builder warns "No CUDA runtime is found" on every rank of a machine
+with CUDA's toolkit and no GPU; MLflow logs its INFO lines (and SQLAlchemy's retries) to stderr. None of it
+is for the user of a finished tool, all of it is useful when debugging, so it is kept in a file in the run
+dir. Every rank appends to the same file.
 """
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import IO, Iterator, Optional, TextIO
 
+from ...paths import open_for_writing
 from ...rundir import LIBRARY_LOG
 
 # Warnings raised from inside these packages are theirs to fix, not the user's.
 LIBRARY_DIRS = (os.sep + os.path.join("torch", "distributed") + os.sep, os.sep + "deepspeed" + os.sep)
+# The loggers whose records go to the log. A library that sets up its own handler when it is imported (DeepSpeed,
+# MLflow) is routed again after that import: route_library_loggers.
+LIBRARY_LOGGERS = ("DeepSpeed", "torch.utils.cpp_extension", "mlflow", "alembic", "sqlalchemy", "huey", "wandb")
+
+_active: "Optional[LibraryLog]" = None  # this process's library log, once there is one
 
 
 class LibraryLog:
@@ -31,10 +39,15 @@ class LibraryLog:
     DeepSpeed go here; `capture()` adds everything written to stdout and stderr while DeepSpeed starts."""
 
     def __init__(self):
-        self.stream: TextIO = tempfile.TemporaryFile("w+", buffering=1, encoding="utf-8", errors="replace")
+        global _active
+        self.stream: IO[str] = tempfile.TemporaryFile("w+", buffering=1, encoding="utf-8", errors="replace")
         self.pending = True
-        route_deepspeed_logger(self)
+        self.handler = logging.StreamHandler(self)
+        rank = os.environ.get("RANK", "0")
+        self.handler.setFormatter(logging.Formatter(f"[%(asctime)s] [rank {rank}] [%(name)s %(levelname)s] %(message)s"))
+        self.route_loggers()
         route_library_warnings(self)
+        _active = self
 
     def write(self, text: str) -> int:
         return self.stream.write(text)
@@ -46,14 +59,28 @@ class LibraryLog:
         return self.stream.fileno()
 
     def capture(self) -> contextlib.AbstractContextManager:
+        self.route_loggers()  # what the libraries imported since set up for themselves
         return output_redirected(self)
+
+    def route_loggers(self) -> None:
+        """LIBRARY_LOGGERS into this log instead of the terminal: their stream handlers (the ones the libraries
+        add on import) replaced by this log's, and nothing passed on to the root logger. Safe to repeat."""
+        for name in LIBRARY_LOGGERS:
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                        and handler is not self.handler:
+                    logger.removeHandler(handler)
+            if self.handler not in logger.handlers:
+                logger.addHandler(self.handler)
+            logger.propagate = False
 
     def settle(self, run_dir: Path) -> None:
         """From now on into RUN/deepspeed.log, starting with what was held back."""
         if not self.pending:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        log = (run_dir / LIBRARY_LOG).open("a", buffering=1, encoding="utf-8")
+        log = open_for_writing(run_dir / LIBRARY_LOG, "a", buffering=1, encoding="utf-8", errors="replace")
         self.stream.flush()
         self.stream.seek(0)
         log.write(self.stream.read())
@@ -91,16 +118,11 @@ def output_redirected(log: "TextIO | LibraryLog") -> Iterator[None]:
             os.close(copy)
 
 
-def route_deepspeed_logger(log: "TextIO | LibraryLog") -> None:
-    """DeepSpeed's logger writes to the stdout it saw at import; give it the log file instead."""
-    logger = logging.getLogger("DeepSpeed")
-    for handler in list(logger.handlers):
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            logger.removeHandler(handler)
-    handler = logging.StreamHandler(log)
-    rank = os.environ.get("RANK", "0")
-    handler.setFormatter(logging.Formatter(f"[%(asctime)s] [rank {rank}] [%(levelname)s] %(message)s"))
-    logger.addHandler(handler)
+def route_library_loggers() -> None:
+    """After importing a library that sets up its own logging (MLflow): its records into this process's
+    library log, when there is one (trackers call this; a process without a run has none)."""
+    if _active is not None:
+        _active.route_loggers()
 
 
 def route_library_warnings(log: "TextIO | LibraryLog") -> None:

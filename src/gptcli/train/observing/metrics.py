@@ -17,8 +17,10 @@ import torch
 
 from ...config import ModelConfig
 from ...fsutil import atomic_write_text
+from ...parsing import is_whole_number, loads_json
+from ...paths import open_for_writing, refuse_link
 from ...rundir import CSV_FILE, METRICS_FILE, PLOT_FILE
-from .trackers import warn
+from .trackers import LIBRARY_ERRORS, close_quietly, warn
 
 # The columns of metrics.csv every run has; the tasks a run scores and a mixture's sources add theirs (csv_columns).
 BASE_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
@@ -75,18 +77,21 @@ def model_flops_per_token(config: ModelConfig, seq_len: int) -> int:
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """On resume, drop the lines a killed run wrote after the checkpoint it resumes from (and lines that
-    do not parse: a torn last line, bytes that are not UTF-8), so the files read as one run."""
+    do not parse: a torn last line, bytes that are not UTF-8), so the files read as one run. A link in place
+    of either file is refused before anything is read or written (paths.py)."""
+    for name in (METRICS_FILE, CSV_FILE):
+        refuse_link(Path(run_dir) / name)
     path = Path(run_dir) / METRICS_FILE
     if path.is_file():
         records, skipped = parse_metrics(path)
         kept = [line for line, record in records if record["step"] <= last_step]
-        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
         if skipped:
             print(f"note: dropped {skipped} unreadable line(s) of {path}.", file=sys.stderr)
     csv_path = Path(run_dir) / CSV_FILE
     if csv_path.is_file():
         columns, rows = read_csv(csv_path)
-        kept_rows = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= last_step]
+        kept_rows = [r for r in rows if is_whole_number(r.get("step") or "") and int(r["step"]) <= last_step]
         write_csv(csv_path, columns or BASE_COLUMNS, kept_rows)
 
 
@@ -114,7 +119,7 @@ def parse_metrics(path: Path) -> tuple[list[tuple[str, dict]], int]:
     for raw in path.read_bytes().splitlines():
         try:
             line = raw.decode("utf-8")
-            record = json.loads(line) if line.strip() else None
+            record = loads_json(line) if line.strip() else None
             if record is not None and not isinstance(record.get("step"), int):
                 raise ValueError("no step")
         except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
@@ -145,7 +150,7 @@ class MetricsWriter:
         self.trackers = list(trackers)
         for record in read_metrics(self.run_dir):  # what a tracker lacks of what metrics.jsonl holds
             self.each_tracker(methodcaller("log", record))  # bound to this record now
-        self.jsonl = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
+        self.jsonl = open_for_writing(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self.csv_handle, self.csv = self.open_csv(columns or csv_columns())
 
     def open_csv(self, columns: list[str]) -> tuple[Any, csv.DictWriter]:
@@ -159,7 +164,7 @@ class MetricsWriter:
         else:
             header = columns
             write_csv(path, header, [])
-        handle = path.open("a", newline="", encoding="utf-8")
+        handle = open_for_writing(path, "a", newline="", encoding="utf-8")
         return handle, csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
 
     def write(self, record: dict) -> None:
@@ -187,13 +192,10 @@ class MetricsWriter:
         for tracker in list(self.trackers):
             try:
                 call(tracker)
-            except Exception as error:  # a library's own failure, whatever its type: never the run's
+            except LIBRARY_ERRORS as error:  # a library's own failure, whatever its type: never the run's
                 self.trackers.remove(tracker)
                 warn(tracker.title, error)
-                try:
-                    tracker.close()
-                except Exception:
-                    pass
+                close_quietly(tracker)
 
     def close(self) -> None:
         self.jsonl.close()
@@ -201,7 +203,7 @@ class MetricsWriter:
         for tracker in self.trackers:
             try:
                 tracker.close()
-            except Exception as error:
+            except LIBRARY_ERRORS as error:
                 warn(tracker.title, error, "did not finish cleanly", "what it holds may be incomplete")
         self.trackers = []
 
@@ -217,6 +219,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if skipped and not torn_tail:
         print(f"note: skipped {skipped} unreadable line(s) of {path}.", file=sys.stderr)
     return [record for _, record in records]
+
+
+def plotted_records(records: list[dict], path: Path) -> list[dict]:
+    """The records that have a loss to draw (a number); the others are left out with a note."""
+    from ...errors import GptError
+
+    drawn = [r for r in records if is_number(r.get("loss"))]
+    if not drawn:
+        raise GptError(f"{path} has no steps to plot yet.")
+    if len(drawn) < len(records):
+        print(f"note: left out {len(records) - len(drawn)} record(s) of {path} without a loss.", file=sys.stderr)
+    return drawn
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -243,14 +261,14 @@ def loss_curves(records: list[dict]) -> list[Curve]:
     """What loss.png draws: the training loss, the val loss where measured and, for a mixture, each source's
     val loss (the val loss then being their mean weighted by the tokens each scored)."""
     curves = [Curve("train loss", [r["step"] for r in records], [r["loss"] for r in records], "-")]
-    evals = [r for r in records if r.get("eval_loss") is not None]
+    evals = [r for r in records if is_number(r.get("eval_loss"))]
     if not evals:
         return curves
     sources = list(dict.fromkeys(name for r in evals for name in source_names(r)))
     curves.append(Curve("val loss (token-weighted over the sources)" if sources else "val loss",
                         [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-"))
     for name in sources:
-        points = [r for r in evals if r.get(f"eval_loss/{name}") is not None]
+        points = [r for r in evals if is_number(r.get(f"eval_loss/{name}"))]
         curves.append(Curve(f"val loss, {name}", [r["step"] for r in points], [r[f"eval_loss/{name}"] for r in points],
                             ".--"))
     return curves
@@ -273,9 +291,7 @@ def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Path:
     # Only a PNG is replaced: never the run's metrics, a device, a FIFO, a link, a dir; no dir is created.
     check_output(out, what="PNG image", directory=False, inputs=[Path(run_dir) / METRICS_FILE], replaces=is_png,
                  instead="choose another --out")
-    records = read_metrics(run_dir)
-    if not records:
-        raise GptError(f"{Path(run_dir) / METRICS_FILE} has no steps to plot yet.")
+    records = plotted_records(read_metrics(run_dir), Path(run_dir) / METRICS_FILE)
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
     for curve in loss_curves(records):
         axes.plot(curve.steps, curve.values, curve.style, ms=3, lw=1, label=curve.label)

@@ -32,6 +32,7 @@ here, only when asked for (mlflow alone takes seconds); their own environment va
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -39,6 +40,7 @@ import queue
 import sys
 import threading
 import time
+import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -59,6 +61,15 @@ TENSORBOARD_FLUSH_S = 2
 # before going on without them.
 FLUSH_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 60.0
+# How long a tracker may take to start (import its library, reach its server, open its store) before the run
+# goes on without it, with one warning. W&B's offline start, the slowest working one, takes ~15 s on a busy
+# 2-core machine; a server that accepts and never answers held the run for 290 s.
+START_TIMEOUT_S = 60.0
+# MLflow's own bounds on each call to a tracking server, unless the user set them: its defaults (120 s and 7
+# retries with backoff) let one unanswered call last many minutes.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+# Errors a library raises that are not Exceptions: SystemExit (W&B's import exits when it cannot set itself up).
+LIBRARY_ERRORS = (Exception, SystemExit)
 
 
 # --- which, and whether they can run ---------------------------------------------------------------------------
@@ -142,26 +153,53 @@ def start_trackers(project: Project, run_dir: Path, resume_step: int,
     return [feed for feed in started if feed is not None]
 
 
-def start_one(title: str, make: Callable[[], Any]) -> Optional["TrackerFeed"]:
-    """The tracker `make` makes and what it holds; None, with one warning, when either fails (a tracker
-    made but unable to say what it holds is closed)."""
-    try:
-        tracker = make()
-    except Exception as error:  # a library's own failure, whatever its type
-        warn(title, error, "could not start")
-        return None
-    try:
-        held = tracker.last_step()
-        if not isinstance(held, int) or isinstance(held, bool) or held < 0:
-            raise TypeError(f"last_step() returned {held!r}, not a step number")
-    except Exception as error:
-        warn(title, error, "could not start")
+def start_one(title: str, make: Callable[[], Any], timeout: float = START_TIMEOUT_S) -> Optional["TrackerFeed"]:
+    """The tracker `make` makes and what it holds; None, with one warning, when either fails or takes longer
+    than `timeout` seconds (a server that never answers): the start runs on a thread of its own, and a
+    tracker it makes after the run went on without it is closed there. A tracker made but unable to say what
+    it holds is closed."""
+    outcome: dict[str, Any] = {}
+    decided = threading.Lock()  # whether the run took the tracker or went on without it: decided once
+
+    def start() -> None:
         try:
-            tracker.close()
-        except Exception:
-            pass
+            tracker = make()
+        except LIBRARY_ERRORS as error:  # a library's own failure, whatever its type
+            outcome["error"] = error
+            return
+        try:
+            held = tracker.last_step()
+            if not isinstance(held, int) or isinstance(held, bool) or held < 0:
+                raise TypeError(f"last_step() returned {held!r}, not a step number")
+        except LIBRARY_ERRORS as error:
+            outcome["error"] = error
+            close_quietly(tracker)
+            return
+        with decided:
+            outcome["feed"] = TrackerFeed(title, tracker, held)
+            abandoned = outcome.get("late", False)
+        if abandoned:
+            close_quietly(tracker)
+
+    thread = threading.Thread(target=start, name=f"starting {title}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    with decided:
+        outcome["late"] = "feed" not in outcome and "error" not in outcome
+    if outcome["late"]:
+        warn(title, TimeoutError(f"no answer within {timeout:.0f} s"), "could not start")
         return None
-    return TrackerFeed(title, tracker, held)
+    if "error" in outcome:
+        warn(title, outcome["error"], "could not start")
+        return None
+    return outcome["feed"]
+
+
+def close_quietly(tracker: Any) -> None:
+    try:
+        tracker.close()
+    except LIBRARY_ERRORS:
+        pass
 
 
 class TrackerFeed:
@@ -206,6 +244,8 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
 
 def warn(name: str, error: BaseException, what: str = "failed", then: str = "the run goes on without it") -> None:
     """One line on stderr: the tracker, what happened, the first line of the library's error."""
+    if isinstance(error, SystemExit):  # its text is the exit code
+        error = SystemExit(f"it called sys.exit({error.code!r})")
     lines = str(error).strip().splitlines() or [""]
     detail = f"{type(error).__name__}: {lines[0][:300]}".rstrip(": ")
     print(f"warning: {name} {what} ({detail}); {then}.", file=sys.stderr, flush=True)
@@ -215,12 +255,30 @@ def warn(name: str, error: BaseException, what: str = "failed", then: str = "the
 
 
 def read_ids(run_dir: Path) -> dict:
-    """RUN/trackers.json: what each built-in keeps between a run and its resumption (run ids)."""
+    """RUN/trackers.json: what each built-in keeps between a run and its resumption (run ids). A damaged file
+    is said once, naming it: the trackers then start new runs instead of continuing theirs."""
+    path = Path(run_dir) / TRACKERS_FILE
     try:
-        ids = json.loads((Path(run_dir) / TRACKERS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        ids = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return {}
-    return ids if isinstance(ids, dict) else {}
+    except (OSError, ValueError, RecursionError) as error:
+        damaged(path, getattr(error, "strerror", None) or "it is not JSON")
+        return {}
+    if not isinstance(ids, dict):
+        damaged(path, "it holds no JSON object")
+        return {}
+    return ids
+
+
+_said_damaged: set[Path] = set()
+
+
+def damaged(path: Path, why: str) -> None:
+    if path not in _said_damaged:
+        _said_damaged.add(path)
+        print(f"warning: {path} cannot be read ({why}); the trackers start new runs instead of continuing the ones "
+              "it named, and it is written anew.", file=sys.stderr, flush=True)
 
 
 def stored(run_dir: Path, tracker: str) -> dict:
@@ -349,8 +407,13 @@ class WandbTracker:
     requires = "wandb"
 
     def __init__(self, run_dir: Path, config: dict, resume_step: int):
+        os.environ.setdefault("WANDB_SILENT", "true")  # its banner and 30-line summary: in its own logs (RUN/wandb)
         import wandb
 
+        from .chatter import route_library_loggers
+
+        route_library_loggers()
+        check_wandb_mode(wandb)
         self.wandb = wandb
         run_id = stored(run_dir, "wandb").get("id")
         self.run = wandb.init(id=run_id, resume="allow" if run_id else None, config=config, allow_val_change=True,
@@ -416,15 +479,21 @@ class MlflowTracker:
     requires = "mlflow"
 
     def __init__(self, run_dir: Path, config: dict, resume_step: int):
+        for name, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)  # read by MLflow when it is imported
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
+        from .chatter import route_library_loggers
+
+        route_library_loggers()  # MLflow set up its own stderr handler when it was imported
         self.metric = Metric
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         local = Path(run_dir).resolve() / MLFLOW_DIR
         if not uri:
             local.mkdir(parents=True, exist_ok=True)
             uri = f"sqlite:///{local / 'mlflow.db'}"
+        check_sqlite_store(uri)
         self.client = MlflowClient(tracking_uri=uri)
         saved = stored(run_dir, "mlflow")
         self.held = 0
@@ -497,6 +566,33 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, metrics=metrics[first:first + MLFLOW_METRICS_PER_BATCH])
 
 
+def check_sqlite_store(uri: str) -> None:
+    """An SQLite store that cannot be opened, found at once: MLflow retries it for 105 s (15 times, with
+    backoff), a line of warning each time."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    path = uri[len("sqlite:///"):]
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as store:
+            store.execute("select 1 from sqlite_master limit 1")
+    except sqlite3.Error as error:
+        raise RuntimeError(f"cannot open the SQLite store {path}: {error}") from None
+
+
+def check_wandb_mode(wandb: Any) -> None:
+    """WANDB_MODE must be one W&B knows: its settings refuse anything else with a validation error that does
+    not name the variable."""
+    mode = os.environ.get("WANDB_MODE")
+    try:
+        allowed = typing.get_args(wandb.Settings.model_fields["mode"].annotation)
+    except (AttributeError, KeyError):  # another W&B version: it checks for itself
+        return
+    if mode is not None and allowed and mode not in allowed:
+        raise ValueError(f"WANDB_MODE={mode!r} is not one of {', '.join(allowed)}")
+
+
 def flat_params(config: dict, prefix: str = ""):
     """(name, value) of each key of the config, nested tables as "section.key", values as TOML writes them."""
     from ...config import toml_value
@@ -551,7 +647,7 @@ class Worker:
                         function = self.log_metrics if call == "metrics" else call
                         assert function is not None, "only a worker given log_metrics is sent metrics"
                         function(*args)
-                    except Exception as error:
+                    except LIBRARY_ERRORS as error:  # SystemExit too: it would end this thread in silence
                         self.error = error
 
     def finish(self, timeout: float) -> None:

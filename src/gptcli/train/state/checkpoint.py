@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from ...config import ModelConfig, Project, dump_toml
-from ...errors import GptError
-from ...fsutil import atomic_path, atomic_write_json, atomic_write_text, check_output
+from ...errors import GptError, RankAgreedError
+from ...fsutil import atomic_path, atomic_write_json, atomic_write_text, check_output, room_to_write
 from ...rundir import (
     CLIENT_STATE,
     LATEST,
@@ -94,7 +94,7 @@ def agree_on_resume(run_dir: Path, mode: str, restart: bool, rank: int,
             decision["error"] = str(error)
     decision = broadcast_from_rank0(decision)
     if decision["error"]:
-        raise GptError(decision["error"])
+        raise RankAgreedError(decision["error"])
     return decision["tag"]
 
 
@@ -249,7 +249,17 @@ def restore_rng(state: dict) -> None:
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, keep: int, fault=None) -> str:
-    """Every rank calls this. Returns the tag; `latest` names it once all ranks are done."""
+    """Every rank calls this. Returns the tag; `latest` names it once all ranks are done. A disk that fills
+    is one sentence saying which checkpoint `latest` still names (fsutil.room_to_write)."""
+    root, tag = checkpoints_dir(run_dir), tag_for(step)
+    previous = latest_text(root / LATEST) if (root / LATEST).is_file() else None
+    kept = (f"{root / LATEST} still names {previous}, which is intact" if previous
+            else "no earlier checkpoint was saved, so a resume starts over")
+    with room_to_write(root / tag, kept):
+        return save_files(engine, run_dir, step, client_state, keep, fault)
+
+
+def save_files(engine, run_dir: Path, step: int, client_state: dict, keep: int, fault=None) -> str:
     import deepspeed.comm as dist
 
     rank = dist.get_rank()

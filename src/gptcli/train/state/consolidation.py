@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -44,6 +47,43 @@ def hand_over(project: Project, run_dir: Path, tokenizer, step: int, exit_code: 
     reason = f" (stopped by signal {exit_code - 128})" if exit_code else ""
     print(f"Finished at step {step}{reason}: run dir {run_dir}{where}.", file=sys.stderr)
     return model_dir
+
+
+@contextmanager
+def model_dir_for(path: Path) -> Iterator[Path]:
+    """`--checkpoint` of generate, eval and export-hf: a model dir or a run dir as it is; a checkpoint of a run
+    (RUN/checkpoints/step_N: users pick the best one) consolidated on the fly into a temporary model dir,
+    removed after the block. Its [model] and tokenizer are the run's (client state, config.resolved.toml)."""
+    from ...rundir import checkpoint_of
+
+    found = checkpoint_of(path)
+    if found is None:
+        yield Path(path)
+        return
+    run_dir, tag = found
+    problems = checkpoint.check_checkpoint(Path(path))
+    if problems:
+        raise GptError(f"Checkpoint {path} is damaged ({'; '.join(problems)}); give another one.")
+    config, tokenizer = checkpoint_model(run_dir, tag)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's offline reader: no accelerator needed
+    with tempfile.TemporaryDirectory(prefix="gptcli-checkpoint-") as scratch:
+        yield consolidate(run_dir, tag, config, tokenizer, out_dir=Path(scratch) / "model")
+
+
+def checkpoint_model(run_dir: Path, tag: str):
+    """The [model] a checkpoint was trained with and the run's tokenizer."""
+    from ...config import load_project, project_from_dict
+    from ...rundir import RESOLVED_CONFIG
+    from ...tokenizer import load_tokenizer
+
+    resolved = Path(run_dir) / RESOLVED_CONFIG
+    if not resolved.is_file():
+        raise GptError(f"{run_dir} has no {RESOLVED_CONFIG}, which says how checkpoint {tag} was trained; give a "
+                       "model dir instead (gpt train --consolidate writes one).")
+    project = load_project(resolved)
+    saved = checkpoint.read_client_state(run_dir, tag).get("model")
+    config = project_from_dict({"model": saved}).model if isinstance(saved, dict) else project.model
+    return config, load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
 
 
 def consolidate_only(project: Project) -> Path:

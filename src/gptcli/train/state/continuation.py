@@ -105,7 +105,7 @@ def checkpoint_project(project: Project, client: dict, tag: str) -> Project:
 def continue_weights(start: Start) -> None:
     project = start.project
     assert project.train.init_from is not None, "only a run that starts from weights continues them"
-    source = find_source(project.train.init_from)
+    source = find_source(project.train.init_from, Path(project.project.out_dir))
     check_tokenizer(source, project)
     if os.environ.get("RANK", "0") == "0":  # rank 0 prints and records it; the others need not read the file twice
         source.sha256 = weights_sha256(source.files)

@@ -9,9 +9,12 @@ recomputed, so masters and moments come back bit for bit. ZeRO-0 needs no conver
 everything, DeepSpeed loads rank 0's file on any number of ranks.
 
 The conversion is written to CHECKPOINT/universal, built in a staging dir beside it and renamed into
-place when complete, so a kill mid-conversion leaves the checkpoint as it was (the partial dir is removed
-and the conversion redone by the next resume); a complete one is reused. It goes with its checkpoint
-(retention, --restart). Its cost: see docs/training.md.
+place when complete, with a manifest of its files (sizes, sha256) written before its completion mark, so
+a kill mid-conversion leaves the checkpoint as it was (the partial dir is removed and the conversion redone
+by the next resume). A complete one is reused while it matches its manifest; a damaged one (a truncated
+file) is converted again, with a note: the checkpoint itself is intact. Once the resumed run has saved a
+checkpoint of its own, the conversion is no longer needed and is removed (`drop_conversion`); retention and
+--restart remove it with its checkpoint. Its cost: see docs/training.md.
 
 The universal format carries Adam's state only (fp32, exp_avg, exp_avg_sq: DeepSpeed 0.19's
 ds_to_universal and its loader name these three), so a checkpoint of an optimizer that keeps other state
@@ -30,18 +33,20 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ...errors import GptError
+from ...errors import RankAgreedError
 from ...fsutil import staging_dir
 from ...optimizers import OptimizerSpec
-from ...rundir import UNIVERSAL, checkpoints_dir, step_of_tag
+from ...rundir import MANIFEST, UNIVERSAL, checkpoints_dir, step_of_tag
 from ...rundir import UNIVERSAL_COMPLETE as COMPLETE
 from ..faults import Faults
+from .checkpoint import check_checkpoint, write_manifest
 
 # The per-parameter optimizer state DeepSpeed's universal format carries (ds_to_universal, and the
 # loader's universal_checkpoint.load_hp_checkpoint_state; DeepSpeed 0.19).
@@ -49,10 +54,11 @@ UNIVERSAL_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def check_reshardable(spec: OptimizerSpec, tag: str, saved_ranks: int, ranks: int) -> None:
-    """Before converting: an optimizer whose state the universal format does not carry is one sentence."""
+    """Before converting: an optimizer whose state the universal format does not carry is one sentence (every
+    rank decides it alike from the checkpoint: rank 0 alone says it)."""
     missing = [key for key in spec.state_keys if key not in UNIVERSAL_STATE_KEYS]
     if missing:
-        raise GptError(f"Cannot resume checkpoint {tag} on {ranks} rank(s): it was saved on {saved_ranks}, and "
+        raise RankAgreedError(f"Cannot resume checkpoint {tag} on {ranks} rank(s): it was saved on {saved_ranks}, and "
                        f'DeepSpeed\'s universal checkpoint format, which moves optimizer state between numbers of '
                        f'ranks, carries Adam\'s moments only, not the "{spec.name}" optimizer\'s {", ".join(missing)}; '
                        f"resume it on {saved_ranks} rank(s).")
@@ -68,10 +74,34 @@ def ensure_universal(run_dir: Path, tag: str, rank: int) -> Path:
     import deepspeed.comm as dist
 
     target = universal_dir(run_dir, tag)
-    if rank == 0 and not (target / COMPLETE).is_file():
+    if rank == 0 and not usable(target):
         convert(checkpoints_dir(run_dir) / tag, target, Faults.from_environment(rank))
     dist.barrier()
     return target
+
+
+def usable(target: Path) -> bool:
+    """A complete conversion whose files match its manifest (one made before conversions had a manifest: its
+    completion mark). A damaged one is said, and made again."""
+    if not (target / COMPLETE).is_file():
+        return False
+    if not (target / MANIFEST).is_file():
+        return True
+    problems = check_checkpoint(target)
+    if problems:
+        print(f"note: the conversion {target} of the checkpoint for another number of ranks is damaged "
+              f"({'; '.join(problems[:3])}); the checkpoint itself is intact, so it is converted again.",
+              file=sys.stderr)
+    return not problems
+
+
+def drop_conversion(run_dir: Path, tag: str) -> None:
+    """Rank 0, once the run resumed from `tag` on other ranks has saved a checkpoint of its own: the conversion
+    (as large as the checkpoint's optimizer state) is not needed any more; a resume falls back to `tag` only if
+    the new checkpoint is damaged, and then converts again."""
+    target = universal_dir(run_dir, tag)
+    if target.is_dir() and not target.is_symlink() and (target / COMPLETE).is_file():
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def convert(checkpoint: Path, target: Path, faults: Optional[Faults] = None) -> None:
@@ -88,6 +118,7 @@ def convert(checkpoint: Path, target: Path, faults: Optional[Faults] = None) -> 
                                            strict=True, inject_missing_state=True))
         if faults is not None:
             faults.maybe_kill_in_convert(step_of_tag(checkpoint.name))
+        write_manifest(output)  # what a later resume checks the conversion against
         (output / COMPLETE).write_text("")
         os.rename(output, target)
     finally:

@@ -24,6 +24,7 @@ import torch
 
 from ...config import ModelConfig
 from ...errors import GptError
+from ...modeldir import check_weights
 from ...presets import hub_ids
 
 if TYPE_CHECKING:
@@ -49,14 +50,17 @@ class WeightsSource:
         return self.files[0]
 
 
-def find_source(init_from: str) -> WeightsSource:
-    """The source init_from names: a path when one exists there, else a Hub name `gpt load-hf` knows."""
+def find_source(init_from: str, run_dir: Optional[Path] = None) -> WeightsSource:
+    """The source init_from names: a path when one exists there, else a Hub name `gpt load-hf` knows. A path
+    inside `run_dir` (the run's own out_dir) is refused: see check_outside_run_dir."""
     from ...modeldir import WEIGHTS_FILE, read_model_config, resolve_model_dir
     from ...tokenizer import load_from_model_dir
 
     path = Path(init_from).expanduser()
     if path.exists():
         model_dir = resolve_model_dir(path).absolute()  # a model dir, or a run dir's model/
+        if run_dir is not None:
+            check_outside_run_dir(init_from, model_dir, run_dir)
         tokenizer = load_from_model_dir(model_dir)
         return WeightsSource(init_from, str(model_dir), [model_dir / WEIGHTS_FILE], read_model_config(model_dir),
                              tokenizer.fingerprint, tokenizer.name)
@@ -64,6 +68,18 @@ def find_source(init_from: str) -> WeightsSource:
         return hub_source(init_from)
     raise GptError(f'train.init_from "{init_from}" is neither a path that exists nor a model gpt load-hf fetches '
                    f"({', '.join(hub_ids())}).")
+
+
+def check_outside_run_dir(init_from: str, model_dir: Path, run_dir: Path) -> None:
+    """The weights a run starts from must outlive it: a source inside the run's own dir is replaced when the
+    run ends (RUN/model) and deleted by --restart, after which config.resolved.toml and the checkpoints
+    would name a sha256 of bytes that no longer exist."""
+    source, run = model_dir.resolve(), Path(run_dir).resolve()
+    if source == run or run in source.parents:
+        raise GptError(f'train.init_from "{init_from}" lies inside the run dir {run_dir} (project.out_dir), which the '
+                       "run replaces (its model/ when it ends, everything with --restart), so the weights it started "
+                       "from would be gone; copy them out first (cp -r, or gpt load-hf into another dir) and point "
+                       "train.init_from there.")
 
 
 def hub_source(name: str) -> WeightsSource:
@@ -116,6 +132,7 @@ def read_weights(source: WeightsSource) -> dict[str, torch.Tensor]:
             state = load_file(str(source.path))
         except Exception as error:  # safetensors' own error types: a truncated or foreign file
             raise GptError(f"Cannot read {source.path}: {error}.") from None
+        check_weights(state, f"train.init_from {source.name} ({source.path})")  # as load-hf, eval, export-hf do
     if source.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     return {name: tensor.float() for name, tensor in state.items()}
