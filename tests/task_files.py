@@ -52,6 +52,23 @@ LAMBADA = [
     "They walked for hours until the road ended at the sea",
 ]
 
+# Social IQa-shaped records (examples/plugins' task): a context, a question, three answers and the right one's
+# number as text, short enough for the 128-position model.
+SIQA = [
+    {"context": "Tracy left her umbrella at home.", "question": "How would Tracy feel when it rains?",
+     "answerA": "wet and annoyed", "answerB": "proud of herself", "answerC": "very sleepy", "label": "1"},
+    {"context": "Jordan baked bread for the neighbours.", "question": "Why did Jordan do this?",
+     "answerA": "to be kind", "answerB": "to sell a car", "answerC": "to learn to swim", "label": "1"},
+    {"context": "Sam lost the final match.", "question": "What will Sam want to do next?",
+     "answerA": "throw a party", "answerB": "practise more", "answerC": "buy a boat", "label": "2"},
+    {"context": "Alex forgot a friend's birthday.", "question": "What should Alex do?",
+     "answerA": "forget it again", "answerB": "move away", "answerC": "apologise to the friend", "label": "3"},
+    {"context": "Riley found a lost wallet.", "question": "What will Riley do?",
+     "answerA": "return it to its owner", "answerB": "eat it", "answerC": "paint it", "label": "1"},
+    {"context": "Casey studied all night.", "question": "How will Casey feel in the morning?",
+     "answerA": "tired", "answerB": "invisible", "answerC": "taller", "label": "1"},
+]
+
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

@@ -17,8 +17,7 @@ import tomllib
 from conftest import REPO, run_gpt
 from gptcli.config import apply_overrides, dump_toml, project_from_dict
 from shard_fixture import make_shards
-from task_files import HELLASWAG, write_jsonl
-from test_tasks import PIQA
+from task_files import HELLASWAG, SIQA, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +52,8 @@ SHORT_HELLASWAG = [r for r in HELLASWAG if len(r["ctx_a"]) < 45]
 PASSAGES = ["The cat sat on the mat", "He went home", "She said hello to the man at the door", "It was late",
             "They ate bread and cheese for lunch"]
 TASK_KEYS = ["hellaswag_acc", "hellaswag_acc_norm", "lambada_acc", "lambada_perplexity"]
-PLUGIN_TASK = "piqa_task.py:TASK"  # examples/plugins' PIQA, copied beside the project file
-PLUGIN_KEYS = ["piqa_acc", "piqa_acc_norm"]
+PLUGIN_TASK = "siqa_task.py:TASK"  # examples/plugins' Social IQa, copied beside the project file
+PLUGIN_KEYS = ["social_iqa_acc"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +67,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     return {"shards": make_shards(directory / "text.txt", directory / "shards", val_tokens=5_000),
             "hellaswag": write_jsonl(directory / "hellaswag.jsonl", SHORT_HELLASWAG),
             "lambada": write_jsonl(directory / "lambada.jsonl", [{"text": t} for t in PASSAGES]),
-            "piqa": write_jsonl(directory / "piqa.jsonl", PIQA)}
+            "siqa": write_jsonl(directory / "siqa.jsonl", SIQA)}
 
 
 def project_file(directory: Path, corpus: dict[str, Path], name: str, *overrides: str) -> Path:
@@ -85,10 +84,10 @@ def with_tasks(corpus: dict[str, Path], every: int) -> tuple[str, ...]:
 
 def with_plugin_task(directory: Path, corpus: dict[str, Path], every: int) -> tuple[str, ...]:
     """The built-in tasks and the example plugin's, named by its file beside the project file."""
-    shutil.copy(REPO / "examples" / "plugins" / "gptcli_example_plugins" / "task.py", directory / "piqa_task.py")
+    shutil.copy(REPO / "examples" / "plugins" / "gptcli_example_plugins" / "task.py", directory / "siqa_task.py")
     return (f'eval.tasks=["hellaswag", "lambada", "{PLUGIN_TASK}"]', f"eval.tasks_every={every}",
             f'eval.task_data={{hellaswag = "{corpus["hellaswag"]}", lambada = "{corpus["lambada"]}", '
-            f'"{PLUGIN_TASK}" = "{corpus["piqa"]}"}}')
+            f'"{PLUGIN_TASK}" = "{corpus["siqa"]}"}}')
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -104,7 +103,7 @@ def assert_equal_to_gpt_eval(run_dir: Path, corpus: dict[str, Path], last: dict,
     the plugin's task file, its task too)."""
     tasks, data, keys = "hellaswag,lambada", [], list(TASK_KEYS)
     if plugin is not None:
-        tasks, data, keys = f"{tasks},{plugin}:TASK", ["--task-data", f"{plugin}:TASK={corpus['piqa']}"], \
+        tasks, data, keys = f"{tasks},{plugin}:TASK", ["--task-data", f"{plugin}:TASK={corpus['siqa']}"], \
             keys + PLUGIN_KEYS
     result = run_gpt("eval", "--checkpoint", run_dir, "--task", tasks, "--task-data",
                      f"hellaswag={corpus['hellaswag']}", "--task-data", f"lambada={corpus['lambada']}", *data,
@@ -112,7 +111,8 @@ def assert_equal_to_gpt_eval(run_dir: Path, corpus: dict[str, Path], last: dict,
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)["tasks"]
     for key in keys:
-        task, metric = key.split("_", 1)
+        task = next(name for name in report if key.startswith(f"{name}_"))
+        metric = key[len(task) + 1:]
         assert last[key] == pytest.approx(report[task]["metrics"][metric]["value"], rel=1e-6), key
 
 
@@ -130,13 +130,13 @@ def test_one_rank_logs_task_metrics_at_the_set_steps_without_changing_the_run(tm
     assert all(key in r for r in scored if r["step"] in (3, 6) for key in TASK_KEYS + PLUGIN_KEYS)
     assert [r["loss"] for r in scored] == [r["loss"] for r in records(tmp_path / "plain")]
     assert [r.get("eval_loss") for r in scored] == [r.get("eval_loss") for r in records(tmp_path / "plain")]
-    assert "hellaswag acc_norm" in resumed.stderr and "piqa acc_norm" in resumed.stderr  # the live display
+    assert "hellaswag acc_norm" in resumed.stderr and "social_iqa acc" in resumed.stderr  # the live display
     with open(tmp_path / "tasks" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [float(row["piqa_acc"]) for row in rows if row["piqa_acc"]] == [r["piqa_acc"] for r in scored
-                                                                           if "piqa_acc" in r]
-    assert {"hellaswag_acc_norm", "lambada_perplexity", "piqa_acc_norm"} <= set(rows[0])
-    assert_equal_to_gpt_eval(tmp_path / "tasks", corpus, scored[-1], plugin=tmp_path / "piqa_task.py")
+    assert [float(row["social_iqa_acc"]) for row in rows if row["social_iqa_acc"]] == \
+        [r["social_iqa_acc"] for r in scored if "social_iqa_acc" in r]
+    assert {"hellaswag_acc_norm", "lambada_perplexity", "social_iqa_acc"} <= set(rows[0])
+    assert_equal_to_gpt_eval(tmp_path / "tasks", corpus, scored[-1], plugin=tmp_path / "siqa_task.py")
 
 
 def test_two_ranks_zero3_divide_the_examples_and_log_the_metrics_of_all(tmp_path, corpus):

@@ -120,7 +120,7 @@ def check_fits_batches(model, tasks: list[list[Group]], batch_size: int) -> None
     from ..machine import check_task_scoring_fits
 
     for groups in (g for g in tasks if g):
-        width = max(len(g.context) + sum(len(c) for c in g.continuations) for g in groups)  # at most packed
+        width = max(g.most_packed for g in groups)
         rows = max(sum(len(c) for c in g.continuations) for g in groups)
         batch = min(batch_size, len(groups))
         check_task_scoring_fits(model.config, batch, width, batch * rows, model.wte.weight.device.type)
