@@ -2,10 +2,11 @@
 scored continuations become metrics. (GPT-2's published scores are the presets', presets.py.)
 
 A task is a `Benchmark` (or any object with its fields: docs/extending.md), found through the registry
-(`registry.TASKS`): the built-ins HELLASWAG and LAMBADA here, an installed package's entry point, or a
-"module:attr" / "file.py:attr" reference. Both built-ins follow lm-evaluation-harness 0.4.x's task
-definitions (lm_eval/tasks/hellaswag/hellaswag.yaml and utils.py, lm_eval/tasks/lambada/lambada_openai.yaml),
-zero-shot, with its default target delimiter " " between context and continuation.
+(`registry.TASKS`): the built-ins HELLASWAG and LAMBADA here and the rest of the suite in multiple_choice.py,
+an installed package's entry point, or a "module:attr" / "file.py:attr" reference. Both built-ins here follow
+lm-evaluation-harness 0.4.x's task definitions (lm_eval/tasks/hellaswag/hellaswag.yaml and utils.py,
+lm_eval/tasks/lambada/lambada_openai.yaml), zero-shot, with its default target delimiter " " between context
+and continuation.
 """
 
 from __future__ import annotations
