@@ -23,7 +23,7 @@ from gptcli.tasks import evaluate_tasks, read_all
 from gptcli.tasks.benchmarks import benchmark
 from gptcli.tasks.data import read_examples
 from gptcli.tasks.scoring import encode_example, pack, score_groups
-from task_files import HELLASWAG, LAMBADA, random_model, write_jsonl, write_parquet
+from task_files import HELLASWAG, LAMBADA, LM_EVAL_YAML, PIQA, lm_eval_task, random_model, write_jsonl, write_parquet
 
 LOGLIKELIHOOD_TOLERANCE = 1e-4  # the issue's bound against lm-eval; fp32 sums of ~20 log-probabilities
 SUITE = ("piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa", "sciq", "boolq")
@@ -33,15 +33,7 @@ SUITE = ("piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa", "sciq"
 # space, WinoGrande's blank at the start, before punctuation and after a space, SciQ's support with leading
 # whitespace or none, choices that start alike (they share rows of the packed prefix tree), unicode.
 RECORDS = {
-    "piqa": [
-        {"goal": "How do I dry wet shoes?", "sol1": "Stuff them with newspaper.", "sol2": "Put them in the oven.",
-         "label": 0},
-        {"goal": "To keep bread fresh", "sol1": "leave it in the sun.", "sol2": "keep it in a bread box.", "label": 1},
-        {"goal": "Open a stuck jar lid", "sol1": "Run the lid under hot water.", "sol2": "Run the lid under ice.",
-         "label": 0},
-        {"goal": "Make café au lait", "sol1": "mix coffee with hot milk.", "sol2": "mix coffee with sand.", "label": 0},
-        {"goal": "To stop a squeaky hinge", "sol1": "paint over it.", "sol2": "oil the hinge pin.", "label": 1},
-    ],
+    "piqa": PIQA,
     "arc": [
         {"id": "q1", "question": "Which gas do plants take in from the air?",
          "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]},
@@ -102,11 +94,6 @@ RECORDS = {
 RECORDS_OF = {"piqa": "piqa", "arc_easy": "arc", "arc_challenge": "arc", "winogrande": "winogrande",
               "openbookqa": "openbookqa", "sciq": "sciq", "boolq": "boolq"}
 
-# lm-eval 0.4's definition of each, under lm_eval/tasks.
-LM_EVAL_YAML = {"piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
-                "winogrande": "winogrande/default.yaml", "openbookqa": "openbookqa/openbookqa.yaml",
-                "sciq": "sciq/sciq.yaml", "boolq": "super_glue/boolq/default.yaml"}
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -129,22 +116,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return written
 
 
-def lm_eval_local_task(name: str, data_file: Path, cache_dir: Path):
-    """lm-eval's own task `name` (its installed YAML and utils) reading `data_file` as the split it scores:
-    its test split where it names one (ARC, OpenBookQA, SciQ), else its validation split."""
-    lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.api.task import ConfigurableTask
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    config = load_yaml(Path(lm_eval.__file__).parent / "tasks" / LM_EVAL_YAML[name])
-    split = config.get("test_split") or config["validation_split"]
-    config.update(task=f"{name}_local", dataset_path="json", dataset_name=None, training_split=None,
-                  validation_split=split if split == config.get("validation_split") else None,
-                  test_split=split if split == config.get("test_split") else None,
-                  dataset_kwargs={"data_files": {split: str(data_file)}, "cache_dir": str(cache_dir)})
-    return ConfigurableTask(config=config)
-
-
 # --- the definitions against lm-eval's own ------------------------------------------------------------------
 
 
@@ -152,7 +123,7 @@ def lm_eval_local_task(name: str, data_file: Path, cache_dir: Path):
 def test_every_request_choice_and_gold_is_lm_evals(name, files, tmp_path):
     """lm-eval's zero-shot context, its requests (context, continuation) for each choice, its choices (what
     acc_norm divides by) and its gold index, from its own task definition on the same file."""
-    task = lm_eval_local_task(name, files[name], tmp_path / "cache")
+    task = lm_eval_task(name, files[name], tmp_path / "cache")
     examples, _ = read_examples(benchmark(name), files[name])
     docs = list(task.eval_docs)
     assert len(examples) == len(docs) == len(RECORDS[RECORDS_OF[name]])
@@ -370,7 +341,7 @@ def test_every_loglikelihood_accuracy_and_standard_error_equals_lm_evaluation_ha
     monkeypatch.setenv("DISABLE_MULTIPROC", "1")
     export_hf(save_model_dir(tmp_path / "model", model, tokenizer), tmp_path / "hf")
     lm = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=4)
-    tasks = {f"{name}_local": lm_eval_local_task(name, files[name], tmp_path / "cache") for name in SUITE}
+    tasks = {f"{name}_local": lm_eval_task(name, files[name], tmp_path / "cache") for name in SUITE}
     reference = evaluator.evaluate(lm, tasks, log_samples=True, verbosity="ERROR")
     ours = {r.name: r for r in evaluate_tasks(model, tokenizer, read_all(
         list(SUITE), {name: str(files[name]) for name in SUITE}, 0), batch_size=4)}
