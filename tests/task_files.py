@@ -42,19 +42,16 @@ HELLASWAG = [
                                      "Skip the warm up.", "Stretch only your ears."], "label": "0"},
 ]
 
-# PIQA-shaped records (goal, two solutions, the gold one's index), short enough for a 128-position model.
+# PIQA-shaped records (goal, two solutions, the gold one's index), short enough for a 128-position model, with
+# solutions that start alike (they share rows of the packed prefix tree) and unicode.
 PIQA = [
     {"goal": "How do I dry wet shoes?", "sol1": "Stuff them with newspaper.", "sol2": "Put them in the oven.",
      "label": 0},
     {"goal": "To keep bread fresh", "sol1": "leave it in the sun.", "sol2": "keep it in a bread box.", "label": 1},
-    {"goal": "How can I open a stuck jar lid?", "sol1": "Run the lid under hot water.",
-     "sol2": "Freeze the jar overnight.", "label": 0},
-    {"goal": "To cool soup quickly", "sol1": "stir it in a cold water bath.", "sol2": "cover it with a blanket.",
+    {"goal": "Open a stuck jar lid", "sol1": "Run the lid under hot water.", "sol2": "Run the lid under ice.",
      "label": 0},
-    {"goal": "How do you stop a squeaky hinge?", "sol1": "Paint over it.", "sol2": "Oil the hinge pin.",
-     "label": 1},
-    {"goal": "To find a lost contact lens", "sol1": "shine a flashlight across the floor.",
-     "sol2": "vacuum the room first.", "label": 0},
+    {"goal": "Make café au lait", "sol1": "mix coffee with hot milk.", "sol2": "mix coffee with sand.", "label": 0},
+    {"goal": "To stop a squeaky hinge", "sol1": "paint over it.", "sol2": "oil the hinge pin.", "label": 1},
 ]
 
 LAMBADA = [
@@ -65,6 +62,23 @@ LAMBADA = [
     "Il a dit merci à la boulangère",
     "First line of the story.\nThe second line ends with a word",
     "They walked for hours until the road ended at the sea",
+]
+
+# Social IQa-shaped records (examples/plugins' task): a context, a question, three answers and the right one's
+# number as text, short enough for the 128-position model.
+SIQA = [
+    {"context": "Tracy left her umbrella at home.", "question": "How would Tracy feel when it rains?",
+     "answerA": "wet and annoyed", "answerB": "proud of herself", "answerC": "very sleepy", "label": "1"},
+    {"context": "Jordan baked bread for the neighbours.", "question": "Why did Jordan do this?",
+     "answerA": "to be kind", "answerB": "to sell a car", "answerC": "to learn to swim", "label": "1"},
+    {"context": "Sam lost the final match.", "question": "What will Sam want to do next?",
+     "answerA": "throw a party", "answerB": "practise more", "answerC": "buy a boat", "label": "2"},
+    {"context": "Alex forgot a friend's birthday.", "question": "What should Alex do?",
+     "answerA": "forget it again", "answerB": "move away", "answerC": "apologise to the friend", "label": "3"},
+    {"context": "Riley found a lost wallet.", "question": "What will Riley do?",
+     "answerA": "return it to its owner", "answerB": "eat it", "answerC": "paint it", "label": "1"},
+    {"context": "Casey studied all night.", "question": "How will Casey feel in the morning?",
+     "answerA": "tired", "answerB": "invisible", "answerC": "taller", "label": "1"},
 ]
 
 
@@ -116,16 +130,25 @@ def greedy_passages(model, tokenizer, count: int = 4) -> list[str]:
     return passages
 
 
+# lm-eval 0.4's definition of each task, under lm_eval/tasks.
+LM_EVAL_YAML = {"hellaswag": "hellaswag/hellaswag.yaml", "lambada": "lambada/lambada_openai.yaml",
+                "piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
+                "winogrande": "winogrande/default.yaml", "openbookqa": "openbookqa/openbookqa.yaml",
+                "sciq": "sciq/sciq.yaml", "boolq": "super_glue/boolq/default.yaml"}
+
+
 def lm_eval_task(name: str, data_file: Path, cache_dir: Path):
-    """lm-eval's own task (its installed YAML, preprocessing functions and metrics) reading `data_file`
-    instead of its Hub dataset."""
+    """lm-eval's own task `name` (its installed YAML, preprocessing functions and metrics) reading `data_file`
+    instead of its Hub dataset, as the split lm-eval scores: its test split where it names one (LAMBADA, ARC,
+    OpenBookQA, SciQ), else its validation split."""
     import lm_eval
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    yaml_file = {"hellaswag": "hellaswag/hellaswag.yaml", "lambada": "lambada/lambada_openai.yaml"}[name]
-    config = load_yaml(Path(lm_eval.__file__).parent / "tasks" / yaml_file)
-    split = config.get("validation_split") or config["test_split"]
+    config = load_yaml(Path(lm_eval.__file__).parent / "tasks" / LM_EVAL_YAML[name])
+    split = config.get("test_split") or config["validation_split"]
     config.update(task=f"{name}_local", dataset_path="json", dataset_name=None, training_split=None,
+                  validation_split=split if split == config.get("validation_split") else None,
+                  test_split=split if split == config.get("test_split") else None,
                   dataset_kwargs={"data_files": {split: str(data_file)}, "cache_dir": str(cache_dir)})
     return ConfigurableTask(config=config)

@@ -1,5 +1,5 @@
 """`gpt eval --task`: HellaSwag and LAMBADA scored as lm-evaluation-harness 0.4 scores them, and a plugin's
-task (examples/plugins: PIQA) found through the registry by its entry point or as "file.py:attr".
+task (examples/plugins: Social IQa) found through the registry by its entry point or as "file.py:attr".
 
 The fast tests check each piece against lm-eval's own definitions (its HellaSwag preprocessing function,
 its LAMBADA templates, its pair encoding, its standard errors) and the packed scorer against one plain
@@ -26,7 +26,7 @@ from gptcli.tasks import evaluate_tasks, gpt2_shape, read_all, stats
 from gptcli.tasks.benchmarks import benchmark
 from gptcli.tasks.data import read_examples
 from gptcli.tasks.scoring import encode_example, encode_pair, score_groups
-from task_files import HELLASWAG, LAMBADA, PIQA, greedy_passages, lm_eval_task, random_model, write_jsonl, write_parquet
+from task_files import HELLASWAG, LAMBADA, SIQA, greedy_passages, lm_eval_task, random_model, write_jsonl, write_parquet
 
 LOGLIKELIHOOD_TOLERANCE = 1e-4  # the issue's bound against lm-eval; fp32 sums of ~20 log-probabilities
 # The same model's scores packed in rows and one request per forward pass: fp32 sums of up to ~100 nats whose
@@ -150,11 +150,11 @@ def separate_passes(model, group) -> list[tuple[float, bool]]:
     """What lm-eval's hf backend computes for each request: a forward pass over context + continuation
     minus its last token, log-softmax in fp32, the continuation's log-probabilities summed."""
     results = []
-    for continuation in group.continuations:
-        ids = torch.tensor([group.context + continuation[:-1]])
+    for context, continuation in group.requests:
+        ids = torch.tensor([context + continuation[:-1]])
         with torch.no_grad():
             logits, _ = model(ids)
-        logprobs = torch.log_softmax(logits[0, len(group.context) - 1:].float(), dim=-1)
+        logprobs = torch.log_softmax(logits[0, len(context) - 1:].float(), dim=-1)
         target = torch.tensor(continuation)
         results.append((logprobs[torch.arange(len(continuation)), target].sum().item(),
                         bool((logprobs.argmax(-1) == target).all())))
@@ -244,10 +244,13 @@ def test_published_scores_are_the_presets_for_every_task_a_preset_names():
 
 def test_the_built_in_tasks_are_the_registrys_and_their_names_are_their_record_names():
     from gptcli.registry import TASKS
+    from gptcli.tasks import multiple_choice
     from gptcli.tasks.benchmarks import HELLASWAG, LAMBADA
 
-    assert [benchmark(name) for name in TASKS.builtins] == [HELLASWAG, LAMBADA]
-    assert [task.name for task in (HELLASWAG, LAMBADA)] == list(TASKS.builtins)
+    suite = [HELLASWAG, LAMBADA, multiple_choice.PIQA, multiple_choice.ARC_EASY, multiple_choice.ARC_CHALLENGE,
+             multiple_choice.WINOGRANDE, multiple_choice.OPENBOOKQA, multiple_choice.SCIQ, multiple_choice.BOOLQ]
+    assert [benchmark(name) for name in TASKS.builtins] == suite
+    assert [task.name for task in suite] == list(TASKS.builtins)
 
 
 def test_an_object_that_is_not_a_task_is_one_sentence(tmp_path):
@@ -360,25 +363,23 @@ def test_without_data_and_without_the_hub_the_error_says_what_to_do(model_dir, t
 
 # --- a plugin's task -------------------------------------------------------------------------------------------
 
-def piqa_by_hand(model, tokenizer) -> dict[str, float]:
-    """acc and acc_norm of the PIQA records computed directly: "Question: {goal}\nAnswer:" and each " sol" as
-    lm-eval splits such a pair (the context's tokens, then the rest), one forward pass per solution."""
-    right = {"acc": 0, "acc_norm": 0}
-    for record in PIQA:
-        context = f"Question: {record['goal']}\nAnswer:"
+def siqa_by_hand(model, tokenizer) -> dict[str, float]:
+    """acc of the Social IQa records computed directly: "Q: {context} {question}\nA:" and each " answer" as
+    lm-eval splits such a pair (the context's tokens, then the rest), one forward pass per answer."""
+    right = 0
+    for record in SIQA:
+        context = f"Q: {record['context']} {record['question']}\nA:"
         context_ids = tokenizer.encode(context)
         loglikelihoods = []
-        for solution in (record["sol1"], record["sol2"]):
-            ids = tokenizer.encode(f"{context} {solution}")
+        for answer in (record["answerA"], record["answerB"], record["answerC"]):
+            ids = tokenizer.encode(f"{context} {answer}")
             with torch.no_grad():
                 logits, _ = model(torch.tensor([ids[:-1]]))
             logprobs = torch.log_softmax(logits[0].float(), dim=-1)
             positions = range(len(context_ids) - 1, len(ids) - 1)
             loglikelihoods.append(sum(logprobs[p, ids[p + 1]].item() for p in positions))
-        normalised = [value / len(solution) for value, solution in zip(loglikelihoods, (record["sol1"], record["sol2"]), strict=True)]
-        right["acc"] += loglikelihoods.index(max(loglikelihoods)) == record["label"]
-        right["acc_norm"] += normalised.index(max(normalised)) == record["label"]
-    return {metric: count / len(PIQA) for metric, count in right.items()}
+        right += loglikelihoods.index(max(loglikelihoods)) == int(record["label"]) - 1
+    return {"acc": right / len(SIQA)}
 
 
 def eval_in_process(*args) -> dict:
@@ -395,21 +396,21 @@ def eval_in_process(*args) -> dict:
 @pytest.mark.slow  # pip installs examples/plugins once (seconds), then loads the model twice
 def test_a_plugins_task_by_its_entry_point_and_as_a_file_scores_what_a_direct_computation_gives(
         installed_plugins, model, model_dir, tokenizer, tmp_path):
-    """examples/plugins' PIQA task, installed (its entry point's name) and as "file.py:attr" beside the project
-    file, on local data: the accuracies of one forward pass per solution (equal: each is a count over 6
-    records; the scores agree to 1e-5, far inside any gap between two solutions here)."""
-    data = write_jsonl(tmp_path / "piqa.jsonl", PIQA)
-    want = piqa_by_hand(model, tokenizer)
+    """examples/plugins' Social IQa task, installed (its entry point's name) and as "file.py:attr" beside the
+    project file, on local data: the accuracy of one forward pass per answer (equal: a count over 6 records;
+    the scores agree to 1e-5, far inside any gap between two answers here)."""
+    data = write_jsonl(tmp_path / "siqa.jsonl", SIQA)
+    want = siqa_by_hand(model, tokenizer)
     installed = eval_in_process("--checkpoint", model_dir, "--task", "example_task", "--task-data", data)
-    assert installed["tasks"]["piqa"]["examples"] == len(PIQA)
-    assert {m: v["value"] for m, v in installed["tasks"]["piqa"]["metrics"].items()} == want
+    assert installed["tasks"]["social_iqa"]["examples"] == len(SIQA)
+    assert {m: v["value"] for m, v in installed["tasks"]["social_iqa"]["metrics"].items()} == want
     plugin = Path(__file__).resolve().parents[1] / "examples" / "plugins" / "gptcli_example_plugins" / "task.py"
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "piqa_task.py").write_text(plugin.read_text())
-    (tmp_path / "run.toml").write_text(f'[eval]\ntask_data = {{ "tasks/piqa_task.py:TASK" = "{data}" }}\n')
+    (tmp_path / "tasks" / "siqa_task.py").write_text(plugin.read_text())
+    (tmp_path / "run.toml").write_text(f'[eval]\ntask_data = {{ "tasks/siqa_task.py:TASK" = "{data}" }}\n')
     from_file = eval_in_process("--project", tmp_path / "run.toml", "--checkpoint", model_dir, "--task",
-                                "tasks/piqa_task.py:TASK")
-    assert from_file["tasks"]["piqa"]["metrics"] == installed["tasks"]["piqa"]["metrics"]
+                                "tasks/siqa_task.py:TASK")
+    assert from_file["tasks"]["social_iqa"]["metrics"] == installed["tasks"]["social_iqa"]["metrics"]
 
 
 @pytest.mark.slow  # pip installs examples/plugins once (seconds)
@@ -420,8 +421,9 @@ def test_the_schema_takes_a_plugins_task_and_refuses_an_unknown_one_listing_the_
     with pytest.raises(ConfigError) as error:
         project_from_dict({"eval": {"tasks": ["lambada"], "task_data": {"exampel_task": "x.jsonl"}}})
     assert str(error.value) == ('eval.task_data names "exampel_task", which is not a task (built in: hellaswag, '
-                                'lambada; installed: example_task; or "package.module:attr", or "file.py:attr" '
-                                'beside the project file) (did you mean "example_task"?).')
+                                'lambada, piqa, arc_easy, arc_challenge, winogrande, openbookqa, sciq, boolq; '
+                                'groups: all, ai2_arc; installed: example_task; or "package.module:attr", or '
+                                '"file.py:attr" beside the project file) (did you mean "example_task"?).')
 
 
 # --- against lm-evaluation-harness itself -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, losses, project_file, records, run_gpt, train, trained
-from task_files import HELLASWAG, PIQA, write_jsonl
+from task_files import HELLASWAG, SIQA, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ SHORT_HELLASWAG = [r for r in HELLASWAG if len(r["ctx_a"]) < 45]
 PASSAGES = ["The cat sat on the mat", "He went home", "She said hello to the man at the door", "It was late",
             "They ate bread and cheese for lunch"]
 TASK_KEYS = ["hellaswag_acc", "hellaswag_acc_norm", "lambada_acc", "lambada_perplexity"]
-PLUGIN_TASK = "piqa_task.py:TASK"  # examples/plugins' PIQA, copied beside the project file
-PLUGIN_KEYS = ["piqa_acc", "piqa_acc_norm"]
+PLUGIN_TASK = "siqa_task.py:TASK"  # examples/plugins' Social IQa, copied beside the project file
+PLUGIN_KEYS = ["social_iqa_acc"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def task_data(tmp_path_factory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("tasks")
     return {"hellaswag": write_jsonl(directory / "hellaswag.jsonl", SHORT_HELLASWAG),
             "lambada": write_jsonl(directory / "lambada.jsonl", [{"text": t} for t in PASSAGES]),
-            "piqa": write_jsonl(directory / "piqa.jsonl", PIQA)}
+            "siqa": write_jsonl(directory / "siqa.jsonl", SIQA)}
 
 
 def with_tasks(task_data: dict[str, Path], every: int) -> tuple[str, ...]:
@@ -42,10 +42,10 @@ def with_tasks(task_data: dict[str, Path], every: int) -> tuple[str, ...]:
 
 def with_plugin_task(directory: Path, task_data: dict[str, Path], every: int) -> tuple[str, ...]:
     """The built-in tasks and the example plugin's, named by its file beside the project file."""
-    shutil.copy(REPO / "examples" / "plugins" / "gptcli_example_plugins" / "task.py", directory / "piqa_task.py")
+    shutil.copy(REPO / "examples" / "plugins" / "gptcli_example_plugins" / "task.py", directory / "siqa_task.py")
     return (f'eval.tasks=["hellaswag", "lambada", "{PLUGIN_TASK}"]', f"eval.tasks_every={every}",
             f'eval.task_data={{hellaswag = "{task_data["hellaswag"]}", lambada = "{task_data["lambada"]}", '
-            f'"{PLUGIN_TASK}" = "{task_data["piqa"]}"}}')
+            f'"{PLUGIN_TASK}" = "{task_data["siqa"]}"}}')
 
 
 def assert_equal_to_gpt_eval(run_dir: Path, task_data: dict[str, Path], last: dict, plugin: Path | None = None) -> None:
@@ -53,7 +53,7 @@ def assert_equal_to_gpt_eval(run_dir: Path, task_data: dict[str, Path], last: di
     the plugin's task file, its task too)."""
     tasks, data, keys = "hellaswag,lambada", [], list(TASK_KEYS)
     if plugin is not None:
-        tasks, data, keys = f"{tasks},{plugin}:TASK", ["--task-data", f"{plugin}:TASK={task_data['piqa']}"], \
+        tasks, data, keys = f"{tasks},{plugin}:TASK", ["--task-data", f"{plugin}:TASK={task_data['siqa']}"], \
             keys + PLUGIN_KEYS
     result = run_gpt("eval", "--checkpoint", run_dir, "--task", tasks, "--task-data",
                      f"hellaswag={task_data['hellaswag']}", "--task-data", f"lambada={task_data['lambada']}", *data,
@@ -61,7 +61,8 @@ def assert_equal_to_gpt_eval(run_dir: Path, task_data: dict[str, Path], last: di
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)["tasks"]
     for key in keys:
-        task, metric = key.split("_", 1)
+        task = next(name for name in report if key.startswith(f"{name}_"))
+        metric = key[len(task) + 1:]
         assert last[key] == pytest.approx(report[task]["metrics"][metric]["value"], rel=1e-6), key
 
 
@@ -80,13 +81,13 @@ def test_one_rank_logs_task_metrics_at_the_set_steps_without_changing_the_run(tm
     assert all(key in r for r in scored if r["step"] in (3, 6, 8) for key in TASK_KEYS + PLUGIN_KEYS)
     assert [r["loss"] for r in scored] == losses(reference_run)
     assert [r.get("eval_loss") for r in scored] == [r.get("eval_loss") for r in records(reference_run)]
-    assert "hellaswag acc_norm" in resumed.stderr and "piqa acc_norm" in resumed.stderr  # the live display
+    assert "hellaswag acc_norm" in resumed.stderr and "social_iqa acc" in resumed.stderr  # the live display
     with open(tmp_path / "tasks" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [float(row["piqa_acc"]) for row in rows if row["piqa_acc"]] == [r["piqa_acc"] for r in scored
-                                                                           if "piqa_acc" in r]
-    assert {"hellaswag_acc_norm", "lambada_perplexity", "piqa_acc_norm"} <= set(rows[0])
-    assert_equal_to_gpt_eval(tmp_path / "tasks", task_data, scored[-1], plugin=tmp_path / "piqa_task.py")
+    assert [float(row["social_iqa_acc"]) for row in rows if row["social_iqa_acc"]] == \
+        [r["social_iqa_acc"] for r in scored if "social_iqa_acc" in r]
+    assert {"hellaswag_acc_norm", "lambada_perplexity", "social_iqa_acc"} <= set(rows[0])
+    assert_equal_to_gpt_eval(tmp_path / "tasks", task_data, scored[-1], plugin=tmp_path / "siqa_task.py")
 
 
 def test_two_ranks_zero3_divide_the_examples_and_log_the_metrics_of_all(tmp_path, shards, task_data):

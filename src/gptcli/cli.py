@@ -673,8 +673,8 @@ DatasetOpt = Annotated[Optional[str], typer.Option(
     help="Score a Hugging Face dataset: NAME or NAME:CONFIG on the Hub, or a save_to_disk dir.")]
 DatasetSplitOpt = Annotated[str, typer.Option(help="Split of --dataset.")]
 TaskOpt = Annotated[Optional[str], typer.Option(
-    help=f"Score benchmarks instead, as lm-evaluation-harness does: {', '.join(TASKS.builtins)}, or a plugin's "
-         "task (comma-separated; docs/extending.md).",
+    help=f"Score benchmarks instead, as lm-evaluation-harness does: {', '.join(TASKS.builtins)}, a group "
+         f"({', '.join(TASKS.groups)}), or a plugin's task (comma-separated; docs/extending.md).",
     show_default=False)]
 TaskDataOpt = Annotated[Optional[list[str]], typer.Option(
     help=f"{field_doc('eval', 'task_data')} Here: FILE (one task scored) or NAME=FILE, repeatable "
@@ -708,7 +708,7 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and bits per byte of a model on the project's val shards, a text file or a dataset;
-    or, with --task, zero-shot task scores (HellaSwag, LAMBADA, a plugin's) beside GPT-2's."""
+    or, with --task, zero-shot task scores (HellaSwag, LAMBADA, PIQA, ARC, ..., `all`, a plugin's) beside GPT-2's."""
     if task is not None:
         return eval_tasks(project, checkpoint, overrides, task, task_data, limit, batch_size, device, bf16,
                           as_json, other=text or dataset)

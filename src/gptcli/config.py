@@ -353,9 +353,9 @@ class EvalConfig(Section):
     batch_size: int = doc("Windows (perplexity) or task examples per forward pass.", 8, at_least=1)
     max_tokens: int = doc("Score at most this many tokens (of each source, for a mixture's split); 0 means all.", 0,
                           at_least=0)
-    tasks: list = doc(f"Benchmarks scored as lm-evaluation-harness scores them: {_quoted(TASKS.builtins)}, or a "
-                      "plugin's task (docs/extending.md); during training every tasks_every steps, and by `gpt eval "
-                      "--task` (whose names replace these).", factory=list)
+    tasks: list = doc(f"Benchmarks scored as lm-evaluation-harness scores them: {_quoted(TASKS.builtins)}, a group "
+                      f"of them ({_quoted(TASKS.groups)}), or a plugin's task (docs/extending.md); during training "
+                      "every tasks_every steps, and by `gpt eval --task` (whose names replace these).", factory=list)
     tasks_every: int = doc("Score the tasks during training every this many steps (and at the last); 0 = at every "
                            "evaluation (train.eval_every).", 0, at_least=0)
     tasks_limit: int = doc("Score the first N examples of each task; 0 = all (HellaSwag 10,042, LAMBADA 5,153).", 0,
@@ -462,9 +462,10 @@ REGISTERED_KEYS: tuple[tuple[str, str, Registry], ...] = (
 
 
 def placed(value: Any, registry: Registry, where: str, base: Path) -> Any:
-    """`value` with each name checked and each "file.py:attr" made absolute (a list's items, a table's keys)."""
+    """`value` with each name checked and each "file.py:attr" made absolute (a list's items, a table's keys);
+    in a list, a group's name (registry.Registry.groups: `eval.tasks = ["all"]`) becomes its members."""
     if isinstance(value, list):
-        return [placed(item, registry, where, base) for item in value]
+        return [placed(item, registry, where, base) for item in registry.expand(value)]
     if isinstance(value, dict):
         return {placed(name, registry, where, base): item for name, item in value.items()}
     try:

@@ -50,6 +50,9 @@ _SMALL_MODEL_TRAINING = {"eval_every": 50, "eval_batches": 10, "checkpoint_every
 # Published zero-shot scores of OpenAI's GPT-2 checkpoints (docs/generate-eval.md has the sources in full).
 LM_EVAL_GPT2 = "lm-evaluation-harness 0.4 hf backend, openai-community/gpt2"
 GPT2_PAPER = "GPT-2 paper, Table 3 (its own LAMBADA protocol, not lm-eval's)"
+# A zero-shot table with an openai-community/gpt2 row whose LAMBADA figures (40.06, 32.56%) are lm-eval 0.4's
+# to the digit; only its columns that name one task and one metric are taken (not its "arc acc").
+GPT2023_CARD = "crumb/gpt2023 model card (Hugging Face Hub, 2023), zero-shot table, row gpt2 (124m)"
 
 
 def _lambada_in_the_paper(accuracy: float, perplexity: float) -> dict[str, dict[str, Published]]:
@@ -74,7 +77,10 @@ PRESETS: dict[str, Preset] = {
                family="gpt2", hub_id="gpt2",
                scores={"hellaswag": {"acc": Published(0.2892, LM_EVAL_GPT2), "acc_norm": Published(0.3114, LM_EVAL_GPT2)},
                        "lambada": {"acc": Published(0.3256, LM_EVAL_GPT2),
-                                   "perplexity": Published(40.0554, LM_EVAL_GPT2)}}),
+                                   "perplexity": Published(40.0554, LM_EVAL_GPT2)},
+                       "piqa": {"acc": Published(0.6289, GPT2023_CARD)},
+                       "winogrande": {"acc": Published(0.5161, GPT2023_CARD)},
+                       "sciq": {"acc": Published(0.750, GPT2023_CARD)}}),
         Preset("gpt2-medium", {**_GPT2, "n_layer": 24, "n_head": 16, "n_embd": 1024}, 354_823_168,
                "HF gpt2-medium config; tied lm_head", "GPT-2 medium, 355M", family="gpt2", hub_id="gpt2-medium",
                scores=_lambada_in_the_paper(0.5548, 15.60)),

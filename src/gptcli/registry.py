@@ -46,12 +46,14 @@ class Registry:
 
     kind: what one is called in messages ("optimizer"); key: the project key that names one, for messages;
     group: the entry-point group installed packages add entries to; builtins: name → "module:attr" of
-    gptcli's own entries, in the order lists show them."""
+    gptcli's own entries, in the order lists show them; groups: a name that stands for several built-ins in
+    a list of them (`eval.tasks = ["all"]`), expanded when the project is loaded (`expand`)."""
 
     kind: str
     key: str
     group: str
     builtins: dict[str, str]
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _loaded: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # --- names, without importing anything --------------------------------------------------------------
@@ -64,6 +66,13 @@ class Registry:
         """Every name a project may give: the built-ins, then the installed entries."""
         return [*self.builtins, *sorted(self.installed())]
 
+    def expand(self, values: list) -> list:
+        """`values` with each group's name replaced by its members, in order; a name given twice this way
+        (["all", "piqa"]) is kept once, where it first comes."""
+        if not any(isinstance(value, str) and value in self.groups for value in values):
+            return values
+        return list(dict.fromkeys(member for value in values for member in self.groups.get(value, (value,))))
+
     def check(self, value: str, where: Optional[str] = None, base_dir: Optional[Path] = None) -> None:
         """Refuse, in one sentence, a value that is no registered name and no reference; for "file.py:attr",
         a file that is not there (relative to `base_dir`, the project file's directory). Imports nothing."""
@@ -73,6 +82,9 @@ class Registry:
                            f"{value!r}.")
         if value in self.builtins or value in self.installed():
             return
+        if value in self.groups:
+            raise GptError(f'{where} names "{value}", a group of {self.kind}s ({", ".join(self.groups[value])}); '
+                           f"name each {self.kind} here.")
         match = FILE_REFERENCE.match(value)
         if match:
             path = reference_file(match.group("file"), base_dir)
@@ -81,7 +93,7 @@ class Registry:
             return
         if MODULE_REFERENCE.match(value):
             return
-        close = difflib.get_close_matches(value, self.names(), n=1, cutoff=0.5)
+        close = difflib.get_close_matches(value, [*self.names(), *self.groups], n=1, cutoff=0.5)
         hint = f' (did you mean "{close[0]}"?)' if close else ""
         raise GptError(f'{where} names "{value}", which is not {article(self.kind)} {self.kind} '
                        f"({self.known()}; or \"package.module:attr\", or \"file.py:attr\" beside the project "
@@ -90,6 +102,7 @@ class Registry:
     def known(self) -> str:
         installed = sorted(self.installed())
         text = f"built in: {', '.join(self.builtins) or 'none'}"
+        text += f"; groups: {', '.join(self.groups)}" if self.groups else ""
         return text + (f"; installed: {', '.join(installed)}" if installed else "")
 
     # --- objects ----------------------------------------------------------------------------------------
@@ -194,8 +207,15 @@ def entry_points(group: str) -> dict[str, importlib.metadata.EntryPoint]:
 
 OPTIMIZERS = Registry("optimizer", "train.optimizer", "gptcli.optimizers",
                       {"adamw": "gptcli.optimizers:ADAMW"})
-TASKS = Registry("task", "eval.tasks", "gptcli.tasks",
-                 {"hellaswag": "gptcli.tasks.benchmarks:HELLASWAG", "lambada": "gptcli.tasks.benchmarks:LAMBADA"})
+_TASKS = {"hellaswag": "gptcli.tasks.benchmarks:HELLASWAG", "lambada": "gptcli.tasks.benchmarks:LAMBADA",
+          "piqa": "gptcli.tasks.multiple_choice:PIQA", "arc_easy": "gptcli.tasks.multiple_choice:ARC_EASY",
+          "arc_challenge": "gptcli.tasks.multiple_choice:ARC_CHALLENGE",
+          "winogrande": "gptcli.tasks.multiple_choice:WINOGRANDE",
+          "openbookqa": "gptcli.tasks.multiple_choice:OPENBOOKQA", "sciq": "gptcli.tasks.multiple_choice:SCIQ",
+          "boolq": "gptcli.tasks.multiple_choice:BOOLQ"}
+TASKS = Registry("task", "eval.tasks", "gptcli.tasks", _TASKS,
+                 # "all": the zero-shot suite; "ai2_arc": both ARC sets, under lm-eval's name for the pair.
+                 groups={"all": tuple(_TASKS), "ai2_arc": ("arc_easy", "arc_challenge")})
 TRACKERS = Registry("tracker", "train.trackers", "gptcli.trackers",
                     {"tensorboard": "gptcli.train.observing.trackers:TensorBoardTracker",
                      "wandb": "gptcli.train.observing.trackers:WandbTracker",

@@ -1,9 +1,11 @@
-"""Zero-shot benchmarks scored as lm-evaluation-harness 0.4.x scores them: HellaSwag and LAMBADA (OpenAI)
-built in, and any task the registry finds (registry.TASKS: an installed plugin, "module:attr", "file.py:attr").
+"""Zero-shot benchmarks scored as lm-evaluation-harness 0.4.x scores them: HellaSwag, LAMBADA (OpenAI), PIQA,
+ARC-Easy, ARC-Challenge, WinoGrande, OpenBookQA, SciQ and BoolQ built in, and any task the registry finds
+(registry.TASKS: an installed plugin, "module:attr", "file.py:attr").
 
 `gpt eval --task NAME[,NAME...]` is `evaluate_project_tasks`; training calls `read_all`, `prepare_task`
-and `score_task` on every rank (train/observing/task_eval.py). benchmarks.py holds the definitions and the
-lookup, data.py the data, scoring.py the batched log-likelihoods, stats.py the standard errors.
+and `score_task` on every rank (train/observing/task_eval.py). benchmarks.py and multiple_choice.py hold
+the definitions (benchmarks.py the lookup), data.py the data, scoring.py the batched log-likelihoods,
+stats.py the standard errors.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def check_fits_batches(model, tasks: list[list[Group]], batch_size: int) -> None
     from ..machine import check_task_scoring_fits
 
     for groups in (g for g in tasks if g):
-        width = max(len(g.context) + sum(len(c) for c in g.continuations) for g in groups)  # at most packed
+        width = max(g.most_packed for g in groups)
         rows = max(sum(len(c) for c in g.continuations) for g in groups)
         batch = min(batch_size, len(groups))
         check_task_scoring_fits(model.config, batch, width, batch * rows, model.wte.weight.device.type)

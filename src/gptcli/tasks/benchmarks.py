@@ -2,10 +2,11 @@
 scored continuations become metrics. (GPT-2's published scores are the presets', presets.py.)
 
 A task is a `Benchmark` (or any object with its fields: docs/extending.md), found through the registry
-(`registry.TASKS`): the built-ins HELLASWAG and LAMBADA here, an installed package's entry point, or a
-"module:attr" / "file.py:attr" reference. Both built-ins follow lm-evaluation-harness 0.4.x's task
-definitions (lm_eval/tasks/hellaswag/hellaswag.yaml and utils.py, lm_eval/tasks/lambada/lambada_openai.yaml),
-zero-shot, with its default target delimiter " " between context and continuation.
+(`registry.TASKS`): the built-ins HELLASWAG and LAMBADA here and the rest of the suite in multiple_choice.py,
+an installed package's entry point, or a "module:attr" / "file.py:attr" reference. Both built-ins here follow
+lm-evaluation-harness 0.4.x's task definitions (lm_eval/tasks/hellaswag/hellaswag.yaml and utils.py,
+lm_eval/tasks/lambada/lambada_openai.yaml), zero-shot, with its default target delimiter " " between context
+and continuation.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ class Example:
     choices: tuple[str, ...]  # the continuations' text without the delimiter (acc_norm divides by its length)
     gold: int  # the right continuation
     where: str = field(default="", compare=False)  # how messages name it: file and line, or dataset and number
+    # Per continuation, the context it follows, when the choices differ in the context and share what comes
+    # after it (WinoGrande: each option fills the blank, the rest of the sentence is scored); empty: every
+    # continuation follows `context`.
+    contexts: tuple[str, ...] = ()
+
+    def requests(self) -> list[tuple[str, str]]:
+        """The (context, continuation) pairs scored, one per continuation, in order."""
+        contexts = self.contexts or (self.context,) * len(self.continuations)
+        return list(zip(contexts, self.continuations, strict=True))
 
 
 @dataclass(frozen=True)
@@ -95,18 +105,6 @@ def hellaswag_label(record: dict, where: str, count: int) -> int:
     return int(text)
 
 
-def hellaswag_outcomes(example: Example, scored: list[Scored]) -> dict[str, float]:
-    """acc: the most likely ending is the gold one; acc_norm: the same after dividing each summed
-    log-likelihood by the ending's length in characters. np.argmax takes the first of equal values, as
-    lm-eval does."""
-    loglikelihoods = np.array([s.loglikelihood for s in scored], dtype=np.float64)
-    lengths = np.array([float(len(c)) for c in example.choices])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        normalised = loglikelihoods / lengths
-    return {"acc": float(int(np.argmax(loglikelihoods)) == example.gold),
-            "acc_norm": float(int(np.argmax(normalised)) == example.gold)}
-
-
 # --- LAMBADA (OpenAI) ---------------------------------------------------------------------------------------
 
 
@@ -129,6 +127,20 @@ def lambada_outcomes(example: Example, scored: list[Scored]) -> dict[str, float]
 # --- shared -------------------------------------------------------------------------------------------------
 
 
+def choice_outcomes(example: Example, scored: list[Scored]) -> dict[str, float]:
+    """lm-eval's multiple-choice outcomes. acc: the most likely continuation is the gold one; acc_norm: the
+    same after dividing each summed log-likelihood by its choice's length in characters (lm-eval 0.4's
+    `len` of the choice's text, without the delimiter). np.argmax takes the first of equal values, as lm-eval
+    does."""
+    loglikelihoods = np.array([s.loglikelihood for s in scored], dtype=np.float64)
+    lengths = np.array([float(len(c)) for c in example.choices])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        normalised = loglikelihoods / lengths
+    return {"acc": float(int(np.argmax(loglikelihoods)) == example.gold),
+            "acc_norm": float(int(np.argmax(normalised)) == example.gold)}
+
+
+
 def text_field(record: dict, key: str, where: str) -> str:
     value = record[key]
     if not isinstance(value, str):
@@ -144,7 +156,7 @@ def shown(value) -> str:
 HELLASWAG = Benchmark(
     name="hellaswag", title="HellaSwag", hub=("Rowan/hellaswag", None, "validation"),
     fields=("activity_label", "ctx_a", "ctx_b", "endings", "label"),
-    example=hellaswag_example, outcomes=hellaswag_outcomes,
+    example=hellaswag_example, outcomes=choice_outcomes,
     metrics={"acc": "mean:acc", "acc_norm": "mean:acc_norm"},
     higher_is_better={"acc": True, "acc_norm": True}, headline="acc_norm",
 )

@@ -12,8 +12,12 @@ its last token) are merged into a prefix tree of tokens and packed into one row:
 the tokens on its path from the root only, with the position it has in its own sequence, so every
 token's hidden state is the one lm-eval's separate forward pass computes, while the context and any
 tokens the continuations start with in common are run once (HellaSwag's four endings share a context
-twice their length). Only the rows that predict a continuation token go through the vocabulary
-projection, once each, where lm-eval projects and log-softmaxes every position of every request.
+twice their length; PIQA's, ARC's, SciQ's, BoolQ's the question or passage). WinoGrande is the other way
+round: its requests differ in the context (each option fills the blank) and share the continuation (the
+rest of the sentence). There the tree branches at the option: the sentence before the blank runs once,
+and the shared continuation once per option, since each of its hidden states sees the option before it.
+Only the rows that predict a continuation token go through the vocabulary projection, once each, where
+lm-eval projects and log-softmaxes every position of every request.
 """
 
 from __future__ import annotations
@@ -28,19 +32,31 @@ import torch
 from ..errors import GptError
 from .benchmarks import Example, Scored
 
+Request = tuple[list[int], list[int]]  # a context's tokens and a continuation's, as the model reads them
+
 
 @dataclass
 class Group:
-    """An example's tokens: the context and, per continuation, its tokens."""
+    """An example's tokens: per continuation, the context it follows and its own tokens (most examples share
+    one context list among all their requests)."""
 
     example: Example
-    context: list[int]
-    continuations: list[list[int]]
+    requests: list[Request]
+
+    @property
+    def continuations(self) -> list[list[int]]:
+        return [continuation for _, continuation in self.requests]
 
     @property
     def positions_needed(self) -> int:
         """Positions the longest request occupies (lm-eval: context + continuation − 1 model inputs)."""
-        return len(self.context) + max(len(c) for c in self.continuations) - 1
+        return max(len(context) + len(continuation) for context, continuation in self.requests) - 1
+
+    @property
+    def most_packed(self) -> int:
+        """The most tokens its packed row can have: each distinct context once, every continuation."""
+        contexts = {tuple(context) for context, _ in self.requests}
+        return sum(len(c) for c in contexts) + sum(len(c) for c in self.continuations)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -62,18 +78,28 @@ def encode_continuations(tokenizer, context: str, continuations: list[str]) -> t
     return context_ids, [tokenizer.encode(context + c)[len(context_ids):] for c in continuations]
 
 
+def encode_requests(tokenizer, pairs: list[tuple[str, str]]) -> list[Request]:
+    """encode_pair of each (context, continuation), each distinct context encoded once (and its token list
+    shared by its requests)."""
+    encoded: dict[str, tuple[list[int], list[list[int]]]] = {}
+    for context in dict.fromkeys(context for context, _ in pairs):
+        encoded[context] = encode_continuations(tokenizer, context, [c for ctx, c in pairs if ctx == context])
+    taken = {context: iter(continuations) for context, (_, continuations) in encoded.items()}
+    return [(encoded[context][0], next(taken[context])) for context, _ in pairs]
+
+
 def encode_example(tokenizer, example: Example, block_size: int) -> Group:
     """The example's tokens; a continuation without tokens or a request longer than the context is an error."""
     where = example.where or f"example {example.index}"
     try:
-        context_ids, continuations = encode_continuations(tokenizer, example.context, list(example.continuations))
+        group = Group(example, encode_requests(tokenizer, example.requests()))
     except GptError as error:
         raise GptError(f"{where}: {error}") from None
-    group = Group(example, context_ids, continuations)
     if any(not ids for ids in group.continuations):
         raise GptError(f"{where}: a continuation has no tokens of its own after the context.")
     if group.positions_needed > block_size:
-        raise GptError(f"{where} needs {group.positions_needed} positions (context {len(group.context)} tokens + "
+        longest = max(group.requests, key=lambda request: len(request[0]) + len(request[1]))
+        raise GptError(f"{where} needs {group.positions_needed} positions (context {len(longest[0])} tokens + "
                        f"continuation), more than the model's context of {block_size}.")
     return group
 
@@ -92,11 +118,14 @@ class Packed:
 
 
 def pack(group: Group) -> Packed:
+    """The requests' inputs (context + continuation minus its last token) merged where they start alike: a
+    shared context (HellaSwag's four endings), or the sentence before the blank that WinoGrande's two
+    contexts share; tokens after the first difference get nodes of their own, as their hidden states differ."""
     packed = Packed([], [], [], [])
     children: dict[tuple[int, int], int] = {}
-    for continuation in group.continuations:
+    for context, continuation in group.requests:
         path, parent = [], -1
-        for depth, token in enumerate(group.context + continuation[:-1]):
+        for depth, token in enumerate(context + continuation[:-1]):
             node = children.get((parent, token))
             if node is None:
                 node = children[(parent, token)] = len(packed.tokens)
@@ -105,7 +134,7 @@ def pack(group: Group) -> Packed:
                 packed.depths.append(depth)
             path.append(node)
             parent = node
-        first = len(group.context) - 1  # the context's last token predicts the continuation's first
+        first = len(context) - 1  # the context's last token predicts the continuation's first
         packed.rows.append(path[first:first + len(continuation)])
     return packed
 
@@ -208,5 +237,5 @@ def score_groups(model, groups: list[Group], batch_size: int, autocast=None,
 
 
 # A stand-in for a rank that has no example left to score but must run a forward pass with the others.
-EMPTY_GROUP = Group(Example(-1, "", (" ",), ("",), 0, "filler"), [0], [[0]])
+EMPTY_GROUP = Group(Example(-1, "", (" ",), ("",), 0, "filler"), [([0], [0])])
 EMPTY_PACK = pack(EMPTY_GROUP)
