@@ -1,7 +1,7 @@
 """Start-up time of `gpt` commands against `python -c "import torch"` on the same machine.
 
 Each command runs as a fresh process (as a user types it), N times in turns with the others so that load
-from elsewhere on the machine hits them alike; the best wall time of each is kept. Targets (issue 13):
+from elsewhere on the machine hits them alike; the best wall time of each is kept. Targets:
 --help, --list, init and any configuration error under 1 s; `inspect-params gpt2-xl` at most torch's
 import time + 1 s.
 

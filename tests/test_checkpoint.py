@@ -233,7 +233,7 @@ def test_run_files_never_lists_a_users_file(tmp_path):
                       "checkpoints/zero_to_fp32.py", "tensorboard/events.out.tfevents.1.host.1.0"}
 
 
-# --- run dirs at the edges: what a run may delete or replace (issue 26) ----------------------------------------
+# --- run dirs at the edges: what a run may delete or replace ----------------------------------------
 
 
 def prepared_data(directory: Path) -> Path:

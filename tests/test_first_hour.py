@@ -47,7 +47,7 @@ def test_the_readme_path_on_a_small_text_file(tmp_path, bookcorpus):
     assert samples[0]["prompt"] == "In my opinion," and len(samples[0]["tokens"]) > 0
 
     # Evaluation on the held-out part of the one file. These assertions need `gpt prepare` of a single
-    # file to hold part of it out for val (issue 12); without that they fail here, by design.
+    # file to hold part of it out for val; without that they fail here, by design.
     records = [json.loads(line) for line in (tmp_path / "runs" / "gpt" / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if "eval_loss" in r]
     assert evaluated and evaluated[-1]["step"] == 20, "training ran no evaluation: the val split is empty"

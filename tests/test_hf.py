@@ -328,7 +328,7 @@ def test_sharded_safetensors_with_an_index(tmp_path, text_lines):
     assert len(report.weights) == 2 and report.max_abs_diff < TOLERANCE
 
 
-# --- never lose a user's work (issue 11) ------------------------------------------------------------------------
+# --- never lose a user's work ------------------------------------------------------------------------
 
 
 def repo_clone(directory: Path) -> dict[str, bytes]:

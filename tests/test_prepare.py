@@ -692,7 +692,7 @@ def test_the_next_command_trains_on_what_was_just_prepared(tmp_path, monkeypatch
     assert next_command(Path("books"), named) == "gpt train --project books.toml"
 
 
-# --- outputs and sizes at the edges (issue 26) -----------------------------------------------------------------
+# --- outputs and sizes at the edges -----------------------------------------------------------------
 
 
 def test_force_never_replaces_a_symlinked_out_dir(tmp_path):
