@@ -193,7 +193,7 @@ def entry_points(group: str) -> dict[str, importlib.metadata.EntryPoint]:
 # Each built-in is defined by the module that owns it; here it is only named.
 
 OPTIMIZERS = Registry("optimizer", "train.optimizer", "gptcli.optimizers",
-                      {"adamw": "gptcli.optimizers:ADAMW"})
+                      {"adamw": "gptcli.optimizers:ADAMW", "muon": "gptcli.optimizers:MUON"})
 TASKS = Registry("task", "eval.tasks", "gptcli.tasks",
                  {"hellaswag": "gptcli.tasks.benchmarks:HELLASWAG", "lambada": "gptcli.tasks.benchmarks:LAMBADA"})
 TRACKERS = Registry("tracker", "train.trackers", "gptcli.trackers",
