@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 import torch
 
-from conftest import run_gpt
+from conftest import NANO_RUN, losses, project_file, train, trained
 from gptcli import planner
-from gptcli.config import ConfigError, apply_overrides, dump_toml, project_from_dict
+from gptcli.config import ConfigError, project_from_dict
 from gptcli.errors import GptError
 from gptcli.model import build_model
 from gptcli.optimizers import MUON, grouped_names, optimizer_spec
-from shard_fixture import make_shards
 
 
 def named_shapes(**model) -> list[tuple[str, tuple[int, ...]]]:
@@ -201,14 +198,14 @@ def muon_update(gradient: torch.Tensor, momentum: torch.Tensor, beta: float) -> 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ns_method", ["gram", "standard"])
-def test_the_built_optimizers_update_is_newton_schulz_of_the_nesterov_momentum(ns_method):
+def test_the_built_optimizers_update_is_newton_schulz_of_the_nesterov_momentum(ns_method, monkeypatch):
     """Three steps of the optimizer gptcli builds (CPU, fp32) on random gradients: each matrix moves by
     −lr·(Muon's update) after its decay, Muon's update computed here in float64, to the iteration's own
     precision: DeepSpeed runs it in fp32 on the CPU for "gram" (3e-5 relative, the Gram form's restart against
     the plain form) and in bf16 for "standard" (8 bits of mantissa through five steps: 6e-2; 3.4% measured).
     A plain momentum-SGD step of the same look-ahead is far from it. AdamW's share takes exactly torch's
     AdamW step with [train]'s settings."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     from deepspeed.runtime.zero.muon.original_muon import ns_compute_dtype
 
     from gptcli.optimizers import Placement
@@ -252,61 +249,24 @@ def test_the_built_optimizers_update_is_newton_schulz_of_the_nesterov_momentum(n
 
 # --- gpt train (slow) ---------------------------------------------------------------------------------------------
 
-PROJECT = """\
-[project]
-out_dir = "{out}"
-seed = 1234
-[data]
-dir = "{data}"
-[model]
-preset = "nano"
-dropout = 0.0
-[train]
-optimizer = "muon"
-max_steps = 4
-micro_batch_size = 4
-grad_accum_steps = 2
-seq_len = 64
-lr = 3e-3
-warmup_steps = 0
-grad_clip = 0.0
-checkpoint_every = 1
-eval_every = 0
-device = "cpu"
-[deepspeed]
-zero_stage = 2
-"""
+# NANO_RUN as Muon trains it: no dropout, so that step 1's gradients can be computed again here from the windows
+# the run took; no warmup, so that step 1 runs at Muon's full rate; no clipping, which DeepSpeed would apply to
+# Muon's updates at ZeRO-2 (refused); a checkpoint every step, so that the probes see step 1's state.
+MUON_RUN = {**NANO_RUN, "model": {**NANO_RUN["model"], "dropout": 0.0},
+            "train": {**NANO_RUN["train"], "optimizer": "muon", "max_steps": 4, "warmup_steps": 0, "grad_clip": 0.0,
+                      "checkpoint_every": 1, "eval_every": 0}}
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, corpus) -> Path:
-    return make_shards(corpus, tmp_path_factory.mktemp("muon-shards"), max_tokens=200_000)
-
-
-def project_file(directory: Path, data: Path, *overrides: str) -> Path:
-    """RUN.toml through the project's own loader, so a key that does not exist fails here."""
-    directory.mkdir(parents=True, exist_ok=True)
-    raw = apply_overrides(tomllib.loads(PROJECT.format(out=directory / "run", data=data)), list(overrides))
-    path = directory / "run.toml"
-    path.write_text(dump_toml(project_from_dict(raw)))
-    return path
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train(project: Path, *args: str, **env: str):
-    return run_gpt("train", "--project", project, *args, env=env or None)
+def muon_project(directory: Path, shards: Path, *overrides: str) -> Path:
+    return project_file(directory, shards, *overrides, base=MUON_RUN)
 
 
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory, shards) -> tuple[Path, Path]:
     """Four steps at ZeRO-2 with probes: the reference a killed and resumed run must repeat bit for bit."""
     directory = tmp_path_factory.mktemp("muon-zero2")
-    project = project_file(directory, shards)
-    result = train(project, GPTCLI_PROBE_DIR=str(directory / "probe"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    project = muon_project(directory, shards)
+    trained(project, probe=directory / "probe")
     return project, directory / "probe"
 
 
@@ -353,8 +313,8 @@ def assert_first_step_is_muons(project: Path, data: Path, probe: Path) -> None:
 def test_at_zero0_a_muon_step_is_newton_schulz_of_the_gradient_not_sgd(tmp_path, shards):
     """ZeRO-0, where DeepSpeed's engine once ran Muon's matrices as plain SGD (DeepSpeed #8441): the matrices
     move by Muon's update, and the momentum buffer is the first step's (1 − 0.95)·g."""
-    project = project_file(tmp_path, shards, "deepspeed.zero_stage=0", "train.max_steps=1")
-    result = train(project, GPTCLI_PROBE_DIR=str(tmp_path / "probe"))
+    project = muon_project(tmp_path, shards, "deepspeed.zero_stage=0", "train.max_steps=1")
+    result = train(project, probe=tmp_path / "probe")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "optimizer: Muon on h.*.mlp.c_fc.weight" in result.stderr
     assert_first_step_is_muons(project, shards, tmp_path / "probe")
@@ -375,8 +335,8 @@ def test_at_zero2_a_muon_step_is_newton_schulz_and_kill_9_resumes_bit_for_bit(tm
     assert_first_step_is_muons(reference, shards, probe)
     expected = losses(reference.parent / "run")
     assert expected[-1] < expected[0] - 0.5
-    project = project_file(tmp_path, shards)
-    killed = train(project, GPTCLI_FAULT="kill@2")
+    project = muon_project(tmp_path, shards)
+    killed = train(project, fault="kill@2")
     assert killed.returncode in (-9, 137)
     resumed = train(project, "--resume", "required")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -388,13 +348,13 @@ def test_at_zero2_a_muon_step_is_newton_schulz_and_kill_9_resumes_bit_for_bit(tm
 def test_two_rank_zero2_trains_and_another_number_of_ranks_is_one_sentence(tmp_path, shards):
     """Two ranks at ZeRO-2 learn; the universal format that moves state between numbers of ranks carries Adam's
     moments only, so resuming on one rank is refused in one sentence, before the conversion."""
-    project = project_file(tmp_path, shards, "train.max_steps=3")
-    result = train(project, "--nproc", "2")
+    project = muon_project(tmp_path, shards, "train.max_steps=3")
+    result = train(project, ranks=2)
     assert result.returncode == 0, result.stderr[-3000:]
     trained = losses(tmp_path / "run")
     assert len(trained) == 3 and trained[-1] < trained[0] - 0.3
-    project.write_text(project.read_text().replace("max_steps = 3", "max_steps = 4"))
-    refused = train(project, "--resume", "required", "--nproc", "1")
+    muon_project(tmp_path, shards, "train.max_steps=4")
+    refused = train(project, "--resume", "required")
     assert refused.returncode == 1
     assert 'carries Adam\'s moments only, not the "muon" optimizer\'s momentum_buffer; resume it on 2 rank(s).' in \
         " ".join(refused.stderr.split())

@@ -13,6 +13,7 @@ from ..config import ModelConfig, TrainConfig
 from ..optimizers import ADAMW, OptimizerSpec, ParameterGroup, Placement, grouped_names
 from .activations import FP32, ActivationEstimate
 from .counts import parameter_shapes, parameter_tensors
+from .gpus import Gpu
 
 # Mixed-precision Adam keeps 16 bytes per parameter (Rajbhandari et al. 2020, ZeRO, section 3.1):
 # 2 (bf16/fp16 weights) + 2 (gradients) + 12 (fp32 master weights 4, and the optimizer's own state: Adam's
@@ -72,6 +73,7 @@ class Training:
     zero: dict = field(default_factory=dict)  # [deepspeed] config's zero_optimization table
     optimizer: OptimizerSpec = ADAMW  # train.optimizer's spec: its state bytes and its step's temporaries
     train: TrainConfig = field(default_factory=TrainConfig)  # what the spec's grouping reads (its options)
+    gpu: Optional[Gpu] = None  # the GPU model, when known: its CUDA context and NCCL's buffers (plan.allowances)
 
     @property
     def weight_bytes(self) -> int:
