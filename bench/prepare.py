@@ -1,17 +1,19 @@
 """Benchmark `gpt prepare` against the ways it replaces, on the same records in one run.
 
-    python bench/prepare.py [--mb 50] [--memory-mb 256 1024] [--workers 0] [--repeat 3] [--skip-hf]
+    python bench/prepare.py [--mb 50] [--memory-mb 256 1024] [--workers 1 2] [--repeat 3] [--skip-hf]
 
 1. Throughput on JSONL corpora of `--mb` MB built from tinyshakespeare's lines (no network): short
    records (consecutive lines joined until ~150 bytes of text, like one post or sentence pair per
    record) and paragraph-sized records (~800 bytes):
-   - gptcli: `gpt prepare FILE --json` as a user runs it, a fresh process, start-up included;
+   - gptcli: `gpt prepare FILE --workers N --json` as a user runs it, a fresh process, start-up included,
+     for each N of `--workers` (0: one per core);
    - a single-process loop: read the file, `json.loads` each line, tiktoken `encode_ordinary` + EOT,
      ids written as uint16 (the tokenizer loaded before the clock starts);
    - for short records, `transformers.GPT2TokenizerFast` called once per record (built offline from
      ../shared/gpt2_bpe), ids saved with torch.
    Ways are interleaved and each one's best of `--repeat` counts: on a shared machine the best run is the
-   least disturbed. The load average before and after is printed, since it moves every figure.
+   least disturbed. Each way's "vs the loop" is the loop's seconds over its own (above 1: faster than the
+   loop), wall and CPU. The load average before and after is printed, since it moves every figure.
 2. Peak RSS of `gpt prepare` (main process + workers, summed, sampled every 100 ms) on text corpora of each
    `--memory-mb` size: it must stay under 300 MB and not grow with the corpus.
 3. With `--eta-mb N`: how right the progress bar's ETA is, on an N MB one-file text corpus (default options)
@@ -175,7 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=50, help="corpus size for the throughput comparison")
     parser.add_argument("--memory-mb", type=int, nargs="*", default=[256, 1024], help="corpus sizes for peak RSS")
-    parser.add_argument("--workers", type=int, default=0, help="gptcli workers (0: all cores)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0],
+                        help="gptcli workers, one way each (0: all cores)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per way; the best counts")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--eta-mb", type=int, default=0, help="corpus size for the ETA accuracy check (0: skip)")
@@ -194,12 +197,14 @@ def main() -> None:
 
 def throughput(args, scratch: Path) -> None:
     print(f"\n## throughput, {args.mb} MB of JSONL per kind, best of {args.repeat}")
-    print("| records | way | seconds | CPU seconds | MB/s | tokens | gptcli speed-up |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| records | way | seconds | CPU seconds | MB/s | tokens | vs the loop | CPU vs the loop |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    loop = "encode_ordinary loop, 1 process"
     for kind, record_bytes in KINDS.items():
         corpus = make_records(scratch / "corpus.jsonl", record_bytes, args.mb)
-        ways = {"gpt prepare (fresh process)": partial(time_gptcli, corpus, args.workers, scratch),
-                "encode_ordinary loop, 1 process": partial(time_encode_ordinary_loop, corpus, scratch)}
+        ways = {f"gpt prepare --workers {workers} (fresh process)": partial(time_gptcli, corpus, workers, scratch)
+                for workers in args.workers}
+        ways[loop] = partial(time_encode_ordinary_loop, corpus, scratch)
         if record_bytes == 150 and not args.skip_hf:  # one run: it is many times slower than the rest
             ways["GPT2TokenizerFast per record"] = partial(time_hf_per_record, corpus, scratch)
         best = {name: (float("inf"), 0, 0.0) for name in ways}
@@ -209,12 +214,12 @@ def throughput(args, scratch: Path) -> None:
                     continue
                 result = way()
                 best[name] = min(best[name], result)
-        ours, tokens, _ = best["gpt prepare (fresh process)"]
+        reference, tokens, reference_cpu = best[loop]
         size = corpus.stat().st_size
         for name, (seconds, count, cpu) in best.items():
             assert count == tokens, (name, count, tokens)  # every way produced the same number of tokens
             print(f"| {kind} | {name} | {seconds:.2f} | {cpu:.2f} | {size / 2**20 / seconds:.1f} | {count:,} | "
-                  f"{seconds / ours:.2f}x |")
+                  f"{reference / seconds:.2f}× | {reference_cpu / cpu:.2f}× |")
         corpus.unlink()
 
 
@@ -229,7 +234,7 @@ def memory(args, scratch: Path) -> None:
         corpus = text_corpus(scratch / f"memory-{megabytes}.txt", megabytes)
         out = scratch / f"memory-out-{megabytes}"
         seconds, peaks = peak_rss(command + [str(corpus), "--out", str(out), "--separator", "line",
-                                             "--workers", str(args.workers)])
+                                             "--workers", str(args.workers[0])])
         size = corpus.stat().st_size
         print(f"| {size / 2**30:.2f} GiB | {seconds:.1f} | {size / 2**20 / seconds:.1f} | "
               f"{peaks['main'] / 2**20:.0f} MiB | {peaks['rss'] / 2**20:.0f} MiB | {peaks['pss'] / 2**20:.0f} MiB |")

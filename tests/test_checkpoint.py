@@ -264,8 +264,8 @@ def test_a_data_dir_at_run_model_is_refused_before_training_and_by_restart(tmp_p
     before = snapshot(tmp_path)
     for restart in (False, True):
         with pytest.raises(GptError) as refused:
-            agree_on_resume(run_dir, "auto", restart=restart, rank=0, data_dir=data)
-        assert ("the project's data dir" in str(refused.value) or "symbolic link" in str(refused.value))
+            agree_on_resume(run_dir, "auto", restart=restart, rank=0, data_dirs=[data])
+        assert ("a data dir of the project" in str(refused.value) or "symbolic link" in str(refused.value))
         assert "internal error" not in str(refused.value) and "--force" not in str(refused.value)
     assert snapshot(tmp_path) == before
 

@@ -98,7 +98,7 @@ def test_training_preflight_eval_and_resume_ask_the_source_not_the_directory(sha
     layout = BatchLayout(4, 1, 1, 64)
     no_val = Renamed(data_source.open_prepared(shards))
     monkeypatch.setattr(no_val, "tokens", lambda split: 0 if split == "val" else 1333)
-    assert loop.make_loaders(project(shards), no_val, layout, 0, overfit=False)[1] is None
+    assert loop.make_loaders(project(shards), no_val, layout, 0, overfit=False)[1] == {}
     assert "note: the mixture of a test has no val shards" in sys.stderr.getvalue()
     assert len(made) == 3 and isinstance(made[0].dir, str)
 
@@ -107,6 +107,6 @@ def test_a_source_is_the_questions_a_mixture_must_answer():
     """DataSource's abstract questions are what the next kind of source implements; the rules on top are
     written once, on those answers."""
     assert DataSource.__abstractmethods__ == {"fingerprint", "check_tokenizer", "tokens", "windows", "loader",
-                                              "sequences"}
+                                              "sequences", "directories"}
     with pytest.raises(TypeError):
         DataSource()

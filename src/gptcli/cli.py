@@ -773,6 +773,19 @@ def show_eval_result(result, as_json: bool) -> None:
     table.add_row("perplexity, transformers guide weighting", f"{result.hf_perplexity:.3f}")
     table.add_row("tokens/s", f"{result.tokens / result.seconds:,.0f}" if result.seconds else "—")
     out.print(table)
+    if result.sources:
+        show_eval_sources(result)
+
+
+def show_eval_sources(result) -> None:
+    """A mixture's split: a row per source, then the total over all their tokens."""
+    table = Table("source", title="by source (the total weights each by the tokens it scored)")
+    for column in ("loss (nats/token)", "perplexity", "bits per byte", "scored tokens"):
+        table.add_column(column, justify="right")
+    for name, part in [*result.sources.items(), ("total", result)]:
+        table.add_row(escape(name), f"{part.loss:.4f}", f"{part.perplexity:.3f}", f"{part.bits_per_byte:.4f}",
+                      f"{part.tokens:,}")
+    out.print(table)
 
 
 # --- gpt load-hf / gpt export-hf --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -119,13 +120,48 @@ class ProjectConfig(Section):
     seed: int = doc("Seed for weights, data order, dropout and sampling.", 1337, at_least=0, at_most=MAX_SEED)
 
 
+# A source's name is part of metric names ("eval_loss/books", "tokens/books"), columns and tracker keys.
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class SourceEntry(Section):
+    """One `[[data.sources]]` table: a prepared dir and its share of the training windows."""
+
+    section = "data.sources"
+
+    name: str = doc('How metrics, pre-flight and `gpt eval` name the source ("books": eval_loss/books); letters, '
+                    "digits, _ . -.")
+    dir: str = doc("Its `gpt prepare` output dir (holds manifest.json).")
+    weight: float = doc("Its share of the training windows, before normalising (0.7 and 0.3, or 7 and 3).", 1.0,
+                        above=0)
+
+    def check(self) -> None:
+        if not SOURCE_NAME.match(self.name):
+            raise ConfigError(f"data.sources name {_shown(self.name)} must start with a letter or digit and hold only "
+                              "letters, digits, _ . - (it names the source's metrics).")
+        if not self.dir:
+            raise ConfigError(f'data.sources "{self.name}" needs a dir: the `gpt prepare` output it reads.')
+
+
 @dataclass
 class DataConfig(Section):
-    """Tokenization (`gpt prepare`) and the prepared shards training reads."""
+    """Tokenization (`gpt prepare`) and the prepared shards training reads: one dir (`dir`), or a weighted
+    mixture of several (`[[data.sources]]` tables, each `name`, `dir`, `weight`; docs/data.md)."""
 
     section = "data"
 
-    dir: str = doc("Directory of prepared shards (holds manifest.json).", "data/shards")
+    dir: str = doc("Directory of prepared shards (holds manifest.json): what training reads when [[data.sources]] "
+                   "is empty, and `gpt prepare`'s default --out.", "data/shards")
+    sources: list[SourceEntry] = doc("A mixture: [[data.sources]] tables (name, dir, weight) training reads instead of "
+                                     "dir; weights are normalised, each source keeps its own shuffled order and epochs.",
+                                     factory=list)
+    max_epochs: float = doc("The most times a mixture may repeat one of its sources over a run (pre-flight refuses "
+                            "more); repeating data costs little up to about 4 epochs (Muennighoff et al. 2023).", 4.0,
+                            above=0)
+    allow_mixture_change: bool = doc("Resume a checkpoint whose [[data.sources]] (names, weights, data) differ from the "
+                                     "project's: sources kept continue their order, new ones start, and RUN/mixture.json "
+                                     "records the change (false: such a resume is refused).", False)
     tokenizer: Tokenizer = doc('Tokenizer: "gpt2" (tiktoken GPT-2 BPE) or "openai-gpt" (GPT-1 BPE, needs vocab_dir).', "gpt2")
     vocab_dir: Optional[str] = doc(
         "Local vocabulary: a dir with vocab.bpe+encoder.json or merges.txt+vocab.json, or a .tiktoken file.", None
@@ -139,6 +175,17 @@ class DataConfig(Section):
     shard_tokens: int = doc("Tokens per shard file (the last one of each split is smaller).", 100_000_000, at_least=1)
     workers: int = doc("Tokenizer processes for `gpt prepare`; 0 means one per CPU core, and more than the cores "
                        "are cut to them.", 0, at_least=0)
+
+    @property
+    def directories(self) -> list[str]:
+        """The prepared dirs training reads: each [[data.sources]] dir, else [data] dir."""
+        return [entry.dir for entry in self.sources] or [self.dir]
+
+    def check(self) -> None:
+        names = [entry.name for entry in self.sources]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ConfigError(f'data.sources names "{twice[0]}" twice; each source needs a name of its own.')
 
 
 @dataclass
@@ -301,7 +348,8 @@ class EvalConfig(Section):
     text: Optional[str] = doc("A text file to score instead of the shards (tokenized on the fly).", None)
     stride: int = doc("Sliding-window stride in tokens; 0 means the full context (no overlap).", 0, at_least=0)
     batch_size: int = doc("Windows (perplexity) or task examples per forward pass.", 8, at_least=1)
-    max_tokens: int = doc("Score at most this many tokens; 0 means all.", 0, at_least=0)
+    max_tokens: int = doc("Score at most this many tokens (of each source, for a mixture's split); 0 means all.", 0,
+                          at_least=0)
     tasks: list = doc(f"Benchmarks scored as lm-evaluation-harness scores them: {_quoted(TASKS.builtins)}, or a "
                       "plugin's task (docs/extending.md); during training every tasks_every steps, and by `gpt eval "
                       "--task` (whose names replace these).", factory=list)
@@ -484,6 +532,9 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
         return _coerce(where, value, inner)
     if origin is Literal:
         return _choose(where, value, tp)
+    table = _table_class(tp) if origin is list else None
+    if table is not None:
+        return _tables(where, value, table)
     expected = origin or tp
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -498,6 +549,42 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
     if expected is list and not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where} must be a list of strings.")
     return value
+
+
+def _table_class(tp: Any) -> Optional[type]:
+    """The dataclass of a list-of-tables key (`list[SourceEntry]`: `[[data.sources]]`), else None."""
+    args = typing.get_args(tp)
+    cls = args[0] if len(args) == 1 else None
+    return cls if isinstance(cls, type) and dataclasses.is_dataclass(cls) else None
+
+
+def _tables(where: str, value: Any, cls: type) -> list:
+    """A list of tables, each built as its dataclass: unknown keys named with the nearest valid one, each
+    value checked against its field where the message names the table by its place ("data.sources[2].weight")."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of tables ([[{where}]]), not {_shown(value)}.")
+    hints, fields = _field_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    built = []
+    for number, item in enumerate(value, start=1):
+        if isinstance(item, cls):
+            built.append(item)
+            continue
+        place = f"{where}[{number}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{place} must be a table ([[{where}]]), not {_shown(item)}.")
+        missing = [name for name, f in fields.items() if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and name not in item]
+        if missing:
+            raise ConfigError(f'{place} has no "{missing[0]}" key; every [[{where}]] table needs one.')
+        for key, field_value in item.items():
+            if key not in fields:
+                raise ConfigError(f'Unknown key "{place}.{key}"{_nearest(key, list(fields))}.')
+            checked = _coerce(f"{place}.{key}", field_value, hints[key])
+            _check_bounds(f"{place}.{key}", checked, fields[key].metadata.get("bounds", {}))
+        built.append(cls(**item))
+    return built
 
 
 def _choose(where: str, value: Any, tp: Any) -> Any:
@@ -555,6 +642,9 @@ def allowed_values(section: str, key: str) -> str:
         return f"{', '.join(registered[section, key].builtins)}, a plugin's name, or a reference"
     cls = section_class(section)
     tp = _field_hints(cls)[key]
+    table = _table_class(tp) if typing.get_origin(tp) is list else None
+    if table is not None:
+        return f"[[{section}.{key}]] tables of {', '.join(f.name for f in dataclasses.fields(table))} (below)"
     args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
     if typing.get_origin(args[0]) is Literal:
         return ", ".join(_shown(c) for c in typing.get_args(args[0]))
@@ -735,6 +825,11 @@ def commented_template(preset: Optional[str] = None) -> str:
                 lines.append(f'# preset = "gpt2"    # unset; one of {", ".join(PRESETS)}')
             elif value is None:
                 lines.append(f'# {f.name} = ""    # unset')
+            elif value == [] and _table_class(_field_hints(section_class(name))[f.name]) is not None:
+                # As tables after the section's keys ([[data.sources]] name = ..., dir = ..., weight = ...); a
+                # `sources = []` written out would clash with the tables a user adds.
+                lines.append(f'# {f.name} = []    # or [[{name}.{f.name}]] tables, e.g. name = "books", '
+                             'dir = "data/books", weight = 0.7')
             elif f.name in follows_preset.get(name, ()):
                 lines.append(f"# {f.name} = {toml_value(value)}")
             else:
@@ -791,7 +886,28 @@ def docs_markdown() -> str:
             shown = "unset" if value is None else toml_value(value)
             out.append(f"| `{f.name}` | `{shown}` | {allowed_values(name, f.name)} | {f.metadata['doc']} |")
         out.append("")
+        out += _tables_markdown(name, cls)
     return "\n".join(out + _presets_markdown())
+
+
+def _tables_markdown(section: str, cls: type) -> list[str]:
+    """The keys of each list-of-tables key of a section (`[[data.sources]]`), as a table of their own."""
+    out = []
+    for f in dataclasses.fields(cls):
+        table = _table_class(_field_hints(cls)[f.name]) if typing.get_origin(_field_hints(cls)[f.name]) is list else None
+        if table is None:
+            continue
+        out += [f"### [[{section}.{f.name}]]", "", (table.__doc__ or "").strip(), "",
+                "| key | default | allowed | meaning |", "|---|---|---|---|"]
+        hints = _field_hints(table)
+        for entry in dataclasses.fields(table):
+            required = entry.default is dataclasses.MISSING
+            shown = "required" if required else f"`{toml_value(entry.default)}`"
+            bounds = entry.metadata.get("bounds")
+            allowed = _range_text(bounds) if bounds else _type_name(hints[entry.name])
+            out.append(f"| `{entry.name}` | {shown} | {allowed} | {entry.metadata['doc']} |")
+        out.append("")
+    return out
 
 
 def _presets_markdown() -> list[str]:

@@ -80,6 +80,11 @@ class Totals:
     hf_weighted_nats: float = 0.0  # Σ window mean loss × (labels - 1), the transformers recipe
     hf_weight: int = 0
 
+    def add(self, other: "Totals") -> None:
+        """Sum another's counts into these (a mixture's sources into its total)."""
+        for name in ("nats", "tokens", "bytes", "windows", "hf_weighted_nats", "hf_weight"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def add_window(self, window: Window, nats: float, num_bytes: int) -> None:
         self.nats += nats
         self.tokens += window.scored
@@ -104,6 +109,7 @@ class EvalResult:
     source: str
     seconds: float
     extra: dict = field(default_factory=dict)
+    sources: dict[str, "EvalResult"] = field(default_factory=dict)  # a mixture's split: each source's own
 
     def to_json(self) -> dict:
         return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
@@ -111,7 +117,14 @@ class EvalResult:
                 "hf_perplexity": self.hf_perplexity, "windows": self.windows, "context": self.context,
                 "stride": self.stride, "source": self.source, "seconds": round(self.seconds, 3),
                 "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds > 0 else None,
-                **self.extra}
+                **self.extra, **self.sources_json()}
+
+    def sources_json(self) -> dict:
+        """{"sources": {name: loss, perplexity, bits per byte, tokens, bytes}} for a mixture; {} otherwise."""
+        if not self.sources:
+            return {}
+        return {"sources": {name: {"loss": r.loss, "perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte,
+                                   "tokens": r.tokens, "bytes": r.bytes} for name, r in self.sources.items()}}
 
 
 def result_from(totals: Totals, context: int, stride: int, source: str, seconds: float) -> EvalResult:
@@ -191,11 +204,20 @@ def evaluate_sequences(model: GPT, tokenizer, sequences: Iterable[np.ndarray], *
                        batch_size: int = 8, bf16: bool = False,
                        progress: Optional[Callable[[int], None]] = None) -> EvalResult:
     """Score token sequences (each a 1-D array of ids; windows never cross from one to the next)."""
+    return evaluate_parts(model, tokenizer, {"": list(sequences)}, source=source, stride=stride, batch_size=batch_size,
+                          bf16=bf16, progress=progress)
+
+
+def evaluate_parts(model: GPT, tokenizer, parts: dict[str, list[np.ndarray]], *, source: str, stride: int = 0,
+                   batch_size: int = 8, bf16: bool = False,
+                   progress: Optional[Callable[[int], None]] = None) -> EvalResult:
+    """Score the sequences of each part (a mixture's sources by name; one part named "" for anything else):
+    the result is over all of them, each named part's own in `sources`."""
     context = model.config.block_size
     stride = resolve_stride(stride, context)
     device_type = model.wte.weight.device.type
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    totals = Totals()
+    totals = {name: Totals() for name in parts}
 
     def byte_count(ids: np.ndarray) -> int:
         return len(tokenizer.decode_bytes(np.asarray(ids).tolist()))
@@ -205,13 +227,21 @@ def evaluate_sequences(model: GPT, tokenizer, sequences: Iterable[np.ndarray], *
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            for tokens in sequences:
-                score_sequence(model, tokens, totals, stride, batch_size, byte_count, autocast, progress)
+            for name, sequences in parts.items():
+                for tokens in sequences:
+                    score_sequence(model, tokens, totals[name], stride, batch_size, byte_count, autocast, progress)
     finally:
         model.train(was_training)
     if device_type == "cuda":
         torch.cuda.synchronize()
-    return result_from(totals, context, stride, source, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    overall = Totals()
+    for part in totals.values():
+        overall.add(part)
+    result = result_from(overall, context, stride, source, seconds)
+    result.sources = {name: result_from(part, context, stride, f"{source}: {name}", seconds)
+                      for name, part in totals.items() if name}
+    return result
 
 
 # --- where the tokens come from --------------------------------------------------------------------------
@@ -261,6 +291,13 @@ def dataset_tokens(name: str, split: str, column: str, tokenizer, max_tokens: in
 def split_sequences(project: Project, split: str, tokenizer, max_tokens: int = 0) -> tuple[list[np.ndarray], str]:
     """One split of the project's data source, as the source cuts it into sequences to score (a prepared dir:
     each shard one sequence, memory-mapped), at most max_tokens of it scored; and its name."""
+    parts, name = split_parts(project, split, tokenizer, max_tokens)
+    return [sequence for sequences in parts.values() for sequence in sequences], name
+
+
+def split_parts(project: Project, split: str, tokenizer, max_tokens: int = 0) -> tuple[dict[str, list[np.ndarray]], str]:
+    """One split of the project's data source as sequences to score, by source for a mixture (each source's at
+    most max_tokens scored; one part named "" for one dir); and its name."""
     from .data.source import open_source
 
     source = open_source(project.data)
@@ -268,30 +305,35 @@ def split_sequences(project: Project, split: str, tokenizer, max_tokens: int = 0
     if not source.tokens(split):
         raise GptError(f"{source.description} has no {split} tokens to score (see [data] val_fraction, or use "
                        "--split train).")
-    return source.sequences(split, tokenizer.vocab_size, max_tokens), f"{source.description} ({split})"
+    components = source.components() or {"": source}
+    parts = {name: part.sequences(split, tokenizer.vocab_size, max_tokens) for name, part in components.items()
+             if part.tokens(split)}  # a source without that split has no row
+    return parts, f"{source.description} ({split})"
 
 
 # --- gpt eval --------------------------------------------------------------------------------------------
 
 
 def eval_input(project: Project, tokenizer, *, dataset: Optional[str] = None,
-               dataset_split: str = "test") -> tuple[list[np.ndarray], str]:
-    """What `gpt eval` scores, and its name: `dataset`, else [eval] text (which `--text` overrides), else
-    the [eval] split of the project's shards; at most [eval] max_tokens of it."""
+               dataset_split: str = "test") -> tuple[dict[str, list[np.ndarray]], str]:
+    """What `gpt eval` scores, by part (a mixture's sources by name, else one part named ""), and its name:
+    `dataset`, else [eval] text (which `--text` overrides), else the [eval] split of the project's shards; at
+    most [eval] max_tokens of it (of each source of a mixture)."""
     settings = project.eval
     if dataset is not None:
         tokens = dataset_tokens(dataset, dataset_split, project.data.text_column, tokenizer, settings.max_tokens)
-        return [tokens], f"{dataset} ({dataset_split})"
+        return {"": [tokens]}, f"{dataset} ({dataset_split})"
     if settings.text:
-        return [text_tokens(settings.text, tokenizer, settings.max_tokens)], settings.text
-    return split_sequences(project, settings.split, tokenizer, settings.max_tokens)
+        return {"": [text_tokens(settings.text, tokenizer, settings.max_tokens)]}, settings.text
+    return split_parts(project, settings.split, tokenizer, settings.max_tokens)
 
 
 def evaluate_project(project: Project, *, checkpoint: Optional[Path] = None, device: str = "auto",
                      bf16: bool = False, dataset: Optional[str] = None, dataset_split: str = "test",
                      progress: Optional[Callable[[int, int], None]] = None) -> EvalResult:
     """`gpt eval`: score the model of `checkpoint` (else the project's run dir) on `eval_input`, with the
-    project's [eval] settings (options of the command line already applied as overrides).
+    project's [eval] settings (options of the command line already applied as overrides); a mixture's split
+    also source by source (`EvalResult.sources`).
 
     progress(scored, total) is called after every batch of windows."""
     from .runtime import load_project_model, resolve_device
@@ -300,7 +342,8 @@ def evaluate_project(project: Project, *, checkpoint: Optional[Path] = None, dev
     loaded = load_project_model(project, checkpoint, target)
     context = loaded.config.block_size
     stride = resolve_stride(project.eval.stride, context)
-    sequences, source = eval_input(project, loaded.tokenizer, dataset=dataset, dataset_split=dataset_split)
+    parts, source = eval_input(project, loaded.tokenizer, dataset=dataset, dataset_split=dataset_split)
+    sequences = [sequence for part in parts.values() for sequence in part]
     total, done = scored_count((len(s) for s in sequences), context, stride), 0
     windows = total // stride + len(sequences)  # at least as many as plan_windows makes
     check_scoring_fits(loaded.config, min(project.eval.batch_size, windows), target.type)
@@ -311,5 +354,5 @@ def evaluate_project(project: Project, *, checkpoint: Optional[Path] = None, dev
         if progress is not None:
             progress(done, total)
 
-    return evaluate_sequences(loaded.model, loaded.tokenizer, sequences, source=source, stride=stride,
-                              batch_size=project.eval.batch_size, bf16=bf16, progress=advance)
+    return evaluate_parts(loaded.model, loaded.tokenizer, parts, source=source, stride=stride,
+                          batch_size=project.eval.batch_size, bf16=bf16, progress=advance)

@@ -8,6 +8,8 @@ manifest list, and nothing else (a user's files beside them stay).
                                    settings they hold for (planner/measured.py)
     RUN/loss.png                   the loss curve, drawn at the end of a run (and by `gpt plot`)
     RUN/deepspeed.log              what DeepSpeed and the other libraries printed
+    RUN/mixture.json               a mixture's sources and weights, segment by segment (a resume that changed them
+                                   with data.allow_mixture_change starts a segment)
     RUN/trackers.json              each tracker's run id, so that a resume continues the same tracker run
                                    (and the step TensorBoard last flushed)
     RUN/tensorboard/, RUN/mlflow/  TensorBoard events; MLflow's local store
@@ -36,6 +38,7 @@ MEASURED_FILE = "measured.json"
 PLOT_FILE = "loss.png"
 LIBRARY_LOG = "deepspeed.log"
 TRACKERS_FILE = "trackers.json"
+MIXTURE_FILE = "mixture.json"
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlflow"  # MLflow's store when MLFLOW_TRACKING_URI is not set: RUN/mlflow/mlflow.db + artifacts
 MODEL_DIR = "model"
@@ -86,7 +89,7 @@ def run_files(run_dir: Path) -> list[Path]:
     the loss plot, the resolved config, the library log, the tracker run ids, TensorBoard events, the consolidated model."""
     run_dir = Path(run_dir)
     found = [run_dir / name for name in (METRICS_FILE, CSV_FILE, MEASURED_FILE, PLOT_FILE, RESOLVED_CONFIG, LIBRARY_LOG,
-                                         TRACKERS_FILE) if (run_dir / name).is_file()]
+                                         TRACKERS_FILE, MIXTURE_FILE) if (run_dir / name).is_file()]
     root = checkpoints_dir(run_dir)
     if root.is_dir():
         found += sorted(p for p in root.iterdir() if TAG_PATTERN.match(p.name) or p.name in (LATEST, *DEEPSPEED_SCRIPTS)

@@ -372,6 +372,11 @@ def next_command(out: Path, project: Project) -> str:
     if project.source is None:
         return f"gpt init --preset nano (a model sized for a CPU; --preset gpt2 on a GPU), then gpt train{data}"
     named = "" if project.source == DEFAULT_PROJECT_FILE else f" --project {shlex.quote(project.source)}"
+    if project.data.sources:  # a mixture reads its [[data.sources]], not data.dir
+        if any(Path(entry.dir).resolve() == Path(out).resolve() for entry in project.data.sources):
+            return f"gpt train{named}"
+        return (f'add {{ name = "...", dir = {json.dumps(str(out))}, weight = ... }} to the [[data.sources]] of '
+                f"{project.source}, then gpt train{named}")
     return f"gpt train{named}{data}"
 
 

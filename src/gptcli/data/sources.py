@@ -1,6 +1,6 @@
-"""Where `gpt prepare` reads text from: files, directories, globs, .jsonl, .gz, saved `datasets`
-dirs and `hf:NAME[/CONFIG]`, turned into a stream of bounded tokenization tasks; and the one way
-datasets are opened (`open_dataset`), which `gpt eval --dataset` uses too.
+"""Where `gpt prepare` reads text from: files, directories, globs, .jsonl, .gz, Parquet files (a Hub dataset
+downloaded as it is stored), saved `datasets` dirs and `hf:NAME[/CONFIG]`, turned into a stream of bounded
+tokenization tasks; and the one way datasets are opened (`open_dataset`), which `gpt eval --dataset` uses too.
 
 The reader runs in the main process and only cuts text; the worker pool (prepare.py) turns each task into
 documents and tokens. A task's type says how its text becomes documents (`Task.documents()`):
@@ -11,7 +11,7 @@ documents and tokens. A task's type says how its text becomes documents (`Task.d
     JsonlRecords      one JSON record per line, the text in a named field
     FileRange         bytes of a plain file whose documents end at line ends (.jsonl, --separator line),
                       read and decoded by the worker itself: the reading process only finds where to cut
-    DatasetRows       one document per string (rows of a dataset)
+    DatasetRows       one document per string (rows of a dataset or of a Parquet file)
 
 Memory stays flat: a task holds about `chunk_chars` characters, whatever the size of the input.
 """
@@ -36,6 +36,8 @@ from ..errors import GptError
 
 # What a directory walk picks up. Explicitly named files are read whatever their suffix.
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".raw", ".tokens", ".jsonl")
+PARQUET_SUFFIX = ".parquet"  # a Hub dataset's files as `huggingface-cli download` leaves them: rows, a text column
+PARQUET_ROWS = 1024  # rows read from a Parquet file at a time: memory stays flat whatever the file's size
 DATASET_MARKERS = ("dataset_info.json", "state.json")  # written by Dataset.save_to_disk
 DATASET_DICT_MARKER = "dataset_dict.json"  # written by DatasetDict.save_to_disk
 
@@ -50,7 +52,7 @@ BLANK_LINE_END = re.compile(r"\n[^\S\n]*\n")  # the end of a blank line: a parag
 CUT_WINDOW = 1 << 20  # how far back from a chunk's end to look for a cut point, in characters
 
 
-SourceKind = Literal["text", "jsonl", "dataset", "hf"]
+SourceKind = Literal["text", "jsonl", "parquet", "dataset", "hf"]
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,8 @@ def _resolve_one(spec: str) -> list[Source]:
             return [Source("dataset", str(path))]
         files = _text_files_under(path)
         if not files:
-            raise GptError(f"Directory {path} holds no text files ({', '.join(TEXT_SUFFIXES)} or .gz of those).")
+            raise GptError(f"Directory {path} holds no text files ({', '.join(TEXT_SUFFIXES)} or .gz of those, "
+                           f"{PARQUET_SUFFIX}).")
         return [_file_source(f) for f in files]
     if path.is_file():
         return [_file_source(path)]
@@ -310,7 +313,7 @@ def _text_files_under(directory: Path) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             bare = name[:-3] if name.endswith(".gz") else name
-            if not name.startswith(".") and bare.lower().endswith(TEXT_SUFFIXES):
+            if not name.startswith(".") and bare.lower().endswith((*TEXT_SUFFIXES, PARQUET_SUFFIX)):
                 found.append(Path(root) / name)
     return found
 
@@ -318,6 +321,8 @@ def _text_files_under(directory: Path) -> list[Path]:
 def _file_source(path: Path) -> Source:
     bare = path.name[:-3] if path.name.endswith(".gz") else path.name
     kind: SourceKind = "jsonl" if bare.lower().endswith(".jsonl") else "text"
+    if path.name.lower().endswith(PARQUET_SUFFIX):
+        kind = "parquet"
     return Source(kind, str(path), path.stat().st_size)
 
 
@@ -400,6 +405,8 @@ def read_tasks(sources: list[Source], settings: ReadSettings, state: ReadState) 
         state.source = index
         if source.kind in ("text", "jsonl"):
             yield from file_tasks(index, source, settings, state)
+        elif source.kind == "parquet":
+            yield from parquet_tasks(index, source, settings, state)
         else:
             yield from dataset_tasks(index, source, settings)
 
@@ -544,6 +551,45 @@ def dataset_tasks(index: int, source: Source, settings: ReadSettings) -> Iterato
         yield DatasetRows(index, texts)
 
 
+def parquet_tasks(index: int, source: Source, settings: ReadSettings, state: ReadState) -> Iterator[DatasetRows]:
+    """Rows of a Parquet file's text column, PARQUET_ROWS at a time (its other columns are never read), about
+    `chunk_chars` per task; the bytes on disk counted in proportion to the rows read, for the progress bar."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(source.location)
+    except Exception as error:  # pyarrow's own kinds: not Parquet, damaged
+        raise GptError(f"Cannot read {source.location} as Parquet: {_first_line(error)}.") from None
+    columns = parquet.schema_arrow.names
+    if settings.text_column not in columns:
+        raise GptError(f"{source.location} has no column {settings.text_column!r} (columns: {', '.join(columns)}); "
+                       "pass --text-column or set [data] text_column.")
+    rows, done, start = max(parquet.metadata.num_rows, 1), 0, state.disk_bytes
+    texts, size = [], 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_ROWS, columns=[settings.text_column]):
+        done += batch.num_rows
+        state.disk_bytes = start + source.size * done // rows
+        for text in checked_texts(batch.column(0).to_pylist(), settings.text_column, source.location):
+            texts.append(text)
+            size += len(text)
+            if size >= settings.chunk_chars:
+                yield DatasetRows(index, texts)
+                texts, size = [], 0
+    if texts:
+        yield DatasetRows(index, texts)
+    state.disk_bytes = start + source.size
+
+
+def checked_texts(values: list, column: str, label: str) -> Iterator[str]:
+    """The strings of a column's values (missing values skipped); anything but text is one sentence."""
+    for value in values:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise GptError(f"{label} column {column!r} holds {type(value).__name__}, not text.")
+        yield value
+
+
 def dataset_texts(dataset, column: str, label: str) -> Iterator[str]:
     """The strings in `column`, row by row (missing values skipped); one sentence for a wrong column."""
     columns = list(dataset.column_names or [])
@@ -554,12 +600,7 @@ def dataset_texts(dataset, column: str, label: str) -> Iterator[str]:
         if column not in batch:  # a streamed dataset may not know its columns before the first rows
             raise GptError(f"{label} has no column {column!r} (columns: {', '.join(batch)}); pass --text-column "
                            "or set [data] text_column.")
-        for value in batch[column]:
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise GptError(f"{label} column {column!r} holds {type(value).__name__}, not text.")
-            yield value
+        yield from checked_texts(batch[column], column, label)
 
 
 def open_dataset(spec: str, split: str = "train"):

@@ -66,8 +66,7 @@ from .state.warmstart import model_from_source, set_fp32_masters
 if TYPE_CHECKING:
     import deepspeed
 
-    from ..data.loader import BatchLoader
-    from ..data.source import DataSource
+    from ..data.source import DataSource, Loader
     from ..model import GPT
     from ..tokenizer import Tokenizer
 
@@ -104,7 +103,8 @@ class Run:
     engine: "deepspeed.DeepSpeedEngine"
     layout: BatchLayout
     loader: BatchPrefetcher
-    val_loader: Optional["BatchLoader"]
+    val_loaders: dict[str, "Loader"]  # by source name ("" for one dir): what evaluation reads
+    source: "DataSource"
     tokenizer: "Tokenizer"
     run_dir: Path
     rank: int
@@ -136,6 +136,7 @@ class StepDone:
     lr: float
     seconds: float
     grad_norm: GradNorm
+    source_tokens: dict  # a mixture's tokens taken from each source by the end of this step (source_tokens)
 
 
 def train(project: Project, options: TrainOptions) -> TrainResult:
@@ -178,13 +179,13 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     prepare_device(device)
-    show_phase(f"reading the shards in {project.data.dir}")
+    show_phase(f"reading the shards in {', '.join(project.data.directories)}")
     tokenizer = load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
     source = open_source(project.data)
     source.check_tokenizer(tokenizer.fingerprint, project.model.vocab_size)
     layout = batch_layout(project.train, project.seq_len, world)
     seed = project.project.seed
-    loader, val_loader = make_loaders(project, source, layout, rank, options.overfit_batch)
+    loader, val_loaders = make_loaders(project, source, layout, rank, options.overfit_batch)
     probes.watch_loader(loader, rank)
     model_config = training_model_config(project, device)
     seed_everything(seed)  # the same initial weights on every rank
@@ -208,7 +209,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
         run_dir = run_dir / "overfit-batch"  # its metrics must not mix with the run's own
     claim.take(run_dir, rank)  # one run per run dir, and a dir every rank sees, before anything is written
     tag = None if options.overfit_batch else checkpoint.agree_on_resume(run_dir, options.resume, options.restart, rank,
-                                                                      Path(project.data.dir))
+                                                                      source.directories)
     if tag != start.tag:  # prepare() read the run dir before the lock was ours
         raise GptError(f"The checkpoints in {checkpoint.checkpoints_dir(run_dir)} changed while gpt train started; "
                        "run it again.")
@@ -230,7 +231,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
         show_phase("compiling the model (torch.compile; the first steps also wait for it)")
         engine.compile()
     run = Run(project=project, model_config=model_config, engine=engine, layout=layout,
-              loader=BatchPrefetcher(loader, torch.device(engine.device)), val_loader=val_loader,
+              loader=BatchPrefetcher(loader, torch.device(engine.device)), val_loaders=val_loaders, source=source,
               tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device, faults=Faults.from_environment(rank),
               clips_gradients=loop_clips_gradients(project, precision), optimizer=optimizer, start=start)
     run.flops_per_token = model_flops_per_token(project.model, layout.seq_len)
@@ -249,7 +250,10 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
         trackers = () if options.overfit_batch else start_trackers(project, run_dir, run.step, run.faults.tracker,
                                                                    show_phase)
         scored = run.tasks.definitions() if run.tasks is not None else []
-        run.writer = MetricsWriter(run_dir, trackers, csv_columns(scored))  # the trackers get what they lack
+        columns = csv_columns(scored, list(source.components()))
+        run.writer = MetricsWriter(run_dir, trackers, columns)  # the trackers get what they lack
+        if source.components() and not options.overfit_batch:
+            write_mixture_history(run_dir, run.loader.state_dict()["history"])
     dist.barrier()
     return run
 
@@ -268,18 +272,32 @@ def build(config: ModelConfig, start: Start, device: str) -> tuple[GPT, Optional
 
 
 def make_loaders(project: Project, source: "DataSource", layout: BatchLayout, rank: int,
-                 overfit: bool) -> tuple["BatchLoader", Optional["BatchLoader"]]:
-    """The data source's train loader (seeded order) and val loader (file order), or None without a val
-    split to evaluate on."""
+                 overfit: bool) -> tuple["Loader", dict[str, "Loader"]]:
+    """The data source's train loader (seeded order) and its val loaders (file order) by source name ("" for
+    one dir; a mixture's sources each on their own), leaving out a source without a val split to evaluate on."""
     seed = project.project.seed
     loader = source.train_loader(layout, rank, seed, project.train.shuffle)
     if not project.train.eval_every or overfit:
-        return loader, None
-    if source.tokens("val") == 0:
-        if rank == 0:
-            print(f"note: {source.description} has no val shards; evaluation is off.", file=sys.stderr)
-        return loader, None
-    return loader, source.val_loader(layout, rank, seed)  # pre-flight said when the val split is small
+        return loader, {}
+    val_loaders = {}
+    for name, part in (source.components() or {"": source}).items():
+        if part.tokens("val") == 0:
+            if rank == 0:
+                off = f'data.sources "{name}" is not evaluated' if name else "evaluation is off"
+                print(f"note: {part.description} has no val shards; {off}.", file=sys.stderr)
+            continue
+        val = part.val_loader(layout, rank, seed)  # pre-flight said when the val split is small
+        if val is not None:
+            val_loaders[name] = val
+    return loader, val_loaders
+
+
+def write_mixture_history(run_dir: Path, history: list[dict]) -> None:
+    """RUN/mixture.json: the mixture of each segment of the run, from the step it started at."""
+    from ..fsutil import atomic_write_json
+    from ..rundir import MIXTURE_FILE
+
+    atomic_write_json(run_dir / MIXTURE_FILE, {"segments": history})
 
 
 def seed_everything(seed: int) -> None:
@@ -307,7 +325,8 @@ def resume_or_start(run: Run, tag: Optional[str], universal: Optional[Path] = No
     saved_ranks = client.get("world_size", run.layout.world_size)
     if run.rank >= saved_ranks:  # a rank the checkpoint has no RNG states for
         seed_everything(reshard.new_rank_seed(run.project.project.seed, client["step"], run.rank))
-    run.loader.load_state_dict(client["loader"])
+    state, _ = run.source.resume_state(client["loader"], int(client["step"]), run.layout.seq_len)  # pre-flight noted it
+    run.loader.load_state_dict(state)
     run.step, run.tokens = client["step"], client["tokens"]
     run.skipped_steps, run.elapsed = client.get("skipped_steps", 0), client.get("elapsed", 0.0)
     probes.dump_state(run.engine, run.optimizer, "loaded", run.step, run.rank)
@@ -349,7 +368,7 @@ def loop(run: Run, stop: StopRequest, options: TrainOptions) -> TrainResult:
         run.tokens += run.layout.tokens_per_step
         run.elapsed += seconds
         norm = values["own_norm"] if own_norm is not None else run.engine.get_global_grad_norm()
-        pending = StepDone(run.step, values["loss"], lr, seconds, norm)
+        pending = StepDone(run.step, values["loss"], lr, seconds, norm, source_tokens(run))
         signum = values["signum"]
         if signum or boundary(run):
             log(run, pending, read_norm(pending.grad_norm), display, options)
@@ -447,8 +466,8 @@ def log(run: Run, done: StepDone, grad_norm: Optional[float], display: Optional[
     check_gradient_norm(run, done.step, grad_norm)
     record = step_record(run, done, grad_norm)
     train = run.project.train
-    if options is not None and should(train.eval_every, run) and run.val_loader is not None:
-        record["eval_loss"] = evaluate(run)
+    if options is not None and should(train.eval_every, run) and run.val_loaders:
+        record.update(evaluate(run))
         record["eval_perplexity"] = math.exp(min(record["eval_loss"], 700))
     if options is not None and run.tasks is not None and should(run.tasks.every, run):
         record.update(task_eval.score(run.engine, run.tasks, zero3(run)))  # every rank scores its share
@@ -490,25 +509,48 @@ def step_record(run: Run, done: StepDone, grad_norm: Optional[float]) -> dict:
         run.speeds.append(tokens_per_s)
     return {"step": done.step, "loss": done.loss, "lr": done.lr, "grad_norm": grad_norm, "tokens": run.tokens,
             "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed": run.elapsed, "skipped_steps": run.skipped_steps,
-            **measure.memory_record(run.device)}
+            **measure.memory_record(run.device), **done.source_tokens}
 
 
-def evaluate(run: Run) -> float:
-    """Mean loss over the first eval_batches micro batches of the val split (the same ones every time)."""
+def source_tokens(run: Run) -> dict[str, int]:
+    """A mixture's tokens taken from each source so far ("tokens/books"), as its loader counts them after the
+    last batch handed out (called when a step's micro batches are done); none for one dir."""
+    if run.fixed_batch is not None:
+        return {}
+    taken = run.loader.state_dict().get("taken", {})
+    return {f"tokens/{name}": windows * run.layout.seq_len for name, windows in taken.items()}
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean loss over the first eval_batches micro batches of each val loader's split (the same ones every
+    time): "eval_loss" for one dir; for a mixture each source's ("eval_loss/books", with the tokens it scored,
+    "eval_tokens/books") and their mean weighted by those tokens as "eval_loss"."""
     import deepspeed.comm as dist
 
-    engine, val_loader = run.engine, run.val_loader
-    assert val_loader is not None, "a run evaluates only when it has a val split"
+    engine = run.engine
+    assert run.val_loaders, "a run evaluates only when it has a val split"
     device = torch.device(engine.device)
     engine.eval()
-    total = torch.zeros(2, device=device)  # (sum of batch losses, batches)
+    names = list(run.val_loaders)
+    totals = torch.zeros(len(names), 2, device=device)  # (sum of batch losses, batches) per source
     with torch.no_grad():
-        for inputs, targets in val_loader.sequential_batches(run.project.train.eval_batches):
-            _, loss = engine(*on_device(windows_of(inputs, targets), device), return_logits=False)
-            total += torch.stack([loss.float(), torch.ones((), device=device)])
+        for row, name in enumerate(names):
+            for inputs, targets in run.val_loaders[name].sequential_batches(run.project.train.eval_batches):
+                _, loss = engine(*on_device(windows_of(inputs, targets), device), return_logits=False)
+                totals[row] += torch.stack([loss.float(), torch.ones((), device=device)])
     engine.train()
-    dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    dist.all_reduce(totals)
+    losses = (totals[:, 0] / totals[:, 1]).tolist()  # a batch's loss is the mean over its B × T tokens
+    if names == [""]:
+        return {"eval_loss": losses[0]}
+    # Every rank reads the same number of batches of the same size: tokens = batches (all ranks) × B × T.
+    tokens = [int(count) * run.val_loaders[name].batch * run.layout.seq_len
+              for name, count in zip(names, totals[:, 1].tolist(), strict=True)]
+    record: dict[str, float] = {"eval_loss": sum(loss * t for loss, t in zip(losses, tokens, strict=True)) / sum(tokens)}
+    for name, loss, scored in zip(names, losses, tokens, strict=True):
+        record[f"eval_loss/{name}"] = loss
+        record[f"eval_tokens/{name}"] = scored
+    return record
 
 
 def print_sample(run: Run) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
-from ..data.loader import BatchLoader
+if TYPE_CHECKING:
+    from ..data.source import Loader
 
 
 def windows_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,7 @@ class BatchPrefetcher:
     the device. The loader's cursor travels with each batch, so `state_dict()` is the position after the
     last batch handed out, not the last one read ahead: a checkpoint resumes at exactly the next batch."""
 
-    def __init__(self, loader: BatchLoader, device: torch.device, depth: int = 2):
+    def __init__(self, loader: "Loader", device: torch.device, depth: int = 2):
         self.loader, self.device, self.depth = loader, device, depth
         self.pin = device.type == "cuda"
         self.queue: queue.Queue = queue.Queue(maxsize=depth)

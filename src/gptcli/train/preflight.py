@@ -106,15 +106,33 @@ def finished_message(project: Project, point: Optional[tuple[str, dict]]) -> Opt
             f"To train further, {further}; to start over, --restart.")
 
 
-def check_data(project: Project, plan: RunPlan) -> list[str]:
-    """The data source against the batch: a train split smaller than one step's micro batch is refused; a val
-    split smaller than one evaluation batch is evaluated on what there is. Returns notes to print."""
+def check_data(project: Project, plan: RunPlan, point: Optional[tuple[str, dict]] = None) -> list[str]:
+    """The data source against the batch and the run: a train split smaller than one step's micro batch is
+    refused (for a mixture: a source without one window, one the run would repeat more than data.max_epochs
+    times, a checkpoint `point` saved with another mixture unless data.allow_mixture_change); a val split
+    smaller than one evaluation batch is evaluated on what there is. Returns the lines to print: notes, and
+    for a mixture its table."""
     from ..data.source import open_source
 
     source, layout = open_source(project.data), plan.layout
     source.check_train_batch(layout)
-    if not project.train.eval_every or source.tokens("val") == 0:
-        return []  # evaluation off, or no val shards (the loop says so)
+    saved, notes = None, []
+    if point is not None and "loader" in point[1]:
+        saved, note = source.resume_state(point[1]["loader"], int(point[1]["step"]), layout.seq_len)
+        notes += [note] if note else []
+    lines = source.run_lines(layout, plan.steps, saved, plan.steps_done)
+    if not project.train.eval_every:
+        return notes + lines
+    for part in (source.components() or {"": source}).values():
+        notes += val_notes(part, layout)
+    return notes + lines
+
+
+def val_notes(source, layout) -> list[str]:
+    """What evaluation will do with a val split smaller than one evaluation batch (nothing to say without
+    val shards: the loop says so)."""
+    if source.tokens("val") == 0:
+        return []
     batch, micro = source.evaluation_batch(layout), layout.micro_batch_size
     if batch == micro:
         return []
@@ -225,7 +243,7 @@ def preflight(project: Project, device: str, resume: str = "never", *, overfit: 
     plan = plan_on(project, machine, point)
     check_optimizer(project, plan)
     finished = finished_message(project, point)
-    notes = [] if finished else check_data(project, plan)
+    notes = [] if finished else check_data(project, plan, point)
     if not finished:
         check_memory(project, plan)
     if os.environ.get("RANK", "0") == "0":
@@ -265,7 +283,7 @@ def describe(project: Project, plan: RunPlan, small_plans: Optional[dict[str, Ru
     if project.source is None:
         shape, _ = preset_for_shape(project.model)
         model = "GPT-2 124M" if shape is not None and shape.name == "gpt2" else f"model {plan.model_name}"
-        lines.append(f"no run.toml: using the built-in defaults, {model}, data from {project.data.dir}, run dir "
+        lines.append(f"no run.toml: using the built-in defaults, {model}, data from {', '.join(project.data.directories)}, run dir "
                      f"{project.project.out_dir}; `gpt init --preset nano` writes a project file sized for a laptop.")
     lines.append(f"gpt train: model {plan.model_name}, {plan.parameters:,} parameters ({human_count(plan.parameters)}) "
                  f"on {where}, {training.precision}, ZeRO stage {training.zero_stage}, {ranks}")

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from ...config import Project
-from .metrics import format_eta
+from .metrics import format_eta, source_names
 
 
 class Display:
@@ -40,8 +40,7 @@ class Display:
                  "lr": f"{record['lr']:.3e}", "grad norm": fmt(record["grad_norm"], ".3f"),
                  "tokens/s": fmt(record["tokens_per_s"], ",.0f"), "MFU": fmt(record["mfu"], ".1%"),
                  "ETA": format_eta(per_step * (max_steps - record["step"]))}
-        if record.get("eval_loss") is not None:
-            cells["val loss"] = f"{record['eval_loss']:.4f}"
+        cells.update(eval_cells(record))
         tasks = task_cells(record, self.tasks)
         cells.update(tasks)
         if self.live is not None:
@@ -56,6 +55,17 @@ class Display:
     def close(self) -> None:
         if self.live is not None:
             self.live.stop()
+
+
+def eval_cells(record: dict) -> dict[str, str]:
+    """The val loss a record holds; for a mixture also each source's ("val books") beside the token-weighted
+    one."""
+    if record.get("eval_loss") is None:
+        return {}
+    cells = {"val loss": f"{record['eval_loss']:.4f}"}
+    for name in source_names(record):
+        cells[f"val {name}"] = f"{record[f'eval_loss/{name}']:.4f}"
+    return cells
 
 
 def task_cells(record: dict, tasks: Sequence) -> dict[str, str]:

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import sys
+from dataclasses import dataclass
 from operator import methodcaller
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -19,17 +20,29 @@ from ...fsutil import atomic_write_text
 from ...rundir import CSV_FILE, METRICS_FILE, PLOT_FILE
 from .trackers import warn
 
-# The columns of metrics.csv every run has; the tasks a run scores add theirs (csv_columns).
+# The columns of metrics.csv every run has; the tasks a run scores and a mixture's sources add theirs (csv_columns).
 BASE_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
                 "eval_perplexity", "skipped_steps", "memory_peak", "memory_reserved_peak"]
 
 
-def csv_columns(tasks: Sequence = ()) -> list[str]:
+def csv_columns(tasks: Sequence = (), sources: Sequence[str] = ()) -> list[str]:
     """metrics.csv's columns for a run that scores `tasks` ([eval] tasks' definitions): each metric of each
-    task under its record key."""
+    task under its record key; and for a mixture of `sources` (names) each one's tokens taken and eval loss."""
     from ...tasks.benchmarks import record_key
 
-    return BASE_COLUMNS + [record_key(task.name, metric) for task in tasks for metric in task.metrics]
+    mixture = [f"{column}/{name}" for column in SOURCE_COLUMNS for name in sources]
+    return BASE_COLUMNS + mixture + [record_key(task.name, metric) for task in tasks for metric in task.metrics]
+
+
+# A mixture's columns per source ("tokens/books"): the tokens taken from it so far, its val loss and the val
+# tokens it was measured on (the loop's step_record and evaluate).
+SOURCE_COLUMNS = ("tokens", "eval_loss", "eval_tokens")
+
+
+def source_names(record: dict, column: str = "eval_loss") -> list[str]:
+    """The sources a record holds a per-source `column` for ("eval_loss/books" → "books")."""
+    prefix = f"{column}/"
+    return [key[len(prefix):] for key in record if key.startswith(prefix)]
 
 
 def peak_for_name(device_name: str, precision: str = "bf16") -> Optional[float]:
@@ -218,8 +231,34 @@ def is_png(path: Path) -> bool:
         return False
 
 
+@dataclass
+class Curve:
+    label: str
+    steps: list[int]
+    values: list[float]
+    style: str  # matplotlib's format string
+
+
+def loss_curves(records: list[dict]) -> list[Curve]:
+    """What loss.png draws: the training loss, the val loss where measured and, for a mixture, each source's
+    val loss (the val loss then being their mean weighted by the tokens each scored)."""
+    curves = [Curve("train loss", [r["step"] for r in records], [r["loss"] for r in records], "-")]
+    evals = [r for r in records if r.get("eval_loss") is not None]
+    if not evals:
+        return curves
+    sources = list(dict.fromkeys(name for r in evals for name in source_names(r)))
+    curves.append(Curve("val loss (token-weighted over the sources)" if sources else "val loss",
+                        [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-"))
+    for name in sources:
+        points = [r for r in evals if r.get(f"eval_loss/{name}") is not None]
+        curves.append(Curve(f"val loss, {name}", [r["step"] for r in points], [r[f"eval_loss/{name}"] for r in points],
+                            ".--"))
+    return curves
+
+
 def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Path:
-    """loss.png: training loss per step (and eval loss where measured), log-scale steps when long."""
+    """loss.png: training loss per step (and eval loss where measured; for a mixture also each source's),
+    log-scale steps when long."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,10 +277,8 @@ def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Path:
     if not records:
         raise GptError(f"{Path(run_dir) / METRICS_FILE} has no steps to plot yet.")
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
-    axes.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train loss")
-    evals = [r for r in records if r.get("eval_loss") is not None]
-    if evals:
-        axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label="val loss")
+    for curve in loss_curves(records):
+        axes.plot(curve.steps, curve.values, curve.style, ms=3, lw=1, label=curve.label)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("cross-entropy (nats/token)")
     axes.set_title(Path(run_dir).resolve().name)

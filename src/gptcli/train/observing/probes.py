@@ -2,8 +2,9 @@
 
     windows-rank<R>.jsonl     one line per micro batch this rank's loader hands out, in order, as the
                               data source's loader describes it: for a prepared dir {"epoch": E,
-                              "windows": [window indices]} (read ahead: a run that stops may list a
-                              micro batch or two it never trained on)
+                              "windows": [window indices]}, for a mixture {"sources": [names], "windows":
+                              [window indices in each one's split]} (read ahead: a run that stops may list
+                              a micro batch or two it never trained on)
     state-<event>-step<N>.pt  rank 0, after the checkpoint of step N is saved (event "saved"), right
                               after it is loaded ("loaded"), or once a fresh run's first weights (a random
                               init, or init_from's) are in the engine ("initialized", step 0): every

@@ -82,13 +82,14 @@ def read_latest(run_dir: Path) -> Optional[str]:
     return tag
 
 
-def agree_on_resume(run_dir: Path, mode: str, restart: bool, rank: int, data_dir: Optional[Path] = None) -> Optional[str]:
+def agree_on_resume(run_dir: Path, mode: str, restart: bool, rank: int,
+                    data_dirs: Sequence[Path] = ()) -> Optional[str]:
     """The checkpoint tag every rank resumes from (None: start fresh). Rank 0 decides, every rank follows:
     each rank reading the dir on its own could pick different tags while a save or a fallback is under way."""
     decision: dict[str, Optional[str]] = {"tag": None, "error": None}
     if rank == 0:
         try:
-            decision["tag"] = decide_start(run_dir, mode, restart, data_dir)
+            decision["tag"] = decide_start(run_dir, mode, restart, data_dirs)
         except GptError as error:
             decision["error"] = str(error)
     decision = broadcast_from_rank0(decision)
@@ -97,30 +98,30 @@ def agree_on_resume(run_dir: Path, mode: str, restart: bool, rank: int, data_dir
     return decision["tag"]
 
 
-def check_model_dir_is_ours(run_dir: Path, data_dir: Optional[Path] = None) -> None:
+def check_model_dir_is_ours(run_dir: Path, data_dirs: Sequence[Path] = ()) -> None:
     """RUN/model, which a run replaces when it ends and --restart deletes, must pass fsutil's output rule
     before anything is trained or deleted: a model dir that gptcli wrote (or nothing), never a link, a
-    file, a dir holding a user's files, or the project's data dir (nor inside it, nor holding it)."""
+    file, a dir holding a user's files, or a data dir of the project (nor inside it, nor holding it)."""
     from ...modeldir import legacy_model_dir_files
 
     model_dir = Path(run_dir) / MODEL_DIR
-    protected = [(data_dir, f"the project's data dir (data.dir = {data_dir})")] if data_dir is not None else []
+    protected = [(Path(directory), f"a data dir of the project ({directory})") for directory in data_dirs]
     check_output(model_dir, what="model dir", force=True, owned=legacy_model_dir_files(model_dir),
                  protected=protected, flag=None, instead="move it away or choose another project.out_dir")
 
 
 
-def decide_start(run_dir: Path, mode: str, restart: bool, data_dir: Optional[Path] = None) -> Optional[str]:
+def decide_start(run_dir: Path, mode: str, restart: bool, data_dirs: Sequence[Path] = ()) -> Optional[str]:
     """Rank 0: RUN/model must be one the run may replace; --restart clears the old run; --resume never
     refuses to start over an existing one; auto|required pick the checkpoint to resume, and a run dir
     holding a finished run's outputs without any checkpoint is refused like an existing run."""
     if restart:
         if mode == "required":
             raise GptError("--restart starts the run over, so it cannot go with --resume required.")
-        check_model_dir_is_ours(run_dir, data_dir)  # before anything is deleted
+        check_model_dir_is_ours(run_dir, data_dirs)  # before anything is deleted
         remove_run_files(run_dir)
         return None
-    check_model_dir_is_ours(run_dir, data_dir)  # before training: the run's end replaces it
+    check_model_dir_is_ours(run_dir, data_dirs)  # before training: the run's end replaces it
     if mode == "never":
         refuse_existing_run(run_dir)
         return None
