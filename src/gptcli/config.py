@@ -271,10 +271,12 @@ class TrainConfig(Section):
     lr_schedule: LrSchedule = doc('Decay after warmup: "cosine", "linear" or "constant".', "cosine")
     warmup_steps: int = doc("Steps of linear warmup: step k (from 0) uses lr*(k+1)/warmup_steps, so the first "
                              "uses lr/warmup_steps.", 100, at_least=0)
-    optimizer: str = doc('The optimizer: "adamw" (built in), a plugin\'s name, "package.module:attr" or "file.py:attr" '
-                         "beside the project file (docs/extending.md).", "adamw")
+    optimizer: str = doc('The optimizer: "adamw" or "muon" (built in: Muon on the blocks\' matrices, AdamW on the rest; '
+                         'docs/training.md), a plugin\'s name, "package.module:attr" or "file.py:attr" beside the '
+                         "project file (docs/extending.md).", "adamw")
     optimizer_options: dict = doc("The optimizer's own settings, for one that declares them, e.g. { momentum = 0.9 }; "
-                                  "adamw has none (it reads lr, beta1, beta2, eps, weight_decay).", factory=dict)
+                                  "adamw has none (it reads lr, beta1, beta2, eps, weight_decay); muon's are lr, "
+                                  "momentum, weight_decay and ns_method (docs/training.md).", factory=dict)
     weight_decay: float = doc("Decoupled weight decay, on the parameters the optimizer's grouping decays (adamw: 2-D "
                               "weight matrices only, not biases, norms, wpe).", 0.1, at_least=0)
     beta1: float = doc("AdamW's beta1 (train.optimizer = \"adamw\"; another optimizer reads it only if it says so).",

@@ -14,10 +14,12 @@ A spec says
     its builder         the torch optimizer over the grouped tensors, for where it runs (device, offload)
     its state's keys    the per-parameter tensors it keeps (what the probes read, what a resume on another
                         number of ranks must carry), and its step counter, if it keeps one per parameter
+    where it runs       the settings it cannot train in (one sentence each, said before anything slow), and
+                        the DeepSpeed config keys it needs where it does
 
 This module is torch-free at import: the planner (arithmetic only) reads the bytes, the schema the options;
 only a builder imports torch, and DeepSpeed's kernels, inside the function, when a run builds its optimizer
-(train/engine.py). ADAMW is the built-in "adamw".
+(train/engine.py). ADAMW is the built-in "adamw", MUON the built-in "muon".
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ NamedShape = tuple[str, tuple[int, ...]]
 @dataclass(frozen=True)
 class Placement:
     """Where the optimizer runs: `device` "cuda" or "cpu"; `offload`: ZeRO-Offload keeps its state in CPU
-    memory and DeepSpeed runs the step there (deepspeed.offload_optimizer)."""
+    memory and DeepSpeed runs the step there (deepspeed.offload_optimizer); `zero_stage` and `precision`
+    (fp32, bf16, fp16): which of DeepSpeed's optimizer wrappers drives it."""
 
     device: str
     offload: bool = False
+    zero_stage: int = 0
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,10 @@ class ParameterGroup:
 
     names: tuple[str, ...]
     options: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""  # what the plan's split calls it ("Muon"); groups without one are not listed
+    state_bytes: Optional[int] = None  # its state per parameter where it differs from the spec's state_bytes
+    whole_matrices: bool = False  # its step works on each whole matrix, whatever ZeRO partitions (the planner
+    # counts the spec's matrix_temporary_bytes on the largest)
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class Option:
     above: Optional[float] = None
     below: Optional[float] = None
     at_most: Optional[float] = None
+    choices: tuple = ()  # the values a string option may take (none: any)
 
     def check(self, where: str, value: Any) -> Any:
         """`value` in the default's type (an int where a float is expected becomes one), inside the range;
@@ -78,6 +88,8 @@ class Option:
             raise GptError(f"{where} must be a finite number, not {value}.")
         if expected in (int, float) and not self.in_range(value):
             raise GptError(f"{where} must be {self.range_words()}, not {value}.")
+        if self.choices and value not in self.choices:
+            raise GptError(f"{where} must be one of {', '.join(map(repr, self.choices))}, not {value!r}.")
         return value
 
     def in_range(self, value: float) -> bool:
@@ -98,6 +110,14 @@ def no_temporaries(placement: Placement) -> int:
     return 0
 
 
+def no_settings(placement: Placement) -> dict:
+    return {}
+
+
+def trains_anywhere(train, placement: Placement) -> Optional[str]:
+    return None
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     """An optimizer as gptcli knows it (the module doc says what each part is for).
@@ -106,7 +126,11 @@ class OptimizerSpec:
     build(groups, train, placement) → a torch.optim.Optimizer: `groups` are torch's parameter groups
     ({"params": [tensors], **options}); `train` the [train] section; `placement` where it runs.
     step_temporary_bytes(placement) → bytes per element of the tensor its step updates at once (a
-    per-tensor loop: the largest tensor at ZeRO-0, this rank's flat partition at ZeRO 1-3)."""
+    per-tensor loop: the largest tensor at ZeRO-0, this rank's flat partition at ZeRO 1-3).
+    matrix_temporary_bytes(placement) → bytes per element of the largest matrix of a `whole_matrices` group,
+    allocated while its step works on that matrix.
+    deepspeed_settings(placement) → DeepSpeed config keys it needs there ([deepspeed] config overrides them).
+    unsupported(train, placement) → the sentence that refuses a setting it cannot train in, or None."""
 
     name: str
     description: str
@@ -119,11 +143,18 @@ class OptimizerSpec:
     state_keys: tuple[str, ...] = ()
     step_key: Optional[str] = None
     step_temporary_bytes: Callable[[Placement], int] = no_temporaries
+    matrix_temporary_bytes: Callable[[Placement], int] = no_temporaries
+    deepspeed_settings: Callable[[Placement], dict] = no_settings
+    unsupported: Callable[[Any, Placement], Optional[str]] = trains_anywhere
 
     @property
     def shown(self) -> str:
         """The name the plan's words use."""
         return self.title or self.name
+
+    def group_state_bytes(self, group: ParameterGroup) -> int:
+        """Bytes of state per parameter of `group`: its own figure, else the spec's."""
+        return self.state_bytes if group.state_bytes is None else group.state_bytes
 
     def option_values(self, train) -> dict[str, Any]:
         """Its options with `[train] optimizer_options` over their defaults (checked: check_options)."""
@@ -191,24 +222,30 @@ def adamw_groups(parameters: Sequence[NamedShape], train) -> list[ParameterGroup
 
 
 def build_adamw(groups: list[dict], train, placement: Placement):
-    """DeepSpeed's CPU Adam when the state is offloaded; on a GPU DeepSpeed's FusedAdam when it was built
-    into the installed DeepSpeed, else torch's fused AdamW (never a JIT build of FusedAdam: minutes of nvcc,
-    and a hang on a build lock a killed run left behind); on the CPU torch's single-tensor AdamW
-    (deterministic element by element, so resume is exact)."""
+    """AdamW over the groups, with [train] lr, beta1, beta2 and eps, on the kernel adam_kernel picks."""
+    kernel, mode = adam_kernel(placement)
+    return kernel(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, **mode)
+
+
+def adam_kernel(placement: Placement) -> tuple[Any, dict]:
+    """The AdamW class for where it runs, and the keywords that put it in AdamW's mode. DeepSpeed's CPU Adam
+    when the state is offloaded; on a GPU DeepSpeed's FusedAdam when it was built into the installed
+    DeepSpeed, else torch's fused AdamW (never a JIT build of FusedAdam: minutes of nvcc, and a hang on a
+    build lock a killed run left behind); on the CPU torch's single-tensor AdamW (deterministic element by
+    element, so resume is exact)."""
     import torch
 
-    kwargs = dict(lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
     if placement.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        return DeepSpeedCPUAdam, {"adamw_mode": True}
     if placement.device == "cuda":
         if fused_adam_prebuilt():
             from deepspeed.ops.adam import FusedAdam
 
-            return FusedAdam(groups, adam_w_mode=True, **kwargs)
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    return torch.optim.AdamW(groups, foreach=False, **kwargs)
+            return FusedAdam, {"adam_w_mode": True}
+        return torch.optim.AdamW, {"fused": True}
+    return torch.optim.AdamW, {"foreach": False}
 
 
 def fused_adam_prebuilt() -> bool:
@@ -235,4 +272,121 @@ ADAMW = OptimizerSpec(
     train_keys=("lr", "beta1", "beta2", "eps", "weight_decay"),
     state_keys=("exp_avg", "exp_avg_sq"), step_key="step",
     step_temporary_bytes=adamw_temporaries,
+)
+
+
+# --- Muon ------------------------------------------------------------------------------------------------------
+#
+# Muon (Jordan et al. 2024, kellerjordan.github.io/posts/muon): SGD momentum whose update of a weight matrix is
+# replaced by the nearest semi-orthogonal matrix, computed by a Newton–Schulz iteration. The optimizer of every
+# GPT-2 speedrun record since October 2024 (github.com/KellerJordan/modded-nanogpt) for the hidden matrices,
+# with AdamW for the rest. gptcli runs DeepSpeed's implementation (deepspeed/runtime/zero/muon/), which works
+# inside each of its ZeRO optimizers, and tags every parameter itself (`use_muon`): DeepSpeed's own tagging
+# (for an optimizer named in its config, which gptcli never does) would send wte and a tied head to Muon.
+
+MUON_NS_METHODS = ("gram", "standard")
+
+
+def orthogonalised(name: str, shape: tuple[int, ...]) -> bool:
+    """Muon's share: the 2-D weight matrices inside the blocks (h.N.attn.c_attn, attn.c_proj, mlp.c_fc,
+    mlp.c_proj). Not wte (nor the head tied to it, nor an untied lm_head), wpe, the norms' gains or the
+    biases: the Muon README keeps embeddings, the classifier head, gains and biases on AdamW."""
+    return name.startswith("h.") and len(shape) == 2
+
+
+def muon_groups(parameters: Sequence[NamedShape], train) -> list[ParameterGroup]:
+    """Muon on the blocks' matrices; AdamW as "adamw" groups the rest (decay on wte and an untied lm_head,
+    none on wpe, norms, biases). The matrices are listed largest first, the order DeepSpeed's
+    MuonWithAuxAdam sorts them into (a stable sort by shape), so that the names a checkpoint records are
+    those of the optimizer's own order."""
+    options = MUON.option_values(train)
+    shapes = dict(parameters)
+    matrices = sorted((name for name, shape in parameters if orthogonalised(name, shape)), key=shapes.__getitem__,
+                      reverse=True)
+    rest = [(name, shape) for name, shape in parameters if not orthogonalised(name, shape)]
+    muon = ParameterGroup(tuple(matrices), {
+        "use_muon": True, "lr_scale": options["lr"] / train.lr, "momentum": options["momentum"],
+        "weight_decay": options["weight_decay"], "ns_method": options["ns_method"]},
+        label="Muon", state_bytes=FP32, whole_matrices=True)  # one fp32 momentum buffer per parameter
+    decayed, plain = adamw_groups(rest, train)
+    groups = [muon, ParameterGroup(decayed.names, {"use_muon": False, **decayed.options}, label="AdamW"),
+              ParameterGroup(plain.names, {"use_muon": False, **plain.options}, label="AdamW, no decay")]
+    return [group for group in groups if group.names]  # DeepSpeed drops an empty group; so does the record
+
+
+def build_muon(groups: list[dict], train, placement: Placement):
+    """DeepSpeed's MuonWithAuxAdam over the groups, its AdamW half on adam_kernel's AdamW. Every tensor is
+    tagged `use_muon` as its group says: DeepSpeed's ZeRO optimizers read the tag to orthogonalise a
+    matrix's gradient while they flatten it into a partition (ZeRO 1-2), in BF16_Optimizer's step, or in
+    ZeRO-3's sub-group loop; at ZeRO-0 MuonWithAuxAdam's own step runs Newton–Schulz on the matrix."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    kernel, mode = adam_kernel(placement)
+    for group in groups:
+        for tensor in group["params"]:
+            tensor.use_muon = group["use_muon"]
+        group["lr"] = train.lr * group.get("lr_scale", 1.0)  # the loop sets it again at every step
+        if not group["use_muon"]:
+            group.update(betas=(train.beta1, train.beta2), eps=train.eps)
+    return MuonWithAuxAdam(groups, adam_optimizer=kernel, adam_optimizer_kwargs=mode, adam_w_mode=True)
+
+
+def muon_settings(placement: Placement) -> dict:
+    """ZeRO-3 runs Muon only without its reduce-scatter of gradients (deepspeed/runtime/zero/stage3.py
+    refuses the two together); Muon needs each matrix's whole gradient there."""
+    return {"zero_optimization": {"reduce_scatter": False}} if placement.zero_stage == 3 else {}
+
+
+def clips_muon_updates(placement: Placement) -> bool:
+    """Whether DeepSpeed takes the gradient norm after Muon's orthogonalisation, and so clips the updates:
+    its ZeRO optimizer at stages 1-2 (DeepSpeedZeroOptimizer orthogonalises while it flattens the gradient
+    partitions, offloaded or not) and ZeRO-3 (before its norm). At ZeRO-0 (the loop, or DeepSpeed's fp16/bf16
+    wrapper, clips the gradients, then the step runs Muon) and in BF16_Optimizer (bf16 at ZeRO-1, which clips
+    first) the gradients are clipped."""
+    bf16_optimizer = placement.precision == "bf16" and placement.zero_stage == 1 and not placement.offload
+    return placement.zero_stage > 0 and not bf16_optimizer
+
+
+def muon_unsupported(train, placement: Placement) -> Optional[str]:
+    """Clipping where DeepSpeed would clip Muon's updates, not the gradients: a matrix's orthogonalised update
+    has a norm of about the square root of its smaller side (27.7 for GPT-2's 768), so train.grad_clip = 1
+    would divide every step, AdamW's too, by that norm over all matrices."""
+    if train.grad_clip == 0 or not clips_muon_updates(placement):
+        return None
+    fixes = "deepspeed.zero_stage = 0" + (", or 1 with bf16 on a GPU," if placement.device == "cuda" else "")
+    return (f'train.optimizer = "muon" cannot clip gradients at deepspeed.zero_stage = {placement.zero_stage} with '
+            f"{placement.precision}{' and offload_optimizer' if placement.offload else ''}: DeepSpeed takes the norm "
+            "there after Muon has orthogonalised the matrices' gradients, so train.grad_clip would shrink Muon's "
+            f"updates, not the gradients; set train.grad_clip = 0 (the Muon recipe does not clip), or {fixes} where "
+            "the gradients are clipped before Muon.")
+
+
+def muon_temporaries(placement: Placement) -> int:
+    """Newton–Schulz on one matrix at a time: 3 fp32 copies of a 3072 × 768 matrix at the peak with the Gram
+    iteration (2.25 with the standard one; 6 of a square 768 × 768 one, 1.5 of the larger; measured on the
+    CPU with torch's memory timeline), counted as 4. On a GPU the iteration runs in fp16 or bf16."""
+    return 4 * FP32
+
+
+MUON = OptimizerSpec(
+    name="muon", title="Muon + AdamW",
+    description="Muon (Jordan et al. 2024) on the blocks' weight matrices, AdamW on embeddings, head, norms "
+                "and biases; DeepSpeed's MuonWithAuxAdam",
+    state_bytes=2 * FP32,  # AdamW's two moments on its share; the Muon group says its own (one momentum buffer)
+    group=muon_groups, build=build_muon,
+    train_keys=("lr", "beta1", "beta2", "eps", "weight_decay"),
+    options={
+        "lr": Option(0.02, "Muon's peak learning rate; the schedule shapes it as it shapes train.lr, which "
+                           "AdamW's share keeps (0.02: the Muon README, github.com/KellerJordan/Muon).", above=0),
+        "momentum": Option(0.95, "Muon's momentum, Nesterov's form (0.95: the Muon README).", at_least=0, below=1),
+        "weight_decay": Option(0.01, "Decoupled weight decay on Muon's matrices; train.weight_decay stays "
+                                     "AdamW's (0.01: the Muon README's example).", at_least=0),
+        "ns_method": Option("gram", 'How the five steps of Newton–Schulz are computed (DeepSpeed fixes five): "gram" '
+                                    "on the smaller Gram matrix (DeepSpeed's default, fewer FLOPs on rectangular "
+                                    'matrices), "standard" as the Muon README writes it; the same quintic '
+                                    "(3.4445, -4.7750, 2.0315).", choices=MUON_NS_METHODS),
+    },
+    state_keys=("momentum_buffer", "exp_avg", "exp_avg_sq"), step_key="step",
+    step_temporary_bytes=adamw_temporaries, matrix_temporary_bytes=muon_temporaries,
+    deepspeed_settings=muon_settings, unsupported=muon_unsupported,
 )

@@ -206,7 +206,7 @@ def entry_points(group: str) -> dict[str, importlib.metadata.EntryPoint]:
 # Each built-in is defined by the module that owns it; here it is only named.
 
 OPTIMIZERS = Registry("optimizer", "train.optimizer", "gptcli.optimizers",
-                      {"adamw": "gptcli.optimizers:ADAMW"})
+                      {"adamw": "gptcli.optimizers:ADAMW", "muon": "gptcli.optimizers:MUON"})
 _TASKS = {"hellaswag": "gptcli.tasks.benchmarks:HELLASWAG", "lambada": "gptcli.tasks.benchmarks:LAMBADA",
           "piqa": "gptcli.tasks.multiple_choice:PIQA", "arc_easy": "gptcli.tasks.multiple_choice:ARC_EASY",
           "arc_challenge": "gptcli.tasks.multiple_choice:ARC_CHALLENGE",

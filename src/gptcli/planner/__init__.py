@@ -59,7 +59,16 @@ from .states import (
     state_layout,
     zero_memory_per_gpu,
 )
-from .words import allowance_line, gib, human_count, human_duration, memory_line, model_state_title, plan_summary
+from .words import (
+    allowance_line,
+    gib,
+    human_count,
+    human_duration,
+    memory_line,
+    model_state_title,
+    optimizer_split,
+    plan_summary,
+)
 
 __all__ = ["FP32", "LOSS_CHUNK_VALUES", "ActivationEstimate", "ActivationShape", "activation_memory",
            "loss_rows_per_chunk", "flops_per_token", "parameter_components", "parameter_tensors", "GPUS", "GiB",
@@ -70,5 +79,5 @@ __all__ = ["FP32", "LOSS_CHUNK_VALUES", "ActivationEstimate", "ActivationShape",
            "model_name", "plan_run", "precision_for", "preset_model", "training_for", "training_model", "Training",
            "held_parameters", "largest_layer", "model_state_phases", "partition", "state_layout",
            "zero_memory_per_gpu", "gib", "human_count", "human_duration", "memory_line", "model_state_title",
-           "plan_summary", "allowance_line", "Comparison", "Measurement", "PlanAgainstMeasured",
+           "plan_summary", "optimizer_split", "allowance_line", "Comparison", "Measurement", "PlanAgainstMeasured",
            "plan_against_measured", "read_measurement"]

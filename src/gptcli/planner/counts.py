@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..config import ModelConfig
 
 # --- parameters and FLOPs -----------------------------------------------------------------------------------------
@@ -11,27 +13,37 @@ from ..config import ModelConfig
 def parameter_tensors(config: ModelConfig) -> dict[str, int]:
     """Every parameter tensor of the GPT that model.py builds, by its state-dict name: elements as held
     (vocabulary padding rows included; the tied lm_head is wte itself, so it is not listed)."""
+    return {name: math.prod(shape) for name, shape in parameter_shapes(config).items()}
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of each parameter tensor parameter_tensors counts, as torch holds it (a Linear's weight is
+    (outputs, inputs)): what an optimizer spec's grouping rule sees."""
     C, hidden, Vp = config.n_embd, config.mlp_ratio * config.n_embd, config.padded_vocab_size
-    tensors = {"wte.weight": Vp * C}
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (Vp, C)}
     if config.position == "learned":
-        tensors["wpe.weight"] = config.block_size * C
+        shapes["wpe.weight"] = (config.block_size, C)
     linears = (("attn.c_attn", C, 3 * C), ("attn.c_proj", C, C), ("mlp.c_fc", C, hidden), ("mlp.c_proj", hidden, C))
     for layer in range(config.n_layer):
-        for norm in ("ln_1", "ln_2"):
-            tensors.update(norm_tensors(f"h.{layer}.{norm}", config))
-        for name, inputs, outputs in linears:
-            tensors[f"h.{layer}.{name}.weight"] = inputs * outputs
-            if config.bias:
-                tensors[f"h.{layer}.{name}.bias"] = outputs
+        shapes.update(norm_shapes(f"h.{layer}.ln_1", config))
+        for name, inputs, outputs in linears[:2]:
+            shapes.update(linear_shapes(f"h.{layer}.{name}", inputs, outputs, config))
+        shapes.update(norm_shapes(f"h.{layer}.ln_2", config))
+        for name, inputs, outputs in linears[2:]:
+            shapes.update(linear_shapes(f"h.{layer}.{name}", inputs, outputs, config))
     if config.final_norm:
-        tensors.update(norm_tensors("ln_f", config))
+        shapes.update(norm_shapes("ln_f", config))
     if not config.tie_embeddings:
-        tensors["lm_head.weight"] = Vp * C
-    return tensors
+        shapes["lm_head.weight"] = (Vp, C)
+    return shapes
 
 
-def norm_tensors(prefix: str, config: ModelConfig) -> dict[str, int]:
-    return {f"{prefix}.weight": config.n_embd, **({f"{prefix}.bias": config.n_embd} if config.bias else {})}
+def linear_shapes(prefix: str, inputs: int, outputs: int, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}.weight": (outputs, inputs), **({f"{prefix}.bias": (outputs,)} if config.bias else {})}
+
+
+def norm_shapes(prefix: str, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}.weight": (config.n_embd,), **({f"{prefix}.bias": (config.n_embd,)} if config.bias else {})}
 
 
 def parameter_components(config: ModelConfig) -> dict[str, int]:

@@ -53,7 +53,8 @@ def training_for(project: Project, device: str, ranks: int, precision: str,
                     offload_optimizer=ds.offload_optimizer and ds.zero_stage > 0, offload_params=ds.offload_params,
                     checkpointing=project.train.activation_checkpointing if checkpointing is None else checkpointing,
                     zero={k: v for k, v in zero.items() if k in ZERO_BUFFER_DEFAULTS and isinstance(v, (int, bool))},
-                    optimizer=optimizer_spec(project.train.optimizer), gpu=gpu if device == "cuda" else None)
+                    optimizer=optimizer_spec(project.train.optimizer), gpu=gpu if device == "cuda" else None,
+                    train=project.train)
 
 
 def resident_on_cpu(training: Training) -> Training:

@@ -6,12 +6,13 @@ P parameters held, N data-parallel ranks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional
 
-from ..config import ModelConfig
-from ..optimizers import ADAMW, OptimizerSpec, Placement
+from ..config import ModelConfig, TrainConfig
+from ..optimizers import ADAMW, OptimizerSpec, ParameterGroup, Placement, grouped_names
 from .activations import FP32, ActivationEstimate
-from .counts import parameter_tensors
+from .counts import parameter_shapes, parameter_tensors
 from .gpus import Gpu
 
 # Mixed-precision Adam keeps 16 bytes per parameter (Rajbhandari et al. 2020, ZeRO, section 3.1):
@@ -71,6 +72,7 @@ class Training:
     checkpointing: bool = False
     zero: dict = field(default_factory=dict)  # [deepspeed] config's zero_optimization table
     optimizer: OptimizerSpec = ADAMW  # train.optimizer's spec: its state bytes and its step's temporaries
+    train: TrainConfig = field(default_factory=TrainConfig)  # what the spec's grouping reads (its options)
     gpu: Optional[Gpu] = None  # the GPU model, when known: its CUDA context and NCCL's buffers (plan.allowances)
 
     @property
@@ -78,12 +80,34 @@ class Training:
         return FP32 if self.precision == "fp32" else 2
 
     @property
-    def optimizer_bytes(self) -> int:
-        """Per parameter the optimizer updates: its own state, and the fp32 masters DeepSpeed keeps beside
-        it (all but fp32 at ZeRO-0, where the optimizer updates the module's fp32 weights themselves)."""
-        if self.zero_stage == 0 and self.precision == "fp32":
-            return self.optimizer.state_bytes
-        return optimizer_bytes(self.optimizer)
+    def placement(self) -> Placement:
+        return Placement(self.device, self.offload_optimizer, self.zero_stage, self.precision)
+
+    @cached_property
+    def groups(self) -> list[ParameterGroup]:
+        """The optimizer's parameter groups of the model as trained (its spec's grouping rule)."""
+        return grouped_names(self.optimizer, list(parameter_shapes(self.model).items()), self.train)
+
+    @cached_property
+    def optimizer_bytes(self) -> float:
+        """Per parameter the optimizer updates, on average over its groups: its own state (AdamW's 8 bytes;
+        Muon's matrices keep one fp32 buffer, 4), and the fp32 masters DeepSpeed keeps beside it (all but
+        fp32 at ZeRO-0, where the optimizer updates the module's fp32 weights themselves)."""
+        sizes = parameter_tensors(self.model)
+        state = sum(sizes[name] * self.optimizer.group_state_bytes(group) for group in self.groups
+                    for name in group.names)
+        masters = 0 if self.zero_stage == 0 and self.precision == "fp32" else MASTER_BYTES
+        return masters + state / sum(sizes.values())
+
+    def optimizer_state(self, parameters: int) -> int:
+        """Bytes of optimizer state for `parameters` of the model's parameters (all of them, or a partition)."""
+        return round(self.optimizer_bytes * parameters)
+
+    @cached_property
+    def whole_matrices(self) -> list[int]:
+        """Elements of each matrix the optimizer's step works on whole (groups marked `whole_matrices`)."""
+        sizes = parameter_tensors(self.model)
+        return [sizes[name] for group in self.groups if group.whole_matrices for name in group.names]
 
     def zero_setting(self, key: str):
         value = self.zero.get(key, ZERO_BUFFER_DEFAULTS[key])
@@ -128,16 +152,44 @@ def state_layout(training: Training) -> StateLayout:
         layout = stage0_layout(training)
     elif stage == 3:
         layout = stage3_layout(training)
-    elif training.precision == "bf16" and stage == 1 and not training.offload_optimizer:
+    elif bf16_optimizer(training):
         layout = bf16_stage1_layout(training)
     else:
         layout = zero_optimizer_layout(training)
-    temporaries = training.optimizer.step_temporary_bytes(Placement(training.device, training.offload_optimizer))
+        staged = staged_matrix_state(training)
+        if staged:
+            layout.resident["optimizer states"] += staged
+    temporaries = training.optimizer.step_temporary_bytes(training.placement)
     if temporaries:  # e.g. torch's single-tensor AdamW on the CPU (optimizers.adamw_temporaries)
         # ZeRO-0 updates each parameter tensor, ZeRO 1-3 this rank's flat partition.
         updated = largest_tensor(training) if stage == 0 else partition(training)
         layout.step = merge(layout.step, {"temporaries": temporaries * updated})
+    matrix = training.optimizer.matrix_temporary_bytes(training.placement) * max(training.whole_matrices, default=0)
+    if matrix:  # Muon's Newton–Schulz, one whole matrix at a time: DeepSpeedZeroOptimizer (ZeRO 1-2 but bf16's
+        # ZeRO-1) runs it as it fills the gradient partitions, after the backward pass; the others in the step
+        if stage in (1, 2) and not bf16_optimizer(training):
+            layout.reduction = merge(layout.reduction, {"temporaries": matrix})
+        else:
+            layout.step = merge(layout.step, {"temporaries": matrix})
     return layout
+
+
+def bf16_optimizer(training: Training) -> bool:
+    """Whether DeepSpeed wraps the optimizer in its BF16_Optimizer (bf16 at ZeRO-1 with fp32 accumulation)."""
+    return training.precision == "bf16" and training.zero_stage == 1 and not training.offload_optimizer
+
+
+def staged_matrix_state(training: Training) -> int:
+    """DeepSpeedZeroOptimizer (ZeRO 1-2) keeps Muon's momentum for every matrix its partition touches, whole
+    (the partition's matrices, and up to two split at its edges), and a staging copy of it that a step
+    which overflows is discarded from (stage_1_and_2.py, _muon_staging_momentum): fp32 twice, where the
+    partitioned count (optimizer_state) has it once, over the partition's share."""
+    matrices = training.whole_matrices
+    if not matrices or training.offload_optimizer:
+        return 0
+    total = sum(matrices)
+    touched = min(total, -(-total // training.ranks) + 2 * max(matrices))
+    return 2 * FP32 * touched - FP32 * -(-total // training.ranks)
 
 
 def model_state_phases(training: Training, activations: Optional[ActivationEstimate] = None,
@@ -188,7 +240,7 @@ def stage0_layout(training: Training) -> StateLayout:
     P, w = held_parameters(training), training.weight_bytes
     gradients = {"gradients": w * P}
     step = {**gradients, **({"temporaries": FP32 * P} if w != FP32 else {})}  # fp32 copies of the gradients
-    return StateLayout(resident={"weights": w * P, "optimizer states": training.optimizer_bytes * P},
+    return StateLayout(resident={"weights": w * P, "optimizer states": training.optimizer_state(P)},
                        backward=gradients, accumulated=gradients, step=step,
                        reduction={**gradients, "communication buffers": w * min(P, ALLREDUCE_BUCKET_ELEMENTS)})
 
@@ -200,7 +252,7 @@ def bf16_stage1_layout(training: Training) -> StateLayout:
     P, Pn = held_parameters(training), partition(training)
     gradients = {"gradients": 2 * P}
     flat = min(P, ALLREDUCE_BUCKET_ELEMENTS)
-    return StateLayout(resident={"weights": 2 * P, "gradients": FP32 * P, "optimizer states": training.optimizer_bytes * Pn},
+    return StateLayout(resident={"weights": 2 * P, "gradients": FP32 * P, "optimizer states": training.optimizer_state(Pn)},
                        backward=gradients, accumulated=gradients, step=gradients,
                        reduction={**gradients, "communication buffers": (FP32 + 2) * flat})
 
@@ -217,7 +269,7 @@ def zero_optimizer_layout(training: Training) -> StateLayout:
     partition_bytes = 0 if training.offload_optimizer else (FP32 if separate_fp32 else w) * Pn
     bucket = w * training.zero_setting("reduce_bucket_size") * (2 if training.zero_setting("overlap_comm") else 1)
     flatten = w * min(training.zero_setting("reduce_bucket_size"), P) if separate_fp32 else 0
-    resident = {"weights": w * P, "optimizer states": 0 if training.offload_optimizer else training.optimizer_bytes * Pn}
+    resident = {"weights": w * P, "optimizer states": 0 if training.offload_optimizer else training.optimizer_state(Pn)}
     grad_partition = {"gradients": partition_bytes}
     if stage == 1:
         full = {"gradients": w * P}
@@ -249,7 +301,7 @@ def stage3_layout(training: Training) -> StateLayout:
         gathered = w * min(live, training.zero_setting("stage3_max_live_parameters"))
     offloaded = training.offload_optimizer
     resident = {"weights": 0 if training.offload_params else weights, "gradients": 0 if offloaded else FP32 * Pn,
-                "optimizer states": 0 if offloaded else training.optimizer_bytes * Pn,
+                "optimizer states": 0 if offloaded else training.optimizer_state(Pn),
                 "communication buffers": w * training.zero_setting("reduce_bucket_size")}
     flatten = {"communication buffers": w * min(training.zero_setting("reduce_bucket_size"), P)}
     step = {} if offloaded else {"temporaries": FP32 * Pn}  # the partition's gradients flattened

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from typing import Optional
+
 from ..optimizers import ADAMW, OptimizerSpec
+from .counts import parameter_tensors
 from .gpus import GiB
 from .plan import RunPlan
+from .states import Training
 
 # --- in words -----------------------------------------------------------------------------------------------------
 
@@ -51,6 +56,33 @@ def memory_line(plan: RunPlan) -> str:
     return line
 
 
+def optimizer_split(training: Training) -> Optional[str]:
+    """Which parameters each labelled group of the optimizer updates (Muon's matrices, AdamW's rest), as
+    name patterns with the blocks' numbers as *, with the tensors and parameters of each; None for an
+    optimizer that labels no group (AdamW's two groups are the plain rule of docs/training.md)."""
+    groups = [group for group in training.groups if group.label]
+    if not groups:
+        return None
+    sizes = parameter_tensors(training.model)
+    parts = []
+    for group in groups:
+        patterns = list(dict.fromkeys(name_pattern(name) for name in group.names))
+        if "wte.weight" in patterns and training.model.tie_embeddings:
+            patterns[patterns.index("wte.weight")] = "wte.weight (= the tied lm_head)"
+        parameters = sum(sizes[name] for name in group.names)
+        tensors = f"{len(group.names)} tensor{'s' if len(group.names) != 1 else ''}"
+        parts.append(f"{group.label} on {', '.join(patterns)} ({tensors}, {human_count(parameters)})")
+    return f"optimizer: {'; '.join(parts)}"
+
+
+def name_pattern(name: str) -> str:
+    """A parameter's name with the block's number as * (h.*.attn.c_attn.weight), a block's biases as one
+    pattern (h.*.*.bias) and its two norms as one (h.*.ln_*.weight)."""
+    name = re.sub(r"^h\.\d+\.", "h.*.", name)
+    name = re.sub(r"^h\.\*\..+\.bias$", "h.*.*.bias", name)
+    return re.sub(r"^h\.\*\.ln_\d\.", "h.*.ln_*.", name)
+
+
 def allowance_line(plan: RunPlan) -> str:
     """What the allowance is made of, each marked as an assumption or a measurement."""
     parts = [f"{name} {gib(allowance.size)} ({'assumed' if allowance.assumed else 'measured'})"
@@ -87,6 +119,9 @@ def plan_summary(plan: RunPlan) -> list[str]:
              f"{training.zero_stage}{', activation checkpointing' if plan.memory.checkpointing else ''}; micro batch "
              f"{layout.micro_batch_size} × {layout.grad_accum_steps} accumulation × {training.ranks} {units} × "
              f"{layout.seq_len:,} tokens = {plan.tokens_per_step:,} tokens per step", allowance_line(plan)]
+    split = optimizer_split(training)
+    if split:
+        lines.append(split)
     if plan.largest:
         lines.append(f"largest micro batch that fits: {plan.largest[False]} (with activation checkpointing: "
                      f"{plan.largest[True]})")

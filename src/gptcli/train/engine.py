@@ -46,8 +46,9 @@ def resolve_precision(project: Project, device: str) -> str:
     return precision
 
 
-def deepspeed_config(project: Project, layout: BatchLayout, precision: str) -> dict:
-    """The DeepSpeed config from [deepspeed] and [train]; [deepspeed] config is merged over it last."""
+def deepspeed_config(project: Project, layout: BatchLayout, precision: str, device: str = "cpu") -> dict:
+    """The DeepSpeed config from [deepspeed] and [train], with what the optimizer needs (its spec's
+    deepspeed_settings); [deepspeed] config is merged over it last."""
     ds = project.deepspeed
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer and ds.zero_stage > 0:
@@ -78,7 +79,8 @@ def deepspeed_config(project: Project, layout: BatchLayout, precision: str) -> d
     elif precision == "fp16":
         # Dynamic loss scaling from 2^16 (DeepSpeed's default recipe): overflowing steps are skipped.
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
-    return merge(config, ds.config)
+    needed = optimizer_spec(project.train.optimizer).deepspeed_settings(placement(project, device, precision))
+    return merge(merge(config, needed), ds.config)
 
 
 def loop_clips_gradients(project: Project, precision: str) -> bool:
@@ -126,12 +128,19 @@ def group_names(model: torch.nn.Module, spec: OptimizerSpec, train) -> list[list
     return [list(group.names) for group in grouped_names(spec, named_shapes(model), train)]
 
 
-def make_optimizer(model: torch.nn.Module, project: Project, device: str):
+def placement(project: Project, device: str, precision: str = "fp32") -> Placement:
+    """Where the optimizer runs (optimizers.Placement): the device, offload, ZeRO stage and precision."""
+    ds = project.deepspeed
+    return Placement(device=device, offload=ds.offload_optimizer and ds.zero_stage > 0, zero_stage=ds.zero_stage,
+                     precision=precision)
+
+
+def make_optimizer(model: torch.nn.Module, project: Project, device: str, precision: str = "fp32"):
     """The optimizer train.optimizer names, over the model's parameters as its spec groups them, built for
     where it runs (optimizers.py; AdamW's choice of kernel is ADAMW's builder)."""
     spec = optimizer_spec(project.train.optimizer)
-    placement = Placement(device=device, offload=project.deepspeed.offload_optimizer)
-    return spec.build(parameter_groups(model, spec, project.train), project.train, placement)
+    where = placement(project, device, precision)
+    return spec.build(parameter_groups(model, spec, project.train), project.train, where)
 
 
 def optimizer_note(project: Project, spec: OptimizerSpec) -> Optional[str]:
@@ -185,10 +194,14 @@ def initialize(project: Project, model: torch.nn.Module, layout: BatchLayout, pr
     converted to DeepSpeed's universal format (resuming on another number of ranks: reshard.py)."""
     import deepspeed
 
-    config = deepspeed_config(project, layout, precision)
+    config = deepspeed_config(project, layout, precision, device)
     if load_universal:
         config = merge(config, {"checkpoint": {"load_universal": True}})
-    optimizer = make_optimizer(model, project, device)
+    if not compile_enabled(project, device):
+        # Nothing is compiled then, DeepSpeed's own torch.compile'd kernels included (Muon's Newton–Schulz:
+        # on the CPU inductor spends some 20-40 s per matrix shape, on 2 cores, before the first step).
+        torch.compiler.set_stance("force_eager")
+    optimizer = make_optimizer(model, project, device, precision)
     config = merge(config, optimizer_settings(project, optimizer))
     try:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

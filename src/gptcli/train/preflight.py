@@ -31,6 +31,7 @@ from ..planner import (
     human_count,
     human_duration,
     memory_line,
+    optimizer_split,
     plan_against_measured,
     preset_model,
 )
@@ -196,6 +197,15 @@ def plan_on(project: Project, machine: Machine, resume: Optional[tuple[str, dict
         context_counted=True, **kwargs).plan
 
 
+def check_optimizer(project: Project, plan: RunPlan) -> None:
+    """A setting the optimizer cannot train in: its spec's own sentence (OptimizerSpec.unsupported; Muon's
+    gradient clipping where DeepSpeed would clip its updates instead)."""
+    training = plan.training
+    refusal = training.optimizer.unsupported(project.train, training.placement)
+    if refusal:
+        raise GptError(refusal)
+
+
 def check_memory(project: Project, plan: RunPlan) -> None:
     """Refuse a run whose plan does not fit its capacity (a GPU's free memory; on the CPU a rank's share of
     what this machine has free, train.command.check_fits), naming the change that would."""
@@ -231,6 +241,7 @@ def preflight(project: Project, device: str, resume: str = "never", *, overfit: 
     check_same_model(project, point)
     machine = machine or this_machine(project, device, measure_cpu)
     plan = plan_on(project, machine, point)
+    check_optimizer(project, plan)
     finished = finished_message(project, point)
     notes = [] if finished else check_data(project, plan, point)
     if not finished:
@@ -280,6 +291,9 @@ def describe(project: Project, plan: RunPlan, small_plans: Optional[dict[str, Ru
                  f"{plan.tokens_per_step:,} tokens per step × {plan.steps:,} steps{origin_line(plan)} = "
                  f"{plan.total_tokens:,} tokens ({human_count(plan.total_tokens)})")
     lines += [f"  {memory_line(plan)}", f"  {allowance_line(plan)}"]
+    split = optimizer_split(training)
+    if split:
+        lines.append(f"  {split}")
     return lines + estimate_lines(plan, small_plans or {})
 
 

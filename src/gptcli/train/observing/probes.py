@@ -9,7 +9,8 @@
                               after it is loaded ("loaded"), or once a fresh run's first weights (a random
                               init, or init_from's) are in the engine ("initialized", step 0): every
                               parameter's full fp32 master and the optimizer's state tensors (its spec's
-                              state_keys: AdamW's two moments; none before the first step), as DeepSpeed's
+                              state_keys that the parameter has: AdamW's two moments, a Muon matrix's
+                              momentum_buffer; none before the first step), as DeepSpeed's
                               own accessors assemble them, and the spec's step counter
 
 So a test can compare, across a resume on another number of ranks, the windows of every optimizer step
@@ -79,15 +80,32 @@ def full_states(engine, spec: "OptimizerSpec") -> dict:
         if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO 1-3, BF16_Optimizer
             states[name] = {"fp32": safe_get_full_fp32_param(param).cpu().clone()}
             for key in moments:
-                states[name][key] = safe_get_full_optimizer_state(param, key).cpu().clone()
+                value = full_optimizer_state(param, key, safe_get_full_optimizer_state)
+                if value is not None:
+                    states[name][key] = value
         else:  # ZeRO-0: the module's parameter (fp32) or its master, and the optimizer's state of that
             master = stage0.get(id(param), param)
+            held = inner.state.get(master, {})
             states[name] = {"fp32": master.detach().float().cpu().clone(),
-                            **{key: inner.state[master][key].cpu().clone() for key in moments}}
+                            **{key: held[key].cpu().clone() for key in moments if key in held}}
     step_key = spec.step_key
     steps = {float(state[step_key]) for state in inner.state.values() if step_key is not None and step_key in state}
     states["step"] = steps.pop() if len(steps) == 1 else sorted(steps)
     return states
+
+
+def full_optimizer_state(param, key: str, assemble) -> Optional[torch.Tensor]:
+    """The parameter's whole `key` state as DeepSpeed's accessor (`assemble`) puts it together, or None where
+    its optimizer keeps no such state for it: a spec of two optimizers keeps each key for its own share
+    (Muon's matrices a momentum_buffer, AdamW's rest exp_avg and exp_avg_sq), and DeepSpeed links a
+    parameter only to state laid out as its partition (ZeRO 1-2 keep Muon's momentum per whole matrix)."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is not None and key not in mapping.get_optim_state_keys():
+        return None
+    try:
+        return assemble(param, key).cpu().clone()
+    except KeyError:  # ZeRO-3: the parameter's sub-group keeps no such state
+        return None
 
 
 def link_optimizer_fragments(optimizer) -> None:
