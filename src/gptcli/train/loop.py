@@ -30,6 +30,7 @@ import torch
 from ..batch import BatchLayout, batch_layout
 from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
+from ..objectives import VAL_STREAM, Batch, Objective, keys_for, objective_spec
 from ..optimizers import ADAMW, OptimizerSpec, optimizer_spec
 from ..rundir import MODEL_DIR
 from .engine import (
@@ -55,7 +56,7 @@ from .observing.display import Display, show_overfit
 from .observing.metrics import MetricsWriter, csv_columns, model_flops_per_token, peak_flops, truncate_metrics
 from .observing.phases import deepspeed_phase, show_phase, training_starts
 from .observing.trackers import start_trackers
-from .prefetch import BatchPrefetcher, on_device, windows_of
+from .prefetch import BatchPrefetcher, windows_of
 from .preflight import preflight
 from .schedule import schedule_for
 from .state import checkpoint, reshard
@@ -112,13 +113,14 @@ class Run:
     faults: Faults
     clips_gradients: bool  # fp32 ZeRO-0: the loop clips (engine.loop_clips_gradients)
     optimizer: OptimizerSpec  # train.optimizer's spec
+    objective: Objective  # train.objective's: how windows become batches
     start: Start  # what the run continues from (continuation.prepare)
     step: int = 0
     tokens: int = 0
     skipped_steps: int = 0
     elapsed: float = 0.0
     clock: float = 0.0  # when the time of the next step started counting
-    fixed_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    fixed_batch: Optional[Batch] = None
     writer: Optional[MetricsWriter] = None
     flops_per_token: int = 0
     peak: Optional[float] = None
@@ -230,12 +232,13 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     run = Run(project=project, model_config=model_config, engine=engine, layout=layout,
               loader=BatchPrefetcher(loader, torch.device(engine.device)), val_loader=val_loader,
               tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device, faults=Faults.from_environment(rank),
-              clips_gradients=loop_clips_gradients(project, precision), optimizer=optimizer, start=start)
+              clips_gradients=loop_clips_gradients(project, precision), optimizer=optimizer,
+              objective=objective_spec(project.train.objective), start=start)
     run.flops_per_token = model_flops_per_token(project.model, layout.seq_len)
     run.tasks = task_eval.prepare(project, tokenizer, model_config.block_size, rank, world, options.overfit_batch)
     run.peak = peak_flops(device, project.train.peak_tflops)
     if options.overfit_batch:
-        run.fixed_batch = run.loader.next_batch()
+        run.fixed_batch = next_batch(run)
         if rank == 0:
             truncate_metrics(run_dir, 0)
     else:
@@ -393,8 +396,8 @@ def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tenso
     loss_sum = torch.zeros((), device=engine.device)
     accum = run.layout.grad_accum_steps
     for micro in range(accum):
-        inputs, targets = run.fixed_batch if run.fixed_batch is not None else run.loader.next_batch()
-        _, loss = engine(inputs, targets, return_logits=False)
+        batch = run.fixed_batch if run.fixed_batch is not None else next_batch(run)
+        _, loss = engine(batch.inputs, batch.targets, return_logits=False, **batch.model_inputs())
         loss = corrupt(loss, run.faults, run.step + 1)
         engine.backward(loss)
         loss_sum += loss.detach().float()
@@ -406,6 +409,12 @@ def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tenso
         clip = run.project.train.grad_clip or math.inf
         own_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip, foreach=False)
     return loss_sum / accum, own_norm
+
+
+def next_batch(run: Run) -> Batch:
+    """The next micro batch as the objective lays it out, drawn from (seed, each window's key)."""
+    windows, keys = run.loader.next_windows()
+    return run.objective.batch(windows, keys, run.project.project.seed, run.project.train.objective_options)
 
 
 def set_learning_rate(optimizer, lr: float) -> None:
@@ -488,7 +497,9 @@ def step_record(run: Run, done: StepDone, grad_norm: Optional[float]) -> dict:
 
 
 def evaluate(run: Run) -> float:
-    """Mean loss over the first eval_batches micro batches of the val split (the same ones every time)."""
+    """Mean loss over the first eval_batches micro batches of the val split (the same ones every time), under
+    the run's objective: its draws keyed by (VAL_STREAM, rank, window of this rank's share), so each
+    evaluation scores the same batches."""
     import deepspeed.comm as dist
 
     engine, val_loader = run.engine, run.val_loader
@@ -496,9 +507,13 @@ def evaluate(run: Run) -> float:
     device = torch.device(engine.device)
     engine.eval()
     total = torch.zeros(2, device=device)  # (sum of batch losses, batches)
+    seed, options = run.project.project.seed, run.project.train.objective_options
     with torch.no_grad():
-        for inputs, targets in val_loader.sequential_batches(run.project.train.eval_batches):
-            _, loss = engine(*on_device(windows_of(inputs, targets), device), return_logits=False)
+        for number, (inputs, targets) in enumerate(val_loader.sequential_batches(run.project.train.eval_batches)):
+            windows = windows_of(inputs, targets).to(device)  # (B, T+1)
+            keys = keys_for(VAL_STREAM, number * len(windows), len(windows), run.rank)
+            batch = run.objective.batch(windows, keys, seed, options)
+            _, loss = engine(batch.inputs, batch.targets, return_logits=False, **batch.model_inputs())
             total += torch.stack([loss.float(), torch.ones((), device=device)])
     engine.train()
     dist.all_reduce(total)
