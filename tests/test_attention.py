@@ -83,8 +83,9 @@ def test_a_pattern_whose_mask_does_not_fit_is_one_sentence():
                                        r"\(5, 5\), not a boolean mask of shape \(T, S\) or \(B, T, S\) with \(T, S\) "
                                        r"= \(5, 5\)\."):
         small()(torch.zeros(1, 5, dtype=torch.long), attention=wrong)
-    with pytest.raises(GptError, match=r"model.attention = \"json:dumps\" names function .*not an AttentionPattern"):
-        attention_pattern("json:dumps")
+    with pytest.raises(GptError, match=r"model.attention = \"math:pi\" names float .*not an AttentionPattern or a "
+                                       r"mask function"):
+        attention_pattern("math:pi")
 
 
 def test_pretraining_refuses_a_pattern_that_leaks_whatever_its_name(tmp_path):

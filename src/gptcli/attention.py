@@ -176,11 +176,21 @@ CONDITIONAL = AttentionPattern("conditional", "the conditional objective's: X_c 
 
 def attention_pattern(value: Any, where: str = "model.attention") -> AttentionPattern:
     """The pattern `value` names (a registered name or a reference), or `value` itself when it is one
-    already; anything else is one GptError sentence naming the registered patterns."""
+    already. A reference may also name a plain function of a MaskContext returning the mask: it becomes a
+    pattern of that name (its docstring's first line the description). Anything else is one GptError sentence
+    naming the registered patterns."""
     if isinstance(value, AttentionPattern):
         return value
     pattern = ATTENTION.resolve(value, where=where)
+    if callable(pattern) and not isinstance(pattern, type):
+        return pattern_of_function(pattern, value)
     if not isinstance(pattern, AttentionPattern):
         raise GptError(f'{where} = "{value}" names {type(pattern).__name__} {pattern!r:.60}, not an '
-                       "AttentionPattern (gptcli.attention.AttentionPattern; docs/extending.md).")
+                       "AttentionPattern or a mask function (gptcli.attention.AttentionPattern; docs/attention.md).")
     return pattern
+
+
+def pattern_of_function(function: Callable[[MaskContext], "torch.Tensor"], value: str) -> AttentionPattern:
+    """A user's mask function as a pattern named after where it was found (what config.json then records)."""
+    description = (function.__doc__ or "").strip().splitlines()
+    return AttentionPattern(name=str(value), description=description[0] if description else str(value), mask=function)

@@ -90,9 +90,13 @@ NormPosition = Literal["pre", "post"]
 Activation = Literal["gelu", "gelu_new", "relu", "silu"]
 Position = Literal["learned", "rotary"]
 # The attention pattern scaled_dot_product_attention runs without a mask (attention.CAUSAL). The planner,
-# which imports no torch and no plugin, knows a pattern's mask by this name only: any other is planned as a
-# materialised mask (a plugin that is plain causal too is planned on the safe side).
+# which imports no torch and no plugin, knows a pattern's mask by these names only: any other is planned as a
+# materialised mask (a plugin that is plain causal too is planned on the safe side), one (T, T) mask for all
+# rows for ONE_MASK_PATTERNS, else one per row (documents, an objective's draw, or a plugin: the safe side);
+# on CUDA, BLOCK_MASK_PATTERNS run as FlexAttention block masks (attention.py gives them a mask_mod).
 CAUSAL_PATTERN = "causal"
+ONE_MASK_PATTERNS = frozenset({"bidirectional", "sliding_window"})
+BLOCK_MASK_PATTERNS = frozenset({"sliding_window", "document", "document_sliding_window", "prefix"})
 LrSchedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 TrainDevice = Literal["auto", "cuda", "cpu"]

@@ -279,8 +279,16 @@ def attention_mask_for(config: ModelConfig, q_positions: torch.Tensor, key_lengt
 
 
 def pattern_mask(pattern: AttentionPattern, context: MaskContext) -> torch.Tensor:
-    """A pattern's mask for SDPA (B|1, 1, T, S), checked: boolean, over these queries and keys."""
-    mask = pattern.mask(context)
+    """A pattern's mask for SDPA (B|1, 1, T, S), checked: boolean, over these queries and keys. A mask
+    function that fails (a user's, typically) is one sentence naming the pattern and the failure."""
+    try:
+        mask = pattern.mask(context)
+    except GptError:
+        raise
+    except Exception as error:  # the pattern's own failure, whatever its type
+        lines = str(error).strip().splitlines()
+        said = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        raise GptError(f'The attention pattern "{pattern.name}" failed to make its mask: {said}.') from None
     expected = (context.queries.numel(), context.keys.numel())
     tensor = isinstance(mask, torch.Tensor)
     if not (tensor and mask.dtype == torch.bool and mask.dim() in (2, 3) and tuple(mask.shape[-2:]) == expected):

@@ -30,7 +30,7 @@ import torch
 from ..batch import BatchLayout, batch_layout
 from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
-from ..objectives import VAL_STREAM, Batch, Objective, keys_for, objective_spec
+from ..objectives import NEXT_TOKEN, VAL_STREAM, Batch, Objective, keys_for, objective_spec
 from ..optimizers import ADAMW, OptimizerSpec, optimizer_spec
 from ..rundir import MODEL_DIR
 from .engine import (
@@ -200,7 +200,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
             deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     precision = resolve_precision(project, device)
     optimizer = optimizer_spec(project.train.optimizer)
-    for note in (precision_note(project, precision), optimizer_note(project, optimizer)):
+    for note in (precision_note(project, precision), optimizer_note(project, optimizer), sample_note(project)):
         if note and rank == 0:
             print(note, file=sys.stderr)
     run_dir = Path(project.project.out_dir)
@@ -520,10 +520,20 @@ def evaluate(run: Run) -> float:
     return (total[0] / total[1]).item()
 
 
+def sample_note(project: Project) -> Optional[str]:
+    """Samples continue a prompt token by token: a run of another objective has none to print."""
+    if project.train.sample_every and project.train.objective != NEXT_TOKEN.name:
+        return (f"note: train.objective {project.train.objective} does not predict the next token, so this run "
+                "prints no samples (train.sample_every).")
+    return None
+
+
 def print_sample(run: Run) -> None:
     """A sample from train.sample_prompt, picked as [generate] says (sample_options). It runs under
     fork_rng, so the torch generators the training draws dropout from are as they were (a run with samples
-    resumes exactly)."""
+    resumes exactly). Only next_token runs sample (sample_note)."""
+    if run.objective.name != NEXT_TOKEN.name:
+        return
     module = sampling_model(run)  # every rank takes part under ZeRO-3; the others get None
     if module is None:
         return
