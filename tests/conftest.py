@@ -1,5 +1,6 @@
 """Shared fixtures: the CLI as a user runs it, the GPT-2 vocabulary files, a corpus the tests make
-themselves, GPU skipping.
+themselves, GPU skipping, and the training tests' one project builder, `gpt train` helper, shards and
+reference run (a nano run every test that only needs a finished run dir, or its losses, reads or copies).
 
 The suite needs nothing beside the repository but the GPT-2 vocabulary: from ../shared when it exists,
 else through tiktoken's own download and cache (TIKTOKEN_CACHE_DIR). Without either, the run stops at
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
+import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -226,3 +232,181 @@ def module_parameter_components(model) -> dict[str, int]:
 
 def module_parameter_count(model) -> int:
     return sum(module_parameter_components(model).values())
+
+
+# --- the environment: changed only through monkeypatch ---------------------------------------------------------
+
+
+# Variables a library sets once, when it is first imported (a test that imports it in this process sets them).
+LIBRARY_IMPORT_VARIABLES = {
+    "PYTORCH_NVML_BASED_CUDA_CHECK",  # deepspeed/__init__.py (0.19): os.environ.setdefault(..., "1")
+    "TORCHINDUCTOR_CACHE_DIR",  # torch/_inductor/runtime/cache_dir_utils.cache_dir(), the first time it is asked
+    "HF_XET_HIGH_PERFORMANCE",  # lm_eval/__init__.py (0.4): os.environ.setdefault(..., "1")
+    "KMP_DUPLICATE_LIB_OK",  # threadpoolctl and sklearn at import (datasets and lm_eval import them)
+}
+
+
+@pytest.fixture(autouse=True)
+def environment_left_as_found():
+    """Fail a test that changes os.environ other than through monkeypatch (which undoes its changes): under
+    pytest-xdist a worker runs tests in any order, and a variable one test leaves behind (RANK, MASTER_PORT,
+    DS_ACCELERATOR, ...) would change what the next one tests. The environment is put back either way.
+    Left out: PYTEST_CURRENT_TEST, which pytest sets for each phase of a test, and what a library sets when it
+    is first imported, whichever test that happens in (LIBRARY_IMPORT_VARIABLES)."""
+    def variables() -> dict[str, str]:
+        return {key: value for key, value in os.environ.items()
+                if key != "PYTEST_CURRENT_TEST" and key not in LIBRARY_IMPORT_VARIABLES}
+
+    before = variables()
+    yield
+    after = variables()
+    if after != before:
+        for key in after.keys() - before.keys():
+            del os.environ[key]
+        os.environ.update(before)
+        changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+        pytest.fail(f"the test changed os.environ outside monkeypatch: {', '.join(changed)}")
+
+
+# --- ports: none that two test processes can both pick --------------------------------------------------------
+
+# A block of ports for each pytest-xdist worker (gw0, gw1, ...; the one process of a run without -n: block 0),
+# below Linux's ephemeral range (32768-60999, /proc/sys/net/ipv4/ip_local_port_range), from which bind(0)
+# draws: no other test process hands them out and the OS gives none of them to anyone who asks for a free one.
+# A one-rank `gpt train` left to itself picks a free port and binds it seconds later, when DeepSpeed starts:
+# another process may take it in between. `gpt train --nproc N` without MASTER_PORT has no such gap (torch's
+# rendezvous store binds port 0 and the ranks share it), which test_train_distributed.py tests as users run it.
+PORT_BLOCKS_START, PORTS_PER_WORKER = 20_000, 1024
+_next_port = itertools.count()
+
+
+def worker_ports() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker[2:].isdigit() else 0
+    start = PORT_BLOCKS_START + index * PORTS_PER_WORKER
+    assert start + PORTS_PER_WORKER <= 32768, f"no port block below the ephemeral range for worker {worker}"
+    return range(start, start + PORTS_PER_WORKER)
+
+
+def worker_port() -> int:
+    """The next port of this worker's block (each is handed out again only after the other 1023)."""
+    ports = worker_ports()
+    return ports[next(_next_port) % len(ports)]
+
+
+# --- projects: one builder, through the project's own overrides -------------------------------------------------
+
+# The nano run of the training tests, 8 steps of 512 tokens: dropout > 0 so that an exact resume must also
+# restore the dropout RNG; accumulation 2 so that a resume must land between optimizer steps, not micro steps;
+# device = "cpu": these are the CPU tests, on a machine with CUDA too (test_train_gpu.py holds the GPU ones).
+NANO_RUN = {
+    "project": {"seed": 1234},
+    "model": {"preset": "nano", "dropout": 0.1},
+    "train": {"max_steps": 8, "micro_batch_size": 4, "grad_accum_steps": 2, "seq_len": 64, "lr": 3e-3,
+              "warmup_steps": 2, "checkpoint_every": 3, "eval_every": 4, "eval_batches": 2, "device": "cpu"},
+    "deepspeed": {"zero_stage": 2},
+}
+
+# bf16 matrix products are slow on most CPUs (about 100 tokens/s for nano, against 1,400 in fp32): bf16 runs
+# take a quarter of the tokens per step, with the same accumulation.
+SMALL_BF16 = ('train.precision="bf16"', "train.micro_batch_size=2", "train.seq_len=32")
+
+
+def project_file(directory: Path, shards: Path, *overrides: str, name: str = "run", base: dict = NANO_RUN,
+                 without: tuple[str, ...] = ()) -> Path:
+    """DIRECTORY/NAME.toml training into DIRECTORY/NAME on `shards`: `base` without the sections named in
+    `without` (a run from weights sets no [model] key), then `--set`-style `overrides`. They go through the
+    project's own loader, so a key that does not exist (or was renamed) fails here instead of quietly leaving
+    the default in place; the file holds only the keys set, as a user's would."""
+    from gptcli.config import apply_overrides, project_from_dict, toml_value
+
+    raw = {section: dict(keys) for section, keys in base.items() if section not in without}
+    raw.setdefault("project", {})["out_dir"] = str(directory / name)
+    raw.setdefault("data", {})["dir"] = str(shards)
+    raw = apply_overrides(raw, list(overrides))
+    path = directory / f"{name}.toml"
+    project_from_dict(raw, source=str(path))  # every key and value checked
+    path.write_text("".join(f"[{section}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in keys.items())
+                            for section, keys in raw.items()))
+    return path
+
+
+def out_dir(project: Path) -> Path:
+    return Path(tomllib.loads(project.read_text())["project"]["out_dir"])
+
+
+# --- gpt train, and what a run dir holds ---------------------------------------------------------------------
+
+
+def train_env(ranks: int = 1, fault: str = "", probe: Path | None = None, env: dict | None = None) -> dict:
+    """The variables a test's `gpt train` gets: GPTCLI_FAULT (train/faults.py), GPTCLI_PROBE_DIR
+    (train/observing/probes.py), and for one rank a port of this worker's own (worker_port)."""
+    added = {} if ranks > 1 else {"MASTER_PORT": str(worker_port())}
+    if fault:
+        added["GPTCLI_FAULT"] = fault
+    if probe is not None:
+        added["GPTCLI_PROBE_DIR"] = str(probe)
+    return added | (env or {})
+
+
+def train(project: Path, *args: str, ranks: int = 1, fault: str = "", probe: Path | None = None,
+          env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`gpt train --project PROJECT [--nproc RANKS] ARGS` in a fresh process, as a user runs it."""
+    nproc = ("--nproc", str(ranks)) if ranks > 1 else ()
+    return run_gpt("train", "--project", project, *nproc, *args, cwd=cwd,
+                   env=train_env(ranks, fault, probe, env))
+
+
+def trained(project: Path, *args: str, **options) -> Path:
+    """train(), which must finish: the run dir."""
+    result = train(project, *args, **options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir(project)
+
+
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, whose steps must be 1, 2, 3, ... once each."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, len(lines) + 1))
+    return lines
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in records(run_dir)]
+
+
+# --- the shards and the run the training tests share ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, corpus) -> Path:
+    """corpus in GPT-2 tokens, the last 20,000 of them the val split (shard_fixture.make_shards), written once
+    per test process."""
+    from shard_fixture import make_shards
+
+    return make_shards(corpus, tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, shards) -> Path:
+    """NANO_RUN uninterrupted, once per test process: checkpoints 3, 6 and 8, an evaluation at 4 and 8, RUN/model.
+    The run every interrupted one must reproduce bit for bit. Read it, or copy it (copy_run); never write in it."""
+    return trained(project_file(tmp_path_factory.mktemp("reference"), shards))
+
+
+def copy_run(run_dir: Path, directory: Path, shards: Path, *overrides: str, name: str = "run") -> Path:
+    """A copy of a finished NANO_RUN run dir in DIRECTORY/NAME, and the project (with `overrides`) that trains
+    into it."""
+    shutil.copytree(run_dir, directory / name)
+    return project_file(directory, shards, *overrides, name=name)
+
+
+def private_null_device(directory: Path) -> Path:
+    """A character device node of the null device inside the test's dir: a test of `--out /dev/null` must
+    not aim at the machine's own /dev/null, which a broken implementation would replace for everyone."""
+    path = directory / "null"
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except (PermissionError, OSError):
+        pytest.skip("making a device node needs root (CAP_MKNOD)")
+    return path

@@ -42,6 +42,21 @@ HELLASWAG = [
                                      "Skip the warm up.", "Stretch only your ears."], "label": "0"},
 ]
 
+# PIQA-shaped records (goal, two solutions, the gold one's index), short enough for a 128-position model.
+PIQA = [
+    {"goal": "How do I dry wet shoes?", "sol1": "Stuff them with newspaper.", "sol2": "Put them in the oven.",
+     "label": 0},
+    {"goal": "To keep bread fresh", "sol1": "leave it in the sun.", "sol2": "keep it in a bread box.", "label": 1},
+    {"goal": "How can I open a stuck jar lid?", "sol1": "Run the lid under hot water.",
+     "sol2": "Freeze the jar overnight.", "label": 0},
+    {"goal": "To cool soup quickly", "sol1": "stir it in a cold water bath.", "sol2": "cover it with a blanket.",
+     "label": 0},
+    {"goal": "How do you stop a squeaky hinge?", "sol1": "Paint over it.", "sol2": "Oil the hinge pin.",
+     "label": 1},
+    {"goal": "To find a lost contact lens", "sol1": "shine a flashlight across the floor.",
+     "sol2": "vacuum the room first.", "label": 0},
+]
+
 LAMBADA = [
     "He opened the door and saw his old friend standing there in the rain",
     "She whispered the name  softly",

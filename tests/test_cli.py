@@ -90,7 +90,7 @@ def parser_bounds(param) -> list:
 
 
 # Commands whose options stand for keys of one [section], as `--set section.key=value` overrides.
-KEY_SECTIONS = {"prepare": "data", "generate": "generate", "eval": "eval"}
+KEY_SECTIONS = {"prepare": "data", "generate": "generate", "eval": "eval", "inspect-params": "train"}
 
 
 def test_every_option_named_after_a_key_takes_its_help_and_range_from_the_schema():
@@ -111,17 +111,17 @@ def test_every_option_named_after_a_key_takes_its_help_and_range_from_the_schema
             assert parser_bounds(param) == [None] * 4, where
             checked.append(f"{section}.{param.name}")
     assert {"data.val_fraction", "data.workers", "data.shard_tokens", "data.vocab_dir", "generate.top_p",
-            "eval.text", "eval.stride"} <= set(checked), checked
+            "eval.text", "eval.stride", "train.precision"} <= set(checked), checked
 
 
-def test_inspect_params_help_states_the_planners_gpu_names_and_typical_mfu():
-    """The planner's GPU table and its MFU assumption are said in --help from the planner, not copied."""
+def test_inspect_params_help_states_the_planners_gpu_names_and_where_the_mfu_comes_from():
+    """The planner's GPU table is said in --help from the planner, not copied; the MFU's sources are named."""
     from gptcli import planner
 
     params = {param.name: param for param in typer.main.get_command(app).commands["inspect-params"].params}
     gpu_help = params["gpu"].help
     assert gpu_help.endswith(f"{', '.join(planner.gpu_names())}.") and "H100-SXM" in gpu_help
-    assert f"default {planner.TYPICAL_MFU:g};" in params["mfu"].help
+    assert "measured" in params["mfu"].help and "published runs" in params["mfu"].help
     assert [name for name in planner.gpu_names() if name not in gpu_help] == []
 
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import run_gpt
+from conftest import run_gpt, train_env
 
 TEXT_CHARS = 300_000  # a ~300 KB book: what a first try with one's own text looks like
 
@@ -28,8 +28,8 @@ def ok(result, what: str):
 
 @pytest.mark.slow
 def test_the_readme_path_on_a_small_text_file(tmp_path, bookcorpus):
-    def gpt(*args):
-        return run_gpt(*args, cwd=tmp_path)
+    def gpt(*args):  # the port of `gpt train`'s one rank is this test process's own (conftest.worker_port)
+        return run_gpt(*args, cwd=tmp_path, env=train_env())
 
     prepared = ok(gpt("prepare", "bookcorpus.txt"), "gpt prepare")
     assert "next: gpt init --preset nano" in prepared.stdout and "then gpt train\n" in prepared.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import gpt_env
+from conftest import gpt_env, private_null_device
 from gptcli.errors import GptError, Stopped
 from gptcli.fsutil import (
     OWNED_FILES,
@@ -245,17 +245,6 @@ def test_a_file_output_is_refused_where_it_is_not_a_file_the_command_writes(tmp_
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     if case == "device":
         assert stat.S_ISCHR(target.lstat().st_mode)
-
-
-def private_null_device(directory: Path) -> Path:
-    """A character device node of the null device inside the test's dir: a test of `--out /dev/null` must
-    not aim at the machine's own /dev/null, which a broken implementation would replace for everyone."""
-    path = directory / "null"
-    try:
-        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    except (PermissionError, OSError):
-        pytest.skip("making a device node needs root (CAP_MKNOD)")
-    return path
 
 
 def test_a_file_output_is_written_new_or_over_its_own_kind(tmp_path):

@@ -15,6 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from bpe_trainer import train_bpe, write_vocabulary
 from conftest import assert_user_error, gpt2_vocab_bytes, gpt_env, module_parameter_count, run_gpt
 from gptcli import hf
 from gptcli.config import project_from_dict
@@ -25,7 +26,6 @@ from gptcli.inspect import reference_for
 from gptcli.model import build_model
 from gptcli.modeldir import load_model_dir, save_model_dir
 from gptcli.tokenizer import load_tokenizer
-from test_openai_bpe import train_bpe, write_vocabulary
 
 TOLERANCE = 1e-4  # fp32 logits, as the issue states
 

@@ -69,7 +69,7 @@ def test_the_count_is_the_planners_from_the_configuration_and_no_model_is_built(
     """One parameter count: inspect-params reports planner/counts.py's, so it imports neither the model nor
     torch (tests/test_planner.py holds that count to the modules the model builds)."""
     from gptcli import planner
-    from test_architecture import PACKAGE, imports_of
+    from source_tree import PACKAGE, imports_of
 
     imported = imports_of(PACKAGE / "inspect.py")
     assert not [name for name in imported if name.startswith(("gptcli.model", "torch"))], sorted(imported)

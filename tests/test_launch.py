@@ -14,8 +14,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from conftest import assert_user_error, gpt_env, run_gpt
+from conftest import assert_user_error, gpt_env, run_gpt, worker_port
 from gptcli.train.launching import launch
+from launchers import open_mpi_process, srun_task
 
 PROJECT = """\
 [project]
@@ -131,7 +132,7 @@ def test_a_failing_rank_fails_the_launch_with_its_code(tmp_path):
 
 @pytest.mark.slow
 def test_master_port_is_the_users_when_given(tmp_path):
-    port = launch.free_port()
+    port = worker_port()
     process, ranks = launch_probe(tmp_path, {"MASTER_PORT": str(port)})
     assert process.returncode == 0, process.stderr
     assert {r["env"]["MASTER_PORT"] for r in ranks} == {str(port)}
@@ -151,22 +152,6 @@ def test_a_busy_master_port_is_one_sentence(project):
 
 
 # --- srun, mpirun and launchers that are not known --------------------------------------------------------
-
-
-def srun_task(procid: int, ntasks: int = 2, nodelist: str = "gpu[07-08,11]", **extra) -> dict:
-    """The variables srun sets for one task of a job step (those this code reads and their neighbours)."""
-    return {"SLURM_JOB_ID": "4242", "SLURM_JOBID": "4242", "SLURM_STEP_ID": "0", "SLURM_STEPID": "0",
-            "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(procid % 2), "SLURM_NODEID": str(procid // 2),
-            "SLURM_NTASKS": str(ntasks), "SLURM_NPROCS": str(ntasks), "SLURM_STEP_NUM_TASKS": str(ntasks),
-            "SLURM_NODELIST": nodelist, "SLURM_JOB_NODELIST": nodelist, "SLURM_STEP_NODELIST": nodelist, **extra}
-
-
-def open_mpi_process(rank: int, size: int = 2, local_size: int = 2, **extra) -> dict:
-    """The variables Open MPI's mpirun sets for one process."""
-    return {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": str(size),
-            "OMPI_COMM_WORLD_LOCAL_RANK": str(rank % local_size), "OMPI_COMM_WORLD_LOCAL_SIZE": str(local_size),
-            "OMPI_COMM_WORLD_NODE_RANK": str(rank // local_size), "PMIX_RANK": str(rank),
-            "PMIX_NAMESPACE": "prterun-host-31337@1", **extra}
 
 
 def test_srun_tasks_become_ranks_with_the_first_node_as_master():

@@ -164,7 +164,7 @@ def test_gpt_plot_writes_only_a_png_and_nowhere_else(tmp_path, out, fragment):
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "link.png").symlink_to(tmp_path / "elsewhere.png")
     if out == "null":
-        from test_fsutil import private_null_device
+        from conftest import private_null_device
 
         private_null_device(tmp_path)
     target = tmp_path / out

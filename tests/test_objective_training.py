@@ -1,21 +1,18 @@
 """Each objective trains on the CPU through `gpt train` with the pattern it fits: its loss falls below the
 unigram loss of the data, and a conditional run killed with kill -9 resumes bit for bit.
 
-The four runs are made once for the module (one short nano run each), on shards of documents (pieces of the
-standard library's source, each ended by an end-of-text token, so the document pattern has documents to keep
-apart)."""
+The four runs are made once for the module (one short nano run each, conftest's project builder on OBJECTIVE_RUN),
+on shards of documents: pieces of the standard library's source, each ended by an end-of-text token, so the
+document pattern has documents to keep apart (the session's `shards` hold none, so they cannot stand in)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 
-from conftest import run_gpt
-from gptcli.config import apply_overrides, dump_toml, project_from_dict
+from conftest import losses, project_file, records, train, trained
 from shard_fixture import write_shard_dir
 
 pytestmark = pytest.mark.slow
@@ -23,27 +20,15 @@ pytestmark = pytest.mark.slow
 STEPS = 80
 OWN_PATTERN = {"next_token": "document", "prefix_lm": "prefix", "masked_lm": "bidirectional",
                "conditional": "conditional"}
-PROJECT = """\
-[project]
-out_dir = "{out}"
-seed = 21
-[data]
-dir = "{data}"
-[model]
-preset = "nano"
-[train]
-max_steps = {steps}
-micro_batch_size = 8
-seq_len = 64
-lr = 3e-3
-warmup_steps = 10
-eval_every = {steps}
-eval_batches = 8
-checkpoint_every = 20
-device = "cpu"
-[deepspeed]
-zero_stage = 1
-"""
+# Longer than NANO_RUN (the loss must fall below the unigram loss) and without dropout; checkpoints every 20
+# steps so that a kill at 45 resumes from 40.
+OBJECTIVE_RUN = {
+    "project": {"seed": 21},
+    "model": {"preset": "nano"},
+    "train": {"max_steps": STEPS, "micro_batch_size": 8, "seq_len": 64, "lr": 3e-3, "warmup_steps": 10,
+              "eval_every": STEPS, "eval_batches": 8, "checkpoint_every": 20, "device": "cpu"},
+    "deepspeed": {"zero_stage": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,29 +53,17 @@ def documents(tmp_path_factory, corpus) -> Path:
     return directory
 
 
-def project_file(directory: Path, data: Path, objective: str) -> Path:
-    """A run of `objective` with the pattern it fits, written through the project's own loader."""
-    raw = tomllib.loads(PROJECT.format(out=directory / objective, data=data, steps=STEPS))
-    raw = apply_overrides(raw, [f'train.objective="{objective}"', f'model.attention="{OWN_PATTERN[objective]}"'])
-    path = directory / f"{objective}.toml"
-    path.write_text(dump_toml(project_from_dict(raw)))
-    return path
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def objective_project(directory: Path, data: Path, objective: str) -> Path:
+    """DIRECTORY/OBJECTIVE.toml: a run of `objective` with the pattern it fits."""
+    return project_file(directory, data, f'train.objective="{objective}"',
+                        f'model.attention="{OWN_PATTERN[objective]}"', name=objective, base=OBJECTIVE_RUN)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, documents) -> dict[str, Path]:
+def objective_runs(tmp_path_factory, documents) -> dict[str, Path]:
     """Each objective's uninterrupted run, made once."""
     directory = tmp_path_factory.mktemp("objectives")
-    runs = {}
-    for objective in OWN_PATTERN:
-        result = run_gpt("train", "--project", project_file(directory, documents, objective))
-        assert result.returncode == 0, (objective, result.stderr[-3000:])
-        runs[objective] = directory / objective
-    return runs
+    return {objective: trained(objective_project(directory, documents, objective)) for objective in OWN_PATTERN}
 
 
 def unigram_loss(data: Path) -> float:
@@ -105,24 +78,23 @@ def unigram_loss(data: Path) -> float:
 
 
 @pytest.mark.parametrize("objective", list(OWN_PATTERN))
-def test_each_objective_learns_below_the_unigram_loss(objective, trained, documents):
+def test_each_objective_learns_below_the_unigram_loss(objective, objective_runs, documents):
     """After STEPS nano steps the held-out loss under the objective (its counted tokens of the val split's
     first eval_batches micro batches) lies below the unigram loss of the val split; the first step starts near
     ln(50257), a fresh model's loss."""
-    found = records(trained[objective])
+    found = records(objective_runs[objective])
     assert found[0]["loss"] == pytest.approx(np.log(50257), abs=0.5)
     assert found[-1]["eval_loss"] < unigram_loss(documents), (found[-1]["eval_loss"], unigram_loss(documents))
 
 
-def test_a_conditional_run_killed_with_kill_9_resumes_bit_for_bit(tmp_path, trained, documents):
+def test_a_conditional_run_killed_with_kill_9_resumes_bit_for_bit(tmp_path, objective_runs, documents):
     """conditional is the objective whose batches depend most on its draws (the sets, their order, the slot
     layout): if a resumed run drew differently from the run it continues, its losses would differ. The draws
     of prefix_lm and masked_lm come from the same keyed generator (objectives.window_rng: the project seed
     and the window's (stream, epoch, index)), and next_token draws nothing, so this run stands for all four."""
-    project = project_file(tmp_path, documents, "conditional")
-    killed = run_gpt("train", "--project", project, env={"GPTCLI_FAULT": "kill@45"})
+    project = objective_project(tmp_path, documents, "conditional")
+    killed = train(project, fault="kill@45")
     assert killed.returncode in (-9, 137), killed.stderr[-2000:]
     assert (tmp_path / "conditional" / "checkpoints" / "latest").read_text().strip() == "step_00000040"
-    resumed = run_gpt("train", "--project", project, "--resume", "required")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r["loss"] for r in records(tmp_path / "conditional")] == [r["loss"] for r in records(trained["conditional"])]
+    resumed = trained(project, "--resume", "required")
+    assert losses(resumed) == losses(objective_runs["conditional"])

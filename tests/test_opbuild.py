@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import gpt_env
+from conftest import gpt_env, train_env
 from gptcli.locks import FileLock
 from gptcli.train.launching import opbuild
 
@@ -166,7 +166,7 @@ def test_kill_9_of_a_real_build_leaves_nothing_and_the_next_run_trains(tmp_path)
     write_shard_dir(tmp_path / "data", [("train", np.arange(5000) % 50257)], vocab_size=50257,
                     fingerprint=load_fingerprint())
     (tmp_path / "run.toml").write_text(SLOW_PROJECT.format(out=tmp_path / "run", data=tmp_path / "data"))
-    env = gpt_env({"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    env = gpt_env({"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), **train_env()})
     command = [sys.executable, "-m", "gptcli", "train", "--project", str(tmp_path / "run.toml")]
     with open(tmp_path / "first.err", "w") as err:
         first = subprocess.Popen(command, env=env, stderr=err, stdout=subprocess.DEVNULL)

@@ -13,12 +13,11 @@ import pytest
 import tomllib
 import torch
 
-from conftest import REPO, run_gpt
+from conftest import REPO, losses, project_file, train
 from gptcli.config import ConfigError, project_from_dict
 from gptcli.errors import GptError
 from gptcli.model import build_model
 from gptcli.optimizers import ADAMW, OptimizerSpec, ParameterGroup, grouped_names, optimizer_spec
-from test_train import losses, project_file, shards  # noqa: F401  (the module-scoped shards fixture)
 
 PLUGINS = REPO / "examples" / "plugins" / "gptcli_example_plugins"
 
@@ -130,14 +129,15 @@ def test_a_resume_with_another_optimizer_or_of_unmovable_state_on_other_ranks_is
 # --- a plugin optimizer in a training run (slow) ----------------------------------------------------------------
 
 # The example optimizer (SGD with momentum) and attention pattern (strided) on nano: no dropout and no
-# clipping, so the first step is the rule applied to the plain gradients; a checkpoint every step.
+# clipping, so the first step is the rule applied to the plain gradients; a checkpoint every step. AdamW's
+# own keys are set, as in a project that switched optimizers, so that gpt train notes it does not read them.
 PLUGIN_RUN = ("model.dropout=0.0", "model.sliding_window=16", "train.max_steps=4", "train.checkpoint_every=1",
-              "train.eval_every=0", "train.grad_clip=0.0", "train.warmup_steps=0", "train.lr=0.05")
+              "train.eval_every=0", "train.grad_clip=0.0", "train.warmup_steps=0", "train.lr=0.05",
+              "train.beta1=0.9", "train.beta2=0.95", "train.eps=1e-8")
 
 
 def plugin_project(directory: Path, data: Path, optimizer: str, attention: str) -> Path:
-    return project_file(directory, data, overrides=(*PLUGIN_RUN, f'train.optimizer="{optimizer}"',
-                                                      f'model.attention="{attention}"'))
+    return project_file(directory, data, *PLUGIN_RUN, f'train.optimizer="{optimizer}"', f'model.attention="{attention}"')
 
 
 def first_step_gradients(project: Path, data: Path, probe: Path, initial: dict) -> dict[str, torch.Tensor]:
@@ -162,16 +162,16 @@ def first_step_gradients(project: Path, data: Path, probe: Path, initial: dict) 
 
 
 @pytest.mark.slow
-def test_a_plugin_optimizer_trains_its_rule_and_resumes_bit_for_bit(tmp_path, request, installed_plugins):
+def test_a_plugin_optimizer_trains_its_rule_and_resumes_bit_for_bit(tmp_path, shards, installed_plugins):
     """By its entry-point names (the installed example package), with probes: the loss falls, step 1's
     momentum buffer is the gradient computed here and its weights are w·(1 − lr·decay) − lr·g (fp32; 1e-7,
     the rounding of the two products). By "file.py:attr" beside the project file: killed after step 2 and
     resumed, the losses are the first run's bit for bit (the momentum buffers came back with the checkpoint)."""
-    data = request.getfixturevalue("shards")  # test_train's module-scoped shards
+    data = shards
     named, probe = tmp_path / "named", tmp_path / "probe"
     named.mkdir()
     project = plugin_project(named, data, "example_optimizer", "example_attention")
-    result = run_gpt("train", "--project", project, env={**installed_plugins, "GPTCLI_PROBE_DIR": str(probe)})
+    result = train(project, probe=probe, env=installed_plugins)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "note: train.optimizer example_optimizer does not read train.beta1, train.beta2, train.eps" in result.stderr
     reference = losses(named / "run")
@@ -197,8 +197,8 @@ def test_a_plugin_optimizer_trains_its_rule_and_resumes_bit_for_bit(tmp_path, re
     project.write_text(project.read_text().replace('"example_optimizer"', '"optimizer.py:OPTIMIZER"')
                        .replace('"example_attention"', '"attention.py:PATTERN"'))  # beside it, not in the cwd
     assert tomllib.loads(project.read_text())["model"]["attention"] == "attention.py:PATTERN"
-    killed = run_gpt("train", "--project", project, env={"GPTCLI_FAULT": "kill@2"})
+    killed = train(project, fault="kill@2")
     assert killed.returncode in (-9, 137)
-    resumed = run_gpt("train", "--project", project, "--resume", "required")
+    resumed = train(project, "--resume", "required")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(files / "run") == reference

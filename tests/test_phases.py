@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -191,14 +190,8 @@ def test_deepspeed_logs_and_torch_distributed_warnings_stay_in_the_log(tmp_path)
 # --- as a user sees it ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, corpus):
-    from shard_fixture import make_shards
-
-    return make_shards(corpus, tmp_path_factory.mktemp("shards"), max_tokens=60_000, val_tokens=10_000)
-
-
-def train_overrides(tmp_path: Path, shards: Path, *extra: str) -> list[str]:
+def train_overrides(tmp_path, shards, *extra: str) -> list[str]:
+    """`gpt train` without a project file: every setting on the command line (conftest's session shards)."""
     settings = [f'data.dir="{shards}"', f'project.out_dir="{tmp_path / "run"}"', "model.preset=nano",
                 "train.max_steps=6", "train.micro_batch_size=2", "train.eval_every=0", "train.warmup_steps=1",
                 'train.device="cpu"', *extra]
@@ -207,10 +200,10 @@ def train_overrides(tmp_path: Path, shards: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_train_says_what_it_will_do_shows_each_phase_and_acknowledges_sigterm(tmp_path, shards):
-    from conftest import run_gpt
+    from conftest import run_gpt, train_env
 
     (tmp_path / "run.toml").write_text("")  # a project file, so the built-in defaults line is not expected
-    result = run_gpt("train", *train_overrides(tmp_path, shards), cwd=tmp_path, env={"GPTCLI_FAULT": "sigterm@3"})
+    result = run_gpt("train", *train_overrides(tmp_path, shards), cwd=tmp_path, env=train_env(fault="sigterm@3"))
     assert result.returncode == 143, result.stderr[-3000:]
     err = result.stderr
     order = ["gpt train: model nano, 3,320,640 parameters (3.3M) on the CPU, fp32, ZeRO stage 1, 1 rank",
@@ -231,23 +224,9 @@ def test_train_says_what_it_will_do_shows_each_phase_and_acknowledges_sigterm(tm
 
 @pytest.mark.slow
 def test_train_without_a_project_file_names_the_defaults_it_uses(tmp_path, shards):
-    from conftest import run_gpt
+    from conftest import run_gpt, train_env
 
     result = run_gpt("train", *train_overrides(tmp_path, shards, "model.preset=tiny", "train.max_steps=1"),
-                     cwd=tmp_path)
+                     cwd=tmp_path, env=train_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"no run.toml: using the built-in defaults, model tiny, data from {shards}" in result.stderr
-
-
-@pytest.mark.slow
-def test_zero3_on_two_ranks_prints_no_library_warnings(tmp_path, shards):
-    from conftest import run_gpt
-
-    result = run_gpt("train", "--nproc", "2", *train_overrides(tmp_path, shards, "deepspeed.zero_stage=3",
-                                                                 "train.max_steps=2"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout == ""
-    assert "Warning" not in result.stderr and "built successfully" not in result.stderr, result.stderr
-    assert result.stderr.count("gpt train: model nano") == 1  # rank 0 speaks for both
-    log = (tmp_path / "run" / "deepspeed.log").read_text()
-    assert log.count("built successfully") == 2 and "FutureWarning" in log

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, assert_user_error, gpt_env, module_parameter_components, run_gpt
+from conftest import REPO, assert_user_error, gpt_env, module_parameter_components, run_gpt, worker_port
 from gptcli import planner
 from gptcli.config import apply_overrides, project_from_dict
 from gptcli.errors import GptError
@@ -136,8 +136,10 @@ def test_the_peak_of_a_forward_and_backward_pass(keys, batch, checkpointing):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch", [24, 63], ids=["two chunks", "four chunks"])
+@pytest.mark.parametrize("batch", [24, 42], ids=["two chunks", "three chunks"])
 def test_the_peak_of_the_chunked_loss(batch):
+    """Chunks of loss_rows_per_chunk(50,257) = 1,335 rows: 24 × 64 rows are two of them, 42 × 64 three, the
+    fewest from which the backward pass's peak takes its other form (planner/activations.loss_terms)."""
     config = model_config(preset="nano")
     for dtype in (torch.float32, torch.bfloat16):
         _, planned, (model, idx, targets) = measured_and_planned(config, batch, 64, dtype, False)
@@ -181,14 +183,14 @@ def training(preset: str, stage: int, ranks: int, **keys) -> planner.Training:
 
 @pytest.fixture(scope="module")
 def deepspeed_estimators():
-    """DeepSpeed's own model-state estimators (importing DeepSpeed on its CPU accelerator)."""
-    import os
+    """DeepSpeed's own model-state estimators (importing DeepSpeed on its CPU accelerator, which it reads from
+    DS_ACCELERATOR when first imported; the variable is set for this module's tests only)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DS_ACCELERATOR", "cpu")
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    return estimate_zero2_model_states_mem_needs, estimate_zero3_model_states_mem_needs, model_to_params
+        yield estimate_zero2_model_states_mem_needs, estimate_zero3_model_states_mem_needs, model_to_params
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "gpt2-xl"])
@@ -268,16 +270,19 @@ def test_the_optimizer_states_are_the_fp32_masters_and_the_specs_own_bytes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision, stage", [("fp32", 0), ("fp32", 1), ("fp32", 2), ("bf16", 0), ("bf16", 1),
+                                              ("bf16", 2), ("bf16", 3)])
 def test_deepspeed_on_the_cpu_holds_what_the_plan_says(stage, precision):
     """Two optimizer steps of a DeepSpeed engine on the CPU (bench/plan_memory.py), measured phase by phase
-    with MemTracker: the planner's forward+backward and optimizer-step peaks within 10%."""
+    with MemTracker: the planner's forward+backward and optimizer-step peaks within 10%. Every stage in both
+    precisions but ZeRO-3 in fp32: one layout (planner/states.stage3_layout) and one DeepSpeed optimizer hold
+    both precisions there, and bf16 (16-bit weights beside the fp32 masters) is the one with more terms."""
     configs = [f"model.preset=nano train.micro_batch_size=4 deepspeed.zero_stage={stage} train.precision={precision}"]
     if stage in (1, 2):  # a reduce bucket smaller than the model, and gradient accumulation
         configs.append(configs[0] + " train.grad_accum_steps=2 deepspeed.config={zero_optimization={reduce_bucket_size=1000000}}")
     result = subprocess.run([sys.executable, str(REPO / "bench" / "plan_memory.py"), "--json", *configs],
-                            capture_output=True, text=True, env=gpt_env({"DS_ACCELERATOR": "cpu"}), timeout=1800)
+                            capture_output=True, text=True, timeout=1800,
+                            env=gpt_env({"DS_ACCELERATOR": "cpu", "MASTER_PORT": str(worker_port())}))
     assert result.returncode == 0, result.stderr[-3000:]
     for line in result.stdout.splitlines():
         row = json.loads(line)
@@ -311,7 +316,9 @@ def test_the_plan_suggests_a_micro_batch_that_divides_the_step():
     assert per_rank % best == 0 and best <= plan.largest[False] and 2 * best > plan.largest[False]
     auto = planner.plan_run(project, gpu=gpu, capacity=gpu.memory, micro_batch="auto")
     assert auto.layout.micro_batch_size == best and auto.fits
-    assert plan.step_seconds == pytest.approx(plan.flops_per_token * 524288 / (989e12 * planner.TYPICAL_MFU))
+    mfu, _ = planner.mfu_for(gpu, "bf16", plan.parameters)  # Hopper's figure for 124M parameters
+    assert plan.mfu == mfu == 0.30
+    assert plan.step_seconds == pytest.approx(plan.flops_per_token * 524288 / (989e12 * mfu))
 
 
 @pytest.mark.parametrize("name, found", [("H100-80GB", "H100-SXM"), ("h100", "H100-SXM"), ("A100 40GB", "A100-40GB"),
@@ -389,7 +396,7 @@ def test_inspect_params_plans_the_run_on_a_gpu_in_json():
     plan = report["plan"]
     memory = plan["memory"]
     assert plan["gpu"] == "H100-SXM" and plan["precision"] == "bf16" and memory["fits"] is True
-    assert memory["capacity"] == 80 * 2**30
+    assert memory["capacity"] == 81089 * 2**20  # what torch reports on an H100 SXM, not the data sheet's 80 GB
     terms = [memory[key] for key in ("weights", "gradients", "optimizer_states", "activations") if key in memory]
     assert memory["peak"] == sum(terms) + memory.get("communication_buffers", 0) + memory.get("temporaries", 0)
     assert memory["required"] == memory["peak"] + memory["allowance"] <= memory["capacity"]

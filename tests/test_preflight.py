@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_user_error, run_gpt
-from gptcli import planner
+from gptcli import machine, planner
 from gptcli.batch import batch_layout
 from gptcli.config import apply_overrides, project_from_dict
 from gptcli.errors import GptError
+from gptcli.planner.plan import UNKNOWN_GPU_MFU
 from gptcli.train import preflight
 from shard_fixture import write_shard_dir
 
@@ -95,7 +96,8 @@ def test_the_message_names_model_device_precision_zero_ranks_tokens_memory_and_t
     rate = plan.total_flops / (13 * 60 - plan.startup_seconds) / (planner.CPU_TRAINING_EFFICIENCY)
     text = "\n".join(preflight.describe(proj, preflight.plan_on(proj, cpu(rate), None)))
     for fragment in ("model nano", "3,320,640 parameters", "on the CPU", "fp32", "ZeRO stage 2", "1 rank",
-                     "768 tokens per step", "10 steps", "7,680 tokens", "memory per rank: about",
+                     "768 tokens per step", "10 steps", "7,680 tokens", "memory per rank:",
+                     "allowance: the process (Python, torch, DeepSpeed, the data loader)",
                      "estimate: about 13 minutes", "start-up: DeepSpeed", "live ETA"):
         assert fragment in text, (fragment, text)
     assert "no run.toml" not in text and "hours" not in text
@@ -136,18 +138,23 @@ def test_the_model_is_named_by_a_preset_only_when_it_has_that_shape():
         "custom (changed from nano)"
 
 
-def gpu(free: float = 80 * 2**30, peak: float | None = 989e12, ranks: int = 1,
-        precision: str = "bf16") -> preflight.Machine:
+def gpu(free: float = 80 * 2**30, peak: float | None = None, ranks: int = 1, precision: str = "bf16",
+        name: str | None = "H100") -> preflight.Machine:
     return preflight.Machine(device="cuda", ranks=ranks, precision=precision, free_memory=int(free),
-                             device_label="free on cuda:0", peak_flops=peak)
+                             device_label="free on cuda:0", gpu=planner.find_gpu(name) if name else None,
+                             peak_flops=peak)
 
 
-def test_gpu_estimates_use_the_peak_times_a_typical_mfu():
+def test_gpu_estimates_use_the_peak_at_the_runs_precision_times_the_mfu_of_its_generation():
     proj = project(["model.preset=gpt2"])
-    assert preflight.plan_on(proj, gpu(ranks=8), None).rate == pytest.approx(989e12 * planner.TYPICAL_MFU * 8)
+    h100 = planner.find_gpu("H100")
+    mfu, _ = planner.mfu_for(h100, "bf16", 124_439_808)
+    assert preflight.plan_on(proj, gpu(ranks=8), None).rate == pytest.approx(989e12 * mfu * 8)
     fp32 = preflight.plan_on(proj, gpu(precision="fp32"), None).rate
-    assert fp32 == pytest.approx(989e12 * planner.TYPICAL_MFU / 16)
-    plan = preflight.plan_on(proj, gpu(peak=None, ranks=8), None)
+    assert fp32 == pytest.approx(495e12 * mfu)  # TF32 tensor cores: half the bf16 peak, the same fraction of it
+    unknown = preflight.plan_on(proj, gpu(name=None, peak=300e12), None).rate  # [train] peak_tflops-style
+    assert unknown == pytest.approx(300e12 * UNKNOWN_GPU_MFU)
+    plan = preflight.plan_on(proj, gpu(name=None, ranks=8), None)
     text = "\n".join(preflight.describe(proj, plan))
     assert "on GPUs" in text and "8 ranks" in text and "estimate: none for this GPU" in text
     assert "memory per GPU:" in text and "free on cuda:0: fits" in text
@@ -159,7 +166,7 @@ def test_the_cpu_rate_is_measured_by_a_short_matmul(monkeypatch):
     reads 0.01 s later at each look makes the count exact: the warm-up call is not timed, and the loop stops
     at the first look at or past 0.05 s, after 5 timed matmuls."""
     ticks = iter(range(1000))
-    monkeypatch.setattr(preflight.time, "perf_counter", lambda: next(ticks) * 0.01)
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: next(ticks) * 0.01)
     rate = preflight.measure_cpu_flops(seconds=0.05, size=128)
     assert rate == pytest.approx(2 * 128**3 * 5 / 0.05, rel=1e-9)
 

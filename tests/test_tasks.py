@@ -26,9 +26,14 @@ from gptcli.tasks import evaluate_tasks, gpt2_shape, read_all, stats
 from gptcli.tasks.benchmarks import benchmark
 from gptcli.tasks.data import read_examples
 from gptcli.tasks.scoring import encode_example, encode_pair, score_groups
-from task_files import HELLASWAG, LAMBADA, greedy_passages, lm_eval_task, random_model, write_jsonl, write_parquet
+from task_files import HELLASWAG, LAMBADA, PIQA, greedy_passages, lm_eval_task, random_model, write_jsonl, write_parquet
 
 LOGLIKELIHOOD_TOLERANCE = 1e-4  # the issue's bound against lm-eval; fp32 sums of ~20 log-probabilities
+# The same model's scores packed in rows and one request per forward pass: fp32 sums of up to ~100 nats whose
+# terms come from matrix products of other shapes, so they differ by a few ulps of the sum (fp32's ulp is 7.6e-6
+# between 64 and 128; -97.528630 against -97.528641 was seen on one machine): within 1e-6 of their size (about
+# 13 ulps), and 1e-5 for sums near 0.
+PACKED_RELATIVE, PACKED_ABSOLUTE = 1e-6, 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +171,7 @@ def test_packed_scores_equal_one_forward_pass_per_request(model, tokenizer, file
         expected = separate_passes(model, group)
         assert [s.greedy for s in scored] == [greedy for _, greedy in expected]
         for s, (loglikelihood, _) in zip(scored, expected, strict=True):
-            # fp32 sums of up to ~100 nats: a few ulps of the sum (fp32's ulp at 64-128 is 7.6e-6) apart
-            assert s.loglikelihood == pytest.approx(loglikelihood, rel=2e-7, abs=LOGLIKELIHOOD_TOLERANCE / 10)
+            assert s.loglikelihood == pytest.approx(loglikelihood, rel=PACKED_RELATIVE, abs=PACKED_ABSOLUTE)
     if name == "lambada":
         assert any(s[0].greedy for s in scores)  # the greedy passages: acc is not trivially 0
 
@@ -181,7 +185,8 @@ def test_the_whole_forward_path_gives_the_same_scores(model, tokenizer, files):
     whole = score_groups(model, groups, 4, full_forward=True, min_batches=5)
     for a, b in zip(rows, whole, strict=True):
         assert [s.greedy for s in a] == [s.greedy for s in b]
-        assert [s.loglikelihood for s in a] == pytest.approx([s.loglikelihood for s in b], abs=1e-5)
+        assert [s.loglikelihood for s in a] == pytest.approx([s.loglikelihood for s in b], rel=PACKED_RELATIVE,
+                                                             abs=PACKED_ABSOLUTE)
 
 
 def test_metrics_follow_from_the_scores(model, tokenizer, files):
@@ -354,22 +359,6 @@ def test_without_data_and_without_the_hub_the_error_says_what_to_do(model_dir, t
 
 
 # --- a plugin's task -------------------------------------------------------------------------------------------
-
-# PIQA-shaped records (goal, two solutions, the gold one's index), short enough for the 128-position model.
-PIQA = [
-    {"goal": "How do I dry wet shoes?", "sol1": "Stuff them with newspaper.", "sol2": "Put them in the oven.",
-     "label": 0},
-    {"goal": "To keep bread fresh", "sol1": "leave it in the sun.", "sol2": "keep it in a bread box.", "label": 1},
-    {"goal": "How can I open a stuck jar lid?", "sol1": "Run the lid under hot water.",
-     "sol2": "Freeze the jar overnight.", "label": 0},
-    {"goal": "To cool soup quickly", "sol1": "stir it in a cold water bath.", "sol2": "cover it with a blanket.",
-     "label": 0},
-    {"goal": "How do you stop a squeaky hinge?", "sol1": "Paint over it.", "sol2": "Oil the hinge pin.",
-     "label": 1},
-    {"goal": "To find a lost contact lens", "sol1": "shine a flashlight across the floor.",
-     "sol2": "vacuum the room first.", "label": 0},
-]
-
 
 def piqa_by_hand(model, tokenizer) -> dict[str, float]:
     """acc and acc_norm of the PIQA records computed directly: "Question: {goal}\nAnswer:" and each " sol" as

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
+from conftest import project_file
 from gptcli import rundir
-from gptcli.config import ConfigError, apply_overrides, dump_toml, load_project, project_from_dict
+from gptcli.config import ConfigError, apply_overrides, load_project, project_from_dict
 from gptcli.errors import GptError
 from gptcli.train import preflight
 from gptcli.train.observing import trackers
@@ -508,61 +508,20 @@ def test_mlflow_holds_every_number_once_the_config_and_a_resume_continues_the_sa
 
 # --- training with trackers --------------------------------------------------------------------------------------
 
-# test_train.py's run (nano, accumulation 2, dropout) for 10 steps, checkpoints at 3, 6, 9 and 10, an
-# evaluation and a sample every 4 steps.
-TRAINING = """\
-[project]
-name = "trackers"
-out_dir = "{out}"
-seed = 1234
-[data]
-dir = "{data}"
-[model]
-preset = "nano"
-dropout = 0.1
-[train]
-max_steps = 10
-micro_batch_size = 4
-grad_accum_steps = 2
-seq_len = 64
-lr = 3e-3
-warmup_steps = 2
-checkpoint_every = 3
-eval_every = 4
-eval_batches = 2
-sample_every = 4
-sample_tokens = 8
-device = "cpu"
-[deepspeed]
-zero_stage = 2
-"""
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, corpus):
-    from shard_fixture import make_shards
-
-    return make_shards(corpus, tmp_path_factory.mktemp("shards"))
-
-
-def training_project(directory: Path, shards: Path, *overrides: str) -> Path:
-    raw = apply_overrides(tomllib.loads(TRAINING.format(out=directory / "run", data=shards)), list(overrides))
-    path = directory / "run.toml"
-    path.write_text(dump_toml(project_from_dict(raw)))
-    return path
+# conftest's NANO_RUN (8 steps, checkpoints at 3, 6 and 8, an evaluation every 4 steps), named, with a sample
+# every 4 steps: its losses are those of conftest's reference run.
+TRAINING = ('project.name="trackers"', "train.sample_every=4", "train.sample_tokens=8")
 
 
 def train(directory: Path, *args: str, env: dict | None = None, fault: str = ""):
     """`gpt train` of directory/run.toml; W&B offline (its process writes its file every 15 s, its default:
     a kill loses what it had not written) and at home in the directory."""
-    from conftest import run_gpt
+    import conftest
 
     environment = {"WANDB_MODE": "offline", "WANDB_CACHE_DIR": str(directory / "wandb-home" / "cache"),
                    "WANDB_CONFIG_DIR": str(directory / "wandb-home" / "config"),
                    "WANDB_DATA_DIR": str(directory / "wandb-home" / "data"), **(env or {})}
-    if fault:
-        environment["GPTCLI_FAULT"] = fault
-    return run_gpt("train", "--project", directory / "run.toml", *args, cwd=directory, env=environment)
+    return conftest.train(directory / "run.toml", *args, cwd=directory, env=environment, fault=fault)
 
 
 def logged(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -575,9 +534,9 @@ def logged(run_dir: Path) -> dict[str, dict[int, float]]:
     return table
 
 
-# The second run resumes from the checkpoint of step 6 and is killed after step 8: steps 7 and 8 are trained
-# again by the third. A tracker that cannot drop them keeps the second run's values.
-RERUN = (7, 8)
+# The second run resumes from the checkpoint of step 6 and is killed after step 7: step 7 is trained again by the
+# third. A tracker that cannot drop it keeps the second run's values.
+RERUN = (7,)
 
 
 def assert_as_logged(held: dict[str, dict[int, float]], jsonl: dict[str, dict[int, float]], rerun=()) -> None:
@@ -590,21 +549,17 @@ def assert_as_logged(held: dict[str, dict[int, float]], jsonl: dict[str, dict[in
         assert kept == {step: values[step] for step in kept}, key
 
 
-@pytest.fixture(scope="module")
-def reference_losses(tmp_path_factory, shards) -> dict[int, float]:
-    """The same run without trackers, uninterrupted."""
-    directory = tmp_path_factory.mktemp("reference")
-    training_project(directory, shards)
-    result = train(directory)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return logged(directory / "run")["loss"]
+@pytest.fixture
+def reference_losses(reference_run) -> dict[int, float]:
+    """The same run without trackers or samples, uninterrupted (conftest's reference run)."""
+    return logged(reference_run)["loss"]
 
 
 @pytest.mark.slow
 def test_every_tracker_holds_each_step_of_metrics_jsonl_once_after_kills_at_any_moment(
         tmp_path, shards, reference_losses, installed_plugins):
     """TensorBoard, W&B offline, MLflow (SQLite) and the example plugin's tracker in one run, killed right
-    after its checkpoint of step 6, resumed and killed again mid-interval (after step 8), resumed to the end.
+    after its checkpoint of step 6, resumed and killed again mid-interval (after step 7), resumed to the end.
     W&B's process had written little or nothing of its file when killed: the resumed runs send it, from
     metrics.jsonl, the steps it lacks. MLflow keeps the steps it holds above a checkpoint; TensorBoard and
     the plugin drop them."""
@@ -613,9 +568,9 @@ def test_every_tracker_holds_each_step_of_metrics_jsonl_once_after_kills_at_any_
     pytest.importorskip("mlflow")
     from tracker_readers import mlflow_runs, tensorboard_events, wandb_segments
 
-    training_project(tmp_path, shards, 'train.trackers=["tensorboard", "wandb", "mlflow", "example_tracker"]')
+    project_file(tmp_path, shards, *TRAINING, 'train.trackers=["tensorboard", "wandb", "mlflow", "example_tracker"]')
     env = {**installed_plugins, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    for fault in ("kill@6", "kill@8"):
+    for fault in ("kill@6", "kill@7"):
         killed = train(tmp_path, env=env, fault=fault)
         assert killed.returncode in (-9, 137), killed.stderr[-3000:]
     resumed = train(tmp_path, "--resume", "required", env=env)
@@ -624,12 +579,12 @@ def test_every_tracker_holds_each_step_of_metrics_jsonl_once_after_kills_at_any_
     run_dir = tmp_path / "run"
     jsonl = logged(run_dir)
     assert jsonl["loss"] == reference_losses  # the trackers change nothing of the training
-    assert sorted(jsonl["loss"]) == list(range(1, 11)) and sorted(jsonl["eval_loss"]) == [4, 8, 10]
+    assert sorted(jsonl["loss"]) == list(range(1, 9)) and sorted(jsonl["eval_loss"]) == [4, 8]
 
-    events = tensorboard_events(run_dir)  # the second run's steps 7-8 are purged
+    events = tensorboard_events(run_dir)  # the second run's step 7 is purged
     assert_as_logged({tag.removeprefix("train/"): dict(points) for tag, points in events.scalars.items()}, jsonl)
     assert all(len(points) == len(dict(points)) for points in events.scalars.values())
-    assert sorted(events.texts["sample"]) == [4, 8, 10] and events.images == {"loss_curve": [10]}
+    assert sorted(events.texts["sample"]) == [4, 8] and events.images == {"loss_curve": [8]}
 
     run_id = json.loads((run_dir / "trackers.json").read_text())["wandb"]["id"]
     segments = wandb_segments(run_dir / "wandb")  # one per start of the run, all of the same run
@@ -645,13 +600,13 @@ def test_every_tracker_holds_each_step_of_metrics_jsonl_once_after_kills_at_any_
     assert all(len(points) == len(dict(points)) for points in run["metrics"].values())
     assert_as_logged({key: dict(points) for key, points in run["metrics"].items()}, jsonl, RERUN)
     assert run["status"] == "FINISHED" and run["params"]["parameters"] == "3320640"
-    assert run["params"]["train.max_steps"] == "10" and run["params"]["model.preset"] == "nano"
-    assert {"config.resolved.toml", "loss.png", "samples/step_00000004.txt", "samples/step_00000010.txt"} <= \
+    assert run["params"]["train.max_steps"] == "8" and run["params"]["model.preset"] == "nano"
+    assert {"config.resolved.toml", "loss.png", "samples/step_00000004.txt", "samples/step_00000008.txt"} <= \
         set(run["artifacts"])
     assert run["tags"]["model_dir"] == str((run_dir / "model").resolve())
 
     mirrored = [json.loads(line) for line in (run_dir / "mirror.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in mirrored] == list(range(1, 11))
+    assert [record["step"] for record in mirrored] == list(range(1, 9))
     assert_as_logged({key: {r["step"]: r[key] for r in mirrored if key in r} for key in jsonl}, jsonl)
 
 
@@ -661,7 +616,7 @@ def test_trackers_that_fail_mid_run_cost_one_warning_each_and_not_the_run(tmp_pa
     pytest.importorskip("wandb")
     from tracker_readers import tensorboard_events, wandb_segments
 
-    training_project(tmp_path, shards, 'train.trackers=["tensorboard", "wandb"]')
+    project_file(tmp_path, shards, *TRAINING, 'train.trackers=["tensorboard", "wandb"]')
     result = train(tmp_path, fault="tracker@3")
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]

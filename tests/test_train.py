@@ -1,113 +1,65 @@
 """`gpt train` on the CPU through DeepSpeed: exact resume, faults, consolidation, the overfit check.
 
-One-rank runs of the nano preset over shards of the standard library's source (conftest's corpus); each run is a fresh `python -m gptcli`
-process, as a user's. The multi-rank runs are in test_train_distributed.py.
+One-rank runs of conftest's NANO_RUN (the nano preset over shards of the standard library's source); each run
+is a fresh `python -m gptcli` process, as a user's. Tests that only need a finished run, or its losses, read or
+copy conftest's session-wide reference run instead of training their own. The multi-rank runs are in
+test_train_distributed.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 
-from conftest import assert_user_error, run_gpt
-from gptcli.config import apply_overrides, dump_toml, project_from_dict
-from shard_fixture import make_shards
-
-# dropout > 0 so that exact resume must also restore the dropout RNG; accumulation 2 so that resume
-# must land between optimizer steps, not micro steps. device = "cpu": these are the CPU tests, on a machine
-# with CUDA too (test_train_gpu.py holds the GPU ones).
-PROJECT = """\
-[project]
-out_dir = "{out}"
-seed = 1234
-[data]
-dir = "{data}"
-[model]
-preset = "nano"
-dropout = 0.1
-[train]
-max_steps = 8
-micro_batch_size = 4
-grad_accum_steps = 2
-seq_len = 64
-lr = 3e-3
-warmup_steps = 2
-checkpoint_every = 3
-eval_every = 4
-eval_batches = 2
-device = "cpu"
-[deepspeed]
-zero_stage = 2
-"""
-
+from conftest import (
+    SMALL_BF16,
+    assert_user_error,
+    copy_run,
+    losses,
+    project_file,
+    records,
+    run_gpt,
+    train,
+    trained,
+    worker_port,
+)
+from gptcli.config import apply_overrides, project_from_dict
+from masters import assert_model_dir_holds_the_masters
 
 # The overfit check: one batch of 4 × 32 tokens, a constant lr and nothing that fights memorisation.
 OVERFIT = ("train.max_steps=90", "model.dropout=0.0", "train.grad_accum_steps=1", "train.seq_len=32",
            "train.warmup_steps=0", 'train.lr_schedule="constant"', "train.weight_decay=0.0")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, corpus):
-    return make_shards(corpus, tmp_path_factory.mktemp("shards"))
-
-
-def project_file(directory: Path, shards: Path, name: str = "run", overrides: tuple[str, ...] = ()) -> Path:
-    """RUN.toml: PROJECT with `--set`-style overrides applied through the project's own loader, so a key
-    that does not exist fails here instead of quietly leaving the default in place."""
-    raw = apply_overrides(tomllib.loads(PROJECT.format(out=directory / name, data=shards)), list(overrides))
-    path = directory / f"{name}.toml"
-    path.write_text(dump_toml(project_from_dict(raw)))
-    return path
-
-
-def losses(run_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
-    return [r["loss"] for r in records]
-
-
-def train(project: Path, *args: str, fault: str = "") -> object:
-    return run_gpt("train", "--project", project, *args, env={"GPTCLI_FAULT": fault} if fault else None)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards):
-    """The uninterrupted run every interrupted one must reproduce bit for bit."""
-    directory = tmp_path_factory.mktemp("reference")
-    result = train(project_file(directory, shards))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return directory / "run"
-
-
-def test_an_uninterrupted_run_leaves_a_complete_run_dir(reference):
-    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 8
+def test_an_uninterrupted_run_leaves_a_complete_run_dir(reference_run):
+    run = records(reference_run)
+    assert len(run) == 8
     for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed"):
-        assert key in records[0]
-    assert records[0]["loss"] == pytest.approx(math.log(50257), abs=0.3)  # a fresh model: ln(vocab)
-    assert records[-1]["loss"] < records[0]["loss"] - 0.5
-    assert records[-1]["tokens"] == 8 * 2 * 4 * 64 and records[0]["mfu"] is None  # no peak on a CPU
-    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
-    assert (reference / "checkpoints" / "latest").read_text().strip() == "step_00000008"
-    assert sorted(p.name for p in (reference / "checkpoints").glob("step_*")) == [
+        assert key in run[0]
+    assert run[0]["loss"] == pytest.approx(math.log(50257), abs=0.3)  # a fresh model: ln(vocab)
+    assert run[-1]["loss"] < run[0]["loss"] - 0.5
+    assert run[-1]["tokens"] == 8 * 2 * 4 * 64 and run[0]["mfu"] is None  # no peak on a CPU
+    assert [r["step"] for r in run if "eval_loss" in r] == [4, 8]
+    assert (reference_run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    assert sorted(p.name for p in (reference_run / "checkpoints").glob("step_*")) == [
         "step_00000003", "step_00000006", "step_00000008"]
-    assert (reference / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "zero_stage = 2" in (reference / "config.resolved.toml").read_text()
-    assert (reference / "metrics.csv").read_text().count("\n") == 9
+    assert (reference_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "zero_stage = 2" in (reference_run / "config.resolved.toml").read_text()
+    assert (reference_run / "metrics.csv").read_text().count("\n") == 9
 
 
-def test_consolidated_weights_give_the_engines_eval_loss(reference, shards):
+def test_consolidated_weights_give_the_engines_eval_loss(reference_run, shards):
+    """The model dir's weights score the val windows the engine scored at the last step, to 1e-6 relative
+    (the same fp32 forward; only the order of the batch means may differ)."""
     from gptcli.data.loader import BatchLoader
     from gptcli.data.shards import open_prepared
     from gptcli.modeldir import load_model_dir
 
-    engine_loss = json.loads((reference / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"]
-    loaded = load_model_dir(reference)  # the run dir resolves to RUN/model
+    engine_loss = records(reference_run)[-1]["eval_loss"]
+    loaded = load_model_dir(reference_run)  # the run dir resolves to RUN/model
     assert loaded.config.n_layer == 2 and loaded.tokenizer.fingerprint.startswith("gpt2:")
     val = BatchLoader(open_prepared(shards), "val", 4, 64, shuffle=False)
     with torch.no_grad():
@@ -115,19 +67,26 @@ def test_consolidated_weights_give_the_engines_eval_loss(reference, shards):
     assert sum(batch_losses) / len(batch_losses) == pytest.approx(engine_loss, rel=1e-6)
 
 
-def test_kill_9_and_resume_reproduces_the_losses_bit_for_bit(tmp_path, shards, reference):
+def test_kill_9_and_resume_reproduces_the_losses_bit_for_bit(tmp_path, shards, reference_run):
+    """Killed after step 5, resumed from the checkpoint of step 3: the losses are the uninterrupted run's. The
+    killed trainer's lock is left behind, and the resumed run takes it over with a note (the trainer that
+    held it is no longer running)."""
     project = project_file(tmp_path, shards)
     killed = train(project, fault="kill@5")
     assert killed.returncode in (-9, 137)
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert (run / ".gptcli-lock").exists()
     resumed = train(project, "--resume", "required")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stderr
-    assert losses(tmp_path / "run") == losses(reference)
+    assert "took over the lock" in resumed.stderr and "no longer running" in resumed.stderr
+    assert not (run / ".gptcli-lock").exists()
+    assert losses(run) == losses(reference_run)
 
 
 @pytest.mark.slow
-def test_a_crash_mid_save_falls_back_and_a_chained_resume_stays_exact(tmp_path, shards, reference):
+def test_a_crash_mid_save_falls_back_and_a_chained_resume_stays_exact(tmp_path, shards, reference_run):
     project = project_file(tmp_path, shards)
     crashed = train(project, fault="crash_in_save@6")
     assert crashed.returncode != 0
@@ -136,9 +95,8 @@ def test_a_crash_mid_save_falls_back_and_a_chained_resume_stays_exact(tmp_path, 
     killed = train(project, fault="kill@7")  # resumes from 3, saves 6 again, dies after 7
     assert killed.returncode in (-9, 137)
     assert (checkpoints / "latest").read_text().strip() == "step_00000006"
-    finished = train(project)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert losses(tmp_path / "run") == losses(reference)
+    trained(project)
+    assert losses(tmp_path / "run") == losses(reference_run)
 
 
 @pytest.mark.slow
@@ -149,30 +107,30 @@ def test_resume_required_without_a_checkpoint_fails(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_resuming_another_architecture_names_the_key_and_both_values(tmp_path, shards, reference):
-    project = project_file(tmp_path, shards, overrides=(f'project.out_dir="{reference}"', "model.n_layer=3"))
+def test_resuming_another_architecture_names_the_key_and_both_values(tmp_path, shards, reference_run):
+    project = copy_run(reference_run, tmp_path, shards, "model.n_layer=3")
     result = train(project, "--resume", "required")
     assert_user_error(result, "model.n_layer", "3", "2")
 
 
 @pytest.mark.slow
-def test_a_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path, shards, reference):
+def test_a_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path, shards, reference_run):
     from gptcli.train.state.consolidation import full_state_dict
 
-    result = train(project_file(tmp_path, shards), fault="nan@7")
+    result = train(project_file(tmp_path, shards), fault="nan@4")
     assert result.returncode == 4
-    assert_user_error(result, "step 7", "before the optimizer step", "the loss is nan", "step_00000006")
+    assert_user_error(result, "step 4", "before the optimizer step", "the loss is nan", "step_00000003")
     run = tmp_path / "run"
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
-    assert not (run / "checkpoints" / "step_00000007").exists()
-    assert len(losses(run)) == 6
-    saved, expected = full_state_dict(run, "step_00000006"), full_state_dict(reference, "step_00000006")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert not (run / "checkpoints" / "step_00000004").exists()
+    assert len(losses(run)) == 3
+    saved, expected = full_state_dict(run, "step_00000003"), full_state_dict(reference_run, "step_00000003")
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
 @pytest.mark.slow
 def test_overfit_batch_drives_the_loss_to_zero_and_shows_tokens(tmp_path, shards):
-    project = project_file(tmp_path, shards, overrides=OVERFIT + ("deepspeed.zero_stage=0",))
+    project = project_file(tmp_path, shards, *OVERFIT, "deepspeed.zero_stage=0")
     result = train(project, "--overfit-batch")
     assert result.returncode == 0, result.stderr[-3000:]
     final = json.loads((tmp_path / "run" / "overfit-batch" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -185,19 +143,18 @@ def test_overfit_batch_drives_the_loss_to_zero_and_shows_tokens(tmp_path, shards
 
 @pytest.mark.slow
 def test_samples_never_consume_the_training_rng_and_a_run_with_samples_resumes_exactly(tmp_path, shards,
-                                                                                        reference):
-    """Dropout draws from the training RNG; a sample drawn in the middle of the run must leave it as it was,
-    so the losses equal the reference run's without samples, and a kill -9 and resume repeats them."""
-    samples = ("train.sample_every=2", "train.sample_tokens=8")
-    whole = train(project_file(tmp_path, shards, "whole", samples))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    assert whole.stdout.count("--- sample at step") == 4
-    assert losses(tmp_path / "whole") == losses(reference)
-    project = project_file(tmp_path, shards, "killed", samples)
-    assert train(project, fault="kill@5").returncode in (-9, 137)
+                                                                                        reference_run):
+    """Dropout draws from the training RNG; a sample drawn in the middle of the run must leave it as it was.
+    A run with a sample every 2 steps, killed after step 5 (samples at 2 and 4) and resumed from step 3
+    (samples at 4, 6 and 8, which it shows), has the losses of the reference run, which draws none: the steps kept from before
+    the kill and those after the resume alike."""
+    project = project_file(tmp_path, shards, "train.sample_every=2", "train.sample_tokens=8")
+    killed = train(project, fault="kill@5")
+    assert killed.returncode in (-9, 137)
     resumed = train(project, "--resume", "required")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert losses(tmp_path / "killed") == losses(reference)
+    assert resumed.stdout.count("--- sample at step") == 3
+    assert losses(tmp_path / "run") == losses(reference_run)
 
 
 def test_samples_during_training_follow_the_generate_section(capsys):
@@ -244,8 +201,8 @@ def test_bad_batch_settings_are_one_sentence(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_gpt_plot_draws_a_run_and_refuses_an_empty_dir(tmp_path, reference):
-    result = run_gpt("plot", reference, "--out", tmp_path / "curve.png")
+def test_gpt_plot_draws_a_run_and_refuses_an_empty_dir(tmp_path, reference_run):
+    result = run_gpt("plot", reference_run, "--out", tmp_path / "curve.png")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert_user_error(run_gpt("plot", tmp_path), "no steps to plot")
@@ -254,73 +211,31 @@ def test_gpt_plot_draws_a_run_and_refuses_an_empty_dir(tmp_path, reference):
 
 @pytest.mark.slow
 def test_zero3_kill_9_and_resume_is_exact_too(tmp_path, shards):
-    """ZeRO-3 partitions the weights themselves; resume must restore them and the optimizer exactly."""
-    zero3 = ("deepspeed.zero_stage=3",)
-    assert train(project_file(tmp_path, shards, "whole", zero3)).returncode == 0
-    project = project_file(tmp_path, shards, "killed", zero3)
+    """ZeRO-3 partitions the weights themselves; resume must restore them and the optimizer exactly. The
+    uninterrupted run's model dir is also ZeRO-3's fp32 master copy on one rank (DeepSpeed's reading)."""
+    whole = trained(project_file(tmp_path, shards, "deepspeed.zero_stage=3", name="whole"))
+    assert_model_dir_holds_the_masters(whole, "fp32")
+    project = project_file(tmp_path, shards, "deepspeed.zero_stage=3", name="killed")
     assert train(project, fault="kill@5").returncode in (-9, 137)
-    resumed = train(project)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+    resumed = trained(project)
+    assert losses(resumed) == losses(whole)
 
 
 # --- the consolidated model is the fp32 master copy -------------------------------------------------------
 
 
-def deepspeed_fp32_masters(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The fp32 master weights as DeepSpeed itself reads them, independently of gptcli's consolidation:
-    deepspeed.utils.zero_to_fp32 for ZeRO partitions (BF16_Optimizer's partitions, which lack the
-    zero_stage key that reader wants, are given it in a copy), the optimizer's own fp32 groups at stage 0."""
-    import shutil
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from gptcli.model import build_model
-    from gptcli.optimizers import ADAMW
-    from gptcli.train.engine import parameter_groups
-
-    directory = run_dir / "checkpoints" / tag
-    partitions = list(directory.glob("*zero_pp_rank_*_optim_states.pt"))
-    if partitions:
-        copy = run_dir / "deepspeed-view" / tag
-        shutil.copytree(directory, copy, dirs_exist_ok=True)
-        for path in copy.glob("*zero_pp_rank_*_optim_states.pt"):
-            saved = torch.load(path, weights_only=False)
-            saved["optimizer_state_dict"].setdefault("zero_stage", 1)
-            torch.save(saved, path)
-        return get_fp32_state_dict_from_zero_checkpoint(str(copy.parent), tag=tag)
-    saved = torch.load(directory / "mp_rank_00_model_states.pt", weights_only=False)
-    groups = (saved["optimizer"] or {}).get("fp32_groups")
-    if groups is None:  # fp32: the module is the master copy
-        return saved["module"]
-    model = build_model(project_from_dict({"model": {"preset": "nano"}}).model, device="meta")
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    param_groups = parameter_groups(model, ADAMW, project_from_dict({}).train)  # the order DeepSpeed saved
-    group_names = [[name_of[id(p)] for p in g["params"]] for g in param_groups]
-    return {name: tensor for names, tensors in zip(group_names, groups, strict=True)
-            for name, tensor in zip(names, tensors, strict=True)}
-
-
-def assert_model_dir_holds_the_masters(run_dir: Path, precision: str) -> None:
-    from gptcli.modeldir import load_model_dir
-
-    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
-    masters = deepspeed_fp32_masters(run_dir, tag)
-    consolidated = load_model_dir(run_dir).model.state_dict()
-    assert set(masters) <= set(consolidated) and "h.1.mlp.c_fc.weight" in masters
-    for name, master in masters.items():
-        assert master.dtype == torch.float32 and torch.equal(consolidated[name], master), name
-    if precision == "bf16":  # not the bf16 module copy: some weights carry bits bf16 cannot hold
-        assert not all(torch.equal(t, t.bfloat16().float()) for t in masters.values())
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("precision,stage", [("fp32", 0), ("bf16", 0), ("bf16", 1)])
 def test_the_consolidated_model_is_deepspeeds_fp32_master_copy(tmp_path, shards, precision, stage):
-    """Bit for bit (torch.equal) against DeepSpeed's own reading of the checkpoint, one rank."""
-    project = project_file(tmp_path, shards, overrides=(
-        f'train.precision="{precision}"', f"deepspeed.zero_stage={stage}", "train.max_steps=3", "train.eval_every=0"))
+    """Bit for bit (torch.equal) against DeepSpeed's own reading of the checkpoint, one rank, for each way
+    DeepSpeed keeps the masters: fp32 ZeRO-0 (the module is the master copy), bf16 ZeRO-0 (its FP16
+    optimizer's fp32 groups), bf16 ZeRO-1 (BF16_Optimizer's partitions). The ZeRO-1/2 optimizer, one class for
+    both stages, is checked on the reference run (fp32, test_the_reference_runs_model_is_the_fp32_master_copy)
+    and on the bf16 run of test_bf16_kill_9_and_resume_reproduces_the_losses_bit_for_bit; ZeRO-3 on the runs
+    of test_zero3_kill_9_and_resume_is_exact_too and of the two-rank tests (test_train_distributed.py)."""
+    small = SMALL_BF16 if precision == "bf16" else ()
+    project = project_file(tmp_path, shards, *small, f'train.precision="{precision}"', f"deepspeed.zero_stage={stage}",
+                           "train.max_steps=2", "train.eval_every=0")
     result = train(project)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_model_dir_holds_the_masters(tmp_path / "run", precision)
@@ -328,28 +243,25 @@ def test_the_consolidated_model_is_deepspeeds_fp32_master_copy(tmp_path, shards,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_two_rank_zero3_consolidates_the_fp32_master_copy(tmp_path, shards, precision):
-    project = project_file(tmp_path, shards, overrides=(
-        f'train.precision="{precision}"', "deepspeed.zero_stage=3", "train.max_steps=3", "train.eval_every=0"))
-    result = train(project, "--nproc", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(list((tmp_path / "run" / "checkpoints" / "step_00000003").glob("*optim_states.pt"))) == 2
-    assert_model_dir_holds_the_masters(tmp_path / "run", precision)
+def test_the_reference_runs_model_is_the_fp32_master_copy(reference_run):
+    """fp32 ZeRO-2 (DeepSpeed's ZeRO-1/2 optimizer), with no run of its own."""
+    assert_model_dir_holds_the_masters(reference_run, "fp32")
 
 
 @pytest.mark.slow
 def test_bf16_kill_9_and_resume_reproduces_the_losses_bit_for_bit(tmp_path, shards):
-    """bf16 on the CPU: the bf16 module copy and the fp32 masters both come back exactly."""
-    bf16 = ('train.precision="bf16"',)
-    whole = train(project_file(tmp_path, shards, "whole", bf16))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    project = project_file(tmp_path, shards, "killed", bf16)
-    assert train(project, fault="kill@5").returncode in (-9, 137)
+    """bf16 on the CPU: the bf16 module copy and the fp32 masters both come back exactly. ZeRO-2 (NANO_RUN's
+    stage), whose consolidated model is the fp32 master copy, not the bf16 one. Five steps of SMALL_BF16's
+    128 tokens, killed after step 4 and resumed from step 3."""
+    bf16 = (*SMALL_BF16, "train.max_steps=5")
+    whole = trained(project_file(tmp_path, shards, *bf16, name="whole"))
+    assert_model_dir_holds_the_masters(whole, "bf16")
+    project = project_file(tmp_path, shards, *bf16, name="killed")
+    assert train(project, fault="kill@4").returncode in (-9, 137)
     resumed = train(project, "--resume", "required")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
-    assert losses(tmp_path / "whole")[-1] < losses(tmp_path / "whole")[0] - 0.5
+    assert losses(tmp_path / "killed") == losses(whole)
+    assert losses(whole)[-1] < losses(whole)[0] - 0.5
 
 
 @pytest.mark.slow
@@ -357,7 +269,7 @@ def test_bf16_kill_9_and_resume_reproduces_the_losses_bit_for_bit(tmp_path, shar
     (0, "before the optimizer step"),  # fp32 ZeRO-0: the loop clips, sees the norm first
     (2, "after the optimizer step, which DeepSpeed skipped")])
 def test_an_infinite_gradient_norm_stops_the_run_with_exit_code_4(tmp_path, shards, stage, when):
-    project = project_file(tmp_path, shards, overrides=(f"deepspeed.zero_stage={stage}", "train.eval_every=0"))
+    project = project_file(tmp_path, shards, f"deepspeed.zero_stage={stage}", "train.eval_every=0")
     result = train(project, fault="inf_grad@5")
     assert result.returncode == 4
     assert_user_error(result, "Training stopped at step 5", when, "the gradient norm is", "step_00000003")
@@ -371,14 +283,6 @@ def test_an_infinite_gradient_norm_stops_the_run_with_exit_code_4(tmp_path, shar
 SHORT = ("--set", "train.eval_every=0")
 
 
-def copy_of(reference: Path, tmp_path: Path, shards: Path) -> Path:
-    """A finished run (checkpoints 3, 6, 8) in tmp_path/run, and the project that trains into it."""
-    import shutil
-
-    shutil.copytree(reference, tmp_path / "run")
-    return project_file(tmp_path, shards)
-
-
 @pytest.mark.slow
 def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_first(tmp_path, shards):
     import signal
@@ -386,13 +290,13 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_first(tmp_pa
     import subprocess
     import sys
 
-    from conftest import HANG_SECONDS, gpt_env, wait_until
+    from conftest import HANG_SECONDS, gpt_env, train_env, wait_until
 
     project = project_file(tmp_path, shards)
     with open(tmp_path / "first.err", "w") as first_err:
         first = subprocess.Popen([sys.executable, "-m", "gptcli", "train", "--project", str(project), *SHORT,
                                   "--set", "train.max_steps=1000", "--set", "train.checkpoint_every=0"],
-                                 env=gpt_env(), stdout=subprocess.DEVNULL, stderr=first_err)
+                                 env=gpt_env(train_env()), stdout=subprocess.DEVNULL, stderr=first_err)
         metrics = tmp_path / "run" / "metrics.jsonl"
         wait_until(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, first,
                    f"a first step (stderr in {tmp_path / 'first.err'})")
@@ -405,20 +309,8 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_first(tmp_pa
 
 
 @pytest.mark.slow
-def test_the_lock_of_a_killed_trainer_is_taken_over_with_a_note(tmp_path, shards):
-    project = project_file(tmp_path, shards)
-    killed = train(project, *SHORT, "--set", "train.max_steps=4", fault="kill@2")
-    assert killed.returncode in (-9, 137)
-    assert (tmp_path / "run" / ".gptcli-lock").exists()
-    resumed = train(project, *SHORT, "--set", "train.max_steps=4")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "took over the lock" in resumed.stderr and "no longer running" in resumed.stderr
-    assert not (tmp_path / "run" / ".gptcli-lock").exists()
-
-
-@pytest.mark.slow
-def test_resume_never_refuses_an_existing_run_and_restart_starts_it_over(tmp_path, shards, reference):
-    project = copy_of(reference, tmp_path, shards)
+def test_resume_never_refuses_an_existing_run_and_restart_starts_it_over(tmp_path, shards, reference_run):
+    project = copy_run(reference_run, tmp_path, shards)
     run = tmp_path / "run"
     (run / "NOTES.md").write_text("what this run is for")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -429,14 +321,14 @@ def test_resume_never_refuses_an_existing_run_and_restart_starts_it_over(tmp_pat
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "--restart removed what gpt train wrote" in " ".join(restarted.stderr.split())
     assert (run / "NOTES.md").read_text() == "what this run is for"
-    assert losses(run)[0] == losses(reference)[0]  # a fresh model again, not a resumed one
+    assert losses(run)[0] == losses(reference_run)[0]  # a fresh model again, not a resumed one
     assert len(losses(run)) == 2
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]
 
 
 @pytest.mark.slow
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_exactly(tmp_path, shards, reference):
-    project = copy_of(reference, tmp_path, shards)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_exactly(tmp_path, shards, reference_run):
+    project = copy_run(reference_run, tmp_path, shards)
     model_states = tmp_path / "run" / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt"
     with open(model_states, "r+b") as handle:
         handle.truncate(1000)
@@ -445,23 +337,31 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_exactly(tmp_
     assert_warning = " ".join(resumed.stderr.split())
     assert "checkpoint step_00000008 is damaged (mp_rank_00_model_states.pt has 1000 bytes" in assert_warning
     assert "resuming from step_00000006 instead" in assert_warning
-    assert losses(tmp_path / "run") == losses(reference)
+    assert losses(tmp_path / "run") == losses(reference_run)
 
 
 @pytest.mark.slow
-def test_resume_without_an_intact_checkpoint_names_the_damaged_files(tmp_path, shards, reference):
-    project = copy_of(reference, tmp_path, shards)
+def test_resume_without_an_intact_checkpoint_names_the_damaged_files(tmp_path, shards, reference_run):
+    """`gpt train` (--resume auto, its default) end to end; --resume required asks the same rank-0 decision
+    (checkpoint.decide_start), in this process."""
+    from gptcli.errors import GptError
+    from gptcli.train.state.checkpoint import decide_start
+
+    project = copy_run(reference_run, tmp_path, shards)
     checkpoints = tmp_path / "run" / "checkpoints"
     (checkpoints / "step_00000008" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
     (checkpoints / "step_00000006" / "rng_rank0.pt").unlink()
     with open(checkpoints / "step_00000003" / "mp_rank_00_model_states.pt", "r+b") as handle:
         handle.truncate(10)
-    for mode in ("required", "auto"):
-        result = train(project, "--resume", mode)
-        assert_user_error(result, "No usable checkpoint", "step_00000008: zero_pp_rank_0_mp_rank_00_optim_states.pt "
-                          "is missing", "step_00000006: rng_rank0.pt is missing",
-                          "step_00000003: mp_rank_00_model_states.pt has 10 bytes", "--restart")
+    damaged = ("No usable checkpoint", "step_00000008: zero_pp_rank_0_mp_rank_00_optim_states.pt is missing",
+               "step_00000006: rng_rank0.pt is missing", "step_00000003: mp_rank_00_model_states.pt has 10 bytes",
+               "--restart")
+    result = train(project)
+    assert_user_error(result, *damaged)
     assert "internal error" not in result.stderr
+    with pytest.raises(GptError) as required:
+        decide_start(tmp_path / "run", "required", restart=False)
+    assert all(fragment in str(required.value) for fragment in damaged), str(required.value)
 
 
 @pytest.mark.slow
@@ -478,15 +378,15 @@ def test_keep_checkpoints_2_with_a_checkpoint_every_step(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_metrics_with_bytes_that_are_not_utf8_do_not_block_resume(tmp_path, shards, reference):
-    project = copy_of(reference, tmp_path, shards)
+def test_metrics_with_bytes_that_are_not_utf8_do_not_block_resume(tmp_path, shards, reference_run):
+    project = copy_run(reference_run, tmp_path, shards)
     metrics = tmp_path / "run" / "metrics.jsonl"
     lines = metrics.read_bytes().splitlines(keepends=True)
     metrics.write_bytes(b"".join(lines[:2]) + b"\xff\xfe\x9c garbage\n" + b"".join(lines[2:]))
     resumed = train(project, "--resume", "required", *SHORT, "--set", "train.max_steps=10")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "dropped 1 unreadable line" in resumed.stderr
-    assert losses(tmp_path / "run")[:8] == losses(reference) and len(losses(tmp_path / "run")) == 10
+    assert losses(tmp_path / "run")[:8] == losses(reference_run) and len(losses(tmp_path / "run")) == 10
 
 
 @pytest.mark.slow
@@ -509,9 +409,8 @@ def test_ranks_that_do_not_share_the_run_dir_are_refused_on_every_rank(tmp_path,
     import sys
 
     from conftest import gpt_env
-    from gptcli.train.engine import free_port
 
-    project, port = project_file(tmp_path, shards), str(free_port())
+    project, port = project_file(tmp_path, shards), str(worker_port())
     ranks = []
     for rank in (0, 1):
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
@@ -527,20 +426,3 @@ def test_ranks_that_do_not_share_the_run_dir_are_refused_on_every_rank(tmp_path,
         assert "Traceback" not in stderr
     assert list((tmp_path / "node0").iterdir()) == []  # no lock, no probe, no metrics left behind
     assert not (tmp_path / "node1").exists()  # only rank 0 creates the run dir
-
-
-@pytest.mark.slow
-def test_two_ranks_fall_back_together_when_one_ranks_file_is_missing(tmp_path, shards):
-    """Rank 1's RNG file of the latest checkpoint is gone: rank 0 sees it in the manifest, and both ranks
-    resume from the previous checkpoint (rank 1 alone would have tried the latest), bit for bit."""
-    settings = (*SHORT, "--set", "train.max_steps=6")
-    project = project_file(tmp_path, shards)
-    whole = train(project, "--nproc", "2", *settings)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    reference_losses = losses(tmp_path / "run")
-    (tmp_path / "run" / "checkpoints" / "step_00000006" / "rng_rank1.pt").unlink()
-    resumed = train(project, "--nproc", "2", "--resume", "required", *settings)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    message = " ".join(resumed.stderr.split())
-    assert "checkpoint step_00000006 is damaged (rng_rank1.pt is missing); resuming from step_00000003" in message
-    assert losses(tmp_path / "run") == reference_losses

@@ -18,57 +18,21 @@ import pytest
 import tomllib
 import torch
 
-from conftest import assert_user_error, run_gpt
-from gptcli.config import apply_overrides, project_from_dict
-from test_train import losses, shards  # noqa: F401  (the module-scoped shards fixture)
+from conftest import SMALL_BF16, assert_user_error, losses, project_file, run_gpt, train, trained
 
 pytestmark = pytest.mark.slow
 
 # No dropout: runs on different numbers of ranks draw it on different ranks, so only without it can their
-# losses be compared. Accumulation 2, so that resuming on other ranks must adapt it.
-PROJECT = """\
-[project]
-out_dir = "{out}"
-seed = 1234
-[data]
-dir = "{data}"
-[model]
-preset = "nano"
-dropout = 0.0
-[train]
-max_steps = 6
-micro_batch_size = 4
-grad_accum_steps = 2
-seq_len = 64
-lr = 3e-3
-warmup_steps = 2
-checkpoint_every = 3
-eval_every = 0
-device = "cpu"
-"""
+# losses be compared. Accumulation 2 (NANO_RUN's), so that resuming on other ranks must adapt it.
+CONTINUE = ("train.max_steps=6", "train.eval_every=0")
 
 
-def write_project(path: Path, out: Path, data: Path, overrides=(), drop_model: bool = False) -> Path:
-    """PROJECT (without its [model] table: a run from weights sets no [model] key) with `--set`-style overrides,
-    checked by the project's own loader and written with only the keys it sets."""
-    from gptcli.config import toml_value
-
-    raw = tomllib.loads(PROJECT.format(out=out, data=data))
-    if drop_model:
-        del raw["model"]
-    raw = apply_overrides(raw, list(overrides))
-    project_from_dict(raw)  # a key that does not exist fails here
-    path.write_text("".join(f"[{section}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
-                            for section, values in raw.items()))
-    return path
-
-
-def train(project: Path, *args: str, ranks: int = 1, probe: Path | None = None, fault: str = ""):
-    env = {"GPTCLI_PROBE_DIR": str(probe)} if probe else {}
-    if fault:
-        env["GPTCLI_FAULT"] = fault
-    nproc = ("--nproc", str(ranks)) if ranks > 1 else ()
-    return run_gpt("train", "--project", project, *nproc, *args, env=env)
+def continue_project(directory: Path, shards: Path, *overrides: str, name: str = "run", from_weights=False) -> Path:
+    """NANO_RUN without dropout, 6 steps, no evaluation, and `overrides`; `from_weights`: without a [model] table
+    (the model is the source's, dropout included), as a run from weights sets no [model] key."""
+    if from_weights:
+        return project_file(directory, shards, *CONTINUE, *overrides, name=name, without=("model",))
+    return project_file(directory, shards, "model.dropout=0.0", *CONTINUE, *overrides, name=name)
 
 
 def step_windows(probe: Path, ranks: int, accumulation: int, first_step: int, last_step: int) -> dict[int, list]:
@@ -100,6 +64,16 @@ def assert_same_state(saved: dict, loaded: dict) -> None:
 RUNS: dict = {}
 
 
+def settings(stage: int, precision: str) -> tuple[str, ...]:
+    """bf16 runs take SMALL_BF16's tokens (2 sequences of 32 per micro batch)."""
+    small = SMALL_BF16 if precision == "bf16" else ()
+    return (*small, f"deepspeed.zero_stage={stage}", f'train.precision="{precision}"')
+
+
+def sequences_per_micro_batch(precision: str) -> int:
+    return 2 if precision == "bf16" else 4
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shards):
     """(stage, precision, ranks) → the run dir and probe dir of that uninterrupted run, made once."""
@@ -107,11 +81,9 @@ def uninterrupted(tmp_path_factory, shards):
         key = (stage, precision, ranks)
         if key not in RUNS:
             directory = tmp_path_factory.mktemp(f"z{stage}-{precision}-{ranks}")
-            project = write_project(directory / "run.toml", directory / "run", shards,
-                                    (f"deepspeed.zero_stage={stage}", f'train.precision="{precision}"'))
-            result = train(project, ranks=ranks, probe=directory / "probe")
-            assert result.returncode == 0, result.stderr[-3000:]
-            RUNS[key] = (directory / "run", directory / "probe")
+            run = trained(continue_project(directory, shards, *settings(stage, precision)), ranks=ranks,
+                          probe=directory / "probe")
+            RUNS[key] = (run, directory / "probe")
         return RUNS[key]
     return get
 
@@ -126,18 +98,21 @@ def resumable_copy(run_dir: Path, destination: Path) -> Path:
 
 
 @pytest.mark.parametrize("stage,precision,saved_on,resumed_on", [
-    (1, "fp32", 2, 1), (1, "fp32", 1, 2), (2, "fp32", 2, 1), (2, "fp32", 1, 2), (3, "fp32", 2, 1), (3, "fp32", 1, 2),
-    (0, "fp32", 2, 1), (1, "bf16", 1, 2), (3, "bf16", 2, 1)])
+    (0, "fp32", 2, 1), (2, "fp32", 2, 1), (2, "fp32", 1, 2), (3, "fp32", 1, 2), (1, "bf16", 1, 2), (3, "bf16", 2, 1)])
 def test_resuming_on_another_number_of_ranks_carries_everything_over(tmp_path, shards, uninterrupted, stage,
                                                                     precision, saved_on, resumed_on):
     """From the uninterrupted run's checkpoint of step 3, on the other number of ranks: the masters and moments
     right after loading equal the saved ones bit for bit; steps 4-6 take the same windows; the losses stay
     within 1e-5 (fp32; the reductions run in another order) or 5e-4 (bf16: a master that lands on the other
-    side of a bf16 rounding boundary moves its bf16 copy by a whole bf16 step; up to 5e-5 measured)."""
+    side of a bf16 rounding boundary moves its bf16 copy by a whole bf16 step; up to 5e-5 measured).
+
+    One case for each way the state is saved and converted, each direction at least once: ZeRO-0 (no
+    conversion: every rank holds everything), the ZeRO-1/2 optimizer (one class and one checkpoint layout for
+    both stages in fp32) both ways, ZeRO-3 (its nested groups and shared step count) both ways, once in fp32
+    and once in bf16, and bf16 ZeRO-1 (DeepSpeed's BF16_Optimizer, its own layout)."""
     reference, reference_probe = uninterrupted(stage, precision, saved_on)
     run_dir = resumable_copy(reference, tmp_path / "run")
-    project = write_project(tmp_path / "run.toml", run_dir, shards,
-                            (f"deepspeed.zero_stage={stage}", f'train.precision="{precision}"'))
+    project = continue_project(tmp_path, shards, *settings(stage, precision))
     result = train(project, "--resume", "required", ranks=resumed_on, probe=tmp_path / "probe")
     assert result.returncode == 0, result.stderr[-3000:]
     message = " ".join(result.stderr.split())
@@ -148,10 +123,11 @@ def test_resuming_on_another_number_of_ranks_carries_everything_over(tmp_path, s
     saved = torch.load(reference_probe / "state-saved-step00000003.pt")
     assert_same_state(saved, torch.load(tmp_path / "probe" / "state-loaded-step00000003.pt"))
 
-    accumulation = {1: 2 * saved_on, 2: saved_on}[resumed_on]  # 8 × saved_on sequences per step, 4 per micro batch
+    per_step = 2 * sequences_per_micro_batch(precision) * saved_on  # accumulation 2 on the saving ranks
+    accumulation = per_step // sequences_per_micro_batch(precision) // resumed_on
     expected = step_windows(reference_probe, saved_on, 2, 1, 6)
     assert step_windows(tmp_path / "probe", resumed_on, accumulation, 4, 6) == {s: expected[s] for s in (4, 5, 6)}
-    assert len(expected[4]) == 8 * saved_on
+    assert len(expected[4]) == per_step
 
     tolerance = 1e-5 if precision == "fp32" else 5e-4
     assert losses(run_dir)[:3] == losses(reference)[:3]
@@ -163,7 +139,7 @@ def test_resuming_on_another_number_of_ranks_carries_everything_over(tmp_path, s
         for name in (name for name in after if name != "step"):
             torch.testing.assert_close(after[name]["fp32"], expected_after[name]["fp32"], atol=1e-5, rtol=0)
     client = json.loads((run_dir / "checkpoints" / "step_00000006" / "client_state.json").read_text())
-    assert client["world_size"] == resumed_on and client["loader"]["windows_per_step"] == 8 * saved_on
+    assert client["world_size"] == resumed_on and client["loader"]["windows_per_step"] == per_step
 
 
 def test_uninterrupted_runs_on_one_and_two_ranks_take_the_same_windows_per_step(uninterrupted):
@@ -180,7 +156,7 @@ def test_uninterrupted_runs_on_one_and_two_ranks_take_the_same_windows_per_step(
 def test_a_kill_in_the_middle_of_the_conversion_leaves_the_checkpoint_usable(tmp_path, shards, uninterrupted):
     reference, _ = uninterrupted(2, "fp32", 1)
     run_dir = resumable_copy(reference, tmp_path / "run")
-    project = write_project(tmp_path / "run.toml", run_dir, shards, ("deepspeed.zero_stage=2",))
+    project = continue_project(tmp_path, shards, "deepspeed.zero_stage=2")
     checkpoint = run_dir / "checkpoints" / "step_00000003"
     before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
     killed = train(project, ranks=2, fault="kill_in_convert@3@0")
@@ -235,7 +211,7 @@ def test_a_run_from_a_load_hf_model_starts_at_transformers_loss_and_resumes_bit_
     model_dir = shutil.copytree(source, tmp_path / "source")  # this test moves it away
     settings = (f'train.init_from="{model_dir}"', "train.lr=3e-4", "deepspeed.zero_stage=0", "train.max_steps=4",
                 "train.checkpoint_every=2")
-    whole = train(write_project(tmp_path / "whole.toml", tmp_path / "whole", shards, settings, drop_model=True),
+    whole = train(continue_project(tmp_path, shards, *settings, name="whole", from_weights=True),
                   probe=tmp_path / "probe")
     assert whole.returncode == 0, whole.stderr[-3000:]
     first = losses(tmp_path / "whole")[0]
@@ -254,7 +230,7 @@ def test_a_run_from_a_load_hf_model_starts_at_transformers_loss_and_resumes_bit_
     with safe_open(tmp_path / "whole" / "model" / "model.safetensors", "pt") as weights:
         assert weights.metadata()["init_from_sha256"] == digest
 
-    project = write_project(tmp_path / "killed.toml", tmp_path / "killed", shards, settings, drop_model=True)
+    project = continue_project(tmp_path, shards, *settings, name="killed", from_weights=True)
     assert train(project, fault="kill@3").returncode in (-9, 137)
     model_dir.rename(tmp_path / "moved-away")  # a resumed run never reads its source again
     resumed = train(project, "--resume", "required")
@@ -269,7 +245,7 @@ def test_two_rank_zero3_from_weights_with_a_padded_vocabulary_starts_at_transfor
     hf_dir, model_dir = hf_source
     settings = (f'train.init_from="{model_dir}"', "deepspeed.zero_stage=3", "model.vocab_multiple=128",
                 "train.max_steps=1", "train.checkpoint_every=0")
-    project = write_project(tmp_path / "run.toml", tmp_path / "run", shards, settings, drop_model=True)
+    project = continue_project(tmp_path, shards, *settings, from_weights=True)
     result = train(project, ranks=2, probe=tmp_path / "probe")
     assert result.returncode == 0, result.stderr[-3000:]
     initialized = torch.load(tmp_path / "probe" / "state-initialized-step00000000.pt")
@@ -281,13 +257,14 @@ def test_two_rank_zero3_from_weights_with_a_padded_vocabulary_starts_at_transfor
 @pytest.mark.parametrize("stage,ranks", [(0, 1), (1, 1), (2, 1), (3, 2)])
 def test_bf16_from_weights_keeps_their_exact_fp32_values_as_the_masters(tmp_path, shards, hf_source, stage, ranks):
     """DeepSpeed makes the masters from the module's bf16 copy; a run from weights must not lose their low bits
-    (ZeRO-0: DeepSpeed's FP16 optimizer; 1: BF16_Optimizer; 2-3: the ZeRO optimizers)."""
+    (ZeRO-0: DeepSpeed's FP16 optimizer; 1: BF16_Optimizer; 2: the ZeRO-1/2 optimizer; 3: ZeRO-3's: each builds
+    its masters its own way). One step of SMALL_BF16's tokens: the masters are read before it."""
     from safetensors.torch import load_file
 
     _, model_dir = hf_source
-    settings = (f'train.init_from="{model_dir}"', f"deepspeed.zero_stage={stage}", 'train.precision="bf16"',
-                "train.max_steps=1", "train.checkpoint_every=0")
-    project = write_project(tmp_path / "run.toml", tmp_path / "run", shards, settings, drop_model=True)
+    settings = (f'train.init_from="{model_dir}"', *SMALL_BF16, f"deepspeed.zero_stage={stage}", "train.max_steps=1",
+                "train.checkpoint_every=0")
+    project = continue_project(tmp_path, shards, *settings, from_weights=True)
     result = train(project, ranks=ranks, probe=tmp_path / "probe")
     assert result.returncode == 0, result.stderr[-3000:]
     initialized = torch.load(tmp_path / "probe" / "state-initialized-step00000000.pt")
@@ -300,7 +277,7 @@ def test_bf16_from_weights_keeps_their_exact_fp32_values_as_the_masters(tmp_path
 
 def test_contradicting_model_keys_through_gpt_train_are_one_sentence(tmp_path, shards, hf_source):
     _, model_dir = hf_source
-    project = write_project(tmp_path / "run.toml", tmp_path / "run", shards, (f'train.init_from="{model_dir}"',))
+    project = continue_project(tmp_path, shards, f'train.init_from="{model_dir}"')
     result = train(project, "--set", "model.n_layer=4")
     assert_user_error(result, "model.n_layer is 4 in the project but 2 in train.init_from", "leave it out of [model]")
     assert not (tmp_path / "run").exists()
@@ -319,7 +296,7 @@ def test_on_a_gpu_a_gpt2_family_source_trains_with_padded_rows_and_consolidates_
     assert run_gpt("load-hf", tmp_path / "hf", "--out", tmp_path / "source").returncode == 0
     settings = (f'train.init_from="{tmp_path / "source"}"', 'train.device="cuda"', 'train.precision="bf16"',
                 "deepspeed.zero_stage=1", "train.max_steps=2", "train.checkpoint_every=0")
-    project = write_project(tmp_path / "run.toml", tmp_path / "run", shards, settings, drop_model=True)
+    project = continue_project(tmp_path, shards, *settings, from_weights=True)
     result = train(project, probe=tmp_path / "probe")
     assert result.returncode == 0, result.stderr[-3000:]
     source = load_file(tmp_path / "source" / "model.safetensors")

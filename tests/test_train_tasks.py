@@ -7,46 +7,15 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
-import tomllib
 
-from conftest import REPO, run_gpt
-from gptcli.config import apply_overrides, dump_toml, project_from_dict
-from shard_fixture import make_shards
-from task_files import HELLASWAG, write_jsonl
-from test_tasks import PIQA
+from conftest import REPO, losses, project_file, records, run_gpt, train, trained
+from task_files import HELLASWAG, PIQA, write_jsonl
 
 pytestmark = pytest.mark.slow
-
-PROJECT = """\
-[project]
-out_dir = "{out}"
-seed = 1234
-[data]
-dir = "{data}"
-[model]
-preset = "nano"
-dropout = 0.1
-[train]
-max_steps = 6
-micro_batch_size = 4
-grad_accum_steps = 2
-seq_len = 64
-lr = 3e-3
-warmup_steps = 2
-checkpoint_every = 2
-eval_every = 4
-eval_batches = 2
-device = "cpu"
-[deepspeed]
-zero_stage = 2
-[eval]
-batch_size = 2
-"""
 
 # The nano model sees 64 positions: the examples that fit it.
 SHORT_HELLASWAG = [r for r in HELLASWAG if len(r["ctx_a"]) < 45]
@@ -58,56 +27,36 @@ PLUGIN_KEYS = ["piqa_acc", "piqa_acc_norm"]
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    """Shards of generated text (nothing from ../shared) and the task files."""
-    directory = tmp_path_factory.mktemp("corpus")
-    draw = random.Random(0)
-    words = "the a cat dog sat ran on under mat house tree we they saw found went home and then quickly".split()
-    text = "\n".join(" ".join(draw.choice(words) for _ in range(12)) + "." for _ in range(6000))
-    (directory / "text.txt").write_text(text)
-    return {"shards": make_shards(directory / "text.txt", directory / "shards", val_tokens=5_000),
-            "hellaswag": write_jsonl(directory / "hellaswag.jsonl", SHORT_HELLASWAG),
+def task_data(tmp_path_factory) -> dict[str, Path]:
+    """The task files, written here."""
+    directory = tmp_path_factory.mktemp("tasks")
+    return {"hellaswag": write_jsonl(directory / "hellaswag.jsonl", SHORT_HELLASWAG),
             "lambada": write_jsonl(directory / "lambada.jsonl", [{"text": t} for t in PASSAGES]),
             "piqa": write_jsonl(directory / "piqa.jsonl", PIQA)}
 
 
-def project_file(directory: Path, corpus: dict[str, Path], name: str, *overrides: str) -> Path:
-    raw = apply_overrides(tomllib.loads(PROJECT.format(out=directory / name, data=corpus["shards"])), list(overrides))
-    path = directory / f"{name}.toml"
-    path.write_text(dump_toml(project_from_dict(raw, source=str(path))))
-    return path
-
-
-def with_tasks(corpus: dict[str, Path], every: int) -> tuple[str, ...]:
+def with_tasks(task_data: dict[str, Path], every: int) -> tuple[str, ...]:
     return ('eval.tasks=["hellaswag", "lambada"]', f"eval.tasks_every={every}",
-            f'eval.task_data={{hellaswag = "{corpus["hellaswag"]}", lambada = "{corpus["lambada"]}"}}')
+            f'eval.task_data={{hellaswag = "{task_data["hellaswag"]}", lambada = "{task_data["lambada"]}"}}')
 
 
-def with_plugin_task(directory: Path, corpus: dict[str, Path], every: int) -> tuple[str, ...]:
+def with_plugin_task(directory: Path, task_data: dict[str, Path], every: int) -> tuple[str, ...]:
     """The built-in tasks and the example plugin's, named by its file beside the project file."""
     shutil.copy(REPO / "examples" / "plugins" / "gptcli_example_plugins" / "task.py", directory / "piqa_task.py")
     return (f'eval.tasks=["hellaswag", "lambada", "{PLUGIN_TASK}"]', f"eval.tasks_every={every}",
-            f'eval.task_data={{hellaswag = "{corpus["hellaswag"]}", lambada = "{corpus["lambada"]}", '
-            f'"{PLUGIN_TASK}" = "{corpus["piqa"]}"}}')
+            f'eval.task_data={{hellaswag = "{task_data["hellaswag"]}", lambada = "{task_data["lambada"]}", '
+            f'"{PLUGIN_TASK}" = "{task_data["piqa"]}"}}')
 
 
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train(project: Path, *args: str, fault: str = ""):
-    return run_gpt("train", "--project", project, *args, env={"GPTCLI_FAULT": fault} if fault else None)
-
-
-def assert_equal_to_gpt_eval(run_dir: Path, corpus: dict[str, Path], last: dict, plugin: Path | None = None) -> None:
+def assert_equal_to_gpt_eval(run_dir: Path, task_data: dict[str, Path], last: dict, plugin: Path | None = None) -> None:
     """The last step's task metrics are those `gpt eval --task` gives the consolidated model (with `plugin`,
     the plugin's task file, its task too)."""
     tasks, data, keys = "hellaswag,lambada", [], list(TASK_KEYS)
     if plugin is not None:
-        tasks, data, keys = f"{tasks},{plugin}:TASK", ["--task-data", f"{plugin}:TASK={corpus['piqa']}"], \
+        tasks, data, keys = f"{tasks},{plugin}:TASK", ["--task-data", f"{plugin}:TASK={task_data['piqa']}"], \
             keys + PLUGIN_KEYS
     result = run_gpt("eval", "--checkpoint", run_dir, "--task", tasks, "--task-data",
-                     f"hellaswag={corpus['hellaswag']}", "--task-data", f"lambada={corpus['lambada']}", *data,
+                     f"hellaswag={task_data['hellaswag']}", "--task-data", f"lambada={task_data['lambada']}", *data,
                      "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)["tasks"]
@@ -116,37 +65,36 @@ def assert_equal_to_gpt_eval(run_dir: Path, corpus: dict[str, Path], last: dict,
         assert last[key] == pytest.approx(report[task]["metrics"][metric]["value"], rel=1e-6), key
 
 
-def test_one_rank_logs_task_metrics_at_the_set_steps_without_changing_the_run(tmp_path, corpus):
-    """Killed after step 5 and resumed from the checkpoint of step 4: the tasks were scored at step 3 by the
-    killed run and at step 6 by the resumed one."""
-    plain = train(project_file(tmp_path, corpus, "plain"))
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    project = project_file(tmp_path, corpus, "tasks", *with_plugin_task(tmp_path, corpus, every=3))
+def test_one_rank_logs_task_metrics_at_the_set_steps_without_changing_the_run(tmp_path, shards, task_data,
+                                                                             reference_run):
+    """Killed after step 5 and resumed from the checkpoint of step 3: the tasks were scored at step 3 by the
+    killed run and at steps 6 and 8 (the last) by the resumed one; the losses and eval losses are those of the
+    reference run, which scores no task."""
+    project = project_file(tmp_path, shards, "eval.batch_size=2", *with_plugin_task(tmp_path, task_data, every=3),
+                           name="tasks")
     assert train(project, fault="kill@5").returncode in (-9, 137)
     resumed = train(project, "--resume", "required")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     scored = records(tmp_path / "tasks")
-    assert [r["step"] for r in scored if "hellaswag_acc_norm" in r] == [3, 6]
-    assert all(key in r for r in scored if r["step"] in (3, 6) for key in TASK_KEYS + PLUGIN_KEYS)
-    assert [r["loss"] for r in scored] == [r["loss"] for r in records(tmp_path / "plain")]
-    assert [r.get("eval_loss") for r in scored] == [r.get("eval_loss") for r in records(tmp_path / "plain")]
+    assert [r["step"] for r in scored if "hellaswag_acc_norm" in r] == [3, 6, 8]
+    assert all(key in r for r in scored if r["step"] in (3, 6, 8) for key in TASK_KEYS + PLUGIN_KEYS)
+    assert [r["loss"] for r in scored] == losses(reference_run)
+    assert [r.get("eval_loss") for r in scored] == [r.get("eval_loss") for r in records(reference_run)]
     assert "hellaswag acc_norm" in resumed.stderr and "piqa acc_norm" in resumed.stderr  # the live display
     with open(tmp_path / "tasks" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [float(row["piqa_acc"]) for row in rows if row["piqa_acc"]] == [r["piqa_acc"] for r in scored
                                                                            if "piqa_acc" in r]
     assert {"hellaswag_acc_norm", "lambada_perplexity", "piqa_acc_norm"} <= set(rows[0])
-    assert_equal_to_gpt_eval(tmp_path / "tasks", corpus, scored[-1], plugin=tmp_path / "piqa_task.py")
+    assert_equal_to_gpt_eval(tmp_path / "tasks", task_data, scored[-1], plugin=tmp_path / "piqa_task.py")
 
 
-def test_two_ranks_zero3_divide_the_examples_and_log_the_metrics_of_all(tmp_path, corpus):
-    zero3 = ("deepspeed.zero_stage=3", "train.max_steps=4", "train.eval_every=0")
-    plain = train(project_file(tmp_path, corpus, "plain", *zero3), "--nproc", "2")
-    assert plain.returncode == 0, plain.stderr[-3000:]
+def test_two_ranks_zero3_divide_the_examples_and_log_the_metrics_of_all(tmp_path, shards, task_data):
+    zero3 = ("eval.batch_size=2", "deepspeed.zero_stage=3", "train.max_steps=4", "train.eval_every=0")
+    plain = trained(project_file(tmp_path, shards, *zero3, name="plain"), ranks=2)
     # 5 passages on 2 ranks in batches of 2: rank 0 runs 2 forward passes, rank 1 one and one it discards
-    scored_run = train(project_file(tmp_path, corpus, "tasks", *zero3, *with_tasks(corpus, every=2)), "--nproc", "2")
-    assert scored_run.returncode == 0, scored_run.stderr[-3000:]
-    scored = records(tmp_path / "tasks")
+    scored_run = trained(project_file(tmp_path, shards, *zero3, *with_tasks(task_data, every=2), name="tasks"), ranks=2)
+    scored = records(scored_run)
     assert [r["step"] for r in scored if "lambada_perplexity" in r] == [2, 4]
-    assert [r["loss"] for r in scored] == [r["loss"] for r in records(tmp_path / "plain")]
-    assert_equal_to_gpt_eval(tmp_path / "tasks", corpus, scored[-1])
+    assert [r["loss"] for r in scored] == losses(plain)
+    assert_equal_to_gpt_eval(scored_run, task_data, scored[-1])

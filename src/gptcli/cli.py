@@ -23,7 +23,7 @@ from rich.table import Table
 from . import __version__
 from .config import DEFAULT_RESUME, Resume, field_doc, field_range, option_overrides
 from .errors import GptError, UsageError
-from .planner import TYPICAL_MFU, gpu_names
+from .planner import gpu_names
 from .registry import TASKS
 
 
@@ -159,8 +159,10 @@ MicroBatchOpt = Annotated[Optional[str], typer.Option(
     "--micro-batch", help='Plan at this micro batch, or "auto": the largest that fits (default: [train] '
     "micro_batch_size).", show_default=False)]
 MfuOpt = Annotated[Optional[float], typer.Option(
-    "--mfu", help=f"Model FLOPs utilisation for the time estimate (default {TYPICAL_MFU:g}; see docs/planning.md).",
+    "--mfu", help="Model FLOPs utilisation for the time estimate (default: the speed the project's last run "
+    "measured, else by GPU generation and model size from published runs; see docs/planning.md).",
     show_default=False)]
+PlanPrecisionOpt = Annotated[Optional[str], key_option("train", "precision", "--precision")]
 ListPresetsOpt = Annotated[bool, typer.Option("--list", help="List the presets and exit.")]
 
 
@@ -174,26 +176,26 @@ def inspect_params(
     gpu_memory: GpuMemoryOpt = None,
     micro_batch: MicroBatchOpt = None,
     mfu: MfuOpt = None,
+    precision: PlanPrecisionOpt = None,
     list_presets: ListPresetsOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Parameter counts per component against the reference, FLOPs per token, ZeRO memory per GPU, and the
-    plan of the run: peak memory per GPU by term, the largest micro batch that fits, and the time."""
+    plan of the run (memory by term, what fits, the time) beside what the project's last run measured."""
     if list_presets:
         from .presets import PRESETS
 
         return show_presets(PRESETS, as_json)
     from .inspect import PlanRequest, PresetComparison, inspect_command
 
-    request = PlanRequest(gpu=gpu, gpu_memory=gpu_memory, micro_batch=micro_batch, mfu=mfu)
+    request = PlanRequest(gpu=gpu, gpu_memory=gpu_memory, micro_batch=micro_batch, mfu=mfu, precision=precision)
     result = inspect_command(preset, project, overrides or [], gpus=gpus, request=request)
     if as_json:
         return emit_json(result.to_json())
     if isinstance(result, PresetComparison):
         return show_preset_comparison(result)
     show_parameter_report(result)
-    if result.plan is not None:
-        show_plan(result.plan)
+    show_plan(result.plan, result.against)
 
 
 def show_presets(presets, as_json: bool) -> None:
@@ -255,20 +257,25 @@ def show_parameter_report(report) -> None:
     out.print(memory)
 
 
-def show_plan(plan) -> None:
-    """The plan of the run: memory per GPU at its peak by term, what fits, the time."""
+def show_plan(plan, against=None) -> None:
+    """The plan of the run: memory per GPU (per rank on the CPU) at its peak by term, the allowances (each
+    said to be assumed or measured), what fits, the time; then what the project's last run measured."""
     from .planner import plan_summary
 
+    if plan is None:
+        return
     memory = plan.memory
     gib = 2**30
-    table = Table(title=f"memory per GPU at the peak ({memory.peak_phase.phase})")
+    per = "GPU" if plan.training.device == "cuda" else "rank"
+    table = Table(title=f"memory per {per} at the peak ({memory.peak_phase.phase})")
     table.add_column("term")
     table.add_column("GiB", justify="right")
     for term, size in memory.peak_phase.terms.items():
         table.add_row(term, f"{size / gib:.2f}")
     table.add_section()
     table.add_row("peak (tensors allocated)", f"{memory.peak / gib:.2f}")
-    table.add_row("+ CUDA context, workspaces, fragmentation", f"{memory.allowance / gib:.2f}")
+    for name, allowance in memory.allowances.items():
+        table.add_row(f"+ {name} ({'assumed' if allowance.assumed else 'measured'})", f"{allowance.size / gib:.2f}")
     table.add_row("= needed", f"{memory.required / gib:.2f}")
     if plan.capacity is not None:
         verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
@@ -277,6 +284,31 @@ def show_plan(plan) -> None:
     out.print(table)
     for line in plan_summary(plan):
         out.print(escape(line), highlight=False, soft_wrap=True)
+    if against is not None and against.measurement is not None:
+        show_measured(against)
+
+
+def show_measured(against) -> None:
+    """The plan's figures beside the last run's, with their ratio; or why that run is not this plan."""
+    if against.differences:
+        out.print(escape(f"the last run of this project ran other settings ({'; '.join(against.differences)}): "
+                         "not compared"), highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"plan against the last run ({against.measurement.steps} steps measured)")
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("", "left"), ("planned", "right"), ("measured", "right"), ("measured / planned", "right"))
+    for column, justify in columns:
+        table.add_column(column, justify=justify)
+    for row in against.comparisons:
+        table.add_row(row.what, shown_figure(row.planned, row.unit), shown_figure(row.measured, row.unit),
+                      "—" if row.ratio is None else f"{row.ratio:.2f}")
+    out.print(table)
+
+
+def shown_figure(value, unit: str) -> str:
+    if value is None:
+        return "—"
+    return f"{value / 2**30:.2f} GiB" if unit == "bytes" else f"{value:.3g} s"
 
 
 # --- gpt prepare ----------------------------------------------------------------------------------------------

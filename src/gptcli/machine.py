@@ -10,6 +10,7 @@ cannot fit, not that it might be tight.
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 from .errors import GptError
@@ -38,6 +39,22 @@ def available_memory(device: str = "cpu") -> Optional[int]:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def measure_cpu_flops(seconds: float = 0.2, size: int = 1024) -> float:
+    """FLOP/s of fp32 square matmuls on this process's threads, timed for about `seconds`: what the planner
+    times a CPU run by (gpt train's pre-flight, gpt inspect-params on a CPU project)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # the first call pays for thread start-up and allocation
+    done, started = 0, time.perf_counter()
+    while True:
+        a @ b
+        done += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds and done >= 2:
+            return 2 * size**3 * done / elapsed
 
 
 def check_fits(needed: int, what: str, advice: str, device: str = "cpu", available: Optional[int] = None) -> None:

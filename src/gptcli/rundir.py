@@ -4,6 +4,8 @@ manifest list, and nothing else (a user's files beside them stay).
 
     RUN/config.resolved.toml       the project as the run resolved it
     RUN/metrics.jsonl, metrics.csv one record per optimizer step
+    RUN/measured.json              what the run measured of itself: peak memory per rank, speed, and the
+                                   settings they hold for (planner/measured.py)
     RUN/loss.png                   the loss curve, drawn at the end of a run (and by `gpt plot`)
     RUN/deepspeed.log              what DeepSpeed and the other libraries printed
     RUN/trackers.json              each tracker's run id, so that a resume continues the same tracker run
@@ -30,6 +32,7 @@ from .errors import GptError
 RESOLVED_CONFIG = "config.resolved.toml"
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
+MEASURED_FILE = "measured.json"
 PLOT_FILE = "loss.png"
 LIBRARY_LOG = "deepspeed.log"
 TRACKERS_FILE = "trackers.json"
@@ -79,11 +82,11 @@ def complete_checkpoints(root: Path) -> list[tuple[int, str]]:
 
 
 def run_files(run_dir: Path) -> list[Path]:
-    """What `gpt train` wrote into a run dir, and nothing else: checkpoints, metrics, the loss plot, the
-    resolved config, the library log, the tracker run ids, TensorBoard events, the consolidated model."""
+    """What `gpt train` wrote into a run dir, and nothing else: checkpoints, metrics and the measurement,
+    the loss plot, the resolved config, the library log, the tracker run ids, TensorBoard events, the consolidated model."""
     run_dir = Path(run_dir)
-    found = [run_dir / name for name in (METRICS_FILE, CSV_FILE, PLOT_FILE, RESOLVED_CONFIG, LIBRARY_LOG, TRACKERS_FILE)
-             if (run_dir / name).is_file()]
+    found = [run_dir / name for name in (METRICS_FILE, CSV_FILE, MEASURED_FILE, PLOT_FILE, RESOLVED_CONFIG, LIBRARY_LOG,
+                                         TRACKERS_FILE) if (run_dir / name).is_file()]
     root = checkpoints_dir(run_dir)
     if root.is_dir():
         found += sorted(p for p in root.iterdir() if TAG_PATTERN.match(p.name) or p.name in (LATEST, *DEEPSPEED_SCRIPTS)

@@ -12,7 +12,8 @@ activation value (2 in bf16/fp16, 4 in fp32).
 
 The package, by the order a plan is worked out: activations.py (what a micro batch keeps), counts.py
 (parameters and FLOPs), states.py (what DeepSpeed holds, by ZeRO stage and phase), gpus.py (the GPU table),
-plan.py (the run, its memory at a micro batch, what fits, the time), words.py (the plan in words).
+plan.py (the run, its memory at a micro batch, what fits, the time), measured.py (what a run measured of
+itself, and the plan beside it), words.py (the plan in words).
 """
 
 from .activations import (
@@ -24,20 +25,24 @@ from .activations import (
     loss_rows_per_chunk,
 )
 from .counts import flops_per_token, parameter_components, parameter_tensors
-from .gpus import GPUS, GiB, Gpu, find_gpu, gpu_for_device_name, gpu_names, parse_memory
+from .gpus import GPUS, GiB, Gpu, cuda_context_bytes, find_gpu, gpu_for_device_name, gpu_names, parse_memory
+from .measured import Comparison, Measurement, PlanAgainstMeasured, plan_against_measured, read_measurement
 from .plan import (
+    CPU_PROCESS_BYTES,
     CPU_TRAINING_EFFICIENCY,
     FRAGMENTATION,
+    NCCL_GROUP_BYTES,
     OP_BUILD_SECONDS,
     STARTUP_SECONDS,
-    TYPICAL_MFU,
     WORKSPACE_BYTES,
+    Allowance,
     MemoryPlan,
     RunPlan,
     activation_shape,
     fitting_change,
     largest_micro_batch,
     memory_plan,
+    mfu_for,
     model_name,
     plan_run,
     precision_for,
@@ -54,14 +59,16 @@ from .states import (
     state_layout,
     zero_memory_per_gpu,
 )
-from .words import gib, human_count, human_duration, memory_line, model_state_title, plan_summary
+from .words import allowance_line, gib, human_count, human_duration, memory_line, model_state_title, plan_summary
 
 __all__ = ["FP32", "LOSS_CHUNK_VALUES", "ActivationEstimate", "ActivationShape", "activation_memory",
            "loss_rows_per_chunk", "flops_per_token", "parameter_components", "parameter_tensors", "GPUS", "GiB",
-           "Gpu", "find_gpu", "gpu_for_device_name", "gpu_names", "parse_memory", "CPU_TRAINING_EFFICIENCY",
-           "FRAGMENTATION", "OP_BUILD_SECONDS", "STARTUP_SECONDS", "TYPICAL_MFU", "WORKSPACE_BYTES", "MemoryPlan",
-           "RunPlan", "activation_shape", "fitting_change", "largest_micro_batch", "memory_plan",
+           "Gpu", "cuda_context_bytes", "find_gpu", "gpu_for_device_name", "gpu_names", "parse_memory",
+           "CPU_PROCESS_BYTES", "CPU_TRAINING_EFFICIENCY", "FRAGMENTATION", "NCCL_GROUP_BYTES", "OP_BUILD_SECONDS",
+           "STARTUP_SECONDS", "WORKSPACE_BYTES", "Allowance", "MemoryPlan", "RunPlan", "activation_shape",
+           "fitting_change", "largest_micro_batch", "memory_plan", "mfu_for",
            "model_name", "plan_run", "precision_for", "preset_model", "training_for", "training_model", "Training",
            "held_parameters", "largest_layer", "model_state_phases", "partition", "state_layout",
            "zero_memory_per_gpu", "gib", "human_count", "human_duration", "memory_line", "model_state_title",
-           "plan_summary"]
+           "plan_summary", "allowance_line", "Comparison", "Measurement", "PlanAgainstMeasured",
+           "plan_against_measured", "read_measurement"]

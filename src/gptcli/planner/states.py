@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..optimizers import ADAMW, OptimizerSpec, Placement
 from .activations import FP32, ActivationEstimate
 from .counts import parameter_tensors
+from .gpus import Gpu
 
 # Mixed-precision Adam keeps 16 bytes per parameter (Rajbhandari et al. 2020, ZeRO, section 3.1):
 # 2 (bf16/fp16 weights) + 2 (gradients) + 12 (fp32 master weights 4, and the optimizer's own state: Adam's
@@ -70,6 +71,7 @@ class Training:
     checkpointing: bool = False
     zero: dict = field(default_factory=dict)  # [deepspeed] config's zero_optimization table
     optimizer: OptimizerSpec = ADAMW  # train.optimizer's spec: its state bytes and its step's temporaries
+    gpu: Optional[Gpu] = None  # the GPU model, when known: its CUDA context and NCCL's buffers (plan.allowances)
 
     @property
     def weight_bytes(self) -> int:

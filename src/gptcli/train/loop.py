@@ -50,7 +50,7 @@ from .faults import Faults, corrupt
 from .launching.lock import RunDirClaim
 from .launching.opbuild import prepare_cpu_comm_op
 from .launching.stopping import StopRequest
-from .observing import probes, task_eval
+from .observing import measure, probes, task_eval
 from .observing.chatter import LibraryLog
 from .observing.display import Display, show_overfit
 from .observing.metrics import MetricsWriter, csv_columns, model_flops_per_token, peak_flops, truncate_metrics
@@ -123,8 +123,10 @@ class Run:
     fixed_batch: Optional[Batch] = None
     writer: Optional[MetricsWriter] = None
     flops_per_token: int = 0
-    peak: Optional[float] = None
+    peak: Optional[float] = None  # FLOP/s of one accelerator at the run's precision (the live MFU's denominator)
     tasks: Optional[task_eval.TaskSet] = None  # [eval] tasks: this rank's share of the examples
+    precision: str = "fp32"
+    speeds: list[float] = dataclasses.field(default_factory=list)  # tokens/s of each step logged (measure.py)
 
 
 @dataclass
@@ -236,7 +238,8 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
               objective=objective_spec(project.train.objective), start=start)
     run.flops_per_token = model_flops_per_token(project.model, layout.seq_len)
     run.tasks = task_eval.prepare(project, tokenizer, model_config.block_size, rank, world, options.overfit_batch)
-    run.peak = peak_flops(device, project.train.peak_tflops)
+    run.peak = peak_flops(device, project.train.peak_tflops, precision)
+    run.precision = precision
     if options.overfit_batch:
         run.fixed_batch = next_batch(run)
         if rank == 0:
@@ -492,8 +495,11 @@ def step_record(run: Run, done: StepDone, grad_norm: Optional[float]) -> dict:
     mfu = None
     if run.peak and tokens_per_s:
         mfu = run.flops_per_token * tokens_per_s / (run.peak * run.layout.world_size)
+    if tokens_per_s:
+        run.speeds.append(tokens_per_s)
     return {"step": done.step, "loss": done.loss, "lr": done.lr, "grad_norm": grad_norm, "tokens": run.tokens,
-            "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed": run.elapsed, "skipped_steps": run.skipped_steps}
+            "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed": run.elapsed, "skipped_steps": run.skipped_steps,
+            **measure.memory_record(run.device)}
 
 
 def evaluate(run: Run) -> float:
@@ -583,6 +589,7 @@ def save(run: Run) -> None:
     if run.writer is not None:
         run.writer.flush()  # what the trackers hold up to this step survives a kill after the checkpoint
     checkpoint.save(run.engine, run.run_dir, run.step, client, run.project.train.keep_checkpoints, run.faults)
+    measure.record(run)  # the peaks so far and the speed, beside the checkpoint
     probes.dump_state(run.engine, run.optimizer, "saved", run.step, run.rank)
 
 

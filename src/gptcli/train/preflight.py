@@ -4,8 +4,9 @@ one sentence that names the change that fixes it, then the plan and its estimate
 
 The arithmetic (memory per GPU, micro batches that fit, FLOPs and time) is the planner's (planner.py,
 which `gpt inspect-params` also asks): pre-flight asks it once and prints what it returns. The estimate is
-the run's FLOP count over a rate this machine can sustain: on a CPU a short matmul timed here, on a GPU its
-data-sheet peak times a typical MFU; plus start-up. It is meant to tell minutes from days before anything
+the run's FLOP count over a rate this machine can sustain: the speed an earlier run of the same project
+measured (RUN/measured.json); else on a CPU a short matmul timed here, on a GPU its data-sheet peak at the
+run's precision times the MFU of its generation and the model's size; plus start-up. It is meant to tell minutes from days before anything
 is spent; the live ETA takes over after a few steps. Nothing here imports DeepSpeed.
 """
 
@@ -13,22 +14,24 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import Project
 from ..errors import GptError
+from ..machine import measure_cpu_flops
 from ..planner import (
     CPU_TRAINING_EFFICIENCY,
+    Gpu,
     RunPlan,
+    allowance_line,
     fitting_change,
     gib,
     human_count,
     human_duration,
     memory_line,
-    plan_run,
+    plan_against_measured,
     preset_model,
 )
 from ..presets import preset_for_shape
@@ -125,21 +128,6 @@ def check_data(project: Project, plan: RunPlan) -> list[str]:
 # --- the plan -----------------------------------------------------------------------------------------------------
 
 
-def measure_cpu_flops(seconds: float = 0.2, size: int = 1024) -> float:
-    """FLOP/s of fp32 square matmuls on this process's threads, timed for about `seconds`."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # the first call pays for thread start-up and allocation
-    done, started = 0, time.perf_counter()
-    while True:
-        a @ b
-        done += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= seconds and done >= 2:
-            return 2 * size**3 * done / elapsed
-
-
 @dataclass
 class Machine:
     """What this process can see of where it runs: the device, its memory and speed, the ranks."""
@@ -149,7 +137,8 @@ class Machine:
     precision: str
     free_memory: Optional[int] = None  # bytes free on this rank's GPU
     device_label: str = ""
-    peak_flops: Optional[float] = None
+    gpu: Optional[Gpu] = None  # the table's entry for this rank's GPU (its peaks, its CUDA context)
+    peak_flops: Optional[float] = None  # a 16-bit peak given instead of the table's
     cpu_flops: Optional[float] = None
     op_build_pending: bool = False
 
@@ -172,19 +161,21 @@ def this_machine(project: Project, device: str, measure_cpu: Callable[[], float]
     index = int(os.environ.get("LOCAL_RANK", "0"))
     machine.free_memory = torch.cuda.mem_get_info(index)[0]
     machine.device_label = f"free on cuda:{index} ({torch.cuda.get_device_name(index)})"
-    gpu = gpu_for_device_name(torch.cuda.get_device_name(index))
-    machine.peak_flops = gpu.peak_flops if gpu else None
+    machine.gpu = gpu_for_device_name(torch.cuda.get_device_name(index))
     return machine
 
 
 def plan_on(project: Project, machine: Machine, resume: Optional[tuple[str, dict]], **kwargs) -> RunPlan:
+    """The plan of this run on this machine, at the speed an earlier run of the project measured when there
+    is one for the same settings (planner.plan_against_measured)."""
     from .engine import compile_enabled
 
-    return plan_run(project, device=machine.device, ranks=machine.ranks, precision=machine.precision,
-                    capacity=machine.free_memory, capacity_source=machine.device_label, peak_flops=machine.peak_flops,
-                    cpu_flops=machine.cpu_flops, resume=(resume[0], int(resume[1]["step"])) if resume else None,
-                    op_build_pending=machine.op_build_pending, compile_model=compile_enabled(project, machine.device),
-                    context_counted=True, **kwargs)
+    return plan_against_measured(
+        project, device=machine.device, ranks=machine.ranks, precision=machine.precision, gpu=machine.gpu,
+        capacity=machine.free_memory, capacity_source=machine.device_label, peak_flops=machine.peak_flops,
+        cpu_flops=machine.cpu_flops, resume=(resume[0], int(resume[1]["step"])) if resume else None,
+        op_build_pending=machine.op_build_pending, compile_model=compile_enabled(project, machine.device),
+        context_counted=True, **kwargs).plan
 
 
 def check_memory(project: Project, plan: RunPlan) -> None:
@@ -270,7 +261,7 @@ def describe(project: Project, plan: RunPlan, small_plans: Optional[dict[str, Ru
     lines.append(f"  {plan.layout.sequences_per_step:,} sequences × {plan.layout.seq_len:,} tokens = "
                  f"{plan.tokens_per_step:,} tokens per step × {plan.steps:,} steps{origin_line(plan)} = "
                  f"{plan.total_tokens:,} tokens ({human_count(plan.total_tokens)})")
-    lines.append(f"  {memory_line(plan)}")
+    lines += [f"  {memory_line(plan)}", f"  {allowance_line(plan)}"]
     return lines + estimate_lines(plan, small_plans or {})
 
 
@@ -281,11 +272,16 @@ def estimate_lines(plan: RunPlan, small_plans: dict[str, RunPlan]) -> list[str]:
                 "ETA follows after a few steps"]
     startup = ", ".join(f"{term} ~{seconds:.0f} s" for term, seconds in plan.startup.items())
     lines = [f"  estimate: {human_duration(train_seconds + plan.startup_seconds)} ({plan.total_flops:.1e} FLOPs "
-             f"at ~{plan.rate / 1e9:,.0f} GFLOP/s, {plan.rate_source}; start-up: {startup}); the live ETA follows "
+             f"at ~{plan.rate / 1e9:,.0f} GFLOP/s, {speed_source(plan)}; start-up: {startup}); the live ETA follows "
              "after a few steps"]
     if plan.training.device == "cpu" and train_seconds >= LONG_CPU_RUN_SECONDS:
         lines += long_cpu_run_advice(plan, small_plans)
     return lines
+
+
+def speed_source(plan: RunPlan) -> str:
+    """Where the rate comes from, with the MFU it stands for on a GPU."""
+    return f"{plan.mfu:.0%} MFU: {plan.rate_source}" if plan.mfu is not None else plan.rate_source
 
 
 def cpu_seconds(plan: RunPlan) -> float:

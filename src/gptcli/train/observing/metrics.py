@@ -21,7 +21,7 @@ from .trackers import warn
 
 # The columns of metrics.csv every run has; the tasks a run scores add theirs (csv_columns).
 BASE_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed", "eval_loss",
-                "eval_perplexity", "skipped_steps"]
+                "eval_perplexity", "skipped_steps", "memory_peak", "memory_reserved_peak"]
 
 
 def csv_columns(tasks: Sequence = ()) -> list[str]:
@@ -32,24 +32,24 @@ def csv_columns(tasks: Sequence = ()) -> list[str]:
     return BASE_COLUMNS + [record_key(task.name, metric) for task in tasks for metric in task.metrics]
 
 
-def peak_for_name(device_name: str) -> Optional[float]:
-    """Peak FLOP/s for a CUDA device name (the planner's table of GPUs: dense bf16 figures from the data
-    sheets), or None when it is not in the table. MFU is reported against these whatever the precision;
-    [train] peak_tflops overrides the lookup."""
+def peak_for_name(device_name: str, precision: str = "bf16") -> Optional[float]:
+    """Peak FLOP/s for a CUDA device name at `precision` (the planner's table of GPUs, Gpu.peak_for: the
+    16-bit tensor-core peak for bf16/fp16, TF32's or FP32's for fp32), or None when it is not in the table.
+    The live MFU is reported against it, as the planner's MFU is; [train] peak_tflops overrides the lookup."""
     from ...planner import gpu_for_device_name
 
     gpu = gpu_for_device_name(device_name)
-    return gpu.peak_flops if gpu else None
+    return gpu.peak_for(precision) if gpu else None
 
 
-def peak_flops(device: str, peak_tflops: float = 0.0) -> Optional[float]:
-    """Peak FLOP/s of one local accelerator: train.peak_tflops when set, else the table; None when
-    unknown (a CPU, an unlisted GPU)."""
+def peak_flops(device: str, peak_tflops: float = 0.0, precision: str = "bf16") -> Optional[float]:
+    """Peak FLOP/s of one local accelerator at `precision`: train.peak_tflops when set, else the table; None
+    when unknown (a CPU, an unlisted GPU)."""
     if peak_tflops > 0:
         return peak_tflops * 1e12
     if device != "cuda" or not torch.cuda.is_available():
         return None
-    return peak_for_name(torch.cuda.get_device_name())
+    return peak_for_name(torch.cuda.get_device_name(), precision)
 
 
 def model_flops_per_token(config: ModelConfig, seq_len: int) -> int:
