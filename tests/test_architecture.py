@@ -19,10 +19,11 @@ from source_tree import PACKAGE, imports_of
 # docs/architecture.md's layers, lowest first. A module may import its own layer and the ones below it.
 LAYERS = {
     "foundation": ["__init__.py", "errors.py", "paths.py", "parsing.py", "locks.py", "fsutil.py", "machine.py",
-                   "presets.py", "batch.py", "config.py", "rundir.py", "registry.py", "optimizers.py", "planner/*.py"],
+                   "presets.py", "batch.py", "config.py", "rundir.py", "registry.py", "optimizers.py", "objectives.py",
+                   "planner/*.py"],
     "text and the model": ["tokenizer.py", "tokenizer_files.py", "openai_bpe.py", "attention.py", "model.py",
-                           "modeldir.py", "inspect.py", "data/*.py"],
-    "using a model": ["runtime.py", "generate.py", "evaluate.py", "hf/*.py", "tasks/*.py"],
+                           "leaks.py", "modeldir.py", "inspect.py", "data/*.py"],
+    "using a model": ["runtime.py", "generate.py", "evaluate.py", "objective_eval.py", "hf/*.py", "tasks/*.py"],
     "training": ["train/*.py"],
     "command line": ["cli.py", "__main__.py"],
 }

@@ -83,26 +83,30 @@ def test_a_pattern_whose_mask_does_not_fit_is_one_sentence():
                                        r"\(5, 5\), not a boolean mask of shape \(T, S\) or \(B, T, S\) with \(T, S\) "
                                        r"= \(5, 5\)\."):
         small()(torch.zeros(1, 5, dtype=torch.long), attention=wrong)
-    with pytest.raises(GptError, match=r"model.attention = \"json:dumps\" names function .*not an AttentionPattern"):
-        attention_pattern("json:dumps")
+    with pytest.raises(GptError, match=r"model.attention = \"math:pi\" names float .*not an AttentionPattern or a "
+                                       r"mask function"):
+        attention_pattern("math:pi")
 
 
-def test_pretraining_refuses_a_pattern_that_sees_the_future_by_asking_it(tmp_path):
-    """check_trainable reads the pattern's sees_future, whatever its name."""
+def test_pretraining_refuses_a_pattern_that_leaks_whatever_its_name(tmp_path):
+    """check_trainable runs the leak check (leaks.py) on the pattern itself: a renamed bidirectional pattern that
+    says it sees no future is refused all the same, naming the pair that leaks."""
     from gptcli.train.command import check_trainable
 
     (tmp_path / "peek.py").write_text("from gptcli.attention import BIDIRECTIONAL\nimport dataclasses\n"
-                                      "PEEK = dataclasses.replace(BIDIRECTIONAL, name='peek')\n")
-    (tmp_path / "run.toml").write_text('[model]\nattention = "peek.py:PEEK"\n')
+                                      "PEEK = dataclasses.replace(BIDIRECTIONAL, name='peek', sees_future=False)\n")
+    (tmp_path / "run.toml").write_text('[model]\npreset = "nano"\nattention = "peek.py:PEEK"\n')
     from gptcli.config import load_project
 
-    with pytest.raises(GptError, match=r'model.attention ".*peek.py:PEEK" cannot be pretrained on next-token targets'):
+    with pytest.raises(GptError, match=r'train.objective "next_token" does not fit model.attention ".*peek.py:PEEK": '
+                                       r"the prediction at position 0 of the token at position 1 depends on the token "
+                                       r"at position 1, its own target"):
         check_trainable(load_project(tmp_path / "run.toml"))
-    check_trainable(project_from_dict({"model": {"attention": "sliding_window"}}))
+    check_trainable(project_from_dict({"model": {"preset": "nano", "attention": "sliding_window"}}))
 
 
 def test_the_builtin_patterns_are_read_without_torch():
-    """gpt train asks a pattern whether it sees the future before anything heavy is imported."""
+    """The schema and gpt train resolve a built-in pattern before anything heavy is imported."""
     code = ("import sys; from gptcli.attention import attention_pattern as p; "
             "print([p(n).sees_future for n in ('causal', 'bidirectional', 'sliding_window')], 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=gpt_env())

@@ -33,10 +33,12 @@ def test_a_configuration_error_stops_train_before_anything_starts(tmp_path):
 
 
 def test_train_refuses_bidirectional_attention_before_anything_starts(tmp_path):
-    """Next-token pretraining with a non-causal pattern would let each position see its own target."""
+    """Next-token pretraining with a non-causal pattern would let each position see its own target: the leak
+    check (leaks.py) refuses it before any rank starts."""
     result = run_gpt("train", "--nproc", "2", "--set", 'model.attention="bidirectional"', cwd=tmp_path)
-    assert_user_error(result, 'model.attention "bidirectional" cannot be pretrained on next-token targets',
-                      "each position would see the token it must predict")
+    assert_user_error(result, 'train.objective "next_token" does not fit model.attention "bidirectional"',
+                      "the prediction at position 0 of the token at position 1 depends on the token at position 1, "
+                      "its own target")
     assert result.returncode == 1 and "internal error" not in result.stderr
     assert "loading DeepSpeed" not in result.stderr and list(tmp_path.iterdir()) == []
     # the model and gpt eval keep it: the project itself loads

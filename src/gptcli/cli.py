@@ -686,6 +686,11 @@ StrideOpt = Annotated[Optional[int], key_option("eval", "stride")]
 BatchSizeOpt = Annotated[Optional[int], key_option("eval", "batch_size")]
 MaxTokensOpt = Annotated[Optional[int], key_option("eval", "max_tokens")]
 LimitOpt = Annotated[Optional[int], key_option("eval", "tasks_limit", "--limit")]
+SplitsOpt = Annotated[Optional[str], key_option("eval", "splits")]
+EvalSeedOpt = Annotated[Optional[int], key_option("eval", "seed")]
+WriteSplitsOpt = Annotated[Optional[int], typer.Option(
+    min=1, help="Write conditional splits for the first N windows of the eval input into --splits FILE (drawn with "
+                "--seed), instead of scoring.", show_default=False)]
 
 
 @app.command("eval")
@@ -703,22 +708,46 @@ def eval_command(
     task: TaskOpt = None,
     task_data: TaskDataOpt = None,
     limit: LimitOpt = None,
+    splits: SplitsOpt = None,
+    write_splits: WriteSplitsOpt = None,
+    seed: EvalSeedOpt = None,
     device: DeviceOpt = "auto",
     bf16: Bf16Opt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Loss, perplexity and bits per byte of a model on the project's val shards, a text file or a dataset;
-    or, with --task, zero-shot task scores (HellaSwag, LAMBADA, PIQA, ARC, ..., `all`, a plugin's) beside GPT-2's."""
+    """Loss, perplexity and bits per byte under the run's objective, on the project's val shards, a text file or a
+    dataset; or, with --task, zero-shot task scores (HellaSwag, LAMBADA, PIQA, ARC, ..., `all`, a plugin's) beside
+    GPT-2's."""
     if task is not None:
         return eval_tasks(project, checkpoint, overrides, task, task_data, limit, batch_size, device, bf16,
                           as_json, other=text or dataset)
-    if text is not None and dataset is not None:
+    given = {"text": text, "split": split, "stride": stride, "batch_size": batch_size, "max_tokens": max_tokens,
+             "splits": splits, "seed": seed}
+    config = eval_config(project, overrides, given, dataset)
+    run_eval(config, write_splits, as_json, checkpoint=checkpoint, device=device, bf16=bf16, dataset=dataset,
+             dataset_split=dataset_split)
+
+
+def eval_config(project: Optional[Path], overrides: Optional[list[str]], given: dict, dataset: Optional[str]):
+    """The project with gpt eval's options as [eval] overrides; --text and --dataset exclude each other."""
+    if given["text"] is not None and dataset is not None:
         raise UsageError("--dataset: give --text or --dataset, not both.")
-    given = {"text": text, "split": split, "stride": stride, "batch_size": batch_size, "max_tokens": max_tokens}
-    config = load(project, [*(overrides or []), *option_overrides("eval", given)])
-    result = evaluate_with_progress(config, checkpoint=checkpoint, device=device, bf16=bf16, dataset=dataset,
-                                    dataset_split=dataset_split)
-    show_eval_result(result, as_json)
+    return load(project, [*(overrides or []), *option_overrides("eval", given)])
+
+
+def run_eval(config, write_splits: Optional[int], as_json: bool, **options) -> None:
+    """Score (evaluate_with_progress) and show the result, or with --write-splits write the splits file."""
+    if write_splits is None:
+        return show_eval_result(evaluate_with_progress(config, **options), as_json)
+    from .evaluate import write_project_splits
+
+    written = write_project_splits(config, write_splits, dataset=options["dataset"],
+                                   dataset_split=options["dataset_split"])
+    if as_json:
+        return emit_json(written)
+    out.print(escape(f"Wrote {written['splits']}: {written['windows']} windows of {written['window_tokens']} tokens, "
+                     f"{written['condition']:,} conditioned on and {written['evaluate']:,} to evaluate (seed "
+                     f"{written['seed']})."), highlight=False)
 
 
 def evaluate_with_progress(config, checkpoint: Optional[Path], **options):
@@ -822,6 +851,8 @@ def show_eval_result(result, as_json: bool) -> None:
     table = Table(title=f"eval: {result.source}")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if "objective" in result.extra:
+        table.add_row("objective (what is scored)", str(result.extra["objective"]))
     table.add_row("loss (nats/token)", f"{result.loss:.4f}")
     table.add_row("perplexity", f"{result.perplexity:.3f}")
     table.add_row("bits per byte", f"{result.bits_per_byte:.4f}")

@@ -31,7 +31,7 @@ from .errors import GptError
 from .parsing import TooLarge, loads_toml
 from .paths import MIB, read_input_text
 from .presets import hub_ids
-from .registry import ATTENTION, FILE_REFERENCE, OPTIMIZERS, TASKS, TRACKERS, Registry, reference_file
+from .registry import ATTENTION, FILE_REFERENCE, OBJECTIVES, OPTIMIZERS, TASKS, TRACKERS, Registry, reference_file
 
 DEFAULT_PROJECT_FILE = "run.toml"
 # A project file is a few kilobytes (gpt init's, every key commented, is about 10); anything near this is
@@ -96,9 +96,13 @@ NormPosition = Literal["pre", "post"]
 Activation = Literal["gelu", "gelu_new", "relu", "silu"]
 Position = Literal["learned", "rotary"]
 # The attention pattern scaled_dot_product_attention runs without a mask (attention.CAUSAL). The planner,
-# which imports no torch and no plugin, knows a pattern's mask by this name only: any other is planned as a
-# materialised mask (a plugin that is plain causal too is planned on the safe side).
+# which imports no torch and no plugin, knows a pattern's mask by these names only: any other is planned as a
+# materialised mask (a plugin that is plain causal too is planned on the safe side), one (T, T) mask for all
+# rows for ONE_MASK_PATTERNS, else one per row (documents, an objective's draw, or a plugin: the safe side);
+# on CUDA, BLOCK_MASK_PATTERNS run as FlexAttention block masks (attention.py gives them a mask_mod).
 CAUSAL_PATTERN = "causal"
+ONE_MASK_PATTERNS = frozenset({"bidirectional", "sliding_window"})
+BLOCK_MASK_PATTERNS = frozenset({"sliding_window", "document", "document_sliding_window", "prefix"})
 LrSchedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 TrainDevice = Literal["auto", "cuda", "cpu"]
@@ -214,10 +218,13 @@ class ModelConfig(Section):
     activation: Activation = doc('MLP activation: "gelu_new" (tanh approximation, GPT-2), "gelu", "relu" or "silu".', "gelu_new")
     position: Position = doc('Position information: "learned" (wpe, as GPT-1/2) or "rotary" (RoPE, no wpe).', "learned")
     rope_base: float = doc("RoPE frequency base when position is rotary.", 10000.0, above=0)
-    attention: str = doc('Attention pattern: "causal", "sliding_window", "bidirectional" (not for gpt train: each '
-                         'position would see the token it predicts), a plugin\'s name, "package.module:attr" or '
-                         '"file.py:attr" beside the project file (docs/extending.md).', CAUSAL_PATTERN)
-    sliding_window: int = doc("Keys a query sees (itself included) when attention is sliding_window.", 256, at_least=1)
+    attention: str = doc(f"Attention pattern: {_quoted(ATTENTION.builtins)}, a plugin's name, "
+                         '"package.module:attr" or "file.py:attr" beside the project file; gpt train checks it fits '
+                         "train.objective (docs/attention.md).", CAUSAL_PATTERN)
+    sliding_window: int = doc("Keys a query sees (itself included) when attention is sliding_window or "
+                              "document_sliding_window.", 256, at_least=1)
+    eot_id: int = doc('The end-of-text token that ends a document for the "document" patterns (GPT-2\'s '
+                      "<|endoftext|>: 50256); an id outside the vocabulary: no token ends one.", 50256, at_least=0)
     tie_embeddings: bool = doc("Share the LM head with the token embedding wte (as GPT-1/2 do).", True)
     dropout: float = doc("Dropout on embeddings, attention probabilities and residual branches (GPT-2: 0.1).", 0.0,
                          at_least=0, below=1)
@@ -243,7 +250,7 @@ class ModelConfig(Section):
 
     def architecture_dict(self) -> dict:
         """Keys that change the shape or meaning of the weights (compared on resume)."""
-        ignore = {"preset", "dropout", "init_std", "attention", "sliding_window", "vocab_multiple"}
+        ignore = {"preset", "dropout", "init_std", "attention", "sliding_window", "vocab_multiple", "eot_id"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignore}
 
     def fingerprint(self) -> str:
@@ -277,6 +284,11 @@ class TrainConfig(Section):
     optimizer_options: dict = doc("The optimizer's own settings, for one that declares them, e.g. { momentum = 0.9 }; "
                                   "adamw has none (it reads lr, beta1, beta2, eps, weight_decay); muon's are lr, "
                                   "momentum, weight_decay and ns_method (docs/training.md).", factory=dict)
+    objective: str = doc(f"What the model learns to predict: {_quoted(OBJECTIVES.builtins)}, a plugin's name or a "
+                         "reference; each fits the attention patterns the leak check accepts (docs/attention.md).",
+                         "next_token")
+    objective_options: dict = doc("The objective's own settings, e.g. { min_condition_fraction = 0.1 } for "
+                                  "conditional (docs/attention.md lists each objective's).", factory=dict)
     weight_decay: float = doc("Decoupled weight decay, on the parameters the optimizer's grouping decays (adamw: 2-D "
                               "weight matrices only, not biases, norms, wpe).", 0.1, at_least=0)
     beta1: float = doc("AdamW's beta1 (train.optimizer = \"adamw\"; another optimizer reads it only if it says so).",
@@ -324,6 +336,7 @@ class TrainConfig(Section):
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr}).")
         check_registered(OPTIMIZERS, "train.optimizer", self.optimizer)
+        check_registered(OBJECTIVES, "train.objective", self.objective)
 
 
 @dataclass
@@ -362,6 +375,11 @@ class EvalConfig(Section):
                            "evaluation (train.eval_every).", 0, at_least=0)
     tasks_limit: int = doc("Score the first N examples of each task; 0 = all (HellaSwag 10,042, LAMBADA 5,153).", 0,
                            at_least=0)
+    splits: Optional[str] = doc("Conditional evaluation splits for `gpt eval` to score (a conditional or masked_lm "
+                                "run): the file `gpt eval --write-splits N` wrote, so models meet the same sets.",
+                                None)
+    seed: Optional[int] = doc("Seed of an objective's draws in `gpt eval` (prefix, hidden tokens, conditional sets) "
+                              "and of --write-splits; unset means project.seed.", None, at_least=0, at_most=MAX_SEED)
     task_data: dict = doc('Local data per task, e.g. { hellaswag = "hellaswag_val.jsonl" }: JSONL or Parquet with '
                           "the Hub dataset's fields; other tasks come from the Hub through datasets (cached).",
                           factory=dict)
@@ -422,6 +440,13 @@ class Project:
                 optimizer_spec(train.optimizer).check_options(train.optimizer_options)
             except GptError as error:
                 raise ConfigError(str(error)) from None
+        if train.objective_options:
+            from .objectives import objective_spec
+
+            try:
+                objective_spec(train.objective).check_options(train.objective_options)
+            except GptError as error:
+                raise ConfigError(str(error)) from None
         seq_len = self.seq_len
         if seq_len > model.block_size and model.position == "learned":
             raise ConfigError(f"train.seq_len ({seq_len}) exceeds model.block_size ({model.block_size}): learned "
@@ -460,7 +485,7 @@ class Project:
 # table keyed by them.
 REGISTERED_KEYS: tuple[tuple[str, str, Registry], ...] = (
     ("model", "attention", ATTENTION), ("train", "optimizer", OPTIMIZERS), ("train", "trackers", TRACKERS),
-    ("eval", "tasks", TASKS), ("eval", "task_data", TASKS))
+    ("train", "objective", OBJECTIVES), ("eval", "tasks", TASKS), ("eval", "task_data", TASKS))
 
 
 def placed(value: Any, registry: Registry, where: str, base: Path) -> Any:

@@ -15,6 +15,10 @@ Two averages come out:
 
 Bits per byte = total nats / UTF-8 bytes of the scored tokens / ln 2, which does not depend on the
 tokenizer, so models with different vocabularies compare.
+
+That is next-token scoring (under the model's own pattern: a "document" model's windows are scored within
+their documents). A run trained with another objective is scored under it (objective_eval.py): its windows
+laid out as in training with draws of a fixed seed, or the conditional splits of a file.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import Project
-from .errors import GptError
+from .config import Project, read_toml
+from .errors import GptError, UsageError
 from .machine import check_scoring_fits, check_text_fits
 from .model import GPT
+from .objectives import CONDITIONAL, NEXT_TOKEN, Objective, objective_spec
 from .paths import MIB, check_input, read_input_text
 
 # Rows of hidden states projected to the vocabulary at once: 1024 × 50257 fp32 logits = 206 MB.
@@ -332,14 +337,21 @@ def evaluate_project(project: Project, *, checkpoint: Optional[Path] = None, dev
                      bf16: bool = False, dataset: Optional[str] = None, dataset_split: str = "test",
                      progress: Optional[Callable[[int, int], None]] = None) -> EvalResult:
     """`gpt eval`: score the model of `checkpoint` (else the project's run dir) on `eval_input`, with the
-    project's [eval] settings (options of the command line already applied as overrides); a mixture's split
-    also source by source (`EvalResult.sources`).
+    project's [eval] settings (options of the command line already applied as overrides), under the run's
+    objective (run_objective): next-token perplexity (a mixture's split also source by source,
+    `EvalResult.sources`), else objective_eval's; [eval] splits: those sets.
 
-    progress(scored, total) is called after every batch of windows."""
+    progress(scored, total) is called after every batch of windows (tokens; windows for an objective)."""
     from .runtime import load_project_model, resolve_device
 
     target = resolve_device(device)
     loaded = load_project_model(project, checkpoint, target)
+    objective, options = run_objective(project, loaded.path)
+    if project.eval.splits is not None:
+        return evaluate_splits(project, loaded, objective, bf16=bf16, progress=progress)
+    if objective.name != NEXT_TOKEN.name:
+        return evaluate_objective(project, loaded, objective, options, bf16=bf16, dataset=dataset,
+                                  dataset_split=dataset_split, progress=progress)
     context = loaded.config.block_size
     stride = resolve_stride(project.eval.stride, context)
     parts, source = eval_input(project, loaded.tokenizer, dataset=dataset, dataset_split=dataset_split)
@@ -356,3 +368,127 @@ def evaluate_project(project: Project, *, checkpoint: Optional[Path] = None, dev
 
     return evaluate_parts(loaded.model, loaded.tokenizer, parts, source=source, stride=stride,
                           batch_size=project.eval.batch_size, bf16=bf16, progress=advance)
+
+
+# --- under an objective -----------------------------------------------------------------------------------
+
+
+def run_objective(project: Project, model_dir: Path) -> tuple[Objective, dict]:
+    """The objective a model is scored under, with its options: the project's train.objective when the
+    project (or --set) gives it, else the one its run trained with (RUN/config.resolved.toml beside a run's
+    model/), else next_token."""
+    from .rundir import MODEL_DIR, RESOLVED_CONFIG
+
+    train = project.train
+    resolved = Path(model_dir).parent / RESOLVED_CONFIG
+    if "train.objective" not in project.given and Path(model_dir).name == MODEL_DIR and resolved.is_file():
+        section = read_toml(resolved).get("train", {})
+        name, options = section.get("objective", NEXT_TOKEN.name), section.get("objective_options", {})
+    else:
+        name, options = train.objective, train.objective_options
+    objective = objective_spec(name)
+    return objective, objective.option_values(options)
+
+
+def eval_seed(project: Project) -> int:
+    return project.eval.seed if project.eval.seed is not None else project.project.seed
+
+
+def autocast_for(model: GPT, bf16: bool):
+    return torch.autocast(model.wte.weight.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def byte_counter(tokenizer) -> Callable[[list[int]], int]:
+    return lambda ids: sum(len(tokenizer.decode_bytes([i])) for i in ids)
+
+
+def evaluate_objective(project: Project, loaded, objective: Objective, options: dict, *, bf16: bool,
+                       dataset: Optional[str], dataset_split: str,
+                       progress: Optional[Callable[[int, int], None]]) -> EvalResult:
+    """The eval input cut into windows of seq_len + 1 tokens (at most the model's context), each scored as the
+    objective counts it, with its draws seeded by [eval] seed (objective_eval.py)."""
+    from .objective_eval import cut_windows, objective_batches, score_batches
+
+    parts, source = eval_input(project, loaded.tokenizer, dataset=dataset, dataset_split=dataset_split)
+    sequences = [sequence for part in parts.values() for sequence in part]  # a mixture's sources, one set
+    length = eval_length(project, loaded.config)
+    windows = cut_windows(sequences, length + 1)
+    if not len(windows):
+        raise GptError(f"{source} holds no window of {length + 1} tokens to score under objective {objective.name}.")
+    seed, start = eval_seed(project), time.perf_counter()
+    batches = objective_batches(windows, objective, options, seed, project.eval.batch_size, loaded.model.wte.weight.device)
+    scored = score_batches(loaded.model, batches, byte_counter(loaded.tokenizer), autocast_for(loaded.model, bf16),
+                           window_progress(progress, len(windows)))
+    return objective_result(scored, objective, source, length, time.perf_counter() - start, seed=seed)
+
+
+def eval_length(project: Project, config) -> int:
+    """Slots of an evaluation window: train.seq_len, at most the model's learned positions."""
+    return min(project.seq_len, config.block_size) if config.position == "learned" else project.seq_len
+
+
+def window_progress(progress: Optional[Callable[[int, int], None]], total: int) -> Callable[[int], None]:
+    done = 0
+
+    def advance(windows: int) -> None:
+        nonlocal done
+        done += windows
+        if progress is not None:
+            progress(done, total)
+
+    return advance
+
+
+def objective_result(scored, objective: Objective, source: str, length: int, seconds: float, **extra) -> EvalResult:
+    totals = Totals(nats=scored.nats, tokens=scored.tokens, bytes=scored.bytes, windows=scored.windows)
+    result = result_from(totals, length, length + 1, source, seconds)
+    result.extra = {"objective": objective.name, **extra}
+    return result
+
+
+def evaluate_splits(project: Project, loaded, objective: Objective, *, bf16: bool,
+                    progress: Optional[Callable[[int, int], None]]) -> EvalResult:
+    """NLL of X_e given X_c on the splits of [eval] splits: by the conditional layout for a conditional run,
+    by revealing X_e token by token for a masked LM (objective_eval.unmasking_batches)."""
+    from .objective_eval import check_splits_fit, read_splits, score_batches, split_batches, unmasking_batches
+
+    path = project.eval.splits
+    assert path is not None, "evaluate_project calls this with [eval] splits set"
+    splits = read_splits(path)
+    check_splits_fit(splits, loaded.config, loaded.tokenizer.fingerprint, path)
+    device = loaded.model.wte.weight.device
+    if objective.name == CONDITIONAL.name:
+        batches = split_batches(splits, project.eval.batch_size, device)
+    elif objective.name == "masked_lm":
+        batches = unmasking_batches(splits, project.eval.batch_size, device)
+    else:
+        raise GptError(f"Conditional splits ({path}) score a run trained with objective conditional or masked_lm; "
+                       f'this one was trained with "{objective.name}".')
+    start = time.perf_counter()
+    scored = score_batches(loaded.model, batches, byte_counter(loaded.tokenizer), autocast_for(loaded.model, bf16),
+                           window_progress(progress, len(splits.windows)))
+    return objective_result(scored, objective, f"{path} ({splits.source})", splits.window_tokens,
+                            time.perf_counter() - start, seed=splits.seed, splits=str(path))
+
+
+def write_project_splits(project: Project, count: int, *, dataset: Optional[str] = None,
+                         dataset_split: str = "test") -> dict:
+    """`gpt eval --write-splits N`: conditional sets for the first N windows of the eval input, drawn with
+    [eval] seed by the conditional objective's rule (the project's options when it trains conditional), into
+    the file [eval] splits names; returns what was written."""
+    from .objective_eval import cut_windows, draw_splits, write_splits
+    from .tokenizer import load_tokenizer
+
+    path = project.eval.splits
+    if path is None:
+        raise UsageError("--write-splits: name the file to write with --splits FILE.")
+    tokenizer = load_tokenizer(project.data.tokenizer, project.data.vocab_dir)
+    parts, source = eval_input(project, tokenizer, dataset=dataset, dataset_split=dataset_split)
+    sequences = [sequence for part in parts.values() for sequence in part]
+    given = project.train.objective_options if project.train.objective == CONDITIONAL.name else {}
+    options = CONDITIONAL.option_values(given)
+    windows = cut_windows(sequences, project.seq_len + 1)
+    splits = draw_splits(windows, count, eval_seed(project), options, source, tokenizer.fingerprint, project.seq_len)
+    write_splits(Path(path), splits)
+    return {"splits": str(path), "windows": count, "window_tokens": splits.window_tokens, "seed": splits.seed,
+            "condition": sum(len(c) for _, c, _ in splits.windows), "evaluate": sum(len(e) for _, _, e in splits.windows)}

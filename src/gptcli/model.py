@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.to(x.dtype)
 
 
+# --- documents ----------------------------------------------------------------------------------------------
+
+
+class DocumentCarry:
+    """The documents of what a KV cache holds, as the next positions continue them (each (B,))."""
+
+    def __init__(self, next_document: torch.Tensor, starts: torch.Tensor, base: torch.Tensor):
+        self.next_document, self.starts, self.base = next_document, starts, base
+
+
+def document_layout(idx: torch.Tensor, positions: torch.Tensor, eot_id: int,
+                    carry: Optional[DocumentCarry] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The documents packed in token ids idx (B, T): a document ends after each end-of-text token.
+
+    positions: (B, T) each token's position in the row (a cache's first). Returns (documents (B, T): 0, 1, ...
+    from the row's start, or carried on from the cache; ends (B, T): the end-of-text tokens; bases (B, T): the
+    position each token's document starts at; positions (B, T) restarted at 0 in each document)."""
+    B, T = idx.shape
+    ends = idx == eot_id  # (B, T)
+    if carry is None:
+        carry = DocumentCarry(idx.new_zeros(B), torch.ones(B, dtype=torch.bool, device=idx.device), positions[:, 0])
+    counted = torch.cumsum(ends.long(), dim=1)  # (B, T): end-of-text tokens up to and including each
+    documents = carry.next_document[:, None] + counted - ends.long()  # (B, T)
+    starts = torch.cat([carry.starts[:, None], ends[:, :-1]], dim=1)  # (B, T): the first token of a document
+    columns = torch.arange(T, device=idx.device).expand(B, T)
+    last_start = torch.cummax(torch.where(starts, columns, -1), dim=1).values  # (B, T), -1: begun in the cache
+    bases = torch.where(last_start >= 0, positions.gather(1, last_start.clamp(min=0)), carry.base[:, None])  # (B, T)
+    return documents, ends, bases, positions - bases
+
+
 # --- attention ----------------------------------------------------------------------------------------------
 
 
@@ -60,6 +90,9 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self._length = 0
+        # For a pattern that keeps to documents: per cached position (B, max_len) its document, whether it
+        # ends one (an end-of-text token) and the position its document started at. Made on first use.
+        self.documents: Optional[dict[str, torch.Tensor]] = None
 
     @property
     def length(self) -> int:
@@ -88,6 +121,28 @@ class KVCache:
         """Keep only the batch rows in `index` (e.g. when some samples have finished)."""
         self.keys = self.keys[:, index]
         self.values = self.values[:, index]
+        if self.documents is not None:
+            self.documents = {name: tensor[index] for name, tensor in self.documents.items()}
+
+    def document_carry(self) -> Optional[DocumentCarry]:
+        """Where the cached positions leave the documents: the next document's number, whether the last
+        cached token ended one, the position its document started at; None for an empty cache."""
+        if self.documents is None or self._length == 0:
+            return None
+        last = self._length - 1
+        ended = self.documents["ends"][:, last]
+        return DocumentCarry(self.documents["documents"][:, last] + ended.long(), ended, self.documents["bases"][:, last])
+
+    def store_documents(self, documents: torch.Tensor, ends: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+        """Record the new positions' documents (each (B, T), after the cached ones); return every key's (B, S)."""
+        if self.documents is None:
+            B = documents.size(0)
+            self.documents = {name: torch.zeros(B, self.max_len, dtype=dtype, device=documents.device)
+                              for name, dtype in (("documents", torch.long), ("ends", torch.bool), ("bases", torch.long))}
+        end = self._length + documents.size(1)
+        for name, tensor in (("documents", documents), ("ends", ends), ("bases", bases)):
+            self.documents[name][:, self._length:end] = tensor
+        return self.documents["documents"][:, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,9 +156,10 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], rope: Optional[tuple],
+    def forward(self, x: torch.Tensor, mask: Optional[AttentionMask], rope: Optional[tuple],
                 cache: Optional[KVCache]) -> torch.Tensor:
-        """x (B, T, C) → (B, T, C). `mask` is None (plain causal) or bool (B|1, 1, T, S), True = may attend."""
+        """x (B, T, C) → (B, T, C). `mask` is None (plain causal), bool (B|1, 1, T, S), True = may attend, or
+        a FlexAttention BlockMask (attention_mask_for decides)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -116,8 +172,10 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
-        else:
+        elif isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:  # a block mask: attention_mask_for chose FlexAttention (no dropout there)
+            y = flex_attention_function(q.device.type)(q, k, v, block_mask=mask)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -171,16 +229,27 @@ class Block(nn.Module):
 # What the model's `attention` takes: a pattern's name or reference (registry.ATTENTION), an AttentionPattern,
 # or an explicit boolean mask (T, S), (B, T, S) or (B, 1, T, S), True where a query may attend a key.
 Pattern = Union[str, AttentionPattern, torch.Tensor]
+# What the blocks are given: None (plain causal), a dense bool mask (B|1, 1, T, S) or a FlexAttention BlockMask.
+AttentionMask = Any
+
+# Devices on which a pattern with a mask_mod runs as a FlexAttention block mask (where torch has it). The CPU
+# takes the dense mask: FlexAttention there is an unfused reference without torch.compile (tests add "cpu"
+# to compare the two paths).
+FLEX_DEVICES = {"cuda"}
 
 
 def attention_mask_for(config: ModelConfig, q_positions: torch.Tensor, key_length: int,
-                       padding_mask: Optional[torch.Tensor] = None,
-                       pattern: Optional[Pattern] = None) -> Optional[torch.Tensor]:
-    """The boolean mask (B|1, 1, T, S) for SDPA, True where a query may attend a key; None = plain causal.
+                       padding_mask: Optional[torch.Tensor] = None, pattern: Optional[Pattern] = None, *,
+                       documents: Optional[torch.Tensor] = None, draw: Optional[Mapping[str, torch.Tensor]] = None,
+                       flex: bool = False) -> AttentionMask:
+    """The mask the blocks get: None = plain causal, else bool (B|1, 1, T, S) for SDPA, True where a query
+    may attend a key, or with `flex` (and a pattern with a mask_mod, no padding, no cache) a BlockMask.
 
     q_positions: absolute key index of each query (T,) (cache offset included).
     padding_mask: (B, S) with 1 for real tokens, 0 for padding; becomes (B, 1, 1, S), keeping the key axis.
     pattern: config.attention when None; an explicit mask replaces the pattern.
+    documents: (B, S) each key's document, for a pattern that keeps to documents (document_layout).
+    draw: the objective's draw the pattern may read (MaskContext.draw).
     A query row left with no key (a padding position before any real token) may attend itself, so
     its output is finite instead of the NaN a softmax over nothing gives.
     """
@@ -188,14 +257,20 @@ def attention_mask_for(config: ModelConfig, q_positions: torch.Tensor, key_lengt
     if not isinstance(pattern, torch.Tensor):
         pattern = attention_pattern(pattern, where="attention")
     T = q_positions.numel()
-    plain_causal = isinstance(pattern, AttentionPattern) and pattern.causal and padding_mask is None
+    plain_causal = (isinstance(pattern, AttentionPattern) and pattern.causal and not pattern.documents
+                    and padding_mask is None)
     if plain_causal and (key_length == T or T == 1):
         return None  # is_causal (prefill from empty) or one new token that sees the whole cache
     keys = torch.arange(key_length, device=q_positions.device)
     if isinstance(pattern, torch.Tensor):
         mask = as_sdpa_mask(pattern.to(torch.bool))
     else:
-        mask = pattern_mask(pattern, MaskContext(queries=q_positions, keys=keys, config=config))
+        context = MaskContext(queries=q_positions, keys=keys, config=config, documents=documents, draw=draw)
+        if flex and pattern.mask_mod is not None and padding_mask is None and key_length == T:
+            return block_mask_for(pattern, context)
+        mask = pattern_mask(pattern, context)
+        if pattern.documents:
+            mask = mask & context.same_document[:, None]  # (B, 1, T, S)
     if padding_mask is not None:
         mask = mask & padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, T, S)
     itself = (q_positions[:, None] == keys[None, :])[None, None]  # (1, 1, T, S)
@@ -204,8 +279,16 @@ def attention_mask_for(config: ModelConfig, q_positions: torch.Tensor, key_lengt
 
 
 def pattern_mask(pattern: AttentionPattern, context: MaskContext) -> torch.Tensor:
-    """A pattern's mask for SDPA (B|1, 1, T, S), checked: boolean, over these queries and keys."""
-    mask = pattern.mask(context)
+    """A pattern's mask for SDPA (B|1, 1, T, S), checked: boolean, over these queries and keys. A mask
+    function that fails (a user's, typically) is one sentence naming the pattern and the failure."""
+    try:
+        mask = pattern.mask(context)
+    except GptError:
+        raise
+    except Exception as error:  # the pattern's own failure, whatever its type
+        lines = str(error).strip().splitlines()
+        said = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        raise GptError(f'The attention pattern "{pattern.name}" failed to make its mask: {said}.') from None
     expected = (context.queries.numel(), context.keys.numel())
     tensor = isinstance(mask, torch.Tensor)
     if not (tensor and mask.dtype == torch.bool and mask.dim() in (2, 3) and tuple(mask.shape[-2:]) == expected):
@@ -219,6 +302,48 @@ def as_sdpa_mask(mask: torch.Tensor) -> torch.Tensor:
     """A boolean mask (T, S), (B, T, S) or (B, 1, T, S) → (B|1, 1, T, S)."""
     mask = mask.view(1, 1, *mask.shape) if mask.dim() == 2 else mask  # (1, 1, T, S)
     return mask[:, None] if mask.dim() == 3 else mask  # (B|1, 1, T, S)
+
+
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (torch >= 2.5)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def block_mask_for(pattern: AttentionPattern, context: MaskContext) -> Any:
+    """The pattern's mask_mod as a FlexAttention BlockMask (blocks of 128 × 128 that are wholly masked are
+    skipped), within documents for a pattern that keeps to them; one row per batch row when the mask reads
+    the documents or the draw, else one for all."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mod = pattern.mask_mod(context)  # type: ignore[misc]  # the caller checked it is set
+    documents = context.documents
+    if pattern.documents and documents is not None:
+        inner = mod
+
+        def mod(b, h, q, k):
+            return inner(b, h, q, k) & (documents[b, q] == documents[b, k])
+
+    rows = documents.size(0) if documents is not None else None
+    if context.draw:
+        rows = next(iter(context.draw.values())).size(0)
+    T, S = context.queries.numel(), context.keys.numel()
+    return create_block_mask(mod, rows, None, T, S, device=context.queries.device)
+
+
+_flex_functions: dict[str, Any] = {}
+
+
+def flex_attention_function(device: str):
+    """flex_attention, compiled once per process on CUDA (its fused kernel); the eager reference elsewhere."""
+    if device not in _flex_functions:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_functions[device] = torch.compile(flex_attention, dynamic=False) if device == "cuda" else flex_attention
+    return _flex_functions[device]
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -268,27 +393,34 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 padding_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, attention: Optional[Pattern] = None,
+                hidden_tokens: Optional[torch.Tensor] = None, draw: Optional[Mapping[str, torch.Tensor]] = None,
                 return_logits: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Token ids → next-token logits, and the mean cross-entropy when targets are given.
+        """Token ids → logits (next-token, or whatever the objective's targets say), and the mean
+        cross-entropy when targets are given.
 
         idx: (B, T) token ids. targets: (B, T) ids to predict, -100 where nothing is scored.
         padding_mask: (B, S) 1 = real token, 0 = padding (S = cached + T positions).
-        position_ids: (B, T) positions (default: cache offset + 0..T-1). kv_cache: a KVCache to extend.
+        position_ids: (B, T) positions (default: cache offset + 0..T-1; restarted at 0 in each document for
+        a pattern that keeps to documents). kv_cache: a KVCache to extend.
         attention: the pattern for this call instead of config.attention: a registered name ("causal",
-        "bidirectional", "sliding_window", a plugin's) or reference, an AttentionPattern, or a bool mask
+        "document", "bidirectional", a plugin's, ...) or reference, an AttentionPattern, or a bool mask
         (T, S), (B, T, S) or (B, 1, T, S), True = may attend (padding_mask still applies on top of it).
+        hidden_tokens: (B, T) bool, True where a position shows no token: its token embedding is left out
+        and only its position enters (how objectives hide a token: objectives.py).
+        draw: the objective's draw for these rows, which a pattern may read (MaskContext.draw).
         return_logits: False returns None for the logits (training needs only the loss).
         Returns (logits (B, T, vocab_size) or None, loss or None).
         """
         hidden = self.hidden_states(idx, padding_mask=padding_mask, position_ids=position_ids, kv_cache=kv_cache,
-                                    attention=attention)
+                                    attention=attention, hidden_tokens=hidden_tokens, draw=draw)
         logits = self.head(hidden)  # (B, T, V)
         loss = chunked_cross_entropy(logits, targets) if targets is not None else None
         return (logits if return_logits else None), loss
 
     def hidden_states(self, idx: torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None,
                       position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
-                      attention: Optional[Pattern] = None) -> torch.Tensor:
+                      attention: Optional[Pattern] = None, hidden_tokens: Optional[torch.Tensor] = None,
+                      draw: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
         """The final hidden states (B, T, C) that `head` turns into logits; arguments as for `forward`.
 
         Generation and evaluation call this directly so they can project only the positions they need
@@ -298,18 +430,28 @@ class GPT(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         # Learned positions have a table of block_size rows. Rotary ones are computed for the positions
         # used, so a training sequence may be longer than block_size (train.seq_len allows it); only a
-        # cache bounds them, by the room it was made with.
-        if self.wpe is not None and past + T > self.config.block_size:
+        # cache bounds them, by the room it was made with. Positions given explicitly are the caller's.
+        if self.wpe is not None and position_ids is None and past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} positions exceeds the context of {self.config.block_size}")
         if kv_cache is not None and past + T > kv_cache.max_len:
             raise ValueError(f"sequence of {past + T} positions exceeds the KV cache's {kv_cache.max_len}")
+        pattern = self.pattern if attention is None else attention
+        if not isinstance(pattern, torch.Tensor):
+            pattern = attention_pattern(pattern, where="attention")
         q_positions = torch.arange(past, past + T, device=idx.device)
         if position_ids is None:
             position_ids = q_positions[None].expand(B, T)  # (B, T)
-        mask = attention_mask_for(self.config, q_positions, past + T, padding_mask,
-                                  self.pattern if attention is None else attention)
+        documents = None
+        if isinstance(pattern, AttentionPattern) and pattern.documents:
+            documents, position_ids = self.documents_of(idx, position_ids, kv_cache)
+        flex = idx.device.type in FLEX_DEVICES and kv_cache is None and flex_available() and not (
+            self.training and self.config.dropout > 0)  # FlexAttention has no attention dropout
+        mask = attention_mask_for(self.config, q_positions, past + T, padding_mask, pattern, documents=documents,
+                                  draw=draw, flex=flex)
 
         x = self.wte(idx)  # (B, T, C)
+        if hidden_tokens is not None:
+            x = x.masked_fill(hidden_tokens[..., None], 0.0)  # a hidden token: its position alone
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(position_ids)  # (B, T, C)
@@ -324,6 +466,16 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.ln_f(x) if self.ln_f is not None else x
+
+    def documents_of(self, idx: torch.Tensor, positions: torch.Tensor,
+                     kv_cache: Optional[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(documents of every key (B, S), positions restarted per document (B, T)) for idx (B, T) after
+        what the cache holds (document_layout; the cache records the new positions' documents)."""
+        carry = kv_cache.document_carry() if kv_cache is not None else None
+        documents, ends, bases, restarted = document_layout(idx, positions, self.config.eot_id, carry)
+        if kv_cache is not None:
+            documents = kv_cache.store_documents(documents, ends, bases)  # (B, S)
+        return documents, restarted
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., C) → logits (..., vocab_size); vocabulary padding rows are never predicted."""

@@ -1,7 +1,8 @@
 """Registries: the kinds of thing a researcher adds to gptcli without editing it.
 
-Each kind has one registry here: optimizers, zero-shot tasks, experiment trackers and attention patterns. A
-project key that names one (`train.optimizer`, `eval.tasks`, `train.trackers`, `model.attention`) takes
+Each kind has one registry here: optimizers, zero-shot tasks, experiment trackers, attention patterns and
+training objectives. A project key that names one (`train.optimizer`, `eval.tasks`, `train.trackers`,
+`model.attention`, `train.objective`) takes
 
     a name           a built-in, or an entry of an installed package in the registry's entry-point group
                      (`[project.entry-points."gptcli.optimizers"]  muon_mine = "my_package.optim:MUON"`)
@@ -222,6 +223,12 @@ TRACKERS = Registry("tracker", "train.trackers", "gptcli.trackers",
                      "mlflow": "gptcli.train.observing.trackers:MlflowTracker"})
 ATTENTION = Registry("attention pattern", "model.attention", "gptcli.attention",
                      {"causal": "gptcli.attention:CAUSAL", "bidirectional": "gptcli.attention:BIDIRECTIONAL",
-                      "sliding_window": "gptcli.attention:SLIDING_WINDOW"})
+                      "sliding_window": "gptcli.attention:SLIDING_WINDOW", "document": "gptcli.attention:DOCUMENT",
+                      "document_sliding_window": "gptcli.attention:DOCUMENT_SLIDING_WINDOW",
+                      "prefix": "gptcli.attention:PREFIX", "conditional": "gptcli.attention:CONDITIONAL"})
+OBJECTIVES = Registry("objective", "train.objective", "gptcli.objectives",
+                      {"next_token": "gptcli.objectives:NEXT_TOKEN", "prefix_lm": "gptcli.objectives:PREFIX_LM",
+                       "conditional": "gptcli.objectives:CONDITIONAL", "masked_lm": "gptcli.objectives:MASKED_LM"})
 
-REGISTRIES = {"optimizers": OPTIMIZERS, "tasks": TASKS, "trackers": TRACKERS, "attention": ATTENTION}
+REGISTRIES = {"optimizers": OPTIMIZERS, "tasks": TASKS, "trackers": TRACKERS, "attention": ATTENTION,
+              "objectives": OBJECTIVES}

@@ -224,16 +224,19 @@ class MixtureLoader:
 
     def next_windows(self) -> list[tuple[int, int]]:
         """This rank's next micro batch as (source, window index in its split) pairs; advances one global batch."""
-        sources, windows = self.lookup(self.position + self.rank * self.batch, self.batch)
+        first = self.position + self.rank * self.batch
+        sources, windows = self.lookup(first, self.batch)
         chosen = list(zip(sources, windows, strict=True))
         self.position += self.global_batch
         self.micro = (self.micro + 1) % self._micro_steps
         for observer in self.observers:
-            observer({"sources": [self.names[s] for s, _ in chosen], "windows": [w for _, w in chosen]})
+            observer({"sources": [self.names[s] for s, _ in chosen], "windows": [w for _, w in chosen],
+                      "numbers": list(range(first, first + self.batch))})
         return chosen
 
     def observe(self, observer: Callable[[dict], None]) -> None:
-        """Call `observer` with {"sources", "windows"} for every micro batch handed out."""
+        """Call `observer` with {"sources", "windows", "numbers"} for every micro batch handed out (numbers: each
+        window's place in the mixture's schedule, as objectives' draws are keyed)."""
         self.observers.append(observer)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

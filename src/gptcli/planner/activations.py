@@ -28,6 +28,8 @@ class ActivationShape:
     dropout: float = 0.0
     checkpointing: bool = False
     custom_mask: bool = False  # a materialised (1, 1, T, T) mask: any pattern but plain causal (config.CAUSAL_PATTERN)
+    mask_rows: int = 1  # rows of that mask: 1, or the micro batch when it differs by row (documents, draws)
+    block_mask: bool = False  # FlexAttention over a block mask (CUDA): no dense mask, the kernel keeps what flash does
 
 
 def attention_kernel(config: ModelConfig, shape: ActivationShape) -> str:
@@ -36,6 +38,8 @@ def attention_kernel(config: ModelConfig, shape: ActivationShape) -> str:
     an additive bias) or "math" (the T×T probabilities, in fp32). On CUDA, flash needs bf16/fp16 and no mask;
     the memory-efficient kernel takes fp32, masks and dropout; both need a head size divisible by 8. On the
     CPU the flash kernel takes masks but not dropout (measured with torch 2.13: dropout falls back to math)."""
+    if shape.block_mask:
+        return "flex"
     if shape.device == "cpu":
         return "math" if shape.dropout > 0 else "flash"
     if config.head_dim % 8:
@@ -107,8 +111,8 @@ def block_activation_bytes(config: ModelConfig, shape: ActivationShape) -> int:
         total += attention_math_bytes(config, shape)
     else:
         total += 3 * btc * b + B * H * lse_rows(T, kernel) * FP32  # q, k, v; logsumexp per row
-        if shape.custom_mask:
-            total += T * mask_columns(T, kernel) * b  # the bool mask as an additive bias, per layer
+        if shape.custom_mask and kernel != "flex":
+            total += shape.mask_rows * T * mask_columns(T, kernel) * b  # the bool mask as an additive bias, per layer
     if config.position == "rotary" and kernel != "math":
         # The rotated q and k are new tensors the kernel keeps; its output then follows q's (B, H, T, D)
         # layout, so c_proj's input is a copy rather than the same storage. (apply_rotary's fp32 products
@@ -118,6 +122,14 @@ def block_activation_bytes(config: ModelConfig, shape: ActivationShape) -> int:
         total += 2 * btc * dropout_mask_bytes(shape)  # after attn.c_proj and mlp.c_proj
     total += 2 * 2 * B * T * norm_stat_bytes(shape)  # ln_1, ln_2: mean and rstd per row
     return total
+
+
+def block_mask_bytes(shape: ActivationShape) -> int:
+    """FlexAttention's BlockMask, made once per forward and shared by the blocks: for each row and each
+    128-token block of queries, its key blocks (counts and indices, int32) in four tables (partial and
+    full blocks, by query and by key for the backward pass)."""
+    blocks = -(-shape.seq_len // 128)
+    return 4 * shape.mask_rows * (blocks * blocks + blocks) * 4
 
 
 def lse_rows(seq_len: int, kernel: str) -> int:
@@ -190,9 +202,11 @@ def activation_memory(config: ModelConfig, shape: ActivationShape) -> Activation
         # Each block keeps its input only (torch.utils.checkpoint, non-reentrant); the mask and the rotary
         # tables are shared by all blocks, kept once.
         blocks = config.n_layer * btc * b
-        shared = (T * T if shape.custom_mask else 0)
+        shared = shape.mask_rows * T * T if shape.custom_mask and not shape.block_mask else 0
     else:
         blocks, shared = config.n_layer * per_layer, 0
+    if shape.block_mask:
+        shared += block_mask_bytes(shape)
     embeddings = B * T * INDEX + (T * INDEX if config.position == "learned" else 0)  # token ids, positions
     if shape.dropout > 0:
         embeddings += btc * dropout_mask_bytes(shape)

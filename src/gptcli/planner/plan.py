@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..batch import BatchLayout, batch_layout
-from ..config import CAUSAL_PATTERN, ModelConfig, Project
+from ..config import BLOCK_MASK_PATTERNS, CAUSAL_PATTERN, ONE_MASK_PATTERNS, ModelConfig, Project
 from ..errors import GptError
 from ..optimizers import ADAMW, optimizer_spec
 from ..presets import family_of, preset_for_shape
@@ -101,11 +101,13 @@ class Allowance:
 
 
 def activation_shape(training: Training, micro_batch: int, checkpointing: Optional[bool] = None) -> ActivationShape:
-    custom_mask = training.model.attention != CAUSAL_PATTERN  # config.CAUSAL_PATTERN says why by name
+    pattern = training.model.attention  # config.CAUSAL_PATTERN says why by name
+    block_mask = training.device == "cuda" and pattern in BLOCK_MASK_PATTERNS and training.model.dropout == 0
     return ActivationShape(batch=micro_batch, seq_len=training.seq_len, dtype_bytes=training.weight_bytes,
                            device=training.device, dropout=training.model.dropout,
                            checkpointing=training.checkpointing if checkpointing is None else checkpointing,
-                           custom_mask=custom_mask)
+                           custom_mask=pattern != CAUSAL_PATTERN,
+                           mask_rows=1 if pattern in ONE_MASK_PATTERNS else micro_batch, block_mask=block_mask)
 
 
 @dataclass

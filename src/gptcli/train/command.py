@@ -46,8 +46,8 @@ def run_train(request: TrainRequest, argv: list[str], value_options: Iterable[st
 
         say(f"Wrote {consolidate_only(project)}")
         return 0
-    check_trainable(project)
     if "RANK" not in os.environ or launch.LAUNCHER_PID_VARIABLE not in os.environ:  # our launcher checked it
+        check_trainable(project)
         check_out_dir(Path(project.project.out_dir))
         check_fits(project, request.nproc)
     if request.nproc > 1 or request.hostfile is not None:
@@ -71,17 +71,12 @@ def run_train(request: TrainRequest, argv: list[str], value_options: Iterable[st
 
 
 def check_trainable(project: Project) -> None:
-    """Rules of pretraining that the model itself does not have: next-token targets need a pattern in which
-    no position sees a later one (the pattern says so: AttentionPattern.sees_future). The built-in patterns
-    are read without torch (attention.py imports it only to build a mask)."""
-    from ..attention import attention_pattern
+    """Rules of pretraining that the model itself does not have: the attention pattern must fit the
+    objective, proven on a small model before anything slow starts (leaks.check_fit: a prediction that can
+    see what its objective hides is one sentence, whatever the pattern is called)."""
+    from ..leaks import check_fit
 
-    value = project.model.attention
-    if attention_pattern(value).sees_future:
-        raise GptError(f'model.attention "{value}" cannot be pretrained on next-token targets: each position '
-                       'would see the token it must predict, so the loss would fall without the model learning to '
-                       'predict anything; use "causal" or "sliding_window" (the model and gpt eval still accept '
-                       f'"{value}").')
+    check_fit(project)
 
 
 def check_out_dir(run_dir: Path) -> None:

@@ -30,6 +30,7 @@ import torch
 from ..batch import BatchLayout, batch_layout
 from ..config import DEFAULT_RESUME, GenerateConfig, ModelConfig, Project, Resume
 from ..errors import GptError
+from ..objectives import NEXT_TOKEN, VAL_STREAM, Batch, Objective, keys_for, objective_spec
 from ..optimizers import ADAMW, OptimizerSpec, optimizer_spec
 from ..rundir import MODEL_DIR
 from .engine import (
@@ -55,7 +56,7 @@ from .observing.display import Display, show_overfit
 from .observing.metrics import MetricsWriter, csv_columns, model_flops_per_token, peak_flops, truncate_metrics
 from .observing.phases import deepspeed_phase, show_phase, training_starts
 from .observing.trackers import start_trackers
-from .prefetch import BatchPrefetcher, on_device, windows_of
+from .prefetch import BatchPrefetcher, windows_of
 from .preflight import preflight
 from .schedule import schedule_for
 from .state import checkpoint, reshard
@@ -112,6 +113,7 @@ class Run:
     faults: Faults
     clips_gradients: bool  # fp32 ZeRO-0: the loop clips (engine.loop_clips_gradients)
     optimizer: OptimizerSpec  # train.optimizer's spec
+    objective: Objective  # train.objective's: how windows become batches
     start: Start  # what the run continues from (continuation.prepare)
     step: int = 0
     tokens: int = 0
@@ -119,7 +121,7 @@ class Run:
     elapsed: float = 0.0
     slowest_step: float = 0.0  # seconds: the bound a step in progress gets after a stop request (stopping.py)
     clock: float = 0.0  # when the time of the next step started counting
-    fixed_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    fixed_batch: Optional[Batch] = None
     writer: Optional[MetricsWriter] = None
     flops_per_token: int = 0
     peak: Optional[float] = None  # FLOP/s of one accelerator at the run's precision (the live MFU's denominator)
@@ -206,7 +208,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
             deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     precision = resolve_precision(project, device)
     optimizer = optimizer_spec(project.train.optimizer)
-    for note in (precision_note(project, precision), optimizer_note(project, optimizer)):
+    for note in (precision_note(project, precision), optimizer_note(project, optimizer), sample_note(project)):
         if note and rank == 0:
             print(note, file=sys.stderr)
     run_dir = Path(project.project.out_dir)
@@ -238,13 +240,14 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
     run = Run(project=project, model_config=model_config, engine=engine, layout=layout,
               loader=BatchPrefetcher(loader, torch.device(engine.device)), val_loaders=val_loaders, source=source,
               tokenizer=tokenizer, run_dir=run_dir, rank=rank, device=device, faults=Faults.from_environment(rank),
-              clips_gradients=loop_clips_gradients(project, precision), optimizer=optimizer, start=start)
+              clips_gradients=loop_clips_gradients(project, precision), optimizer=optimizer,
+              objective=objective_spec(project.train.objective), start=start)
     run.flops_per_token = model_flops_per_token(project.model, layout.seq_len)
     run.tasks = task_eval.prepare(project, tokenizer, model_config.block_size, rank, world, options.overfit_batch)
     run.peak = peak_flops(device, project.train.peak_tflops, precision)
     run.precision = precision
     if options.overfit_batch:
-        run.fixed_batch = run.loader.next_batch()
+        run.fixed_batch = next_batch(run)
         if rank == 0:
             truncate_metrics(run_dir, 0)
     else:
@@ -421,8 +424,8 @@ def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tenso
     loss_sum = torch.zeros((), device=engine.device)
     accum = run.layout.grad_accum_steps
     for micro in range(accum):
-        inputs, targets = run.fixed_batch if run.fixed_batch is not None else run.loader.next_batch()
-        _, loss = engine(inputs, targets, return_logits=False)
+        batch = run.fixed_batch if run.fixed_batch is not None else next_batch(run)
+        _, loss = engine(batch.inputs, batch.targets, return_logits=False, **batch.model_inputs())
         loss = corrupt(loss, run.faults, run.step + 1)
         engine.backward(loss)
         loss_sum += loss.detach().float()
@@ -435,6 +438,12 @@ def micro_steps(run: Run, lr: float) -> tuple[torch.Tensor, Optional[torch.Tenso
         clip = run.project.train.grad_clip or math.inf
         own_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip, foreach=False)
     return loss_sum / accum, own_norm
+
+
+def next_batch(run: Run) -> Batch:
+    """The next micro batch as the objective lays it out, drawn from (seed, each window's key)."""
+    windows, keys = run.loader.next_windows()
+    return run.objective.batch(windows, keys, run.project.project.seed, run.project.train.objective_options)
 
 
 def set_learning_rate(optimizer, lr: float) -> None:
@@ -530,8 +539,10 @@ def source_tokens(run: Run) -> dict[str, int]:
 
 def evaluate(run: Run) -> dict[str, float]:
     """Mean loss over the first eval_batches micro batches of each val loader's split (the same ones every
-    time): "eval_loss" for one dir; for a mixture each source's ("eval_loss/books", with the tokens it scored,
-    "eval_tokens/books") and their mean weighted by those tokens as "eval_loss"."""
+    time), under the run's objective: "eval_loss" for one dir; for a mixture each source's ("eval_loss/books",
+    with the tokens it scored, "eval_tokens/books") and their mean weighted by those tokens as "eval_loss".
+    An objective's draws are keyed by (VAL_STREAM, rank, window of this rank's share), and for a mixture also
+    by the source's row, so each evaluation scores the same batches."""
     import deepspeed.comm as dist
 
     engine = run.engine
@@ -540,10 +551,16 @@ def evaluate(run: Run) -> dict[str, float]:
     engine.eval()
     names = list(run.val_loaders)
     totals = torch.zeros(len(names), 2, device=device)  # (sum of batch losses, batches) per source
+    seed, options = run.project.project.seed, run.project.train.objective_options
     with torch.no_grad():
         for row, name in enumerate(names):
-            for inputs, targets in run.val_loaders[name].sequential_batches(run.project.train.eval_batches):
-                _, loss = engine(*on_device(windows_of(inputs, targets), device), return_logits=False)
+            rest = (run.rank,) if names == [""] else (run.rank, row)
+            batches = run.val_loaders[name].sequential_batches(run.project.train.eval_batches)
+            for number, (inputs, targets) in enumerate(batches):
+                windows = windows_of(inputs, targets).to(device)  # (B, T+1)
+                keys = keys_for(VAL_STREAM, number * len(windows), len(windows), *rest)
+                batch = run.objective.batch(windows, keys, seed, options)
+                _, loss = engine(batch.inputs, batch.targets, return_logits=False, **batch.model_inputs())
                 totals[row] += torch.stack([loss.float(), torch.ones((), device=device)])
     engine.train()
     dist.all_reduce(totals)
@@ -560,10 +577,20 @@ def evaluate(run: Run) -> dict[str, float]:
     return record
 
 
+def sample_note(project: Project) -> Optional[str]:
+    """Samples continue a prompt token by token: a run of another objective has none to print."""
+    if project.train.sample_every and project.train.objective != NEXT_TOKEN.name:
+        return (f"note: train.objective {project.train.objective} does not predict the next token, so this run "
+                "prints no samples (train.sample_every).")
+    return None
+
+
 def print_sample(run: Run) -> None:
     """A sample from train.sample_prompt, picked as [generate] says (sample_options). It runs under
     fork_rng, so the torch generators the training draws dropout from are as they were (a run with samples
-    resumes exactly)."""
+    resumes exactly). Only next_token runs sample (sample_note)."""
+    if run.objective.name != NEXT_TOKEN.name:
+        return
     module = sampling_model(run)  # every rank takes part under ZeRO-3; the others get None
     if module is None:
         return

@@ -84,21 +84,26 @@ def fmt(value: Optional[float], spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def show_overfit(engine, batch: tuple[torch.Tensor, torch.Tensor], tokenizer, rank: int) -> None:
-    """Every rank runs the forward of its fixed batch (under ZeRO-3 each rank's forward gathers weights
-    from all the others); rank 0 prints its first sequence: input, target and predicted token."""
-    inputs, targets = batch
+def show_overfit(engine, batch, tokenizer, rank: int) -> None:
+    """Every rank runs the forward of its fixed batch (an objectives.Batch; under ZeRO-3 each rank's forward
+    gathers weights from all the others); rank 0 prints its first sequence: input, target and predicted
+    token (a position the objective does not count shows no target; a hidden token shows as ·)."""
+    inputs, targets = batch.inputs, batch.targets
     engine.eval()
     with torch.no_grad():
-        logits, loss = engine(inputs, targets)
+        logits, loss = engine(inputs, targets, **batch.model_inputs())
     engine.train()
     if rank != 0:
         return
     predicted = logits.argmax(-1)
-    accuracy = (predicted == targets).float().mean().item()
+    counted = targets != -100
+    accuracy = (predicted == targets)[counted].float().mean().item()
     print(f"overfit batch: final loss {loss.item():.4f}; accuracy {accuracy:.3f}")
     print(f"{'pos':>4}  {'input':<16} {'target':<16} {'predicted':<16}")
+    hidden = batch.hidden_tokens[0].tolist() if batch.hidden_tokens is not None else [False] * inputs.size(1)
     first = [row.tolist() for row in (inputs[0], targets[0], predicted[0])]
     for position in range(min(len(first[0]), 24)):
         shown = [repr(tokenizer.decode([ids[position]]))[1:-1][:15] for ids in first]
+        shown[0] = "·" if hidden[position] else shown[0]
+        shown[1] = "" if first[1][position] == -100 else shown[1]
         print(f"{position:>4}  {shown[0]:<16} {shown[1]:<16} {shown[2]:<16}")
