@@ -102,8 +102,8 @@ def test_plot_without_an_argument_plots_the_projects_run(tmp_path, monkeypatch, 
     (["train", "--max-steps", "10"], "No such option: --max-steps; train.max_steps is a project key: --set "
                                      "train.max_steps=10"),
     (["train", "--lr=3e-4"], "train.lr is a project key: --set train.lr=3e-4"),
-    (["eval", "--seed", "3"], "project.seed or generate.seed is a project key: --set project.seed=3 or --set "
-                              "generate.seed=3"),
+    (["train", "--seed", "3"], "project.seed or eval.seed or generate.seed is a project key: --set project.seed=3 or "
+                               "--set eval.seed=3 or --set generate.seed=3"),
     (["load-hf", "gpt2", "--out", "x", "--max-steps", "5"], "train.max_steps is a project key: set it in the project "
                                                            "file"),
 ])

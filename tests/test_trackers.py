@@ -486,6 +486,9 @@ def test_mlflow_holds_every_number_once_the_config_and_a_resume_continues_the_sa
     pytest.importorskip("mlflow")
     from tracker_readers import mlflow_runs
 
+    for key in trackers.MLFLOW_HTTP_DEFAULTS:  # the tracker sets MLflow's HTTP bounds; monkeypatch undoes them
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     # A file store: the quickest local store to open (a new SQLite store builds its tables first, which takes
     # seconds); the training test below uses SQLite.
     uri = (tmp_path / "store").as_uri()

@@ -165,6 +165,7 @@ def test_samples_during_training_follow_the_generate_section(capsys):
 
     from gptcli.generate import generate
     from gptcli.model import build_model
+    from gptcli.objectives import NEXT_TOKEN
     from gptcli.tokenizer import load_tokenizer
     from gptcli.train.loop import print_sample
 
@@ -178,7 +179,7 @@ def test_samples_during_training_follow_the_generate_section(capsys):
         torch.manual_seed(0)
         model = build_model(project.model).train()
         run = SimpleNamespace(project=project, engine=SimpleNamespace(module=model), rank=0, device="cpu",
-                              tokenizer=tokenizer, step=4, writer=None)
+                              tokenizer=tokenizer, step=4, writer=None, objective=NEXT_TOKEN)
         rng = torch.get_rng_state()
         print_sample(run)
         assert torch.equal(torch.get_rng_state(), rng) and model.training

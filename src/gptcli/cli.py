@@ -715,15 +715,13 @@ def eval_command(
     bf16: Bf16Opt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Loss, perplexity and bits per byte under the run's objective, on the project's val shards, a text file or a
-    dataset; or, with --task, zero-shot task scores (HellaSwag, LAMBADA, PIQA, ARC, ..., `all`, a plugin's) beside
-    GPT-2's."""
+    """Loss, perplexity and bits per byte under the run's objective on the val shards, a text file or a dataset;
+    with --task, zero-shot task scores (HellaSwag, LAMBADA, PIQA, ARC, ..., `all`, a plugin's) beside GPT-2's."""
     if task is not None:
         return eval_tasks(project, checkpoint, overrides, task, task_data, limit, batch_size, device, bf16,
                           as_json, other=text or dataset)
-    given = {"text": text, "split": split, "stride": stride, "batch_size": batch_size, "max_tokens": max_tokens,
-             "splits": splits, "seed": seed}
-    config = eval_config(project, overrides, given, dataset)
+    config = eval_config(project, overrides, {"text": text, "split": split, "stride": stride, "batch_size": batch_size,
+                                              "max_tokens": max_tokens, "splits": splits, "seed": seed}, dataset)
     run_eval(config, write_splits, as_json, checkpoint=checkpoint, device=device, bf16=bf16, dataset=dataset,
              dataset_split=dataset_split)
 
