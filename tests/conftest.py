@@ -31,6 +31,11 @@ SHARED_GPT2_BPE = SHARED / "gpt2_bpe"
 
 if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # pytest-xdist starts its workers with COLUMNS=80 and LINES=24: rich would fix gptcli's consoles at 80 columns
+    # when gptcli.cli is imported, and pass 80 on to every `gpt` a test starts. A worker runs as one process does.
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
 
 # The files tiktoken's `gpt2` encoding reads, with the sha256 it expects (tiktoken_ext/openai_public.py).
 GPT2_VOCAB_URLS = {
@@ -171,7 +176,7 @@ def pytest_collection_modifyitems(config, items):
 def gpt_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("COLUMNS", "200")
+    env["COLUMNS"] = "200"  # tables and help as wide as the tests read them, whatever terminal runs pytest
     env.update(extra or {})
     return env
 

@@ -179,7 +179,7 @@ def init(
     are comments, so changing `preset` takes effect."""
     from .config import write_template
 
-    err.print(f"Wrote {write_template(directory, preset, force)}")
+    err.print(escape(f"Wrote {write_template(directory, preset, force)}"), highlight=False, soft_wrap=True)
 
 
 # --- gpt inspect-params -----------------------------------------------------------------------------------
@@ -580,7 +580,7 @@ def plot_command(
 
     if run_dir is None:
         run_dir = Path(load(project, overrides).project.out_dir)
-    err.print(f"Wrote {plot_losses(run_dir, output)}")
+    err.print(escape(f"Wrote {plot_losses(run_dir, output)}"), highlight=False, soft_wrap=True)
 
 
 # --- gpt generate / gpt eval -------------------------------------------------------------------------------
@@ -913,7 +913,7 @@ def show_load_report(report) -> None:
     if report.max_abs_diff is not None:
         out.print(f"verify: max |logit difference| vs transformers = {report.max_abs_diff:.3g} "
                   f"(tolerance {report.to_json()['tolerance']:g}) [green]✓[/green]")
-    out.print(f"Wrote {report.out}")
+    out.print(escape(f"Wrote {report.out}"), highlight=False, soft_wrap=True)
 
 
 ExportSourceArg = Annotated[Path, typer.Argument(
@@ -937,7 +937,8 @@ def export_hf_command(
         report = export_hf(model_dir, out_dir, force=force)
     if as_json:
         return emit_json(report.to_json())
-    out.print(f"Wrote {report.out} ({report.family}, {report.tensors} tensors): {', '.join(report.files)}")
+    out.print(escape(f"Wrote {report.out} ({report.family}, {report.tensors} tensors): {', '.join(report.files)}"),
+              highlight=False, soft_wrap=True)
 
 
 # --- entry point ----------------------------------------------------------------------------------------------

@@ -47,12 +47,14 @@ class Leak:
 
 
 def check_model_config(config: ModelConfig, layers: int) -> ModelConfig:
-    """The project's model, small: same positions, norms, pattern keys (sliding_window), a tiny width."""
+    """The project's model, small: same positions, norms, pattern keys (sliding_window), a tiny width, and only
+    the positions a checked window uses (a model of a billion positions is refused by the memory check, not
+    built here)."""
     ends_documents = config.eot_id < config.vocab_size
     return dataclasses.replace(config, preset=None, n_layer=layers, n_head=2, n_embd=16,
                                vocab_size=CHECK_VOCABULARY, vocab_multiple=1, dropout=0.0, attention="causal",
                                eot_id=CHECK_VOCABULARY - 1 if ends_documents else CHECK_VOCABULARY,
-                               block_size=max(config.block_size, CHECK_POSITIONS + 1))
+                               block_size=CHECK_POSITIONS + 1)
 
 
 def random_windows(rows: int, length: int, eot_id: int, generator: torch.Generator) -> torch.Tensor:
