@@ -107,6 +107,6 @@ def test_a_source_is_the_questions_a_mixture_must_answer():
     """DataSource's abstract questions are what the next kind of source implements; the rules on top are
     written once, on those answers."""
     assert DataSource.__abstractmethods__ == {"fingerprint", "check_tokenizer", "tokens", "windows", "loader",
-                                              "sequences", "directories"}
+                                              "sequences", "directories", "evaluated_parts"}
     with pytest.raises(TypeError):
         DataSource()

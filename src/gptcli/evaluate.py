@@ -310,8 +310,8 @@ def split_parts(project: Project, split: str, tokenizer, max_tokens: int = 0) ->
     if not source.tokens(split):
         raise GptError(f"{source.description} has no {split} tokens to score (see [data] val_fraction, or use "
                        "--split train).")
-    components = source.components() or {"": source}
-    parts = {name: part.sequences(split, tokenizer.vocab_size, max_tokens) for name, part in components.items()
+    parts = {name: part.sequences(split, tokenizer.vocab_size, max_tokens)
+             for name, part in source.evaluated_parts().items()
              if part.tokens(split)}  # a source without that split has no row
     return parts, f"{source.description} ({split})"
 

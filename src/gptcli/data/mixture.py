@@ -281,10 +281,6 @@ class MixtureLoader:
         self._block_sources = []  # worked out with the old base
         self.history = list(state["history"])
 
-    def sequential_batches(self, count: int):
-        """Evaluation reads each source's val split on its own (data/source.py); a mixture has no one order."""
-        raise NotImplementedError("a mixture is evaluated source by source")
-
 
 def changed_state(saved: dict, loader_identities: list[dict], step: int) -> dict:
     """The state that continues a checkpoint's `saved` loader state with another mixture (`loader_identities`)

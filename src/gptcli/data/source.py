@@ -9,11 +9,12 @@ the same questions (its windows, its loaders and what their state_dict saves) an
 and refuses about a run over it (`run_lines`), and how a checkpoint saved with another mixture continues, or
 is refused (`resume_state`).
 
-A loader a source makes hands out (inputs, targets) micro batches (`next_batch`), the first micro batches of
-its rank's share in a fixed order for evaluation (`sequential_batches`), tells observers what it handed out
-(`observe`), and saves and restores where it stands (`state_dict`, `load_state_dict`): that state is what a
-checkpoint keeps as the client state's "loader", in whatever form the source's loader defines (for one dir:
-data/loader.py's cursor, unchanged, so older checkpoints resume).
+A loader a source makes hands out (inputs, targets) micro batches (`next_batch`), tells observers what it
+handed out (`observe`), and saves and restores where it stands (`state_dict`, `load_state_dict`): that state
+is what a checkpoint keeps as the client state's "loader", in whatever form the source's loader defines (for
+one dir: data/loader.py's cursor, unchanged, so older checkpoints resume). Evaluation reads prepared dirs
+only, each in its own file order (`evaluated_parts`, then a dir's `val_loader` and its `sequential_batches`):
+one for one dir, one per source of a mixture, which has no one order to evaluate in.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class DataSource(ABC):
         """The sources measured one by one, by name (a mixture's: eval_loss/<name>); empty for one source."""
         return {}
 
+    @abstractmethod
+    def evaluated_parts(self) -> dict[str, "PreparedSource"]:
+        """The prepared dirs evaluation reads one by one, each in its own file order, by name: "" for one dir,
+        a mixture's sources by theirs (a mixture has no one order to evaluate in)."""
+
     def run_lines(self, layout: BatchLayout, steps: int, saved: Optional[dict], step: int) -> list[str]:
         """Pre-flight's lines about a run of `steps` more optimizer steps over this data (from checkpoint
         loader state `saved` at `step`, None for a fresh run), after refusing in one sentence what it cannot
@@ -127,15 +133,6 @@ class DataSource(ABC):
         return self.loader("train", layout.micro_batch_size, layout.seq_len, rank=rank, world_size=layout.world_size,
                            seed=seed, shuffle=shuffle, windows_per_step=layout.sequences_per_step)
 
-    def val_loader(self, layout: BatchLayout, rank: int, seed: int) -> Optional[Loader]:
-        """The val split in file order, at the evaluation batch; None when it holds no window per rank."""
-        batch = self.evaluation_batch(layout)
-        if batch == 0:
-            return None
-        return self.loader("val", batch, layout.seq_len, rank=rank, world_size=layout.world_size, seed=seed,
-                           shuffle=False)
-
-
 class PreparedSource(DataSource):
     """One `gpt prepare` dir: each split one token stream over its shards (data/loader.py)."""
 
@@ -164,6 +161,17 @@ class PreparedSource(DataSource):
                seed: int = 0, shuffle: bool = True, windows_per_step: Optional[int] = None) -> BatchLoader:
         return BatchLoader(self.data, split, micro_batch_size, seq_len, rank=rank, world_size=world_size, seed=seed,
                            shuffle=shuffle, windows_per_step=windows_per_step)
+
+    def val_loader(self, layout: BatchLayout, rank: int, seed: int) -> Optional[BatchLoader]:
+        """The val split in file order, at the evaluation batch; None when it holds no window per rank."""
+        batch = self.evaluation_batch(layout)
+        if batch == 0:
+            return None
+        return self.loader("val", batch, layout.seq_len, rank=rank, world_size=layout.world_size, seed=seed,
+                           shuffle=False)
+
+    def evaluated_parts(self) -> dict[str, "PreparedSource"]:
+        return {"": self}
 
     def data_stream(self, split: str, seq_len: int, seed: int, shuffle: bool) -> BatchLoader:
         """`split` as one stream of windows in a seeded order (a mixture's source: BatchLoader.window, .order)."""
@@ -223,6 +231,9 @@ class MixtureSource(DataSource):
         return [directory for source in self.sources for directory in source.directories]
 
     def components(self) -> dict[str, DataSource]:
+        return dict(self.evaluated_parts())
+
+    def evaluated_parts(self) -> dict[str, "PreparedSource"]:
         return {entry.name: source for entry, source in zip(self.entries, self.sources, strict=True)}
 
     def check_tokenizer(self, fingerprint: Optional[str], vocab_size: int) -> None:

@@ -67,6 +67,7 @@ from .state.warmstart import model_from_source, set_fp32_masters
 if TYPE_CHECKING:
     import deepspeed
 
+    from ..data.loader import BatchLoader
     from ..data.source import DataSource, Loader
     from ..model import GPT
     from ..tokenizer import Tokenizer
@@ -104,7 +105,7 @@ class Run:
     engine: "deepspeed.DeepSpeedEngine"
     layout: BatchLayout
     loader: BatchPrefetcher
-    val_loaders: dict[str, "Loader"]  # by source name ("" for one dir): what evaluation reads
+    val_loaders: dict[str, "BatchLoader"]  # by source name ("" for one dir): what evaluation reads
     source: "DataSource"
     tokenizer: "Tokenizer"
     run_dir: Path
@@ -280,7 +281,7 @@ def build(config: ModelConfig, start: Start, device: str) -> tuple[GPT, Optional
 
 
 def make_loaders(project: Project, source: "DataSource", layout: BatchLayout, rank: int,
-                 overfit: bool) -> tuple["Loader", dict[str, "Loader"]]:
+                 overfit: bool) -> tuple["Loader", dict[str, "BatchLoader"]]:
     """The data source's train loader (seeded order) and its val loaders (file order) by source name ("" for
     one dir; a mixture's sources each on their own), leaving out a source without a val split to evaluate on."""
     seed = project.project.seed
@@ -288,7 +289,7 @@ def make_loaders(project: Project, source: "DataSource", layout: BatchLayout, ra
     if not project.train.eval_every or overfit:
         return loader, {}
     val_loaders = {}
-    for name, part in (source.components() or {"": source}).items():
+    for name, part in source.evaluated_parts().items():
         if part.tokens("val") == 0:
             if rank == 0:
                 off = f'data.sources "{name}" is not evaluated' if name else "evaluation is off"

@@ -123,7 +123,7 @@ def check_data(project: Project, plan: RunPlan, point: Optional[tuple[str, dict]
     lines = source.run_lines(layout, plan.steps, saved, plan.steps_done)
     if not project.train.eval_every:
         return notes + lines
-    for part in (source.components() or {"": source}).values():
+    for part in source.evaluated_parts().values():
         notes += val_notes(part, layout)
     return notes + lines
 
