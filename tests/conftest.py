@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -31,6 +32,12 @@ SHARED_GPT2_BPE = SHARED / "gpt2_bpe"
 
 if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    # Started in the background of a shell without job control (`cmd &`, nohup), this process and every child
+    # would inherit SIGINT ignored, and Python turns no Ctrl-C into KeyboardInterrupt in a process that starts
+    # so: the tests that stop a `gpt` with SIGINT would see it run on. The processes tests start get SIGINT's
+    # default, as from a terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 if "PYTEST_XDIST_WORKER" in os.environ:
     # pytest-xdist starts its workers with COLUMNS=80 and LINES=24: rich would fix gptcli's consoles at 80 columns
     # when gptcli.cli is imported, and pass 80 on to every `gpt` a test starts. A worker runs as one process does.
