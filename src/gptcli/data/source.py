@@ -86,7 +86,7 @@ class DataSource(ABC):
 
     def components(self) -> dict[str, "DataSource"]:
         """The sources measured one by one, by name (a mixture's: eval_loss/<name>); empty for one source."""
-        return {}
+        return {name: part for name, part in self.evaluated_parts().items() if name}
 
     @abstractmethod
     def evaluated_parts(self) -> dict[str, "PreparedSource"]:
@@ -229,9 +229,6 @@ class MixtureSource(DataSource):
     @property
     def directories(self) -> list[Path]:
         return [directory for source in self.sources for directory in source.directories]
-
-    def components(self) -> dict[str, DataSource]:
-        return dict(self.evaluated_parts())
 
     def evaluated_parts(self) -> dict[str, "PreparedSource"]:
         return {entry.name: source for entry, source in zip(self.entries, self.sources, strict=True)}
