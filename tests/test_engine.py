@@ -3,6 +3,10 @@ optimizer, compile, the vocabulary padding, the MFU peak table, and the batches 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -97,3 +101,25 @@ def test_peak_tflops_overrides_the_lookup_and_a_cpu_has_none():
     assert peak_flops("cpu", 123.5) == 123.5e12
     with pytest.raises(Exception, match="train.peak_tflops"):
         project(train={"peak_tflops": -1.0})
+
+
+IMPORT_CHECK = """
+import sys
+from gptcli.train.launching.importing import import_deepspeed
+deepspeed = import_deepspeed()
+from deepspeed.autotuning import autotuner
+assert "mlflow" not in sys.modules, "DeepSpeed's import imported MLflow"
+assert autotuner.has_mlflow is False
+import mlflow  # gptcli's tracker imports it as usual afterwards
+assert mlflow.__name__ == "mlflow" and import_deepspeed() is deepspeed
+print("ok")
+"""
+
+
+def test_deepspeeds_import_leaves_mlflow_out_and_importable():
+    """DeepSpeed's autotuner imports MLflow at DeepSpeed's import (about 2 s per process): import_deepspeed
+    hides it for that import only. In a fresh process, as each rank starts."""
+    pytest.importorskip("mlflow")
+    result = subprocess.run([sys.executable, "-c", IMPORT_CHECK], capture_output=True, text=True,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -47,6 +47,7 @@ from .engine import (
     training_model_config,
 )
 from .faults import Faults, corrupt
+from .launching.importing import import_deepspeed
 from .launching.lock import RunDirClaim
 from .launching.opbuild import prepare_cpu_comm_op
 from .launching.stopping import StopRequest
@@ -177,7 +178,7 @@ def train(project: Project, options: TrainOptions) -> TrainResult:
 
 def setup(project: Project, options: TrainOptions, device: str, claim: RunDirClaim, start: Start,
           library_log: LibraryLog) -> Run:
-    import deepspeed
+    deepspeed = import_deepspeed()
     import deepspeed.comm as dist
 
     from ..data.source import open_source

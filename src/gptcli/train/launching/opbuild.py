@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 from ...errors import GptError
 from ...locks import FileLock, LockBusy
+from .importing import import_deepspeed
 
 OP_NAME = "deepspeed_shm_comm"
 TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in the build dir
@@ -80,6 +81,7 @@ def build_time() -> str:
 
 def prepare_cpu_comm_op(say: Say, directory: Optional[Path] = None) -> None:
     """Every rank, before DeepSpeed starts on the CPU: the op is built, and no lock of a dead build is left."""
+    import_deepspeed()
     import deepspeed.ops
 
     if not deepspeed.ops.__compatible_ops__.get(OP_NAME, False):
@@ -256,6 +258,7 @@ def helper_main() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop_the_build)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)

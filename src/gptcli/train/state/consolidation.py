@@ -23,6 +23,7 @@ import torch
 from ...config import ModelConfig, Project
 from ...errors import GptError
 from ..engine import device_type, prepare_environment
+from ..launching.importing import import_deepspeed
 from ..launching.lock import RunDirClaim
 from ..observing.metrics import plot_losses
 from . import checkpoint
@@ -118,6 +119,7 @@ def full_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     - ZeRO 0: `mp_rank_00_model_states.pt`, whose optimizer state holds the fp16/bf16 optimizer's masters;
       in fp32 the module's weights are the masters.
     """
+    import_deepspeed()  # the checkpoint's pickles name DeepSpeed's classes
     directory = checkpoint.checkpoints_dir(run_dir) / tag
     partitions = sorted(directory.glob("*zero_pp_rank_*_optim_states.pt"), key=partition_rank)
     if not partitions:
