@@ -146,11 +146,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.in_process:
         from gptcli.train.engine import prepare_environment
+        from gptcli.train.launching.importing import import_deepspeed
 
         logging.disable(logging.WARNING)
         prepare_environment(args.device)
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         deepspeed.init_distributed(dist_backend="gloo" if args.device == "cpu" else "nccl")
         print(json.dumps(measure(shlex.split(args.configs[0]), args.device, args.cap)))
         return

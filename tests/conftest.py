@@ -43,6 +43,11 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     # when gptcli.cli is imported, and pass 80 on to every `gpt` a test starts. A worker runs as one process does.
     for name in ("COLUMNS", "LINES"):
         os.environ.pop(name, None)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Workers share the cores, and torch's OpenMP threads spin on a core while they wait for work: one worker's
+    # waiting threads take the core another worker's run computes on. Passive waiting (the threads sleep) made
+    # two nano runs side by side on 2 cores take 14.7 s instead of 20 s, one run alone 12 s as before.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The files tiktoken's `gpt2` encoding reads, with the sha256 it expects (tiktoken_ext/openai_public.py).
 GPT2_VOCAB_URLS = {
