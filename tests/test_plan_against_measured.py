@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_gpt
+from conftest import USERS_ALLOCATOR, run_gpt
 from gptcli import machine, planner
 from gptcli.config import apply_overrides, dump_toml, project_from_dict
 from gptcli.errors import GptError
@@ -193,7 +193,7 @@ def shards(tmp_path_factory, corpus):
 
 def trained(directory: Path, shards: Path, *overrides: str) -> Path:
     project = project_toml(directory, *overrides, data=shards)
-    result = run_gpt("train", "--project", project)
+    result = run_gpt("train", "--project", project, env=USERS_ALLOCATOR)  # its memory, as users run it
     assert result.returncode == 0, result.stderr[-3000:]
     return project
 

@@ -18,7 +18,7 @@ import pytest
 import tomllib
 import torch
 
-from conftest import SMALL_BF16, assert_user_error, losses, project_file, run_gpt, train, trained
+from conftest import SMALL_BF16, assert_user_error, losses, project_file, rewound_copy, run_gpt, train, trained
 
 pytestmark = pytest.mark.slow
 
@@ -88,15 +88,6 @@ def uninterrupted(tmp_path_factory, shards):
     return get
 
 
-def resumable_copy(run_dir: Path, destination: Path) -> Path:
-    """The run as it was right after saving step 3: checkpoint step_00000003 named by `latest`."""
-    shutil.copytree(run_dir, destination)
-    shutil.rmtree(destination / "checkpoints" / "step_00000006")
-    shutil.rmtree(destination / "model")
-    (destination / "checkpoints" / "latest").write_text("step_00000003\n")
-    return destination
-
-
 @pytest.mark.parametrize("stage,precision,saved_on,resumed_on", [
     (0, "fp32", 2, 1), (2, "fp32", 2, 1), (2, "fp32", 1, 2), (3, "fp32", 1, 2), (1, "bf16", 1, 2), (3, "bf16", 2, 1)])
 def test_resuming_on_another_number_of_ranks_carries_everything_over(tmp_path, shards, uninterrupted, stage,
@@ -111,7 +102,7 @@ def test_resuming_on_another_number_of_ranks_carries_everything_over(tmp_path, s
     both stages in fp32) both ways, ZeRO-3 (its nested groups and shared step count) both ways, once in fp32
     and once in bf16, and bf16 ZeRO-1 (DeepSpeed's BF16_Optimizer, its own layout)."""
     reference, reference_probe = uninterrupted(stage, precision, saved_on)
-    run_dir = resumable_copy(reference, tmp_path / "run")
+    run_dir = rewound_copy(reference, tmp_path / "run", 3)
     project = continue_project(tmp_path, shards, *settings(stage, precision))
     result = train(project, "--resume", "required", ranks=resumed_on, probe=tmp_path / "probe")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,7 +147,7 @@ def test_uninterrupted_runs_on_one_and_two_ranks_take_the_same_windows_per_step(
 
 def test_a_kill_in_the_middle_of_the_conversion_leaves_the_checkpoint_usable(tmp_path, shards, uninterrupted):
     reference, _ = uninterrupted(2, "fp32", 1)
-    run_dir = resumable_copy(reference, tmp_path / "run")
+    run_dir = rewound_copy(reference, tmp_path / "run", 3)
     project = continue_project(tmp_path, shards, "deepspeed.zero_stage=2")
     checkpoint = run_dir / "checkpoints" / "step_00000003"
     before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
