@@ -57,13 +57,20 @@ def built(config, dtype: torch.dtype, checkpointing: bool):
     return model
 
 
-def measured_and_planned(config, batch: int, seq_len: int, dtype: torch.dtype, checkpointing: bool):
+def planned_step(config, batch: int, seq_len: int, dtype: torch.dtype, checkpointing: bool):
+    """The planner's activation memory for one step of `config`, and the model and batch to measure it on."""
     model = built(config, dtype, checkpointing)
     idx = torch.randint(0, config.vocab_size, (batch, seq_len))
     targets = torch.randint(0, config.vocab_size, (batch, seq_len))
     shape = planner.ActivationShape(batch, seq_len, 2 if dtype == torch.bfloat16 else 4, "cpu", config.dropout,
                                     checkpointing, config.attention != "causal")
-    return kept_for_backward(model, idx, targets), planner.activation_memory(config, shape), (model, idx, targets)
+    return planner.activation_memory(config, shape), (model, idx, targets)
+
+
+def measured_and_planned(config, batch: int, seq_len: int, dtype: torch.dtype, checkpointing: bool):
+    """planned_step, with what autograd keeps in one forward pass of that step (kept_for_backward)."""
+    planned, (model, idx, targets) = planned_step(config, batch, seq_len, dtype, checkpointing)
+    return kept_for_backward(model, idx, targets), planned, (model, idx, targets)
 
 
 # (layers, width, heads, vocabulary, context) and (B, T): nano-sized blocks, a GPT-2 layer.
@@ -131,7 +138,7 @@ def peak_of_a_step(model, idx, targets) -> int:
 def test_the_peak_of_a_forward_and_backward_pass(keys, batch, checkpointing):
     config = model_config(**keys)
     for dtype in (torch.float32, torch.bfloat16):
-        _, planned, (model, idx, targets) = measured_and_planned(config, batch, config.block_size, dtype, checkpointing)
+        planned, (model, idx, targets) = planned_step(config, batch, config.block_size, dtype, checkpointing)
         assert planned.peak == pytest.approx(peak_of_a_step(model, idx, targets), rel=TOLERANCE)
 
 
@@ -142,7 +149,7 @@ def test_the_peak_of_the_chunked_loss(batch):
     fewest from which the backward pass's peak takes its other form (planner/activations.loss_terms)."""
     config = model_config(preset="nano")
     for dtype in (torch.float32, torch.bfloat16):
-        _, planned, (model, idx, targets) = measured_and_planned(config, batch, 64, dtype, False)
+        planned, (model, idx, targets) = planned_step(config, batch, 64, dtype, False)
         assert planned.peak == pytest.approx(peak_of_a_step(model, idx, targets), rel=TOLERANCE)
 
 
@@ -278,7 +285,10 @@ def test_deepspeed_on_the_cpu_holds_what_the_plan_says(stage, precision):
     precisions but ZeRO-3 in fp32: one layout (planner/states.stage3_layout) and one DeepSpeed optimizer hold
     both precisions there, and bf16 (16-bit weights beside the fp32 masters) is the one with more terms."""
     configs = [f"model.preset=nano train.micro_batch_size=4 deepspeed.zero_stage={stage} train.precision={precision}"]
-    if stage in (1, 2):  # a reduce bucket smaller than the model, and gradient accumulation
+    if (stage, precision) in ((1, "fp32"), (2, "fp32"), (1, "bf16")):
+        # A reduce bucket smaller than the model, and gradient accumulation: ZeRO-1's and ZeRO-2's paths of
+        # DeepSpeed's ZeRO optimizer, and bf16 ZeRO-1's BF16_Optimizer (bf16 ZeRO-2 is the ZeRO-2 path again,
+        # in 16-bit elements).
         configs.append(configs[0] + " train.grad_accum_steps=2 deepspeed.config={zero_optimization={reduce_bucket_size=1000000}}")
     result = subprocess.run([sys.executable, str(REPO / "bench" / "plan_memory.py"), "--json", *configs],
                             capture_output=True, text=True, timeout=1800,
