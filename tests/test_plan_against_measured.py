@@ -230,14 +230,14 @@ def test_a_cpu_run_records_its_peak_memory_and_speed(nano_run):
 
 @pytest.mark.slow
 def test_the_peak_resident_memory_of_a_nano_run_is_within_25_percent_of_the_plan(nano_run):
-    assert resident_ratio(nano_run) == pytest.approx(1.0, abs=0.25)  # measured 0.99 (docs/benchmarks.md)
+    assert resident_ratio(nano_run) == pytest.approx(1.0, abs=0.25)  # measured 0.93 (docs/benchmarks.md)
 
 
 @pytest.mark.slow
 def test_the_peak_resident_memory_of_a_tiny_run_is_within_25_percent_of_the_plan(tmp_path, shards):
     project = trained(tmp_path, shards, 'model.preset="tiny"', 'train.device="cpu"', "train.max_steps=2",
                       "train.eval_every=0", "train.sample_every=0")
-    assert resident_ratio(project) == pytest.approx(1.0, abs=0.25)  # measured 1.01 (docs/benchmarks.md)
+    assert resident_ratio(project) == pytest.approx(1.0, abs=0.25)  # measured 1.02 (docs/benchmarks.md)
 
 
 @pytest.mark.gpu

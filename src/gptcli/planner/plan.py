@@ -89,7 +89,7 @@ NCCL_GROUPS = 2
 # DeepSpeed's code and state, the tokenizer, the data loader and its prefetched batches, the engine's
 # bookkeeping. Measured as the peak RSS (VmHWM) of nano and tiny runs less the plan's tensors
 # (bench/plan_vs_measured.py, docs/benchmarks.md).
-CPU_PROCESS_BYTES = 640 * 2**20
+CPU_PROCESS_BYTES = 560 * 2**20
 
 
 @dataclass(frozen=True)
