@@ -43,19 +43,18 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     # when gptcli.cli is imported, and pass 80 on to every `gpt` a test starts. A worker runs as one process does.
     for name in ("COLUMNS", "LINES"):
         os.environ.pop(name, None)
-# The processes the tests start keep the memory torch frees (glibc's malloc reads these at a process's start).
-# By default glibc hands every large freed block back to the kernel, and the next step's tensors fault in fresh
-# zeroed pages: of a nano `gpt train` of 8 steps, 5.2 of 17.2 CPU-seconds were the kernel's. Kept, the same run
-# took 12.2 CPU-seconds and 10.3 s instead of 13.3 s, its peak resident memory 100-150 MB higher. A test that
-# measures a process's memory starts it with USERS_ALLOCATOR, as users run it.
+# The processes the tests start keep the memory torch frees (glibc's malloc reads these at a process's start)
+# instead of handing each large freed block back to the kernel: a quarter less CPU per `gpt train`, and a higher
+# peak resident memory (docs/architecture.md, "Running the tests"). A test that measures a process's memory
+# starts it with USERS_ALLOCATOR, as users run it.
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 USERS_ALLOCATOR: dict = dict.fromkeys(KEEP_FREED_MEMORY)  # gpt_env: None removes a variable
 for _name, _value in KEEP_FREED_MEMORY.items():
     os.environ.setdefault(_name, _value)
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     # Workers share the cores, and torch's OpenMP threads spin on a core while they wait for work: one worker's
-    # waiting threads take the core another worker's run computes on. Passive waiting (the threads sleep) made
-    # two nano runs side by side on 2 cores take 14.7 s instead of 20 s, one run alone 12 s as before.
+    # waiting threads take the core another worker's run computes on. Passive waiting lets them sleep
+    # (docs/architecture.md, "Running the tests", has the figures).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The files tiktoken's `gpt2` encoding reads, with the sha256 it expects (tiktoken_ext/openai_public.py).
