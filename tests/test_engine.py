@@ -123,3 +123,32 @@ def test_deepspeeds_import_leaves_mlflow_out_and_importable():
     result = subprocess.run([sys.executable, "-c", IMPORT_CHECK], capture_output=True, text=True,
                             env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+MUON_CHECK = """
+import sys
+from gptcli.train.launching.importing import import_deepspeed, import_muon_uncompiled
+from deepspeed.runtime import compiler
+compile_before = compiler.compile
+if sys.argv[1] == "muon-first":  # a Muon run built its optimizer on DeepSpeed's Muon before
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+import_muon_uncompiled()
+from deepspeed.runtime.zero.muon import original_muon
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+assert compiler.compile is compile_before
+compiled = [hasattr(getattr(original_muon, name), "_torchdynamo_orig_callable")
+            for name in ("zeropower_via_newtonschulz5", "zeropower_via_gram_newtonschulz", "muon_update")]
+print(compiled, "torch._inductor.compile_fx" in sys.modules)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,compiled", [("adamw", False), ("muon-first", True)])
+def test_deepspeeds_muon_module_is_loaded_uncompiled_unless_a_muon_optimizer_loaded_it(first, compiled):
+    """ZeRO imports DeepSpeed's Muon module whatever the optimizer; its kernels' torch.compile loads inductor
+    (about a second of each rank's start). A run on another optimizer loads it with plain kernels; a Muon run
+    keeps the compiled ones. In a fresh process, as each rank starts."""
+    result = subprocess.run([sys.executable, "-c", MUON_CHECK, first], capture_output=True, text=True,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == f"{[compiled] * 3} {compiled}"

@@ -18,6 +18,7 @@ from ..config import ModelConfig, Project
 from ..errors import GptError
 from ..optimizers import ADAMW, OptimizerSpec, Placement, grouped_names, optimizer_spec
 from ..planner import precision_for, training_model
+from .launching.importing import import_muon_uncompiled
 from .launching.launch import free_port
 
 
@@ -202,6 +203,7 @@ def initialize(project: Project, model: torch.nn.Module, layout: BatchLayout, pr
         # on the CPU inductor spends some 20-40 s per matrix shape, on 2 cores, before the first step).
         torch.compiler.set_stance("force_eager")
     optimizer = make_optimizer(model, project, device, precision)
+    import_muon_uncompiled()  # after the optimizer: DeepSpeed's Muon, if it is one, keeps its compiled kernels
     config = merge(config, optimizer_settings(project, optimizer))
     try:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

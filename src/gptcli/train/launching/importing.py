@@ -6,10 +6,17 @@ rank and every process that reads a checkpoint (docs/benchmarks.md, "DeepSpeed's
 `import_deepspeed()` hides MLflow from that one import and gives it back at once: gptcli's MLflow tracker
 imports it as usual, and the autotuner alone sees none. Every code path that may be the first in its process
 to import DeepSpeed goes through here.
+
+ZeRO's set-up, and every ZeRO-1/2 gradient reduction, import DeepSpeed's Muon module to ask whether the
+optimizer is Muon, whatever it is. That module wraps its kernels in torch.compile as it loads, and the first
+torch.compile of a process loads inductor: about a second of every rank's start (docs/benchmarks.md,
+"DeepSpeed's Muon module: loaded uncompiled when unused"). `import_muon_uncompiled()` loads it with its
+kernels left as they are, for a run whose optimizer is not DeepSpeed's Muon; one that is imported it already.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from types import ModuleType
 
@@ -27,3 +34,26 @@ def import_deepspeed() -> ModuleType:
         if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
             del sys.modules["mlflow"]
     return deepspeed
+
+
+DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_uncompiled() -> None:
+    """DeepSpeed's Muon module, loaded now with its kernels not wrapped in torch.compile, unless this process
+    has loaded it already (an optimizer built on it did, and keeps its compiled kernels). For a run whose
+    optimizer is not DeepSpeed's Muon: DeepSpeed only asks isinstance of its class, and never runs a kernel."""
+    if DEEPSPEED_MUON in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    original = getattr(compiler, "compile", None)
+    if original is None:  # a DeepSpeed that compiles otherwise: its own import, as it is
+        return
+    compiler.compile = lambda *args, **kwargs: (lambda function: function)  # type: ignore[assignment]
+    try:
+        importlib.import_module(DEEPSPEED_MUON)
+    except ImportError:
+        pass  # DeepSpeed imports it under try itself, or not at all
+    finally:
+        compiler.compile = original
