@@ -195,7 +195,8 @@ def test_the_planner_is_arithmetic_without_torch():
 
 
 def test_the_cli_starts_without_torch_or_deepspeed():
-    code = ("import sys, gptcli.cli, gptcli.config, gptcli.train.command; "
+    """Nor does `gpt plot` import torch (metrics.py): about 2 s of its 3."""
+    code = ("import sys, gptcli.cli, gptcli.config, gptcli.train.command, gptcli.train.observing.metrics; "
             "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=gpt_env())
     assert result.stdout.strip() == "[]", result.stdout

@@ -13,8 +13,6 @@ from operator import methodcaller
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
-
 from ...config import ModelConfig
 from ...fsutil import atomic_write_text
 from ...parsing import is_whole_number, loads_json
@@ -62,7 +60,11 @@ def peak_flops(device: str, peak_tflops: float = 0.0, precision: str = "bf16") -
     when unknown (a CPU, an unlisted GPU)."""
     if peak_tflops > 0:
         return peak_tflops * 1e12
-    if device != "cuda" or not torch.cuda.is_available():
+    if device != "cuda":
+        return None
+    import torch  # here: `gpt plot` reads metrics.jsonl without torch
+
+    if not torch.cuda.is_available():
         return None
     return peak_for_name(torch.cuda.get_device_name(), precision)
 
