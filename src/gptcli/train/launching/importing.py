@@ -50,7 +50,7 @@ def import_muon_uncompiled() -> None:
     original = getattr(compiler, "compile", None)
     if original is None:  # a DeepSpeed that compiles otherwise: its own import, as it is
         return
-    compiler.compile = lambda *args, **kwargs: (lambda function: function)  # type: ignore[assignment]
+    compiler.compile = lambda *args, **kwargs: (lambda function: function)
     try:
         importlib.import_module(DEEPSPEED_MUON)
     except ImportError:
