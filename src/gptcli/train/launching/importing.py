@@ -42,7 +42,9 @@ DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
 def import_muon_uncompiled() -> None:
     """DeepSpeed's Muon module, loaded now with its kernels not wrapped in torch.compile, unless this process
     has loaded it already (an optimizer built on it did, and keeps its compiled kernels). For a run whose
-    optimizer is not DeepSpeed's Muon: DeepSpeed only asks isinstance of its class, and never runs a kernel."""
+    optimizer is not DeepSpeed's Muon: DeepSpeed only asks isinstance of its class, and never runs a kernel.
+    A Muon optimizer built later in the same process (one process, one run, except in tests) runs its kernels
+    eagerly, as every CPU run does anyway (engine.initialize: nothing is compiled on the CPU by default)."""
     if DEEPSPEED_MUON in sys.modules:
         return
     from deepspeed.runtime import compiler
