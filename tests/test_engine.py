@@ -128,6 +128,7 @@ def test_deepspeeds_import_leaves_mlflow_out_and_importable():
 MUON_CHECK = """
 import sys
 from gptcli.train.launching.importing import import_deepspeed, import_muon_uncompiled
+import_deepspeed()  # as a rank imports it
 from deepspeed.runtime import compiler
 compile_before = compiler.compile
 if sys.argv[1] == "muon-first":  # a Muon run built its optimizer on DeepSpeed's Muon before
