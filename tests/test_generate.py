@@ -247,6 +247,22 @@ def test_long_prompt_is_cropped_with_a_notice(model_dir, tokenizer):
     assert "last 32 tokens" in notices[0]
 
 
+def test_a_prompt_ending_in_a_lone_space_token_gets_a_notice(model_dir, tokenizer):
+    """GPT-2's BPE makes " the" one token, so "Return the " ends in a token (a lone space) that training text holds
+    mostly inside runs of indentation: the notice names the prompt without it. A prompt ending in a word, a
+    newline or a space inside a word's token gets none."""
+    from gptcli.modeldir import load_model_dir
+
+    model = load_model_dir(model_dir).model
+    notices = []
+    prompts = ["Return the ", "Return the", "def f():\n", "x = 1\t"]
+    generate(model, tokenizer, prompts, SamplingOptions(max_new_tokens=1, **GREEDY), on_notice=notices.append)
+    assert [tokenizer.decode([ids[-1]]) for ids in map(tokenizer.encode, prompts)] == [" ", " the", "\n", "\t"]
+    assert len(notices) == 2, notices
+    assert notices[0].startswith("Prompt 1 ends in a space") and '"Return the" without it' in notices[0]
+    assert notices[1].startswith("Prompt 4 ends in whitespace") and '"x = 1" without it' in notices[1]
+
+
 # --- the command line -------------------------------------------------------------------------------------
 
 

@@ -147,14 +147,31 @@ def test_samples_never_consume_the_training_rng_and_a_run_with_samples_resumes_e
     """Dropout draws from the training RNG; a sample drawn in the middle of the run must leave it as it was.
     A run with a sample every 2 steps, killed after step 5 (samples at 2 and 4) and resumed from step 3
     (samples at 4, 6 and 8, which it shows), has the losses of the reference run, which draws none: the steps kept from before
-    the kill and those after the resume alike."""
-    project = project_file(tmp_path, shards, "train.sample_every=2", "train.sample_tokens=8")
+    the kill and those after the resume alike. Its prompt ends in a space: the run says so once, at its start."""
+    project = project_file(tmp_path, shards, "train.sample_every=2", "train.sample_tokens=8",
+                           'train.sample_prompt="In my opinion, "')
     killed = train(project, fault="kill@5")
     assert killed.returncode in (-9, 137)
     resumed = train(project, "--resume", "required")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("--- sample at step") == 3
+    assert " ".join(resumed.stderr.split()).count("note: train.sample_prompt ends in a space") == 1, resumed.stderr
     assert losses(tmp_path / "run") == losses(reference_run)
+
+
+def test_the_run_notes_a_sample_prompt_that_ends_in_a_space_or_an_objective_without_samples():
+    from gptcli.tokenizer import load_tokenizer
+    from gptcli.train.loop import sample_note
+
+    tokenizer = load_tokenizer("gpt2")
+
+    def note(*overrides: str):
+        return sample_note(project_from_dict(apply_overrides({}, ["train.sample_every=10", *overrides])), tokenizer)
+
+    assert note('train.sample_prompt="def "').startswith('note: train.sample_prompt ends in a space, a token')
+    assert note('train.sample_prompt="def"') is None and note() is None  # the default: "In my opinion,"
+    assert note('train.sample_prompt="def "', "train.sample_every=0") is None  # no samples, nothing to say
+    assert "prints no samples" in note('train.sample_prompt="def "', 'train.objective="masked_lm"')
 
 
 def test_samples_during_training_follow_the_generate_section(capsys):

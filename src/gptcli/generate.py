@@ -372,6 +372,22 @@ def encode_prompt(tokenizer, prompt: str, block_size: int) -> tuple[list[int], i
     return ids[dropped:], dropped
 
 
+def lone_space_note(tokenizer, prompt: str) -> Optional[str]:
+    """What to say about a prompt whose last token is only spaces: a BPE like GPT-2's joins the space before
+    a word to the word's token, so a model meets a lone space token mostly inside runs of spaces (indentation),
+    and continues such a prompt with more of them. The rest of a sentence whose subject is the prompt; None for
+    any other prompt (a trailing newline is a token of its own in the training text too)."""
+    ids = tokenizer.encode(prompt)
+    last = tokenizer.decode(ids[-1:]) if ids else ""
+    if not last or last.strip(" \t"):
+        return None
+    kept = prompt.rstrip(" \t")
+    shown = kept if len(kept) <= 30 else "…" + kept[-29:]
+    return (f'ends in {"a space" if last == " " else "whitespace"}, a token of its own: {tokenizer.name}\'s BPE joins the space before a word to the '
+            f'word (" the" is one token), so the model has seen a lone space mostly inside runs of spaces; "{shown}" '
+            "without it lets the model pick the next word and its space.")
+
+
 def generate(model: GPT, tokenizer, prompts: list[str], options: SamplingOptions,
              on_text: Optional[Callable[[int, str], None]] = None,
              on_notice: Optional[Callable[[str], None]] = None) -> list[Sample]:
@@ -385,6 +401,9 @@ def generate(model: GPT, tokenizer, prompts: list[str], options: SamplingOptions
         if dropped and on_notice is not None:
             on_notice(f"Prompt {index + 1} has {len(ids) + dropped} tokens, more than the context of "
                       f"{model.config.block_size}; using its last {len(ids)} tokens.")
+        note = lone_space_note(tokenizer, prompts[index]) if on_notice is not None else None
+        if note and on_notice is not None:
+            on_notice(f"Prompt {index + 1} {note}")
     rows = [(index, ids) for index, (ids, _) in enumerate(encoded) for _ in range(options.num_samples)]
     check_generation_fits(model.config, len(rows), max(len(ids) for ids, _ in encoded), options.max_new_tokens,
                           model.wte.weight.device.type)

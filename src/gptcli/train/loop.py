@@ -210,7 +210,7 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
             deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     precision = resolve_precision(project, device)
     optimizer = optimizer_spec(project.train.optimizer)
-    for note in (precision_note(project, precision), optimizer_note(project, optimizer), sample_note(project)):
+    for note in (precision_note(project, precision), optimizer_note(project, optimizer), sample_note(project, tokenizer)):
         if note and rank == 0:
             print(note, file=sys.stderr)
     run_dir = Path(project.project.out_dir)
@@ -579,12 +579,18 @@ def evaluate(run: Run) -> dict[str, float]:
     return record
 
 
-def sample_note(project: Project) -> Optional[str]:
-    """Samples continue a prompt token by token: a run of another objective has none to print."""
-    if project.train.sample_every and project.train.objective != NEXT_TOKEN.name:
+def sample_note(project: Project, tokenizer) -> Optional[str]:
+    """Samples continue a prompt token by token: a run of another objective has none to print. A prompt that
+    ends in a lone space token gets the note `gpt generate` gives it."""
+    if not project.train.sample_every:
+        return None
+    if project.train.objective != NEXT_TOKEN.name:
         return (f"note: train.objective {project.train.objective} does not predict the next token, so this run "
                 "prints no samples (train.sample_every).")
-    return None
+    from ..generate import lone_space_note
+
+    note = lone_space_note(tokenizer, project.train.sample_prompt)
+    return f"note: train.sample_prompt {note}" if note else None
 
 
 def print_sample(run: Run) -> None:
