@@ -4,6 +4,7 @@ in the build dir, torch's lock file); one slow test kills a real build."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -165,10 +166,32 @@ def test_a_stopped_build_leaves_no_process_and_no_lock(tmp_path, stop):
 
 def test_the_op_is_not_rebuilt_once_built(tmp_path, monkeypatch):
     (tmp_path / f"{opbuild.OP_NAME}.so").write_bytes(b"\x7fELF")
+    (tmp_path / opbuild.BUILD_STAMP).write_text(json.dumps(opbuild.build_environment()))
     monkeypatch.setattr(opbuild, "build_in_helper", lambda directory: pytest.fail("rebuilt"))
     said = []
     opbuild.prepare_cpu_comm_op(said.append, tmp_path)
-    assert said == [] and sorted(p.name for p in tmp_path.iterdir()) == [f"{opbuild.OP_NAME}.so"]
+    assert said == [] and sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{opbuild.OP_NAME}.so",
+                                                                                 opbuild.BUILD_STAMP])
+
+
+@pytest.mark.parametrize("stamp", [None, "torch_dir"])
+def test_an_op_built_for_another_environment_is_rebuilt_by_the_helper_saying_why(tmp_path, monkeypatch, stamp):
+    """A second virtual environment sharing torch's build dir (it is per Python version): the op there was
+    built with the other torch's include dirs, and DeepSpeed rebuilt it inside its own start, 18 s without a
+    word and outside the helper that makes a kill safe. The helper rebuilds it (here a stand-in), with a
+    line saying why, and the stamp names this environment afterwards. No stamp: built outside gptcli."""
+    (tmp_path / f"{opbuild.OP_NAME}.so").write_bytes(b"\x7fELF")
+    if stamp:
+        (tmp_path / opbuild.BUILD_STAMP).write_text(json.dumps({**opbuild.build_environment(),
+                                                                 stamp: "/another/venv/torch"}))
+    built = []
+    monkeypatch.setattr(opbuild, "build_in_helper", built.append)
+    said = []
+    assert not opbuild.op_built(tmp_path)
+    opbuild.prepare_cpu_comm_op(said.append, tmp_path)
+    assert built == [tmp_path] and len(said) == 1 and said[0].startswith("checking DeepSpeed's CPU communication op")
+    assert ("torch_dir differ" if stamp else "built outside gptcli") in said[0]
+    assert opbuild.stamp_of(tmp_path) == opbuild.build_environment() and opbuild.op_built(tmp_path)
 
 
 SLOW_PROJECT = """\

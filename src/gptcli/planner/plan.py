@@ -247,7 +247,7 @@ COMPILE_SECONDS = 60.0
 def startup_seconds(device: str, compile_model: bool, op_build_pending: bool) -> dict[str, float]:
     terms = {"DeepSpeed, the engine, the last checkpoint": STARTUP_SECONDS[device]}
     if op_build_pending:
-        terms["building DeepSpeed's CPU communication op (first run on this machine)"] = OP_BUILD_SECONDS
+        terms["building DeepSpeed's CPU communication op (first run in this Python environment)"] = OP_BUILD_SECONDS
     if compile_model:
         terms["torch.compile"] = COMPILE_SECONDS
     return terms

@@ -17,6 +17,12 @@ ever. So, before DeepSpeed starts on the CPU, each rank:
    the compilers and removes torch's lock before it exits, so nothing of the build outlives the run.
 
 DeepSpeed then finds the op built and only loads it.
+
+"Built" means built for this Python environment. torch's build dir is per Python version, not per virtual
+environment, and the build's command lines name the include dirs of the torch that built it: a second venv
+(or another torch or DeepSpeed) sharing the dir makes DeepSpeed rebuild the op inside its own start, unannounced
+and outside the helper, where a kill leaves the compilers and the lock behind. So gptcli writes beside the op
+what it was built for (BUILD_STAMP) and has the helper rebuild it, with a line saying why, when that differs.
 """
 
 from __future__ import annotations
@@ -24,15 +30,20 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import importlib.metadata
+import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from ...errors import GptError
+from ...fsutil import atomic_write_json
 from ...locks import FileLock, LockBusy
 from .importing import import_deepspeed
 
@@ -40,6 +51,7 @@ OP_NAME = "deepspeed_shm_comm"
 TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in the build dir
 GPTCLI_LOCK = ".gptcli-build-lock"
 BUILD_LOG = ".gptcli-build.log"
+BUILD_STAMP = ".gptcli-build.json"  # build_environment() of the build beside it
 NOTE_AFTER_SECONDS = 3.0  # a wait longer than this says on the terminal what it waits for
 STALE_SECONDS = 10.0  # a torch lock with no process in the build dir for this long is a killed build's
 POLL_SECONDS = 0.5
@@ -60,12 +72,52 @@ def build_directory() -> Path:
                        f"{error.strerror or error}; set TORCH_EXTENSIONS_DIR to a writable directory.") from None
 
 
-def op_built(directory: Path) -> bool:
+def op_present(directory: Path) -> bool:
+    """Whether an op was built in `directory`, for whichever environment."""
     return bool(glob.glob(str(directory / f"{OP_NAME}*.so")))
 
 
+def build_environment() -> dict[str, str]:
+    """What a build of the op depends on besides its sources, in the words of its stamp: the versions of torch
+    and DeepSpeed and where they are installed (their include dirs are in the build's command lines), and
+    Python's headers. DeepSpeed is found, not imported."""
+    import torch
+
+    spec = importlib.util.find_spec("deepspeed")
+    return {"torch": torch.__version__, "torch_dir": str(Path(torch.__file__).parent),
+            "deepspeed": importlib.metadata.version("deepspeed"),
+            "deepspeed_dir": str(Path(spec.origin).parent) if spec and spec.origin else "",
+            "python_include": sysconfig.get_paths()["include"]}
+
+
+def stamp_of(directory: Path) -> Optional[dict]:
+    """The environment the op in `directory` was built for; None when gptcli did not build it (or the stamp
+    is unreadable)."""
+    try:
+        stamp = json.loads((directory / BUILD_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def op_built(directory: Path) -> bool:
+    """Whether the op in `directory` was built for this environment."""
+    return op_present(directory) and stamp_of(directory) == build_environment()
+
+
+def rebuild_reason(directory: Path) -> str:
+    """Why an op that is present is built again, in words."""
+    stamp = stamp_of(directory)
+    if stamp is None:
+        return "it was built outside gptcli, perhaps for another Python environment"
+    changed = [key for key, value in build_environment().items() if stamp.get(key) != value]
+    return (f"it was built for another Python environment ({', '.join(changed)} differ); give each environment "
+            "its own TORCH_EXTENSIONS_DIR to keep both builds")
+
+
 def op_is_built() -> Optional[bool]:
-    """Whether the op is built where torch builds it (None: that cannot be told, without a build dir)."""
+    """Whether the op is built for this environment where torch builds it (None: that cannot be told, without
+    a build dir)."""
     try:
         return op_built(build_directory())
     except GptError:
@@ -93,8 +145,13 @@ def prepare_cpu_comm_op(say: Say, directory: Optional[Path] = None) -> None:
     try:
         clear_torch_lock(directory, say)
         if not op_built(directory):
-            say(f"building DeepSpeed's CPU communication op in {directory} ({build_time()}, once per machine)")
+            if op_present(directory):
+                say(f"checking DeepSpeed's CPU communication op in {directory}, rebuilding it if need be "
+                    f"({build_time()}): {rebuild_reason(directory)}")
+            else:
+                say(f"building DeepSpeed's CPU communication op in {directory} ({build_time()}, once per Python environment)")
             build_in_helper(directory)
+            atomic_write_json(directory / BUILD_STAMP, build_environment())
     finally:
         lock.release()
 
@@ -133,7 +190,7 @@ def clear_torch_lock(directory: Path, say: Say, stale_after: float = STALE_SECON
             return
         if not workers and age >= stale_after:
             path.unlink(missing_ok=True)
-            if not op_built(directory):
+            if not op_present(directory):
                 say(f"removed {path}, left by a build of DeepSpeed's CPU communication op that was killed "
                     "(no process is building there)")
             return

@@ -32,7 +32,7 @@ def deepspeed_phase(device: str) -> str:
     if device != "cpu":
         return "starting DeepSpeed (NCCL)"
     if op_is_built() is False:
-        return ("starting DeepSpeed (gloo); this first run on this machine compiles DeepSpeed's CPU "
+        return ("starting DeepSpeed (gloo); this first run in this Python environment compiles DeepSpeed's CPU "
                 f"communication op, {build_time()}, once")
     return "starting DeepSpeed (gloo)"
 
