@@ -84,8 +84,12 @@ def build_environment() -> dict[str, str]:
     import torch
 
     spec = importlib.util.find_spec("deepspeed")
+    try:
+        deepspeed_version = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on the path: its place still tells it apart
+        deepspeed_version = ""
     return {"torch": torch.__version__, "torch_dir": str(Path(torch.__file__).parent),
-            "deepspeed": importlib.metadata.version("deepspeed"),
+            "deepspeed": deepspeed_version,
             "deepspeed_dir": str(Path(spec.origin).parent) if spec and spec.origin else "",
             "python_include": sysconfig.get_paths()["include"]}
 
