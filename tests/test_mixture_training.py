@@ -27,9 +27,11 @@ def sources(tmp_path_factory, corpus, shards):
 
 
 def mixture_project(directory: Path, sources: dict, weights: dict, *overrides: str, name: str = "run") -> Path:
-    """The conftest nano run (project_file) reading `sources` in `weights` instead of its one dir."""
+    """The conftest nano run (project_file) reading `sources` in `weights` instead of its one dir, in micro
+    batches of 4 windows of 64 tokens: 8 windows a step, which the weights 0.75/0.25 share out 6 to 2."""
     tables = ", ".join(f'{{ name = "{n}", dir = "{sources[n]}", weight = {w} }}' for n, w in weights.items())
-    return project_file(directory, sources["code"], f"data.sources=[{tables}]", *overrides, name=name)
+    return project_file(directory, sources["code"], f"data.sources=[{tables}]", "train.micro_batch_size=4",
+                        "train.seq_len=64", *overrides, name=name)
 
 
 WEIGHTS = {"code": 0.75, "more": 0.25}

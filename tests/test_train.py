@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import (
+    NANO_RUN,
     SMALL_BF16,
     assert_user_error,
     copy_run,
@@ -41,7 +42,7 @@ def test_an_uninterrupted_run_leaves_a_complete_run_dir(reference_run):
         assert key in run[0]
     assert run[0]["loss"] == pytest.approx(math.log(50257), abs=0.3)  # a fresh model: ln(vocab)
     assert run[-1]["loss"] < run[0]["loss"] - 0.5
-    assert run[-1]["tokens"] == 8 * 2 * 4 * 64 and run[0]["mfu"] is None  # no peak on a CPU
+    assert run[-1]["tokens"] == 8 * 2 * 2 * 32 and run[0]["mfu"] is None  # steps × accumulation × 2 × 32; no CPU peak
     assert [r["step"] for r in run if "eval_loss" in r] == [4, 8]
     assert (reference_run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     assert sorted(p.name for p in (reference_run / "checkpoints").glob("step_*")) == [
@@ -61,7 +62,8 @@ def test_consolidated_weights_give_the_engines_eval_loss(reference_run, shards):
     engine_loss = records(reference_run)[-1]["eval_loss"]
     loaded = load_model_dir(reference_run)  # the run dir resolves to RUN/model
     assert loaded.config.n_layer == 2 and loaded.tokenizer.fingerprint.startswith("gpt2:")
-    val = BatchLoader(open_prepared(shards), "val", 4, 64, shuffle=False)
+    val = BatchLoader(open_prepared(shards), "val", NANO_RUN["train"]["micro_batch_size"], NANO_RUN["train"]["seq_len"],
+                      shuffle=False)
     with torch.no_grad():
         batch_losses = [loaded.model(x, y)[1].item() for x, y in val.sequential_batches(2)]
     assert sum(batch_losses) / len(batch_losses) == pytest.approx(engine_loss, rel=1e-6)

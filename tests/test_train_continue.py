@@ -18,7 +18,17 @@ import pytest
 import tomllib
 import torch
 
-from conftest import SMALL_BF16, assert_user_error, losses, project_file, rewound_copy, run_gpt, train, trained
+from conftest import (
+    NANO_RUN,
+    SMALL_BF16,
+    assert_user_error,
+    losses,
+    project_file,
+    rewound_copy,
+    run_gpt,
+    train,
+    trained,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +81,7 @@ def settings(stage: int, precision: str) -> tuple[str, ...]:
 
 
 def sequences_per_micro_batch(precision: str) -> int:
-    return 2 if precision == "bf16" else 4
+    return 2 if precision == "bf16" else NANO_RUN["train"]["micro_batch_size"]
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +195,8 @@ def transformers_step_loss(hf_dir: Path, shards: Path, probe: Path, ranks: int, 
     from gptcli.data.loader import BatchLoader
     from gptcli.data.shards import open_prepared
 
-    reader = BatchLoader(open_prepared(shards), "train", 4, 64, shuffle=False)
+    reader = BatchLoader(open_prepared(shards), "train", NANO_RUN["train"]["micro_batch_size"],
+                         NANO_RUN["train"]["seq_len"], shuffle=False)
     model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     batch_losses = []
     for rank in range(ranks):
