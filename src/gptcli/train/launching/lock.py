@@ -142,6 +142,11 @@ def check_shared(run_dir: Path, rank: int, token: Optional[str]) -> None:
         if blind:
             if rank == 0:
                 probe.unlink(missing_ok=True)
+            # Every rank refuses here together: they leave the process group together, before the error, so
+            # that no rank's gloo threads outlive rank 0's store at its exit (C++ aborted a rank once so,
+            # "terminate called without an active exception", after it had said the sentence below).
+            dist.barrier()
+            dist.destroy_process_group()
             other, host = blind[0]
             raise GptError(f"The run dir {run_dir} is not shared by all ranks: rank {other} on host {host} does not "
                            "see the file rank 0 wrote there; put project.out_dir on a file system that every node "
