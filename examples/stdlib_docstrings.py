@@ -6,17 +6,19 @@ modules, one JSON line ({"text": ...}) per module, each line of a docstring unin
 Every machine with Python has it: about 0.8 MB of English. The source code itself makes a poor demo for GPT-2's
 BPE, which gives each space of indentation a token of its own (41% of the tokens): a model as small and as short
 as the demo's mostly learns to continue with spaces. Indentation inside a docstring (argument lists, examples)
-would be spaces again, so every line loses it. OUT is complete or absent: it is written beside and renamed.
+would be spaces again, so every line loses it. OUT is complete or absent (gptcli's own atomic write: beside it,
+then renamed; never through a link).
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import os
 import sys
 import sysconfig
 from pathlib import Path
+
+from gptcli.fsutil import atomic_write_text
 
 DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
@@ -34,10 +36,7 @@ def module_text(path: Path) -> str:
 def main(out: Path) -> None:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = (module_text(path) for path in sorted(stdlib.glob("[!_]*.py")))
-    lines = "".join(json.dumps({"text": text}) + "\n" for text in texts if text)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(lines, encoding="utf-8")
-    os.replace(partial, out)
+    atomic_write_text(out, "".join(json.dumps({"text": text}) + "\n" for text in texts if text))
 
 
 if __name__ == "__main__":

@@ -383,9 +383,9 @@ def lone_space_note(tokenizer, prompt: str) -> Optional[str]:
         return None
     kept = prompt.rstrip(" \t")
     shown = kept if len(kept) <= 30 else "…" + kept[-29:]
-    return (f'ends in {"a space" if last == " " else "whitespace"}, a token of its own: {tokenizer.name}\'s BPE joins the space before a word to the '
-            f'word (" the" is one token), so the model has seen a lone space mostly inside runs of spaces; "{shown}" '
-            "without it lets the model pick the next word and its space.")
+    return (f'ends in {"a space" if last == " " else "whitespace"}, a token of its own: {tokenizer.name}\'s BPE '
+            'joins the space before a word to the word (" the" is one token), so the model has seen a lone space '
+            f'mostly inside runs of spaces; "{shown}" without it lets the model pick the next word and its space.')
 
 
 def generate(model: GPT, tokenizer, prompts: list[str], options: SamplingOptions,
@@ -401,8 +401,7 @@ def generate(model: GPT, tokenizer, prompts: list[str], options: SamplingOptions
         if dropped and on_notice is not None:
             on_notice(f"Prompt {index + 1} has {len(ids) + dropped} tokens, more than the context of "
                       f"{model.config.block_size}; using its last {len(ids)} tokens.")
-        note = lone_space_note(tokenizer, prompts[index]) if on_notice is not None else None
-        if note and on_notice is not None:
+        if on_notice is not None and (note := lone_space_note(tokenizer, prompts[index])):
             on_notice(f"Prompt {index + 1} {note}")
     rows = [(index, ids) for index, (ids, _) in enumerate(encoded) for _ in range(options.num_samples)]
     check_generation_fits(model.config, len(rows), max(len(ids) for ids, _ in encoded), options.max_new_tokens,

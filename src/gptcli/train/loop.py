@@ -210,7 +210,8 @@ def setup(project: Project, options: TrainOptions, device: str, claim: RunDirCla
             deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     precision = resolve_precision(project, device)
     optimizer = optimizer_spec(project.train.optimizer)
-    for note in (precision_note(project, precision), optimizer_note(project, optimizer), sample_note(project, tokenizer)):
+    notes = (precision_note(project, precision), optimizer_note(project, optimizer), sample_note(project, tokenizer))
+    for note in notes:
         if note and rank == 0:
             print(note, file=sys.stderr)
     run_dir = Path(project.project.out_dir)

@@ -45,6 +45,7 @@ from typing import Callable, Optional
 from ...errors import GptError
 from ...fsutil import atomic_write_json
 from ...locks import FileLock, LockBusy
+from ...paths import read_input_text
 from .importing import import_deepspeed
 
 OP_NAME = "deepspeed_shm_comm"
@@ -52,6 +53,7 @@ TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in the build dir
 GPTCLI_LOCK = ".gptcli-build-lock"
 BUILD_LOG = ".gptcli-build.log"
 BUILD_STAMP = ".gptcli-build.json"  # build_environment() of the build beside it
+STAMP_BYTES = 64 * 1024  # a stamp is a few hundred bytes
 NOTE_AFTER_SECONDS = 3.0  # a wait longer than this says on the terminal what it waits for
 STALE_SECONDS = 10.0  # a torch lock with no process in the build dir for this long is a killed build's
 POLL_SECONDS = 0.5
@@ -77,10 +79,12 @@ def op_present(directory: Path) -> bool:
     return bool(glob.glob(str(directory / f"{OP_NAME}*.so")))
 
 
+@functools.cache
 def build_environment() -> dict[str, str]:
     """What a build of the op depends on besides its sources, in the words of its stamp: the versions of torch
     and DeepSpeed and where they are installed (their include dirs are in the build's command lines), and
-    Python's headers. DeepSpeed is found, not imported."""
+    Python's headers. DeepSpeed is found, not imported. Asked once per process: pre-flight, the build check
+    and the start-up line all ask."""
     import torch
 
     spec = importlib.util.find_spec("deepspeed")
@@ -98,8 +102,8 @@ def stamp_of(directory: Path) -> Optional[dict]:
     """The environment the op in `directory` was built for; None when gptcli did not build it (or the stamp
     is unreadable)."""
     try:
-        stamp = json.loads((directory / BUILD_STAMP).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        stamp = json.loads(read_input_text(directory / BUILD_STAMP, "The op's build stamp", STAMP_BYTES))
+    except (GptError, ValueError):  # absent, not a regular file (a FIFO would block), too large, not JSON
         return None
     return stamp if isinstance(stamp, dict) else None
 
@@ -153,7 +157,8 @@ def prepare_cpu_comm_op(say: Say, directory: Optional[Path] = None) -> None:
                 say(f"checking DeepSpeed's CPU communication op in {directory}, rebuilding it if need be "
                     f"({build_time()}): {rebuild_reason(directory)}")
             else:
-                say(f"building DeepSpeed's CPU communication op in {directory} ({build_time()}, once per Python environment)")
+                say(f"building DeepSpeed's CPU communication op in {directory} ({build_time()}, once per Python "
+                    "environment)")
             build_in_helper(directory)
             atomic_write_json(directory / BUILD_STAMP, build_environment())
     finally:
